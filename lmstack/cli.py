@@ -1,0 +1,158 @@
+"""The one `lmstack` command. Each subcommand is a thin call into the module that does
+the work; modules are imported lazily so `lmstack --help` stays instant.
+
+A user mistake raises `UserError` anywhere below; it is printed here as one line with a
+non-zero exit, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmstack.utils import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints a usage block and then the error; we want one clear line.
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _cmd_world(a):
+    from lmstack.world import generate, print_stats
+
+    if a.action == "stats":
+        return print_stats(a.dir)
+    if a.out is None:
+        raise UserError("lmstack world needs --out DIR (or: lmstack world stats DIR)")
+    generate(
+        a.out, people=a.people, seed=a.seed, bios_per_person=a.bios,
+        arithmetic=a.arithmetic, stories=a.stories, heldout_fraction=a.heldout,
+        force=a.force, progress=not a.quiet,
+    )
+
+
+def _cmd_tokenizer_train(a):
+    from lmstack.tokenizer import train_tokenizer
+
+    train_tokenizer(a.input, vocab_size=a.vocab_size, out=a.out, text_field=a.text_field, force=a.force)
+
+
+def _cmd_data_prepare(a):
+    from lmstack.data import prepare
+
+    prepare(a.input, tokenizer=a.tokenizer, out=a.out, text_field=a.text_field,
+            val_fraction=a.val_fraction, workers=a.workers, force=a.force)
+
+
+def _cmd_pretrain(a):
+    from lmstack.train.pretrain import pretrain
+
+    pretrain(preset=a.preset, data=a.data, out=a.out, overrides=a.set or [], resume=a.resume)
+
+
+def _cmd_sample(a):
+    from lmstack.train.pretrain import sample
+
+    sample(a.model, a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
+           top_k=a.top_k, top_p=a.top_p, seed=a.seed, num_samples=a.num_samples)
+
+
+def _cmd_speedrun(a):
+    from lmstack.speedrun import speedrun
+
+    speedrun(out=a.out, preset=a.preset, people=a.people, overrides=a.set or [], force=a.force)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lmstack", description="The whole life of a language model, from scratch.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    w = sub.add_parser("world", help="generate the synthetic world (corpus + ground truth)",
+                       description="Generate the synthetic world, or `lmstack world stats DIR`.")
+    w.add_argument("--people", type=int, default=1000, help="number of people (default 1000)")
+    w.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    w.add_argument("--bios", type=int, default=5, help="biographies per person (default 5)")
+    w.add_argument("--arithmetic", type=int, default=None,
+                   help="arithmetic problems in pretrain.jsonl (default 2 x people)")
+    w.add_argument("--stories", type=int, default=None, help="short stories (default people / 2)")
+    w.add_argument("--heldout", type=float, default=0.3,
+                   help="fraction of people whose facts appear only in prose (default 0.3)")
+    w.add_argument("--out", help="output folder")
+    w.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    ws = w.add_subparsers(dest="action", parser_class=_Parser)
+    st = ws.add_parser("stats", help="print counts, sizes and the split summary of a world")
+    st.add_argument("dir")
+    w.set_defaults(func=_cmd_world)
+
+    t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    ts = t.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    tt = ts.add_parser("train", help="train a tokenizer on text/jsonl files")
+    tt.add_argument("--input", nargs="+", required=True, help="files, folders or globs")
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--text-field", default="text", help="jsonl field holding the text")
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--force", action="store_true")
+    tt.set_defaults(func=_cmd_tokenizer_train)
+
+    d = sub.add_parser("data", help="prepare token shards from text")
+    ds = d.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    dp = ds.add_parser("prepare", help="tokenize files/folders/globs into token shards")
+    dp.add_argument("--input", nargs="+", required=True,
+                    help="files, folders (recursive), globs, or a Hugging Face dataset name (hf extra)")
+    dp.add_argument("--tokenizer", required=True, help="a tokenizer or model folder")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--text-field", default="text", help="jsonl field / parquet column with the text")
+    dp.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation")
+    dp.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = all cores)")
+    dp.add_argument("--force", action="store_true")
+    dp.set_defaults(func=_cmd_data_prepare)
+
+    pt = sub.add_parser("pretrain", help="train a model from scratch (the one training loop)")
+    pt.add_argument("--preset", default="tiny", help="tiny | small | gpt2 | path to a .toml")
+    pt.add_argument("--data", required=True, help="folder written by `lmstack data prepare`")
+    pt.add_argument("--out", required=True, help="model folder")
+    pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    pt.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    pt.set_defaults(func=_cmd_pretrain)
+
+    sa = sub.add_parser("sample", help="sample text from a model")
+    sa.add_argument("--model", required=True)
+    sa.add_argument("--prompt", default="")
+    sa.add_argument("--max-tokens", type=int, default=100)
+    sa.add_argument("--temperature", type=float, default=0.8)
+    sa.add_argument("--top-k", type=int, default=None)
+    sa.add_argument("--top-p", type=float, default=None)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--num-samples", type=int, default=1)
+    sa.set_defaults(func=_cmd_sample)
+
+    sr = sub.add_parser("speedrun", help="the whole pipeline on the synthetic world")
+    sr.add_argument("--out", default="runs/speedrun")
+    sr.add_argument("--preset", default="small")
+    sr.add_argument("--people", type=int, default=None, help="world size (default: from the preset)")
+    sr.add_argument("--set", action="append", metavar="KEY=VALUE")
+    sr.add_argument("--force", action="store_true", help="replace an existing run folder")
+    sr.set_defaults(func=_cmd_speedrun)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc = args.func(args)
+    except UserError as e:
+        print(f"lmstack: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmstack: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `lmstack ... | head`
+        return 0
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

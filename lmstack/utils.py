@@ -1,0 +1,78 @@
+"""Small shared helpers: the user-error type and atomic file/folder writes.
+
+Every command writes its output atomically: into a hidden temporary sibling first, then
+one `os.replace`/`rename` makes it appear whole. A crash, a kill or Ctrl-C mid-write
+leaves the previous output (or nothing) behind, never a half-written file that looks whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (bad argument, bad file, unknown name).
+
+    The CLI prints it as one line and exits non-zero; it never shows a traceback.
+    """
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` so that readers see either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
+    """Validate an output folder before any work starts (fail fast, one clear line)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"output folder {out} is not empty (use --force to replace it)")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, force: bool = False):
+    """Yield a temporary folder beside `out`; on success it replaces `out` in one rename.
+
+    On any exception (including KeyboardInterrupt) the temporary folder is deleted and
+    `out` is left as it was.
+    """
+    out = check_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if out.exists():
+            # Move the old folder aside first so the swap is two renames, never a copy.
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.rename(out, trash / "old")
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
