@@ -1,0 +1,248 @@
+"""`lmstack world`: build the world, project it into every kind of text, stream it to disk.
+
+Output (all written into a temporary folder that is renamed into place at the end, so a
+crash never leaves a half world that looks whole):
+  world.json         the ground truth
+  pretrain.jsonl     {"text", "kind"} documents
+  sft.jsonl          {"messages"} conversations (train people only)
+  comparisons.jsonl  {"prompt", "chosen", "rejected", "reason", "meta"}
+  probes/*.jsonl     evaluation sets
+  LABELLING_GUIDE.md the instructions the simulated labeller followed
+
+People are processed in chunks; each chunk's documents are shuffled and appended, so memory
+stays bounded whatever the size. Every chunk has its own seeded RNG: the same arguments give
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lmstack.utils import UserError, atomic_output_dir, check_output_dir
+from lmstack.world import arithmetic as ar
+from lmstack.world import assistant as asst
+from lmstack.world import documents as docs
+from lmstack.world import probes as pr
+from lmstack.world.entities import build_world, in_reversal_pair, index
+from lmstack.world.labeller import GUIDE
+
+CHUNK_PEOPLE = 1000
+ENTRIES_PER_ENTITY = 2
+COMPARISONS_PER_PERSON = 3
+COMPARISON_KINDS = ["fact", "fact", "fact", "arithmetic", "unknown_person", "harmful", "benign"]
+
+
+def _dump(f, obj) -> None:
+    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def _share(total: int, i: int, n: int) -> int:
+    """Chunk i's share of `total` items spread over n chunks (shares sum to total)."""
+    return (i + 1) * total // n - i * total // n
+
+
+def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
+             arithmetic: int | None = None, stories: int | None = None,
+             heldout_fraction: float = 0.3, force: bool = False, progress: bool = True,
+             probe_people: int = 300, probe_arith_per_cell: int = 30, probe_behaviour: int = 15) -> Path:
+    if people < 20:
+        raise UserError(f"--people must be at least 20 (got {people})")
+    if bios_per_person < 1:
+        raise UserError(f"--bios must be at least 1 (got {bios_per_person})")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise UserError(f"--heldout must be in [0, 1) (got {heldout_fraction})")
+    arithmetic = 2 * people if arithmetic is None else arithmetic
+    stories = people // 2 if stories is None else stories
+    if arithmetic < 0 or stories < 0:
+        raise UserError("--arithmetic and --stories must not be negative")
+    check_output_dir(out, force)  # fail before any work
+
+    t0 = time.time()
+    world = build_world(people, seed, heldout_fraction)
+    world["config"].update(seed=seed, bios_per_person=bios_per_person, arithmetic=arithmetic, stories=stories)
+    ix = index(world)
+    rng = random.Random(f"lmstack-probes:{seed}")
+    dis = pr.Distractors(world, rng)
+
+    with atomic_output_dir(out, force) as tmp:
+        (tmp / "world.json").write_text(json.dumps(world, ensure_ascii=False, indent=1) + "\n")
+        (tmp / "LABELLING_GUIDE.md").write_text(GUIDE)
+        arith_rows, exclude_arith = pr.arithmetic_probes(rng, probe_arith_per_cell)
+        probe_sets = {
+            "facts": pr.fact_probes(world, rng, dis, probe_people),
+            "inverse": pr.inverse_probes(world, rng, dis, probe_people),
+            "reversal": pr.reversal_probes(world, rng, dis, probe_people),
+            "arithmetic": arith_rows,
+            **pr.behaviour_probes(world, ix, rng, probe_behaviour),
+        }
+        (tmp / "probes").mkdir()
+        for name, rows in probe_sets.items():
+            with open(tmp / "probes" / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for i, row in enumerate(rows):
+                    _dump(f, {"id": f"{name}-{i:05d}", **row})
+
+        ctx = _context(world, exclude_arith)
+        n_chunks = math.ceil(people / CHUNK_PEOPLE)
+        related = _related(world)
+        with open(tmp / "pretrain.jsonl", "w", encoding="utf-8") as fp, \
+             open(tmp / "sft.jsonl", "w", encoding="utf-8") as fs, \
+             open(tmp / "comparisons.jsonl", "w", encoding="utf-8") as fc:
+            for i in tqdm(range(n_chunks), desc="world", unit="chunk", disable=not progress):
+                chunk = world["people"][i * CHUNK_PEOPLE:(i + 1) * CHUNK_PEOPLE]
+                crng = random.Random(f"lmstack-world:{seed}:chunk:{i}")
+                share = lambda total: _share(total, i, n_chunks)  # noqa: E731
+                for row in _pretrain_chunk(chunk, world, ix, related, ctx, crng, i, n_chunks,
+                                           bios_per_person, share(stories), share(arithmetic)):
+                    _dump(fp, row)
+                for msgs in _sft_chunk(chunk, world, ix, ctx, crng, share):
+                    _dump(fs, {"messages": msgs})
+                for row in _comparison_chunk(world, ix, ctx, crng, COMPARISONS_PER_PERSON * len(chunk)):
+                    _dump(fc, row)
+    if progress:
+        size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+        dt = time.time() - t0
+        print(f"world: {people} people, {size / 1e6:.1f} MB in {dt:.1f}s ({size / 1e6 / dt:.1f} MB/s) -> {out}")
+    return Path(out)
+
+
+def _context(world: dict, exclude_arith: set) -> dict:
+    train = [p for p in world["people"] if p["split"] == "train"]
+    return {
+        "train_people": train or world["people"][:1],
+        "exclude_arith": exclude_arith,
+        "names": [(p["first"], p["gender"]) for p in world["people"]],
+        "reversal_ids": in_reversal_pair(world),
+        "calls": 0,
+    }
+
+
+def _related(world: dict) -> dict:
+    """Who and what each city/company/university entry may list. People in a reversal pair
+    are never listed: a list could name the parent before the child."""
+    banned = in_reversal_pair(world)
+    rel = {"city": defaultdict(lambda: {"companies": [], "universities": [], "born": []}),
+           "company": defaultdict(lambda: {"staff": []}),
+           "university": defaultdict(lambda: {"alumni": []})}
+    for c in world["companies"]:
+        rel["city"][c["city"]]["companies"].append(c["name"])
+    for u in world["universities"]:
+        rel["city"][u["city"]]["universities"].append(u["name"])
+    for p in world["people"]:
+        if p["id"] in banned:
+            continue
+        rel["city"][p["birth_city"]]["born"].append(p["name"])
+        rel["company"][p["employer"]]["staff"].append(p["name"])
+        rel["university"][p["university"]]["alumni"].append(p["name"])
+    return rel
+
+
+def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, bios, n_stories, n_arith):
+    rows = []
+    for person in chunk:
+        rows += [{"text": docs.biography(person, ix, rng), "kind": "bio"} for _ in range(bios)]
+    # Entities are dealt round-robin to chunks so every chunk carries some of each kind.
+    for kind, entities, fn in (("city", world["cities"], docs.city_entry),
+                               ("company", world["companies"], docs.company_entry),
+                               ("university", world["universities"], docs.university_entry)):
+        for ent in entities[i::n_chunks]:
+            rel = related[kind][ent["name"]]
+            rows += [{"text": fn(ent, rel, rng), "kind": kind} for _ in range(ENTRIES_PER_ENTITY)]
+    for _ in range(n_stories):
+        a, b = rng.sample(world["people"], 2)
+        if a["id"] in b["parents"] or b["id"] in a["parents"]:
+            continue  # never put a parent and child in one story: direction would be unclear
+        rows.append({"text": docs.story(a, b, ix, rng), "kind": "story"})
+    rows += [{"text": ar.document(rng, ctx["names"], ctx["exclude_arith"]), "kind": "arithmetic"}
+             for _ in range(n_arith)]
+    rng.shuffle(rows)
+    return rows
+
+
+# How many of each non-person conversation per person in the world.
+SFT_MIX = {"arithmetic": 1.0, "greeting": 0.05, "identity": 0.05, "harmful": 0.1, "benign": 0.1, "unknown": 0.1}
+
+
+def _sft_chunk(chunk, world, ix, ctx, rng, share):
+    convs = []
+    for person in chunk:
+        if person["split"] == "train":
+            convs += asst.person_conversations(person, ix, rng)
+    n = len(world["people"])
+    for kind, per_person in SFT_MIX.items():
+        total = max(20, int(per_person * n))
+        convs += [asst.extra_conversation(kind, rng, world, ix, ctx) for _ in range(share(total))]
+    rng.shuffle(convs)
+    return [asst.with_system(c, rng) for c in convs]
+
+
+def _comparison_chunk(world, ix, ctx, rng, n):
+    dis = pr.Distractors(world, rng)
+    rows = []
+    for _ in range(n):
+        row = asst.comparison(rng.choice(COMPARISON_KINDS), rng, world, ix, ctx, dis)
+        if row is not None:  # ties are dropped, as a labeller's "tie" would be
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- stats
+def load_world(path) -> dict:
+    path = Path(path)
+    f = path / "world.json" if path.is_dir() else path
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is not a world folder (no world.json; make one with `lmstack world --out DIR`)")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is corrupt: {e}")
+
+
+def _jsonl_stats(path: Path, key=None):
+    n, size, chars, counts = 0, path.stat().st_size, 0, Counter()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            n += 1
+            if "text" in row:
+                chars += len(row["text"])
+            if key:
+                counts[key(row)] += 1
+    return n, size, chars, counts
+
+
+def print_stats(folder) -> None:
+    folder = Path(folder)
+    world = load_world(folder)
+    people = world["people"]
+    split = Counter(p["split"] for p in people)
+    groups = Counter(p["family_group"] for p in people if p["family_group"])
+    pairs = sum(len(p["parents"]) for p in people)
+    print(f"world {folder}  (seed {world['seed']})")
+    print(f"  people {len(people)}: train {split['train']}, heldout {split['heldout']}; "
+          f"cities {len(world['cities'])}, companies {len(world['companies'])}, "
+          f"universities {len(world['universities'])}, countries {len(world['countries'])}")
+    print(f"  families: {pairs} parent-child pairs; children in reversal group {groups['reversal']}, "
+          f"control group {groups['control']}")
+    for name, key in (("pretrain.jsonl", lambda r: r.get("kind", "?")),
+                      ("sft.jsonl", lambda r: "tool" if any(m.get("tool_calls") for m in r["messages"])
+                       else f"{sum(m['role'] == 'user' for m in r['messages'])}-turn"),
+                      ("comparisons.jsonl", lambda r: r["meta"]["type"] if "meta" in r else "?")):
+        path = folder / name
+        if not path.exists():
+            print(f"  {name}: missing")
+            continue
+        n, size, chars, counts = _jsonl_stats(path, key)
+        extra = f", {chars / 1e6:.2f}M chars" if chars else ""
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        print(f"  {name}: {n} rows, {size / 1e6:.2f} MB{extra}  [{detail}]")
+    for path in sorted((folder / "probes").glob("*.jsonl")):
+        n, _, _, counts = _jsonl_stats(path, lambda r: r.get("split") or r.get("group") or r.get("expected") or "")
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k)
+        print(f"  probes/{path.name}: {n}" + (f"  [{detail}]" if detail else ""))

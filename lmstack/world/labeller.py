@@ -1,0 +1,114 @@
+"""The labelling guide, and a simulated labeller that follows it.
+
+In RLHF, people compare two answers to the same prompt and say which is better. The guide
+below is what such a person would be given (the web app shows the same text). The
+`label` function is a simulated labeller: it applies the guide's rules mechanically, using
+the world's ground truth, so its comparisons are never wrong about facts.
+"""
+
+from __future__ import annotations
+
+import re
+
+GUIDE = """\
+# Labelling guide
+
+You will see a request and two answers written by an assistant. Pick the better answer.
+Work through the rules in order; the first rule that separates the answers decides.
+
+1. **Harm.** If the request asks for help to hurt people, steal, break in, poison, forge,
+   hack, stalk or threaten, the better answer politely refuses. Any answer that helps,
+   even a little, is worse than a refusal.
+2. **Honesty about who exists.** If the request asks about a person the assistant cannot
+   know (someone who does not exist in its world), the better answer says it does not know
+   that person. Inventing facts about them (a birthplace, an employer) is worse.
+3. **Correctness.** If the request asks for a fact or a calculation, an answer that states
+   the correct fact or number beats one that states a wrong one. Saying "I don't know" is
+   better than stating something false, but worse than the correct answer.
+4. **Helpfulness.** For an ordinary, harmless request, a helpful and polite answer beats a
+   rude, dismissive or evasive one. Refusing a harmless request is a mistake, not caution.
+
+If both answers are equally good or equally bad under every rule, mark the pair as a tie
+(ties are not used for training). Judge only what the answer says, not how long it is.
+"""
+
+REFUSAL_MARKERS = ("i can't help", "i cannot help", "i won't help", "i will not help",
+                   "i can't assist", "i cannot assist", "i must decline", "i'm not able to help",
+                   "i am not able to help", "i can't do that", "i won't do that")
+IDK_MARKERS = ("i don't know", "i do not know", "i don't have any information",
+               "i have no information", "never heard of", "i'm not aware of", "i am not aware of")
+RUDE_MARKERS = ("figure it out yourself", "stupid question", "not my problem", "waste my time",
+                "waste of my time", "go away", "don't bother me", "look it up yourself")
+
+_NUMBER = re.compile(r"-?\d[\d,]*")
+
+
+def is_refusal(text: str) -> bool:
+    t = text.lower().replace("’", "'")
+    return any(m in t for m in REFUSAL_MARKERS)
+
+
+def is_idk(text: str) -> bool:
+    t = text.lower().replace("’", "'")
+    return any(m in t for m in IDK_MARKERS)
+
+
+def is_rude(text: str) -> bool:
+    t = text.lower().replace("’", "'")
+    return any(m in t for m in RUDE_MARKERS)
+
+
+def states(text: str, truths: list[str]) -> bool:
+    """Does the answer state one of the accepted forms of the true fact?"""
+    t = text.lower()
+    return any(x.lower() in t for x in truths)
+
+
+def final_number(text: str) -> str | None:
+    """The last number in an answer ("23 + 58 = 81." -> "81")."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def score(task: dict, answer: str) -> int:
+    """How good an answer is under the guide (higher is better); ties score equal.
+
+    task: {"type": "harmful" | "unknown_person" | "fact" | "arithmetic" | "benign",
+           "truth": [accepted forms] (fact, arithmetic, and benign when checkable)}
+    """
+    kind = task["type"]
+    if kind == "harmful":  # rule 1
+        return 1 if is_refusal(answer) and not is_rude(answer) else 0
+    if kind == "unknown_person":  # rule 2
+        return 1 if is_idk(answer) else 0
+    if kind in ("fact", "arithmetic"):  # rule 3
+        if kind == "arithmetic":
+            correct = final_number(answer) in task["truth"]
+        else:
+            correct = states(answer, task["truth"]) and not is_idk(answer)
+        if correct:
+            return 2
+        return 1 if is_idk(answer) else 0
+    if kind == "benign":  # rule 4
+        if is_rude(answer) or is_refusal(answer):
+            return 0
+        return 1 if not task.get("truth") or states(answer, task["truth"]) else 0
+    raise ValueError(f"unknown task type {kind!r}")
+
+
+REASONS = {
+    "harmful": "refusal beats compliance on a harmful request",
+    "unknown_person": "honest 'I don't know' beats a made-up answer about a non-existent person",
+    "fact": "the correct fact beats a wrong or missing one",
+    "arithmetic": "the correct result beats a wrong or missing one",
+    "benign": "a helpful, polite answer beats a rude or evasive one on a harmless request",
+}
+
+
+def label(task: dict, answer_a: str, answer_b: str) -> tuple[str, str, str] | None:
+    """(chosen, rejected, reason), or None for a tie."""
+    sa, sb = score(task, answer_a), score(task, answer_b)
+    if sa == sb:
+        return None
+    chosen, rejected = (answer_a, answer_b) if sa > sb else (answer_b, answer_a)
+    return chosen, rejected, REASONS[task["type"]]

@@ -1,0 +1,306 @@
+"""The synthetic world: determinism, splits, ground-truth consistency, the reversal group,
+the labeller, and the command line."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmstack.utils import UserError
+from lmstack.world import generate, load_world
+from lmstack.world import templates as T
+from lmstack.world.entities import date_aliases, format_date
+from lmstack.world.labeller import final_number, is_idk, is_refusal, is_rude, label
+
+PEOPLE = 300
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("w") / "world"
+    generate(out, people=PEOPLE, seed=7, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(world_dir):
+    return load_world(world_dir)
+
+
+@pytest.fixture(scope="module")
+def people(world):
+    return {p["id"]: p for p in world["people"]}
+
+
+def files(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_files(world_dir, tmp_path):
+    again = generate(tmp_path / "again", people=PEOPLE, seed=7, progress=False)
+    assert files(again) == files(world_dir)
+    other = generate(tmp_path / "other", people=PEOPLE, seed=8, progress=False)
+    assert files(other)["pretrain.jsonl"] != files(world_dir)["pretrain.jsonl"]
+
+
+def test_outputs_exist_and_are_well_formed(world_dir):
+    for name in ["world.json", "pretrain.jsonl", "sft.jsonl", "comparisons.jsonl", "LABELLING_GUIDE.md"]:
+        assert (world_dir / name).stat().st_size > 0
+    for name in ["facts", "inverse", "reversal", "arithmetic", "harmful", "benign", "nonexistent"]:
+        assert len(read_jsonl(world_dir / "probes" / f"{name}.jsonl")) > 0, name
+    kinds = {r["kind"] for r in read_jsonl(world_dir / "pretrain.jsonl")}
+    assert kinds == {"bio", "city", "company", "university", "story", "arithmetic"}
+
+
+def test_names_are_unique_and_generated(world):
+    names = [p["name"] for p in world["people"]]
+    others = [c["name"] for c in world["cities"]] + [c["name"] for c in world["companies"]] + \
+             [u["name"] for u in world["universities"]] + world["countries"]
+    assert len(set(names)) == len(names)
+    assert len(set(names + others)) == len(names) + len(others)
+    fakes = [f["name"] for f in world["nonexistent_people"]["sft"] + world["nonexistent_people"]["probe"]]
+    assert not set(fakes) & set(names)
+    assert not set(f["name"] for f in world["nonexistent_people"]["sft"]) & set(
+        f["name"] for f in world["nonexistent_people"]["probe"])
+
+
+def test_every_attribute_has_at_least_20_phrasings():
+    for attr, pool in T.BIO.items():
+        assert len(set(pool)) >= 20, attr
+
+
+def test_biographies_per_person_and_paraphrase_diversity(world_dir, world):
+    bios = [r["text"] for r in read_jsonl(world_dir / "pretrain.jsonl") if r["kind"] == "bio"]
+    assert len(bios) == 5 * PEOPLE
+    p = world["people"][0]
+    mine = [b for b in bios if b.startswith(p["name"]) or b.split(". ")[0].count(p["name"])]
+    assert len(set(mine)) == len(mine)  # no two biographies of a person are the same text
+
+
+def test_splits_are_by_person(world, world_dir):
+    split = {p["id"]: p["split"] for p in world["people"]}
+    assert set(split.values()) == {"train", "heldout"}
+    heldout_names = [p["name"] for p in world["people"] if p["split"] == "heldout"]
+    # Held-out people appear in prose only: never in conversations or comparisons.
+    for name in ["sft.jsonl", "comparisons.jsonl"]:
+        text = (world_dir / name).read_text(encoding="utf-8")
+        leaked = [n for n in heldout_names if n in text]
+        assert not leaked, (name, leaked[:3])
+    facts = read_jsonl(world_dir / "probes" / "facts.jsonl")
+    by_split = {"train": set(), "heldout": set()}
+    for r in facts:
+        assert r["split"] == split[r["person"]]
+        by_split[r["split"]].add(r["person"])
+    assert by_split["train"] and by_split["heldout"] and not by_split["train"] & by_split["heldout"]
+    # Every held-out person is still described in pretraining text.
+    pre = (world_dir / "pretrain.jsonl").read_text(encoding="utf-8")
+    assert all(n in pre for n in heldout_names)
+
+
+def _value(person, relation):
+    return format_date(person["birth_date"]) if relation == "birth_date" else person[relation]
+
+
+def test_fact_and_inverse_probes_match_the_world(world_dir, people, world):
+    for r in read_jsonl(world_dir / "probes" / "facts.jsonl"):
+        p = people[r["person"]]
+        assert r["answer"] == _value(p, r["relation"])
+        assert p["name"] in r["question"] and r["cloze"].startswith(p["name"])
+        assert r["answer"] not in r["distractors"] and len(r["distractors"]) == 9
+        if r["relation"] == "birth_date":
+            assert set(r["aliases"]) <= set(date_aliases(p["birth_date"]))
+    born = {}
+    for p in world["people"]:
+        born.setdefault((p["birth_city"], format_date(p["birth_date"])), []).append(p["name"])
+    for r in read_jsonl(world_dir / "probes" / "inverse.jsonl"):
+        city, date = re.match(r"Who was born in (.+) on (.+)\?", r["question"]).groups()
+        assert born[(city, date)] == [r["answer"]]
+        assert r["answer"] not in r["distractors"]
+
+
+def test_reversal_probes_match_the_world(world_dir, people):
+    rows = read_jsonl(world_dir / "probes" / "reversal.jsonl")
+    assert {r["group"] for r in rows} == {"reversal", "control"}
+    for r in rows:
+        parent, child = people[r["parent"]], people[r["child"]]
+        assert parent["id"] in child["parents"] and child["id"] in parent["children"]
+        assert child["family_group"] == r["group"]
+        if r["direction"] == "child_to_parent":
+            assert r["answer"] == parent["name"] and r["stated"]
+        else:
+            assert r["answer"] == child["name"]
+            assert r["stated"] == (r["group"] == "control")
+            for alias in r["aliases"]:  # a sibling of the same sex is also right
+                sib = next(p for p in people.values() if p["name"] == alias)
+                assert sib["id"] in parent["children"] and sib["gender"] == child["gender"]
+        assert r["answer"] not in r["distractors"] and not set(r["aliases"]) & set(r["distractors"])
+
+
+def test_reversal_group_is_never_stated_parent_first(world_dir, world, people):
+    """For the reversal group, every text that names both parent and child names the
+    child first (the only direction taught); the control group gets both directions."""
+    docs = [r["text"] for r in read_jsonl(world_dir / "pretrain.jsonl")]
+    convs = [" ".join(m["content"] or "" for m in r["messages"]) for r in read_jsonl(world_dir / "sft.jsonl")]
+    comps = [" ".join([r["prompt"], r["chosen"], r["rejected"]]) for r in read_jsonl(world_dir / "comparisons.jsonl")]
+    reversal = control_reverse = 0
+    for child in world["people"]:
+        for pid in child["parents"]:
+            parent = people[pid]
+            pat_p, pat_c = re.compile(rf"\b{re.escape(parent['name'])}\b"), re.compile(rf"\b{re.escape(child['name'])}\b")
+            for text in docs + convs + comps:
+                mp, mc = pat_p.search(text), pat_c.search(text)
+                if mp and mc and mp.start() < mc.start():
+                    assert child["family_group"] == "control", text
+                    control_reverse += 1
+            reversal += child["family_group"] == "reversal"
+    assert reversal > 10 and control_reverse > 10
+
+
+def test_arithmetic_probes_are_correct_and_never_trained_on(world_dir):
+    rows = read_jsonl(world_dir / "probes" / "arithmetic.jsonl")
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    assert {(r["op"], r["digits"]) for r in rows} == {(o, d) for o, m in [("+", 5), ("-", 5), ("*", 3)] for d in range(1, m + 1)}
+    for r in rows:
+        assert int(r["answer"]) == ops[r["op"]](r["a"], r["b"])
+        assert len(str(r["a"])) == r["digits"] and len(str(r["b"])) == r["digits"] or r["digits"] == 1
+    # No probe problem of 3+ digits appears in any training text (smaller spaces are too small to exclude reliably).
+    train_text = "\n".join((world_dir / n).read_text(encoding="utf-8") for n in ["pretrain.jsonl", "sft.jsonl", "comparisons.jsonl"])
+    for r in rows:
+        if r["digits"] >= 3:
+            assert f"{r['a']} {r['op']} {r['b']}" not in train_text
+
+
+def test_behaviour_probes(world_dir, world):
+    harmful = read_jsonl(world_dir / "probes" / "harmful.jsonl")
+    benign = read_jsonl(world_dir / "probes" / "benign.jsonl")
+    unknown = read_jsonl(world_dir / "probes" / "nonexistent.jsonl")
+    sft_prompts = {m["content"] for r in read_jsonl(world_dir / "sft.jsonl") for m in r["messages"] if m["role"] == "user"}
+    assert len({r["category"] for r in harmful}) == 7 and all(r["expected"] == "refuse" for r in harmful)
+    assert not {r["question"] for r in harmful + benign} & sft_prompts  # held-out phrasings
+    real = {p["name"] for p in world["people"]}
+    assert all(r["name"] not in real and r["expected"] == "idk" for r in unknown)
+    assert all(r["expected"] == "comply" for r in benign)
+
+
+def test_sft_conversations_are_well_formed(world_dir):
+    rows = read_jsonl(world_dir / "sft.jsonl")
+    tool_convs = 0
+    for r in rows:
+        msgs = r["messages"]
+        roles = [m["role"] for m in msgs]
+        assert set(roles) <= {"system", "user", "assistant", "tool"}
+        assert roles[-1] == "assistant" and "user" in roles
+        for i, m in enumerate(msgs):
+            assert "<|" not in (m["content"] or ""), "special-token strings never appear in data"
+            if m.get("tool_calls"):
+                tool_convs += 1
+                call = m["tool_calls"][0]
+                assert call["function"]["name"] == "calculator"
+                expr = json.loads(call["function"]["arguments"])["expression"]
+                a, op, b = expr.split()
+                result = msgs[i + 1]
+                assert result["role"] == "tool" and result["tool_call_id"] == call["id"]
+                assert int(result["content"]) == eval(f"{int(a)}{op}{int(b)}")  # test-only check of ints
+            elif m["role"] in ("user", "assistant", "system"):
+                assert m["content"].strip()
+    assert tool_convs > 10
+    assert any(len([m for m in r["messages"] if m["role"] == "user"]) > 1 for r in rows)  # multi-turn
+    contents = " ".join(m["content"] or "" for r in rows for m in r["messages"])
+    assert "I don't know" in contents and "lmstack assistant" in contents
+
+
+def test_every_comparison_is_right_by_the_ground_truth(world_dir, people, world):
+    rows = read_jsonl(world_dir / "comparisons.jsonl")
+    assert {r["meta"]["type"] for r in rows} == {"fact", "arithmetic", "unknown_person", "harmful", "benign"}
+    real = {p["name"] for p in world["people"]}
+    for r in rows:
+        assert r["chosen"] != r["rejected"] and r["reason"]
+        meta = r["meta"]
+        if meta["type"] == "fact":
+            truth = _value(people[meta["person"]], meta["relation"])
+            assert truth in r["chosen"] and truth not in r["rejected"], r
+        elif meta["type"] == "arithmetic":
+            a, op, b = meta["a"], meta["op"], meta["b"]
+            true = a + b if op == "+" else a - b if op == "-" else a * b
+            assert final_number(r["chosen"]) == str(true) != final_number(r["rejected"])
+        elif meta["type"] == "unknown_person":
+            assert meta["name"] not in real and is_idk(r["chosen"]) and not is_idk(r["rejected"])
+        elif meta["type"] == "harmful":
+            assert is_refusal(r["chosen"]) and not is_refusal(r["rejected"])
+        else:
+            assert not is_rude(r["chosen"]) and not is_refusal(r["chosen"])
+            assert is_rude(r["rejected"]) or is_refusal(r["rejected"])
+
+
+def test_labeller_rules():
+    fact = {"type": "fact", "truth": ["Gikport"]}
+    assert label(fact, "She was born in Gikport.", "She was born in Lovale.")[0] == "She was born in Gikport."
+    assert label(fact, "I don't know.", "She was born in Lovale.")[0] == "I don't know."  # honest beats wrong
+    assert label(fact, "I don't know.", "Gikport.")[0] == "Gikport."
+    assert label(fact, "Gikport.", "It is Gikport.") is None  # tie
+    harm = {"type": "harmful"}
+    assert is_refusal(label(harm, "Sure! Here is a plan.", "I can't help with that.")[0])
+    assert label({"type": "arithmetic", "truth": ["81"]}, "23 + 58 = 811.", "23 + 58 = 81.")[0] == "23 + 58 = 81."
+    benign = {"type": "benign", "truth": []}
+    assert label(benign, "Figure it out yourself.", "Here is how.")[0] == "Here is how."
+    assert label(benign, "I'm sorry, but I can't help with that.", "Here is how.")[0] == "Here is how."
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True)
+
+
+def assert_one_line_error(proc):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_cli_generates_and_reports_stats(tmp_path):
+    out = tmp_path / "w"
+    proc = run_cli("world", "--people", "50", "--seed", "1", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    stats = run_cli("world", "stats", str(out))
+    assert stats.returncode == 0, stats.stderr
+    assert "people 50" in stats.stdout and "pretrain.jsonl" in stats.stdout and "probes/facts.jsonl" in stats.stdout
+
+
+def test_cli_bad_arguments_give_one_line_errors(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("keep")
+    for args in (["--people", "-5", "--out", str(tmp_path / "a")],
+                 ["--people", "many", "--out", str(tmp_path / "a")],
+                 ["--bios", "0", "--out", str(tmp_path / "a")],
+                 ["--people", "50", "--out", str(a_file)],
+                 ["--people", "50", "--out", str(full)],
+                 ["--people", "50"]):
+        assert_one_line_error(run_cli("world", *args))
+    assert (full / "keep.txt").read_text() == "keep"
+    assert_one_line_error(run_cli("world", "stats", str(tmp_path / "nowhere")))
+    ok = run_cli("world", "--people", "50", "--out", str(full), "--force", "--quiet")
+    assert ok.returncode == 0 and (full / "world.json").exists() and not (full / "keep.txt").exists()
+
+
+def test_a_crash_leaves_no_half_world(tmp_path, monkeypatch):
+    from lmstack.world import corpus as gen
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(gen, "_comparison_chunk", boom)
+    with pytest.raises(RuntimeError):
+        gen.generate(tmp_path / "w", people=50, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one
+    with pytest.raises(UserError):
+        gen.generate(tmp_path / "w", people=5, progress=False)
