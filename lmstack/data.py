@@ -1,0 +1,464 @@
+"""Text in, token shards out, and the batch iterators that training reads them with.
+
+    sources (.txt/.md files, .jsonl, .parquet, a Hugging Face dataset)
+      -> iter_documents()          one string per document, bad files skipped with a reason
+      -> prepare()                 [bos] + encode(doc), in parallel, into flat shards
+      -> TokenBatches / iter_eval_windows   (x, y) windows for the training loop
+
+A prepared data folder holds `train_00000.bin ...`, `val_00000.bin ...` (raw little-endian
+uint16, or uint32 for vocabularies above 65536), `manifest.json` and a copy of
+`tokenizer.json`. Shards are memory-mapped, so a corpus larger than RAM trains fine.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lmstack.tokenizer import Tokenizer
+from lmstack.utils import UserError, atomic_output_dir, atomic_write_json, check_output_dir
+
+SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+SHARD_TOKENS = 2**26  # ~64M tokens: 128 MiB per uint16 shard
+_HF_NAME = re.compile(r"[\w-][\w.-]*(/[\w.-]+)?(:[\w.-]+)?")  # owner/name:config
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def resolve_inputs(inputs) -> list[tuple[str, str]]:
+    """Expand files / folders (recursive) / globs / dataset names into (kind, path) sources.
+
+    Fails fast (UserError) on anything that matches nothing, before any work starts.
+    """
+    sources: dict[tuple[str, str], None] = {}  # ordered set: a file named twice is read once
+    for item in map(str, _as_list(inputs)):
+        p = Path(item)
+        if p.is_file():
+            if p.suffix.lower() not in SUFFIXES:
+                raise UserError(f"{item}: unsupported file type (use {', '.join(SUFFIXES)})")
+            found = [p]
+        elif p.is_dir():
+            found = _files_under(p)
+        elif glob.has_magic(item):
+            found = [f for m in sorted(glob.glob(item, recursive=True))
+                     for f in ([Path(m)] if Path(m).is_file() else _files_under(Path(m)))]
+        elif _HF_NAME.fullmatch(item) and not item.lower().endswith(SUFFIXES):
+            sources[("hf", item)] = None  # not on disk: maybe a Hugging Face dataset name
+            continue
+        else:
+            raise UserError(f"input {item} not found")
+        found = [f for f in found if f.suffix.lower() in SUFFIXES]
+        if not found:
+            raise UserError(f"{item} matched no {'/'.join(SUFFIXES)} files")
+        sources.update({(f.suffix.lower()[1:], str(f)): None for f in found})
+    # Optional dependencies, checked now rather than halfway through the corpus.
+    for kind, name in sources:
+        if kind == "parquet":
+            _require("pyarrow.parquet", "reading .parquet files needs pyarrow: pip install pyarrow")
+        if kind == "hf":
+            _require("datasets", f"input {name} not found (no such file or folder; a Hugging Face "
+                                 "dataset name needs `pip install datasets`)")
+    return list(sources)
+
+
+def _require(module: str, message: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise UserError(message) from None
+
+
+def _as_list(inputs) -> list:
+    return [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+
+
+def _files_under(folder: Path) -> list[Path]:
+    # Hidden files and folders (.git, .DS_Store, our own .tmp dirs) are never data.
+    return sorted(f for f in folder.rglob("*") if f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
+def iter_documents(inputs, text_field: str = "text", skipped: list | None = None):
+    """Yield each document's text, in a fixed order.
+
+    Inputs are resolved now (so a typo fails immediately); files are read lazily. Files
+    that are unusable (unreadable, empty, binary, not UTF-8, no such field) are not fatal:
+    they are appended to `skipped` as {"path", "reason"}.
+    """
+    sources = resolve_inputs(inputs)
+    skipped = [] if skipped is None else skipped
+    readers = {"txt": _read_text, "md": _read_text, "jsonl": _read_jsonl,
+               "parquet": _read_parquet, "hf": _read_hf}
+
+    def gen():
+        for kind, path in sources:
+            yield from readers[kind](path, text_field, skipped)
+
+    return gen()
+
+
+def _skip(skipped: list, path, reason: str) -> None:
+    skipped.append({"path": str(path), "reason": reason})
+
+
+def _read_text(path, field, skipped):
+    """A .txt / .md file is one document."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return _skip(skipped, path, f"unreadable ({e.strerror or e})")
+    if b"\x00" in data:
+        return _skip(skipped, path, "binary (contains NUL bytes)")
+    try:
+        text = data.decode("utf-8-sig")  # -sig: drop a byte-order mark, it is not text
+    except UnicodeDecodeError as e:
+        return _skip(skipped, path, f"not UTF-8 (invalid byte at offset {e.start})")
+    if not text.strip():
+        return _skip(skipped, path, "empty")
+    yield text
+
+
+def _read_jsonl(path, field, skipped):
+    """One JSON object per line; the document is its `field` string."""
+    good = bad = missing = 0
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:  # bad JSON or bad UTF-8
+                    bad += 1
+                    continue
+                text = row.get(field) if isinstance(row, dict) else None
+                if not isinstance(text, str):
+                    missing += 1
+                elif text:
+                    good += 1
+                    yield text
+    except OSError as e:
+        return _skip(skipped, path, f"unreadable after {good} documents ({e.strerror or e})")
+    problems = ([f"{bad} bad JSON line(s)"] if bad else []) + \
+               ([f"{missing} line(s) without a string '{field}' field"] if missing else [])
+    if problems:
+        _skip(skipped, path, ("no usable lines: " if not good else "partly skipped: ") + ", ".join(problems))
+    elif not good:
+        _skip(skipped, path, "empty")
+
+
+def _read_parquet(path, field, skipped):
+    """Column `field`, read one record batch at a time (never the whole file)."""
+    import pyarrow.parquet as pq
+
+    good = 0
+    try:
+        pf = pq.ParquetFile(path)
+        if field not in pf.schema_arrow.names:
+            return _skip(skipped, path, f"no column '{field}' (columns: {', '.join(pf.schema_arrow.names)})")
+        for batch in pf.iter_batches(batch_size=1024, columns=[field]):
+            for text in batch.column(0).to_pylist():
+                if isinstance(text, str) and text:
+                    good += 1
+                    yield text
+    except (OSError, ValueError) as e:  # pyarrow's errors subclass these
+        return _skip(skipped, path, f"unreadable parquet after {good} documents ({str(e).splitlines()[0]})")
+    if not good:
+        _skip(skipped, path, "empty")
+
+
+def _read_hf(name, field, skipped):
+    """A Hugging Face dataset, streamed: `name` or `name:config`, split train."""
+    import datasets
+
+    repo, _, config = name.partition(":")
+    try:
+        rows = datasets.load_dataset(repo, config or None, split="train", streaming=True)
+    except Exception as e:  # offline, unknown name, missing config: one line for the user
+        raise UserError(f"input {name} not found on disk, and as a Hugging Face dataset: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    good = 0
+    for row in rows:
+        text = row.get(field)
+        if isinstance(text, str) and text:
+            good += 1
+            yield text
+    if not good:
+        _skip(skipped, name, f"no string '{field}' field in any row")
+
+
+# ---------------------------------------------------------------------------- prepare
+
+_worker_tok: Tokenizer | None = None
+
+
+def _init_worker(tok_json: str) -> None:
+    global _worker_tok
+    # Parallelism comes from the process pool; HF's own threads would oversubscribe cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tok = Tokenizer.from_str(tok_json)
+
+
+def _encode_docs(texts: list[str], dtype: str, tok: Tokenizer | None = None):
+    tok = tok or _worker_tok
+    return [(np.array([tok.bos_id] + ids, dtype=dtype), len(text.encode("utf-8")))
+            for text, ids in zip(texts, tok.encode_batch(texts))]
+
+
+class _ShardWriter:
+    """Appends documents to `{split}_00000.bin`, rolling to a new file every ~shard_tokens."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int):
+        self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
+        self.shards: list[dict] = []
+        self.docs = self.tokens = self.bytes = 0
+        self._f = None
+
+    def write(self, ids: np.ndarray, n_bytes: int) -> None:
+        if self._f is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+            self.close()
+            self.shards.append({"file": f"{self.split}_{len(self.shards):05d}.bin", "tokens": 0})
+            self._f = open(self.folder / self.shards[-1]["file"], "wb")
+        ids.tofile(self._f)
+        self.shards[-1]["tokens"] += len(ids)
+        self.docs, self.tokens, self.bytes = self.docs + 1, self.tokens + len(ids), self.bytes + n_bytes
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+
+
+def prepare(inputs, tokenizer, out, text_field: str = "text", val_fraction: float = 0.01,
+            workers: int = 0, force: bool = False, shard_tokens: int = SHARD_TOKENS,
+            docs_per_task: int = 256, progress: bool = True) -> dict:
+    """Tokenize documents into train/val shards under `out`; returns the manifest.
+
+    Output is deterministic whatever the worker count: batches of documents are encoded
+    in parallel but written in input order. Document i goes to validation when
+    floor((i+1)*f) > floor(i*f) (exactly a fraction f, evenly spread through the corpus).
+    """
+    check_output_dir(out, force)
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    dtype = "<u2" if tok.vocab_size <= 2**16 else "<u4"
+    skipped: list[dict] = []
+    docs = iter_documents(inputs, text_field=text_field, skipped=skipped)
+    workers = workers or os.cpu_count() or 1
+    tasks = iter(lambda: list(itertools.islice(docs, docs_per_task)), [])
+
+    def encoded():
+        if workers == 1:
+            for texts in tasks:
+                yield _encode_docs(texts, dtype, tok)
+            return
+        with mp.Pool(workers, _init_worker, (tok.to_str(),)) as pool:
+            # Pool.imap would read the whole corpus ahead into its queue; a bounded window
+            # of in-flight tasks keeps memory flat and the results in order.
+            inflight = deque()
+            for texts in tasks:
+                inflight.append(pool.apply_async(_encode_docs, (texts, dtype)))
+                if len(inflight) >= 2 * workers:
+                    yield inflight.popleft().get()
+            while inflight:
+                yield inflight.popleft().get()
+
+    with atomic_output_dir(out, force) as tmp:
+        train, val = _ShardWriter(tmp, "train", shard_tokens), _ShardWriter(tmp, "val", shard_tokens)
+        held = None  # the latest train doc, held back: it becomes val if no doc was picked
+        n = 0
+        # delay: no bar for quick runs, nor before an error found in the first second
+        with tqdm(unit=" docs", desc="tokenizing", disable=not progress, delay=1) as bar:
+            for results in encoded():
+                for doc in results:
+                    if int((n + 1) * val_fraction) > int(n * val_fraction):
+                        val.write(*doc)
+                    else:
+                        if held is not None:
+                            train.write(*held)
+                        held = doc
+                    n += 1
+                bar.update(len(results))
+        if held is not None:
+            (val if val.docs == 0 and n >= 2 and val_fraction > 0 else train).write(*held)
+        train.close()
+        val.close()
+        if n == 0:
+            raise UserError(f"no usable documents in {' '.join(map(str, _as_list(inputs)))}"
+                            + skip_summary(skipped))
+        manifest = {
+            "format": 1,
+            "dtype": np.dtype(dtype).name,
+            "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+            "text_field": text_field,
+            "inputs": [str(x) for x in _as_list(inputs)],
+            "documents": {"train": train.docs, "val": val.docs},
+            "tokens": {"train": train.tokens, "val": val.tokens},
+            "bytes": {"train": train.bytes, "val": val.bytes},
+            "shards": {"train": train.shards, "val": val.shards},
+            "skipped": skipped,
+        }
+        tok.save(tmp)
+        atomic_write_json(tmp / "manifest.json", manifest)
+    n_tok = train.tokens + val.tokens
+    print(f"data: {n} documents ({train.docs} train / {val.docs} val), {n_tok:,} tokens "
+          f"({train.tokens:,} / {val.tokens:,}), {(train.bytes + val.bytes) / max(n_tok - n, 1):.2f} "
+          f"bytes/token (BOS not counted), "
+          f"{len(train.shards) + len(val.shards)} shard(s) -> {out}" + skip_summary(skipped))
+    return manifest
+
+
+def skip_summary(skipped: list[dict]) -> str:
+    """"; skipped PATH: REASON (+N more ...)" for the one-line summaries (or "")."""
+    if not skipped:
+        return ""
+    s = skipped[0]
+    more = f" (+{len(skipped) - 1} more in manifest.json)" if len(skipped) > 1 else ""
+    return f"; skipped {s['path']}: {s['reason']}{more}"
+
+
+# ---------------------------------------------------------------------------- reading shards
+
+
+def load_manifest(data_dir) -> dict:
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UserError(f"data folder {d} not found (make one with `lmstack data prepare`)")
+    f = d / "manifest.json"
+    if not f.is_file():
+        raise UserError(f"{d} has no manifest.json (is it a folder written by `lmstack data prepare`?)")
+    try:
+        m = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {f}: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != 1:
+        raise UserError(f"{f}: not an lmstack data manifest (format 1)")
+    return m
+
+
+class TokenSplit:
+    """The shards of one split seen as one long token array; slices read only what they need."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(len(self))
+        assert step == 1, "TokenSplit supports contiguous slices only"
+        parts = []
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            lo = start - self.starts[i]
+            hi = min(stop - self.starts[i], len(self.arrays[i]))
+            parts.append(self.arrays[i][lo:hi])
+            start += hi - lo
+            i += 1
+        return np.concatenate(parts) if parts else np.empty(0, self.arrays[0].dtype)
+
+
+def open_split(data_dir, split: str) -> TokenSplit:
+    """Memory-map every shard of `split` ("train" or "val")."""
+    m = load_manifest(data_dir)
+    if split not in m["shards"]:
+        raise UserError(f"unknown split {split!r} (have: {', '.join(m['shards'])})")
+    if not m["shards"][split]:
+        raise UserError(f"{data_dir} has no {split} tokens (prepare it with more documents "
+                        "or a --val-fraction above 0)")
+    dtype = np.dtype(m["dtype"]).newbyteorder("<")
+    arrays = []
+    for shard in m["shards"][split]:
+        f = Path(data_dir) / shard["file"]
+        size = f.stat().st_size if f.is_file() else -1
+        if size != shard["tokens"] * dtype.itemsize:
+            raise UserError(f"shard {f} is missing or truncated ({size} bytes, "
+                            f"manifest says {shard['tokens']} tokens)")
+        arrays.append(np.memmap(f, dtype=dtype, mode="r"))
+    return TokenSplit(arrays)
+
+
+def _windows(data: TokenSplit, offsets, seq_len: int):
+    buf = torch.from_numpy(np.stack([data[o:o + seq_len + 1] for o in offsets]).astype(np.int64))
+    return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+
+class TokenBatches:
+    """Random (x, y) windows for training; the state is just the step counter.
+
+    Step s draws the offsets of the GLOBAL batch (world_size * batch_size windows) from
+    default_rng([seed, s]) and rank r takes rows [r*B, (r+1)*B): so 2 ranks of B see exactly
+    what 1 rank of 2B sees, and resuming needs nothing but the step.
+    """
+
+    def __init__(self, data_dir, split: str = "train", batch_size: int = 8, seq_len: int = 256,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        assert 0 <= rank < world_size and batch_size > 0 and seq_len > 0
+        self.data = open_split(data_dir, split)
+        if len(self.data) < seq_len + 1:
+            raise UserError(f"{split} split of {data_dir} has {len(self.data)} tokens, fewer than "
+                            f"seq_len + 1 = {seq_len + 1}; use more data or a shorter sequence")
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.step = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.batch_size, self.seq_len
+        rng = np.random.default_rng([self.seed, self.step])
+        offsets = rng.integers(0, len(self.data) - T, size=self.world_size * B)  # last start: N-T-1
+        self.step += 1
+        return _windows(self.data, offsets[self.rank * B:(self.rank + 1) * B], T)
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def iter_eval_windows(data_dir, split: str = "val", batch_size: int = 8, seq_len: int = 256,
+                      max_batches: int | None = None, rank: int = 0, world_size: int = 1):
+    """Yield (x, y) over consecutive non-overlapping windows of a split, in order.
+
+    Window j predicts tokens j*T+1 .. j*T+T, so the windows tile the split. Global batch k
+    holds the next world_size*B windows and rank r takes its share of rows; the tail is cut
+    to a multiple of world_size so every rank runs the same number of batches (a rank that
+    stopped early would hang the others in the all-reduce).
+    """
+    assert 0 <= rank < world_size and batch_size > 0 and seq_len > 0
+    data = open_split(data_dir, split)
+    n = (len(data) - 1) // seq_len // world_size * world_size
+    if n == 0:
+        raise UserError(f"{split} split of {data_dir} has {len(data)} tokens, too few for "
+                        f"{world_size} window(s) of seq_len {seq_len}")
+    per_batch = world_size * batch_size
+    for k, first in enumerate(range(0, n, per_batch)):
+        if max_batches is not None and k >= max_batches:
+            return
+        rows = (min(first + per_batch, n) - first) // world_size
+        starts = (first + rank * rows + np.arange(rows)) * seq_len
+        yield _windows(data, starts, seq_len)

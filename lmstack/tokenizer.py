@@ -1,0 +1,193 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers` does the heavy lifting).
+
+Text -> UTF-8 bytes -> regex pre-split (GPT-4 style) -> BPE merges learned from the corpus.
+Every one of the 256 byte values is in the base vocabulary, so any string encodes and
+decode(encode(s)) == s exactly: no unknown token, no normalisation.
+
+The first 16 ids are special tokens (BOS, EOS, PAD, chat roles, tool calls, spares).
+Security: user text can never produce a special id. A string that merely *contains*
+"<|user|>" is encoded as ordinary bytes; special ids are only ever inserted by code
+(the chat template), by id, never by parsing text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from lmstack.utils import UserError, atomic_output_dir, atomic_write_text, check_output_dir
+
+SPECIAL_TOKENS = [
+    "<|bos|>", "<|eos|>", "<|pad|>",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>",
+    "<|tool_call|>", "<|/tool_call|>",
+] + [f"<|reserved_{i}|>" for i in range(6)]
+
+# GPT-4's split: contractions, words with one leading non-letter, numbers in groups of at
+# most 3 digits (so "2024" is not one opaque token), punctuation runs, whitespace runs.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+
+def _empty_bpe() -> HFTokenizer:
+    tok = HFTokenizer(models.BPE())
+    # use_regex=False: the Split above already did the splitting; ByteLevel only maps bytes.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+class Tokenizer:
+    """A thin wrapper: the encode/decode surface the rest of lmstack uses."""
+
+    def __init__(self, hf: HFTokenizer):
+        # The one line that keeps "<|user|>" typed by a user from becoming the <|user|> id.
+        # (Not stored in tokenizer.json, so it is set on every construction.)
+        hf.encode_special_tokens = True
+        self._tok = hf
+        self.special_ids = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
+        expected = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+        if self.special_ids != expected:
+            raise UserError("tokenizer is not an lmstack tokenizer (special tokens missing or "
+                            "at other ids); train one with `lmstack tokenizer train`")
+        self._token_bytes = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load from a folder holding tokenizer.json (tokenizer or model folder), or the file."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(f"tokenizer not found: {file} (expected a folder with tokenizer.json)")
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # the Rust side raises a plain Exception on bad JSON
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"cannot read tokenizer {file}: {first}") from None
+        return cls(hf)
+
+    @classmethod
+    def from_str(cls, json_text: str) -> "Tokenizer":
+        return cls(HFTokenizer.from_str(json_text))
+
+    def to_str(self) -> str:
+        return self._tok.to_str()
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / "tokenizer.json"
+        atomic_write_text(path, self._tok.to_str(pretty=True))
+        return path
+
+    # -- encode / decode ---------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets we never use
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    # -- vocabulary ----------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids["<|bos|>"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids["<|eos|>"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_ids["<|pad|>"]
+
+    def id_to_token(self, i: int) -> str:
+        return self._tok.id_to_token(i)
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes each id stands for (0 for specials): turns loss per token into bits per byte."""
+        if self._token_bytes is None:
+            n_special = len(SPECIAL_TOKENS)
+            # A byte-level token is a string over a 256-char alphabet, one char per byte.
+            self._token_bytes = [0 if i < n_special else len(self._tok.id_to_token(i))
+                                 for i in range(self.vocab_size)]
+        return self._token_bytes
+
+
+def train_tokenizer(inputs, vocab_size: int, out, text_field: str = "text", force: bool = False,
+                    holdout_every: int = 50, progress: bool = True) -> Tokenizer:
+    """Train a byte-level BPE on files/folders/globs and write OUT/tokenizer.json.
+
+    Documents stream from disk into the trainer (the corpus is never held in memory);
+    every `holdout_every`-th document is kept out of training to measure compression.
+    """
+    from lmstack.data import iter_documents, skip_summary  # lazy: data.py imports this module
+
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    check_output_dir(out, force)  # fail before the (possibly long) training, not after
+    n_min = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < n_min:
+        raise UserError(f"--vocab-size {vocab_size} is too small: need at least {n_min} "
+                        f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    skipped: list[dict] = []
+    docs = iter_documents(inputs, text_field=text_field, skipped=skipped)
+    first = next(docs, None)
+    if first is None:
+        raise UserError(f"no usable text in {' '.join(map(str, inputs))}" + skip_summary(skipped))
+
+    held_out, sample, stats = [], [], {"docs": 0, "bytes": 0, "held_bytes": 0}
+    max_eval_bytes = 2_000_000  # enough to measure compression; later held-out docs train too
+
+    def training_docs():
+        for i, text in enumerate(itertools.chain([first], docs)):
+            if i % holdout_every == holdout_every - 1 and stats["held_bytes"] < max_eval_bytes:
+                held_out.append(text)
+                stats["held_bytes"] += len(text.encode("utf-8"))
+                continue
+            if stats["bytes"] < max_eval_bytes:  # fallback measure if too few docs to hold out
+                sample.append(text)
+            stats["docs"] += 1
+            stats["bytes"] += len(text.encode("utf-8"))
+            yield text
+
+    t0 = time.time()
+    hf = _empty_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        show_progress=progress and sys.stdout.isatty(),  # else it prints stray blank lines
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+    )
+    hf.train_from_iterator(training_docs(), trainer=trainer)
+    tok = Tokenizer(hf)
+
+    eval_texts, where = (held_out, "held-out") if held_out else (sample, "training")
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(eval_texts))
+    n_bytes = sum(len(t.encode("utf-8")) for t in eval_texts)
+    with atomic_output_dir(out, force) as tmp:
+        tok.save(tmp)
+    note = "" if tok.vocab_size == vocab_size else f" (corpus too small for {vocab_size})"
+    print(f"tokenizer: vocab {tok.vocab_size}{note}, trained on {stats['docs']} documents "
+          f"({stats['bytes'] / 1e6:.2f} MB) in {time.time() - t0:.1f}s; "
+          f"{n_bytes / max(n_tokens, 1):.2f} bytes/token on {where} text -> "
+          f"{Path(out) / 'tokenizer.json'}" + skip_summary(skipped))
+    return tok
+

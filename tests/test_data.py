@@ -1,0 +1,298 @@
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lmstack.data import (TokenBatches, iter_documents, iter_eval_windows, load_manifest,
+                          open_split, prepare)
+from lmstack.tokenizer import Tokenizer, train_tokenizer
+from lmstack.utils import UserError
+
+WORDS = "the cat sat on a mat with its hat ; über café 東京 🙂 42 1999 don't <|user|>".split()
+
+
+def sentence(rng, lo=3, hi=40):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    rng = random.Random(0)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    with open(corpus / "c.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(100):
+            f.write(json.dumps({"text": sentence(rng)}) + "\n")
+    train_tokenizer([corpus], vocab_size=320, out=root / "tok", progress=False)
+    return root / "tok"
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return Tokenizer.load(tok_dir)
+
+
+def make_mixed(folder):
+    """A folder of good and bad inputs; returns the good documents in reading order."""
+    rng = random.Random(1)
+    (folder / "sub").mkdir(parents=True)
+    good = []
+    a = "A text file.\n\nWith two paragraphs, café 🙂."
+    (folder / "a.txt").write_text(a, encoding="utf-8")
+    good.append(a)
+    rows = [sentence(rng) for _ in range(30)]
+    with open(folder / "b.jsonl", "w", encoding="utf-8") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"text": r, "id": i}) + "\n")
+            if i == 3:
+                f.write("{this is not json\n")
+            if i == 5:
+                f.write(json.dumps({"title": "no text field"}) + "\n")
+    good += rows
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    prows = [sentence(rng) for _ in range(25)]
+    pq.write_table(pa.table({"text": prows, "n": list(range(25))}), folder / "c.parquet", row_group_size=10)
+    good += prows
+    (folder / "empty.txt").write_text("")
+    (folder / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    (folder / "sub" / "binary.txt").write_bytes(b"abc\x00\x01\x02" * 10)
+    md = "# Notes\n\n* <|bos|> is just text here\n"
+    (folder / "sub" / "notes.md").write_text(md, encoding="utf-8")
+    good.append(md)
+    (folder / "sub" / "ignored.csv").write_text("a,b\n1,2\n")  # unsupported type: not read
+    (folder / ".hidden.txt").write_text("hidden files are never data")
+    return good
+
+
+def split_docs(tok, arr):
+    """Cut a token array at BOS and decode each document."""
+    cuts = np.flatnonzero(arr == tok.bos_id).tolist() + [len(arr)]
+    assert cuts[0] == 0
+    return [tok.decode(arr[a + 1:b].tolist()) for a, b in zip(cuts, cuts[1:])]
+
+
+def test_iter_documents_mixed_folder(tmp_path):
+    good = make_mixed(tmp_path / "in")
+    skipped = []
+    docs = list(iter_documents([tmp_path / "in"], skipped=skipped))
+    assert docs == good
+    reasons = {s["path"].split("/")[-1]: s["reason"] for s in skipped}
+    assert set(reasons) == {"empty.txt", "latin1.txt", "binary.txt", "b.jsonl"}
+    assert "empty" in reasons["empty.txt"] and "UTF-8" in reasons["latin1.txt"]
+    assert "binary" in reasons["binary.txt"]
+    assert "1 bad JSON" in reasons["b.jsonl"] and "1 line(s) without" in reasons["b.jsonl"]
+    # globs, explicit files and a file named twice (read once)
+    assert list(iter_documents([str(tmp_path / "in" / "*.txt"), tmp_path / "in" / "a.txt"])) == good[:1]
+    with pytest.raises(UserError, match="matched no"):
+        iter_documents([str(tmp_path / "in" / "*.nothing")])
+    with pytest.raises(UserError, match="not found"):
+        iter_documents([tmp_path / "missing.jsonl"])
+    with pytest.raises(UserError, match="unsupported"):
+        iter_documents([tmp_path / "in" / "sub" / "ignored.csv"])
+
+
+def test_prepare_mixed_folder(tmp_path, tok, tok_dir, capsys):
+    good = make_mixed(tmp_path / "in")
+    m = prepare([tmp_path / "in"], tok_dir, tmp_path / "out", val_fraction=0.1, workers=1, progress=False)
+    assert "documents" in capsys.readouterr().out
+    assert m == load_manifest(tmp_path / "out")
+    expected = sum(len([tok.bos_id] + tok.encode(t)) for t in good)
+    assert m["tokens"]["train"] + m["tokens"]["val"] == expected
+    assert m["documents"]["train"] + m["documents"]["val"] == len(good)
+    assert m["documents"]["val"] == len(good) // 10
+    assert m["bytes"]["train"] + m["bytes"]["val"] == sum(len(t.encode()) for t in good)
+    assert m["dtype"] == "uint16" and m["vocab_size"] == tok.vocab_size and m["bos_id"] == 0
+    assert len(m["skipped"]) == 4
+    docs = {}
+    for split in ["train", "val"]:
+        parts = []
+        for shard in m["shards"][split]:
+            f = tmp_path / "out" / shard["file"]
+            assert f.stat().st_size == shard["tokens"] * 2
+            parts.append(np.fromfile(f, dtype="<u2"))
+        arr = np.concatenate(parts)
+        assert len(arr) == m["tokens"][split] == len(open_split(tmp_path / "out", split))
+        np.testing.assert_array_equal(open_split(tmp_path / "out", split)[:], arr)
+        docs[split] = split_docs(tok, arr)
+    # every good document is there, once, in input order within each split
+    assert sorted(docs["train"] + docs["val"]) == sorted(good)
+    assert docs["train"] == [t for t in good if t in docs["train"]]
+    assert Tokenizer.load(tmp_path / "out").to_str() == tok.to_str()
+
+
+def test_prepare_deterministic_across_workers_and_shards(tmp_path, tok_dir):
+    make_mixed(tmp_path / "in")
+    kw = dict(val_fraction=0.2, shard_tokens=300, docs_per_task=4, progress=False)
+    m1 = prepare([tmp_path / "in"], tok_dir, tmp_path / "w1", workers=1, **kw)
+    m2 = prepare([tmp_path / "in"], tok_dir, tmp_path / "w2", workers=2, **kw)
+    assert m1 == m2 and len(m1["shards"]["train"]) > 2
+    for split in ["train", "val"]:
+        for shard in m1["shards"][split]:
+            assert (tmp_path / "w1" / shard["file"]).read_bytes() == (tmp_path / "w2" / shard["file"]).read_bytes()
+        # slices that cross shard boundaries read the same as the concatenation
+        s = open_split(tmp_path / "w1", split)
+        full = np.concatenate([np.fromfile(tmp_path / "w1" / sh["file"], "<u2") for sh in m1["shards"][split]])
+        for a, b in [(0, len(s)), (250, 700), (299, 301), (len(s) - 5, len(s))]:
+            np.testing.assert_array_equal(s[a:b], full[a:b])
+
+
+def test_prepare_val_split_rules(tmp_path, tok_dir):
+    (tmp_path / "two.jsonl").write_text('{"text": "one doc"}\n{"text": "two doc"}\n')
+    m = prepare([tmp_path / "two.jsonl"], tok_dir, tmp_path / "o1", progress=False)
+    assert m["documents"] == {"train": 1, "val": 1}  # at least one val doc, even at 1%
+    (tmp_path / "one.txt").write_text("only one document")
+    m = prepare([tmp_path / "one.txt"], tok_dir, tmp_path / "o2", progress=False)
+    assert m["documents"] == {"train": 1, "val": 0} and m["shards"]["val"] == []
+    with pytest.raises(UserError, match="no val tokens"):
+        open_split(tmp_path / "o2", "val")
+    m = prepare([tmp_path / "two.jsonl"], tok_dir, tmp_path / "o3", val_fraction=0, progress=False)
+    assert m["documents"] == {"train": 2, "val": 0}
+    with pytest.raises(UserError, match="val-fraction"):
+        prepare([tmp_path / "two.jsonl"], tok_dir, tmp_path / "o4", val_fraction=1.0)
+
+
+def test_prepare_errors_leave_no_output(tmp_path, tok_dir):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.md").write_text("   \n")
+    (bad / "bin.txt").write_bytes(b"\x00" * 10)
+    (bad / "x.jsonl").write_text("nope\n")
+    with pytest.raises(UserError, match="no usable documents"):
+        prepare([bad], tok_dir, tmp_path / "out", workers=2, progress=False)
+    with pytest.raises(UserError, match="not found"):
+        prepare([tmp_path / "missing"], tok_dir, tmp_path / "out", progress=False)
+    with pytest.raises(UserError, match="tokenizer not found"):
+        prepare([bad], tmp_path / "no_tok", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("x")
+    (bad / "ok.txt").write_text("finally some text")
+    with pytest.raises(UserError, match="not empty"):
+        prepare([bad], tok_dir, tmp_path / "full", progress=False)
+    assert (tmp_path / "full" / "keep").exists()
+    prepare([bad], tok_dir, tmp_path / "full", force=True, progress=False)
+    assert not (tmp_path / "full" / "keep").exists() and (tmp_path / "full" / "manifest.json").exists()
+
+
+def test_load_manifest_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_manifest(tmp_path / "nope")
+    with pytest.raises(UserError, match="no manifest"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(UserError, match="cannot read"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": 99}')
+    with pytest.raises(UserError, match="format"):
+        load_manifest(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tok_dir):
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(2)
+    with open(root / "d.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(200):
+            f.write(json.dumps({"text": sentence(rng, 10, 60)}) + "\n")
+    prepare([root / "d.jsonl"], tok_dir, root / "out", val_fraction=0.1, shard_tokens=1000,
+            workers=1, progress=False)
+    return root / "out"
+
+
+def test_token_batches_shift_and_source(data_dir):
+    tb = TokenBatches(data_dir, batch_size=4, seq_len=16, seed=3)
+    full = open_split(data_dir, "train")[:].astype(np.int64)
+    assert len(open_split(data_dir, "train").arrays) > 1  # windows may cross shards
+    for _ in range(5):
+        x, y = tb.next()
+        assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row_x, row_y in zip(x.numpy(), y.numpy()):
+            hits = [o for o in range(len(full) - 16) if np.array_equal(full[o:o + 16], row_x)]
+            assert hits and any(np.array_equal(full[o + 1:o + 17], row_y) for o in hits)
+
+
+def test_token_batches_ranks_match_one_big_batch(data_dir):
+    one = TokenBatches(data_dir, batch_size=6, seq_len=8, seed=1)
+    ranks = [TokenBatches(data_dir, batch_size=3, seq_len=8, seed=1, rank=r, world_size=2) for r in range(2)]
+    for _ in range(4):
+        x, y = one.next()
+        parts = [tb.next() for tb in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts]))
+        assert torch.equal(y, torch.cat([p[1] for p in parts]))
+    other_seed = TokenBatches(data_dir, batch_size=6, seq_len=8, seed=2)
+    assert not torch.equal(other_seed.next()[0], TokenBatches(data_dir, batch_size=6, seq_len=8, seed=1).next()[0])
+
+
+def test_token_batches_resume(data_dir):
+    a = TokenBatches(data_dir, batch_size=2, seq_len=8, seed=7)
+    for _ in range(3):
+        a.next()
+    state = json.loads(json.dumps(a.state_dict()))  # survives a JSON round trip
+    expected = [a.next() for _ in range(3)]
+    b = TokenBatches(data_dir, batch_size=2, seq_len=8, seed=7)
+    b.load_state_dict(state)
+    for (x, y), (bx, by) in zip(expected, [next(b) for _ in range(3)]):
+        assert torch.equal(x, bx) and torch.equal(y, by)
+
+
+def test_token_batches_too_short(data_dir):
+    n = len(open_split(data_dir, "val"))
+    TokenBatches(data_dir, split="val", batch_size=1, seq_len=n - 1).next()  # exactly T+1 tokens
+    with pytest.raises(UserError, match="fewer than"):
+        TokenBatches(data_dir, split="val", batch_size=1, seq_len=n)
+    with pytest.raises(UserError, match="unknown split"):
+        TokenBatches(data_dir, split="test")
+
+
+def test_eval_windows_tile_the_split(data_dir):
+    val = open_split(data_dir, "val")[:].astype(np.int64)
+    T = 8
+    n = (len(val) - 1) // T
+    batches = list(iter_eval_windows(data_dir, "val", batch_size=5, seq_len=T))
+    x = torch.cat([b[0] for b in batches]).numpy()
+    y = torch.cat([b[1] for b in batches]).numpy()
+    np.testing.assert_array_equal(x.reshape(-1), val[:n * T])
+    np.testing.assert_array_equal(y.reshape(-1), val[1:n * T + 1])
+    assert len(list(iter_eval_windows(data_dir, "val", batch_size=5, seq_len=T, max_batches=2))) == 2
+    # two ranks: same number of batches each, disjoint windows, together the first 2*(n//2)
+    per_rank = [list(iter_eval_windows(data_dir, "val", batch_size=3, seq_len=T, rank=r, world_size=2))
+                for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    assert all(a[0].shape == b[0].shape for a, b in zip(*per_rank))
+    rows = [tuple(row) for r in per_rank for b in r for row in b[0].numpy()]
+    assert len(rows) == n // 2 * 2
+    assert sorted(rows) == sorted(tuple(row) for row in x[:n // 2 * 2])
+
+
+def test_hf_dataset_by_name_offline(tmp_path, tok_dir, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    f = tmp_path / "local.jsonl"
+    f.write_text('{"text": "from a dataset"}\n{"text": "second row"}\n')
+    real = datasets.load_dataset
+    # No network in tests: the dataset "name" resolves to a local json file through `datasets`.
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, split=None, streaming=False:
+                        real("json", data_files=str(f), split=split, streaming=streaming))
+    assert list(iter_documents(["someone/some_dataset"])) == ["from a dataset", "second row"]
+
+
+def test_cli_data_prepare(tmp_path, tok_dir):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("hello world, this is a document")
+    (tmp_path / "in" / "b.md").write_text("# another one")
+    cmd = [sys.executable, "-m", "lmstack", "data", "prepare", "--tokenizer", str(tok_dir)]
+    ok = subprocess.run(cmd + ["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workers", "2"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert load_manifest(tmp_path / "out")["documents"] == {"train": 1, "val": 1}
+    for bad_args in [["--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o2")],
+                     ["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out")]]:  # not empty
+        bad = subprocess.run(cmd + bad_args, capture_output=True, text=True)
+        assert bad.returncode != 0
+        assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
