@@ -1,0 +1,216 @@
+"""The transformer: a Llama-shaped GPT in one file, read top to bottom.
+
+RMSNorm (pre-norm), rotate-half RoPE, grouped-query attention through
+F.scaled_dot_product_attention, SwiGLU MLP, no biases, optional tied embeddings.
+
+Weight names are Hugging Face Llama's minus the leading `model.`:
+`embed_tokens.weight`, `layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
+`layers.{i}.mlp.{gate,up,down}_proj.weight`, `layers.{i}.{input,post_attention}_layernorm.weight`,
+`norm.weight`, `lm_head.weight`. RoPE is rotate-half like HF's, so export is a pure rename
+(prefix `model.`), with no permutation of the q/k weights.
+
+Inference uses a static KV cache (gpt-fast style): `setup_cache(batch, max_len)` preallocates
+it, then `forward(idx, start_pos=p)` writes positions p..p+T-1 and attends to 0..p+T-1.
+`forward(idx)` without start_pos is the plain training path (no cache, causal attention).
+This file knows nothing of distribution, checkpoints or data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmstack.config import ModelConfig
+from lmstack.utils import UserError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (bf16 sums of squares lose precision), as HF Llama does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_table(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [max_len, head_dim] in the rotate-half layout (frequencies repeated twice)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, H, T, D]; cos/sin: [T, D]. Rotates the pairs (x_i, x_{i+D/2})."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
+        self.cache_k = self.cache_v = None  # [B, n_kv_head, max_len, head_dim] once setup_cache ran
+
+    def forward(self, x, cos, sin, start_pos: int | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mask, causal = None, True
+        if start_pos is not None:
+            # Write this chunk into the static cache, then attend to everything up to it.
+            end = start_pos + T
+            self.cache_k[:B, :, start_pos:end] = k
+            self.cache_v[:B, :, start_pos:end] = v
+            k, v = self.cache_k[:B, :, :end], self.cache_v[:B, :, :end]
+            if start_pos > 0:
+                causal = False  # query i sits at absolute position start_pos+i: it sees keys <= that
+                if T > 1:
+                    mask = torch.arange(end, device=x.device) <= torch.arange(start_pos, end, device=x.device)[:, None]
+        if self.n_kv_head != self.n_head:
+            # GQA: each group of n_head/n_kv_head query heads shares one key/value head.
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). 8/3*d hidden keeps the params of a 4*d GELU MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, start_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.resolve()
+        cfg.validate()
+        if cfg.vocab_size <= 0:
+            raise UserError("model.vocab_size is not set (pretrain takes it from the data manifest)")
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_table(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        # Not persistent: derived from the config, so never saved in the weights file.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere; the two projections that write into the residual
+        stream (o_proj, down_proj) get init_std / sqrt(2 * n_layer), so the residual's variance
+        does not grow with depth (GPT-2's scaled init). RMSNorm weights start at 1."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        """idx [B, T] token ids -> logits [B, T, vocab_size].
+
+        start_pos=None: training/scoring (no cache). start_pos=p: inference; the tokens sit at
+        positions p..p+T-1 and are appended to the KV cache (call setup_cache first).
+        """
+        B, T = idx.shape
+        pos = 0 if start_pos is None else start_pos
+        if pos + T > self.cfg.max_seq_len:  # the RoPE table ends there
+            raise ValueError(f"positions up to {pos + T} exceed max_seq_len {self.cfg.max_seq_len}")
+        if start_pos is not None and (self.layers[0].self_attn.cache_k is None
+                                      or pos + T > self.layers[0].self_attn.cache_k.shape[2]
+                                      or B > self.layers[0].self_attn.cache_k.shape[0]):
+            raise ValueError("KV cache missing or too small: call setup_cache(batch, max_len) first")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.embed_tokens(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start_pos)
+        return self.lm_head(self.norm(x))
+
+    # --- inference cache ------------------------------------------------------------------
+
+    def setup_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> None:
+        """Preallocate a static KV cache for `batch_size` rows of up to `max_len` positions."""
+        max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        p = self.embed_tokens.weight
+        shape = (batch_size, self.cfg.n_kv_head, max_len, self.cfg.d_model // self.cfg.n_head)
+        for layer in self.layers:
+            attn = layer.self_attn
+            attn.cache_k = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
+            attn.cache_v = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.cache_k = layer.self_attn.cache_v = None
+
+    # --- accounting -----------------------------------------------------------------------
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameters (a tied head counted once). Without embeddings: minus the input embedding
+        table, and minus the output head too when it is untied (Kaplan et al.'s "non-embedding"
+        N, the number scaling laws use)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if not include_embeddings:
+            n -= self.embed_tokens.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), for MFU.
+
+        6 * N_matmul + 12 * n_layer * d_model * seq_len, where
+        - N_matmul = non-embedding params + the output head (V*d): every weight that takes part
+          in a matmul, 2 FLOPs per weight per token forward and 4 backward (the embedding lookup
+          is free, the head matmul is not, tied or not);
+        - the attention term counts QK^T and AV: 2 * 2 * seq_len * d_model FLOPs per token per
+          layer forward, x3 for forward+backward. Like PaLM/nanoGPT it counts the full
+          seq_len x seq_len scores, not the causal half.
+        """
+        c = self.cfg
+        n_matmul = self.num_params(include_embeddings=False) + c.vocab_size * c.d_model
+        return 6 * n_matmul + 12 * c.n_layer * c.d_model * seq_len

@@ -1,0 +1,311 @@
+"""THE training loop, one for every stage.
+
+    train(cfg, model, batches, objective, out, eval_batches=..., token_bytes=..., resume=...)
+
+A stage is a batch source plus an objective:
+- `batches`: `.next()` -> a batch (a tuple of tensors), `.state_dict()` / `.load_state_dict()`
+  (JSON-serialisable, saved in checkpoints so a resumed run sees the same data);
+- `objective(model, batch) -> (loss_sum, n_tokens)`: a SUM and a count (train/objectives.py).
+Pretraining is (TokenBatches, next_token_loss); SFT is the same loss with a mask; DPO and the
+reward model are other objectives on paired batches.
+
+One optimizer step = `grad_accum` micro-batches on every rank, sized so the global batch is
+`train.batch_tokens` tokens. Gradients of the loss SUMS are accumulated, then divided by the
+global token count (all micro-batches, all ranks), so accumulation and world size never
+change the update. Rank 0 alone logs and saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lmstack import distributed
+from lmstack.config import OptimConfig, RunConfig
+from lmstack.train import checkpoint
+from lmstack.train.objectives import target_bytes
+from lmstack.utils import UserError, atomic_write_text
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched against
+# torch.cuda.get_device_name(); first match wins, so specific names come first.
+GPU_PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12),
+    ("L4", 121e12), ("A10", 125e12), ("V100", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+]
+
+
+def peak_flops(device: torch.device, configured: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device, for MFU. `train.peak_flops` wins when set.
+
+    GPU: the table above (None for an unknown GPU: MFU is then not reported).
+    CPU: a nominal estimate, threads x clock x FLOP/cycle/core, with 64 fp32 FLOP/cycle when
+    the CPU has AVX-512 (two 512-bit FMA units) and 32 otherwise (two 256-bit FMAs); the clock
+    is /proc/cpuinfo's "cpu MHz" (else 2.5 GHz). It is a yardstick, not a datasheet number
+    (turbo clocks and half-width AVX-512 units make it off by up to ~2x): set train.peak_flops
+    for your CPU.
+    """
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)
+    ghz, per_cycle = 2.5, 32
+    with contextlib.suppress(OSError, ValueError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("cpu MHz"):
+                ghz = float(line.split(":")[1]) / 1000
+            elif line.startswith("flags"):
+                per_cycle = 64 if "avx512f" in line.split() else 32
+                break
+    return torch.get_num_threads() * ghz * 1e9 * per_cycle
+
+
+def lr_at(step: int, oc: OptimConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from 0, then cosine
+    decay to min_lr, or warmup-stable-decay (flat, then linear to min_lr over the last
+    decay_fraction of the run). The last step runs at min_lr. The step is the whole scheduler
+    state, so resuming needs nothing else."""
+    if step < oc.warmup_steps:
+        return oc.lr * (step + 1) / oc.warmup_steps
+    min_lr = oc.lr * oc.min_lr_ratio
+    if oc.schedule == "cosine":
+        progress = min(1.0, (step + 1 - oc.warmup_steps) / max(1, max_steps - oc.warmup_steps))
+        return min_lr + (oc.lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = max(1, round(oc.decay_fraction * max_steps))
+    decay_start = max_steps - decay_steps
+    if step < decay_start:
+        return oc.lr
+    return oc.lr + (min_lr - oc.lr) * min(1.0, (step + 1 - decay_start) / decay_steps)
+
+
+def build_optimizer(model: torch.nn.Module, oc: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with two groups: weight decay on matmul weights only. Norm gains (1-D) and
+    embedding tables are exempt: decaying a norm gain fights the normalisation, and decaying
+    embeddings shrinks the vectors of rare tokens that get few gradient updates.
+    (A tied output head is the embedding, so it is exempt too.)"""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": oc.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for all params
+    return torch.optim.AdamW(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, **fused)
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """None = plain fp32. bf16 autocast keeps fp32 master weights and optimizer state."""
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def _to_device(batch, device):
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+@torch.no_grad()
+def evaluate(model, eval_batches, objective, device, amp, token_bytes=None) -> dict:
+    """Mean loss (nats/token) and bits-per-byte over `eval_batches()`, summed over ranks."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    for batch in eval_batches():
+        batch = _to_device(batch, device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss_sum, n = objective(model, batch)
+        sums[0] += loss_sum.double()
+        sums[1] += n
+        if token_bytes is not None:
+            sums[2] += target_bytes(batch, token_bytes)
+    distributed.all_reduce_sum(sums)
+    model.train(was_training)
+    nats, n, nbytes = sums.tolist()
+    out = {"val_loss": nats / n} if n else {}
+    if nbytes:
+        out["val_bpb"] = nats / (math.log(2) * nbytes)
+    return out
+
+
+def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, eval_batches=None,
+          token_bytes: list[int] | None = None, tokenizer_file=None, resume: bool = False) -> dict:
+    """Run the loop to cfg.train.max_steps; returns the last metrics record.
+
+    eval_batches: a callable returning a fresh iterable of validation batches, or None.
+    token_bytes: UTF-8 bytes per token id, for val_bpb. tokenizer_file: copied into `out`.
+    Call distributed.init() first when running under torchrun.
+    """
+    tc, oc = cfg.train, cfg.optim
+    info = distributed.info()
+    device, world, main = info.device, info.world_size, distributed.is_main()
+    out = Path(out)
+    micro_tokens = tc.micro_batch_size * tc.seq_len
+    if tc.batch_tokens % (micro_tokens * world):
+        raise UserError(f"train.batch_tokens ({tc.batch_tokens}) must be a multiple of micro_batch_size "
+                        f"* seq_len * world_size ({micro_tokens} * {world})")
+    grad_accum = tc.batch_tokens // (micro_tokens * world)
+    ckpt = checkpoint.latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise UserError(f"nothing to resume: {out / checkpoint.STATE} has no checkpoint")
+
+    if device.type == "cuda":  # TF32 matmuls for whatever runs in fp32 (~free speed on Ampere+)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model.to(device)
+    optimizer = build_optimizer(model, oc, device)
+    step, tokens_seen = 0, 0
+    if ckpt is not None:
+        state = checkpoint.load_checkpoint(ckpt, model, optimizer)
+        step, tokens_seen = state["step"], state["tokens"]
+        batches.load_state_dict(state["data"])
+    amp = autocast_dtype(tc.dtype, device)
+    tb = torch.tensor(token_bytes, dtype=torch.int64, device=device) if token_bytes is not None else None
+    fwd_model = torch.compile(model) if tc.compile else model
+    train_model = distributed.wrap(fwd_model)
+    metrics_path = out / "metrics.jsonl"
+    if main:
+        checkpoint.write_run_files(out, cfg.to_dict(), tokenizer_file)
+        _truncate_metrics(metrics_path, step)
+    distributed.barrier()
+
+    flops_per_token = model.flops_per_token(tc.seq_len)
+    peak = peak_flops(device, tc.peak_flops)
+    if main:
+        print(f"train: {model.num_params():,} params ({model.num_params(False):,} non-embedding), "
+              f"{flops_per_token / 1e6:.1f} MFLOP/token | {world} x {device.type}, "
+              f"{'bf16' if amp else 'fp32'}, batch {tc.batch_tokens:,} tokens = {world} rank(s) x "
+              f"{grad_accum} micro x {tc.micro_batch_size} x {tc.seq_len} | steps {step}->{tc.max_steps} | {out}",
+              flush=True)
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True,
+               disable=None if main else True)  # None: off when stderr is not a terminal
+    quiet_every = max(1, tc.max_steps // 10)  # without a bar, print a line this often
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if main else None
+    data_state = batches.state_dict()  # the data position after the last completed step
+    consistent, saved_step, logged_step = True, step if ckpt is not None else -1, step
+    record: dict = {}
+    t_start = time.perf_counter()
+
+    def save():
+        nonlocal saved_step
+        checkpoint.save_checkpoint(out, step, model, optimizer,
+                                   {"tokens": tokens_seen, "data": data_state, "world_size": world},
+                                   keep_last=tc.keep_last)
+        saved_step = step
+
+    def log(rec):
+        nonlocal logged_step
+        metrics_file.write(json.dumps(rec) + "\n")
+        metrics_file.flush()
+        logged_step = rec["step"]
+
+    try:
+        while step < tc.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, oc, tc.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            n_tokens = torch.zeros((), dtype=torch.float64, device=device)
+            for micro in range(grad_accum):
+                batch = _to_device(batches.next(), device)
+                # DDP all-reduces gradients in backward; only the last micro-step needs to.
+                with distributed.no_sync(train_model, skip=micro < grad_accum - 1):
+                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        ls, n = objective(train_model, batch)
+                    ls.backward()
+                loss_sum += ls.detach().double()
+                n_tokens += n
+            totals = distributed.all_reduce_sum(torch.stack([loss_sum, n_tokens]))
+            global_loss, global_n = totals.tolist()
+            # DDP averaged the gradients over ranks: x world / global_n turns the sum of
+            # per-token gradients into their mean over the whole global batch.
+            scale = world / max(global_n, 1.0)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip or float("inf"))
+            with _hold_ctrl_c():  # the update is all or nothing, so Ctrl-C can save what it leaves
+                consistent = False
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += tc.batch_tokens
+                data_state = batches.state_dict()
+                consistent = True
+
+            dt = time.perf_counter() - t0
+            tok_s = tc.batch_tokens / dt
+            record = {"step": step, "loss": global_loss / max(global_n, 1.0), "lr": lr,
+                      "grad_norm": float(grad_norm), "tokens": tokens_seen, "tok_per_s": round(tok_s, 1),
+                      "mfu": round(flops_per_token * tok_s / (peak * world), 5) if peak else None,
+                      "time": round(time.perf_counter() - t_start, 3)}
+            last = step == tc.max_steps
+            if eval_batches is not None and (last or (tc.eval_every and step % tc.eval_every == 0)):
+                record.update(evaluate(fwd_model, eval_batches, objective, device, amp, tb))
+            if main:
+                if step % tc.log_every == 0 or last or "val_loss" in record:
+                    log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
+                                mfu=f"{record['mfu']:.1%}" if record["mfu"] is not None else "-")
+                if bar.disable and (last or step % quiet_every == 0 or "val_loss" in record):
+                    val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+                    bpb = f" val_bpb {record['val_bpb']:.4f}" if "val_bpb" in record else ""
+                    print(f"step {step}/{tc.max_steps} loss {record['loss']:.4f}{val}{bpb} "
+                          f"lr {lr:.2e} {tok_s:,.0f} tok/s", flush=True)
+                if last or (tc.save_every and step % tc.save_every == 0):
+                    save()
+    except KeyboardInterrupt:
+        if main:
+            if record.get("step") == step and logged_step < step:
+                log(record)  # Ctrl-C during the evaluation: keep the step's training metrics
+            if consistent and step > saved_step:
+                save()
+            last_saved = checkpoint.latest_checkpoint(out)
+            print(f"\ninterrupted at step {step}; "
+                  + (f"{last_saved.name} is saved in {out}, continue with --resume" if last_saved
+                     else "no checkpoint was saved"), file=sys.stderr, flush=True)
+        raise
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    distributed.barrier()
+    return record
+
+
+@contextlib.contextmanager
+def _hold_ctrl_c():
+    """Block SIGINT for the duration of the block; a Ctrl-C that arrives meanwhile is
+    delivered (as KeyboardInterrupt) right after it. No-op where signal masks do not exist."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step` (a resumed run re-logs what came after its checkpoint,
+    and a fresh run starts an empty file). Torn last lines from a kill are dropped."""
+    keep = []
+    if step > 0 and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+    if path.exists() or keep:
+        atomic_write_text(path, "".join(line + "\n" for line in keep))

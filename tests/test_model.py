@@ -1,0 +1,173 @@
+"""The model: shapes, parameter counts, KV-cache decoding == full forward, GQA, the engine,
+and the config schema (presets, --set, type and value errors)."""
+
+import pytest
+import torch
+
+from lmstack.config import ModelConfig, available_presets, load_config
+from lmstack.engine import generate, sample_logits
+from lmstack.model import GPT
+from lmstack.utils import UserError
+
+torch.set_num_threads(2)
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, ffn_hidden=64, max_seq_len=64)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_forward_shapes_and_weight_names():
+    model = GPT(tiny())
+    logits = model(torch.randint(0, 97, (3, 17)))
+    assert logits.shape == (3, 17, 97)
+    names = set(model.state_dict())
+    # Hugging Face Llama names minus the "model." prefix: export is a pure rename.
+    for n in ["embed_tokens.weight", "norm.weight", "lm_head.weight",
+              "layers.1.self_attn.q_proj.weight", "layers.1.self_attn.k_proj.weight",
+              "layers.1.self_attn.v_proj.weight", "layers.1.self_attn.o_proj.weight",
+              "layers.1.mlp.gate_proj.weight", "layers.1.mlp.up_proj.weight",
+              "layers.1.mlp.down_proj.weight", "layers.1.input_layernorm.weight",
+              "layers.1.post_attention_layernorm.weight"]:
+        assert n in names
+    assert not any("bias" in n or "rope" in n for n in names)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_param_counts(tie):
+    c = tiny(tie_embeddings=tie)
+    model = GPT(c)
+    d, f, hd = c.d_model, c.ffn_hidden, c.d_model // c.n_head
+    per_layer = d * c.n_head * hd + 2 * d * c.n_kv_head * hd + c.n_head * hd * d + 3 * d * f + 2 * d
+    non_embedding = c.n_layer * per_layer + d
+    embed = c.vocab_size * d
+    assert model.num_params(include_embeddings=False) == non_embedding
+    assert model.num_params() == non_embedding + embed * (1 if tie else 2)
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    # 6 x (non-embedding + output head) + attention term 12 * L * d * T
+    assert model.flops_per_token(64) == 6 * (non_embedding + embed) + 12 * c.n_layer * d * 64
+
+
+def test_defaults_resolve():
+    c = ModelConfig(vocab_size=10, d_model=256, n_head=4)
+    GPT(c)
+    assert c.n_kv_head == 4 and c.ffn_hidden == 704  # 8/3 * 256 = 682.7 -> 704
+
+
+def test_scaled_residual_init():
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=8, d_model=128, ffn_hidden=256))
+    std_q = model.layers[0].self_attn.q_proj.weight.std().item()
+    std_o = model.layers[0].self_attn.o_proj.weight.std().item()
+    assert abs(std_q - 0.02) < 0.002 and abs(std_o - 0.02 / 4) < 0.001
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_kv_cache_matches_full_forward(n_kv_head):
+    torch.manual_seed(0)
+    model = GPT(tiny(n_kv_head=n_kv_head)).eval()
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_cache(batch_size=2, max_len=32)
+        # prefill 7 tokens, then one at a time, then a chunk of 5 at a nonzero position
+        parts = [model(idx[:, :7], start_pos=0)]
+        for p in range(7, 15):
+            parts.append(model(idx[:, p:p + 1], start_pos=p))
+        parts.append(model(idx[:, 15:20], start_pos=15))
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_is_real_grouping():
+    # n_kv_head=1 (multi-query) has fewer k/v weights and still trains a step.
+    model = GPT(tiny(n_kv_head=1))
+    assert model.layers[0].self_attn.k_proj.weight.shape == (8, 32)  # 1 head x head_dim 8
+    loss = model(torch.randint(0, 97, (2, 9))).logsumexp(-1).mean()
+    loss.backward()
+    assert model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+def test_cache_misuse_and_too_long():
+    model = GPT(tiny())
+    with pytest.raises(ValueError, match="setup_cache"):
+        model(torch.zeros(1, 3, dtype=torch.long), start_pos=0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_greedy_with_cache_equals_without():
+    torch.manual_seed(1)
+    model = GPT(tiny())
+    prompt = [1, 5, 9, 13]
+    a = generate(model, prompt, max_tokens=30, temperature=0)
+    b = generate(model, prompt, max_tokens=30, temperature=0, use_cache=False)
+    assert a == b and len(a) == 30
+    # context limit: never runs past max_seq_len
+    assert len(generate(model, prompt, max_tokens=500, temperature=0)) == 64 - len(prompt)
+
+
+def test_sampling_seed_stop_topk_topp():
+    torch.manual_seed(2)
+    model = GPT(tiny())
+    s1 = generate(model, [1, 2], max_tokens=20, temperature=1.0, seed=7)
+    s2 = generate(model, [1, 2], max_tokens=20, temperature=1.0, seed=7)
+    assert s1 == s2
+    stop = s1[3]
+    s3 = generate(model, [1, 2], max_tokens=20, temperature=1.0, seed=7, stop_ids={stop})
+    assert s3 == s1[:s1.index(stop) + 1]
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    assert {int(sample_logits(logits, 1.0, top_k=1, generator=g)) for _ in range(20)} == {3}
+    # p = [.03, .09, .24, .64]: top_p=0.5 keeps token 3 alone, top_p=0.85 keeps {2, 3}
+    assert {int(sample_logits(logits, 1.0, top_p=0.5, generator=g)) for _ in range(20)} == {3}
+    assert {int(sample_logits(logits, 1.0, top_p=0.85, generator=g)) for _ in range(200)} == {2, 3}
+
+
+# --- config -----------------------------------------------------------------------------
+
+def test_presets_load_and_overrides():
+    assert {"tiny", "small", "gpt2"} <= set(available_presets())
+    for name in ["tiny", "small", "gpt2"]:
+        cfg = load_config(name, [], vocab_size=4096)
+        assert cfg.model.vocab_size == 4096
+        assert load_config(name, []).model.vocab_size == 0  # filled from the data later
+    with pytest.raises(UserError, match="vocab_size"):
+        GPT(load_config("tiny", []).model)
+    assert load_config("tiny", ["model.vocab_size=5000"], vocab_size=4096).model.vocab_size == 5000
+    cfg = load_config("tiny", ["optim.lr=1e-4", "model.tie_embeddings=false", "train.dtype=bf16",
+                               "model.n_layer=3", "train.batch_tokens=4096"], vocab_size=100)
+    assert cfg.optim.lr == 1e-4 and cfg.model.tie_embeddings is False and cfg.train.dtype == "bf16"
+    assert cfg.model.n_layer == 3 and cfg.train.batch_tokens == 4096
+    d = cfg.to_dict()
+    assert d["model"]["n_kv_head"] == 2 and d["model"]["ffn_hidden"] > 0  # resolved
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.n_layers=3"], "model.n_layers"),
+    (["nosection.x=1"], "nosection.x"),
+    (["model.n_layer=three"], "model.n_layer must be int"),
+    (["optim.lr=fast"], "optim.lr must be float"),
+    (["train.compile=maybe"], "train.compile must be bool"),
+    (["optim.schedule=linear"], "optim.schedule must be one of"),
+    (["model.n_head=3"], "model.d_model"),
+    (["train.seq_len=1024"], "train.seq_len"),
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["train.batch_tokens=1000"], "train.batch_tokens"),
+    (["model.n_layer"], "KEY=VALUE"),
+])
+def test_config_errors_name_the_key(overrides, needle):
+    with pytest.raises(UserError, match=needle.replace(".", r"\.")):
+        load_config("tiny", overrides, vocab_size=100)
+
+
+def test_unknown_preset_and_bad_toml(tmp_path):
+    with pytest.raises(UserError, match="unknown preset 'huge'"):
+        load_config("huge", [], vocab_size=10)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nn_layer = "two"\n')
+    with pytest.raises(UserError, match="model.n_layer must be int"):
+        load_config(str(bad), [], vocab_size=10)
+    bad.write_text("[model\n")
+    with pytest.raises(UserError, match="invalid TOML"):
+        load_config(str(bad), [], vocab_size=10)
