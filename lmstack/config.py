@@ -95,7 +95,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept in state/; older ones are deleted
     seed: int = 0  # seeds the init, the data order and every RNG
     compile: bool = False  # torch.compile the model (faster on GPU after a warm-up; needs a C compiler on CPU)
-    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA if supported, else fp32), "fp32" or "bf16"
+    dtype: str = "auto"  # "auto" (bf16 autocast where the GPU/CPU does bf16 natively, else fp32), "fp32" or "bf16"
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = a table for known GPUs, an estimate on CPU
 

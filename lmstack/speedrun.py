@@ -73,7 +73,7 @@ def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), for
         sample(out / "base", prompt, max_tokens=40, temperature=0.0)
     final = summary["stages"]["pretrain"]["final"]
     total = sum(s["seconds"] for s in summary["stages"].values())
-    print(f"\nspeedrun done in {total / 60:.1f} min: val_loss {final.get('val_loss', float('nan')):.3f}, "
+    print(f"\nspeedrun done in {total / 60:.1f} min ({total:.0f}s): val_loss {final.get('val_loss', float('nan')):.3f}, "
           f"val_bpb {final.get('val_bpb', float('nan')):.3f} -> {out}")
     print(f"try it: lmstack sample --model {out / 'base'} --prompt \"{world['people'][0]['name']} works for\"")
     return summary

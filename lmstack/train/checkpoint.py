@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmstack.config import model_config_from_dict
-from lmstack.utils import UserError, atomic_write_json
+from lmstack.utils import UserError, atomic_write_json, current_umask
 
 STATE = "state"
 WEIGHTS = "model.safetensors"
@@ -119,7 +119,7 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=state, prefix=f".step_{step:08d}.", suffix=".tmp"))
         try:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model folder is not
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a model folder is not
             save_weights(model, tmp / WEIGHTS)
             _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
             _save_torch(_rng_state(), tmp / "rng.pt")
@@ -135,7 +135,7 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer
     fd, tmp_file = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".safetensors.tmp")
     os.close(fd)
     try:
-        os.chmod(tmp_file, 0o666 & ~_umask())
+        os.chmod(tmp_file, 0o666 & ~current_umask())
         shutil.copyfile(final / WEIGHTS, tmp_file)
         _fsync(tmp_file)
         os.replace(tmp_file, out / WEIGHTS)
@@ -168,12 +168,6 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
 def _save_torch(obj, path: Path) -> None:
     torch.save(obj, path)
     _fsync(path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync(path) -> None:

@@ -1,0 +1,49 @@
+"""`lmstack speedrun` end to end (tiny preset: seconds), through the real command line."""
+
+import json
+import math
+import subprocess
+import sys
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True)
+
+
+def test_speedrun_tiny_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("speedrun", "--preset", "tiny", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ["world/world.json", "tokenizer/tokenizer.json", "data/manifest.json",
+                  "base/model.safetensors", "base/config.json", "base/tokenizer.json", "base/run.json"]:
+        assert (out / stage).is_file(), stage
+    summary = json.loads((out / "speedrun.json").read_text())
+    assert list(summary["stages"]) == ["world", "tokenizer", "data", "pretrain"]
+    final = summary["stages"]["pretrain"]["final"]
+    assert final["val_loss"] < 0.8 * math.log(1024)  # well below a uniform guess over the vocabulary
+    assert "speedrun done" in proc.stdout and "lmstack sample --model" in proc.stdout
+
+    # A second run refuses to overwrite without --force, and --force starts over.
+    again = run_cli("speedrun", "--preset", "tiny", "--out", str(out))
+    assert again.returncode != 0 and "--force" in again.stderr and "Traceback" not in again.stderr
+    forced = run_cli("speedrun", "--preset", "tiny", "--out", str(out), "--force", "--set", "train.max_steps=4")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert json.loads((out / "speedrun.json").read_text())["stages"]["pretrain"]["final"]["step"] == 4
+
+
+def test_speedrun_never_deletes_a_folder_it_did_not_make(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    proc = run_cli("speedrun", "--preset", "tiny", "--out", str(precious), "--force")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def test_speedrun_bad_preset_or_key_fails_before_any_work(tmp_path):
+    for args in (["--preset", "huge"], ["--set", "train.nope=1"]):
+        proc = run_cli("speedrun", "--out", str(tmp_path / "r"), *args)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "r").exists()
