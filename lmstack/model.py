@@ -66,7 +66,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
         self.cache_k = self.cache_v = None  # [B, n_kv_head, max_len, head_dim] once setup_cache ran
 
-    def forward(self, x, cos, sin, start_pos: int | None = None):
+    def forward(self, x, cos, sin, start_pos: int | None = None, attn_mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -84,6 +84,8 @@ class Attention(nn.Module):
                 causal = False  # query i sits at absolute position start_pos+i: it sees keys <= that
                 if T > 1:
                     mask = torch.arange(end, device=x.device) <= torch.arange(start_pos, end, device=x.device)[:, None]
+        if attn_mask is not None:  # the caller's mask (packed documents, left padding) includes causality
+            mask, causal = attn_mask, False
         if self.n_kv_head != self.n_head:
             # GQA: each group of n_head/n_kv_head query heads shares one key/value head.
             rep = self.n_head // self.n_kv_head
@@ -113,9 +115,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, start_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+    def forward(self, x, cos, sin, start_pos=None, attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids [B, T] (which packed document each token belongs to) -> bool [B, 1, T, T]:
+    a token attends to earlier tokens of its own document only. RoPE is relative, so
+    positions need no reset at document starts."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
 
 
 class GPT(nn.Module):
@@ -151,11 +162,13 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start_pos: int | None = None, attn_mask=None) -> torch.Tensor:
         """idx [B, T] token ids -> logits [B, T, vocab_size].
 
         start_pos=None: training/scoring (no cache). start_pos=p: inference; the tokens sit at
         positions p..p+T-1 and are appended to the KV cache (call setup_cache first).
+        attn_mask: optional bool [B, 1, T, keys] (True = may attend) replacing the plain causal
+        mask, e.g. `doc_causal_mask` for packed sequences or a mask hiding left padding.
         """
         B, T = idx.shape
         pos = 0 if start_pos is None else start_pos
@@ -168,7 +181,7 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed_tokens(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, start_pos)
+            x = layer(x, cos, sin, start_pos, attn_mask)
         return self.lm_head(self.norm(x))
 
     # --- inference cache ------------------------------------------------------------------

@@ -13,6 +13,7 @@ Security: user text can never produce a special id. A string that merely *contai
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 import time
@@ -191,3 +192,66 @@ def train_tokenizer(inputs, vocab_size: int, out, text_field: str = "text", forc
           f"{Path(out) / 'tokenizer.json'}" + skip_summary(skipped))
     return tok
 
+
+
+# -- the chat template (the one and only; SFT masking, the engine, the server and eval use it) --
+#
+#   <|bos|><|system|>You are helpful.<|end|><|user|>What is 2 + 3?<|end|>
+#   <|assistant|><|tool_call|>{"name": "calculator", "arguments": {"expression": "2 + 3"}}<|/tool_call|><|end|>
+#   <|tool|>5<|end|><|assistant|>2 + 3 = 5.<|end|>
+#
+# Roles and boundaries are special ids inserted here by id; message text goes through
+# `encode`, so a user typing "<|end|>" gets plain text. Messages render independently, so
+# appending a message never changes how the earlier ones render (a prefix stays a prefix).
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatFormatError(ValueError):
+    """A malformed conversation (unknown role, missing or empty content, bad tool call)."""
+
+
+def _tool_call_text(call: dict) -> str:
+    """One OpenAI-style tool call -> the canonical JSON the model reads and writes."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ChatFormatError("a tool call needs function.name")
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args or "{}")
+        except json.JSONDecodeError:
+            raise ChatFormatError(f"tool call {fn['name']}: arguments are not valid JSON") from None
+    return json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False)
+
+
+def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False):
+    """messages -> (ids, mask). mask[i] is 1 on what the assistant must learn to write: its
+    content, its tool calls and its closing <|end|> (so it learns to stop); 0 elsewhere.
+    add_generation_prompt appends <|assistant|> for the model to continue from."""
+    sid = tok.special_ids
+    ids, mask = [tok.bos_id], [0]
+    if not isinstance(messages, list) or not messages:
+        raise ChatFormatError("messages must be a non-empty list")
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ROLES:
+            raise ChatFormatError(f"message {i}: role must be one of {', '.join(ROLES)} (got {role!r})")
+        content, calls = m.get("content"), m.get("tool_calls") or []
+        if content is not None and not isinstance(content, str):
+            raise ChatFormatError(f"message {i}: content must be a string")
+        if calls and role != "assistant":
+            raise ChatFormatError(f"message {i}: only assistant messages carry tool_calls")
+        if not (content or "").strip() and not calls:
+            raise ChatFormatError(f"message {i} ({role}): empty content")
+        body = tok.encode(content) if content else []
+        for call in calls:
+            body += [sid["<|tool_call|>"]] + tok.encode(_tool_call_text(call)) + [sid["<|/tool_call|>"]]
+        body.append(sid["<|end|>"])
+        train = 1 if role == "assistant" else 0
+        ids += [sid[f"<|{role}|>"]] + body
+        mask += [0] + [train] * len(body)
+    if add_generation_prompt:
+        ids.append(sid["<|assistant|>"])
+        mask.append(0)
+    return ids, mask
