@@ -59,6 +59,20 @@ def _cmd_sample(a):
            top_k=a.top_k, top_p=a.top_p, seed=a.seed, num_samples=a.num_samples)
 
 
+def _cmd_sft(a):
+    from lmstack.train.sft import sft
+
+    sft(a.model, a.data, a.out, overrides=a.set or [], resume=a.resume,
+        mix_data=a.mix_data, mix_fraction=a.mix_fraction)
+
+
+def _cmd_chat(a):
+    from lmstack.chat import chat
+
+    return chat(a.model, system=a.system, temperature=a.temperature, top_p=a.top_p,
+                max_tokens=a.max_tokens, seed=a.seed, tools=not a.no_tools)
+
+
 def _cmd_speedrun(a):
     from lmstack.speedrun import speedrun
 
@@ -128,6 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--num-samples", type=int, default=1)
     sa.set_defaults(func=_cmd_sample)
+
+    ft = sub.add_parser("sft", help="supervised fine-tuning on conversations (the same training loop)")
+    ft.add_argument("--model", required=True, help="base model folder")
+    ft.add_argument("--data", nargs="+", required=True,
+                    help="jsonl files with `messages`, `prompt`/`completion` or `text` rows")
+    ft.add_argument("--out", required=True, help="fine-tuned model folder")
+    ft.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    ft.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    ft.add_argument("--mix-data", help="a prepared pretraining data folder to mix in")
+    ft.add_argument("--mix-fraction", type=float, default=0.0,
+                    help="fraction of training sequences drawn from --mix-data (default 0)")
+    ft.set_defaults(func=_cmd_sft)
+
+    ch = sub.add_parser("chat", help="talk to a model in the terminal")
+    ch.add_argument("--model", required=True)
+    ch.add_argument("--system", default=None, help="a system prompt")
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--top-p", type=float, default=0.95)
+    ch.add_argument("--max-tokens", type=int, default=256)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--no-tools", action="store_true", help="do not run tool calls (calculator)")
+    ch.set_defaults(func=_cmd_chat)
 
     sr = sub.add_parser("speedrun", help="the whole pipeline on the synthetic world")
     sr.add_argument("--out", default="runs/speedrun")
