@@ -273,3 +273,32 @@ def test_cli_missing_data_and_nonempty_out(tmp_path, data_dir):
     assert r.returncode != 0 and "not empty" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("sample", "--model", str(tmp_path / "full"))
     assert r.returncode != 0 and "no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_saves_and_resume_continues(data_dir, tmp_path):
+    """`kill` (SIGTERM: a scheduler's preemption) saves like Ctrl-C; --resume continues."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lmstack", "pretrain", "--preset", "tiny", "--data", str(data_dir),
+           "--out", str(out)] + [f"--set={o}" for o in FAST[1:]] + ["--set=train.max_steps=100000",
+                                                                    "--set=train.save_every=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        if len(lines) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err and "--resume" in err, err[-2000:]
+    saved = checkpoint.latest_checkpoint(out)
+    assert saved is not None, err[-2000:]
+    step = int(saved.name[5:])
+    assert step >= 3
+    resumed = subprocess.run([c for c in cmd if "max_steps" not in c] + [f"--set=train.max_steps={step + 2}", "--resume"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-1000:]
+    assert read_metrics(out)[-1]["step"] == step + 2

@@ -222,6 +222,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
         metrics_file.flush()
         logged_step = rec["step"]
 
+    old_sigterm = _sigterm_as_ctrl_c()
     try:
         while step < tc.max_steps:
             t0 = time.perf_counter()
@@ -291,11 +292,25 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
                      else "no checkpoint was saved"), file=sys.stderr, flush=True)
         raise
     finally:
+        if old_sigterm is not None:
+            signal.signal(signal.SIGTERM, old_sigterm)
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
     distributed.barrier()
     return record
+
+
+def _sigterm_as_ctrl_c():
+    """Make SIGTERM (`kill`, a cluster scheduler's preemption, torchrun shutting down) save and
+    exit like Ctrl-C. Returns the previous handler (None when not on the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 @contextlib.contextmanager
@@ -305,7 +320,7 @@ def _hold_ctrl_c():
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
