@@ -1,0 +1,275 @@
+"""The engine: KV-cache decoding == full recompute, batched == unbatched (left padding),
+seeds, top-k, stop ids and stop strings, max tokens, streaming text (UTF-8 split across
+tokens), log-probs, the context policy, bf16; and the calculator / tool registry."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmstack.config import ModelConfig
+from lmstack.engine import (ContextLengthError, PackedLinear, _full_mask, fit_prompt, for_inference,
+                            generate, generate_batch, prefill, stream)
+from lmstack.model import GPT
+from lmstack.tokenizer import train_tokenizer
+from lmstack.tools import ToolRegistry, calculator, default_registry
+from lmstack.utils import UserError
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Decoding a tiny model is a chain of small ops: a second thread only adds synchronisation,
+    # and on a busy machine its barrier waits for a descheduled thread (~30x slower steps).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, ffn_hidden=64, max_seq_len=64)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(tiny()).eval()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    (d / "a.txt").write_text("The calculator says 23 + 58 = 81. What is 2 + 3? It is 5. hello world, stop here.\n" * 50)
+    return train_tokenizer([d / "a.txt"], vocab_size=300, out=d / "tok", progress=False)
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for GPT: whatever it is fed, its logits put all the mass on the token that
+    `next_token(context_ids)` names. Tracks each row's context through prefill and decode."""
+
+    def __init__(self, vocab_size: int, next_token, max_seq_len: int = 256):
+        super().__init__()
+        self.cfg = SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_seq_len)
+        self.next_token = next_token
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # device / dtype, like a real model
+        self.rows = None
+
+    def setup_cache(self, batch_size, max_len=None, dtype=None):
+        self.rows = [[] for _ in range(batch_size)]
+
+    def clear_cache(self):
+        self.rows = None
+
+    def forward(self, idx, start_pos=None, attn_mask=None):
+        B, T = idx.shape
+        if start_pos is None:  # no cache: the whole context is here
+            self.rows = [[] for _ in range(B)]
+        logits = torch.full((B, T, self.cfg.vocab_size), -30.0)
+        for b, ids in enumerate(idx.tolist()):
+            self.rows[b] += ids
+            logits[b, -1, self.next_token(self.rows[b])] = 30.0
+        return logits
+
+    @staticmethod
+    def script(ids, prompt_len):
+        """next_token for a fixed reply `ids` after a prompt of `prompt_len` tokens (then repeats the last)."""
+        return lambda ctx: ids[min(len(ctx) - prompt_len, len(ids) - 1)]
+
+
+# --- KV cache, batching, sampling ---------------------------------------------------------------
+
+def test_greedy_with_cache_equals_full_recompute(model):
+    prompts = [[1, 5, 9, 13], [2, 3], [7, 8, 9, 10, 11, 12, 4]]
+    a = generate_batch(model, prompts, max_tokens=25, temperature=0)
+    b = generate_batch(model, prompts, max_tokens=25, temperature=0, use_cache=False)
+    assert [c.ids for c in a] == [c.ids for c in b]
+    assert all(len(c.ids) == 25 and c.finish_reason == "length" for c in a)
+
+
+def test_batched_equals_unbatched(model):
+    prompts = [[1, 5, 9, 13, 2, 2, 8], [2, 3], [7, 8, 9, 10]]
+    batched = generate_batch(model, prompts, max_tokens=20, temperature=0, logprobs=True)
+    for p, c in zip(prompts, batched):
+        alone = generate_batch(model, [p], max_tokens=20, temperature=0, logprobs=True)[0]
+        assert c.ids == alone.ids
+        torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(alone.logprobs), atol=1e-4, rtol=0)
+    # the logits themselves: a left-padded prefill gives each row its unpadded logits
+    L = max(map(len, prompts))
+    idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    key_ok = torch.arange(L)[None, :] >= torch.tensor([L - len(p) for p in prompts])[:, None]
+    with torch.inference_mode():
+        model.setup_cache(3, L)
+        padded = prefill(model, idx, _full_mask(key_ok, L))
+        for i, p in enumerate(prompts):
+            model.setup_cache(1, len(p))
+            torch.testing.assert_close(padded[i], prefill(model, torch.tensor([p]))[0], atol=1e-5, rtol=1e-5)
+    model.clear_cache()
+
+
+def test_seeds_top_k_and_rows_independent_of_batch(model):
+    kw = dict(max_tokens=20, temperature=1.0)
+    s1 = generate_batch(model, [[1, 2]], seed=7, **kw)[0].ids
+    assert s1 == generate_batch(model, [[1, 2]], seed=7, **kw)[0].ids
+    assert s1 != generate_batch(model, [[1, 2]], seed=8, **kw)[0].ids
+    # row i draws from seed + i: the same sample batched (with a longer neighbour) or alone
+    both = generate_batch(model, [[3, 4, 5, 6], [1, 2]], seed=6, **kw)
+    assert both[1].ids == s1
+    greedy = generate_batch(model, [[1, 2]], max_tokens=20, temperature=0)[0].ids
+    assert generate_batch(model, [[1, 2]], top_k=1, seed=3, **kw)[0].ids == greedy
+    assert generate_batch(model, [[1, 2]], top_k=5, top_p=0.5, seed=3, **kw)[0].ids  # runs
+
+
+def test_stop_ids_max_tokens_rows_finish_independently(model):
+    prompts = [[1, 5, 9], [2, 3, 4, 4]]
+    free = generate_batch(model, prompts, max_tokens=30, temperature=0)
+    stop = free[0].ids[5]
+    first = free[0].ids.index(stop)
+    out = generate_batch(model, prompts, max_tokens=[30, 12], temperature=0, stop_ids={stop})
+    assert out[0].ids == free[0].ids[:first] and out[0].finish_reason == "stop" and out[0].stop == stop
+    assert stop not in out[0].ids
+    want = free[1].ids[:12]
+    if stop in want:
+        want = want[:want.index(stop)]
+    assert out[1].ids == want
+    # a finished row yields nothing more
+    seen = {0: 0, 1: 0}
+    for deltas in stream(model, prompts, max_tokens=[30, 3], temperature=0, stop_ids={stop}):
+        for d in deltas:
+            seen[d.row] += 1
+            assert seen[d.row] <= (first + 1 if d.row == 0 else 3)
+    # legacy generate(): the stop id that ended it is included
+    assert generate(model, [1, 5, 9], max_tokens=30, temperature=0, stop_ids={stop}) == free[0].ids[:first + 1]
+
+
+def test_logprobs_are_the_models_log_softmax(model):
+    prompt = [4, 8, 15, 16]
+    c = generate_batch(model, [prompt], max_tokens=6, temperature=0.8, seed=1, logprobs=True, top_logprobs=3)[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + c.ids])), -1)[0]
+    want = [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(c.ids)]
+    torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(want), atol=1e-4, rtol=0)
+    assert len(c.top_logprobs) == 6 and all(len(t) == 3 for t in c.top_logprobs)
+    assert c.top_logprobs[0][0][1] == pytest.approx(logp[len(prompt) - 1].max().item(), abs=1e-4)
+
+
+def test_context_policy(model):
+    long = list(range(1, 70))  # context is 64
+    with pytest.raises(ContextLengthError, match="prompt is 69 tokens; the model's context is 64"):
+        generate_batch(model, [long], max_tokens=5)
+    assert isinstance(ContextLengthError("x"), UserError)
+    # truncate="left": BOS (the first token) + the most recent tokens, room for max_tokens
+    kept = fit_prompt(long, 64, 10, "left")
+    assert len(kept) == 54 and kept[0] == 1 and kept[1:] == long[-53:]
+    assert len(fit_prompt(long, 64, 60, "left")) == 32  # never less than half the context
+    c = generate_batch(model, [long], max_tokens=10, temperature=0, truncate="left")[0]
+    assert c.ids == generate_batch(model, [kept], max_tokens=10, temperature=0)[0].ids
+    assert c.prompt_tokens == 54 and len(c.ids) == 10
+    # a prompt that fits but leaves little room: generation stops at the context's end
+    c = generate_batch(model, [list(range(1, 60))], max_tokens=50, temperature=0)[0]
+    assert len(c.ids) == 5 and c.finish_reason == "length"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate_batch(model, [[1, 500]], max_tokens=3)
+
+
+def test_bf16_weights_and_cache():
+    torch.manual_seed(0)
+    m = for_inference(GPT(tiny()), "bf16", pack=False)
+    assert m.embed_tokens.weight.dtype == torch.bfloat16
+    it = stream(m, [[1, 2, 3]], max_tokens=8, temperature=0)
+    next(it)
+    assert m.layers[0].self_attn.cache_k.dtype == torch.bfloat16
+    it.close()  # closing the stream frees the cache
+    assert m.layers[0].self_attn.cache_k is None
+    assert len(generate(m, [1, 2, 3], max_tokens=8, temperature=0)) == 8
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_packed_linears_give_the_same_tokens(dtype):
+    if not PackedLinear.supported("cpu", {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]):
+        pytest.skip("no oneDNN (or no native bf16) on this CPU")
+    torch.manual_seed(0)
+    plain = for_inference(GPT(tiny()), dtype, pack=False)
+    torch.manual_seed(0)
+    packed = for_inference(GPT(tiny()), dtype)
+    assert isinstance(packed.layers[0].mlp.up_proj, PackedLinear) and isinstance(packed.lm_head, PackedLinear)
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    a = generate_batch(plain, prompts, max_tokens=12, temperature=0, logprobs=True)
+    b = generate_batch(packed, prompts, max_tokens=12, temperature=0, logprobs=True)
+    assert [c.ids for c in a] == [c.ids for c in b]
+    torch.testing.assert_close(torch.tensor([c.logprobs for c in a]), torch.tensor([c.logprobs for c in b]),
+                               atol=0.02 if dtype == "bf16" else 1e-4, rtol=0)
+    assert [c.ids for c in b] == [generate_batch(packed, [p], max_tokens=12, temperature=0)[0].ids for p in prompts]
+
+
+# --- text: streaming, UTF-8, stop strings ------------------------------------------------------------
+
+def test_stream_text_utf8_and_stop_strings(tok):
+    text = "héllo wörld 日本, the calculator says STOP here"
+    reply = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in reply)  # multi-byte characters split across tokens
+    prompt = [tok.bos_id, 20, 21]
+    m = ScriptedModel(tok.vocab_size, ScriptedModel.script(reply + [tok.special_ids["<|end|>"]], 3))
+    end = {tok.special_ids["<|end|>"]}
+    deltas = [d for step in stream(m, [prompt], max_tokens=100, tokenizer=tok, stop_ids=end, temperature=0)
+              for d in step]
+    assert "".join(d.text for d in deltas) == text
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].token is None
+    # stop strings: one spanning two tokens ("STOP" is S,T,O,P here), never streamed in part
+    for stop, want in [("STOP", "héllo wörld 日本, the calculator says "), ("wörld", "héllo "),
+                       ("calculator says", "héllo wörld 日本, the ")]:
+        out = [d for s in stream(m, [prompt], max_tokens=100, tokenizer=tok, stop_strings=[stop, "zzz"],
+                                 temperature=0) for d in s]
+        assert "".join(d.text for d in out) == want
+        assert out[-1].finish_reason == "stop" and out[-1].stop == stop
+        c = generate_batch(m, [prompt], max_tokens=100, tokenizer=tok, stop_strings=[stop], temperature=0)[0]
+        assert c.text == want and stop not in c.text
+    # max tokens in the middle of a character: the text ends with what there is, no crash
+    c = generate_batch(m, [prompt], max_tokens=2, tokenizer=tok, temperature=0)[0]
+    assert c.finish_reason == "length" and c.text == tok.decode(reply[:2])
+
+
+# --- the calculator and the registry ----------------------------------------------------------------
+
+@pytest.mark.parametrize("expr,want", [
+    ("23 + 58", "81"), ("2 ** 10", "1024"), ("6 / 3", "2"), ("10 / 4", "2.5"), ("7 // 2", "3"),
+    ("-3 % 5", "2"), ("-(2 + 3) * 4", "-20"), ("2 ** -2", "0.25"), ("0.1 + 0.2", "0.3"),
+    ("12345678901234567890 * 98765432109876543210", "1219326311370217952237463801111263526900"),
+])
+def test_calculator_arithmetic(expr, want):
+    assert calculator(expr) == want
+
+
+@pytest.mark.parametrize("expr,why", [
+    ("__import__('os').system('echo hi')", "function call"), ("x + 1", "name"), ("(1).real", "attribute"),
+    ("[1, 2][0]", "not allowed"), ("'a' * 3", "only numbers"), ("True + 1", "only numbers"),
+    ("2 ** 100000", "exponent"), ("9 ** 9 ** 9", "exponent"), ("10 ** 5000", "too large"),
+    ("10.0 ** 400", "too large"), ("1 / 0", "division by zero"), ("(-8) ** 0.5", "not a real number"),
+    ("1 +", "not an arithmetic expression"), ("1" * 600, "longer than"), ("lambda: 1", "not allowed"),
+])
+def test_calculator_refuses(expr, why):
+    out = calculator(expr)
+    assert out.startswith("error: ") and why in out
+
+
+def test_calculator_time_limit():
+    expr = " + ".join(["2 ** 100 * 3 ** 50"] * 20)
+    assert calculator(expr, time_limit=1e-7) == "error: timed out after 1e-07s"
+    assert calculator(expr).isdigit()
+
+
+def test_registry_never_raises():
+    reg = default_registry()
+    assert reg.specs()[0]["function"]["name"] == "calculator"
+    assert reg.specs()[0]["function"]["parameters"]["required"] == ["expression"]
+    assert reg.call("calculator", '{"expression": "2 + 3"}') == "5"
+    assert reg.call("calculator", {"expression": "2 + 3"}) == "5"
+    assert reg.call("search", "{}").startswith("error: unknown tool 'search'")
+    assert reg.call("calculator", "{not json").startswith("error:")
+    assert "missing: expression" in reg.call("calculator", "{}")
+    assert "unknown: time_limit" in reg.call("calculator", {"expression": "1", "time_limit": 1e9})
+    boom = ToolRegistry()
+    boom.register("boom", lambda: 1 / 0, "fails", {"type": "object", "properties": {}})
+    assert boom.call("boom", None) == "error: ZeroDivisionError: division by zero"
