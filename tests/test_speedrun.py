@@ -15,20 +15,29 @@ def test_speedrun_tiny_end_to_end(tmp_path):
     proc = run_cli("speedrun", "--preset", "tiny", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     for stage in ["world/world.json", "tokenizer/tokenizer.json", "data/manifest.json",
-                  "base/model.safetensors", "base/config.json", "base/tokenizer.json", "base/run.json"]:
+                  "base/model.safetensors", "base/config.json", "base/tokenizer.json", "base/run.json",
+                  "chat/model.safetensors", "chat/config.json", "chat/tokenizer.json", "chat/sft.json"]:
         assert (out / stage).is_file(), stage
     summary = json.loads((out / "speedrun.json").read_text())
-    assert list(summary["stages"]) == ["world", "tokenizer", "data", "pretrain"]
+    assert list(summary["stages"]) == ["world", "tokenizer", "data", "pretrain", "sft", "eval"]
     final = summary["stages"]["pretrain"]["final"]
     assert final["val_loss"] < 0.8 * math.log(1024)  # well below a uniform guess over the vocabulary
-    assert "speedrun done" in proc.stdout and "lmstack sample --model" in proc.stdout
+    assert summary["stages"]["sft"]["final"]["step"] > 0
+    ev = summary["stages"]["eval"]
+    assert ev["questions"] > 0 and ev["choices"] == 10
+    for k in ["exact_match", "rank_accuracy", "format_ok", "majority_baseline"]:
+        assert 0 <= ev[k] <= 1
+    assert "speedrun done" in proc.stdout and f"lmstack chat --model {out / 'chat'}" in proc.stdout
+    assert "user:" in proc.stdout and "assistant:" in proc.stdout and "[truth:" in proc.stdout
 
     # A second run refuses to overwrite without --force, and --force starts over.
     again = run_cli("speedrun", "--preset", "tiny", "--out", str(out))
     assert again.returncode != 0 and "--force" in again.stderr and "Traceback" not in again.stderr
-    forced = run_cli("speedrun", "--preset", "tiny", "--out", str(out), "--force", "--set", "train.max_steps=4")
+    forced = run_cli("speedrun", "--preset", "tiny", "--out", str(out), "--force", "--set", "train.max_steps=4",
+                     "--set", "sft.train.max_steps=3")
     assert forced.returncode == 0, forced.stderr[-2000:]
-    assert json.loads((out / "speedrun.json").read_text())["stages"]["pretrain"]["final"]["step"] == 4
+    stages = json.loads((out / "speedrun.json").read_text())["stages"]
+    assert stages["pretrain"]["final"]["step"] == 4 and stages["sft"]["final"]["step"] == 3
 
 
 def test_speedrun_never_deletes_a_folder_it_did_not_make(tmp_path):
@@ -42,7 +51,8 @@ def test_speedrun_never_deletes_a_folder_it_did_not_make(tmp_path):
 
 
 def test_speedrun_bad_preset_or_key_fails_before_any_work(tmp_path):
-    for args in (["--preset", "huge"], ["--set", "train.nope=1"]):
+    for args in (["--preset", "huge"], ["--set", "train.nope=1"], ["--set", "sft.train.nope=1"],
+                 ["--set", "sft.model.n_layer=3"]):
         proc = run_cli("speedrun", "--out", str(tmp_path / "r"), *args)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

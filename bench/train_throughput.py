@@ -1,0 +1,242 @@
+"""Training throughput: our GPT against Hugging Face LlamaForCausalLM of the identical shape.
+
+    .venv/bin/python bench/train_throughput.py [--shape small|gpt2|both] [--dtype fp32|bf16|both]
+        [--steps N] [--threads N] [--compile] [--json FILE]
+
+Both models get the same weights (ours copied into HF by a pure rename, logits checked equal
+in fp32), the same batch, the same AdamW (lmstack's build_optimizer: same groups, same
+settings), the same autocast and the same thread count. A step is a full training step:
+forward + loss + backward + grad clip + AdamW step. The models' steps alternate, so a burst
+of load elsewhere on the machine hits all of them; warm-up steps are excluded and the median
+step is reported. MFU is against the matmul peak measured here, in the precision used.
+--compile adds both models under torch.compile (ours the way the loop does it with
+train.compile=true), compared with each other.
+
+This is a benchmark, not a test: it prints figures and ratios and asserts nothing about time.
+On a small machine anything else running skews the figures, the more so with as many threads
+as cores: each figure comes with the load average and with `other`, the CPU cores that other
+processes used while it was measured (measure again when that is not ~0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from lmstack.config import load_config
+from lmstack.model import GPT
+from lmstack.train.loop import autocast_dtype, build_optimizer
+from lmstack.train.objectives import next_token_loss
+
+# The `small` preset at its own micro batch, and GPT-2-small's shape (124M) at batch 8 x 256.
+SHAPES = {
+    "small": dict(preset="small", vocab_size=4096, batch=16, seq_len=256),
+    "gpt2": dict(preset="gpt2", vocab_size=50304, batch=8, seq_len=256),
+}
+CPU = torch.device("cpu")
+
+
+def load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+class OtherLoad:
+    """CPU cores used by every process but this one over an interval, from /proc/stat (the
+    load average counts this benchmark's own threads too). NaN where there is no /proc/stat."""
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy(), _own()
+
+    def cores(self) -> float:
+        used = (_busy() - self.busy0) - (_own() - self.own0)
+        return max(0.0, used) / (time.perf_counter() - self.t0)
+
+
+def _busy() -> float:
+    """CPU seconds used machine-wide: all but idle and iowait (steal counts: it is lost to us)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return float("nan")
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def matmul_peak(dtype: torch.dtype, precision: str = "highest", n: int = 2048, reps: int = 8) -> float:
+    """Best-of-`reps` GFLOP/s of an n x n x n matmul: the most a matmul-bound step could reach."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(2):  # warm-up: thread pool, kernel selection
+            a @ b
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n**3 / best / 1e9
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def build_pair(shape: str, seed: int = 0):
+    """(run config, our GPT, an HF LlamaForCausalLM of the same config with the same weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPES[shape]
+    cfg = load_config(s["preset"], [f"model.vocab_size={s['vocab_size']}"])
+    mc = cfg.model
+    torch.manual_seed(seed)
+    ours = GPT(mc)
+    hf_cfg = LlamaConfig(
+        vocab_size=mc.vocab_size, hidden_size=mc.d_model, intermediate_size=mc.ffn_hidden,
+        num_hidden_layers=mc.n_layer, num_attention_heads=mc.n_head, num_key_value_heads=mc.n_kv_head,
+        max_position_embeddings=mc.max_seq_len, rope_theta=mc.rope_theta, rms_norm_eps=mc.norm_eps,
+        tie_word_embeddings=mc.tie_embeddings, attention_bias=False, mlp_bias=False,
+        attn_implementation="sdpa")
+    hf = LlamaForCausalLM(hf_cfg).float()
+    # Export is a pure rename: "model." in front of everything but the output head.
+    sd = {(k if k.startswith("lm_head.") else "model." + k): v for k, v in ours.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if mc.tie_embeddings:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    return cfg, ours, hf
+
+
+def check_logits(ours, hf, x) -> float:
+    with torch.no_grad():
+        a, b = ours(x[:2]), hf(input_ids=x[:2]).logits
+    err = (a - b).abs().max().item()
+    assert err < 1e-4, f"logits differ by {err}: the two models are not the same function"
+    return err
+
+
+def our_step(model, opt, batch, amp, grad_clip):
+    """One step of lmstack.train.loop.train (one micro-batch, one rank), with its functions:
+    the loss SUM from next_token_loss, gradients scaled by 1/tokens, clip, AdamW."""
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        loss_sum, n = next_token_loss(model, batch)
+    loss_sum.backward()
+    scale = 1.0 / max(float(n), 1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum.item() * scale
+
+
+def hf_step(model, opt, batch, amp, grad_clip):
+    """The usual HF way: labels in, mean loss out (shift_labels: y is already shifted)."""
+    x, y = batch
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        loss = model(input_ids=x, labels=y, shift_labels=y).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dict, compile: bool) -> list[dict]:
+    cfg, ours, hf = build_pair(shape)
+    s = SHAPES[shape]
+    tokens = torch.randint(0, s["vocab_size"], (s["batch"], s["seq_len"] + 1),
+                           generator=torch.Generator().manual_seed(1))
+    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    err = check_logits(ours, hf, batch[0])
+    flops_tok = ours.flops_per_token(s["seq_len"])
+    ntok = s["batch"] * s["seq_len"]
+    print(f"\n== {shape}: {ours.num_params() / 1e6:.1f}M params ({ours.num_params(False) / 1e6:.1f}M "
+          f"non-embedding), batch {s['batch']} x {s['seq_len']}, {flops_tok / 1e6:.0f} MFLOP/token; "
+          f"fp32 logits match HF (max |diff| {err:.1e})", flush=True)
+    rows = []
+    for dt in dtypes:
+        amp = autocast_dtype(dt, CPU)
+        # Fresh optimizers per dtype. A compiled model shares its module and optimizer with the
+        # eager one: the weights drift with training either way, which does not change the work.
+        opt_ours, opt_hf = build_optimizer(ours, cfg.optim, CPU), build_optimizer(hf, cfg.optim, CPU)
+        runs = {"ours": (our_step, ours, opt_ours), "HF": (hf_step, hf, opt_hf)}
+        if compile:
+            runs["ours+compile"] = (our_step, torch.compile(ours), opt_ours)
+            runs["HF+compile"] = (hf_step, torch.compile(hf), opt_hf)
+        times = {name: [] for name in runs}
+        for i in range(warmup + steps):
+            if i == warmup:
+                other = OtherLoad()
+            for name, (step, model, opt) in runs.items():
+                t0 = time.perf_counter()
+                step(model, opt, batch, amp, cfg.optim.grad_clip)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+        tok_s = {name: ntok / statistics.median(t) for name, t in times.items()}
+        peak = peaks["bf16" if amp is not None else "fp32"]
+        row = dict(shape=shape, dtype=dt, threads=torch.get_num_threads(), batch=s["batch"],
+                   seq_len=s["seq_len"], steps=steps, peak_gflops=round(peak, 1),
+                   tok_s={k: round(v, 1) for k, v in tok_s.items()},
+                   mfu={k: round(flops_tok * v / (peak * 1e9), 4) for k, v in tok_s.items()},
+                   ratio=round(tok_s["ours"] / tok_s["HF"], 3), loadavg=load(), other_cores=round(other.cores(), 2))
+        line = (f"{shape:5s} {dt:4s} ours {tok_s['ours']:7.0f} tok/s  HF {tok_s['HF']:7.0f} tok/s  "
+                f"ours/HF {row['ratio']:.2f}x  MFU ours {row['mfu']['ours']:.1%} HF {row['mfu']['HF']:.1%}")
+        if compile:
+            row["ratio_compiled"] = round(tok_s["ours+compile"] / tok_s["HF+compile"], 3)
+            line += (f" | compiled: ours {tok_s['ours+compile']:7.0f}  HF {tok_s['HF+compile']:7.0f}  "
+                     f"ours/HF {row['ratio_compiled']:.2f}x  MFU ours {row['mfu']['ours+compile']:.1%}")
+        print(f"{line} (of {peak:.0f} GFLOP/s) | load {row['loadavg']}, other {row['other_cores']:.2f} cores",
+              flush=True)
+        rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=["small", "gpt2", "both"], default="both")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens there)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    ap.add_argument("--json", default="", help="append the results as one JSON line to this file")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} "
+          f"threads, {platform.machine()}, {os.cpu_count()} CPUs, load {load()}", flush=True)
+    other = OtherLoad()
+    peaks = {"fp32": matmul_peak(torch.float32), "fp32_medium": matmul_peak(torch.float32, "medium"),
+             "bf16": matmul_peak(torch.bfloat16)}
+    print("matmul peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+          + f" | load {load()}, other {other.cores():.2f} cores", flush=True)
+    shapes = ["small", "gpt2"] if args.shape == "both" else [args.shape]
+    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    rows = []
+    for shape in shapes:
+        rows += run_shape(shape, dtypes, args.steps, args.warmup, peaks, args.compile)
+    result = dict(torch=torch.__version__, transformers=transformers.__version__,
+                  threads=torch.get_num_threads(), peaks_gflops={k: round(v, 1) for k, v in peaks.items()},
+                  rows=rows)
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
