@@ -253,12 +253,20 @@ def test_chat_in_a_terminal_tools_history_and_ctrl_c(model_dir, tmp_path):
     t.read_until(PROMPT)
     t.type("hi\n")
     assert "(system) reply 2." in t.read_until(PROMPT)
-    t.type("go slow\n")
-    t.read_until("aaa")
-    t.type("\x03")  # Ctrl-C during the reply: stops it, back at the prompt
-    assert "[interrupted]" in t.read_until(PROMPT)
+    for attempt in range(3):  # on a loaded machine the reply may reach its end before Ctrl-C lands
+        t.type("go slow\n")
+        t.read_until("aaa")
+        t.type("\x03")  # Ctrl-C during the reply: stops it, back at the prompt
+        out = t.read_until(PROMPT)
+        if "[interrupted]" in out:
+            break
+        assert "[reply cut" in out, out  # it ran to its end first: start over and try again
+        t.type("/reset\n")
+        t.read_until(PROMPT)
+    assert "[interrupted]" in out, out
     t.type("one more\n")
-    assert "(system) reply 3." in t.read_until(PROMPT)  # the interrupted turn was dropped
+    # The interrupted turn was dropped: the model sees only "hi" (or nothing after a /reset).
+    assert f"reply {3 if attempt == 0 else 1}." in t.read_until(PROMPT)
     t.type("\x03")  # Ctrl-C at the prompt: exits
     rc, out = t.finish()
     assert rc == 0 and "Traceback" not in out and "KeyboardInterrupt" not in out, out
