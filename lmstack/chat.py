@@ -13,6 +13,7 @@ does). Each round renders the whole conversation again (no cache is kept between
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Iterator
 
@@ -144,6 +145,9 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
          max_tokens: int = 256, seed: int | None = None, tools: bool = True, dtype: str = "auto") -> int:
     """The interactive chat: streamed replies, history across turns, tool calls shown as they run.
     Ctrl-C during a reply stops the reply; Ctrl-C or Ctrl-D at the prompt exits."""
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored;
+    # at a terminal the user still expects Ctrl-C to work, so take it back explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from lmstack import distributed
     from lmstack.train import checkpoint
 

@@ -105,7 +105,8 @@ def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), for
     base, chat, ev = (summary["stages"][s].get("final", summary["stages"][s]) for s in ("pretrain", "sft", "eval"))
     total = sum(s["seconds"] for s in summary["stages"].values())
     print(f"\nspeedrun done in {total / 60:.1f} min ({total:.0f}s) -> {out}\n"
-          f"  base model: val_loss {base.get('val_loss', float('nan')):.3f}, val_bpb {base.get('val_bpb', float('nan')):.3f}"
+          f"  base model: val_loss {base.get('val_loss', float('nan')):.3f}, "
+          f"val_bpb {base.get('val_bpb', float('nan')):.3f}"
           f"  ({out / 'base'})\n"
           f"  assistant:  val_loss {chat.get('val_loss', float('nan')):.3f} on assistant tokens, "
           f"held-in facts {ev['exact_match']:.0%} exact match (most-common-answer baseline "

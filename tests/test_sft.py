@@ -296,7 +296,8 @@ def read_metrics(out):
 
 def test_sft_trains_and_writes_a_model_folder(world, base, tmp_path, capsys):
     out = tmp_path / "chat"
-    last = sft(str(base), [str(world / "world" / "sft.jsonl")], str(out), overrides=FAST[1:] + ["train.max_steps=16", "optim.lr=1e-2"])
+    last = sft(str(base), [str(world / "world" / "sft.jsonl")], str(out),
+               overrides=FAST[1:] + ["train.max_steps=16", "optim.lr=1e-2"])
     m = read_metrics(out)
     assert len(m) == 16 and m[-1]["loss"] < 0.8 * m[0]["loss"]  # from a random init: ln(600) -> ~4.9
     assert "val_loss" in last and last["val_loss"] < 0.8 * m[0]["loss"]
@@ -386,7 +387,8 @@ def test_sft_errors(world, base, tmp_path):
 
 def test_cli_errors_are_one_line(world, base, tmp_path):
     for args, needle in [(["--data", str(tmp_path / "nope.jsonl")], "not found"),
-                         (["--data", str(world / "world" / "sft.jsonl"), "--set", "model.d_model=32"], "model.d_model")]:
+                         (["--data", str(world / "world" / "sft.jsonl"), "--set", "model.d_model=32"],
+                          "model.d_model")]:
         r = subprocess.run([sys.executable, "-m", "lmstack", "sft", "--model", str(base), "--out",
                             str(tmp_path / "o"), *args], capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and "Traceback" not in r.stderr

@@ -100,7 +100,8 @@ def load_docs(files, tok: Tokenizer, max_len: int) -> tuple[list, dict]:
     files = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
     for f in files:
         if not f.is_file():
-            raise UserError(f"SFT data file {f} not found" + (" (a folder: name the .jsonl files)" if f.is_dir() else ""))
+            hint = " (a folder: name the .jsonl files)" if f.is_dir() else ""
+            raise UserError(f"SFT data file {f} not found{hint}")
     docs, kinds, skipped = [], Counter(), Counter()
     for f in files:
         with open(f, "rb") as fh:
