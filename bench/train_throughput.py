@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -71,6 +72,12 @@ def _busy() -> float:
 def _own() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def _faults() -> int:
+    """Minor page faults so far: fresh memory the kernel had to map (and zero) for us. Memory
+    freed and allocated again each step costs this; on a VM it is a large share of a step."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def matmul_peak(dtype: torch.dtype, precision: str = "highest", n: int = 2048, reps: int = 8) -> float:
@@ -174,30 +181,33 @@ def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dic
         if compile:
             runs["ours+compile"] = (our_step, torch.compile(ours), opt_ours)
             runs["HF+compile"] = (hf_step, torch.compile(hf), opt_hf)
-        times = {name: [] for name in runs}
+        times, faults = {name: [] for name in runs}, {name: [] for name in runs}
         for i in range(warmup + steps):
             if i == warmup:
                 other = OtherLoad()
             for name, (step, model, opt) in runs.items():
-                t0 = time.perf_counter()
+                f0, t0 = _faults(), time.perf_counter()
                 step(model, opt, batch, amp, cfg.optim.grad_clip)
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t0)
+                    faults[name].append(_faults() - f0)
         tok_s = {name: ntok / statistics.median(t) for name, t in times.items()}
         peak = peaks["bf16" if amp is not None else "fp32"]
         row = dict(shape=shape, dtype=dt, threads=torch.get_num_threads(), batch=s["batch"],
                    seq_len=s["seq_len"], steps=steps, peak_gflops=round(peak, 1),
                    tok_s={k: round(v, 1) for k, v in tok_s.items()},
                    mfu={k: round(flops_tok * v / (peak * 1e9), 4) for k, v in tok_s.items()},
-                   ratio=round(tok_s["ours"] / tok_s["HF"], 3), loadavg=load(), other_cores=round(other.cores(), 2))
+                   ratio=round(tok_s["ours"] / tok_s["HF"], 3), loadavg=load(), other_cores=round(other.cores(), 2),
+                   page_faults_per_step={k: int(statistics.median(v)) for k, v in faults.items()})
         line = (f"{shape:5s} {dt:4s} ours {tok_s['ours']:7.0f} tok/s  HF {tok_s['HF']:7.0f} tok/s  "
                 f"ours/HF {row['ratio']:.2f}x  MFU ours {row['mfu']['ours']:.1%} HF {row['mfu']['HF']:.1%}")
         if compile:
             row["ratio_compiled"] = round(tok_s["ours+compile"] / tok_s["HF+compile"], 3)
             line += (f" | compiled: ours {tok_s['ours+compile']:7.0f}  HF {tok_s['HF+compile']:7.0f}  "
                      f"ours/HF {row['ratio_compiled']:.2f}x  MFU ours {row['mfu']['ours+compile']:.1%}")
-        print(f"{line} (of {peak:.0f} GFLOP/s) | load {row['loadavg']}, other {row['other_cores']:.2f} cores",
-              flush=True)
+        pf = row["page_faults_per_step"]
+        print(f"{line} (of {peak:.0f} GFLOP/s) | page faults/step ours {pf['ours'] / 1e3:.0f}k HF "
+              f"{pf['HF'] / 1e3:.0f}k | load {row['loadavg']}, other {row['other_cores']:.2f} cores", flush=True)
         rows.append(row)
     return rows
 

@@ -86,11 +86,14 @@ class Attention(nn.Module):
                     mask = torch.arange(end, device=x.device) <= torch.arange(start_pos, end, device=x.device)[:, None]
         if attn_mask is not None:  # the caller's mask (packed documents, left padding) includes causality
             mask, causal = attn_mask, False
-        if self.n_kv_head != self.n_head:
-            # GQA: each group of n_head/n_kv_head query heads shares one key/value head.
+        # GQA: each group of n_head/n_kv_head query heads shares one key/value head. Without a
+        # mask SDPA groups them itself (enable_gqa: no copy of k/v, nor of the whole cache for each
+        # decoded token); with one, k/v are repeated, as CUDA's kernels that take a mask cannot group.
+        if self.n_kv_head != self.n_head and mask is not None:
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                                           enable_gqa=k.shape[1] != q.shape[1])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
