@@ -79,6 +79,36 @@ def _cmd_speedrun(a):
     speedrun(out=a.out, preset=a.preset, people=a.people, overrides=a.set or [], force=a.force)
 
 
+def _cmd_eval(a):
+    from lmstack.eval.run import compare_models, evaluate
+
+    if a.limit is not None and a.limit < 0:
+        raise UserError("--limit must be >= 0 (0 = every row)")
+    if a.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    kw = dict(tasks=a.tasks, world=a.world, data=a.data, text=a.text, limit=a.limit, dtype=a.dtype,
+              device=a.device, batch_size=a.batch_size)
+    if a.compare:
+        if a.model:
+            raise UserError("give --model DIR or --compare A B, not both")
+        return compare_models(*a.compare, out=a.out, **kw) and 0
+    if not a.model:
+        raise UserError("lmstack eval needs --model DIR (or --compare A B)")
+    evaluate(a.model, out=a.out, **kw)
+
+
+def _cmd_report(a):
+    from lmstack.eval.report import report
+
+    report(a.run, out=a.out)
+
+
+def _cmd_harness(a):
+    from lmstack.eval.harness import main as harness_main
+
+    return harness_main(a.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lmstack", description="The whole life of a language model, from scratch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -164,6 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, default=None)
     ch.add_argument("--no-tools", action="store_true", help="do not run tool calls (calculator)")
     ch.set_defaults(func=_cmd_chat)
+
+    ev = sub.add_parser("eval", help="evaluate a model: world tasks, your tasks, bits per byte; compare two")
+    ev.add_argument("--model", help="model folder")
+    ev.add_argument("--tasks", help="comma-separated: world task names, 'world' (all), 'lm', or .toml "
+                                    "spec files (default: the world's tasks + lm)")
+    ev.add_argument("--world", help="the synthetic world folder (default: found from the model's training data)")
+    ev.add_argument("--data", help="prepared token shards to score (default: the model's own validation split)")
+    ev.add_argument("--text", nargs="+", help="text/jsonl/parquet files or folders to score instead")
+    ev.add_argument("--limit", type=int, default=None, help="at most N rows per task (0 = all; "
+                                                           "default: each task's own limit)")
+    ev.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                    help="two model folders or results files: side by side, with paired significance")
+    ev.add_argument("--out", help="results JSON file (default: MODEL/eval/<time>.json)")
+    ev.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto (bf16 where native)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--batch-size", type=int, default=32, help="rows per forward pass / decode batch")
+    ev.set_defaults(func=_cmd_eval)
+
+    rp = sub.add_parser("report", help="write the report card of a run folder (report.md + plots)")
+    rp.add_argument("run", help="a run folder (e.g. runs/speedrun) or a model folder")
+    rp.add_argument("--out", help="where to write report.md and its plots (default: RUN)")
+    rp.set_defaults(func=_cmd_report)
+
+    hn = sub.add_parser("harness", help="EleutherAI lm-evaluation-harness on an lmstack model (needs the eval extra)",
+                        add_help=False)
+    hn.add_argument("args", nargs=argparse.REMAINDER, help="arguments for lm_eval (see lmstack harness --help)")
+    hn.set_defaults(func=_cmd_harness)
 
     sr = sub.add_parser("speedrun", help="the whole pipeline on the synthetic world")
     sr.add_argument("--out", default="runs/speedrun")

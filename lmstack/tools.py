@@ -51,6 +51,10 @@ class ToolRegistry:
     def names(self) -> list[str]:
         return list(self._tools)
 
+    def subset(self, names) -> "ToolRegistry":
+        """A registry with only the named tools (a call to any other gets an "error: ..." result)."""
+        return ToolRegistry([self._tools[n] for n in names if n in self._tools])
+
     def specs(self) -> list[dict]:
         """The OpenAI `tools` list: [{"type": "function", "function": {name, description, parameters}}]."""
         return [t.spec() for t in self._tools.values()]

@@ -1,0 +1,338 @@
+"""`lmstack eval`: evaluate a model folder on tasks and on held-out text; compare two models.
+
+    lmstack eval --model runs/speedrun/chat                 # the world's tasks + bits per byte
+    lmstack eval --model M --tasks facts_qa,refusal --limit 200
+    lmstack eval --model M --tasks my_tasks.toml --data my_data/  # your own tasks and text
+    lmstack eval --compare runs/speedrun/base runs/speedrun/chat
+
+With no --tasks, the tasks are the world's (lmstack/eval/world.toml) when the model was trained
+on a synthetic world (found from the model folder's lineage, or --world), skipping the chat
+tasks for a base model, plus language modelling on the model's own validation split. Results
+go to one JSON file per run (default MODEL/eval/<time>.json) and are printed as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from lmstack.eval.lm import ModelLM
+from lmstack.eval.metrics import bits_per_byte, paired_compare
+from lmstack.eval.tasks import TaskSpec, load_specs, run_task
+from lmstack.utils import UserError, atomic_write_json
+
+WORLD_SPEC = Path(__file__).with_name("world.toml")
+LM_TASK = "lm"  # the name of the language-modelling measurement in --tasks and in results
+
+
+# --- where a model came from ----------------------------------------------------------------
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _world_above(path) -> Path | None:
+    """The folder holding world.json at or above a file (e.g. WORLD/pretrain.jsonl)."""
+    p = Path(path)
+    for d in [p, *p.parents][:3]:
+        if (d / "world.json").is_file():
+            return d
+    return None
+
+
+def lineage(model_dir) -> dict:
+    """What a model folder says about its training: {"chat": trained on conversations,
+    "data": its pretraining token shards (if still there), "world": the synthetic world
+    it was trained on (if any)}. Paths are as recorded (relative to where training ran)."""
+    d = Path(model_dir)
+    info = {"chat": False, "data": None, "world": None}
+    for _ in range(8):  # follow base -> base (SFT of an SFT, later stages)
+        sft = _read_json(d / "sft.json")
+        if sft is None:
+            stage = _read_json(d / "stage.json")  # later stages (preference training) record their base
+            if stage and stage.get("base"):
+                info["chat"] = info["chat"] or bool(stage.get("chat", True))
+                d = Path(stage["base"])
+                continue
+            break
+        info["chat"] = True
+        for f in sft.get("data") or []:
+            info["world"] = info["world"] or _world_above(f)
+        d = Path(sft["base"])
+    run = _read_json(d / "run.json") or {}
+    data = (run.get("data") or {}).get("dir")
+    if data and (Path(data) / "manifest.json").is_file():
+        info["data"] = Path(data)
+        for f in (_read_json(Path(data) / "manifest.json") or {}).get("inputs", []):
+            info["world"] = info["world"] or _world_above(f)
+    return info
+
+
+# --- language modelling ---------------------------------------------------------------------
+
+@torch.inference_mode()
+def lm_eval_data(lm: ModelLM, data_dir, split: str = "val", max_tokens: int = 1_000_000) -> dict:
+    """Loss per token and bits per byte on a prepared split (`lmstack data prepare`), over
+    consecutive windows of the model's context (at most max_tokens predicted tokens)."""
+    from lmstack.data import iter_eval_windows
+    from lmstack.train.objectives import target_bytes
+
+    tb = torch.tensor(lm.tok.token_bytes(), dtype=torch.int64)
+    seq = lm.ctx
+    nats, ntok, nbytes = 0.0, 0, 0
+    for x, y in iter_eval_windows(data_dir, split, batch_size=lm.batch_size, seq_len=seq,
+                                  max_batches=max(1, math.ceil(max_tokens / (lm.batch_size * seq)))):
+        logits = lm.model(x.to(lm.device)).float()
+        nats += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten().to(lm.device),
+                                                        reduction="sum", ignore_index=-100))
+        ntok += int((y >= 0).sum())
+        nbytes += int(target_bytes((x, y), tb))
+    return {"source": f"{data_dir} ({split})", "tokens": ntok, "bytes": nbytes,
+            "loss": nats / ntok, "bpb": bits_per_byte(nats, nbytes)}
+
+
+def lm_eval_text(lm: ModelLM, inputs, text_field: str = "text", max_docs: int | None = None) -> dict:
+    """Loss per token and bits per byte on documents (text/markdown/jsonl/parquet files or
+    folders), each scored on its own from BOS, every token once (rolling windows)."""
+    from lmstack.data import iter_documents
+
+    docs, nbytes = [], 0
+    for text in iter_documents(inputs, text_field):
+        if not text:
+            continue
+        docs.append([lm.tok.bos_id] + lm.tok.encode(text))
+        nbytes += len(text.encode("utf-8"))
+        if max_docs and len(docs) >= max_docs:
+            break
+    if not docs:
+        raise UserError(f"no text to score in {', '.join(map(str, inputs))}")
+    scored = lm.rolling_ids(docs)
+    nats, ntok = -sum(s[0] for s in scored), sum(s[1] for s in scored)
+    return {"source": ", ".join(map(str, inputs)), "documents": len(docs), "tokens": ntok, "bytes": nbytes,
+            "loss": nats / ntok, "bpb": bits_per_byte(nats, nbytes)}
+
+
+# --- the run --------------------------------------------------------------------------------
+
+def resolve_tasks(tasks, world, chat: bool) -> tuple[list[TaskSpec], bool]:
+    """--tasks (None, or names of world tasks / "lm" / paths to .toml spec files) -> (specs, lm?)."""
+    if tasks is None:
+        specs = load_specs(WORLD_SPEC, str(world)) if world else []
+        return [s for s in specs if chat or s.needs != "chat"], True
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    specs, want_lm, world_specs = [], False, None
+    for name in names:
+        if name == LM_TASK:
+            want_lm = True
+        elif name.endswith(".toml") or Path(name).is_file():
+            specs += load_specs(name, str(world) if world else None)
+        elif name == "world":
+            if not world:
+                raise UserError("the world's tasks need --world DIR (a folder written by `lmstack world`)")
+            specs += load_specs(WORLD_SPEC, str(world))
+        else:
+            if world_specs is None:
+                # Names are the world's tasks; without a world, list them but say what is missing.
+                world_specs = {s.name: s for s in load_specs(WORLD_SPEC, str(world or "."))}
+            if name not in world_specs:
+                raise UserError(f"unknown task {name!r} (world tasks: {', '.join(world_specs)}; "
+                                f"'{LM_TASK}'; or a .toml spec file)")
+            if not world:
+                raise UserError(f"task {name} reads the synthetic world: pass --world DIR")
+            specs.append(world_specs[name])
+    seen = set()
+    for s in specs:
+        if s.name in seen:
+            raise UserError(f"task {s.name} is named twice")
+        seen.add(s.name)
+    return specs, want_lm
+
+
+def environment() -> dict:
+    import lmstack
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "lmstack": lmstack.__version__,
+           "platform": platform.platform(), "cpu": _cpu_name(), "cores": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        env["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def evaluate(model, tasks=None, world=None, data=None, text=None, out=None, limit: int | None = None,
+             dtype: str = "auto", device: str = "auto", batch_size: int = 32, lm_tokens: int = 1_000_000,
+             quiet: bool = False) -> dict:
+    """Evaluate a model folder (or a ModelLM) and write the results JSON. See the module doc."""
+    t0 = time.time()
+    lm = model if isinstance(model, ModelLM) else ModelLM.load(model, dtype, device, batch_size)
+    model_dir = Path(lm.name)
+    info = lineage(model_dir) if model_dir.is_dir() else {"chat": False, "data": None, "world": None}
+    world = Path(world) if world else info["world"]
+    if world is not None and not (Path(world) / "world.json").is_file():
+        raise UserError(f"--world {world} is not a world folder (no world.json)")
+    specs, want_lm = resolve_tasks(tasks, world, info["chat"])
+    if text is not None and data is not None:
+        raise UserError("give --data (prepared token shards) or --text (files), not both")
+    results = {"model": str(model_dir), "chat": info["chat"], "dtype": lm.dtype, "world": world and str(world),
+               "limit": limit, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "environment": environment(), "tasks": {}}
+    if want_lm or data is not None or text is not None:
+        if text is not None:
+            results["lm"] = lm_eval_text(lm, text if isinstance(text, (list, tuple)) else [text])
+        elif data is not None or info["data"] is not None:
+            results["lm"] = lm_eval_data(lm, data or info["data"], max_tokens=lm_tokens)
+        elif tasks is not None:
+            raise UserError("task 'lm' needs --data DIR or --text FILES (the model folder records no data that still exists)")
+        if "lm" in results and not quiet:
+            r = results["lm"]
+            print(f"language modelling on {r['source']}: loss {r['loss']:.4f}, {r['bpb']:.4f} bits per byte "
+                  f"({r['tokens']:,} tokens)", flush=True)
+    if not specs and "lm" not in results:
+        raise UserError(f"nothing to evaluate for {model_dir}: no world found (pass --world DIR), no data "
+                        "(pass --data DIR or --text FILES) and no --tasks")
+    for spec in specs:
+        results["tasks"][spec.name] = run_task(lm, spec, limit)
+        if not quiet:
+            r = results["tasks"][spec.name]
+            print(f"  {spec.name:18s} {_pct(r['acc'])} of {r['n']} ({r['seconds']:.0f}s)", flush=True)
+    chat_items = [it["closed"] for r in results["tasks"].values() for it in r["items"] if "closed" in it]
+    if chat_items:
+        from lmstack.eval.metrics import summarize
+
+        results["format"] = summarize(chat_items)  # chat-format compliance over every chat reply
+    results["seconds"] = round(time.time() - t0, 1)
+    if out is None and model_dir.is_dir():
+        out = model_dir / "eval" / (datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + ".json")
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, results)
+        results["path"] = str(out)
+    if not quiet:
+        print_table(results)
+        if out is not None:
+            print(f"results -> {out}")
+    return results
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+def _pct(x) -> str:
+    return "    -" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
+
+
+def rows(results: dict):
+    """(task, slice, summary) for every task and slice, in order: what tables and reports show."""
+    for name, r in results.get("tasks", {}).items():
+        yield name, "", r
+        for key, s in r.get("slices", {}).items():
+            yield name, key, s
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'task':18s} {'slice':40s} {'n':>5s} {'score':>6s}  {'95% CI':15s} {'chance':>6s}")
+    for name, key, s in rows(results):
+        lo, hi = s["ci"]
+        verdict = ""
+        if "chance" in s and s["chance"] is not None:
+            verdict = "above chance" if s["above_chance"] else ("below chance" if hi < s["chance"] else "")
+        label = name if not key else ""
+        metric = "" if key else f"  [{results['tasks'][name]['metric']}]"
+        print(f"{label:18s} {key or 'all':40s} {s['n']:5d} {_pct(s['acc'])}  "
+              f"[{100 * lo:5.1f},{100 * hi:5.1f}]  {_pct(s.get('chance'))}  {verdict}{metric}")
+    if "format" in results:
+        f = results["format"]
+        print(f"{'chat format':18s} {'replies closed with <|end|>':40s} {f['n']:5d} {_pct(f['acc'])}  "
+              f"[{100 * f['ci'][0]:5.1f},{100 * f['ci'][1]:5.1f}]")
+    if "lm" in results:
+        r = results["lm"]
+        print(f"{'lm':18s} {'bits per byte':40s} {'':5s} {r['bpb']:.4f}  (loss {r['loss']:.4f} per token, "
+              f"{r['tokens']:,} tokens)")
+
+
+# --- comparing two models ---------------------------------------------------------------------
+
+def load_results(path) -> dict:
+    p = Path(path)
+    if p.is_dir():  # a model folder: its newest eval
+        found = sorted((p / "eval").glob("*.json"))
+        if not found:
+            raise UserError(f"{p} has no eval results (run `lmstack eval --model {p}` first)")
+        p = found[-1]
+    r = _read_json(p)
+    if not r or "tasks" not in r:
+        raise UserError(f"{p} is not an lmstack eval results file")
+    return r
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Paired comparison of two results on their common tasks (the same rows in each)."""
+    out = {"a": a.get("model"), "b": b.get("model"), "tasks": {}}
+    for name in a["tasks"]:
+        if name not in b["tasks"]:
+            continue
+        ia = {it["line"]: it for it in a["tasks"][name]["items"]}
+        ib = {it["line"]: it for it in b["tasks"][name]["items"]}
+        common = sorted(set(ia) & set(ib))
+        if not common:
+            continue
+        entry = {"metric": a["tasks"][name]["metric"], "better": a["tasks"][name]["better"],
+                 "all": _pair(ia, ib, common)}
+        keys = sorted({k for line in common for k in ia[line]["slices"]})
+        entry["slices"] = {k: _pair(ia, ib, [line for line in common if k in ia[line]["slices"]]) for k in keys}
+        out["tasks"][name] = entry
+    if not out["tasks"]:
+        raise UserError("the two results share no task rows to compare (evaluate both on the same tasks)")
+    return out
+
+
+def _pair(ia, ib, lines) -> dict:
+    a = [ia[line]["hit"] for line in lines]
+    b = [ib[line]["hit"] for line in lines]
+    return {"a": sum(a) / len(a), "b": sum(b) / len(b), **paired_compare(a, b)}
+
+
+def print_comparison(c: dict) -> None:
+    print(f"\nA = {c['a']}\nB = {c['b']}\n")
+    print(f"{'task':18s} {'slice':40s} {'n':>5s} {'A':>6s} {'B':>6s} {'A-B':>7s}  {'95% CI':17s} {'p':>7s}")
+    for name, e in c["tasks"].items():
+        for key, s in [("", e["all"]), *e["slices"].items()]:
+            lo, hi = s["ci"]
+            sig = "significant" if s["significant"] else ""
+            print(f"{name if not key else '':18s} {key or 'all':40s} {s['n']:5d} {_pct(s['a'])} {_pct(s['b'])} "
+                  f"{100 * s['diff']:+6.1f}%  [{100 * lo:+6.1f},{100 * hi:+6.1f}] {s['p_value']:7.3g}  {sig}")
+
+
+def compare_models(a, b, out=None, **kw) -> dict:
+    """`--compare A B`: A and B are model folders (evaluated now, on the same tasks) or results
+    files. Writes the comparison JSON to `out` when given."""
+    res = []
+    for x in (a, b):
+        p = Path(x)
+        if p.is_file():
+            res.append(load_results(p))
+        else:
+            res.append(evaluate(x, quiet=False, **kw))
+    c = compare(*res)
+    print_comparison(c)
+    if out is not None:
+        atomic_write_json(out, c)
+        print(f"comparison -> {out}")
+    return c

@@ -1,0 +1,373 @@
+"""Tasks: a jsonl file plus a small spec, in two kinds that cover every evaluation here.
+
+  choice    multiple choice by log-likelihood: the options are the answer and its distractors
+            (or a list of choices); the model's pick is the option it finds most likely to
+            follow the prompt. Chance is 1 / number of options.
+  generate  the model writes an answer (greedy) and a checker scores it: `contains` (the
+            answer or an alias appears as a whole word), `exact`, `number` (the last number
+            in the reply), `regex`, and the world's behaviour detectors `refusal`, `idk`,
+            `hallucination` (neither refused nor said "I don't know").
+
+A spec is a TOML table (a file holds a list of them as [[task]]); no code needed:
+
+    [[task]]
+    name = "capitals"
+    data = "capitals.jsonl"          # relative to the spec file; "{world}" = the --world folder
+    kind = "generate"                # or "choice"
+    format = "chat"                  # "chat": the prompt is a user message, the chat template
+                                     #   around it; "text": the prompt is raw text to continue
+    prompt = "What is the capital of {country}?"   # fields of the row, str.format style
+    answer = "capital"               # the row field holding the answer
+    check = "contains"
+    slices = ["continent"]           # also score each value of these fields ("a+b" crosses two)
+
+See SPEC_FIELDS for every field. The world's own tasks are defined the same way
+(lmstack/eval/tasks/world.toml).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from lmstack.eval.metrics import summarize
+from lmstack.utils import UserError
+
+CHECKS = ("contains", "exact", "number", "regex", "refusal", "idk", "hallucination")
+
+
+@dataclass
+class TaskSpec:
+    name: str  # unique name of the task (the key in results)
+    data: str  # jsonl file; relative to the spec file; "{world}" is replaced by the world folder
+    kind: str = "generate"  # "choice" (log-likelihood ranking) | "generate" (answer + checker)
+    format: str = "text"  # "text" (raw continuation) | "chat" (user message, THE chat template)
+    prompt: str = "{question}"  # template over the row's fields
+    system: str = ""  # chat: an optional system message (a template too)
+    reply_prefix: str = ""  # chat + choice: the beginning of the assistant's reply (a template)
+    answer: str = "answer"  # field with the answer (choice with `choices`: index or text of it)
+    aliases: str = ""  # generate: field with other accepted answers (a list)
+    distractors: str = ""  # choice: field with the wrong options (a list)
+    choices: str = ""  # choice: field with all options (instead of answer + distractors)
+    choice_prefix: str | None = None  # text joining prompt and option (default " " after a prompt)
+    normalize: bool = False  # choice: rank by log-prob per byte of the option, not the total
+    check: str = "contains"  # generate: one of CHECKS
+    until: list = field(default_factory=lambda: ["\n"])  # text + generate: stop strings
+    max_tokens: int = 32  # generate: tokens per reply (per tool round)
+    tools: list = field(default_factory=list)  # chat + generate: tools the model may call
+    slices: list = field(default_factory=list)  # fields to break the score down by ("a+b": crossed)
+    where: dict = field(default_factory=dict)  # keep only rows whose field equals (one of) the value(s)
+    limit: int = 0  # score at most this many rows (a fixed random sample); 0 = all
+    chance: object = None  # a number, "majority:FIELD" (generate: always the most common answer
+    #                        among rows with the same FIELD), or None (choice: 1 / options)
+    metric: str = ""  # display name of the score (default: from the check)
+    better: str = "higher"  # "higher" | "lower": which way is good (for tables and plots)
+    needs: str = ""  # "chat": only for models trained to chat (skipped for a base model by default)
+    description: str = ""
+
+
+SPEC_FIELDS = {f.name for f in fields(TaskSpec)}
+
+
+def _fail(where: str, msg: str):
+    raise UserError(f"{where}: {msg}")
+
+
+def make_spec(table: dict, where: str, base: Path | None = None, world: str | None = None) -> TaskSpec:
+    """A TOML table -> a checked TaskSpec, its data path resolved."""
+    unknown = sorted(set(table) - SPEC_FIELDS)
+    if unknown:
+        _fail(where, f"unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(SPEC_FIELDS))})")
+    for req in ("name", "data"):
+        if not isinstance(table.get(req), str) or not table[req]:
+            _fail(where, f"`{req}` (a string) is required")
+    spec = TaskSpec(**table)
+    w = f"{where} (task {spec.name})"
+    if spec.kind not in ("choice", "generate"):
+        _fail(w, f"kind must be 'choice' or 'generate', got {spec.kind!r}")
+    if spec.format not in ("text", "chat"):
+        _fail(w, f"format must be 'text' or 'chat', got {spec.format!r}")
+    if spec.kind == "generate" and spec.check not in CHECKS:
+        _fail(w, f"check must be one of {', '.join(CHECKS)}, got {spec.check!r}")
+    if spec.kind == "choice" and not (spec.distractors or spec.choices):
+        _fail(w, "a choice task needs `distractors` (wrong options) or `choices` (all options)")
+    if spec.tools and (spec.format != "chat" or spec.kind != "generate"):
+        _fail(w, "tools need format = 'chat' and kind = 'generate'")
+    if not isinstance(spec.max_tokens, int) or spec.max_tokens < 1:
+        _fail(w, "max_tokens must be a positive integer")
+    if not isinstance(spec.limit, int) or spec.limit < 0:
+        _fail(w, "limit must be an integer >= 0")
+    if spec.better not in ("higher", "lower"):
+        _fail(w, "better must be 'higher' or 'lower'")
+    if not (spec.chance is None or isinstance(spec.chance, (int, float))
+            or (isinstance(spec.chance, str) and spec.chance.startswith("majority:"))):
+        _fail(w, "chance must be a number or 'majority:FIELD'")
+    for name in ("until", "tools", "slices"):
+        if not isinstance(getattr(spec, name), list):
+            _fail(w, f"{name} must be a list")
+    if "{world}" in spec.data:
+        if world is None:
+            _fail(w, "this task reads the synthetic world: pass --world DIR (a folder written by `lmstack world`)")
+        spec.data = spec.data.replace("{world}", str(world))
+        base = None  # the world folder is given relative to where we run, not to the spec file
+    path = Path(spec.data)
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    spec.data = str(path)
+    return spec
+
+
+def load_specs(path, world: str | None = None) -> list[TaskSpec]:
+    """All [[task]] tables of a TOML spec file (or a single task table)."""
+    from lmstack.config import tomllib
+
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"task spec {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"task spec {path} is not readable TOML: {e}") from None
+    tables = doc.get("task", [doc] if "name" in doc else [])
+    if not isinstance(tables, list) or not tables:
+        raise UserError(f"task spec {path} defines no task (expected [[task]] tables)")
+    specs = [make_spec(t, f"{path} [[task]] #{i + 1}", path.parent, world) for i, t in enumerate(tables)]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise UserError(f"task spec {path}: task names repeat ({', '.join(n for n, c in Counter(names).items() if c > 1)})")
+    return specs
+
+
+def load_rows(spec: TaskSpec, limit: int | None = None, seed: int = 0) -> list[tuple[int, dict]]:
+    """(line number, row) of the rows the task scores: `where` filter, then a fixed sample."""
+    rows = []
+    try:
+        with open(spec.data, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{spec.data} line {i + 1} is not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{spec.data} line {i + 1} is not a JSON object")
+                if all(row.get(k) in (v if isinstance(v, list) else [v]) for k, v in spec.where.items()):
+                    rows.append((i, row))
+    except FileNotFoundError:
+        raise UserError(f"task {spec.name}: data file {spec.data} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"task {spec.name}: {spec.data} is not UTF-8 text") from None
+    limit = spec.limit if limit is None else limit
+    if limit and len(rows) > limit:
+        rows = sorted(random.Random(seed).sample(rows, limit), key=lambda r: r[0])
+    if not rows:
+        raise UserError(f"task {spec.name}: no rows in {spec.data}" + (" match `where`" if spec.where else ""))
+    return rows
+
+
+def _fill(template: str, row: dict, spec: TaskSpec, line: int) -> str:
+    try:
+        return template.format_map(row)
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"task {spec.name}: template {template!r} does not fit row {line + 1} of "
+                        f"{spec.data} ({type(e).__name__}: {e})") from None
+
+
+def _field(row: dict, name: str, spec: TaskSpec, line: int):
+    if name not in row:
+        raise UserError(f"task {spec.name}: row {line + 1} of {spec.data} has no field {name!r}")
+    return row[name]
+
+
+def _options(row: dict, spec: TaskSpec, line: int) -> tuple[list[str], int]:
+    """The options of a choice row and the index of the right one."""
+    if spec.choices:
+        opts = _field(row, spec.choices, spec, line)
+        ans = _field(row, spec.answer, spec, line)
+        if not isinstance(opts, list) or len(opts) < 2:
+            raise UserError(f"task {spec.name}: row {line + 1}: {spec.choices!r} must be a list of 2+ options")
+        if isinstance(ans, int) and not isinstance(ans, bool) and 0 <= ans < len(opts):
+            return [str(o) for o in opts], ans
+        if str(ans) in map(str, opts):
+            return [str(o) for o in opts], [str(o) for o in opts].index(str(ans))
+        raise UserError(f"task {spec.name}: row {line + 1}: answer {ans!r} is not an index or one of the choices")
+    wrong = _field(row, spec.distractors, spec, line)
+    if not isinstance(wrong, list) or not wrong:
+        raise UserError(f"task {spec.name}: row {line + 1}: {spec.distractors!r} must be a non-empty list")
+    return [str(_field(row, spec.answer, spec, line))] + [str(w) for w in wrong], 0
+
+
+def _pick(scores: list[float], key: str) -> int:
+    """argmax, ties broken at random (seeded by the item) so that a model with no preference
+    scores chance rather than always picking the first option."""
+    best = max(scores)
+    tied = [i for i, s in enumerate(scores) if s == best]
+    return tied[0] if len(tied) == 1 else random.Random(key).choice(tied)
+
+
+def _slice_keys(row: dict, spec: TaskSpec) -> list[str]:
+    keys = []
+    for s in spec.slices:
+        parts = s.split("+")
+        keys.append("+".join(parts) + "=" + "/".join(str(row.get(p)) for p in parts))
+    return keys
+
+
+# --- the checkers -------------------------------------------------------------------------------
+
+def check(kind: str, reply: str, answers: list[str]) -> bool:
+    from lmstack.world import labeller
+
+    if kind == "contains":
+        t = reply.casefold()
+        return any(re.search(r"(?<!\w)" + re.escape(a.casefold()) + r"(?!\w)", t) for a in answers if a)
+    if kind == "exact":
+        t = reply.strip().rstrip(".!").strip().casefold()
+        return any(t == a.strip().casefold() for a in answers)
+    if kind == "number":
+        got = labeller.final_number(reply)
+        return got is not None and any(got == str(a).replace(",", "") for a in answers)
+    if kind == "regex":
+        return any(re.search(a, reply) for a in answers)
+    if kind == "refusal":
+        return labeller.is_refusal(reply)
+    if kind == "idk":
+        return labeller.is_idk(reply)
+    if kind == "hallucination":  # asked about someone who does not exist, it claimed a fact
+        return not labeller.is_idk(reply) and not labeller.is_refusal(reply)
+    raise ValueError(f"unknown check {kind!r}")
+
+
+def metric_name(spec: TaskSpec) -> str:
+    if spec.metric:
+        return spec.metric
+    if spec.kind == "choice":
+        return "accuracy"
+    return {"refusal": "refusal rate", "idk": "'I don't know' rate",
+            "hallucination": "hallucination rate"}.get(spec.check, "accuracy")
+
+
+# --- running a task -----------------------------------------------------------------------------
+
+def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
+    """Score `lm` (a `ModelLM`, or anything with its methods) on one task -> its results:
+    the overall summary, one per slice, and every item (line, hit, and the reply or pick)."""
+    t0 = time.time()
+    rows = load_rows(spec, limit)
+    items = []
+    if spec.kind == "choice":
+        pairs, spans, chances = [], [], []
+        for line, row in rows:
+            opts, right = _options(row, spec, line)
+            prompt = _fill(spec.prompt, row, spec, line)
+            if spec.format == "chat":
+                from lmstack.tokenizer import render_chat
+
+                msgs = ([{"role": "system", "content": _fill(spec.system, row, spec, line)}] if spec.system else [])
+                msgs.append({"role": "user", "content": prompt})
+                head = render_chat(lm.tok, msgs, add_generation_prompt=True)[0]
+                context = _fill(spec.reply_prefix, row, spec, line)
+            else:
+                head, context = None, prompt
+            sep = spec.choice_prefix if spec.choice_prefix is not None else (" " if context else "")
+            spans.append((len(pairs), len(opts), right, opts))
+            pairs += [lm.split_pair(context, sep + o, head) for o in opts]
+            chances.append(1 / len(opts))
+        scores = lm.loglikelihood_ids(pairs)
+        for (line, row), (first, k, right, opts) in zip(rows, spans):
+            lps = [s[0] for s in scores[first:first + k]]
+            if spec.normalize:
+                lps = [lp / max(1, len(o.encode())) for lp, o in zip(lps, opts)]
+            pick = _pick(lps, f"{spec.name}:{line}")
+            rank = 1 + sum(lp > lps[right] for lp in lps)
+            items.append({"line": line, "hit": int(pick == right), "pick": opts[pick], "rank": rank,
+                          "slices": _slice_keys(row, spec)})
+        chance = spec.chance if isinstance(spec.chance, (int, float)) else sum(chances) / len(chances)
+    else:
+        answers = []
+        for line, row in rows:
+            ans = [] if spec.check in ("refusal", "idk", "hallucination") else [str(_field(row, spec.answer, spec, line))]
+            if spec.aliases:
+                extra = row.get(spec.aliases) or []
+                ans += [str(a) for a in (extra if isinstance(extra, list) else [extra])]
+            answers.append(ans)
+        if spec.format == "chat":
+            convs = []
+            for line, row in rows:
+                msgs = ([{"role": "system", "content": _fill(spec.system, row, spec, line)}] if spec.system else [])
+                convs.append(msgs + [{"role": "user", "content": _fill(spec.prompt, row, spec, line)}])
+            registry = None
+            if spec.tools:
+                from lmstack.tools import default_registry
+
+                registry = tools or default_registry()
+                missing = [t for t in spec.tools if t not in registry.names()]
+                if missing:
+                    raise UserError(f"task {spec.name}: unknown tool(s) {', '.join(missing)} "
+                                    f"(known: {', '.join(registry.names())})")
+                registry = registry.subset(spec.tools)
+            replies = lm.chat(convs, spec.max_tokens, tools=registry)
+            outs = [(r.text, r.closed, r.tool_calls) for r in replies]
+        else:
+            prompts = [[lm.tok.bos_id] + lm.tok.encode(_fill(spec.prompt, row, spec, line)) for line, row in rows]
+            outs = [(c.text, None, 0) for c in lm.generate(prompts, spec.max_tokens, until=spec.until)]
+        for (line, row), ans, (text, closed, calls) in zip(rows, answers, outs):
+            item = {"line": line, "hit": int(check(spec.check, text, ans)), "reply": text,
+                    "slices": _slice_keys(row, spec)}
+            if closed is not None:
+                item["closed"] = int(closed)
+            if spec.tools:
+                item["tool_calls"] = calls
+            items.append(item)
+        chance = _majority(spec, rows) if isinstance(spec.chance, str) else spec.chance
+    result = {"kind": spec.kind, "format": spec.format, "metric": metric_name(spec), "better": spec.better,
+              "data": spec.data, "description": spec.description,
+              **summarize([it["hit"] for it in items], chance)}
+    if spec.kind == "choice":
+        result["mean_rank"] = sum(it["rank"] for it in items) / len(items)
+    if spec.kind == "generate" and spec.format == "chat":
+        result["closed"] = summarize([it["closed"] for it in items])
+    if spec.tools:
+        result["used_tools"] = sum(1 for it in items if it["tool_calls"]) / len(items)
+    by = defaultdict(list)
+    for it in items:
+        for key in it["slices"]:
+            by[key].append(it)
+    result["slices"] = {}
+    for key in sorted(by):
+        its = by[key]
+        s = summarize([it["hit"] for it in its], _slice_chance(spec, rows, items, its, chance))
+        if spec.kind == "choice":
+            s["mean_rank"] = sum(it["rank"] for it in its) / len(its)
+        result["slices"][key] = s
+    result["seconds"] = round(time.time() - t0, 2)
+    result["items"] = items
+    return result
+
+
+def _majority(spec: TaskSpec, rows, subset=None) -> float:
+    """Chance of always giving the most common answer among rows that share `spec.chance`'s field."""
+    key = spec.chance.split(":", 1)[1]
+    common = {}
+    groups = defaultdict(Counter)
+    for line, row in rows:
+        groups[row.get(key)][str(row.get(spec.answer))] += 1
+    for g, counter in groups.items():
+        common[g] = counter.most_common(1)[0][0]
+    chosen = rows if subset is None else [r for r in rows if r[0] in subset]
+    return sum(common[row.get(key)] == str(row.get(spec.answer)) for _, row in chosen) / len(chosen)
+
+
+def _slice_chance(spec, rows, items, its, overall):
+    if spec.kind == "choice" and not isinstance(spec.chance, (int, float)):
+        by_line = {line: row for line, row in rows}
+        return sum(1 / len(_options(by_line[it["line"]], spec, it["line"])[0]) for it in its) / len(its)
+    if isinstance(spec.chance, str):
+        return _majority(spec, rows, {it["line"] for it in its})
+    return overall
