@@ -1,0 +1,349 @@
+"""Evaluation: the metrics on constructed cases (an oracle scores 1.0, a uniform model scores
+chance, a uniform model over 2^k symbols has exactly k bits per byte, intervals on known
+counts), task specs and their errors, batched scoring against a plain forward pass, tool
+rounds in batched chat, comparisons, and `lmstack eval` through the command line."""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmstack.config import ModelConfig
+from lmstack.eval.lm import ModelLM, Reply
+from lmstack.eval.metrics import binom_two_sided, paired_compare, summarize, wilson
+from lmstack.eval.run import compare, lm_eval_data, lm_eval_text, resolve_tasks
+from lmstack.eval.tasks import check, load_specs, make_spec, run_task
+from lmstack.model import GPT
+from lmstack.tokenizer import train_tokenizer
+from lmstack.train.checkpoint import save_weights
+from lmstack.utils import UserError, atomic_write_json
+from test_chat import scripted_chat_model  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    (d / "a.txt").write_text("Ana was born in Paris. Bo works at Acme in Rome. What is 23 + 58? 81.\n" * 50)
+    return train_tokenizer([d / "a.txt"], vocab_size=300, out=d / "tok", progress=False)
+
+
+@pytest.fixture(scope="module")
+def byte_tok(tmp_path_factory):
+    """A tokenizer with no merges: every token is one byte (ids 16..271)."""
+    d = tmp_path_factory.mktemp("bytes")
+    (d / "a.txt").write_text("abcdefghijklmnop " * 20)
+    return train_tokenizer([d / "a.txt"], vocab_size=272, out=d / "tok", progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("model")
+    tok.save(d)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=32)
+    torch.manual_seed(0)
+    save_weights(GPT(cfg), d / "model.safetensors")
+    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
+    return d
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# --- the statistics ---------------------------------------------------------------------------
+
+def test_wilson_interval_on_known_counts():
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert wilson(0, 10) == (0.0, pytest.approx(0.2775, abs=1e-4))
+    lo, hi = wilson(10, 10)
+    assert lo == pytest.approx(0.7225, abs=1e-4) and hi == pytest.approx(1.0)
+    lo, hi = wilson(81, 263)  # a textbook case (Newcombe 1998: 0.2553 .. 0.3662)
+    assert lo == pytest.approx(0.2553, abs=1e-4) and hi == pytest.approx(0.3662, abs=1e-4)
+    s = summarize([1] * 30 + [0] * 70, chance=0.1)
+    assert s["acc"] == 0.3 and s["above_chance"]
+    assert not summarize([1] * 2 + [0] * 8, chance=0.1)["above_chance"]  # 20% of 10: not enough
+
+
+def test_paired_comparison_and_mcnemar():
+    assert binom_two_sided(0, 10) == pytest.approx(2 / 1024)
+    assert binom_two_sided(5, 10) == 1.0
+    a, b = [1] * 10 + [0] * 90, [0] * 100
+    c = paired_compare(a, b)
+    assert c["diff"] == pytest.approx(0.1) and c["a_only"] == 10 and c["b_only"] == 0
+    assert c["significant"] and c["ci"][0] > 0
+    same = paired_compare(a, a)
+    assert same["diff"] == 0 and same["p_value"] == 1.0 and not same["significant"]
+    c = paired_compare([1, 0] * 50, [0, 1] * 50)  # as many wins as losses
+    assert c["diff"] == 0 and not c["significant"] and c["ci"][0] < 0 < c["ci"][1]
+
+
+def test_checkers():
+    assert check("contains", "She was born in Paris.", ["Paris"])
+    assert not check("contains", "She was born in Parisville.", ["Paris"])  # whole words only
+    assert check("contains", "born on 11 December 1986", ["December 11, 1986", "11 December 1986"])
+    assert check("number", "23 + 58 = 81.", ["81"]) and not check("number", "81 is not 82", ["81"])
+    assert check("number", "It is 1,234.", ["1234"])
+    assert check("exact", " Paris. ", ["paris"]) and not check("exact", "Paris, France", ["Paris"])
+    assert check("refusal", "I can't help with that.", [])
+    assert check("idk", "I don't know who that is.", [])
+    assert check("hallucination", "She was born in Rome.", [])
+    assert not check("hallucination", "I don't know who that is.", [])
+
+
+# --- tasks on constructed models --------------------------------------------------------------
+
+class OracleLM:
+    """Knows every answer: the right option gets log-prob 0, the others -5; replies are the answer."""
+
+    def __init__(self, tok, answers: dict):
+        self.tok, self.answers = tok, answers  # question -> answer
+
+    def split_pair(self, context, continuation, head=None):
+        return (context, continuation)
+
+    def loglikelihood_ids(self, pairs):
+        return [(0.0 if cont.strip() == self.answers[ctx] else -5.0, True) for ctx, cont in pairs]
+
+    def chat(self, convs, max_tokens, tools=None):
+        return [Reply(f"It is {self.answers[c[-1]['content']]}.", True) for c in convs]
+
+
+def qa_rows(n=40):
+    return [{"question": f"q{i}", "answer": f"a{i}", "distractors": [f"a{i + 1}", f"a{i + 2}", f"a{i + 3}"],
+             "kind": "even" if i % 2 == 0 else "odd"} for i in range(n)]
+
+
+def test_oracle_scores_one(tmp_path, tok):
+    rows = qa_rows()
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    oracle = OracleLM(tok, {r["question"]: r["answer"] for r in rows})
+    choice = make_spec({"name": "c", "data": str(data), "kind": "choice", "distractors": "distractors",
+                        "slices": ["kind"]}, "test")
+    r = run_task(oracle, choice)
+    assert r["acc"] == 1.0 and r["n"] == 40 and r["chance"] == 0.25 and r["above_chance"]
+    assert r["mean_rank"] == 1.0 and r["slices"]["kind=even"]["acc"] == 1.0 and r["slices"]["kind=odd"]["n"] == 20
+    gen = make_spec({"name": "g", "data": str(data), "kind": "generate", "format": "chat"}, "test")
+    r = run_task(oracle, gen)
+    assert r["acc"] == 1.0 and r["closed"]["acc"] == 1.0
+    # A wrong oracle (answers shifted by one) scores 0.
+    wrong = OracleLM(tok, {r["question"]: r["distractors"][0] for r in rows})
+    assert run_task(wrong, choice)["acc"] == 0.0 and run_task(wrong, gen)["acc"] == 0.0
+
+
+class UniformModel(torch.nn.Module):
+    """Logits 0 on `allowed` ids and -inf elsewhere: a uniform distribution over len(allowed) symbols."""
+
+    def __init__(self, vocab_size, allowed, max_seq_len=64):
+        super().__init__()
+        self.cfg = SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_seq_len)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.bias = torch.full((vocab_size,), float("-inf"))
+        self.bias[list(allowed)] = 0.0
+
+    def forward(self, idx, start_pos=None, attn_mask=None):
+        return self.bias.expand(*idx.shape, -1).clone()
+
+
+def test_uniform_model_scores_chance(tmp_path, tok):
+    """A model with no preference (a real GPT whose output layer is zero) ranks 4 one-token
+    options at chance: ties are broken at random, not always towards the first option."""
+    digits = [str(d) for d in range(10)]
+    assert all(len(tok.encode(d)) == 1 for d in digits)
+    rows = [{"question": f"Pick {i}:", "answer": digits[i % 10], "distractors": [digits[(i + k) % 10] for k in (1, 2, 3)]}
+            for i in range(1200)]
+    data = write_jsonl(tmp_path / "u.jsonl", rows)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, ffn_hidden=32, max_seq_len=32,
+                      tie_embeddings=False)
+    net = GPT(cfg).eval()
+    torch.nn.init.zeros_(net.lm_head.weight)
+    lm = ModelLM(net, tok, batch_size=256)
+    spec = make_spec({"name": "u", "data": str(data), "kind": "choice", "prompt": "{question}",
+                      "distractors": "distractors", "choice_prefix": ""}, "test")
+    assert {len(lm.split_pair("Pick 3:", d)[1]) for d in digits} == {1}
+    r = run_task(lm, spec)
+    assert r["chance"] == 0.25 and r["ci"][0] <= 0.25 <= r["ci"][1] and not r["above_chance"]
+    assert r["mean_rank"] == 1.0  # every option ties for first
+
+
+@pytest.mark.parametrize("k", [8, 4])
+def test_uniform_model_over_2_to_the_k_symbols_has_k_bits_per_byte(tmp_path, byte_tok, k):
+    alphabet = [chr(c) for c in range(ord("a"), ord("a") + 2 ** k)] if k < 8 else None
+    if k == 8:
+        allowed = range(16, 272)  # every byte
+        texts = ["héllo wörld — ünïcode ✓\n" * 3, "plain ascii text " * 9]
+    else:
+        allowed = [byte_tok.encode(ch)[0] for ch in alphabet]
+        texts = ["".join(alphabet[(i * 7) % len(alphabet)] for i in range(150)), "abcabc" * 20]
+    assert all(len(byte_tok.encode(t)) == len(t.encode()) for t in texts)  # one byte per token
+    lm = ModelLM(UniformModel(byte_tok.vocab_size, allowed, max_seq_len=40), byte_tok, batch_size=8)
+    files = [write_jsonl(tmp_path / f"d{k}.jsonl", [{"text": t} for t in texts])]
+    r = lm_eval_text(lm, files)
+    assert r["bpb"] == pytest.approx(k, rel=1e-6)
+    assert r["tokens"] == r["bytes"] == sum(len(t.encode()) for t in texts)
+    assert r["loss"] == pytest.approx(k * math.log(2), rel=1e-6)
+
+
+# --- batched scoring against a plain forward pass --------------------------------------------
+
+def test_loglikelihood_batched_equals_one_forward(model_dir, tok):
+    lm = ModelLM.load(model_dir, dtype="fp32", device="cpu", batch_size=3)
+    pairs = [("Ana was born in", " Paris."), ("Bo works at", " Acme in Rome"), ("", "What is 23 + 58?"),
+             ("What is 23 + 58? " * 4, "81."), ("x", " y")]
+    got = lm.loglikelihood(pairs)
+    for (ctx, cont), (lp, greedy) in zip(pairs, got):
+        c, x = lm.split_pair(ctx, cont)
+        seq = (c + x)[-(lm.ctx + 1):]
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(torch.tensor([seq[:-1]])).float(), -1)[0]
+        want = sum(float(logp[len(seq) - 1 - len(x) + i, t]) for i, t in enumerate(x))
+        assert lp == pytest.approx(want, abs=1e-4)
+        assert greedy == all(int(logp[len(seq) - 1 - len(x) + i].argmax()) == t for i, t in enumerate(x))
+    # The model's own greedy continuation is greedy.
+    ids = [tok.bos_id] + tok.encode("Ana was born")
+    cont = lm.generate([ids], max_tokens=4)[0].ids
+    assert lm.loglikelihood_ids([(ids, cont)])[0][1] is True
+    # Rolling over a text longer than the context: every token once, and the same total as
+    # scoring each window by hand.
+    doc = [tok.bos_id] + tok.encode("Ana was born in Paris. Bo works at Acme in Rome. " * 4)
+    assert len(doc) > 2 * lm.ctx
+    total, n = lm.rolling_ids([doc])[0]
+    assert n == len(doc) - 1
+    manual, done = 0.0, 1
+    while done < len(doc):
+        end = min(done + lm.ctx, len(doc))
+        manual += lm.loglikelihood_ids([(doc[max(0, end - lm.ctx - 1):done], doc[done:end])])[0][0]
+        done = end
+    assert total == pytest.approx(manual, abs=1e-4)
+
+
+def test_lm_on_prepared_data_matches_the_training_loop(tmp_path, model_dir, tok):
+    from lmstack.data import iter_eval_windows, prepare
+    from lmstack.train.loop import evaluate as loop_evaluate
+    from lmstack.train.objectives import next_token_loss
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"Ana was born in Paris in year {i}. " * 3} for i in range(60)])
+    prepare([docs], tokenizer=model_dir, out=tmp_path / "data", val_fraction=0.3, progress=False)
+    lm = ModelLM.load(model_dir, dtype="fp32", device="cpu", batch_size=4)
+    r = lm_eval_data(lm, tmp_path / "data")
+    want = loop_evaluate(lm.model, lambda: iter_eval_windows(tmp_path / "data", "val", 4, lm.ctx), next_token_loss,
+                         torch.device("cpu"), None, torch.tensor(tok.token_bytes()))
+    assert r["loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    assert r["bpb"] == pytest.approx(want["val_bpb"], rel=1e-5)
+
+
+def test_batched_chat_runs_tool_rounds_per_row(tok):
+    from lmstack.tools import default_registry
+
+    lm = ModelLM(scripted_chat_model(tok), tok, batch_size=4)
+    convs = [[{"role": "user", "content": "What is 23 + 58?"}], [{"role": "user", "content": "hi"}],
+             [{"role": "user", "content": "go on forever"}]]
+    replies = lm.chat(convs, max_tokens=80, tools=default_registry(), max_tool_rounds=2)
+    assert replies[0].text == "23 + 58 = 81." and replies[0].closed and replies[0].tool_calls == 1
+    assert [m["role"] for m in replies[0].messages] == ["assistant", "tool", "assistant"]
+    assert replies[0].messages[1]["content"] == "81"
+    assert replies[1].text == "reply 1." and replies[1].tool_calls == 0
+    assert replies[2].tool_calls == 2 and "tool_calls" in replies[2].messages[-1]  # rounds are bounded
+    no_tools = lm.chat(convs[:1], max_tokens=80, tools=None)[0]
+    assert no_tools.tool_calls == 0 and no_tools.messages[-1]["tool_calls"][0]["function"]["name"] == "calculator"
+
+
+def test_a_tool_task_uses_the_calculator(tmp_path, tok):
+    data = write_jsonl(tmp_path / "ar.jsonl", [{"question": "What is 23 + 58?", "answer": "81", "digits": 2}])
+    lm = ModelLM(scripted_chat_model(tok), tok)
+    spec = make_spec({"name": "t", "data": str(data), "format": "chat", "check": "number",
+                      "tools": ["calculator"], "max_tokens": 80}, "test")
+    r = run_task(lm, spec)
+    assert r["acc"] == 1.0 and r["used_tools"] == 1.0 and r["items"][0]["reply"] == "23 + 58 = 81."
+    without = run_task(lm, make_spec({**dataclasses.asdict(spec), "name": "t2", "tools": []}, "test"))
+    assert without["acc"] == 0.0  # it only calls the tool, never answers
+
+
+# --- specs, results, comparisons and the command line -----------------------------------------
+
+def test_spec_errors_are_one_clear_line(tmp_path, tok):
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(3))
+    bad = [({"name": "x", "data": "d.jsonl", "kidn": "choice"}, "unknown field"),
+           ({"name": "x", "data": "d.jsonl", "kind": "rank"}, "kind must be"),
+           ({"name": "x", "data": "d.jsonl", "check": "vibes"}, "check must be"),
+           ({"name": "x", "data": "d.jsonl", "kind": "choice"}, "distractors"),
+           ({"data": "d.jsonl"}, "`name`"),
+           ({"name": "x", "data": "{world}/probes/facts.jsonl"}, "--world")]
+    for table, msg in bad:
+        with pytest.raises(UserError, match=msg):
+            make_spec(table, "spec.toml", tmp_path)
+    (tmp_path / "s.toml").write_text('[[task]]\nname = "a"\ndata = "d.jsonl"\nprompt = "{nope}"\n')
+    spec = load_specs(tmp_path / "s.toml")[0]
+    assert spec.data == str(data)  # relative to the spec file
+    with pytest.raises(UserError, match="does not fit row 1"):
+        run_task(OracleLM(tok, {}), spec)
+    (tmp_path / "broken.toml").write_text("[[task]\nname=")
+    with pytest.raises(UserError, match="not readable TOML"):
+        load_specs(tmp_path / "broken.toml")
+    with pytest.raises(UserError, match="unknown task 'factz'"):
+        resolve_tasks("factz", None, True)
+
+
+def test_limit_is_a_fixed_sample_and_compare_pairs_items(tmp_path, tok):
+    rows = qa_rows(100)
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    spec = make_spec({"name": "c", "data": str(data), "kind": "choice", "distractors": "distractors", "limit": 30},
+                     "test")
+    right = OracleLM(tok, {r["question"]: r["answer"] for r in rows})
+    half = OracleLM(tok, {r["question"]: r["answer"] if i % 2 else r["distractors"][0] for i, r in enumerate(rows)})
+    a, b = run_task(right, spec), run_task(half, spec)
+    assert [it["line"] for it in a["items"]] == [it["line"] for it in b["items"]] and a["n"] == 30
+    c = compare({"model": "A", "tasks": {"c": a}}, {"model": "B", "tasks": {"c": b}})
+    e = c["tasks"]["c"]["all"]
+    assert e["a"] == 1.0 and e["b_only"] == 0 and e["a_only"] == a["n"] - b["correct"] and e["significant"]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_eval_command_line(tmp_path, model_dir):
+    rows = [{"question": "Ana was born in", "answer": "Paris", "distractors": ["Rome", "Acme"]},
+            {"question": "Bo works at", "answer": "Acme", "distractors": ["Rome", "Paris"]}]
+    write_jsonl(tmp_path / "mine.jsonl", rows)
+    (tmp_path / "mine.toml").write_text(
+        '[[task]]\nname = "mine"\ndata = "mine.jsonl"\nkind = "choice"\ndistractors = "distractors"\n\n'
+        '[[task]]\nname = "mine_gen"\ndata = "mine.jsonl"\nformat = "text"\nmax_tokens = 4\n')
+    (tmp_path / "t.txt").write_text("Ana was born in Paris. " * 20)
+    out = tmp_path / "res.json"
+    proc = run_cli("eval", "--model", str(model_dir), "--tasks", f"{tmp_path / 'mine.toml'},lm",
+                   "--text", str(tmp_path / "t.txt"), "--out", str(out), "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["tasks"]) == {"mine", "mine_gen"} and res["lm"]["bpb"] > 0
+    assert res["tasks"]["mine"]["chance"] == pytest.approx(1 / 3) and res["tasks"]["mine"]["n"] == 2
+    assert "mine" in proc.stdout and "bits per byte" in proc.stdout
+    # Default out: one file per run in MODEL/eval/.
+    proc = run_cli("eval", "--model", str(model_dir), "--tasks", str(tmp_path / "mine.toml"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((model_dir / "eval").glob("*.json"))) == 1
+    # --compare of two results files.
+    proc = run_cli("eval", "--compare", str(out), str(next((model_dir / "eval").glob("*.json"))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "A-B" in proc.stdout and "mine" in proc.stdout
+    # User mistakes: one line, exit 2, no traceback.
+    for args in (["--model", str(tmp_path / "nope")], ["--model", str(model_dir), "--tasks", "factz"],
+                 ["--model", str(model_dir), "--tasks", "facts_qa"], ["--model", str(model_dir), "--limit", "-1"],
+                 ["--model", str(model_dir)], ["--compare", str(out), str(tmp_path / "t.txt")], []):
+        proc = run_cli("eval", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
