@@ -233,7 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["harness"]:
+        # Everything after `harness` is lm_eval's own command line, flags included (argparse's
+        # REMAINDER would take `--help` and other leading flags as ours).
+        args = argparse.Namespace(func=_cmd_harness, args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
     except UserError as e:

@@ -44,8 +44,14 @@ def is_distributed() -> bool:
 
 
 def pick_device(preference: str = "auto") -> torch.device:
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but no CUDA GPU is available")
+    """"auto" (a GPU when there is one), "cpu", "cuda" (this rank's GPU) or "cuda:N"."""
+    if preference not in ("auto", "cpu", "cuda") and not (preference.startswith("cuda:")
+                                                         and preference[5:].isdigit()):
+        raise UserError(f"unknown device {preference!r} (auto | cpu | cuda | cuda:N)")
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {preference} asked for but no CUDA GPU is available")
+    if preference.startswith("cuda:"):
+        return torch.device(preference)
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

@@ -132,11 +132,16 @@ class ModelLM:
 
     def generate(self, prompts: list[list[int]], max_tokens: int = 64, until=(), stop_ids=()):
         """Greedy continuations of id prompts (in batches), cut at the first `until` string."""
-        out = []
-        for b in range(0, len(prompts), self.batch_size):
-            out += generate_batch(self.model, prompts[b:b + self.batch_size], max_tokens, temperature=0.0,
+        # Batch prompts of similar length together: rows are left-padded to the longest.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = [None] * len(prompts)
+        for b in range(0, len(order), self.batch_size):
+            chunk = order[b:b + self.batch_size]
+            done = generate_batch(self.model, [prompts[i] for i in chunk], max_tokens, temperature=0.0,
                                   stop_strings=tuple(until), stop_ids=tuple(stop_ids), tokenizer=self.tok,
                                   truncate="left")
+            for i, c in zip(chunk, done):
+                out[i] = c
         return out
 
     def chat(self, conversations: list[list[dict]], max_tokens: int = 64, tools=None,
