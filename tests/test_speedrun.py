@@ -19,14 +19,22 @@ def test_speedrun_tiny_end_to_end(tmp_path):
                   "chat/model.safetensors", "chat/config.json", "chat/tokenizer.json", "chat/sft.json"]:
         assert (out / stage).is_file(), stage
     summary = json.loads((out / "speedrun.json").read_text())
-    assert list(summary["stages"]) == ["world", "tokenizer", "data", "pretrain", "sft", "eval"]
+    assert list(summary["stages"]) == ["world", "tokenizer", "data", "pretrain", "sft", "eval", "report"]
     final = summary["stages"]["pretrain"]["final"]
     assert final["val_loss"] < 0.8 * math.log(1024)  # well below a uniform guess over the vocabulary
     assert summary["stages"]["sft"]["final"]["step"] > 0
     ev = summary["stages"]["eval"]
-    assert ev["questions"] > 0 and ev["choices"] == 10
-    for k in ["exact_match", "rank_accuracy", "format_ok", "majority_baseline"]:
-        assert 0 <= ev[k] <= 1
+    # The base model gets the text tasks, the assistant every task; both bits per byte.
+    assert set(ev["base"]["tasks"]) == {"facts_rank", "inverse_rank", "reversal_rank", "arithmetic_text"}
+    assert {"facts_qa", "refusal", "hallucination", "arithmetic_tool"} <= set(ev["chat"]["tasks"])
+    for stage in ("base", "chat"):
+        assert all(0 <= v <= 1 for v in ev[stage]["tasks"].values()) and ev[stage]["val_bpb"] > 0
+        results = json.loads(open(ev[stage]["results"]).read())
+        assert results["tasks"]["facts_rank"]["n"] == 20  # the tiny preset's limit per task
+    assert 0 <= ev["chat"]["format"] <= 1
+    report = (out / "report.md").read_text()
+    assert "facts_qa" in report and "| task | chance | base | chat |" in report
+    assert all((out / png).stat().st_size > 1000 for png in ("loss.png", "tasks.png"))
     assert "speedrun done" in proc.stdout and f"lmstack chat --model {out / 'chat'}" in proc.stdout
     assert "user:" in proc.stdout and "assistant:" in proc.stdout and "[truth:" in proc.stdout
 

@@ -298,7 +298,10 @@ def compare(a: dict, b: dict) -> dict:
         keys = sorted({k for line in common for k in ia[line]["slices"]})
         entry["slices"] = {k: _pair(ia, ib, [line for line in common if k in ia[line]["slices"]]) for k in keys}
         out["tasks"][name] = entry
-    if not out["tasks"]:
+    if "lm" in a and "lm" in b and a["lm"]["source"] == b["lm"]["source"]:
+        out["lm"] = {"source": a["lm"]["source"], "a": a["lm"]["bpb"], "b": b["lm"]["bpb"],
+                     "diff": a["lm"]["bpb"] - b["lm"]["bpb"]}
+    if not out["tasks"] and "lm" not in out:
         raise UserError("the two results share no task rows to compare (evaluate both on the same tasks)")
     return out
 
@@ -318,6 +321,10 @@ def print_comparison(c: dict) -> None:
             sig = "significant" if s["significant"] else ""
             print(f"{name if not key else '':18s} {key or 'all':40s} {s['n']:5d} {_pct(s['a'])} {_pct(s['b'])} "
                   f"{100 * s['diff']:+6.1f}%  [{100 * lo:+6.1f},{100 * hi:+6.1f}] {s['p_value']:7.3g}  {sig}")
+    if "lm" in c:
+        e = c["lm"]
+        print(f"{'lm':18s} {'bits per byte':40s} {'':5s} {e['a']:6.3f} {e['b']:6.3f} {e['diff']:+7.3f}  "
+              f"({e['source']})")
 
 
 def compare_models(a, b, out=None, **kw) -> dict:
