@@ -66,7 +66,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
         self.cache_k = self.cache_v = None  # [B, n_kv_head, max_len, head_dim] once setup_cache ran
 
-    def forward(self, x, cos, sin, start_pos: int | None = None, attn_mask=None):
+    def forward(self, x, cos, sin, start_pos=None, attn_mask=None, slot: int = 0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -74,12 +74,21 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         mask, causal = None, True
-        if start_pos is not None:
+        rows = slice(slot, slot + B)  # the cache rows this batch owns
+        if isinstance(start_pos, torch.Tensor):
+            # One token per row, each at its own position (continuous batching): write each row's
+            # key/value at its position; the caller's mask says which cached keys each row sees.
+            at = torch.arange(slot, slot + B, device=x.device)
+            self.cache_k[at, :, start_pos] = k[:, :, 0]
+            self.cache_v[at, :, start_pos] = v[:, :, 0]
+            k, v = self.cache_k[rows], self.cache_v[rows]
+            causal = False
+        elif start_pos is not None:
             # Write this chunk into the static cache, then attend to everything up to it.
             end = start_pos + T
-            self.cache_k[:B, :, start_pos:end] = k
-            self.cache_v[:B, :, start_pos:end] = v
-            k, v = self.cache_k[:B, :, :end], self.cache_v[:B, :, :end]
+            self.cache_k[rows, :, start_pos:end] = k
+            self.cache_v[rows, :, start_pos:end] = v
+            k, v = self.cache_k[rows, :, :end], self.cache_v[rows, :, :end]
             if start_pos > 0:
                 causal = False  # query i sits at absolute position start_pos+i: it sees keys <= that
                 if T > 1:
@@ -118,8 +127,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, start_pos=None, attn_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, attn_mask)
+    def forward(self, x, cos, sin, start_pos=None, attn_mask=None, slot: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, attn_mask, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -165,26 +174,38 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor, start_pos: int | None = None, attn_mask=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start_pos=None, attn_mask=None, slot: int = 0) -> torch.Tensor:
         """idx [B, T] token ids -> logits [B, T, vocab_size].
 
         start_pos=None: training/scoring (no cache). start_pos=p: inference; the tokens sit at
-        positions p..p+T-1 and are appended to the KV cache (call setup_cache first).
+        positions p..p+T-1 and are appended to the KV cache (call setup_cache first), in cache
+        rows slot..slot+B-1. start_pos=a LongTensor [B] (with T == 1): each row's token at its
+        own position (continuous batching: rows that started at different times); attn_mask
+        must then say which cached keys each row sees.
         attn_mask: optional bool [B, 1, T, keys] (True = may attend) replacing the plain causal
         mask, e.g. `doc_causal_mask` for packed sequences or a mask hiding left padding.
         """
         B, T = idx.shape
-        pos = 0 if start_pos is None else start_pos
-        if pos + T > self.cfg.max_seq_len:  # the RoPE table ends there
-            raise ValueError(f"positions up to {pos + T} exceed max_seq_len {self.cfg.max_seq_len}")
-        if start_pos is not None and (self.layers[0].self_attn.cache_k is None
-                                      or pos + T > self.layers[0].self_attn.cache_k.shape[2]
-                                      or B > self.layers[0].self_attn.cache_k.shape[0]):
+        cache = self.layers[0].self_attn.cache_k
+        if start_pos is not None and (cache is None or slot + B > cache.shape[0]):
             raise ValueError("KV cache missing or too small: call setup_cache(batch, max_len) first")
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        if isinstance(start_pos, torch.Tensor):
+            if T != 1 or attn_mask is None or start_pos.shape != (B,):
+                raise ValueError("per-row positions take one token per row and an attn_mask")
+            if int(start_pos.max()) >= cache.shape[2]:
+                raise ValueError(f"a position reaches the end of the KV cache ({cache.shape[2]})")
+            # [B, 1, 1, head_dim]: broadcast over heads and the one position
+            cos, sin = self.rope_cos[start_pos][:, None, None], self.rope_sin[start_pos][:, None, None]
+        else:
+            pos = 0 if start_pos is None else start_pos
+            if pos + T > self.cfg.max_seq_len:  # the RoPE table ends there
+                raise ValueError(f"positions up to {pos + T} exceed max_seq_len {self.cfg.max_seq_len}")
+            if start_pos is not None and pos + T > cache.shape[2]:
+                raise ValueError("KV cache missing or too small: call setup_cache(batch, max_len) first")
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed_tokens(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, start_pos, attn_mask)
+            x = layer(x, cos, sin, start_pos, attn_mask, slot)
         return self.lm_head(self.norm(x))
 
     # --- inference cache ------------------------------------------------------------------
@@ -198,6 +219,12 @@ class GPT(nn.Module):
             attn = layer.self_attn
             attn.cache_k = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
             attn.cache_v = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
+
+    def move_cache_row(self, src: int, dst: int) -> None:
+        """Copy KV cache row `src` into row `dst` (continuous batching keeps its live rows first)."""
+        for layer in self.layers:
+            a = layer.self_attn
+            a.cache_k[dst], a.cache_v[dst] = a.cache_k[src], a.cache_v[src]
 
     def clear_cache(self) -> None:
         for layer in self.layers:

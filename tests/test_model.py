@@ -79,6 +79,42 @@ def test_kv_cache_matches_full_forward(n_kv_head):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_per_row_positions_and_slots_match_full_forward(n_kv_head):
+    """Continuous batching: rows prefilled alone into their own cache slots at different times,
+    then decoded together each at its own position, give each sequence's full-forward logits;
+    moving a row to another slot keeps it intact."""
+    torch.manual_seed(0)
+    model = GPT(tiny(n_kv_head=n_kv_head)).eval()
+    seqs = [torch.randint(0, 97, (1, n)) for n in (12, 5, 9)]
+    with torch.no_grad():
+        full = [model(s)[0] for s in seqs]
+        model.setup_cache(batch_size=3, max_len=32)
+        lens = [7, 2, 4]  # prompt lengths: the rest is decoded
+        got = [[model(s[:, :n], start_pos=0, slot=i)[0]] for i, (s, n) in enumerate(zip(seqs, lens))]
+        pos = list(lens)
+        rows = [0, 1, 2]  # which sequence sits in each slot
+        while rows:
+            B = len(rows)
+            p = torch.tensor([pos[r] for r in rows])
+            mask = (torch.arange(32)[None, :] <= p[:, None])[:, None, None, :]
+            tok = torch.stack([seqs[r][0, pos[r]] for r in rows])[:, None]
+            logits = model(tok, start_pos=p, attn_mask=mask)
+            for b, r in enumerate(rows):
+                got[r].append(logits[b])
+                pos[r] += 1
+            done = [b for b, r in enumerate(rows) if pos[r] == seqs[r].shape[1]]
+            for b in reversed(done):  # finished: the last live row takes its slot
+                last = len(rows) - 1
+                if b != last:
+                    model.move_cache_row(last, b)
+                    rows[b] = rows[last]
+                rows.pop()
+        model.clear_cache()
+    for f, g in zip(full, got):
+        torch.testing.assert_close(torch.cat(g), f, rtol=1e-5, atol=1e-5)
+
+
 def test_gqa_is_real_grouping():
     # n_kv_head=1 (multi-query) has fewer k/v weights and still trains a step.
     model = GPT(tiny(n_kv_head=1))
