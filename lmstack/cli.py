@@ -109,6 +109,19 @@ def _cmd_harness(a):
     return harness_main(a.args)
 
 
+def _cmd_serve(a):
+    from lmstack.serve.server import serve
+
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, db_path=a.db, slots=a.slots, dtype=a.dtype,
+          device=a.device, label_prompts=a.label_prompts)
+
+
+def _cmd_feedback_export(a):
+    from lmstack.serve.db import export
+
+    export(a.db, a.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lmstack", description="The whole life of a language model, from scratch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -221,6 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
     hn.add_argument("args", nargs=argparse.REMAINDER, help="arguments for lm_eval (see lmstack harness --help)")
     hn.set_defaults(func=_cmd_harness)
+
+    sv = sub.add_parser("serve", help="serve a model: OpenAI-compatible API + web app (chat, label, monitor)")
+    sv.add_argument("--model", required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set LMSTACK_API_KEY)")
+    sv.add_argument("--db", default="feedback.sqlite", help="the feedback database (SQLite; created if missing)")
+    sv.add_argument("--label-prompts", help="jsonl of prompts to queue for labelling ({prompt} or {messages})")
+    sv.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
+    sv.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto")
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(func=_cmd_serve)
+
+    fb = sub.add_parser("feedback", help="the feedback database")
+    fs = fb.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    fe = fs.add_parser("export", help="write sft.jsonl and comparisons.jsonl from the feedback database")
+    fe.add_argument("--db", required=True)
+    fe.add_argument("--out", required=True, help="output folder")
+    fe.set_defaults(func=_cmd_feedback_export)
 
     sr = sub.add_parser("speedrun", help="the whole pipeline on the synthetic world")
     sr.add_argument("--out", default="runs/speedrun")

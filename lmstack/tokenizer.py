@@ -24,6 +24,19 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lmstack.utils import UserError, atomic_output_dir, atomic_write_text, check_output_dir
 
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte 0..255 in a token."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return [chars[b] for b in range(256)]
+
+
 SPECIAL_TOKENS = [
     "<|bos|>", "<|eos|>", "<|pad|>",
     "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>",
@@ -63,6 +76,7 @@ class Tokenizer:
             raise UserError("tokenizer is not an lmstack tokenizer (special tokens missing or "
                             "at other ids); train one with `lmstack tokenizer train`")
         self._token_bytes = None
+        self._byte_of = None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -123,6 +137,15 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str:
         return self._tok.id_to_token(i)
+
+    def token_to_bytes(self, i: int) -> bytes:
+        """The exact bytes id `i` stands for (a special token: its name in UTF-8). A byte-level
+        token may hold part of a character, which `decode([i])` would show as U+FFFD."""
+        if i < len(SPECIAL_TOKENS):
+            return self._tok.id_to_token(i).encode()
+        if self._byte_of is None:
+            self._byte_of = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
+        return bytes(self._byte_of[ch] for ch in self._tok.id_to_token(i))
 
     def token_bytes(self) -> list[int]:
         """UTF-8 bytes each id stands for (0 for specials): turns loss per token into bits per byte."""

@@ -1,0 +1,636 @@
+"""The OpenAI-compatible HTTP API (FastAPI), over the continuous batcher.
+
+    GET  /v1/models                 the one model served
+    POST /v1/chat/completions       messages -> reply (THE chat template); stream (SSE), n, stop,
+                                    seed, logprobs, tools -> tool_calls
+    POST /v1/completions            text or token-id prompts -> continuation; echo + logprobs
+                                    (what `lm_eval --model local-completions` needs)
+    POST /tokenize, /detokenize, GET /tokenizer_info   (lm_eval's remote tokenizer)
+    GET  /health                    liveness, and the batcher's load
+
+Every prompt starts with BOS (added unless a token-id prompt already starts with it); echo and
+logprobs report only the caller's tokens. Errors have OpenAI's shape
+{"error": {"message", "type", "param", "code"}} and a 4xx status; the server keeps serving.
+The web app and the feedback API (lmstack/serve/webapp.py) are mounted on the same app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from lmstack.chat import TURN_ENDS, parse_tool_call
+from lmstack.serve.batcher import Batcher, GenRequest
+from lmstack.tokenizer import ChatFormatError, SPECIAL_TOKENS, render_chat
+
+
+@dataclass
+class Limits:
+    """What one request may ask for (each over the limit: a 4xx, not a slow server)."""
+    max_body_bytes: int = 1 << 20  # request body
+    max_messages: int = 256  # messages in a chat request
+    max_prompt_tokens: int = 0  # 0 = the model's context - 1
+    max_tokens: int = 4096  # per choice (also capped by the room left in the context)
+    max_n: int = 8  # choices per request
+    max_prompts: int = 64  # prompts in one completions request
+    request_timeout: float = 120.0  # seconds from arrival to the last token
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# --- request bodies (pydantic checks the types; extra fields are refused, as OpenAI does) ------
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatRequest(_Body):
+    model: str
+    messages: list[dict[str, Any]]
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+class CompletionRequest(_Body):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    user: str | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+class TokenizeRequest(_Body):
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    model: str | None = None
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
+    model: str | None = None
+
+
+# --- one choice's output -------------------------------------------------------------------
+
+class _Choice:
+    """Collects one row's Deltas: text, tool calls (chat), log-probs, finish reason."""
+
+    def __init__(self, server: "Server", index: int, chat: bool):
+        self.s, self.index, self.chat = server, index, chat
+        self.content, self.calls, self.call_ids, self.in_call = "", [], [], False
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list = []
+        self.finish: str | None = None
+        self.prompt_lp = None
+
+    def push(self, d) -> str:
+        """A Delta -> the new visible text (tool-call JSON is not text)."""
+        if d.token is not None:
+            self.tokens.append(d.token)
+            if d.logprob is not None:
+                self.logprobs.append(d.logprob)
+                self.top.append(d.top_logprobs or [])
+        text = d.text
+        if self.chat:
+            if d.token == self.s.open_id:
+                self.in_call, self.call_ids = True, []
+            elif d.token == self.s.close_id and self.in_call:
+                self.in_call, text = False, ""
+                call = parse_tool_call(self.s.tok.decode(self.call_ids), f"call_{uuid.uuid4().hex[:12]}")
+                if call is not None:
+                    self.calls.append(call)
+            elif self.in_call:
+                text = ""
+                if d.token is not None:
+                    self.call_ids.append(d.token)
+        self.content += text
+        if d.finish_reason is not None:
+            self.finish = d.finish_reason
+        return text
+
+    def finish_reason(self, tools: bool) -> str:
+        if self.calls and tools:
+            return "tool_calls"
+        return "length" if self.finish == "length" else "stop"
+
+
+class Server:
+    """The model behind the API: tokenizer, batcher, limits, optional API key and database."""
+
+    def __init__(self, model, tok, name: str, api_key: str | None = None, db=None, limits: Limits | None = None,
+                 slots: int = 16):
+        self.model, self.tok, self.name = model, tok, name
+        self.api_key, self.db = api_key, db
+        self.limits = limits or Limits()
+        self.ctx = model.cfg.max_seq_len
+        self.max_prompt = min(self.limits.max_prompt_tokens or self.ctx - 1, self.ctx - 1)
+        self.batcher = Batcher(model, tok, slots)
+        sid = tok.special_ids
+        self.open_id, self.close_id = sid["<|tool_call|>"], sid["<|/tool_call|>"]
+        self.chat_stops = frozenset(sid[t] for t in TURN_ENDS)
+        self.text_stops = frozenset({tok.eos_id, tok.bos_id})
+        self.created = int(time.time())
+
+    # --- checks ----------------------------------------------------------------------------
+
+    def check_model(self, name: str) -> None:
+        if name != self.name:
+            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.name}`)",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def check_common(self, body) -> list[str]:
+        if body.n > self.limits.max_n:
+            raise APIError(400, f"n is {body.n}; at most {self.limits.max_n} choices per request", param="n")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(body, name):
+                raise APIError(400, f"{name} is not supported (only 0)", param=name)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4 or any(not isinstance(s, str) or not s for s in stop):
+            raise APIError(400, "stop must be a non-empty string or a list of at most 4 of them", param="stop")
+        return stop
+
+    def check_prompt(self, ids: list[int]) -> None:
+        if len(ids) > self.max_prompt:
+            raise APIError(400, f"This model's maximum context length is {self.ctx} tokens; the prompt is "
+                           f"{len(ids)} tokens (at most {self.max_prompt} here)", param="messages",
+                           code="context_length_exceeded")
+
+    def room(self, ids: list[int], asked: int | None) -> int:
+        if asked is not None and asked > self.limits.max_tokens:
+            raise APIError(400, f"max_tokens is {asked}; at most {self.limits.max_tokens} here", param="max_tokens")
+        room = self.ctx - len(ids)
+        return min(room, asked if asked is not None else self.limits.max_tokens)
+
+    # --- running requests ------------------------------------------------------------------
+
+    def start(self, prompt, max_tokens, body, stops, stop_ids, index, loop, queue, logprobs=False, top=0,
+              prompt_logprobs=None) -> GenRequest:
+        seed = None if body.seed is None else body.seed + index
+        req = GenRequest(prompt=prompt, max_tokens=max_tokens, temperature=body.temperature,
+                         top_p=body.top_p if body.top_p < 1 else None, seed=seed, stop_ids=stop_ids,
+                         stop_strings=tuple(stops), logprobs=logprobs, top_logprobs=top,
+                         prompt_logprobs=prompt_logprobs, deadline=time.monotonic() + self.limits.request_timeout,
+                         on_event=lambda ev, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))
+        self.batcher.submit(req)
+        return req
+
+
+def _now_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def _content_text(msg: dict, i: int) -> dict:
+    """OpenAI content may be a list of parts; text parts are joined, others refused."""
+    content = msg.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}]")
+            parts.append(part["text"])
+        msg = {**msg, "content": "".join(parts)}
+    return msg
+
+
+async def _events(server: Server, queue: asyncio.Queue, reqs: list[GenRequest], request: Request):
+    """Yield (choice index, event) until every request has finished; a client that goes away
+    cancels its requests (their slots are freed at the next step)."""
+    pending = len(reqs)
+    try:
+        while pending:
+            try:
+                i, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if isinstance(ev, tuple):
+                if ev[0] == "error":
+                    raise APIError(500, f"generation failed: {ev[1]}", "server_error")
+                yield i, ev
+                continue
+            if ev.finish_reason == "timeout":
+                raise APIError(408, f"the request took longer than {server.limits.request_timeout:g} s",
+                               "timeout", code="timeout")
+            if ev.finish_reason is not None:
+                pending -= 1
+            yield i, ev
+    finally:
+        for r in reqs:
+            r.cancelled = True  # no-op for finished rows; frees the slot of abandoned ones
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(server: Server, webapp: bool = True) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.batcher.start()
+        yield
+        server.batcher.close()
+
+    app = FastAPI(title="lmstack", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.add_middleware(BodyLimit, max_bytes=server.limits.max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
+        msg = err.get("msg", "invalid request")
+        if err.get("type") == "json_invalid":
+            msg = "the body is not valid JSON"
+        elif tuple(err.get("loc", ())) == ("body",):
+            msg, where = "the body must be a JSON object (Content-Type: application/json)", None
+        elif err.get("type") == "extra_forbidden":
+            msg = f"unrecognized request argument: {where}"
+        return JSONResponse(error_body(f"{msg}" + (f" ({where})" if where and "argument" not in msg else ""),
+                                       param=where), status_code=400)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, e):
+        return JSONResponse(error_body(f"no route {request.method} {request.url.path}", code="not_found"),
+                            status_code=404)
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, e):
+        return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}"), status_code=405)
+
+    @app.middleware("http")
+    async def auth_and_log(request: Request, call_next):
+        path = request.url.path
+        t0 = time.monotonic()
+        if server.api_key and path != "/health" and not path.startswith(("/app", "/static")) and path != "/":
+            given = request.headers.get("authorization", "")
+            ok = given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), server.api_key.encode())
+            if not ok:
+                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
+                                               "authentication_error", code="invalid_api_key"), status_code=401)
+        response = await call_next(request)
+        if server.db is not None and path.startswith("/v1/") and request.method == "POST":
+            usage = getattr(request.state, "usage", None) or {}
+            await run_in_threadpool(server.db.log_request, path, response.status_code,
+                                    (time.monotonic() - t0) * 1000, usage.get("prompt_tokens", 0),
+                                    usage.get("completion_tokens", 0))
+        return response
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.name, **server.batcher.load}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(server)]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        server.check_model(name)
+        return _model_card(server)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        server.check_model(body.model)
+        stops = server.check_common(body)
+        if not body.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        if len(body.messages) > server.limits.max_messages:
+            raise APIError(400, f"{len(body.messages)} messages; at most {server.limits.max_messages}", param="messages")
+        messages = [_content_text(m, i) for i, m in enumerate(body.messages)]
+        try:
+            ids, _ = render_chat(server.tok, messages, add_generation_prompt=True)
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="messages") from None
+        server.check_prompt(ids)
+        max_tokens = server.room(ids, body.max_completion_tokens or body.max_tokens)
+        tools = bool(body.tools) and body.tool_choice != "none"
+        top = body.top_logprobs or 0
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        reqs = [server.start(ids, max_tokens, body, stops, server.chat_stops, i, loop, queue,
+                             logprobs=body.logprobs, top=top) for i in range(body.n)]
+        choices = [_Choice(server, i, chat=True) for i in range(body.n)]
+        cid, created = _now_id("chatcmpl"), int(time.time())
+        request.state.usage = usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
+
+        def chunk(i, delta, finish=None, logprobs=None):
+            c = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.name,
+                         "choices": [c]})
+
+        if body.stream:
+            async def gen():
+                try:
+                    for i in range(body.n):
+                        yield chunk(i, {"role": "assistant", "content": ""})
+                    async for i, d in _events(server, queue, reqs, request):
+                        ch = choices[i]
+                        n_before = len(ch.logprobs)
+                        text = ch.push(d)
+                        lp = _chat_logprobs(server, ch, n_before) if body.logprobs and d.token is not None else None
+                        if text or lp:
+                            yield chunk(i, {"content": text}, logprobs=lp)
+                        if d.finish_reason is not None:
+                            if ch.calls and tools:
+                                yield chunk(i, {"tool_calls": [{"index": k, **c} for k, c in enumerate(ch.calls)]})
+                            yield chunk(i, {}, ch.finish_reason(tools))
+                    usage["completion_tokens"] = sum(len(c.tokens) for c in choices)
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                    "model": server.name, "choices": [], "usage": _usage(usage)})
+                except APIError as e:
+                    yield _sse(error_body(e.message, e.type, e.param, e.code))
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        async for i, d in _events(server, queue, reqs, request):
+            choices[i].push(d)
+        usage["completion_tokens"] = sum(len(c.tokens) for c in choices)
+        out = []
+        for ch in choices:
+            msg = {"role": "assistant", "content": ch.content}
+            if ch.calls and tools:
+                msg["tool_calls"] = ch.calls
+                msg["content"] = ch.content or None
+            out.append({"index": ch.index, "message": msg, "finish_reason": ch.finish_reason(tools),
+                        "logprobs": _chat_logprobs(server, ch, 0) if body.logprobs else None})
+        return {"id": cid, "object": "chat.completion", "created": created, "model": server.name,
+                "choices": out, "usage": _usage(usage)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        server.check_model(body.model)
+        stops = server.check_common(body)
+        prompts = _prompts(server, body.prompt)
+        if body.stream and body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported when streaming", param="echo")
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        reqs, choices, heads = [], [], []
+        for p, (ids, user_from) in enumerate(prompts):
+            max_tokens = server.room(ids, body.max_tokens) if body.max_tokens else 0
+            for j in range(body.n):
+                k = p * body.n + j
+                reqs.append(server.start(ids, max_tokens, body, stops, server.text_stops, k, loop, queue,
+                                         logprobs=body.logprobs is not None, top=body.logprobs or 0,
+                                         prompt_logprobs=(body.logprobs or 0) if body.echo and body.logprobs is not None else None))
+                choices.append(_Choice(server, k, chat=False))
+                heads.append((ids, user_from))
+        cid, created = _now_id("cmpl"), int(time.time())
+        request.state.usage = usage = {"prompt_tokens": sum(len(ids) for ids, _ in prompts), "completion_tokens": 0}
+
+        if body.stream:
+            async def gen():
+                try:
+                    if body.echo:
+                        for k, (ids, user_from) in enumerate(heads):
+                            yield _sse({"id": cid, "object": "text_completion", "created": created, "model": server.name,
+                                        "choices": [{"index": k, "text": server.tok.decode(ids[user_from:]),
+                                                     "logprobs": None, "finish_reason": None}]})
+                    async for k, d in _events(server, queue, reqs, request):
+                        ch = choices[k]
+                        if isinstance(d, tuple):
+                            continue
+                        text = ch.push(d)
+                        if text or d.finish_reason:
+                            yield _sse({"id": cid, "object": "text_completion", "created": created,
+                                        "model": server.name,
+                                        "choices": [{"index": k, "text": text, "logprobs": None,
+                                                     "finish_reason": d.finish_reason and ch.finish_reason(False)}]})
+                    usage["completion_tokens"] = sum(len(c.tokens) for c in choices)
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse({"id": cid, "object": "text_completion", "created": created, "model": server.name,
+                                    "choices": [], "usage": _usage(usage)})
+                except APIError as e:
+                    yield _sse(error_body(e.message, e.type, e.param, e.code))
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        async for k, d in _events(server, queue, reqs, request):
+            if isinstance(d, tuple):  # ("prompt", log-probs of the prompt tokens)
+                choices[k].prompt_lp = d[1]
+            else:
+                choices[k].push(d)
+        usage["completion_tokens"] = sum(len(c.tokens) for c in choices)
+        out = []
+        for ch, (ids, user_from) in zip(choices, heads):
+            text = ch.content
+            lp = None
+            if body.echo:
+                text = server.tok.decode(ids[user_from:]) + text
+            if body.logprobs is not None:
+                lp = _completion_logprobs(server, ch, ids, user_from, body.echo)
+            out.append({"index": ch.index, "text": text, "logprobs": lp, "finish_reason": ch.finish_reason(False)})
+        return {"id": cid, "object": "text_completion", "created": created, "model": server.name,
+                "choices": out, "usage": _usage(usage)}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give prompt (text) or messages", param="prompt")
+        if body.messages is not None:
+            try:
+                ids = render_chat(server.tok, [_content_text(m, i) for i, m in enumerate(body.messages)],
+                                  add_generation_prompt=body.add_generation_prompt)[0]
+            except ChatFormatError as e:
+                raise APIError(400, str(e), param="messages") from None
+        elif body.prompt in SPECIAL_TOKENS:
+            # The exact name of a special token (alone) gives its id, so a client that looks
+            # special ids up by tokenizing their names (lm_eval's remote tokenizer does) gets
+            # them. Generation never does this: user text never becomes a special token.
+            ids = [server.tok.special_ids[body.prompt]]
+        else:
+            ids = ([server.tok.bos_id] if body.add_special_tokens else []) + server.tok.encode(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.ctx}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        bad = [t for t in body.tokens if not 0 <= t < server.tok.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{server.tok.vocab_size - 1})",
+                           param="tokens")
+        return {"prompt": server.tok.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        # No text chat template: special tokens cannot be spelled in a prompt string (user text
+        # never becomes one), so chat goes through /v1/chat/completions.
+        return {"tokenizer_class": "lmstack byte-level BPE", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+                "pad_token": "<|pad|>", "model_max_length": server.ctx, "vocab_size": server.tok.vocab_size,
+                "chat_template": None}
+
+    if webapp:
+        from lmstack.serve.webapp import add_webapp
+
+        add_webapp(app, server)
+    return app
+
+
+def _model_card(server: Server) -> dict:
+    return {"id": server.name, "object": "model", "created": server.created, "owned_by": "lmstack",
+            "max_model_len": server.ctx}
+
+
+def _usage(u: dict) -> dict:
+    return {**u, "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
+
+
+def _prompts(server: Server, prompt) -> list[tuple[list[int], int]]:
+    """The completions prompt(s) -> (ids with BOS first, index where the caller's tokens start)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if len(prompt) > server.limits.max_prompts:
+        raise APIError(400, f"{len(prompt)} prompts; at most {server.limits.max_prompts} per request", param="prompt")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            ids = [server.tok.bos_id] + server.tok.encode(p)
+        else:
+            bad = [t for t in p if not 0 <= t < server.tok.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{server.tok.vocab_size - 1})",
+                               param="prompt")
+            ids = list(p) if p and p[0] == server.tok.bos_id else [server.tok.bos_id] + list(p)
+        server.check_prompt(ids)
+        out.append((ids, 0 if isinstance(p, list) and p and p[0] == server.tok.bos_id else 1))
+    return out
+
+
+def _tok_str(server: Server, i: int) -> str:
+    return server.tok.token_to_bytes(i).decode("utf-8", errors="replace")
+
+
+def _chat_logprobs(server: Server, ch: _Choice, start: int) -> dict:
+    content = []
+    for t, lp, top in zip(ch.tokens[start:], ch.logprobs[start:], ch.top[start:]):
+        content.append({"token": _tok_str(server, t), "logprob": lp, "bytes": list(server.tok.token_to_bytes(t)),
+                        "top_logprobs": [{"token": _tok_str(server, a), "logprob": b,
+                                          "bytes": list(server.tok.token_to_bytes(a))} for a, b in top]})
+    return {"content": content}
+
+
+def _completion_logprobs(server: Server, ch: _Choice, ids: list[int], user_from: int, echo: bool) -> dict:
+    tokens, lps, tops = [], [], []
+    if echo:
+        # prompt_lp[j] is log p(ids[j+1] | ids[:j+1]); the caller's first token has none when it is BOS
+        plp = ch.prompt_lp or []
+        for j in range(user_from, len(ids)):
+            tokens.append(ids[j])
+            if j == 0:
+                lps.append(None)
+                tops.append(None)
+            else:
+                lp, alts = plp[j - 1]
+                lps.append(lp)
+                tops.append({_tok_str(server, a): b for a, b in alts} if alts else None)
+    for t, lp, top in zip(ch.tokens, ch.logprobs, ch.top):
+        tokens.append(t)
+        lps.append(lp)
+        tops.append({_tok_str(server, a): b for a, b in top} if top else None)
+    strs = [_tok_str(server, t) for t in tokens]
+    offsets, pos = [], 0
+    for s in strs:
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": strs, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a body over `max_bytes` gets 413 before it is all read."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        body = json.dumps(error_body(f"request body over {self.max_bytes} bytes", code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+

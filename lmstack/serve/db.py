@@ -1,0 +1,287 @@
+"""The feedback database (SQLite): conversations, thumbs, labelled comparisons, ideal answers,
+the labelling queue and a log of requests, and the export to the training formats.
+
+The schema is versioned with SQLite's `user_version`: opening a database of an older version
+migrates it in one transaction; a newer one is refused (written by a newer lmstack). Every
+write is one transaction; the connection is shared by the server's threads under a lock.
+
+Export (`lmstack feedback export --db FILE --out DIR`):
+  sft.jsonl          {"messages"}: each ideal answer written by a labeller after its prompt,
+                     and each conversation rated thumbs-up, up to the rated reply
+  comparisons.jsonl  {"prompt", "chosen", "rejected", "reason", "meta"}: each labelled pair
+                     with a winner (ties and "both bad" are dropped; a "both bad" with an ideal
+                     answer gives two pairs: the ideal beats each). `prompt` is the user's text
+                     for a one-message prompt, else the list of messages.
+Both are the formats `lmstack sft` and the preference trainers read.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from lmstack.utils import UserError, atomic_write_text
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL, updated REAL NOT NULL,
+    model TEXT, system TEXT, messages TEXT NOT NULL,          -- JSON list of {role, content, ...}
+    flagged INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE ratings (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+    message_index INTEGER NOT NULL,                           -- the rated assistant message
+    rating INTEGER NOT NULL CHECK (rating IN (-1, 1)), comment TEXT);
+CREATE TABLE label_queue (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL,
+    messages TEXT NOT NULL,                                   -- the prompt: JSON list of messages
+    source TEXT NOT NULL,                                     -- 'file' | 'flagged' | 'api'
+    conversation_id INTEGER, done INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE comparisons (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL, queue_id INTEGER REFERENCES label_queue(id),
+    messages TEXT NOT NULL, answer_a TEXT NOT NULL, answer_b TEXT NOT NULL,
+    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
+    ideal TEXT, labeller TEXT, comment TEXT);
+CREATE TABLE ideal_answers (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL, queue_id INTEGER REFERENCES label_queue(id),
+    messages TEXT NOT NULL, answer TEXT NOT NULL, labeller TEXT);
+CREATE TABLE requests (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL, endpoint TEXT NOT NULL, status INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+    latency_ms REAL NOT NULL);
+CREATE INDEX requests_created ON requests(created);
+"""
+MIGRATIONS: dict[int, str] = {}  # version -> SQL taking the schema from version-1 to version
+
+
+class FeedbackDB:
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self._lock = threading.Lock()
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path} is not a usable SQLite database ({e})") from None
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{self.path} has schema version {version}; this lmstack knows up to "
+                            f"{SCHEMA_VERSION} (upgrade lmstack)")
+        if version == SCHEMA_VERSION:
+            return
+        tables = self.conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+        if version == 0 and tables:
+            raise UserError(f"{self.path} is an SQLite database but not an lmstack feedback database")
+        with self._tx():
+            if version == 0:
+                for stmt in filter(str.strip, SCHEMA.split(";")):
+                    self.conn.execute(stmt)
+            else:
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    for stmt in filter(str.strip, MIGRATIONS[v].split(";")):
+                        self.conn.execute(stmt)
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _tx(self):
+        return _Transaction(self.conn, self._lock)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _q(self, sql: str, args=()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self.conn.execute(sql, args).fetchall()
+
+    # --- conversations and ratings ------------------------------------------------------------
+
+    def save_conversation(self, messages: list[dict], model: str | None = None, system: str | None = None,
+                          conversation_id: int | None = None) -> int:
+        now, blob = time.time(), json.dumps(messages, ensure_ascii=False)
+        with self._tx() as c:
+            if conversation_id is not None:
+                cur = c.execute("UPDATE conversations SET messages=?, updated=?, system=? WHERE id=?",
+                                (blob, now, system, conversation_id))
+                if cur.rowcount == 0:
+                    raise KeyError(f"no conversation {conversation_id}")
+                return conversation_id
+            return c.execute("INSERT INTO conversations (created, updated, model, system, messages) VALUES (?,?,?,?,?)",
+                             (now, now, model, system, blob)).lastrowid
+
+    def conversation(self, conversation_id: int) -> dict | None:
+        rows = self._q("SELECT * FROM conversations WHERE id=?", (conversation_id,))
+        return _conv(rows[0]) if rows else None
+
+    def rate(self, conversation_id: int, message_index: int, rating: int, comment: str | None = None) -> int:
+        """Thumbs up (1) or down (-1) on an assistant message. Thumbs down flags the conversation
+        and queues its prompt (the messages before the rated reply) for labelling."""
+        conv = self.conversation(conversation_id)
+        if conv is None:
+            raise KeyError(f"no conversation {conversation_id}")
+        msgs = conv["messages"]
+        if not 0 <= message_index < len(msgs) or msgs[message_index].get("role") != "assistant":
+            raise ValueError(f"message {message_index} is not an assistant message of conversation {conversation_id}")
+        now = time.time()
+        with self._tx() as c:
+            rid = c.execute("INSERT INTO ratings (created, conversation_id, message_index, rating, comment) "
+                            "VALUES (?,?,?,?,?)", (now, conversation_id, message_index, rating, comment)).lastrowid
+            if rating < 0:
+                c.execute("UPDATE conversations SET flagged=1 WHERE id=?", (conversation_id,))
+                prompt = msgs[:message_index]
+                if conv["system"] and not (prompt and prompt[0].get("role") == "system"):
+                    prompt = [{"role": "system", "content": conv["system"]}] + prompt
+                c.execute("INSERT INTO label_queue (created, messages, source, conversation_id) VALUES (?,?,?,?)",
+                          (now, json.dumps(prompt, ensure_ascii=False), "flagged", conversation_id))
+        return rid
+
+    def flagged(self, limit: int = 50) -> list[dict]:
+        rows = self._q("SELECT * FROM conversations WHERE flagged=1 ORDER BY updated DESC LIMIT ?", (limit,))
+        out = []
+        for r in rows:
+            conv = _conv(r)
+            conv["ratings"] = [dict(x) for x in self._q(
+                "SELECT message_index, rating, comment, created FROM ratings WHERE conversation_id=? ORDER BY id",
+                (r["id"],))]
+            out.append(conv)
+        return out
+
+    # --- the labelling queue -------------------------------------------------------------------
+
+    def enqueue(self, messages: list[dict], source: str = "api") -> int:
+        with self._tx() as c:
+            return c.execute("INSERT INTO label_queue (created, messages, source) VALUES (?,?,?)",
+                             (time.time(), json.dumps(messages, ensure_ascii=False), source)).lastrowid
+
+    def next_to_label(self) -> dict | None:
+        rows = self._q("SELECT * FROM label_queue WHERE done=0 ORDER BY id LIMIT 1")
+        if not rows:
+            return None
+        r = rows[0]
+        return {"id": r["id"], "messages": json.loads(r["messages"]), "source": r["source"]}
+
+    def queue_item(self, queue_id: int) -> dict | None:
+        rows = self._q("SELECT * FROM label_queue WHERE id=?", (queue_id,))
+        return {"id": rows[0]["id"], "messages": json.loads(rows[0]["messages"]), "done": rows[0]["done"]} if rows else None
+
+    def label(self, queue_id: int, answer_a: str, answer_b: str, choice: str, ideal: str | None = None,
+              labeller: str | None = None, comment: str | None = None) -> int:
+        """Store a labelled comparison (and the ideal answer, if written); the item is done."""
+        item = self.queue_item(queue_id)
+        if item is None:
+            raise KeyError(f"no queue item {queue_id}")
+        now, msgs = time.time(), json.dumps(item["messages"], ensure_ascii=False)
+        with self._tx() as c:
+            cid = c.execute("INSERT INTO comparisons (created, queue_id, messages, answer_a, answer_b, choice, ideal, "
+                            "labeller, comment) VALUES (?,?,?,?,?,?,?,?,?)",
+                            (now, queue_id, msgs, answer_a, answer_b, choice, ideal, labeller, comment)).lastrowid
+            if ideal:
+                c.execute("INSERT INTO ideal_answers (created, queue_id, messages, answer, labeller) VALUES (?,?,?,?,?)",
+                          (now, queue_id, msgs, ideal, labeller))
+            c.execute("UPDATE label_queue SET done=1 WHERE id=?", (queue_id,))
+        return cid
+
+    # --- monitoring ----------------------------------------------------------------------------
+
+    def log_request(self, endpoint: str, status: int, latency_ms: float, prompt_tokens: int = 0,
+                    completion_tokens: int = 0) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO requests (created, endpoint, status, prompt_tokens, completion_tokens, latency_ms) "
+                      "VALUES (?,?,?,?,?,?)", (time.time(), endpoint, status, prompt_tokens, completion_tokens, latency_ms))
+
+    def stats(self) -> dict:
+        (n, ok, pt, ct), = [tuple(r) for r in self._q(
+            "SELECT count(*), coalesce(sum(status < 400), 0), coalesce(sum(prompt_tokens), 0), "
+            "coalesce(sum(completion_tokens), 0) FROM requests")]
+        lat = [r[0] for r in self._q("SELECT latency_ms FROM requests WHERE status < 400 ORDER BY latency_ms")]
+        ups, downs = (self._q("SELECT count(*) FROM ratings WHERE rating=?", (v,))[0][0] for v in (1, -1))
+        count = lambda t, w="1": self._q(f"SELECT count(*) FROM {t} WHERE {w}")[0][0]  # noqa: E731
+        return {"requests": n, "errors": n - ok, "prompt_tokens": pt, "completion_tokens": ct,
+                "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99)},
+                "thumbs_up": ups, "thumbs_down": downs, "conversations": count("conversations"),
+                "flagged": count("conversations", "flagged=1"), "to_label": count("label_queue", "done=0"),
+                "comparisons": count("comparisons"), "ideal_answers": count("ideal_answers")}
+
+    # --- export --------------------------------------------------------------------------------
+
+    def export(self, out) -> dict:
+        """Write OUT/sft.jsonl and OUT/comparisons.jsonl (see the module doc); returns counts."""
+        sft, pairs = [], []
+        for r in self._q("SELECT messages, answer FROM ideal_answers ORDER BY id"):
+            sft.append({"messages": json.loads(r["messages"]) + [{"role": "assistant", "content": r["answer"]}]})
+        for r in self._q("SELECT c.messages, c.system, r.message_index FROM ratings r "
+                         "JOIN conversations c ON c.id = r.conversation_id WHERE r.rating = 1 ORDER BY r.id"):
+            msgs = json.loads(r["messages"])[:r["message_index"] + 1]
+            if r["system"] and not (msgs and msgs[0].get("role") == "system"):
+                msgs = [{"role": "system", "content": r["system"]}] + msgs
+            sft.append({"messages": msgs})
+        for r in self._q("SELECT * FROM comparisons ORDER BY id"):
+            msgs = json.loads(r["messages"])
+            prompt = msgs[0]["content"] if len(msgs) == 1 and msgs[0].get("role") == "user" else msgs
+            meta = {"source": "feedback", "comparison_id": r["id"], "labeller": r["labeller"]}
+            if r["choice"] in ("a", "b"):
+                win, lose = (r["answer_a"], r["answer_b"]) if r["choice"] == "a" else (r["answer_b"], r["answer_a"])
+                pairs.append({"prompt": prompt, "chosen": win, "rejected": lose,
+                              "reason": r["comment"] or "preferred by a human labeller", "meta": meta})
+            elif r["choice"] == "both_bad" and r["ideal"]:
+                for lose in (r["answer_a"], r["answer_b"]):
+                    pairs.append({"prompt": prompt, "chosen": r["ideal"], "rejected": lose,
+                                  "reason": "the labeller's ideal answer beats both sampled answers", "meta": meta})
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "sft.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in sft))
+        atomic_write_text(out / "comparisons.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs))
+        return {"sft": len(sft), "comparisons": len(pairs)}
+
+
+class _Transaction:
+    """`with db._tx() as conn:` one BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error), under the lock."""
+
+    def __init__(self, conn, lock):
+        self.conn, self.lock = conn, lock
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.lock.release()
+        return False
+
+
+def _conv(r: sqlite3.Row) -> dict:
+    return {"id": r["id"], "created": r["created"], "updated": r["updated"], "model": r["model"],
+            "system": r["system"], "messages": json.loads(r["messages"]), "flagged": bool(r["flagged"])}
+
+
+def _pct(sorted_values: list[float], p: float) -> float | None:
+    if not sorted_values:
+        return None
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return round(sorted_values[k], 1)
+
+
+def export(db_path, out) -> dict:
+    """`lmstack feedback export`."""
+    if not Path(db_path).is_file():
+        raise UserError(f"--db {db_path} does not exist")
+    db = FeedbackDB(db_path)
+    try:
+        counts = db.export(out)
+    finally:
+        db.close()
+    print(f"exported {counts['sft']} SFT conversations and {counts['comparisons']} comparisons -> {out}")
+    return counts
