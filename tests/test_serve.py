@@ -1,0 +1,322 @@
+"""`lmstack serve`: the official openai client against a live server on loopback (plain,
+streaming, stop sequences, n > 1, tools, errors, auth), continuous batching against the
+engine, a table of malformed requests answered 4xx while a good request still succeeds,
+lm_eval's local-completions scoring the server, and the feedback export."""
+
+import asyncio
+import dataclasses
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from lmstack.config import ModelConfig
+from lmstack.engine import generate
+from lmstack.model import GPT
+from lmstack.serve.api import Limits
+from lmstack.serve.server import build
+from lmstack.tokenizer import Tokenizer, render_chat, train_tokenizer
+from lmstack.train.checkpoint import save_weights
+from lmstack.utils import atomic_write_json
+
+openai = pytest.importorskip("openai")
+KEY = "sk-test-key"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+REPLY = "Ana was born in Paris and Bo works at Acme in Rome, they say. "
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny chat model trained for a second to answer every question with (a few) REPLY
+    sentences: a random model mostly ends its turn at once, which makes weak tests."""
+    d = tmp_path_factory.mktemp("chat")
+    (d / "a.txt").write_text((REPLY + "What is 23 + 58? Tell me about Bo. Hi\n") * 50)
+    tok = train_tokenizer([d / "a.txt"], vocab_size=300, out=d / "tok", progress=False)
+    tok.save(d)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=96)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    questions = ["What is 23 + 58?", "Tell me about Bo.", "Hi", "Where was Ana born?", "Who works at Acme?"]
+    seqs = [render_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": REPLY * (1 + i % 2)}])[0]
+            for i, q in enumerate(questions)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(150):
+        seq = torch.tensor(seqs[step % len(seqs)])[None]
+        loss = torch.nn.functional.cross_entropy(model(seq[:, :-1])[0], seq[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_weights(model, d / "model.safetensors")
+    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
+    return d
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(200):
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live(model_dir, tmp_path_factory):
+    db = tmp_path_factory.mktemp("db") / "feedback.sqlite"
+    app = build(model_dir, api_key=KEY, db_path=db, slots=4, dtype="fp32", device="cpu", name="chat",
+                limits=Limits(max_body_bytes=20_000, max_tokens=64, max_n=4, request_timeout=30))
+    with LiveServer(app) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def engine_model(model_dir):
+    from lmstack.train.checkpoint import load_model
+
+    return load_model(model_dir), Tokenizer.load(model_dir)
+
+
+def greedy_chat(engine_model, text, max_tokens):
+    model, tok = engine_model
+    ids, _ = render_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+    from lmstack.chat import TURN_ENDS
+
+    new = generate(model, ids, max_tokens, temperature=0.0, stop_ids={tok.special_ids[t] for t in TURN_ENDS})
+    ends = {tok.special_ids[t] for t in TURN_ENDS}
+    return tok.decode([t for t in new if t not in ends], skip_special=True), bool(new) and new[-1] in ends
+
+
+# --- the openai client ------------------------------------------------------------------------
+
+def test_models_and_plain_chat_equal_the_engine(client, engine_model):
+    assert [m.id for m in client.models.list().data] == ["chat"]
+    r = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Where was Ana born?"}],
+                                       temperature=0, max_tokens=20)
+    want, closed = greedy_chat(engine_model, "Where was Ana born?", 20)
+    assert r.choices[0].message.content == want
+    assert r.choices[0].finish_reason == ("stop" if closed else "length")
+    assert r.usage.completion_tokens <= 20 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_concatenates_to_the_plain_reply(client):
+    kw = dict(model="chat", messages=[{"role": "user", "content": "Tell me about Bo."}], temperature=0, max_tokens=30)
+    r = client.chat.completions.create(**kw)
+    plain = r.choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_stop_sequences_cut_the_reply(client):
+    kw = dict(model="chat", messages=[{"role": "user", "content": "Tell me about Bo."}], temperature=0, max_tokens=40)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = client.chat.completions.create(stop=[stop], **kw).choices[0]
+    assert cut.message.content == full[:full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_n_and_seed(client):
+    kw = dict(model="chat", messages=[{"role": "user", "content": "Hi"}], temperature=2.0, max_tokens=12, seed=7)
+    a = client.chat.completions.create(n=3, **kw)
+    b = client.chat.completions.create(n=3, **kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded
+    assert len({c.message.content for c in a.choices}) > 1  # each choice its own sample
+
+
+def test_completions_echo_logprobs_match_a_forward_pass(client, engine_model):
+    model, tok = engine_model
+    r = client.completions.create(model="chat", prompt="Ana was born in", max_tokens=1, temperature=0,
+                                  echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    ids = tok.encode("Ana was born in")
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([[tok.bos_id] + ids]))[0].float(), -1)
+    want = [float(logp[i, t]) for i, t in enumerate(ids)]
+    assert lp.token_logprobs[:len(ids)] == pytest.approx(want, abs=1e-4)
+    assert r.choices[0].text.startswith("Ana was born in")
+    assert "".join(lp.tokens[:len(ids)]) == "Ana was born in"
+    # Token-id prompts too; several prompts in one request.
+    r = client.completions.create(model="chat", prompt=[ids, ids[:2]], max_tokens=2, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+
+
+def test_errors_have_openai_shape(client, live):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi " * 200}])
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=10_000)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(live.url + "/v1/models").status_code == 401
+    assert httpx.get(live.url + "/health").status_code == 200  # health needs no key
+
+
+# --- malformed requests, each a 4xx, while a good one is served ------------------------------
+
+BAD = [
+    ("/v1/chat/completions", b"{not json", 400),
+    ("/v1/chat/completions", b"[1, 2]", 400),
+    ("/v1/chat/completions", {"model": "chat"}, 400),  # no messages
+    ("/v1/chat/completions", {"model": "chat", "messages": []}, 400),
+    ("/v1/chat/completions", {"model": "chat", "messages": "hi"}, 400),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": 5}]}, 400),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "n": 50}, 400),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "x" * 30_000}]}, 413),
+    ("/v1/completions", {"model": "chat", "prompt": [1, 2, 99999]}, 400),
+    ("/v1/completions", {"model": "chat", "prompt": []}, 400),
+    ("/v1/completions", {"model": "chat", "prompt": "hi", "logprobs": 99}, 400),
+    ("/detokenize", {"tokens": [-1]}, 400),
+    ("/v1/nothing", {}, 404),
+]
+
+
+def test_malformed_requests_get_4xx_while_a_good_request_succeeds(live):
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=live.url, headers=headers, timeout=30) as c:
+            good = asyncio.create_task(c.post("/v1/chat/completions", json={
+                "model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40, "temperature": 0}))
+            bad = []
+            for path, body, _ in BAD:
+                if isinstance(body, bytes):
+                    bad.append(c.post(path, content=body, headers={"content-type": "application/json"}))
+                else:
+                    bad.append(c.post(path, json=body))
+            return await good, await asyncio.gather(*bad)
+
+    good, bad = asyncio.run(main())
+    assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] is not None
+    for (path, body, status), r in zip(BAD, bad):
+        assert r.status_code == status, (path, body if not isinstance(body, dict) else list(body), r.text)
+        err = r.json()["error"]
+        assert isinstance(err["message"], str) and err["message"] and "type" in err
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+# --- continuous batching --------------------------------------------------------------------
+
+def test_concurrent_requests_equal_each_alone(live, engine_model):
+    """Requests arriving together (more than the 4 slots) are decoded together, each joining
+    when a slot frees, and each gets exactly the greedy reply it gets alone."""
+    prompts = [f"Question {i}: where does {'Bo' if i % 2 else 'Ana'} work?" + " Please." * (i % 3) for i in range(7)]
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=live.url, headers=headers, timeout=60) as c:
+            return await asyncio.gather(*[c.post("/v1/chat/completions", json={
+                "model": "chat", "messages": [{"role": "user", "content": p}], "max_tokens": 16 + 3 * i,
+                "temperature": 0}) for i, p in enumerate(prompts)])
+
+    results = asyncio.run(main())
+    for i, (p, r) in enumerate(zip(prompts, results)):
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == greedy_chat(engine_model, p, 16 + 3 * i)[0]
+
+
+def test_a_client_that_disconnects_frees_its_slot(live):
+    batcher = live.app.state.server.batcher
+    with httpx.stream("POST", live.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64,
+                            "stream": True, "temperature": 1.0}, timeout=30) as r:
+        for _ in r.iter_lines():
+            break  # read one event, then hang up
+    for _ in range(100):
+        if batcher.load["live"] == 0:
+            break
+        time.sleep(0.05)
+    assert batcher.load["live"] == 0
+
+
+# --- lm_eval scores the server --------------------------------------------------------------
+
+def test_lm_eval_local_completions_scores_the_server(live, tmp_path, engine_model):
+    pytest.importorskip("lm_eval")
+    rows = [{"q": "Ana was born in", "choices": [" Paris", " Rome", " Acme"], "label": i % 3} for i in range(6)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "t.yaml").write_text(
+        "task: srv_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'd.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n")
+    code = (
+        "import json, sys\n"
+        "from lm_eval import simple_evaluate\nfrom lm_eval.tasks import TaskManager\n"
+        f"r = simple_evaluate(model='local-completions', model_args='model=chat,base_url={live.url}/v1/completions,"
+        f"tokenizer_backend=remote,tokenized_requests=True,num_concurrent=2,max_retries=1,auth_token={KEY}',"
+        f" tasks=['srv_mc'], task_manager=TaskManager(include_path='{tmp_path}'), limit=6)\n"
+        "print(json.dumps(r['results']['srv_mc']))\n")
+    env = {"OPENAI_API_KEY": KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acc = json.loads(proc.stdout.strip().splitlines()[-1])["acc,none"]
+    # The same accuracy computed from our own scoring of the same choices.
+    from lmstack.eval.lm import ModelLM
+
+    model, tok = engine_model
+    lm = ModelLM(model, tok)
+    hits = 0
+    for r in rows:
+        scores = [s for s, _ in lm.loglikelihood([(r["q"], c) for c in r["choices"]])]
+        hits += max(range(3), key=lambda k: scores[k]) == r["label"]
+    assert acc == pytest.approx(hits / len(rows))
