@@ -45,17 +45,24 @@ def model_dir(tmp_path_factory):
     """A tiny chat model trained for a second to answer every question with (a few) REPLY
     sentences: a random model mostly ends its turn at once, which makes weak tests."""
     d = tmp_path_factory.mktemp("chat")
-    (d / "a.txt").write_text((REPLY + "What is 23 + 58? Tell me about Bo. Hi\n") * 50)
+    call_text = '{"name": "calculator", "arguments": {"expression": "23 + 58"}} 23 + 58 = 81.'
+    (d / "a.txt").write_text((REPLY + "What is 23 + 58? Tell me about Bo. Hi " + call_text + "\n") * 50)
     tok = train_tokenizer([d / "a.txt"], vocab_size=300, out=d / "tok", progress=False)
     tok.save(d)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=96)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=128)
     torch.manual_seed(0)
     model = GPT(cfg)
-    questions = ["What is 23 + 58?", "Tell me about Bo.", "Hi", "Where was Ana born?", "Who works at Acme?"]
+    questions = ["Tell me about Bo.", "Hi", "Where was Ana born?", "Who works at Acme?"]
     seqs = [render_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": REPLY * (1 + i % 2)}])[0]
             for i, q in enumerate(questions)]
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": "23 + 58"})}}
+    seqs.append(render_chat(tok, [{"role": "user", "content": "What is 23 + 58?"},
+                                  {"role": "assistant", "content": "", "tool_calls": [call]},
+                                  {"role": "tool", "tool_call_id": "call_0", "content": "81"},
+                                  {"role": "assistant", "content": "23 + 58 = 81."}])[0])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(150):
+    for step in range(300):
         seq = torch.tensor(seqs[step % len(seqs)])[None]
         loss = torch.nn.functional.cross_entropy(model(seq[:, :-1])[0], seq[0, 1:])
         opt.zero_grad()
@@ -161,6 +168,27 @@ def test_stop_sequences_cut_the_reply(client):
     stop = full[3:6]
     cut = client.chat.completions.create(stop=[stop], **kw).choices[0]
     assert cut.message.content == full[:full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_tool_calls_round_trip(client):
+    tools = [{"type": "function", "function": {"name": "calculator", "description": "arithmetic",
+                                               "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}]
+    msgs = [{"role": "user", "content": "What is 23 + 58?"}]
+    r = client.chat.completions.create(model="chat", messages=msgs, tools=tools, temperature=0, max_tokens=64)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.tool_calls[0].function.name == "calculator"
+    assert json.loads(c.message.tool_calls[0].function.arguments) == {"expression": "23 + 58"}
+    # The caller runs the tool and sends the result back (OpenAI's protocol).
+    msgs += [c.message.model_dump(exclude_none=True),
+             {"role": "tool", "tool_call_id": c.message.tool_calls[0].id, "content": "81"}]
+    r2 = client.chat.completions.create(model="chat", messages=msgs, tools=tools, temperature=0, max_tokens=64)
+    assert r2.choices[0].message.content == "23 + 58 = 81." and r2.choices[0].finish_reason == "stop"
+    # Streamed, the call arrives as a tool_calls delta.
+    chunks = list(client.chat.completions.create(model="chat", messages=msgs[:1], tools=tools, temperature=0,
+                                                 max_tokens=64, stream=True))
+    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert calls and calls[0].function.name == "calculator"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_n_and_seed(client):
