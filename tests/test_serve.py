@@ -348,3 +348,73 @@ def test_lm_eval_local_completions_scores_the_server(live, tmp_path, engine_mode
         scores = [s for s, _ in lm.loglikelihood([(r["q"], c) for c in r["choices"]])]
         hits += max(range(3), key=lambda k: scores[k]) == r["label"]
     assert acc == pytest.approx(hits / len(rows))
+
+
+# --- the feedback database and the command line -----------------------------------------------
+
+def test_feedback_db_schema_rate_label_export(tmp_path):
+    import sqlite3
+
+    from lmstack.serve.db import SCHEMA_VERSION, FeedbackDB
+    from lmstack.utils import UserError
+
+    db = FeedbackDB(tmp_path / "f.sqlite")
+    conv = [{"role": "user", "content": "Where was Ana born?"}, {"role": "assistant", "content": "Rome."},
+            {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Paris."}]
+    cid = db.save_conversation(conv, model="chat", system="Be brief.")
+    db.rate(cid, 3, 1)  # the good reply: an SFT example up to it
+    db.rate(cid, 1, -1, "wrong city")  # the bad one: flagged, its prompt queued
+    with pytest.raises(ValueError):
+        db.rate(cid, 0, 1)  # a user message
+    with pytest.raises(KeyError):
+        db.rate(999, 1, 1)
+    item = db.next_to_label()
+    assert item["messages"] == [{"role": "system", "content": "Be brief."}, conv[0]]
+    db.label(item["id"], "Paris.", "Rome.", "a", labeller="me")
+    q2 = db.enqueue([{"role": "user", "content": "Who is Bo?"}])
+    db.label(q2, "A cat.", "A dog.", "both_bad", ideal="Bo works at Acme.")
+    assert db.next_to_label() is None
+    s = db.stats()
+    assert (s["thumbs_up"], s["thumbs_down"], s["flagged"], s["comparisons"], s["ideal_answers"]) == (1, 1, 1, 2, 1)
+    counts = db.export(tmp_path / "out")
+    sft = [json.loads(x) for x in (tmp_path / "out" / "sft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(x) for x in (tmp_path / "out" / "comparisons.jsonl").read_text().splitlines()]
+    assert counts == {"sft": 2, "comparisons": 3}
+    assert sft[0]["messages"][-1] == {"role": "assistant", "content": "Bo works at Acme."}
+    assert sft[1]["messages"][0]["role"] == "system" and sft[1]["messages"][-1]["content"] == "Paris."
+    assert pairs[0]["chosen"] == "Paris." and pairs[0]["rejected"] == "Rome." and isinstance(pairs[0]["prompt"], list)
+    assert {p["rejected"] for p in pairs[1:]} == {"A cat.", "A dog."} and pairs[1]["prompt"] == "Who is Bo?"
+    # The SFT reader takes the export as it is.
+    from lmstack.train.sft import load_docs
+
+    tok_dir = tmp_path / "tok"
+    (tmp_path / "t.txt").write_text("Where was Ana born? Paris. Bo works at Acme. " * 30)
+    tok = train_tokenizer([tmp_path / "t.txt"], vocab_size=300, out=tok_dir, progress=False)
+    docs, stats = load_docs([tmp_path / "out" / "sft.jsonl"], tok, 512)
+    assert len(docs) == 2 and not stats["skipped"]
+    db.close()
+    # Versions: a newer schema and a foreign database are refused; a corrupt file too.
+    con = sqlite3.connect(tmp_path / "f.sqlite")
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.close()
+    with pytest.raises(UserError, match="newer|upgrade"):
+        FeedbackDB(tmp_path / "f.sqlite")
+    con = sqlite3.connect(tmp_path / "other.sqlite")
+    con.execute("CREATE TABLE x (a)")
+    con.close()
+    with pytest.raises(UserError, match="not an lmstack feedback database"):
+        FeedbackDB(tmp_path / "other.sqlite")
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(UserError):
+        FeedbackDB(tmp_path / "junk.sqlite")
+
+
+def test_serve_and_feedback_command_line_errors(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True, timeout=120)
+
+    for args in (["serve", "--model", str(tmp_path / "nope")], ["feedback", "export", "--db", str(tmp_path / "x.db"),
+                                                                 "--out", str(tmp_path / "o")]):
+        proc = run(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
