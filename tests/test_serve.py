@@ -418,3 +418,14 @@ def test_serve_and_feedback_command_line_errors(tmp_path):
         proc = run(*args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_request_time_limit_gives_408_and_frees_the_slot(model_dir, tmp_path):
+    app = build(model_dir, api_key=None, db_path=None, slots=2, dtype="fp32", device="cpu", name="chat",
+                limits=Limits(request_timeout=0.0))
+    with LiveServer(app) as s:
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=30, json={
+            "model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 50})
+        assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
+        assert app.state.server.batcher.load["live"] == 0
+        assert httpx.get(s.url + "/v1/models").status_code == 200  # no key set: open
