@@ -149,7 +149,7 @@ def test_models_and_plain_chat_equal_the_engine(client, engine_model):
     assert r.usage.completion_tokens <= 20 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def test_streaming_concatenates_to_the_plain_reply(client):
+def test_streaming_concatenates_to_the_plain_reply(client, live):
     kw = dict(model="chat", messages=[{"role": "user", "content": "Tell me about Bo."}], temperature=0, max_tokens=30)
     r = client.chat.completions.create(**kw)
     plain = r.choices[0].message.content
@@ -159,6 +159,14 @@ def test_streaming_concatenates_to_the_plain_reply(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # The monitor's log has the streamed request with its tokens (logged when the stream ended).
+    db = live.app.state.server.db
+    for _ in range(50):
+        last = db._q("SELECT endpoint, status, completion_tokens FROM requests ORDER BY id DESC LIMIT 1")
+        if last and tuple(last[0]) == ("/v1/chat/completions", 200, r.usage.completion_tokens):
+            break
+        time.sleep(0.05)
+    assert tuple(last[0]) == ("/v1/chat/completions", 200, r.usage.completion_tokens)
 
 
 def test_stop_sequences_cut_the_reply(client):

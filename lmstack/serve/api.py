@@ -326,7 +326,10 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
             if not ok:
                 return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
                                                "authentication_error", code="invalid_api_key"), status_code=401)
+        request.state.t0 = t0
         response = await call_next(request)
+        if getattr(request.state, "streamed", False):
+            return response  # logged when the stream ends (_logged), with its tokens and full time
         if server.db is not None and path.startswith("/v1/") and request.method == "POST":
             usage = getattr(request.state, "usage", None) or {}
             await run_in_threadpool(server.db.log_request, path, response.status_code,
@@ -399,7 +402,7 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
                 except APIError as e:
                     yield _sse(error_body(e.message, e.type, e.param, e.code))
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _logged(server, request, gen())
 
         async for i, d in _events(server, queue, reqs, request):
             choices[i].push(d)
@@ -461,7 +464,7 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
                 except APIError as e:
                     yield _sse(error_body(e.message, e.type, e.param, e.code))
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _logged(server, request, gen())
 
         async for k, d in _events(server, queue, reqs, request):
             if isinstance(d, tuple):  # ("prompt", log-probs of the prompt tokens)
@@ -521,6 +524,28 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
 
         add_webapp(app, server)
     return app
+
+
+def _logged(server: Server, request: Request, stream) -> StreamingResponse:
+    """An SSE response whose request is logged when the stream ends: its real duration and
+    tokens (the middleware would log it when the headers go out, before any token)."""
+    request.state.streamed = True
+
+    async def body():
+        status = 200
+        try:
+            async for chunk in stream:
+                if chunk.startswith('data: {"error"'):
+                    status = 500 if '"server_error"' in chunk else 408 if '"timeout"' in chunk else 400
+                yield chunk
+        finally:
+            if server.db is not None:
+                usage = getattr(request.state, "usage", None) or {}
+                await run_in_threadpool(server.db.log_request, request.url.path, status,
+                                        (time.monotonic() - request.state.t0) * 1000,
+                                        usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _model_card(server: Server) -> dict:

@@ -1,5 +1,265 @@
-"""The web app (chat, label, monitor) and its JSON API. (Being written.)"""
+"""The web app (chat, label, monitor) and its JSON API, mounted on the API's FastAPI app.
+
+    GET  /                   -> redirect to /app
+    GET  /app                the single page (lmstack/serve/static/index.html; no build step, no CDN)
+    GET  /static/...         its script and style sheet
+    GET  /api/info           {model, max_model_len, database}: what the page needs to start
+    POST /api/conversations  {id?, system?, messages} -> {id}      save (or update) a chat
+    POST /api/feedback       {conversation_id, message_index, rating: 1 | -1, comment?} -> {id}
+                             thumbs down flags the conversation and queues its prompt for labelling
+    GET  /api/label/next     [?after=ID: the next item after ID (skip)] -> {item: null} or
+                             {item: {id, messages, source}, answers: [a, b], guide, remaining}:
+                             two answers sampled from the model (temperature 1, two seeds)
+    POST /api/label          {item_id, answer_a, answer_b, choice: a|b|tie|both_bad, ideal?,
+                             comment?, labeller?} -> {id}
+    POST /api/label/queue    {messages} or {prompt} -> {id}           add a prompt to label
+    GET  /api/monitor        the database's counts, the recent flagged conversations
+                             (flagged_conversations) and the batcher's load
+    GET  /api/guide          {guide}: the labelling instructions (Markdown)
+
+The page and /static load without a key; everything under /api needs the API key when the
+server has one (the API's middleware checks it; the page asks for the key once and keeps it in
+the browser's localStorage). Without a database (`--db ''`) the chat still works and the
+feedback endpoints answer 503. Errors have OpenAI's shape, like the rest of the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import Field
+from starlette.concurrency import run_in_threadpool
+
+from lmstack.serve.api import APIError, _Body, _Choice, _events
+from lmstack.tokenizer import ChatFormatError, render_chat
+from lmstack.world.labeller import GUIDE
+
+STATIC = Path(__file__).parent / "static"
+CHOICES = ("a", "b", "tie", "both_bad")
+MAX_COMMENT = 2000  # characters in a feedback or labelling comment
+MAX_TEXT = 50_000  # characters in one message, answer or ideal answer
+MAX_SYSTEM = 10_000
+LABEL_MAX_TOKENS = 128  # per sampled answer on the label tab
+LABEL_TEMPERATURE = 1.0
+
+# The page's security policy: everything from this server, nothing inline, no framing.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def add_webapp(app, server) -> None:
-    pass
+# --- request bodies (pydantic: wrong types or unknown fields -> the API's 400) ---------------
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant", "tool"]  # the chat template's roles
+    content: str = Field(max_length=MAX_TEXT)
+
+
+class ConversationBody(_Body):
+    id: int | None = Field(None, strict=True, ge=1)
+    system: str | None = Field(None, max_length=MAX_SYSTEM)
+    messages: list[Message] = Field(min_length=1)
+
+
+class FeedbackBody(_Body):
+    conversation_id: int = Field(strict=True, ge=1)
+    message_index: int = Field(strict=True, ge=0)
+    rating: int = Field(strict=True)
+    comment: str | None = Field(None, max_length=MAX_COMMENT)
+
+
+class LabelBody(_Body):
+    item_id: int = Field(strict=True, ge=1)
+    answer_a: str = Field(max_length=MAX_TEXT)
+    answer_b: str = Field(max_length=MAX_TEXT)
+    choice: str
+    ideal: str | None = Field(None, max_length=MAX_TEXT)
+    comment: str | None = Field(None, max_length=MAX_COMMENT)
+    labeller: str | None = Field(None, max_length=100)
+
+
+class QueueBody(_Body):
+    messages: list[Message] | None = None
+    prompt: str | None = Field(None, max_length=MAX_TEXT)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def _db(server):
+    if server.db is None:
+        raise APIError(503, "this server has no feedback database (start it with `lmstack serve --db FILE`); "
+                       "the chat works without one", "server_error", code="no_database")
+    return server.db
+
+
+async def _call(fn, *args, **kw):
+    """A blocking database call in a worker thread; its KeyError -> 404, ValueError -> 400."""
+    try:
+        return await run_in_threadpool(fn, *args, **kw)
+    except KeyError as e:
+        raise APIError(404, str(e.args[0]) if e.args else "not found", code="not_found") from None
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+def _messages(server, msgs: list[Message]) -> list[dict]:
+    if len(msgs) > server.limits.max_messages:
+        raise APIError(400, f"{len(msgs)} messages; at most {server.limits.max_messages}", param="messages")
+    return [m.model_dump() for m in msgs]
+
+
+def _render(server, messages: list[dict]) -> list[int]:
+    """The prompt's token ids (the chat template, ending with <|assistant|>); 400 if it is
+    malformed or leaves no room in the context for an answer."""
+    try:
+        ids, _ = render_chat(server.tok, messages, add_generation_prompt=True)
+    except ChatFormatError as e:
+        raise APIError(400, str(e), param="messages") from None
+    server.check_prompt(ids)
+    return ids
+
+
+async def sample_answers(server, messages: list[dict], n: int = 2, max_tokens: int = LABEL_MAX_TOKENS,
+                         temperature: float = LABEL_TEMPERATURE, request: Request | None = None) -> list[str]:
+    """`n` answers to a chat prompt, sampled through the batcher (as /v1/chat/completions does),
+    each with its own seed; tool calls are left out of the text."""
+    ids = _render(server, messages)
+    room = server.room(ids, max_tokens)
+    body = SimpleNamespace(seed=random.randrange(1 << 30), temperature=temperature, top_p=1.0)
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    reqs = [server.start(ids, room, body, (), server.chat_stops, i, loop, queue) for i in range(n)]
+    choices = [_Choice(server, i, chat=True) for i in range(n)]
+    async for i, d in _events(server, queue, reqs, request if request is not None else _Connected()):
+        choices[i].push(d)
+    return [c.content.strip() for c in choices]
+
+
+class _Connected:
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+def _next_item(db, after: int | None) -> tuple[dict | None, int]:
+    """The first item waiting to be labelled (after `after`, wrapping round), and how many wait."""
+    import json
+
+    item = None
+    if after is not None:
+        rows = db._q("SELECT id, messages, source FROM label_queue WHERE done=0 AND id>? ORDER BY id LIMIT 1",
+                     (after,))
+        if rows:
+            item = {"id": rows[0]["id"], "messages": json.loads(rows[0]["messages"]), "source": rows[0]["source"]}
+    if item is None:
+        item = db.next_to_label()
+    remaining = db._q("SELECT count(*) FROM label_queue WHERE done=0")[0][0]
+    return item, remaining
+
+
+def _clean(text: str | None) -> str | None:
+    text = (text or "").strip()
+    return text or None
+
+
+# --- the routes ----------------------------------------------------------------------------
+
+def add_webapp(app: FastAPI, server) -> None:
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return RedirectResponse("/app", status_code=307)
+
+    @app.get("/app", include_in_schema=False)
+    @app.get("/app/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html",
+                            headers={"Cache-Control": "no-cache", "Content-Security-Policy": CSP,
+                                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+    @app.get("/api/info")
+    async def info():
+        return {"model": server.name, "max_model_len": server.ctx, "database": server.db is not None,
+                "label_max_tokens": LABEL_MAX_TOKENS}
+
+    @app.get("/api/guide")
+    async def guide():
+        return {"guide": GUIDE}
+
+    @app.post("/api/conversations")
+    async def save_conversation(body: ConversationBody):
+        db = _db(server)
+        msgs = _messages(server, body.messages)
+        cid = await _call(db.save_conversation, msgs, server.name, _clean(body.system), body.id)
+        return {"id": cid}
+
+    @app.post("/api/feedback")
+    async def feedback(body: FeedbackBody):
+        db = _db(server)
+        if body.rating not in (1, -1):
+            raise APIError(400, f"rating must be 1 (thumbs up) or -1 (thumbs down), got {body.rating}", param="rating")
+        rid = await _call(db.rate, body.conversation_id, body.message_index, body.rating, _clean(body.comment))
+        return {"id": rid}
+
+    @app.get("/api/label/next")
+    async def label_next(request: Request, after: int | None = Query(None, ge=0)):
+        db = _db(server)
+        item, remaining = await _call(_next_item, db, after)
+        if item is None:
+            return {"item": None, "answers": None, "guide": GUIDE, "remaining": 0}
+        out = {"item": item, "answers": None, "guide": GUIDE, "remaining": remaining}
+        try:
+            out["answers"] = await sample_answers(server, item["messages"], request=request)
+        except APIError as e:  # a prompt that cannot be answered (too long for the context, malformed)
+            if e.status >= 500:
+                raise
+            out["error"] = f"cannot sample answers for this prompt: {e.message}. Skip it, or write the ideal answer."
+        return out
+
+    @app.post("/api/label")
+    async def label(body: LabelBody):
+        db = _db(server)
+        if body.choice not in CHOICES:
+            raise APIError(400, f"choice must be one of {', '.join(CHOICES)} (got {body.choice!r})", param="choice")
+        cid = await _call(db.label, body.item_id, body.answer_a, body.answer_b, body.choice, _clean(body.ideal),
+                          _clean(body.labeller), _clean(body.comment))
+        return {"id": cid}
+
+    @app.post("/api/label/queue")
+    async def queue(body: QueueBody):
+        db = _db(server)
+        if (body.messages is None) == (body.prompt is None):
+            raise APIError(400, "give either messages (a list of {role, content}) or prompt (text)", param="messages")
+        if body.prompt is not None:
+            if not body.prompt.strip():
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            msgs = [{"role": "user", "content": body.prompt.strip()}]
+        else:
+            if not body.messages:
+                raise APIError(400, "messages must not be empty", param="messages")
+            msgs = _messages(server, body.messages)
+            if msgs[-1]["role"] == "assistant":
+                raise APIError(400, "a prompt to label must not end with an assistant message (the answers are "
+                               "what gets labelled)", param="messages")
+        _render(server, msgs)  # answerable: well-formed and leaves room in the context
+        qid = await _call(db.enqueue, msgs, "api")
+        return {"id": qid}
+
+    @app.get("/api/monitor")
+    async def monitor():
+        db = _db(server)
+
+        def read():
+            return db.stats(), db.flagged(limit=20)
+
+        stats, flagged = await _call(read)
+        return {**stats, "flagged_conversations": flagged, "model": server.name, "load": server.batcher.load,
+                "batcher": dict(server.batcher.stats)}
+
+
+__all__ = ["add_webapp", "sample_answers", "GUIDE"]

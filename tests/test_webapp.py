@@ -1,0 +1,402 @@
+"""The web app: its JSON API in process (save a chat, thumbs up and down, the labelling queue,
+sampled answer pairs, labels, the monitor, the export read back by the SFT reader), bad input
+answered 4xx in OpenAI's error shape, the API key and the missing database; and the page itself
+driven in headless Chromium against a live server (key, chat with a streamed reply, thumbs down
+with a comment, a label, the monitor), checked against the database."""
+
+import dataclasses
+import json
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from lmstack.config import ModelConfig
+from lmstack.model import GPT
+from lmstack.serve.db import export
+from lmstack.serve.server import build
+from lmstack.tokenizer import Tokenizer, render_chat, train_tokenizer
+from lmstack.train.checkpoint import save_weights
+from lmstack.train.sft import load_docs
+from lmstack.utils import atomic_write_json
+from lmstack.world.labeller import GUIDE
+
+KEY = "sk-webapp-test"
+REPLY = "Ana was born in Paris and Bo works at Acme in Rome."
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny chat model trained for a moment to answer with REPLY (a random one mostly ends
+    its turn at once: empty replies make weak tests)."""
+    d = tmp_path_factory.mktemp("chat")
+    (d / "a.txt").write_text((REPLY + " What is 23 + 58? Tell me about Bo. Hi\n") * 50)
+    tok = train_tokenizer([d / "a.txt"], vocab_size=300, out=d / "tok", progress=False)
+    tok.save(d)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=96)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    questions = ["Hi", "Where was Ana born?", "Tell me about Bo.", "What is 23 + 58?"]
+    seqs = [torch.tensor(render_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": REPLY}])[0])
+            for q in questions]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(100):
+        seq = seqs[step % len(seqs)][None]
+        loss = torch.nn.functional.cross_entropy(model(seq[:, :-1])[0], seq[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_weights(model, d / "model.safetensors")
+    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
+    return d
+
+
+def make_app(model_dir, db_path, api_key=None):
+    return build(model_dir, api_key=api_key, db_path=db_path, slots=4, dtype="fp32", device="cpu", name="chat")
+
+
+@pytest.fixture()
+def client(model_dir, tmp_path):
+    with TestClient(make_app(model_dir, tmp_path / "feedback.sqlite")) as c:
+        c.db_path = tmp_path / "feedback.sqlite"
+        yield c
+
+
+def ok(r) -> dict:
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream_reply(c, messages) -> str:
+    """The reply of a streamed chat completion, as the page reads it (SSE `data:` lines)."""
+    text, done = "", False
+    with c.stream("POST", "/v1/chat/completions", json={"model": "chat", "messages": messages, "stream": True,
+                                                         "temperature": 0, "max_tokens": 40}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            choice = json.loads(data)["choices"][0]
+            text += choice["delta"].get("content") or ""
+    assert done
+    return text
+
+
+# --- the API in process -------------------------------------------------------------------------
+
+def test_chat_feedback_label_monitor_and_export(client, model_dir, tmp_path):
+    c = client
+    r = c.get("/", follow_redirects=False)
+    assert r.status_code in (302, 307) and r.headers["location"] == "/app"
+    page = c.get("/app")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="messages"' in page.text and "default-src 'self'" in page.headers["content-security-policy"]
+    assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+    for f in ("app.js", "app.css"):
+        assert c.get(f"/static/{f}").status_code == 200
+    assert ok(c.get("/api/guide"))["guide"] == GUIDE
+    assert ok(c.get("/api/info")) == {"model": "chat", "max_model_len": 96, "database": True, "label_max_tokens": 128}
+    assert ok(c.get("/api/label/next")) == {"item": None, "answers": None, "guide": GUIDE, "remaining": 0}
+
+    # A chat of two turns, saved after each reply (the second save updates the first).
+    system = "Be brief."
+    msgs = [{"role": "user", "content": "Hi"}]
+    msgs.append({"role": "assistant", "content": stream_reply(c, [{"role": "system", "content": system}] + msgs)})
+    assert msgs[-1]["content"]
+    cid = ok(c.post("/api/conversations", json={"system": system, "messages": msgs}))["id"]
+    msgs += [{"role": "user", "content": "Where was Ana born?"}]
+    msgs.append({"role": "assistant", "content": stream_reply(c, [{"role": "system", "content": system}] + msgs)})
+    assert ok(c.post("/api/conversations", json={"id": cid, "system": system, "messages": msgs}))["id"] == cid
+
+    # Thumbs up on the first reply, down (with a comment) on the second: flagged and queued.
+    ok(c.post("/api/feedback", json={"conversation_id": cid, "message_index": 1, "rating": 1}))
+    ok(c.post("/api/feedback", json={"conversation_id": cid, "message_index": 3, "rating": -1,
+                                     "comment": "Paris is right, but say only that."}))
+    m = ok(c.get("/api/monitor"))
+    assert (m["conversations"], m["thumbs_up"], m["thumbs_down"], m["flagged"], m["to_label"]) == (1, 1, 1, 1, 1)
+    assert m["requests"] == 2 and m["errors"] == 0 and m["prompt_tokens"] > 0  # the two chat calls
+    assert m["latency_ms"]["p50"] is not None and m["load"]["slots"] == 4
+    (conv,) = m["flagged_conversations"]
+    assert conv["id"] == cid and conv["messages"] == msgs and conv["system"] == system
+    assert [(x["message_index"], x["rating"], x["comment"]) for x in conv["ratings"]] == [
+        (1, 1, None), (3, -1, "Paris is right, but say only that.")]
+
+    # The flagged prompt comes up for labelling, with two sampled answers.
+    nxt = ok(c.get("/api/label/next"))
+    assert nxt["item"]["messages"] == [{"role": "system", "content": system}] + msgs[:3]
+    assert nxt["item"]["source"] == "flagged" and nxt["remaining"] == 1 and nxt["guide"] == GUIDE
+    a, b = nxt["answers"]
+    assert isinstance(a, str) and isinstance(b, str) and (a or b)
+    ok(c.post("/api/label", json={"item_id": nxt["item"]["id"], "answer_a": a, "answer_b": b, "choice": "a",
+                                  "comment": "A says Paris", "labeller": "ana"}))
+    assert ok(c.get("/api/label/next"))["item"] is None
+
+    # Prompts added through the API (text or messages); both bad plus an ideal answer.
+    q1 = ok(c.post("/api/label/queue", json={"prompt": "Tell me about Bo."}))["id"]
+    q2 = ok(c.post("/api/label/queue", json={"messages": [{"role": "user", "content": "What is 23 + 58?"}]}))["id"]
+    nxt = ok(c.get("/api/label/next"))
+    assert nxt["item"]["id"] == q1 and nxt["remaining"] == 2
+    assert nxt["item"]["messages"] == [{"role": "user", "content": "Tell me about Bo."}]
+    assert ok(c.get(f"/api/label/next?after={q1}"))["item"]["id"] == q2  # skip
+    assert ok(c.get(f"/api/label/next?after={q2}"))["item"]["id"] == q1  # and round again
+    ok(c.post("/api/label", json={"item_id": q1, "answer_a": nxt["answers"][0], "answer_b": nxt["answers"][1],
+                                  "choice": "both_bad", "ideal": "Bo works at Acme in Rome."}))
+    ok(c.post("/api/label", json={"item_id": q2, "answer_a": "81", "answer_b": "82", "choice": "tie"}))
+
+    # A queued prompt too long to answer: the item comes with an error instead of answers.
+    server = c.app.state.server
+    long_id = server.db.enqueue([{"role": "user", "content": "Hi " * 200}], "file")
+    nxt = ok(c.get("/api/label/next"))
+    assert nxt["item"]["id"] == long_id and nxt["answers"] is None and "context" in nxt["error"]
+
+    m = ok(c.get("/api/monitor"))
+    assert (m["comparisons"], m["ideal_answers"], m["to_label"]) == (3, 1, 1)
+
+    # The export: SFT rows the SFT reader takes, comparisons as preference pairs.
+    counts = export(c.db_path, tmp_path / "out")
+    assert counts == {"sft": 2, "comparisons": 3}  # ideal + thumbs up; a, and both bad with an ideal (x2)
+    tok = Tokenizer.load(model_dir)
+    docs, stats = load_docs([tmp_path / "out" / "sft.jsonl"], tok, 1024)
+    assert len(docs) == 2 and not stats.get("skipped")
+    pairs = [json.loads(x) for x in (tmp_path / "out" / "comparisons.jsonl").read_text().splitlines()]
+    assert len(pairs) == 3 and all(set(p) >= {"prompt", "chosen", "rejected"} for p in pairs)
+    assert pairs[0]["chosen"] == a and pairs[0]["rejected"] == b and pairs[0]["reason"] == "A says Paris"
+    assert pairs[1]["prompt"] == "Tell me about Bo." and pairs[1]["chosen"] == "Bo works at Acme in Rome."
+
+
+def long_text(n):
+    return "x" * n
+
+
+BAD = [  # (method, path, body, status)
+    ("post", "/api/conversations", {"messages": []}, 400),
+    ("post", "/api/conversations", {"messages": "hi"}, 400),
+    ("post", "/api/conversations", {}, 400),
+    ("post", "/api/conversations", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("post", "/api/conversations", {"messages": [{"role": "user", "content": 5}]}, 400),
+    ("post", "/api/conversations", {"messages": [{"role": "user"}]}, 400),
+    ("post", "/api/conversations", {"messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400),
+    ("post", "/api/conversations", {"id": 999, "messages": [{"role": "user", "content": "hi"}]}, 404),
+    ("post", "/api/conversations", {"id": "1", "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ("post", "/api/conversations", {"messages": [{"role": "user", "content": "hi"}] * 300}, 400),
+    ("post", "/api/feedback", {"conversation_id": 999, "message_index": 1, "rating": -1}, 404),
+    ("post", "/api/feedback", {"conversation_id": 1, "message_index": 0, "rating": -1}, 400),  # a user message
+    ("post", "/api/feedback", {"conversation_id": 1, "message_index": 7, "rating": 1}, 400),
+    ("post", "/api/feedback", {"conversation_id": 1, "message_index": 1, "rating": 2}, 400),
+    ("post", "/api/feedback", {"conversation_id": 1, "message_index": 1, "rating": "1"}, 400),
+    ("post", "/api/feedback", {"conversation_id": 1, "message_index": 1, "rating": True}, 400),
+    ("post", "/api/feedback", {"conversation_id": 1, "message_index": 1}, 400),
+    ("post", "/api/feedback", {"conversation_id": 1, "message_index": 1, "rating": 1, "comment": long_text(2001)}, 400),
+    ("post", "/api/label", {"item_id": 1, "answer_a": "x", "answer_b": "y", "choice": "c"}, 400),
+    ("post", "/api/label", {"item_id": 1, "answer_a": "x", "choice": "a"}, 400),
+    ("post", "/api/label", {"item_id": 999, "answer_a": "x", "answer_b": "y", "choice": "a"}, 404),
+    ("post", "/api/label", {"item_id": 1, "answer_a": "x", "answer_b": "y", "choice": "a", "comment": long_text(2001)}, 400),
+    ("post", "/api/label/queue", {}, 400),
+    ("post", "/api/label/queue", {"prompt": "  "}, 400),
+    ("post", "/api/label/queue", {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ("post", "/api/label/queue", {"messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "hello"}]}, 400),
+    ("post", "/api/label/queue", {"prompt": "Hi " * 200}, 400),  # does not fit the context
+    ("post", "/api/label/queue", b"{not json", 400),
+    ("post", "/api/label/queue", b"[1, 2]", 400),
+    ("get", "/api/label/next?after=-1", None, 400),
+    ("get", "/api/label/next?after=x", None, 400),
+    ("get", "/api/nothing", None, 404),
+]
+
+
+def test_bad_input_gets_4xx_in_openai_shape(client):
+    c = client
+    cid = ok(c.post("/api/conversations", json={"messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": "hello"}]}))["id"]
+    assert cid == 1
+    qid = ok(c.post("/api/label/queue", json={"prompt": "Hi"}))["id"]
+    assert qid == 1
+    for method, path, body, status in BAD:
+        if isinstance(body, bytes):
+            r = c.post(path, content=body, headers={"content-type": "application/json"})
+        else:
+            r = getattr(c, method)(path, **({"json": body} if body is not None else {}))
+        assert r.status_code == status, (path, str(body)[:80], r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    m = ok(c.get("/api/monitor"))  # nothing was written by the bad requests
+    assert (m["conversations"], m["thumbs_up"], m["thumbs_down"], m["comparisons"], m["to_label"]) == (1, 0, 0, 0, 1)
+
+
+def test_the_key_guards_the_api_but_not_the_page(model_dir, tmp_path):
+    with TestClient(make_app(model_dir, tmp_path / "db.sqlite", api_key=KEY)) as c:
+        assert c.get("/app").status_code == 200 and c.get("/static/app.js").status_code == 200
+        assert c.get("/", follow_redirects=False).status_code in (302, 307)
+        for method, path in [("get", "/api/info"), ("get", "/api/monitor"), ("get", "/api/label/next"),
+                             ("get", "/api/guide"), ("post", "/api/conversations"), ("post", "/api/feedback")]:
+            r = getattr(c, method)(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        assert c.get("/api/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert ok(c.get("/api/info", headers={"Authorization": f"Bearer {KEY}"}))["database"] is True
+
+
+def test_without_a_database_the_chat_still_works(model_dir):
+    with TestClient(make_app(model_dir, None)) as c:
+        assert ok(c.get("/api/info"))["database"] is False
+        assert ok(c.get("/api/guide"))["guide"] == GUIDE
+        for method, path, body in [("get", "/api/monitor", None), ("get", "/api/label/next", None),
+                                   ("post", "/api/conversations", {"messages": [{"role": "user", "content": "hi"}]}),
+                                   ("post", "/api/feedback", {"conversation_id": 1, "message_index": 1, "rating": 1}),
+                                   ("post", "/api/label/queue", {"prompt": "hi"})]:
+            r = getattr(c, method)(path, **({"json": body} if body else {}))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "no_database", path
+            assert "--db" in r.json()["error"]["message"]
+        assert stream_reply(c, [{"role": "user", "content": "Hi"}])
+
+
+# --- the page in a real browser --------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(self.url.rsplit(":", 1)[1]),
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(200):
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def rows(db_path, sql):
+    con = sqlite3.connect(db_path)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_the_page_in_headless_chromium(model_dir, tmp_path):
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    if missing:
+        pytest.skip(f"no headless browser: {', '.join(missing)} not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    db_path = tmp_path / "feedback.sqlite"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
+              "--disable-gpu", "--no-first-run"):
+        opts.add_argument(a)
+    with LiveServer(make_app(model_dir, db_path, api_key=KEY)) as live:
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+        wait = WebDriverWait(driver, 30)
+        el = lambda i: driver.find_element(By.ID, i)  # noqa: E731
+        try:
+            # The page loads without the key, finds the API needs one, and asks for it.
+            driver.get(live.url + "/app")
+            wait.until(lambda d: el("key-dialog").is_displayed())
+            el("api-key").send_keys(KEY)
+            el("save-key").click()
+            wait.until(lambda d: el("model-name").text.startswith("chat"))
+            assert not el("key-dialog").is_displayed()
+
+            # Chat: a streamed reply (greedy: the tiny model's REPLY), saved as a conversation.
+            driver.execute_script("const t = document.getElementById('temperature'); t.value = '0';"
+                                  "t.dispatchEvent(new Event('input'));")
+            el("message").send_keys("Where was Ana born?")
+            el("send").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#msg-1.assistant.done"))
+            reply = driver.find_element(By.CSS_SELECTOR, "#msg-1 .content").text
+            assert reply and "empty reply" not in reply
+            assert el("msg-0").text.endswith("Where was Ana born?")
+
+            # Thumbs down with a comment: a rating row, the conversation flagged and queued.
+            wait.until(lambda d: el("thumbs-down-1").is_enabled())
+            el("thumbs-down-1").click()
+            el("comment-1").send_keys("It should only say Paris.")
+            el("send-feedback-1").click()
+            wait.until(lambda d: "Thanks" in el("feedback-status-1").text)
+            assert rows(db_path, "SELECT id, flagged FROM conversations") == [(1, 1)]
+            (conv_messages,) = rows(db_path, "SELECT messages FROM conversations")[0]
+            assert json.loads(conv_messages) == [{"role": "user", "content": "Where was Ana born?"},
+                                                 {"role": "assistant", "content": reply}]
+            assert rows(db_path, "SELECT conversation_id, message_index, rating, comment FROM ratings") == [
+                (1, 1, -1, "It should only say Paris.")]
+
+            # Label: the flagged prompt with two sampled answers; A is better, plus an ideal answer.
+            el("tab-label").click()
+            wait.until(lambda d: el("label-item").is_displayed())
+            assert "Where was Ana born?" in el("label-prompt").text
+            answers = el("label-answer-a").text, el("label-answer-b").text
+            assert all(answers)
+            el("label-a").click()
+            driver.find_element(By.CSS_SELECTOR, "#ideal-box summary").click()
+            el("label-ideal").send_keys("Ana was born in Paris.")
+            el("label-submit").click()
+            wait.until(lambda d: el("label-empty").is_displayed())
+            ((choice, ideal, msgs),) = rows(db_path, "SELECT choice, ideal, messages FROM comparisons")
+            assert choice == "a" and ideal == "Ana was born in Paris."
+            assert json.loads(msgs) == [{"role": "user", "content": "Where was Ana born?"}]
+            assert rows(db_path, "SELECT count(*) FROM label_queue WHERE done=0") == [(0,)]
+
+            # Monitor: the counts and the flagged conversation with its comment.
+            el("tab-monitor").click()
+            wait.until(lambda d: d.find_elements(By.ID, "stat-comparisons"))
+            assert el("stat-comparisons").text.split("\n")[0] == "1"
+            assert el("stat-thumbs-down").text.split("\n")[0] == "1"
+            assert el("stat-requests").text.split("\n")[0] == "1"
+            assert "It should only say Paris." in el("flagged").text
+
+            errors = [e["message"] for e in driver.get_log("browser")
+                      if e["level"] == "SEVERE" and "401" not in e["message"]]  # the first, keyless call
+            assert not errors, errors
+        finally:
+            driver.quit()
+
+    # The export feeds the trainers: the ideal answer is an SFT row, the label a preference pair.
+    counts = export(db_path, tmp_path / "out")
+    assert counts == {"sft": 1, "comparisons": 1}
+    docs, _ = load_docs([tmp_path / "out" / "sft.jsonl"], Tokenizer.load(model_dir), 1024)
+    assert len(docs) == 1
+    (pair,) = [json.loads(x) for x in (tmp_path / "out" / "comparisons.jsonl").read_text().splitlines()]
+    assert pair["prompt"] == "Where was Ana born?" and pair["chosen"] == answers[0] and pair["rejected"] == answers[1]
