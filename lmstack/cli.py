@@ -122,6 +122,27 @@ def _cmd_feedback_export(a):
     export(a.db, a.out)
 
 
+def _cmd_export(a):
+    if a.format == "twofile":
+        from lmstack.twofile import export_twofile
+
+        export_twofile(a.model, a.out, force=a.force)
+    elif a.format == "hf":
+        from lmstack.hf import export_hf
+
+        export_hf(a.model, a.out, force=a.force)
+    else:
+        from lmstack.to_gguf import export_gguf
+
+        export_gguf(a.model, a.out, dtype=a.dtype, force=a.force)
+
+
+def _cmd_import(a):
+    from lmstack.hf import import_hf
+
+    import_hf(a.source, a.out, force=a.force)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lmstack", description="The whole life of a language model, from scratch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -253,6 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--db", required=True)
     fe.add_argument("--out", required=True, help="output folder")
     fe.set_defaults(func=_cmd_feedback_export)
+
+    ex = sub.add_parser("export", help="export a model: two files (run.py + weights), Hugging Face, GGUF")
+    ex.add_argument("format", choices=["twofile", "hf", "gguf"])
+    ex.add_argument("--model", required=True, help="model folder")
+    ex.add_argument("--out", required=True, help="output folder (twofile, hf) or .gguf file (gguf)")
+    ex.add_argument("--dtype", default="f32", help="gguf: f32 | f16 | bf16 (default f32)")
+    ex.add_argument("--force", action="store_true", help="replace an existing output")
+    ex.set_defaults(func=_cmd_export)
+
+    im = sub.add_parser("import", help="import a model from elsewhere into an lmstack model folder")
+    im.add_argument("format", choices=["hf"])
+    im.add_argument("--from", dest="source", required=True, help="a local Hugging Face Llama-family folder")
+    im.add_argument("--out", required=True, help="the lmstack model folder to write")
+    im.add_argument("--force", action="store_true", help="replace an existing output")
+    im.set_defaults(func=_cmd_import)
 
     sr = sub.add_parser("speedrun", help="the whole pipeline on the synthetic world")
     sr.add_argument("--out", default="runs/speedrun")
