@@ -113,7 +113,7 @@ def _cmd_serve(a):
     from lmstack.serve.server import serve
 
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, db_path=a.db, slots=a.slots, dtype=a.dtype,
-          device=a.device, label_prompts=a.label_prompts)
+          device=a.device, label_prompts=a.label_prompts, threads=a.threads)
 
 
 def _cmd_feedback_export(a):
@@ -266,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
     sv.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto")
     sv.add_argument("--device", default="auto")
+    sv.add_argument("--threads", type=int, default=None, help="torch threads (default on a CPU: cores - 1)")
     sv.set_defaults(func=_cmd_serve)
 
     fb = sub.add_parser("feedback", help="the feedback database")

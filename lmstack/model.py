@@ -81,7 +81,8 @@ class Attention(nn.Module):
             at = torch.arange(slot, slot + B, device=x.device)
             self.cache_k[at, :, start_pos] = k[:, :, 0]
             self.cache_v[at, :, start_pos] = v[:, :, 0]
-            k, v = self.cache_k[rows], self.cache_v[rows]
+            n = attn_mask.shape[-1]  # keys up to the furthest row: not the whole cache
+            k, v = self.cache_k[rows, :, :n], self.cache_v[rows, :, :n]
             causal = False
         elif start_pos is not None:
             # Write this chunk into the static cache, then attend to everything up to it.
@@ -192,8 +193,8 @@ class GPT(nn.Module):
         if isinstance(start_pos, torch.Tensor):
             if T != 1 or attn_mask is None or start_pos.shape != (B,):
                 raise ValueError("per-row positions take one token per row and an attn_mask")
-            if int(start_pos.max()) >= cache.shape[2]:
-                raise ValueError(f"a position reaches the end of the KV cache ({cache.shape[2]})")
+            if int(start_pos.max()) >= min(cache.shape[2], attn_mask.shape[-1]):
+                raise ValueError(f"a position reaches past the KV cache ({cache.shape[2]}) or the mask")
             # [B, 1, 1, head_dim]: broadcast over heads and the one position
             cos, sin = self.rope_cos[start_pos][:, None, None], self.rope_sin[start_pos][:, None, None]
         else:

@@ -88,7 +88,7 @@ class Batcher:
 
     @property
     def load(self) -> dict:
-        return {"live": len(self.live), "waiting": self.pending.qsize(), "slots": self.slots}
+        return {"live": len(self.live), "waiting": self.pending.qsize(), "slots": self.slots, **self.stats}
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -122,7 +122,11 @@ class Batcher:
             req.on_event(_Row(0, len(req.prompt), 0, self.tok, ())._end("timeout", None, None))
             return
         slot = len(self.live)
-        logits = self.model(torch.tensor([req.prompt], device=self.device), start_pos=0, slot=slot)[0]
+        try:
+            logits = self.model(torch.tensor([req.prompt], device=self.device), start_pos=0, slot=slot)[0]
+        except Exception as e:  # e.g. out of memory: this request fails, the others go on
+            req.on_event(("error", f"{type(e).__name__}: {e}"))
+            return
         self.stats["prefill_tokens"] += len(req.prompt)
         if req.prompt_logprobs is not None:
             req.on_event(("prompt", _prompt_logprobs(logits, req.prompt, req.prompt_logprobs)))
@@ -173,7 +177,9 @@ class Batcher:
             return
         tokens = torch.tensor([[r.token] for r in self.live], device=self.device)
         pos = torch.tensor([r.pos for r in self.live], device=self.device)
-        keys = torch.arange(self.model.layers[0].self_attn.cache_k.shape[2], device=self.device)
+        # Keys up to the furthest row only: attention over the whole cache would cost as if
+        # every row were at the end of the context.
+        keys = torch.arange(int(pos.max()) + 1, device=self.device)
         mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # each row sees its own keys
         logits = self.model(tokens, start_pos=pos, attn_mask=mask)[:, 0]
         for b, r in enumerate(self.live):

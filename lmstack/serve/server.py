@@ -86,8 +86,19 @@ def is_loopback(host: str) -> bool:
 
 def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           db_path: str | None = "feedback.sqlite", slots: int = 16, dtype: str = "auto", device: str = "auto",
-          label_prompts=None, limits=None) -> None:
+          label_prompts=None, limits=None, threads: int | None = None) -> None:
+    import torch
     import uvicorn
+
+    # On a CPU, leave a core to the event loop (HTTP, tokenizing, streaming): measured on 2 cores
+    # (bench/serve_throughput.py), torch on both cores fought the event loop for them and served
+    # about half the tokens per CPU-second.
+    if threads is None and not torch.cuda.is_available():
+        threads = max(1, (os.cpu_count() or 1) - 1)
+    if threads is not None:
+        if threads < 1:
+            raise UserError("--threads must be >= 1")
+        torch.set_num_threads(threads)
 
     api_key = api_key or os.environ.get("LMSTACK_API_KEY") or None
     if not 0 < port < 65536:
