@@ -70,11 +70,16 @@ class Tokenizer:
         # (Not stored in tokenizer.json, so it is set on every construction.)
         hf.encode_special_tokens = True
         self._tok = hf
+        # lmstack's own tokenizers hold the special tokens at ids 0..15; an imported one
+        # (`lmstack import hf`) has them appended after its vocabulary. Either way they are
+        # found by name, and every added special token (lmstack's or the import's own) is
+        # control, not text.
         self.special_ids = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
-        expected = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-        if self.special_ids != expected:
-            raise UserError("tokenizer is not an lmstack tokenizer (special tokens missing or "
-                            "at other ids); train one with `lmstack tokenizer train`")
+        if None in self.special_ids.values():
+            raise UserError("tokenizer is not an lmstack tokenizer (special tokens missing); train one "
+                            "with `lmstack tokenizer train` or bring a model in with `lmstack import hf`")
+        self.control_ids = frozenset(set(self.special_ids.values()) | {
+            i for i, t in hf.get_added_tokens_decoder().items() if t.special})
         self._token_bytes = None
         self._byte_of = None
 
@@ -141,7 +146,7 @@ class Tokenizer:
     def token_to_bytes(self, i: int) -> bytes:
         """The exact bytes id `i` stands for (a special token: its name in UTF-8). A byte-level
         token may hold part of a character, which `decode([i])` would show as U+FFFD."""
-        if i < len(SPECIAL_TOKENS):
+        if i in self.control_ids:
             return self._tok.id_to_token(i).encode()
         if self._byte_of is None:
             self._byte_of = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
@@ -150,9 +155,8 @@ class Tokenizer:
     def token_bytes(self) -> list[int]:
         """UTF-8 bytes each id stands for (0 for specials): turns loss per token into bits per byte."""
         if self._token_bytes is None:
-            n_special = len(SPECIAL_TOKENS)
             # A byte-level token is a string over a 256-char alphabet, one char per byte.
-            self._token_bytes = [0 if i < n_special else len(self._tok.id_to_token(i))
+            self._token_bytes = [0 if i in self.control_ids else len(self._tok.id_to_token(i))
                                  for i in range(self.vocab_size)]
         return self._token_bytes
 

@@ -1,0 +1,361 @@
+"""Hugging Face interop: export a model folder as a `transformers` Llama, import one back.
+
+    lmstack export hf --model runs/speedrun/chat --out runs/hf/chat
+    lmstack import hf --from ~/models/SmolLM2-135M --out runs/smollm
+
+Export is a rename (DESIGN.md: the model is Llama-shaped): our weight names are HF's minus the
+`model.` prefix. The folder holds config.json (LlamaForCausalLM), model.safetensors (sharded
+with an index past `max_shard_bytes`), generation_config.json, tokenizer.json (BOS added by its
+post-processor, as HF users expect), tokenizer_config.json with THE chat template as Jinja, and
+a README model card. One difference stays: in `transformers`, text that spells a special token
+("<|user|>") becomes that token, as with every HF tokenizer (the chat template needs it);
+lmstack never lets user text become a special token.
+
+Import takes a local Llama-family checkpoint (Llama, SmolLM, Mistral/Qwen2-style shapes when
+they match: no biases, SiLU MLP, plain RoPE) with a byte-level BPE tokenizer. The tokenizer
+gains lmstack's 16 special tokens after its own vocabulary when it lacks them (their
+embeddings start at the mean embedding; fine-tuning teaches them), so the chat template, SFT,
+eval, chat and serve work unchanged. What does not match is named in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from lmstack.utils import UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir
+
+# THE chat template (lmstack.tokenizer.render_chat) as Jinja, for apply_chat_template. Tool-call
+# arguments given as a dict render as JSON (tojson: ", " and ": " separators, non-ASCII kept, as
+# json.dumps(ensure_ascii=False) in render_chat); given as a JSON string they render as written.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% endif %}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ '<|tool_call|>{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' }}"
+    "{% if fn['arguments'] is string %}{{ fn['arguments'] }}{% else %}{{ fn['arguments'] | tojson }}{% endif %}"
+    "{{ '}<|/tool_call|>' }}"
+    "{% endfor %}"
+    "{{ '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+MAX_SHARD_BYTES = 2 * 1024 ** 3
+
+
+def _hf_config(cfg, tok) -> dict:
+    sid = tok.special_ids
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.d_model // cfg.n_head,
+        "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        # transformers 5 reads RoPE from rope_parameters; 4.x from rope_theta: write both
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+        "initializer_range": cfg.init_std, "use_cache": True, "torch_dtype": "float32",
+        "bos_token_id": sid["<|bos|>"], "eos_token_id": [sid["<|eos|>"], sid["<|end|>"]],
+        "pad_token_id": sid["<|pad|>"],
+    }
+
+
+def _hf_tokenizer_files(tok, ctx: int) -> tuple[str, dict]:
+    """(tokenizer.json text with a BOS post-processor, tokenizer_config.json)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    hf = HFTokenizer.from_str(tok.to_str())
+    bos = "<|bos|>"
+    hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                      special_tokens=[(bos, tok.bos_id)])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": "<|eos|>",
+              "pad_token": "<|pad|>", "model_max_length": ctx, "clean_up_tokenization_spaces": False,
+              "chat_template": CHAT_TEMPLATE}
+    return hf.to_str(pretty=True), config
+
+
+def _state_for_hf(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue  # tied: transformers ties it to model.embed_tokens.weight
+        out[name if name.startswith("lm_head.") else "model." + name] = t.detach().to(torch.float32).contiguous()
+    return out
+
+
+def _save(tensors: dict, path: Path) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    from lmstack.utils import current_umask
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600; this is a file to share
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if total <= max_shard_bytes:
+        _save(tensors, folder / "model.safetensors")
+        return
+    shards, cur, size = [], {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name], size = t, size + n
+    shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _save(shard, folder / fname)
+        weight_map.update({k: fname for k in shard})
+    atomic_write_json(folder / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def export_hf(model_dir, out, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write a folder `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` open."""
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.train import checkpoint
+
+    model_dir = Path(model_dir)
+    check_output_dir(out, force)
+    model = checkpoint.load_model(model_dir)
+    tok = Tokenizer.load(model_dir)
+    cfg = model.cfg
+    tok_json, tok_config = _hf_tokenizer_files(tok, cfg.max_seq_len)
+    with atomic_output_dir(out, force) as tmp:
+        atomic_write_json(tmp / "config.json", _hf_config(cfg, tok))
+        _write_weights(_state_for_hf(model), tmp, max_shard_bytes)
+        sid = tok.special_ids
+        atomic_write_json(tmp / "generation_config.json", {
+            "bos_token_id": sid["<|bos|>"], "eos_token_id": [sid["<|eos|>"], sid["<|end|>"]],
+            "pad_token_id": sid["<|pad|>"], "max_length": cfg.max_seq_len})
+        atomic_write_text(tmp / "tokenizer.json", tok_json)
+        atomic_write_json(tmp / "tokenizer_config.json", tok_config)
+        atomic_write_json(tmp / "special_tokens_map.json", {"bos_token": "<|bos|>", "eos_token": "<|eos|>",
+                                                            "pad_token": "<|pad|>"})
+        atomic_write_text(tmp / "README.md", model_card(model_dir, model, tok))
+    print(f"exported {model_dir} as a Hugging Face Llama -> {out} "
+          f"(AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return Path(out)
+
+
+def model_card(model_dir: Path, model, tok) -> str:
+    """README.md with YAML front matter: how the model was trained and its eval results."""
+    from lmstack.eval.run import lineage
+
+    info = lineage(model_dir)
+    run = _read_json(model_dir / "run.json") or {}
+    sft = _read_json(model_dir / "sft.json")
+    imported = _read_json(model_dir / "imported.json")
+    datasets = ["lmstack synthetic world"] if info.get("world") else []
+    base = (imported or {}).get("hub_id")  # the card's base_model must be a hub id, not a local path
+    front = ["---", "license: mit", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags:", "  - lmstack", "  - llama"]
+    if datasets:
+        front += ["datasets:"] + [f"  - {d}" for d in datasets]
+    if base:
+        front.append(f"base_model: {json.dumps(str(base))}")
+    front.append("---")
+    cfg = model.cfg
+    lines = front + ["", f"# {model_dir.resolve().name}", "",
+                     "A Llama-shaped causal language model trained with lmstack (from scratch, on "
+                     "PyTorch) and exported with `lmstack export hf`.", "",
+                     "| | |", "| --- | --- |",
+                     f"| parameters | {model.num_params():,} ({model.num_params(include_embeddings=False):,} without embeddings) |",
+                     f"| layers / width / heads (kv) | {cfg.n_layer} / {cfg.d_model} / {cfg.n_head} ({cfg.n_kv_head}) |",
+                     f"| context | {cfg.max_seq_len} tokens |", f"| vocabulary | {tok.vocab_size} (byte-level BPE) |"]
+    train = run.get("train") or {}
+    if sft:
+        lines.append(f"| training | supervised fine-tuning of `{sft.get('base')}` on {', '.join(sft.get('data', []))} |")
+    elif imported:
+        lines.append(f"| origin | imported from `{imported.get('source')}` |")
+    elif train:
+        lines.append(f"| training | pretraining, {train.get('max_steps')} steps of {train.get('batch_tokens')} tokens |")
+    if info.get("world"):
+        lines.append(f"| data | the lmstack synthetic world (`{info['world']}`) |")
+    metrics = _last_metrics(model_dir)
+    if metrics.get("val_loss") is not None:
+        lines.append(f"| validation loss | {metrics['val_loss']:.4f} nats/token"
+                     + (f", {metrics['val_bpb']:.4f} bits/byte |" if metrics.get("val_bpb") else " |"))
+    results = sorted((model_dir / "eval").glob("*.json")) if (model_dir / "eval").is_dir() else []
+    res = _read_json(results[-1]) if results else None
+    if res and res.get("tasks"):
+        lines += ["", "## Evaluation (`lmstack eval`)", "", "| task | score | 95% CI | chance |", "| --- | --- | --- | --- |"]
+        for name, t in res["tasks"].items():
+            chance = f"{t['chance']:.1%}" if t.get("chance") is not None else "-"
+            lines.append(f"| {name} ({t.get('metric', 'accuracy')}) | {t['acc']:.1%} | "
+                         f"{t['ci'][0]:.1%} - {t['ci'][1]:.1%} | {chance} |")
+        if res.get("lm"):
+            lines.append(f"| bits per byte ({res['lm']['source']}) | {res['lm']['bpb']:.4f} | | |")
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "tok = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForCausalLM.from_pretrained(PATH)",
+              'ids = tok.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True, '
+              'return_tensors="pt")',
+              "print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))", "```", "",
+              "The chat format: `<|bos|><|user|>...<|end|><|assistant|>...<|end|>`; generation ends at `<|end|>`.", ""]
+    return "\n".join(lines)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _last_metrics(model_dir: Path) -> dict:
+    last = {}
+    try:
+        for line in open(model_dir / "metrics.jsonl"):
+            rec = json.loads(line)
+            if "val_loss" in rec:
+                last = rec
+    except (OSError, ValueError):
+        pass
+    return last
+
+
+# --- import -----------------------------------------------------------------------------------
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def _check_config(c: dict, src: Path) -> None:
+    """Name the first thing lmstack's model cannot represent."""
+    def bad(msg):
+        raise UserError(f"{src}: cannot import: {msg}")
+
+    mt = c.get("model_type")
+    if mt not in SUPPORTED:
+        bad(f"model_type {mt!r} is not Llama-family (lmstack imports {', '.join(SUPPORTED)} shapes)")
+    if c.get("hidden_act", "silu") != "silu":
+        bad(f"hidden_act {c.get('hidden_act')!r}: lmstack's MLP is SwiGLU (silu)")
+    if c.get("attention_bias") or mt == "qwen2":  # Qwen2 always has q/k/v biases
+        bad("attention has biases (q/k/v_proj.bias): lmstack's attention has none")
+    if c.get("mlp_bias"):
+        bad("mlp_bias is true: lmstack's MLP has no biases")
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 4.x / 5.x names
+        scaling = c.get(key) or {}
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind not in (None, "default"):
+            bad(f"{key} {kind!r}: lmstack has plain RoPE")
+    if c.get("sliding_window") and c.get("use_sliding_window", mt == "mistral"):
+        if c["sliding_window"] < c.get("max_position_embeddings", 0):
+            bad(f"sliding-window attention ({c['sliding_window']}): lmstack attends to the whole context")
+    heads = c["num_attention_heads"]
+    if c.get("head_dim") not in (None, c["hidden_size"] // heads) or c["hidden_size"] % heads:
+        bad(f"head_dim {c.get('head_dim')} != hidden_size / num_attention_heads")
+
+
+def rope_theta(c: dict) -> float:
+    """RoPE's base from an HF config (transformers 5: rope_parameters; 4.x: rope_theta)."""
+    return float((c.get("rope_parameters") or {}).get("rope_theta") or c.get("rope_theta") or 10000.0)
+
+
+def _read_weights(src: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (src / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise UserError(f"{src}: no model.safetensors (or index); only safetensors checkpoints are imported "
+                        "(never pickles)")
+    out = {}
+    for f in files:
+        try:
+            out.update(load_file(src / f))
+        except Exception as e:
+            raise UserError(f"{src / f} is not a readable safetensors file: {str(e).splitlines()[0]}") from None
+    return out
+
+
+def import_hf(src, out, force: bool = False) -> Path:
+    """A local Hugging Face Llama-family folder -> an lmstack model folder."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import AddedToken
+
+    from lmstack.config import ModelConfig
+    from lmstack.model import GPT
+    from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer
+    from lmstack.train.checkpoint import save_weights
+
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise UserError(f"{src} is not a Hugging Face model folder (no config.json)")
+    check_output_dir(out, force)
+    c = _read_json(src / "config.json")
+    if not isinstance(c, dict):
+        raise UserError(f"{src / 'config.json'} is not valid JSON")
+    _check_config(c, src)
+    if not (src / "tokenizer.json").is_file():
+        raise UserError(f"{src}: no tokenizer.json (a fast, byte-level BPE tokenizer is needed)")
+    hf_tok = HFTokenizer.from_file(str(src / "tokenizer.json"))
+    tj = json.loads(hf_tok.to_str())
+    if (tj.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("decoder")):
+        raise UserError(f"{src}: the tokenizer is not a byte-level BPE (SentencePiece tokenizers such as "
+                        "Llama 2's are not supported)")
+    missing = [t for t in SPECIAL_TOKENS if hf_tok.token_to_id(t) is None]
+    if missing:  # lmstack's chat template needs its special tokens: append them
+        hf_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    hf_tok.post_processor = None  # lmstack adds BOS itself, where its format puts it
+    tok = Tokenizer(HFTokenizer.from_str(hf_tok.to_str()))
+
+    weights = _read_weights(src)
+    vocab = max(c["vocab_size"], tok.vocab_size)
+    cfg = ModelConfig(vocab_size=vocab, n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
+                      n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"], d_model=c["hidden_size"],
+                      ffn_hidden=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
+                      rope_theta=rope_theta(c), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                      tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+    state = {}
+    for name, t in weights.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        key = name[len("model."):] if name.startswith("model.") else name
+        state[key] = t.to(torch.float32)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    # New special tokens: rows appended at the mean embedding (a neutral start for fine-tuning).
+    for key in ("embed_tokens.weight", "lm_head.weight"):
+        if key in state and state[key].shape[0] < vocab:
+            w = state[key]
+            state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab - w.shape[0], -1)])
+    with torch.device("meta"):
+        model = GPT(cfg)
+    want = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    unknown, absent = sorted(set(state) - want), sorted(want - set(state))
+    if unknown or absent:
+        raise UserError(f"{src}: the weights do not match a {c['model_type']} of this config "
+                        f"({'unexpected ' + unknown[0] if unknown else 'missing ' + absent[0]})")
+    model = GPT(cfg)
+    model.load_state_dict(state, strict=False)
+    run = {"model": dataclasses.asdict(cfg), "imported": {"source": str(src), "model_type": c["model_type"]}}
+    with atomic_output_dir(out, force) as tmp:
+        save_weights(model, tmp / "model.safetensors")
+        atomic_write_json(tmp / "config.json", dataclasses.asdict(cfg))
+        atomic_write_json(tmp / "run.json", run)
+        name = c.get("_name_or_path") or ""
+        hub_id = name if name.count("/") == 1 and not Path(name).exists() else None
+        atomic_write_json(tmp / "imported.json", {"source": str(src.resolve()), "model_type": c["model_type"],
+                                                  "hub_id": hub_id, "added_special_tokens": missing,
+                                                  "hf_vocab_size": c["vocab_size"]})
+        tok.save(tmp)
+    print(f"imported {src} ({c['model_type']}, {model.num_params():,} params"
+          + (f", {len(missing)} lmstack special tokens added" if missing else "") + f") -> {out}")
+    return Path(out)
