@@ -1,8 +1,9 @@
 """The web app: its JSON API in process (save a chat, thumbs up and down, the labelling queue,
-sampled answer pairs, labels, the monitor, the export read back by the SFT reader), bad input
-answered 4xx in OpenAI's error shape, the API key and the missing database; and the page itself
-driven in headless Chromium against a live server (key, chat with a streamed reply, thumbs down
-with a comment, a label, the monitor), checked against the database."""
+sampled answer pairs, labels, the monitor, the export read back by the SFT reader, the tools
+endpoint and a chat with a tool round done the page's way), bad input answered 4xx in OpenAI's
+error shape, the API key and the missing database; and the page itself driven in headless
+Chromium against a live server (key, chat with a streamed reply, thumbs down with a comment, a
+label, the monitor, a reply with a calculator call), checked against the database."""
 
 import dataclasses
 import json
@@ -22,6 +23,7 @@ from lmstack.model import GPT
 from lmstack.serve.db import export
 from lmstack.serve.server import build
 from lmstack.tokenizer import Tokenizer, render_chat, train_tokenizer
+from lmstack.tools import default_registry
 from lmstack.train.checkpoint import save_weights
 from lmstack.train.sft import load_docs
 from lmstack.utils import atomic_write_json
@@ -29,6 +31,9 @@ from lmstack.world.labeller import GUIDE
 
 KEY = "sk-webapp-test"
 REPLY = "Ana was born in Paris and Bo works at Acme in Rome."
+ANSWER = "23 + 58 = 81."
+CALL_TEXT = '{"name": "calculator", "arguments": {"expression": "23 + 58"}}'
+STEPS = 300
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
@@ -43,19 +48,28 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny chat model trained for a moment to answer with REPLY (a random one mostly ends
-    its turn at once: empty replies make weak tests)."""
+    its turn at once: empty replies make weak tests), and "What is 23 + 58?" with a calculator
+    call and then ANSWER (tests/test_serve.py's recipe)."""
     d = tmp_path_factory.mktemp("chat")
-    (d / "a.txt").write_text((REPLY + " What is 23 + 58? Tell me about Bo. Hi\n") * 50)
-    tok = train_tokenizer([d / "a.txt"], vocab_size=300, out=d / "tok", progress=False)
+    (d / "a.txt").write_text((REPLY + " What is 23 + 58? Tell me about Bo. Hi " + CALL_TEXT + " " + ANSWER + "\n") * 50)
+    tok = train_tokenizer([d / "a.txt"], vocab_size=400, out=d / "tok", progress=False)
     tok.save(d)
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=96)
     torch.manual_seed(0)
     model = GPT(cfg)
-    questions = ["Hi", "Where was Ana born?", "Tell me about Bo.", "What is 23 + 58?"]
-    seqs = [torch.tensor(render_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": REPLY}])[0])
-            for q in questions]
+    system = [{"role": "system", "content": "Be brief."}]  # as the tests' chats have it
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": REPLY}]
+             for q in ["Hi", "Where was Ana born?", "Tell me about Bo."]]
+    chats.append(system + chats[0] + chats[1])
+    seqs = [torch.tensor(render_chat(tok, m)[0]) for m in chats]
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": "23 + 58"})}}
+    seqs.append(torch.tensor(render_chat(tok, [{"role": "user", "content": "What is 23 + 58?"},
+                                               {"role": "assistant", "content": "", "tool_calls": [call]},
+                                               {"role": "tool", "tool_call_id": "call_0", "content": "81"},
+                                               {"role": "assistant", "content": ANSWER}])[0]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(100):
+    for step in range(STEPS):
         seq = seqs[step % len(seqs)][None]
         loss = torch.nn.functional.cross_entropy(model(seq[:, :-1])[0], seq[0, 1:])
         opt.zero_grad()
@@ -82,11 +96,17 @@ def ok(r) -> dict:
     return r.json()
 
 
-def stream_reply(c, messages) -> str:
-    """The reply of a streamed chat completion, as the page reads it (SSE `data:` lines)."""
-    text, done = "", False
-    with c.stream("POST", "/v1/chat/completions", json={"model": "chat", "messages": messages, "stream": True,
-                                                         "temperature": 0, "max_tokens": 40}) as r:
+def stream_turn(c, messages, tools=None, max_tokens=40) -> tuple[str, list, str]:
+    """A streamed chat completion read as the page reads it (SSE `data:` lines): its text, its
+    tool calls (the `delta.tool_calls` chunk) and its finish reason. max_tokens None: as the
+    page sends it by default (the room left in the context)."""
+    text, calls, finish, done = "", [], None, False
+    body = {"model": "chat", "messages": messages, "stream": True, "temperature": 0}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
+    if tools:
+        body["tools"] = tools
+    with c.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if not line.startswith("data:"):
@@ -97,8 +117,14 @@ def stream_reply(c, messages) -> str:
                 break
             choice = json.loads(data)["choices"][0]
             text += choice["delta"].get("content") or ""
+            calls += [{k: v for k, v in tc.items() if k != "index"} for tc in choice["delta"].get("tool_calls") or []]
+            finish = choice["finish_reason"] or finish
     assert done
-    return text
+    return text, calls, finish
+
+
+def stream_reply(c, messages) -> str:
+    return stream_turn(c, messages)[0]
 
 
 # --- the API in process -------------------------------------------------------------------------
@@ -114,7 +140,8 @@ def test_chat_feedback_label_monitor_and_export(client, model_dir, tmp_path):
     for f in ("app.js", "app.css"):
         assert c.get(f"/static/{f}").status_code == 200
     assert ok(c.get("/api/guide"))["guide"] == GUIDE
-    assert ok(c.get("/api/info")) == {"model": "chat", "max_model_len": 96, "database": True, "label_max_tokens": 128}
+    assert ok(c.get("/api/info")) == {"model": "chat", "max_model_len": 96, "database": True, "label_max_tokens": 128,
+                                      "tools": default_registry().specs()}
     assert ok(c.get("/api/label/next")) == {"item": None, "answers": None, "guide": GUIDE, "remaining": 0}
 
     # A chat of two turns, saved after each reply (the second save updates the first).
@@ -198,6 +225,21 @@ BAD = [  # (method, path, body, status)
     ("post", "/api/conversations", {"id": 999, "messages": [{"role": "user", "content": "hi"}]}, 404),
     ("post", "/api/conversations", {"id": "1", "messages": [{"role": "user", "content": "hi"}]}, 400),
     ("post", "/api/conversations", {"messages": [{"role": "user", "content": "hi"}] * 300}, 400),
+    ("post", "/api/conversations", {"messages": [{"role": "user", "content": None}]}, 400),
+    ("post", "/api/conversations", {"messages": [{"role": "user", "content": "hi", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": "{}"}}]}]}, 400),
+    ("post", "/api/conversations", {"messages": [{"role": "user", "content": "hi", "tool_call_id": "c1"}]}, 400),
+    ("post", "/api/conversations", {"messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "function": {"name": "calculator"}}]}]}, 400),  # no arguments
+    ("post", "/api/conversations", {"messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": {}}}]}]}, 400),  # not JSON text
+    ("post", "/api/tools/calculator", {"arguments": "x" * 10_001}, 400),
+    ("post", "/api/tools/calculator", {"arguments": {"expression": "1" * 10_001}}, 400),
+    ("post", "/api/tools/calculator", {"arguments": 5}, 400),
+    ("post", "/api/tools/calculator", {"args": "{}"}, 400),
+    ("post", "/api/tools/calculator", b"[1]", 400),
+    ("post", "/api/tools/search", {"arguments": "{}"}, 404),
+    ("get", "/api/tools/calculator", None, 405),
     ("post", "/api/feedback", {"conversation_id": 999, "message_index": 1, "rating": -1}, 404),
     ("post", "/api/feedback", {"conversation_id": 1, "message_index": 0, "rating": -1}, 400),  # a user message
     ("post", "/api/feedback", {"conversation_id": 1, "message_index": 7, "rating": 1}, 400),
@@ -243,16 +285,87 @@ def test_bad_input_gets_4xx_in_openai_shape(client):
     assert (m["conversations"], m["thumbs_up"], m["thumbs_down"], m["comparisons"], m["to_label"]) == (1, 0, 0, 0, 1)
 
 
+def test_the_tools_endpoint(client):
+    c = client
+
+    def run(args):
+        return ok(c.post("/api/tools/calculator", json={"arguments": args}))["content"]
+
+    assert run('{"expression": "23 + 58"}') == "81"
+    assert run({"expression": "(2 + 3) * 4"}) == "20"  # an object works as well as OpenAI's JSON text
+    assert run('{"expression": "7 / 2"}') == "3.5"
+    # A call that goes wrong is a result the model reads, not an HTTP error.
+    for bad in ['{"expression": "__import__(\'os\').system(\'id\')"}', '{"expression": "1 / 0"}',
+                '{"expression": "9 ** 9 ** 9"}', '{"expression": "23 +"}', '{"expr": "1"}', "{}", "not json",
+                "[1]", '{"expression": "' + "1+" * 3000 + '1"}']:
+        assert run(bad).startswith("error: "), bad
+    assert ok(c.post("/api/tools/calculator", json={}))["content"].startswith("error: ")  # no arguments
+    assert run("x" * 10_000).startswith("error: ")  # at the limit: run (and refused by the tool)
+    r = c.post("/api/tools/calculator", json={"arguments": "x" * 10_001})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "arguments"
+    r = c.post("/api/tools/search", json={"arguments": '{"q": "x"}'})
+    err = r.json()["error"]
+    assert r.status_code == 404 and err["code"] == "tool_not_found" and "calculator" in err["message"]
+
+
+def test_a_tool_round_the_way_the_page_does_it(client, model_dir, tmp_path):
+    """The page sends the tools from /api/info; a reply ending with a calculator call gets the
+    call run through /api/tools, the assistant message and the tool message appended, and the
+    model asked again; the saved conversation holds all of it, and a thumbs up on the final
+    reply (index 3) exports an SFT row with the tool use."""
+    c = client
+    tools = ok(c.get("/api/info"))["tools"]
+    assert [t["function"]["name"] for t in tools] == ["calculator"]
+    msgs = [{"role": "user", "content": "What is 23 + 58?"}]
+    assert stream_turn(c, msgs, max_tokens=None) == ("", [], "stop")  # without tools the call is dropped: an empty reply
+
+    text, calls, finish = stream_turn(c, msgs, tools, max_tokens=None)
+    assert (text, finish) == ("", "tool_calls")
+    (call,) = calls
+    assert call["type"] == "function" and call["id"]
+    assert call["function"]["name"] == "calculator"
+    assert json.loads(call["function"]["arguments"]) == {"expression": "23 + 58"}
+    result = ok(c.post(f"/api/tools/{call['function']['name']}",
+                       json={"arguments": call["function"]["arguments"]}))["content"]
+    assert result == "81"
+    msgs += [{"role": "assistant", "content": text, "tool_calls": calls},
+             {"role": "tool", "tool_call_id": call["id"], "content": result}]
+    assert stream_turn(c, msgs, tools, max_tokens=None) == (ANSWER, [], "stop")
+    msgs.append({"role": "assistant", "content": ANSWER})
+
+    cid = ok(c.post("/api/conversations", json={"messages": msgs}))["id"]
+    assert c.app.state.server.db.conversation(cid)["messages"] == msgs
+    # OpenAI's null content beside tool_calls is taken too (saved as "").
+    null = [msgs[0], {**msgs[1], "content": None}] + msgs[2:]
+    assert ok(c.post("/api/conversations", json={"id": cid, "messages": null}))["id"] == cid
+    assert c.app.state.server.db.conversation(cid)["messages"] == msgs
+    r = c.post("/api/feedback", json={"conversation_id": cid, "message_index": 2, "rating": 1})
+    assert r.status_code == 400  # the tool message is not a reply
+    ok(c.post("/api/feedback", json={"conversation_id": cid, "message_index": 3, "rating": 1}))
+    assert export(c.db_path, tmp_path / "out") == {"sft": 1, "comparisons": 0}
+    (row,) = [json.loads(x) for x in (tmp_path / "out" / "sft.jsonl").read_text().splitlines()]
+    assert row == {"messages": msgs}
+    tok = Tokenizer.load(model_dir)
+    docs, stats = load_docs([tmp_path / "out" / "sft.jsonl"], tok, 1024)
+    assert len(docs) == 1 and not stats.get("skipped")
+    assert docs[0][0].tolist() == render_chat(tok, msgs)[0]  # the call and its result are in the row
+
+
 def test_the_key_guards_the_api_but_not_the_page(model_dir, tmp_path):
     with TestClient(make_app(model_dir, tmp_path / "db.sqlite", api_key=KEY)) as c:
         assert c.get("/app").status_code == 200 and c.get("/static/app.js").status_code == 200
         assert c.get("/", follow_redirects=False).status_code in (302, 307)
         for method, path in [("get", "/api/info"), ("get", "/api/monitor"), ("get", "/api/label/next"),
-                             ("get", "/api/guide"), ("post", "/api/conversations"), ("post", "/api/feedback")]:
+                             ("get", "/api/guide"), ("post", "/api/conversations"), ("post", "/api/feedback"),
+                             ("post", "/api/tools/calculator"), ("post", "/api/tools/nothing")]:
             r = getattr(c, method)(path)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
         assert c.get("/api/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert ok(c.get("/api/info", headers={"Authorization": f"Bearer {KEY}"}))["database"] is True
+        r = c.post("/api/tools/calculator", json={"arguments": '{"expression": "2 * 21"}'})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert ok(c.post("/api/tools/calculator", json={"arguments": '{"expression": "2 * 21"}'},
+                         headers={"Authorization": f"Bearer {KEY}"})) == {"content": "42"}
 
 
 def test_without_a_database_the_chat_still_works(model_dir):
@@ -387,6 +500,48 @@ def test_the_page_in_headless_chromium(model_dir, tmp_path):
             assert el("stat-requests").text.split("\n")[0] == "1"
             assert "It should only say Paris." in el("flagged").text
 
+            # A reply with a tool round (tools on by default): the calculator call shown as a line,
+            # then the answer, in one bubble that has the index of the final reply.
+            el("tab-chat").click()
+            el("new-chat").click()
+            assert el("tools").is_selected() and "calculator" in el("tools-names").text
+            el("message").send_keys("What is 23 + 58?")
+            el("send").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#msg-3.assistant.done"))
+            assert driver.find_element(By.CSS_SELECTOR, "#msg-3 .tool-call").text == "[calculator] 23 + 58 -> 81"
+            assert driver.find_element(By.CSS_SELECTOR, "#msg-3 .content").text == "[calculator] 23 + 58 -> 81\n" + ANSWER
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#messages .msg")) == 2
+            wait.until(lambda d: el("thumbs-up-3").is_enabled())
+            el("thumbs-up-3").click()
+            el("send-feedback-3").click()
+            wait.until(lambda d: "Thanks" in el("feedback-status-3").text)
+            (saved,) = rows(db_path, "SELECT messages FROM conversations WHERE id=2")[0]
+            saved = json.loads(saved)
+            assert [m["role"] for m in saved] == ["user", "assistant", "tool", "assistant"]
+            (call,) = saved[1]["tool_calls"]
+            assert call["function"]["name"] == "calculator" and saved[1]["content"] == ""
+            assert saved[2] == {"role": "tool", "tool_call_id": call["id"], "content": "81"}
+            assert saved[3] == {"role": "assistant", "content": ANSWER}
+            assert rows(db_path, "SELECT conversation_id, message_index, rating FROM ratings WHERE rating=1") == [(2, 3, 1)]
+
+            # Regenerate with tools off: the whole tool round goes, the call is dropped (an empty
+            # reply), and as the old reply was rated the new one is a new conversation.
+            el("tools").click()
+            el("regenerate").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#msg-1.assistant.done"))
+            assert not driver.find_elements(By.CSS_SELECTOR, ".tool-call")
+            assert "empty reply" in el("msg-1").text
+            wait.until(lambda d: rows(db_path, "SELECT count(*) FROM conversations") == [(3,)])
+            assert json.loads(rows(db_path, "SELECT messages FROM conversations WHERE id=3")[0][0]) == [
+                {"role": "user", "content": "What is 23 + 58?"}, {"role": "assistant", "content": ""}]
+            assert json.loads(rows(db_path, "SELECT messages FROM conversations WHERE id=2")[0][0]) == saved
+            # ... and with tools on again, the tool round comes back.
+            el("tools").click()
+            el("regenerate").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#msg-3.assistant.done"))
+            assert driver.find_element(By.CSS_SELECTOR, "#msg-3 .tool-call").text == "[calculator] 23 + 58 -> 81"
+            wait.until(lambda d: len(json.loads(rows(db_path, "SELECT messages FROM conversations WHERE id=3")[0][0])) == 4)
+
             errors = [e["message"] for e in driver.get_log("browser")
                       if e["level"] == "SEVERE" and "401" not in e["message"]]  # the first, keyless call
             assert not errors, errors
@@ -395,8 +550,9 @@ def test_the_page_in_headless_chromium(model_dir, tmp_path):
 
     # The export feeds the trainers: the ideal answer is an SFT row, the label a preference pair.
     counts = export(db_path, tmp_path / "out")
-    assert counts == {"sft": 1, "comparisons": 1}
-    docs, _ = load_docs([tmp_path / "out" / "sft.jsonl"], Tokenizer.load(model_dir), 1024)
-    assert len(docs) == 1
+    assert counts == {"sft": 2, "comparisons": 1}  # the ideal answer, and the thumbs-up tool reply
+    docs, stats = load_docs([tmp_path / "out" / "sft.jsonl"], Tokenizer.load(model_dir), 1024)
+    assert len(docs) == 2 and not stats.get("skipped")
+    assert json.loads((tmp_path / "out" / "sft.jsonl").read_text().splitlines()[1]) == {"messages": saved}
     (pair,) = [json.loads(x) for x in (tmp_path / "out" / "comparisons.jsonl").read_text().splitlines()]
     assert pair["prompt"] == "Where was Ana born?" and pair["chosen"] == answers[0] and pair["rejected"] == answers[1]

@@ -3,8 +3,14 @@
     GET  /                   -> redirect to /app
     GET  /app                the single page (lmstack/serve/static/index.html; no build step, no CDN)
     GET  /static/...         its script and style sheet
-    GET  /api/info           {model, max_model_len, database}: what the page needs to start
-    POST /api/conversations  {id?, system?, messages} -> {id}      save (or update) a chat
+    GET  /api/info           {model, max_model_len, database, label_max_tokens, tools}: what the
+                             page needs to start (tools: the OpenAI specs of the tools it may send)
+    POST /api/tools/{name}   {arguments: JSON string or object} -> {content}: run one of the
+                             server's tools (lmstack.tools.default_registry(), the calculator) for
+                             a tool call the model wrote; a failing call is a result "error: ..."
+    POST /api/conversations  {id?, system?, messages} -> {id}      save (or update) a chat; the
+                             messages as OpenAI has them, tool rounds included (assistant
+                             messages with tool_calls, tool messages with tool_call_id)
     POST /api/feedback       {conversation_id, message_index, rating: 1 | -1, comment?} -> {id}
                              thumbs down flags the conversation and queues its prompt for labelling
     GET  /api/label/next     [?after=ID: the next item after ID (skip)] -> {item: null} or
@@ -26,10 +32,11 @@ feedback endpoints answer 503. Errors have OpenAI's shape, like the rest of the 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse
@@ -39,6 +46,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lmstack.serve.api import APIError, _Body, _Choice, _events
 from lmstack.tokenizer import ChatFormatError, render_chat
+from lmstack.tools import default_registry
 from lmstack.world.labeller import GUIDE
 
 STATIC = Path(__file__).parent / "static"
@@ -46,6 +54,8 @@ CHOICES = ("a", "b", "tie", "both_bad")
 MAX_COMMENT = 2000  # characters in a feedback or labelling comment
 MAX_TEXT = 50_000  # characters in one message, answer or ideal answer
 MAX_SYSTEM = 10_000
+MAX_ARGUMENTS = 10_000  # characters in a tool call's arguments (JSON)
+MAX_TOOL_CALLS = 16  # per assistant message
 LABEL_MAX_TOKENS = 128  # per sampled answer on the label tab
 LABEL_TEMPERATURE = 1.0
 
@@ -56,9 +66,26 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 # --- request bodies (pydantic: wrong types or unknown fields -> the API's 400) ---------------
 
+class ToolFunction(_Body):
+    name: str = Field(min_length=1, max_length=100)
+    arguments: str = Field(max_length=MAX_ARGUMENTS)  # JSON, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str = Field(min_length=1, max_length=100)
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
 class Message(_Body):
     role: Literal["system", "user", "assistant", "tool"]  # the chat template's roles
-    content: str = Field(max_length=MAX_TEXT)
+    content: str | None = Field(max_length=MAX_TEXT)  # required; null only beside tool_calls
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOL_CALLS)  # assistant messages
+    tool_call_id: str | None = Field(None, max_length=100)  # tool messages: the call answered
+
+
+class ToolBody(_Body):
+    arguments: str | dict[str, Any] | None = None
 
 
 class ConversationBody(_Body):
@@ -109,9 +136,25 @@ async def _call(fn, *args, **kw):
 
 
 def _messages(server, msgs: list[Message]) -> list[dict]:
+    """The messages as plain dicts (fields left out stay out; content null -> ""), 400 if a
+    tool call or a tool_call_id is on the wrong role."""
     if len(msgs) > server.limits.max_messages:
         raise APIError(400, f"{len(msgs)} messages; at most {server.limits.max_messages}", param="messages")
-    return [m.model_dump() for m in msgs]
+    out = []
+    for i, m in enumerate(msgs):
+        if m.tool_calls and m.role != "assistant":
+            raise APIError(400, f"messages[{i}]: only assistant messages carry tool_calls", param=f"messages[{i}]")
+        if m.tool_call_id is not None and m.role != "tool":
+            raise APIError(400, f"messages[{i}]: only tool messages carry tool_call_id", param=f"messages[{i}]")
+        if m.content is None and not m.tool_calls:
+            raise APIError(400, f"messages[{i}]: content must be a string (null only beside tool_calls)",
+                           param=f"messages[{i}].content")
+        d = m.model_dump(exclude_none=True)
+        d["content"] = m.content or ""
+        if not m.tool_calls:
+            d.pop("tool_calls", None)
+        out.append({"role": d.pop("role"), "content": d.pop("content"), **d})
+    return out
 
 
 def _render(server, messages: list[dict]) -> list[int]:
@@ -147,8 +190,6 @@ class _Connected:
 
 def _next_item(db, after: int | None) -> tuple[dict | None, int]:
     """The first item waiting to be labelled (after `after`, wrapping round), and how many wait."""
-    import json
-
     item = None
     if after is not None:
         rows = db._q("SELECT id, messages, source FROM label_queue WHERE done=0 AND id>? ORDER BY id LIMIT 1",
@@ -170,6 +211,7 @@ def _clean(text: str | None) -> str | None:
 
 def add_webapp(app: FastAPI, server) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    tools = app.state.tools = default_registry()  # the tools the page may run (one registry per app)
 
     @app.get("/", include_in_schema=False)
     async def root():
@@ -185,7 +227,20 @@ def add_webapp(app: FastAPI, server) -> None:
     @app.get("/api/info")
     async def info():
         return {"model": server.name, "max_model_len": server.ctx, "database": server.db is not None,
-                "label_max_tokens": LABEL_MAX_TOKENS}
+                "label_max_tokens": LABEL_MAX_TOKENS, "tools": tools.specs()}
+
+    @app.post("/api/tools/{name}")
+    async def run_tool(name: str, body: ToolBody):
+        """Run a tool call the model wrote (the page does this, as OpenAI's protocol leaves it to
+        the caller). The tool bounds its own time; it runs in a worker thread."""
+        if name not in tools:
+            raise APIError(404, f"no tool {name!r} on this server (tools: {', '.join(tools.names()) or 'none'})",
+                           param="name", code="tool_not_found")
+        args = body.arguments
+        size = len(args) if isinstance(args, str) else len(json.dumps(args, ensure_ascii=False)) if args else 0
+        if size > MAX_ARGUMENTS:
+            raise APIError(400, f"the arguments are {size} characters; at most {MAX_ARGUMENTS}", param="arguments")
+        return {"content": await run_in_threadpool(tools.call, name, args)}
 
     @app.get("/api/guide")
     async def guide():

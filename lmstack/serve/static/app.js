@@ -6,9 +6,12 @@ const KEY_STORE = "lmstack.apiKey";
 const NAME_STORE = "lmstack.labeller";
 const $ = (id) => document.getElementById(id);
 
+const MAX_TOOL_ROUNDS = 4; // tool rounds per reply (as `lmstack chat`); a call after that is not run
+
 const state = {
   model: null,
   database: true,
+  tools: [], // the OpenAI specs of the server's tools (from /api/info), sent with each chat request
   tab: null,
   chat: { id: null, messages: [], rated: new Set(), busy: false, controller: null, saving: null },
   label: { item: null, answers: null, choice: null, busy: false, loaded: false },
@@ -143,10 +146,29 @@ function roleName(role) {
   return { user: "You", assistant: "Assistant", system: "System", tool: "Tool" }[role] || role;
 }
 
+// A tool call's arguments for people: the single value of a one-argument call ("23 + 58"), else the JSON.
+function showArgs(args) {
+  try {
+    const a = JSON.parse(args);
+    const keys = a && typeof a === "object" && !Array.isArray(a) ? Object.keys(a) : [];
+    if (keys.length === 1) return typeof a[keys[0]] === "string" ? a[keys[0]] : JSON.stringify(a[keys[0]]);
+  } catch (_) { /* not JSON: as written */ }
+  return String(args);
+}
+
+function toolCallLine(call, result) {
+  const f = call.function || {};
+  return "[" + f.name + "] " + showArgs(f.arguments) + (result === undefined ? "" : " -> " + result);
+}
+
 function transcript(messages, highlight) {
-  return h("div", { class: "transcript" }, ...messages.map((m, i) => h("div", { class: "turn" + (highlight && highlight.has(i) ? " rated" : "") },
-    h("div", { class: "who", text: roleName(m.role) }),
-    h("div", { class: "text", text: m.content }))));
+  return h("div", { class: "transcript" }, ...messages.map((m, i) => {
+    const calls = m.tool_calls || [];
+    return h("div", { class: "turn " + m.role + (highlight && highlight.has(i) ? " rated" : "") },
+      h("div", { class: "who", text: roleName(m.role) }),
+      m.content || !calls.length ? h("div", { class: "text", text: m.content }) : null,
+      ...calls.map((c) => h("div", { class: "tool-call", text: toolCallLine(c) })));
+  }));
 }
 
 // --- tabs, key, startup ----------------------------------------------------------------------
@@ -181,6 +203,10 @@ async function loadInfo() {
     const info = await apiJSON("/api/info");
     state.model = info.model;
     state.database = info.database;
+    state.tools = info.tools || [];
+    const names = state.tools.map((t) => t.function && t.function.name).filter(Boolean);
+    $("tools").disabled = !names.length;
+    $("tools-names").textContent = names.length ? names.join(", ") : "none on this server";
     $("model-name").textContent = info.model + " \u00b7 " + info.max_model_len + " tokens";
     showError($("banner"), info.database ? null : "No feedback database on this server: the chat works, but feedback, labelling and monitoring are off (start it with --db FILE).");
     for (const id of ["queue-box", "label-reload", "monitor-refresh"]) $(id).hidden = !info.database;
@@ -275,13 +301,20 @@ function setContent(el, content) {
   if (!content && !el.closest(".streaming")) el.textContent = "(empty reply: the model wrote no text, or only a tool call)";
 }
 
-// The messages sent to the model: the system prompt, then the conversation (empty replies
-// left out: the chat template refuses empty turns).
-function promptMessages() {
+// The messages sent to the model: the system prompt, then the conversation and `extra` (the
+// current reply's tool rounds). Empty replies are left out: the chat template refuses empty turns.
+function promptMessages(extra = []) {
   const msgs = [];
   const system = $("system").value.trim();
   if (system) msgs.push({ role: "system", content: system });
-  for (const m of state.chat.messages) if (m.content.trim()) msgs.push({ role: m.role, content: m.content });
+  for (const m of state.chat.messages.concat(extra)) {
+    const calls = m.tool_calls && m.tool_calls.length ? m.tool_calls : null;
+    if (!m.content.trim() && !calls) continue;
+    const out = { role: m.role, content: m.content };
+    if (calls) out.tool_calls = calls;
+    if (m.tool_call_id) out.tool_call_id = m.tool_call_id;
+    msgs.push(out);
+  }
   return msgs;
 }
 
@@ -301,9 +334,11 @@ async function regenerate() {
   const c = state.chat;
   if (c.busy || !c.messages.length) return;
   showError($("chat-error"), null);
-  if (c.messages[c.messages.length - 1].role === "assistant") {
+  if (c.messages[c.messages.length - 1].role !== "user") {
+    // The whole reply goes, its tool rounds too: back to the last user message. Its bubble has
+    // the index of its last message.
     const i = c.messages.length - 1;
-    c.messages.pop();
+    c.messages.length = c.messages.map((m) => m.role).lastIndexOf("user") + 1;
     const el = $("msg-" + i);
     if (el) el.remove();
     // A rated reply stays in the saved conversation (its rating points at it): the new reply
@@ -322,50 +357,122 @@ async function regenerate() {
   await reply();
 }
 
-// The next assistant reply, streamed. fresh: the last user message was just sent; if the
-// request fails, it goes back into the message box (to edit or send again).
+// One streamed chat completion. `acc` collects its text, tool calls and finish reason as they
+// come (so a stopped stream keeps what arrived); onText(text so far) after each piece of text.
+async function streamCompletion(body, signal, acc, onText) {
+  const r = await api("/v1/chat/completions", { method: "POST", body, signal });
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const chunk = await reader.read();
+    if (chunk.done) return;
+    buf += decoder.decode(chunk.value, { stream: true }).replace(/\r\n/g, "\n");
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const event = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") return;
+        const obj = JSON.parse(data);
+        if (obj.error) throw new ApiError(obj.error.message, 500, obj.error.code);
+        const ch = obj.choices && obj.choices[0];
+        if (!ch) continue;
+        const delta = ch.delta || {};
+        if (delta.content) {
+          acc.text += delta.content;
+          onText(acc.text);
+        }
+        for (const tc of delta.tool_calls || []) { // whole (this server) or in pieces (OpenAI)
+          const k = Number.isInteger(tc.index) ? tc.index : acc.calls.length;
+          const f = tc.function || {};
+          const call = acc.calls[k] || (acc.calls[k] = { id: "", type: "function", function: { name: "", arguments: "" } });
+          if (tc.id) call.id = tc.id;
+          if (f.name) call.function.name += f.name;
+          if (f.arguments) call.function.arguments += f.arguments;
+        }
+        if (ch.finish_reason) acc.finish = ch.finish_reason;
+      }
+    }
+  }
+}
+
+// Run one tool call on the server; the result text. A call the server cannot take (unknown
+// tool, arguments too long) is an "error: ..." result the model reads, like a failing tool.
+async function runTool(call) {
+  try {
+    const r = await apiJSON("/api/tools/" + encodeURIComponent(call.function.name),
+                            { method: "POST", body: { arguments: call.function.arguments } });
+    return r.content;
+  } catch (e) {
+    if (e.status >= 400 && e.status < 500 && e.status !== 401) return "error: " + e.message;
+    throw e;
+  }
+}
+
+// The next assistant reply, streamed into one bubble. With tools on, a reply that ends with tool
+// calls has them run (each shown as a line: [calculator] 23 + 58 -> 81), their results added
+// as tool messages, and the model asked again, at most MAX_TOOL_ROUNDS times. The conversation
+// gets every message (assistant messages with tool_calls, tool messages, the final reply); the
+// bubble, its id and its thumbs belong to the final reply. fresh: the last user message was
+// just sent; if a request fails, the whole reply is dropped and that message goes back into the
+// message box (to edit or send again).
 async function reply(fresh = false) {
   const c = state.chat;
-  const index = c.messages.length;
-  const el = addMessage(index, "assistant", "");
+  const start = c.messages.length;
+  const el = addMessage(start, "assistant", "");
   el.classList.add("streaming");
   const content = el.querySelector(".content");
   setContent(content, "");
   setBusy(true);
   c.controller = new AbortController();
-  let text = "", finish = null, stopped = false;
+  const signal = c.controller.signal;
+  const useTools = $("tools").checked && state.tools.length > 0;
+  const rounds = []; // this reply's tool rounds: assistant messages with tool_calls, tool messages
+  let acc = { text: "", calls: [], finish: null }, stopped = false, unrun = false;
   try {
-    const body = { model: state.model, messages: promptMessages(), stream: true,
-                   temperature: Number($("temperature").value) };
-    const maxTokens = parseInt($("max-tokens").value, 10);
-    if (maxTokens > 0) body.max_tokens = maxTokens;
-    const r = await api("/v1/chat/completions", { method: "POST", body, signal: c.controller.signal });
-    const reader = r.body.getReader();
-    const decoder = new TextDecoder();
-    let buf = "", done = false;
-    while (!done) {
-      const chunk = await reader.read();
-      if (chunk.done) break;
-      buf += decoder.decode(chunk.value, { stream: true }).replace(/\r\n/g, "\n");
-      let cut;
-      while ((cut = buf.indexOf("\n\n")) >= 0) {
-        const event = buf.slice(0, cut);
-        buf = buf.slice(cut + 2);
-        for (const line of event.split("\n")) {
-          if (!line.startsWith("data:")) continue;
-          const data = line.slice(5).trim();
-          if (data === "[DONE]") { done = true; break; }
-          const obj = JSON.parse(data);
-          if (obj.error) throw new ApiError(obj.error.message, 500, obj.error.code);
-          const ch = obj.choices && obj.choices[0];
-          if (!ch) continue;
-          if (ch.delta && ch.delta.content) {
-            text += ch.delta.content;
-            setContent(content, text);
-            scrollDown();
-          }
-          if (ch.finish_reason) finish = ch.finish_reason;
-        }
+    for (let round = 0; ; round++) {
+      const seg = h("span", { class: "seg" });
+      content.append(seg);
+      acc = { text: "", calls: [], finish: null };
+      const body = { model: state.model, messages: promptMessages(rounds), stream: true,
+                     temperature: Number($("temperature").value) };
+      if (useTools) body.tools = state.tools;
+      const maxTokens = parseInt($("max-tokens").value, 10);
+      if (maxTokens > 0) body.max_tokens = maxTokens;
+      await streamCompletion(body, signal, acc, (text) => {
+        seg.textContent = text;
+        content.classList.remove("empty");
+        scrollDown();
+      });
+      const calls = acc.calls.filter((x) => x && x.function.name)
+        .map((x, k) => ({ id: x.id || `call_${start + rounds.length}_${k}`, type: "function",
+                          function: { name: x.function.name, arguments: x.function.arguments || "{}" } }));
+      if (!calls.length) break;
+      content.classList.remove("empty");
+      if (round === MAX_TOOL_ROUNDS) { // out of rounds: the calls stay in the reply, not run
+        unrun = true;
+        acc.calls = calls;
+        for (const call of calls) content.append(h("div", { class: "tool-call unrun", text: toolCallLine(call, "not run") }));
+        break;
+      }
+      rounds.push({ role: "assistant", content: acc.text, tool_calls: calls });
+      for (const call of calls) {
+        const line = h("div", { class: "tool-call running", text: toolCallLine(call, "\u2026") });
+        content.append(line);
+        scrollDown();
+        const result = (await runTool(call)) || "(empty)";
+        line.textContent = toolCallLine(call, result);
+        line.classList.remove("running");
+        line.classList.toggle("failed", result.startsWith("error:"));
+        rounds.push({ role: "tool", tool_call_id: call.id, content: result });
+      }
+      if (signal.aborted) { // Stop while the tools ran: no next round
+        stopped = true;
+        acc = { text: "", calls: [], finish: null };
+        break;
       }
     }
   } catch (e) {
@@ -374,7 +481,10 @@ async function reply(fresh = false) {
     } else {
       el.remove();
       let msg = e.message;
-      if (e.code === "context_length_exceeded") msg += "\nStart a new chat, or send a shorter message.";
+      if (e.code === "context_length_exceeded") {
+        msg += rounds.length ? "\nThe tool results left no room for the reply: start a new chat, or turn tools off."
+                             : "\nStart a new chat, or send a shorter message.";
+      }
       if (fresh && !$("message").value) {
         const i = c.messages.length - 1;
         $("message").value = c.messages.pop().content;
@@ -388,12 +498,22 @@ async function reply(fresh = false) {
     }
   }
   c.controller = null;
+  const index = start + rounds.length; // the final reply's message index (what thumbs rate)
+  c.messages.push(...rounds);
+  const last = { role: "assistant", content: acc.text };
+  if (unrun) last.tool_calls = acc.calls;
+  c.messages.push(last);
+  el.id = "msg-" + index;
+  el.dataset.index = index;
   el.classList.remove("streaming");
   el.classList.add("done");
-  setContent(content, text);
-  c.messages.push({ role: "assistant", content: text });
+  if (!content.textContent) setContent(content, "");
+  else if (rounds.length && !acc.text.trim() && !unrun && !stopped) {
+    content.append(h("span", { class: "seg empty", text: "(no text after the tool result)" }));
+  }
   if (stopped) el.append(h("div", { class: "note", text: "Stopped." }));
-  else if (finish === "length") el.append(h("div", { class: "note", text: "Cut off: the reply reached the token limit (or the end of the context)." }));
+  else if (unrun) el.append(h("div", { class: "note", text: `Tool calls not run: at most ${MAX_TOOL_ROUNDS} tool rounds per reply.` }));
+  else if (acc.finish === "length") el.append(h("div", { class: "note", text: "Cut off: the reply reached the token limit (or the end of the context)." }));
   el.append(feedbackControls(index));
   setBusy(false);
   scrollDown();
