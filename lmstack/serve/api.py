@@ -21,104 +21,17 @@ import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from lmstack.chat import TURN_ENDS, parse_tool_call
 from lmstack.serve.batcher import Batcher, GenRequest
+from lmstack.serve.protocol import (APIError, BodyLimit, ChatRequest, CompletionRequest, DetokenizeRequest,
+                                    Limits, TokenizeRequest, error_body)
 from lmstack.tokenizer import ChatFormatError, SPECIAL_TOKENS, render_chat
-
-
-@dataclass
-class Limits:
-    """What one request may ask for (each over the limit: a 4xx, not a slow server)."""
-    max_body_bytes: int = 1 << 20  # request body
-    max_messages: int = 256  # messages in a chat request
-    max_prompt_tokens: int = 0  # 0 = the model's context - 1
-    max_tokens: int = 4096  # per choice (also capped by the room left in the context)
-    max_n: int = 8  # choices per request
-    max_prompts: int = 64  # prompts in one completions request
-    request_timeout: float = 120.0  # seconds from arrival to the last token
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param=None, code=None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-# --- request bodies (pydantic checks the types; extra fields are refused, as OpenAI does) ------
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class ChatRequest(_Body):
-    model: str
-    messages: list[dict[str, Any]]
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
-    user: str | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-
-
-class CompletionRequest(_Body):
-    model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=0)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-    user: str | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-
-
-class TokenizeRequest(_Body):
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    model: str | None = None
-
-
-class DetokenizeRequest(_Body):
-    tokens: list[int]
-    model: str | None = None
 
 
 # --- one choice's output -------------------------------------------------------------------
@@ -619,43 +532,3 @@ def _completion_logprobs(server: Server, ch: _Choice, ids: list[int], user_from:
         offsets.append(pos)
         pos += len(s)
     return {"tokens": strs, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-class BodyLimit:
-    """Pure ASGI middleware: a body over `max_bytes` gets 413 before it is all read."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return msg
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
-
-    async def _reject(self, send):
-        body = json.dumps(error_body(f"request body over {self.max_bytes} bytes", code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
-

@@ -44,7 +44,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from lmstack.serve.api import APIError, _Body, _Choice, _events
+from lmstack.serve.api import _Choice, _events
+from lmstack.serve.protocol import APIError
+from lmstack.serve.protocol import Body as _Body
 from lmstack.tokenizer import ChatFormatError, render_chat
 from lmstack.tools import default_registry
 from lmstack.world.labeller import GUIDE
