@@ -163,6 +163,26 @@ def test_accumulation_does_not_change_the_update(data_dir, tmp_path):
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_objective_extras_and_batch_metrics_are_logged(data_dir, tmp_path):
+    """An objective's third item {name: sum} is logged as sum / count (summed over
+    micro-batches, like the loss), and a batch source's metrics() join each record."""
+    class Measured(Chunks):
+        def metrics(self):
+            return {"rollout_reward": 0.5}
+
+    def objective(model, batch):
+        loss, n = next_token_loss(model, batch)
+        return loss, n, {"twice_n": 2.0 * n, "loss_copy": loss.detach()}
+
+    cfg = load_config("tiny", ["train.max_steps=2", "train.batch_tokens=1024", "train.eval_every=0",
+                               "train.micro_batch_size=4"], vocab_size=400)
+    torch.manual_seed(0)
+    train(cfg, GPT(cfg.model), Measured(data_dir, 4), objective, tmp_path / "x")
+    for r in read_metrics(tmp_path / "x"):
+        assert r["twice_n"] == pytest.approx(2.0) and r["loss_copy"] == pytest.approx(r["loss"])
+        assert r["rollout_reward"] == 0.5
+
+
 def test_bf16_autocast_on_cpu(data_dir, tmp_path):
     out = tmp_path / "bf16"
     pretrain("tiny", str(data_dir), str(out), overrides=["train.max_steps=3", "train.dtype=bf16"])

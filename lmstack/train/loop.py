@@ -5,7 +5,9 @@
 A stage is a batch source plus an objective:
 - `batches`: `.next()` -> a batch (a tuple of tensors), `.state_dict()` / `.load_state_dict()`
   (JSON-serialisable, saved in checkpoints so a resumed run sees the same data);
-- `objective(model, batch) -> (loss_sum, n_tokens)`: a SUM and a count (train/objectives.py).
+- `objective(model, batch) -> (loss_sum, n_tokens[, extras])`: a SUM and a count
+  (train/objectives.py); `extras`, {name: sum}, are logged as name = sum / count;
+- optionally `batches.metrics()` -> a dict logged with each step (e.g. rollout rewards).
 Pretraining is (TokenBatches, next_token_loss); SFT is the same loss with a mask; DPO and the
 reward model are other objectives on paired batches.
 
@@ -136,24 +138,31 @@ def _to_device(batch, device):
 
 @torch.no_grad()
 def evaluate(model, eval_batches, objective, device, amp, token_bytes=None) -> dict:
-    """Mean loss (nats/token) and bits-per-byte over `eval_batches()`, summed over ranks."""
+    """Mean loss (nats/token), bits-per-byte and the objective's extras (as val_NAME) over
+    `eval_batches()`, summed over ranks."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    extra: dict[str, torch.Tensor] = {}
     for batch in eval_batches():
         batch = _to_device(batch, device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss_sum, n = objective(model, batch)
+            loss_sum, n, *more = objective(model, batch)
         sums[0] += loss_sum.double()
         sums[1] += n
         if token_bytes is not None:
             sums[2] += target_bytes(batch, token_bytes)
-    distributed.all_reduce_sum(sums)
+        for k, v in (more[0] if more else {}).items():
+            extra[k] = extra.get(k, 0) + torch.as_tensor(v, device=device).double()
+    names = sorted(extra)
+    totals = torch.cat([sums, torch.stack([extra[k] for k in names])]) if names else sums
+    distributed.all_reduce_sum(totals)
     model.train(was_training)
-    nats, n, nbytes = sums.tolist()
+    nats, n, nbytes, *extras = totals.tolist()
     out = {"val_loss": nats / n} if n else {}
     if nbytes:
         out["val_bpb"] = nats / (math.log(2) * nbytes)
+    out.update({f"val_{k}": v / n for k, v in zip(names, extras)} if n else {})
     return out
 
 
@@ -236,17 +245,23 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
                 group["lr"] = lr
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             n_tokens = torch.zeros((), dtype=torch.float64, device=device)
+            extra_sums: dict[str, torch.Tensor] = {}
             for micro in range(grad_accum):
                 batch = _to_device(batches.next(), device)
                 # DDP all-reduces gradients in backward; only the last micro-step needs to.
                 with distributed.no_sync(train_model, skip=micro < grad_accum - 1):
                     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        ls, n = objective(train_model, batch)
+                        ls, n, *more = objective(train_model, batch)
                     ls.backward()
                 loss_sum += ls.detach().double()
                 n_tokens += n
-            totals = distributed.all_reduce_sum(torch.stack([loss_sum, n_tokens]))
-            global_loss, global_n = totals.tolist()
+                # An objective may return a third item: {name: sum over its items}, logged
+                # as name = sum / count, like the loss (e.g. DPO's reward margins, PPO's KL).
+                for k, v in (more[0] if more else {}).items():
+                    extra_sums[k] = extra_sums.get(k, 0) + torch.as_tensor(v, device=device).detach().double()
+            names = sorted(extra_sums)
+            totals = distributed.all_reduce_sum(torch.stack([loss_sum, n_tokens, *[extra_sums[k] for k in names]]))
+            global_loss, global_n, *extra_totals = totals.tolist()
             # DDP averaged the gradients over ranks: x world / global_n turns the sum of
             # per-token gradients into their mean over the whole global batch.
             scale = world / max(global_n, 1.0)
@@ -269,6 +284,9 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
                       "grad_norm": float(grad_norm), "tokens": tokens_seen, "tok_per_s": round(tok_s, 1),
                       "mfu": round(flops_per_token * tok_s / (peak * world), 5) if peak else None,
                       "time": round(time.perf_counter() - t_start, 3)}
+            record.update({k: v / max(global_n, 1.0) for k, v in zip(names, extra_totals)})
+            if hasattr(batches, "metrics"):  # what the batch source measured (e.g. RL rollouts' rewards)
+                record.update(batches.metrics())
             last = step == tc.max_steps
             if eval_batches is not None and (last or (tc.eval_every and step % tc.eval_every == 0)):
                 record.update(evaluate(fwd_model, eval_batches, objective, device, amp, tb))
