@@ -143,6 +143,40 @@ def _cmd_import(a):
     import_hf(a.source, a.out, force=a.force)
 
 
+def _cmd_reward(a):
+    from lmstack.train import reward
+
+    if a.action == "train":
+        reward.reward_train(a.model, a.data, a.out, overrides=a.set or [], resume=a.resume)
+    else:
+        reward.reward_score(a.model, a.data, out=a.out)
+
+
+def _cmd_dpo(a):
+    from lmstack.train.dpo import dpo
+
+    dpo(a.model, a.data, a.out, overrides=a.set or [], resume=a.resume)
+
+
+def _cmd_judge(a):
+    from lmstack.train.judge import judge
+
+    judge(a.model, a.prompts, a.out, judge_model=a.judge, constitution=a.constitution, seed=a.seed,
+          limit=a.limit)
+
+
+def _cmd_ppo(a):
+    from lmstack.train.rl import ppo
+
+    ppo(a.policy, a.reward, a.prompts, a.out, overrides=a.set or [], resume=a.resume)
+
+
+def _cmd_grpo(a):
+    from lmstack.train.rl import grpo
+
+    grpo(a.model, a.prompts, a.reward, a.out, overrides=a.set or [], resume=a.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lmstack", description="The whole life of a language model, from scratch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -290,6 +324,57 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--out", required=True, help="the lmstack model folder to write")
     im.add_argument("--force", action="store_true", help="replace an existing output")
     im.set_defaults(func=_cmd_import)
+
+    rw = sub.add_parser("reward", help="reward model: train on comparisons, score answers")
+    rws = rw.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    rt = rws.add_parser("train", help="a scalar head on the final token, Bradley-Terry loss")
+    rt.add_argument("--model", required=True, help="the SFT model folder to start from")
+    rt.add_argument("--data", required=True, nargs="+", help="comparisons jsonl ({prompt, chosen, rejected})")
+    rt.add_argument("--out", required=True)
+    rt.add_argument("--set", action="append", metavar="KEY=VALUE")
+    rt.add_argument("--resume", action="store_true")
+    rt.set_defaults(func=_cmd_reward)
+    rs = rws.add_parser("score", help="score (prompt, answer) pairs with a reward model")
+    rs.add_argument("--model", required=True, help="a reward model folder")
+    rs.add_argument("--data", required=True, help="jsonl of {prompt, answer} (or {prompt, chosen, rejected})")
+    rs.add_argument("--out", help="write the rows with their scores here (default: print)")
+    rs.set_defaults(func=_cmd_reward)
+
+    dp = sub.add_parser("dpo", help="direct preference optimisation on comparisons (frozen reference)")
+    dp.add_argument("--model", required=True, help="the SFT model folder (policy and reference)")
+    dp.add_argument("--data", required=True, nargs="+", help="comparisons jsonl")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. pref.beta=0.1")
+    dp.add_argument("--resume", action="store_true")
+    dp.set_defaults(func=_cmd_dpo)
+
+    jd = sub.add_parser("judge", help="RLAIF: sample two answers per prompt and let a model judge them")
+    jd.add_argument("--model", required=True, help="the model whose answers are compared")
+    jd.add_argument("--prompts", required=True, help="jsonl of {prompt} or {messages}")
+    jd.add_argument("--out", required=True, help="comparisons.jsonl to write")
+    jd.add_argument("--judge", help="the judging model (default: --model)")
+    jd.add_argument("--constitution", help="a text file of principles (default: lmstack's)")
+    jd.add_argument("--seed", type=int, default=0)
+    jd.add_argument("--limit", type=int, default=0, help="at most N prompts (0 = all)")
+    jd.set_defaults(func=_cmd_judge)
+
+    pp = sub.add_parser("ppo", help="RLHF with PPO against a reward model (KL to the frozen SFT model)")
+    pp.add_argument("--policy", required=True, help="the SFT model folder")
+    pp.add_argument("--reward", required=True, help="the reward model folder")
+    pp.add_argument("--prompts", required=True, help="jsonl of {prompt} or {messages}")
+    pp.add_argument("--out", required=True)
+    pp.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. rl.kl_coef=0.05")
+    pp.add_argument("--resume", action="store_true")
+    pp.set_defaults(func=_cmd_ppo)
+
+    gr = sub.add_parser("grpo", help="RL on a checkable reward (group-relative advantages)")
+    gr.add_argument("--model", required=True)
+    gr.add_argument("--prompts", required=True, help="jsonl of {prompt, answer, ...} rows the reward reads")
+    gr.add_argument("--reward", required=True, help="arithmetic | world | python:MODULE:FUNCTION")
+    gr.add_argument("--out", required=True)
+    gr.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. rl.group_size=8, rl.method=rloo")
+    gr.add_argument("--resume", action="store_true")
+    gr.set_defaults(func=_cmd_grpo)
 
     sr = sub.add_parser("speedrun", help="the whole pipeline on the synthetic world")
     sr.add_argument("--out", default="runs/speedrun")

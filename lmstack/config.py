@@ -122,15 +122,55 @@ class DataConfig:
 
 
 @dataclass
+class PrefConfig:
+    """Preference training (`lmstack reward train`, `lmstack dpo`): pairs of answers to one prompt."""
+    beta: float = 0.1  # DPO: strength of the implicit KL to the reference (higher = stay closer)
+    val_fraction: float = 0.05  # comparisons held out for pairwise accuracy
+    max_len: int = 0  # prompt + answer tokens per sequence; 0 = the model's context
+
+    def validate(self) -> None:
+        _positive(self, "pref", ["beta"])
+        _in_range(self, "pref", "val_fraction", 0.0, 0.5)
+        _non_negative(self, "pref", ["max_len"])
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning (`lmstack ppo`, `lmstack grpo`): rollouts from the current policy."""
+    prompts_per_step: int = 16  # prompts sampled for each optimizer step's rollouts
+    group_size: int = 4  # GRPO/RLOO: answers per prompt (their rewards are compared with each other)
+    max_new_tokens: int = 48  # tokens per rollout answer
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_p: float = 1.0  # nucleus sampling of the rollouts (1 = off)
+    kl_coef: float = 0.05  # weight of the KL penalty to the frozen reference (per token)
+    clip: float = 0.2  # PPO's ratio clip (and the value clip)
+    epochs: int = 2  # optimisation passes over each batch of rollouts
+    gamma: float = 1.0  # PPO: discount
+    lam: float = 0.95  # PPO: GAE lambda
+    vf_coef: float = 0.5  # PPO: weight of the value loss
+    method: str = "grpo"  # grpo | rloo (group advantages)
+
+    def validate(self) -> None:
+        _positive(self, "rl", ["prompts_per_step", "group_size", "max_new_tokens", "epochs", "clip"])
+        _non_negative(self, "rl", ["temperature", "kl_coef", "vf_coef"])
+        _in_range(self, "rl", "top_p", 0.0, 1.0)
+        _in_range(self, "rl", "gamma", 0.0, 1.0)
+        _in_range(self, "rl", "lam", 0.0, 1.0)
+        _choice(self, "rl", "method", ["grpo", "rloo"])
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the network's shape
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and learning-rate schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # steps, batch, logging, checkpoints
     data: DataConfig = field(default_factory=DataConfig)  # where the tokens come from
+    pref: PrefConfig = field(default_factory=PrefConfig)  # reward model / DPO settings
+    rl: RLConfig = field(default_factory=RLConfig)  # PPO / GRPO settings
 
     def validate(self) -> None:
         self.model.resolve()
-        for section in (self.model, self.optim, self.train, self.data):
+        for section in (self.model, self.optim, self.train, self.data, self.pref, self.rl):
             section.validate()
         if self.train.seq_len > self.model.max_seq_len:
             raise UserError(f"train.seq_len ({self.train.seq_len}) must be <= model.max_seq_len "
