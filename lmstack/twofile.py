@@ -1,0 +1,79 @@
+"""`lmstack export twofile`: a language model is two files, the parameters and the code that runs them.
+
+    OUT/
+      model.safetensors   the weights in float32; the safetensors metadata carries
+                          {"format": "lmstack-twofile", "config": <config.json>, "tokenizer": <tokenizer.json>}
+      run.py              lmstack/standalone/run.py, copied as is: one program, numpy its only
+                          dependency, that reads the file above, tokenizes, runs and samples
+                          (`python run.py model.safetensors "prompt"`, or `--chat`)
+
+A tied output head is stored once (as `embed_tokens.weight`, like the model folder's own
+weights); the config's `tie_embeddings` tells run.py to reuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+from lmstack.utils import UserError, atomic_output_dir, check_output_dir, current_umask
+
+RUN_PY = Path(__file__).parent / "standalone" / "run.py"
+FORMAT = "lmstack-twofile"
+
+
+def export_twofile(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
+    """Write OUT/model.safetensors and OUT/run.py (and nothing else) from a model folder."""
+    from safetensors.torch import save_file
+
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.train.checkpoint import load_model
+
+    check_output_dir(out, force)  # fail before loading anything
+    if not RUN_PY.is_file():
+        raise UserError(f"{RUN_PY} is missing from this lmstack installation")
+    model = load_model(model_dir)
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise UserError(f"{model_dir} has no tokenizer.json")
+    tok = Tokenizer.load(model_dir)
+    cfg = model.cfg
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
+    check_run_py_tokenizer(tok, model_dir)
+    tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    metadata = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(cfg)), "tokenizer": tok.to_str()}
+    with atomic_output_dir(out, force) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
+        os.chmod(tmp / "model.safetensors", 0o666 & ~current_umask())  # safetensors writes it 0600
+        shutil.copyfile(RUN_PY, tmp / "run.py")
+        os.chmod(tmp / "run.py", 0o777 & ~current_umask())  # executable: it has a #! line
+    out = Path(out)
+    weights, code = out / "model.safetensors", out / "run.py"
+    n_lines = len(code.read_text().splitlines())
+    print(f"export twofile: {weights} ({weights.stat().st_size / 1e6:.1f} MB: "
+          f"{sum(t.numel() for t in tensors.values()) / 1e6:.1f}M float32 parameters, config and tokenizer "
+          f"in the metadata) + {code} ({code.stat().st_size / 1e3:.1f} kB, {n_lines} lines, needs only numpy)\n"
+          f"run it: python {code} {weights} \"Once upon a time\"   (or --chat)")
+    return out
+
+
+# Encoded by run.py and by lmstack at export time: a tokenizer run.py would get wrong is refused here.
+PROBE = "Hello, world! It's 2024: naïve café, 日本語 🙂\n\n  \t<|user|> don't  1234567 x "
+
+
+def check_run_py_tokenizer(tok, model_dir) -> None:
+    """run.py reimplements lmstack's tokenizer (one split pattern, byte-level BPE): refuse to
+    export one it does not reproduce, rather than write a run.py that tokenizes differently."""
+    from lmstack.standalone import run as standalone
+
+    try:
+        ids = standalone.Tokenizer(tok.to_str()).encode(PROBE)
+    except standalone.Fail as e:
+        raise UserError(f"{model_dir}: run.py cannot run this tokenizer: {e}") from None
+    if ids != tok.encode(PROBE):
+        raise UserError(f"{model_dir}: run.py's tokenizer does not reproduce this tokenizer.json")
