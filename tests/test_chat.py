@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CALL = '{"name": "calculator", "arguments": {"expression": "23 + 58"}}'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

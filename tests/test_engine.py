@@ -17,14 +17,7 @@ from lmstack.utils import UserError
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Decoding a tiny model is a chain of small ops: a second thread only adds synchronisation,
-    # and on a busy machine its barrier waits for a descheduled thread (~30x slower steps).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> ModelConfig:

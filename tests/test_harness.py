@@ -7,7 +7,6 @@ HF_DATASETS_OFFLINE are set, and exact_match is lm_eval's own implementation (0.
 Hugging Face evaluate's code into lm_eval.api.metrics: only a metric with `hf_evaluate: true`
 goes through `evaluate.load`, which would download it)."""
 
-import dataclasses
 import json
 import math
 
@@ -25,20 +24,14 @@ from lmstack.eval import harness  # noqa: E402
 from lmstack.eval.harness import CHAT_MARKER, LmstackLM  # noqa: E402
 from lmstack.model import GPT  # noqa: E402
 from lmstack.tokenizer import render_chat, train_tokenizer  # noqa: E402
-from lmstack.train.checkpoint import save_weights  # noqa: E402
-from lmstack.utils import UserError, atomic_write_json  # noqa: E402
+from lmstack.utils import UserError  # noqa: E402
+from tiny import fit_windows, save_model_dir  # noqa: E402  (tests/ is on sys.path)
 
 CTX = 64
 TEXT = "The calculator says 23 + 58 = 81. What is 2 + 3? It is 5. Paris is in France. hello world.\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # A tiny model is many small ops: a second thread only adds synchronisation (see test_engine).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -59,18 +52,8 @@ def model_dir(tmp_path_factory):
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=CTX)
     torch.manual_seed(0)
     model = GPT(cfg)
-    data = torch.tensor([tok.bos_id] + tok.encode(TEXT * 20))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        starts = torch.randint(0, len(data) - 49, (8,))
-        x = torch.stack([data[i:i + 49] for i in starts])
-        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_weights(model, d / "model.safetensors")
-    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
-    return d
+    fit_windows(model, torch.tensor([tok.bos_id] + tok.encode(TEXT * 20)), steps=200)
+    return save_model_dir(d, model, tok)
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,7 @@ TRICKY = ["Hello world", "  leading and trailing  ", "tabs\tand\r\nnew\n\n\nline
           "Zoë, Łódź, 東京, مرحبا, 🙂👍", "don't I'LL we've", "a...b!!!?? (x)", "e\u0301 combining", ""]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model_dir(d, tok, **kw):

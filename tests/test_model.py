@@ -95,7 +95,6 @@ def test_per_row_positions_and_slots_match_full_forward(n_kv_head):
         pos = list(lens)
         rows = [0, 1, 2]  # which sequence sits in each slot
         while rows:
-            B = len(rows)
             p = torch.tensor([pos[r] for r in rows])
             mask = (torch.arange(int(p.max()) + 1)[None, :] <= p[:, None])[:, None, None, :]  # keys up to the furthest row
             tok = torch.stack([seqs[r][0, pos[r]] for r in rows])[:, None]

@@ -4,12 +4,9 @@ engine, a table of malformed requests answered 4xx while a good request still su
 lm_eval's local-completions scoring the server, and the feedback export."""
 
 import asyncio
-import dataclasses
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -22,19 +19,13 @@ from lmstack.model import GPT
 from lmstack.serve.api import Limits
 from lmstack.serve.server import build
 from lmstack.tokenizer import Tokenizer, render_chat, train_tokenizer
-from lmstack.train.checkpoint import save_weights
-from lmstack.utils import atomic_write_json
+from tiny import LiveServer, fit_sequences, save_model_dir  # noqa: E402  (tests/ is on sys.path)
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-key"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 REPLY = "Ana was born in Paris and Bo works at Acme in Rome, they say. "
@@ -61,49 +52,8 @@ def model_dir(tmp_path_factory):
                                   {"role": "assistant", "content": "", "tool_calls": [call]},
                                   {"role": "tool", "tool_call_id": "call_0", "content": "81"},
                                   {"role": "assistant", "content": "23 + 58 = 81."}])[0])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(300):
-        seq = torch.tensor(seqs[step % len(seqs)])[None]
-        loss = torch.nn.functional.cross_entropy(model(seq[:, :-1])[0], seq[0, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_weights(model, d / "model.safetensors")
-    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
-    return d
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn in a background thread on a free loopback port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(200):
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+    fit_sequences(model, seqs, steps=300)
+    return save_model_dir(d, model, tok)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from lmstack.tools import calculator, default_registry
 from lmstack.train.checkpoint import load_model, save_weights
 from lmstack.twofile import export_twofile
 from lmstack.utils import atomic_write_json
+from tiny import fit_windows, save_model_dir  # noqa: E402  (tests/ is on sys.path)
 
 CTX = 96
 TEXT = "The calculator says 23 + 58 = 81. What is 2 + 3? It is 5. Paris is in France. hello world.\n"
@@ -57,12 +58,7 @@ TRICKY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +88,8 @@ def model_dir(request, tok_dir, tmp_path_factory):
                       **MODELS[request.param])
     torch.manual_seed(0)
     model = GPT(cfg)
-    data = torch.tensor([tok.bos_id] + tok.encode(TEXT * 20))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        starts = torch.randint(0, len(data) - 49, (8,))
-        x = torch.stack([data[i:i + 49] for i in starts])
-        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_weights(model, d / "model.safetensors")
-    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
-    return d
+    fit_windows(model, torch.tensor([tok.bos_id] + tok.encode(TEXT * 20)), steps=150)
+    return save_model_dir(d, model, tok)
 
 
 @pytest.fixture(scope="module")

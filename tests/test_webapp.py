@@ -5,15 +5,10 @@ error shape, the API key and the missing database; and the page itself driven in
 Chromium against a live server (key, chat with a streamed reply, thumbs down with a comment, a
 label, the monitor, a reply with a calculator call), checked against the database."""
 
-import dataclasses
 import json
-import socket
 import sqlite3
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -24,9 +19,8 @@ from lmstack.serve.db import export
 from lmstack.serve.server import build
 from lmstack.tokenizer import Tokenizer, render_chat, train_tokenizer
 from lmstack.tools import default_registry
-from lmstack.train.checkpoint import save_weights
+from tiny import LiveServer, fit_sequences, save_model_dir  # noqa: E402  (tests/ is on sys.path)
 from lmstack.train.sft import load_docs
-from lmstack.utils import atomic_write_json
 from lmstack.world.labeller import GUIDE
 
 KEY = "sk-webapp-test"
@@ -37,12 +31,7 @@ STEPS = 300
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +57,8 @@ def model_dir(tmp_path_factory):
                                                {"role": "assistant", "content": "", "tool_calls": [call]},
                                                {"role": "tool", "tool_call_id": "call_0", "content": "81"},
                                                {"role": "assistant", "content": ANSWER}])[0]))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(STEPS):
-        seq = seqs[step % len(seqs)][None]
-        loss = torch.nn.functional.cross_entropy(model(seq[:, :-1])[0], seq[0, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_weights(model, d / "model.safetensors")
-    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
-    return d
+    fit_sequences(model, seqs, steps=STEPS)
+    return save_model_dir(d, model, tok)
 
 
 def make_app(model_dir, db_path, api_key=None):
@@ -383,39 +364,6 @@ def test_without_a_database_the_chat_still_works(model_dir):
 
 
 # --- the page in a real browser --------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn in a background thread on a free loopback port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(self.url.rsplit(":", 1)[1]),
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(200):
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
 
 def rows(db_path, sql):
     con = sqlite3.connect(db_path)

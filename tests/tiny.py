@@ -1,0 +1,86 @@
+"""Tiny models for tests: train one for about a second, save it as a model folder.
+
+A random model mostly repeats one token or ends its turn at once, which makes weak tests of
+stop strings, greedy decoding, tool calls and accuracy; a second of training fixes that.
+"""
+
+import dataclasses
+import socket
+
+import torch
+
+from lmstack.train.checkpoint import save_weights
+from lmstack.utils import atomic_write_json
+
+
+def fit_windows(model, data: torch.Tensor, steps: int = 150, batch: int = 8, window: int = 49, lr: float = 1e-2):
+    """Train on random windows of one long token sequence (plain next-token loss)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - window, (batch,))
+        x = torch.stack([data[i:i + window] for i in starts])
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def fit_sequences(model, seqs: list, steps: int = 300, lr: float = 1e-2):
+    """Train on whole sequences (e.g. rendered chats), one per step, in turn."""
+    seqs = [torch.as_tensor(s) for s in seqs]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(steps):
+        seq = seqs[step % len(seqs)][None]
+        loss = torch.nn.functional.cross_entropy(model(seq[:, :-1])[0], seq[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def save_model_dir(d, model, tok):
+    """A model folder: tokenizer.json, config.json, model.safetensors."""
+    tok.save(d)
+    save_weights(model, d / "model.safetensors")
+    atomic_write_json(d / "config.json", dataclasses.asdict(model.cfg))
+    return d
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """An app served by uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.app, self.port = app, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        import httpx
+
+        self.thread.start()
+        for _ in range(200):
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
