@@ -26,26 +26,9 @@ from pathlib import Path
 
 import torch
 
+from lmstack.tokenizer import CHAT_TEMPLATE_JINJA as CHAT_TEMPLATE
 from lmstack.utils import UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir
 
-# THE chat template (lmstack.tokenizer.render_chat) as Jinja, for apply_chat_template. Tool-call
-# arguments given as a dict render as JSON (tojson: ", " and ": " separators, non-ASCII kept, as
-# json.dumps(ensure_ascii=False) in render_chat); given as a JSON string they render as written.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% endif %}"
-    "{% for call in message.get('tool_calls') or [] %}"
-    "{% set fn = call['function'] if call['function'] is defined else call %}"
-    "{{ '<|tool_call|>{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' }}"
-    "{% if fn['arguments'] is string %}{{ fn['arguments'] }}{% else %}{{ fn['arguments'] | tojson }}{% endif %}"
-    "{{ '}<|/tool_call|>' }}"
-    "{% endfor %}"
-    "{{ '<|end|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
 MAX_SHARD_BYTES = 2 * 1024 ** 3
 
 

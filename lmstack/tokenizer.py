@@ -233,6 +233,32 @@ def train_tokenizer(inputs, vocab_size: int, out, text_field: str = "text", forc
 
 ROLES = ("system", "user", "assistant", "tool")
 
+# Our chat format (lmstack.tokenizer.render_chat) in Jinja: `<|bos|>`, then `<|role|>content<|end|>`
+# per message (an assistant's tool calls as <|tool_call|>{"name": ..., "arguments": ...}<|/tool_call|>
+# after its content), then `<|assistant|>` for the generation prompt. llama.cpp and
+# llama-cpp-python, and transformers' apply_chat_template tokenize the rendered text with special
+# tokens recognised (so there, unlike in render_chat, text spelling a special token becomes it).
+# Tool-call arguments as a dict render with tojson (json.dumps' separators, as render_chat), as a
+# JSON string as written.
+CHAT_TEMPLATE_JINJA = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ '<|tool_call|>{\"name\": ' }}{{ fn['name'] | tojson }}{{ ', \"arguments\": ' }}"
+    "{% if fn['arguments'] is string %}{{ fn['arguments'] }}{% else %}{{ fn['arguments'] | tojson }}{% endif %}"
+    "{{ '}<|/tool_call|>' }}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{ '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
 
 class ChatFormatError(ValueError):
     """A malformed conversation (unknown role, missing or empty content, bad tool call)."""

@@ -1,0 +1,204 @@
+"""GGUF export: an lmstack model folder -> one .gguf file that llama.cpp (and everything built on
+it: llama-cpp-python, llama-server, Ollama, LM Studio) loads as a plain Llama.
+
+    lmstack export gguf --model runs/small/chat --out small.gguf [--dtype f32|f16|bf16] [--force]
+
+What goes in (written with the `gguf` package, llama.cpp's own writer):
+- architecture metadata under `llama.*`: context, width, depth, SwiGLU width, heads, key/value
+  heads, RMSNorm epsilon, RoPE base and dimension count, vocabulary size; `general.*`: name,
+  architecture, file type.
+- the tensors under llama.cpp's names (`token_embd`, `blk.N.attn_q`, ..., `output_norm`,
+  `output`). A tied head is not written: llama.cpp uses `token_embd` when `output` is absent.
+  Norm weights are always F32, the matrices F32, F16 or BF16 (`--dtype`).
+- q_proj / k_proj rows permuted: our RoPE rotates the pairs (x_i, x_{i+D/2}) of each head (Hugging
+  Face's rotate-half layout); llama.cpp's Llama graph rotates adjacent pairs (x_2i, x_2i+1).
+  `permute` reorders each head's rows so that the two agree, exactly as llama.cpp's
+  convert_hf_to_gguf.py does for HF Llama checkpoints (`LlamaModel.permute`).
+- the tokenizer as a GPT-2-style byte-level BPE (`tokenizer.ggml.model = "gpt2"`): the
+  byte-level token strings, the merges, CONTROL type for our 16 special tokens, BOS/EOS/PAD/EOT
+  ids, add_bos_token, and the chat template (Jinja) in `tokenizer.chat_template`.
+
+The pre-tokenizer: llama.cpp does not read our split regex from the file; it picks a built-in
+one by the name in `tokenizer.ggml.pre`. Ours is GPT-4's (cl100k) split. "dbrx" (DBRX used
+cl100k) has that regex and plain BPE merging, like our Hugging Face BPE. "llama-bpe" (Llama 3)
+has the same regex but also `ignore_merges` (a whole pre-token that is in the vocabulary
+becomes one token without merging), which can split a rare word differently from us, so it is
+not used. Differences left (documented in tests/test_gguf.py):
+- the regex is written with plain instead of possessive quantifiers and `\\s*[\\r\\n]+` for our
+  `\\s*[\\r\\n]`: the same splits. llama.cpp's own Unicode tables classify letters/digits, so a
+  character whose category differs between its tables and Rust's regex may split differently.
+- llama.cpp's `llama_detokenize` cleans spaces before punctuation (clean_up_tokenization_spaces,
+  on for every BPE vocabulary); token-by-token output (`token_to_piece`, what streaming uses) is
+  byte-exact.
+- tokenizing user text, neither turns special-token text into special ids (llama.cpp: with
+  special=False). But a chat template is text: llama.cpp renders it and then parses the special
+  tokens in the whole prompt, so "<|end|>" typed in a message becomes the <|end|> id there (as for
+  every GGUF model), where our render_chat keeps it text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmstack.tokenizer import CHAT_TEMPLATE_JINJA as CHAT_TEMPLATE
+from lmstack.utils import UserError, current_umask
+
+DTYPES = ("f32", "f16", "bf16")
+PRE_TOKENIZER = "dbrx"  # llama.cpp's built-in GPT-4 (cl100k) split with plain BPE merging
+
+def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q/k rows from the rotate-half layout (per head: [first halves..., second halves...]) to
+    the interleaved one llama.cpp's RoPE expects ([x0, x_{D/2}, x1, x_{D/2+1}, ...]).
+    convert_hf_to_gguf.py's LlamaModel.permute; for k pass the number of key/value heads."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of `permute` (GGUF q/k rows back to ours)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tensor_names(n_layer: int) -> dict[str, str]:
+    """Our weight name -> llama.cpp's tensor name."""
+    names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    }
+    for i in range(n_layer):
+        for ours, theirs in per_layer.items():
+            names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+    return names
+
+
+def _array(t: torch.Tensor, dtype: str):
+    """A tensor -> (numpy array, raw GGML type or None). numpy has no bfloat16: BF16 goes in as
+    the raw 16-bit patterns (uint16) with the type named explicitly."""
+    import gguf
+
+    t = t.detach().cpu()
+    if dtype == "bf16":
+        bits = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+        return bits, gguf.GGMLQuantizationType.BF16
+    return t.to(torch.float16 if dtype == "f16" else torch.float32).contiguous().numpy(), None
+
+
+def read_vocab(model_dir: Path, vocab_size: int):
+    """(tokens, token types, merges) of the folder's tokenizer, padded to the model's vocabulary
+    with unused "[PADi]" entries (as convert_hf_to_gguf.py does) when the model has more rows."""
+    import gguf
+
+    from lmstack.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+
+    tok = Tokenizer.load(model_dir)  # UserError unless it is an lmstack tokenizer (specials at 0..15)
+    spec = json.loads(tok.to_str())
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    if json.dumps(SPLIT_PATTERN)[1:-1] not in pre or spec["model"].get("type") != "BPE":
+        raise UserError(f"{model_dir / 'tokenizer.json'}: not lmstack's byte-level BPE with its split "
+                        f"regex; the GGUF pre-tokenizer ({PRE_TOKENIZER!r}) would not match it")
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size} rows")
+    tokens = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    types = [gguf.TokenType.CONTROL if i < len(SPECIAL_TOKENS) else gguf.TokenType.NORMAL
+             for i in range(tok.vocab_size)]
+    for i in range(tok.vocab_size, vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(gguf.TokenType.UNUSED)
+    # tokenizers >= 0.20 stores a merge as a pair ["a", "b"]; older versions as "a b".
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tok, tokens, types, merges
+
+
+def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path:
+    """Write the model folder `model_dir` as the GGUF file `out` (atomically; an existing file
+    is replaced only with force). dtype: the matrices' type, f32 | f16 | bf16."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("GGUF export needs the gguf package: pip install gguf "
+                        "(or pip install 'lmstack[gguf]')") from None
+    from lmstack.train.checkpoint import load_model
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {' | '.join(DTYPES)} for gguf, got {dtype!r}")
+    model_dir, out = Path(model_dir), Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the path of the .gguf file to write")
+    if out.exists() and not force:
+        raise UserError(f"{out} exists (use --force to replace it)")
+    model = load_model(model_dir)  # UserError on a missing or broken folder
+    if not (model_dir / "tokenizer.json").is_file():
+        raise UserError(f"{model_dir} has no tokenizer.json; a GGUF file carries its tokenizer")
+    cfg = model.cfg
+    tok, tokens, types, merges = read_vocab(model_dir, cfg.vocab_size)
+    head_dim = cfg.d_model // cfg.n_head
+
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give it a normal file's mode
+        w = gguf.GGUFWriter(tmp, "llama")  # writes general.architecture = "llama"
+        w.add_name(model_dir.resolve().name)
+        w.add_file_type(int(file_type))
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.d_model)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.ffn_hidden)
+        w.add_head_count(cfg.n_head)
+        w.add_head_count_kv(cfg.n_kv_head)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_rope_dimension_count(head_dim)
+
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(PRE_TOKENIZER)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tok.bos_id)
+        w.add_eos_token_id(tok.eos_id)
+        w.add_pad_token_id(tok.pad_id)
+        w.add_eot_token_id(tok.special_ids["<|end|>"])  # a chat turn ends with <|end|>
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_chat_template(CHAT_TEMPLATE)
+
+        names = tensor_names(cfg.n_layer)
+        for name, t in model.state_dict().items():
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # llama.cpp falls back to token_embd
+            if name.endswith("q_proj.weight"):
+                t = permute(t, cfg.n_head)
+            elif name.endswith("k_proj.weight"):
+                t = permute(t, cfg.n_kv_head)
+            arr, raw = _array(t, "f32" if t.dim() == 1 else dtype)  # norms stay F32
+            w.add_tensor(names[name], arr, raw_dtype=raw)
+
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"gguf: {n_params / 1e6:.1f}M params, {dtype.upper()} matrices, vocab {len(tokens)}, "
+          f"{out.stat().st_size / 1e6:.1f} MB -> {out}")
+    return out
