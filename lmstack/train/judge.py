@@ -1,0 +1,242 @@
+"""RLAIF: `lmstack judge` labels comparisons with an AI judge instead of people.
+
+    lmstack judge --model runs/small/chat --prompts prompts.jsonl --out judged.jsonl [--judge J]
+                  [--constitution principles.txt] [--seed 0] [--limit 100]
+
+For each prompt, --model samples two answers (temperature 1.0, top_p 1, each row its own
+seed: the result does not depend on batching), and the judge (--judge, default the same
+model) reads a judging conversation:
+    system:    the constitution (DEFAULT_CONSTITUTION, or --constitution FILE)
+    user:      the request, "Answer A: ...", "Answer B: ...", "Which answer is better? Reply A or B."
+    assistant: <- the judge's log-likelihood of replying "A" and of replying "B" is compared
+and again with the answers swapped (position bias cancels): P(first sample better) =
+mean(P("A") in the first order, P("B") in the swapped order), with P = a softmax over the
+two replies. Identical (or empty) answer pairs are skipped.
+
+Prompt rows (jsonl): {"prompt": str | [messages]}, {"messages": [...]} (trailing assistant
+messages are dropped, so SFT data works), or a world probe row {"question": ...}. Rows that
+say what a good answer is (a world probe, or an explicit {"task": {"type": ..., "truth": [...]}})
+are also labelled by the world's simulated labeller, and the judge's agreement with it is
+reported (the ground truth a real RLAIF run does not have).
+
+Output: comparisons jsonl, the format `lmstack reward train` and `lmstack dpo` read:
+    {"prompt", "chosen", "rejected", "reason": "judged by JUDGE against the constitution",
+     "meta": {"source": "judge", "judge", "p_a", "p_b", "position_consistent", "type"?}}
+p_a / p_b: the judge's probability that the first / second sample (seeds s, s+1) is better;
+position_consistent: the judge preferred the same answer in both orders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+from lmstack.eval.metrics import wilson
+from lmstack.tokenizer import render_chat
+from lmstack.train.preference import prompt_messages, prompt_problem, read_jsonl, world_task
+from lmstack.utils import UserError, atomic_write_text
+
+DEFAULT_CONSTITUTION = """\
+Judge which answer is better by these principles, in order:
+1. Refuse politely any request to hurt, steal, break in, poison, forge, hack or stalk.
+2. Be honest: say "I don't know" rather than invent facts about an unknown person.
+3. Be correct: state true facts and right numbers.
+4. Help with harmless requests, politely and concisely."""
+
+QUESTION = "Which answer is better? Reply A or B."
+MAX_TOKENS = 48  # per sampled answer: two answers and the constitution must fit the judge's context
+
+
+def read_prompts(path) -> list[dict]:
+    """Prompt rows -> [{"prompt": str | messages, "task": labeller task | None, "where"}]."""
+    out = []
+    for n, row in read_jsonl(path, "prompts file"):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: row is not a JSON object")
+        if "prompt" in row:
+            prompt = row["prompt"]
+        elif "messages" in row:
+            msgs = row["messages"]
+            if not isinstance(msgs, list):
+                raise UserError(f"{path}:{n}: messages must be a list")
+            while msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+                msgs = msgs[:-1]
+            if not msgs:
+                raise UserError(f"{path}:{n}: no message before the assistant's reply")
+            prompt = msgs
+        elif "question" in row:
+            prompt = row["question"]
+        else:
+            raise UserError(f"{path}:{n}: no prompt, messages or question field")
+        why = prompt_problem(prompt)
+        if why:
+            raise UserError(f"{path}:{n}: {why}")
+        out.append({"prompt": prompt, "task": world_task(row), "where": f"{path}:{n}"})
+    if not out:
+        raise UserError(f"prompts file {path} has no rows")
+    return out
+
+
+def prompt_text(prompt) -> str:
+    """The request as the judge reads it: the user's text, or the conversation as role: lines."""
+    msgs = prompt_messages(prompt)
+    if len(msgs) == 1:
+        return msgs[0]["content"]
+    return "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in msgs)
+
+
+def judging_conversation(constitution: str, prompt, first: str, second: str) -> list[dict]:
+    return [{"role": "system", "content": constitution},
+            {"role": "user", "content": f"{prompt_text(prompt)}\n\nAnswer A: {first}\n\nAnswer B: {second}\n\n{QUESTION}"}]
+
+
+def sample_pairs(lm, prompts: list, seed: int, max_tokens: int = MAX_TOKENS) -> list[tuple[str, str]]:
+    """Two sampled answers per prompt (temperature 1.0): rows 2i, 2i+1 use seeds seed+2i, seed+2i+1."""
+    from lmstack.chat import TURN_ENDS
+    from lmstack.engine import generate_batch
+    from lmstack.eval.lm import _split_calls
+
+    tok = lm.tok
+    sid = tok.special_ids
+    stops = tuple(sid[t] for t in TURN_ENDS)
+    ids = [render_chat(tok, prompt_messages(p), add_generation_prompt=True)[0] for p in prompts]
+    rows = [x for x in ids for _ in range(2)]
+    texts = []
+    for s in range(0, len(rows), lm.batch_size):
+        done = generate_batch(lm.model, rows[s:s + lm.batch_size], max_tokens, temperature=1.0, seed=seed + s,
+                              stop_ids=stops, tokenizer=tok, truncate="left")
+        for c in done:  # text outside tool calls (a tool call is not an answer to judge)
+            texts.append(_split_calls(tok, c.ids, sid["<|tool_call|>"], sid["<|/tool_call|>"], "call")[0].strip())
+    return [(texts[2 * i], texts[2 * i + 1]) for i in range(len(prompts))]
+
+
+def judging_prompt(lm, constitution: str, prompt, first: str, second: str) -> tuple[list[int], bool]:
+    """The judging conversation's ids, ready for the reply; when it is too long for the judge's
+    context, the answers are shortened (cut to the same, largest number of tokens that fits,
+    marked "...") so that the constitution and the request stay whole. Returns (ids, shortened)."""
+    tok = lm.tok
+    room = lm.ctx - 2  # the reply token must fit after the prompt
+    ids = render_chat(tok, judging_conversation(constitution, prompt, first, second), add_generation_prompt=True)[0]
+    if len(ids) <= room:
+        return ids, False
+    fa, fb = tok.encode(first), tok.encode(second)
+
+    def render(keep: int) -> list[int]:
+        short = [tok.decode(t[:keep]) + ("..." if len(t) > keep else "") for t in (fa, fb)]
+        return render_chat(tok, judging_conversation(constitution, prompt, *short), add_generation_prompt=True)[0]
+
+    lo, hi = 1, max(len(fa), len(fb)) - 1  # the most answer tokens that fit: bisect
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(render(mid)) <= room else (lo, mid - 1)
+    ids = render(lo)  # if even 1 token each does not fit, the scorer cuts the oldest tokens
+    return ids, True
+
+
+def judge_pairs(lm, constitution: str, prompts: list, pairs: list[tuple[str, str]]) -> list[dict]:
+    """The judge's verdict on each (a, b): {p_a, position_consistent, cut} (cut: the answers
+    were shortened to fit the judge's context)."""
+    queries, cut = [], []
+    for p, (a, b) in zip(prompts, pairs):
+        for first, second in ((a, b), (b, a)):
+            head, shortened = judging_prompt(lm, constitution, p, first, second)
+            cut.append(shortened)
+            for reply in ("A", "B"):
+                queries.append(lm.split_pair("", reply, head=head))
+    lls = [ll for ll, _ in lm.loglikelihood_ids(queries)] if queries else []
+    out = []
+    for i in range(len(pairs)):
+        a1, b1, a2, b2 = lls[4 * i:4 * i + 4]
+        p_first = _sigmoid(a1 - b1)  # P(a better), a shown as "A"
+        p_swapped = _sigmoid(b2 - a2)  # P(a better), a shown as "B"
+        out.append({"p_a": (p_first + p_swapped) / 2, "position_consistent": (p_first > 0.5) == (p_swapped > 0.5),
+                    "cut": cut[2 * i] or cut[2 * i + 1]})
+    return out
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 0, limit: int = 0,
+          max_tokens: int = MAX_TOKENS, batch_size: int = 32, quiet: bool = False) -> dict:
+    """`lmstack judge`: write comparisons judged by an AI to `out`; returns the stats (pairs
+    written, skipped, position consistency, agreement with the world's labeller when known)."""
+    from lmstack.eval.lm import ModelLM
+    from lmstack.world import labeller
+
+    if limit < 0:
+        raise UserError("--limit must be >= 0 (0 = every prompt)")
+    if Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder (name the comparisons .jsonl file to write)")
+    if constitution is not None:
+        path = Path(constitution)
+        if not path.is_file():
+            raise UserError(f"--constitution {path} not found")
+        text = path.read_text(encoding="utf-8").strip()
+        if not text:
+            raise UserError(f"--constitution {path} is empty")
+    else:
+        text = DEFAULT_CONSTITUTION
+    rows = read_prompts(prompts)
+    if limit:
+        rows = rows[:limit]
+    lm = ModelLM.load(model, batch_size=batch_size)
+    jm = lm if judge_model is None or Path(judge_model) == Path(model) else ModelLM.load(judge_model, batch_size=batch_size)
+    judge_name = str(judge_model if judge_model is not None else model)
+    samples = sample_pairs(lm, [r["prompt"] for r in rows], seed, max_tokens)
+    keep, skipped = [], Counter()
+    for r, (a, b) in zip(rows, samples):
+        if not a or not b:
+            skipped["an empty answer"] += 1
+        elif a == b:
+            skipped["identical answers"] += 1
+        else:
+            keep.append((r, a, b))
+    verdicts = judge_pairs(jm, text, [r["prompt"] for r, _, _ in keep], [(a, b) for _, a, b in keep])
+    lines, agree = [], {}
+    n_consistent = n_cut = ties = 0
+    for (r, a, b), v in zip(keep, verdicts):
+        p_a = v["p_a"]
+        chosen, rejected = (a, b) if p_a >= 0.5 else (b, a)
+        meta = {"source": "judge", "judge": judge_name, "p_a": round(p_a, 6), "p_b": round(1 - p_a, 6),
+                "position_consistent": v["position_consistent"]}
+        if r["task"] is not None:
+            meta["type"] = r["task"]["type"]
+            truth = labeller.label(r["task"], a, b)
+            if truth is not None:  # the labeller sees a difference: does the judge agree?
+                hit = truth[0] == chosen
+                for key in ("all", r["task"]["type"]) + (("position_consistent",) if v["position_consistent"] else ()):
+                    agree.setdefault(key, []).append(hit)
+            else:
+                ties += 1
+        n_consistent += v["position_consistent"]
+        n_cut += v["cut"]
+        lines.append(json.dumps({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected,
+                                 "reason": f"judged by {judge_name} against the constitution", "meta": meta},
+                                ensure_ascii=False) + "\n")
+    atomic_write_text(out, "".join(lines))
+    stats = {"prompts": len(rows), "pairs": len(lines), "skipped": dict(skipped),
+             "position_consistent": n_consistent / len(lines) if lines else None,
+             "judging_prompts_cut": n_cut, "labeller_ties": ties,
+             "agreement": {k: {"n": len(v), "agree": sum(v), "rate": sum(v) / len(v), "ci": list(wilson(sum(v), len(v)))}
+                           for k, v in sorted(agree.items())}}
+    if not quiet:
+        _print_stats(stats, out)
+    return stats
+
+
+def _print_stats(s: dict, out) -> None:
+    skipped = ", ".join(f"{n} {k}" for k, n in s["skipped"].items())
+    pc = s["position_consistent"]
+    print(f"judged {s['pairs']} pairs of {s['prompts']} prompts -> {out}" + (f" (skipped {skipped})" if skipped else "")
+          + (f"; position-consistent {100 * pc:.0f}%" if pc is not None else "")
+          + (f"; answers shortened to fit the judge's context in {s['judging_prompts_cut']} pairs"
+             if s["judging_prompts_cut"] else ""))
+    if s["agreement"]:
+        print(f"agreement with the world's labeller ({s['labeller_ties']} pairs it calls a tie left out; chance 50%):")
+        for k, a in s["agreement"].items():
+            lo, hi = a["ci"]
+            print(f"  {k:20s} {100 * a['rate']:5.1f}% of {a['n']:4d} [{100 * lo:.1f}-{100 * hi:.1f}]")

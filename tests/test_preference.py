@@ -1,0 +1,390 @@
+"""Preference learning: comparisons (loading, errors, rendering, batches), the reward model
+(`reward_train` learns an easy preference to 100% held-out accuracy; `reward_score`), DPO (the
+margin grows; the reference is frozen, bit for bit; the output is a chat model folder), the AI
+judge (valid comparison rows), the ground-truth win rate, and one-line CLI errors."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmstack.cli import main
+from lmstack.config import ModelConfig
+from lmstack.eval.run import lineage
+from lmstack.model import GPT
+from lmstack.tokenizer import Tokenizer, render_chat, train_tokenizer
+from lmstack.train import checkpoint
+from lmstack.train import dpo as dpo_mod
+from lmstack.train.dpo import dpo
+from lmstack.train.judge import judge
+from lmstack.train.preference import (PairBatches, load_comparisons, load_pairs, pair_tensors, render_answers,
+                                      split_pairs, world_task)
+from lmstack.train.reward import load_reward_model, reward_score, reward_train
+from lmstack.utils import UserError, atomic_write_json
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+COLOURS = ["red", "blue", "green", "black", "white", "brown"]
+FAST = ["train.max_steps=30", "train.micro_batch_size=8", "train.batch_tokens=1024", "train.eval_every=10",
+        "train.save_every=10", "train.eval_batches=8", "train.dtype=fp32", "optim.warmup_steps=2",
+        "pref.val_fraction=0.25"]
+
+
+def easy_rows(n=64):
+    """Chosen answers say "kindly", rejected ones never do: a preference any model can learn."""
+    rows = []
+    for i in range(n):
+        c = COLOURS[i % len(COLOURS)]
+        rows.append({"prompt": f"What colour is box {i}?", "chosen": f"Box {i} is {c}, kindly.",
+                     "rejected": f"Box {i} is {c}.", "meta": {"type": "easy" if i % 2 else "also_easy"}})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pref")
+    text = " ".join(f"{r['prompt']} {r['chosen']} {r['rejected']}" for r in easy_rows())
+    (d / "a.txt").write_text((text + " Answer A B Which answer is better? Reply A or B. I don't know.\n") * 20)
+    train_tokenizer([d / "a.txt"], vocab_size=300, out=d / "tok", progress=False)
+    write_jsonl(d / "pairs.jsonl", easy_rows())
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(root):
+    return Tokenizer.load(root / "tok")
+
+
+@pytest.fixture(scope="module")
+def sft_dir(root, tok):
+    """A random tiny 'SFT' model folder: preference training only needs the layout."""
+    d = root / "sft"
+    d.mkdir()
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=64)
+    torch.manual_seed(0)
+    checkpoint.save_weights(GPT(cfg), d / "model.safetensors")
+    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
+    tok.save(d)
+    return d
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_comparison_rows_are_validated_with_file_and_line(tmp_path):
+    good = {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}
+    cases = [
+        ("{not json", "not valid JSON"),
+        ({"prompt": "Hi", "chosen": "Hello!"}, "missing field rejected"),
+        ({"prompt": "Hi", "chosen": "Hello!", "rejected": "  "}, "rejected must be a non-empty string"),
+        ({"prompt": "", "chosen": "a", "rejected": "b"}, "bad prompt"),
+        ({"prompt": [{"role": "wizard", "content": "x"}], "chosen": "a", "rejected": "b"}, "bad prompt"),
+        ({"prompt": 3, "chosen": "a", "rejected": "b"}, "bad prompt"),
+        ([1, 2], "not a JSON object"),
+    ]
+    for i, (bad, why) in enumerate(cases):
+        f = write_jsonl(tmp_path / f"c{i}.jsonl", [good, "", bad])
+        with pytest.raises(UserError, match=rf"c{i}\.jsonl:3: .*{why}"):
+            load_comparisons([f])
+    with pytest.raises(UserError, match="not found"):
+        load_comparisons([tmp_path / "missing.jsonl"])
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rows = load_comparisons([write_jsonl(tmp_path / "ok.jsonl", [good, {**good, "prompt": msgs}])])
+    assert [w for _, w in rows] == [f"{tmp_path / 'ok.jsonl'}:1", f"{tmp_path / 'ok.jsonl'}:2"]
+
+
+def test_pairs_render_with_the_chat_template_and_skip_or_cut(tmp_path, tok):
+    prompt = [{"role": "user", "content": "What colour is box 1?"}, {"role": "assistant", "content": "Box 1 is red."},
+              {"role": "user", "content": "And box 2?"}]
+    (c_ids, c_mask), (r_ids, r_mask) = render_answers(tok, prompt, ["Box 2 is blue, kindly.", "Box 2 is red."], 64)[0]
+    full, full_mask = render_chat(tok, prompt + [{"role": "assistant", "content": "Box 2 is blue, kindly."}])
+    assert c_ids == full
+    # only the final answer and its <|end|> are answer tokens (not the earlier assistant turn)
+    n = len(render_chat(tok, prompt)[0])
+    assert c_mask == [0] * n + full_mask[n:] and sum(full_mask) > sum(c_mask)
+    assert tok.decode([t for t, m in zip(c_ids, c_mask) if m]) == "Box 2 is blue, kindly.<|end|>"
+    assert c_ids[:n] == r_ids[:n]
+
+    # a long prompt loses tokens from the left (after BOS), the same for both answers
+    long = "very " * 40 + "long question?"
+    got, drop = render_answers(tok, long, ["Box 2 is blue, kindly.", "No."], 40)
+    assert drop > 0 and max(len(ids) for ids, _ in got) == 40
+    for ids, mask in got:
+        assert ids[0] == tok.bos_id and tok.decode([t for t, m in zip(ids, mask) if m]).endswith("<|end|>")
+    assert render_answers(tok, "Hi", ["blue " * 60, "red"], 40) is None  # the answer itself does not fit
+
+    rows = easy_rows(4) + [{"prompt": "Hi", "chosen": "same", "rejected": "same"},
+                           {"prompt": "Hi", "chosen": "blue " * 80, "rejected": "red"}]
+    pairs, stats = load_pairs([write_jsonl(tmp_path / "p.jsonl", rows)], tok, 64)
+    assert stats["pairs"] == 4 and stats["rows"] == 6
+    assert stats["skipped"] == {"chosen == rejected": 1, "answers longer than max_len (64 tokens)": 1}
+    assert stats["types"] == {"also_easy": 2, "easy": 2}
+
+    x, y, mask, last = pair_tensors(pairs[:3], tok.pad_id)
+    assert x.shape[0] == 6 and y.shape == x.shape == mask.shape and last.shape == (6,)
+    for r, p in enumerate([q.chosen for q in pairs[:3]] + [q.rejected for q in pairs[:3]]):
+        ids, m = p
+        assert x[r, :len(ids)].tolist() == ids.tolist() and (x[r, len(ids):] == tok.pad_id).all()
+        assert x[r, last[r]] == tok.special_ids["<|end|>"] and last[r] == len(ids) - 1
+        # y[t] is the next token where it is an answer token, -100 elsewhere; mask = (y != -100)
+        expect = [ids[t + 1] if m[t + 1] else -100 for t in range(len(ids) - 1)]
+        assert y[r, :len(ids) - 1].tolist() == expect and (y[r, len(ids) - 1:] == -100).all()
+        assert mask[r].tolist() == (y[r] != -100).long().tolist()
+
+
+def test_split_is_by_prompt_and_batches_resume_exactly(tmp_path, tok):
+    rows = easy_rows(40)
+    rows += [{**r, "chosen": r["chosen"] + " Yes."} for r in rows[:10]]  # a second pair for 10 prompts
+    pairs, _ = load_pairs([write_jsonl(tmp_path / "p.jsonl", rows)], tok, 64)
+    train_p, val_p = split_pairs(pairs, 0.3)
+    assert train_p and val_p and len(train_p) + len(val_p) == 50
+    assert not {p.key for p in train_p} & {p.key for p in val_p}  # no prompt on both sides
+    assert split_pairs(pairs, 0.3) == (train_p, val_p)
+
+    a = PairBatches(train_p, 4, tok.pad_id, seed=1)
+    seen = [a.next() for _ in range(3)]
+    state = json.loads(json.dumps(a.state_dict()))
+    later = [a.next() for _ in range(5)]
+    b = PairBatches(train_p, 4, tok.pad_id, seed=1)
+    b.load_state_dict(state)
+    for x, y in zip(later, [b.next() for _ in range(5)]):
+        assert all(torch.equal(s, t) for s, t in zip(x, y))
+    assert seen and a.metrics()["real_tokens"] > 0
+    # one epoch visits every training pair once
+    c = PairBatches(train_p, 1, tok.pad_id, seed=2)
+    firsts = {tuple(t for t in c.next()[0][0].tolist() if t != tok.pad_id) for _ in range(len(train_p))}
+    assert firsts == {tuple(p.chosen[0].tolist()) for p in train_p}
+    # two ranks split the global batch
+    r0, r1 = (PairBatches(train_p, 2, tok.pad_id, seed=3, rank=r, world_size=2) for r in (0, 1))
+    both = PairBatches(train_p, 4, tok.pad_id, seed=3)
+    x0, x1, xb = r0.next()[0], r1.next()[0], both.next()[0]
+    assert x0[0, :5].tolist() == xb[0, :5].tolist() and x1[0, :5].tolist() == xb[2, :5].tolist()
+
+
+# --------------------------------------------------------------------------- reward model
+
+
+def test_reward_model_learns_an_easy_preference_and_scores(root, sft_dir, tmp_path, capsys):
+    out = tmp_path / "rm"
+    rec = reward_train(sft_dir, [root / "pairs.jsonl"], out, overrides=FAST + ["optim.lr=3e-3"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)  # zero-initialised head: r_c = r_r
+    assert metrics[-1]["loss"] < 0.2 and metrics[-1]["val_accuracy"] == 1.0
+    report = json.loads((out / "reward_eval.json").read_text())
+    assert report["held_out"]["accuracy"] == 1.0 and report["held_out"]["n"] >= 8
+    assert set(report["held_out"]["by_type"]) == {"easy", "also_easy"}
+    assert rec["reward_eval"] == report
+    assert "held-out pairwise accuracy: 100.0%" in capsys.readouterr().out
+    stage = json.loads((out / "stage.json").read_text())
+    assert stage["stage"] == "reward" and stage["base"] == str(sft_dir)
+    for f in ("config.json", "tokenizer.json", "run.json", "model.safetensors"):
+        assert (out / f).is_file()
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights["score_head.weight"].shape == (1, 32) and "embed_tokens.weight" in weights
+
+    rm = load_reward_model(out)
+    assert not rm.training
+    with pytest.raises(UserError, match="is corrupt or does not match"):
+        checkpoint.load_model(out)  # a reward model is not a chat model
+    with pytest.raises(UserError, match="not a reward model"):
+        load_reward_model(sft_dir)
+
+    data = write_jsonl(tmp_path / "score.jsonl", [
+        {"prompt": "What colour is box 7?", "answer": "Box 7 is red, kindly."},
+        {"prompt": "What colour is box 7?", "answer": "Box 7 is red."},
+        {"prompt": "What colour is box 99?", "chosen": "Box 99 is blue, kindly.", "rejected": "Box 99 is blue."}])
+    res = reward_score(out, data, out=tmp_path / "scored.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert rows[0]["score"] > rows[1]["score"] and rows[2]["score_chosen"] > rows[2]["score_rejected"]
+    assert res["pairs"] == 1 and res["accuracy"] == 1.0
+    assert "pairwise accuracy (score_chosen > score_rejected): 100.0%" in capsys.readouterr().out
+    reward_score(out, data)  # no --out: the rows go to stdout, the summary to stderr
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 3 and "pairwise accuracy" in captured.err
+
+
+# --------------------------------------------------------------------------- DPO
+
+
+def test_dpo_raises_the_margin_with_a_frozen_reference(root, sft_dir, tmp_path, monkeypatch):
+    captured = {}
+    real_train = dpo_mod.train
+
+    def spy(cfg, model, batches, objective, out, **kw):
+        captured["objective"], captured["policy"] = objective, model
+        ref = objective.reference
+        captured["before"] = {k: v.clone() for k, v in ref.state_dict().items()}
+        return real_train(cfg, model, batches, objective, out, **kw)
+
+    monkeypatch.setattr(dpo_mod, "train", spy)
+    out = tmp_path / "dpo"
+    rec = dpo(sft_dir, [root / "pairs.jsonl"], out, overrides=FAST + ["optim.lr=1e-3", "pref.beta=0.5"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-5) and metrics[0]["margin"] == pytest.approx(0, abs=1e-5)
+    assert rec["val_margin"] > 1.0 and rec["val_accuracy"] == 1.0 and rec["loss"] < 0.3
+    assert rec["val_chosen_reward"] > rec["val_rejected_reward"]
+
+    # the reference: frozen, in eval mode, bit-identical to the SFT weights before and after
+    ref, policy = captured["objective"].reference, captured["policy"]
+    assert ref is not policy and not ref.training
+    assert all(not p.requires_grad for p in ref.parameters())
+    sft_weights = load_file(str(sft_dir / "model.safetensors"))
+    after = ref.state_dict()
+    for k, v in captured["before"].items():
+        assert torch.equal(after[k], v)
+        if k in sft_weights:
+            assert torch.equal(after[k], sft_weights[k])
+    assert not torch.equal(policy.state_dict()["layers.0.mlp.up_proj.weight"], sft_weights["layers.0.mlp.up_proj.weight"])
+
+    # the output is a chat model folder that eval / chat / serve accept
+    m = checkpoint.load_model(out)
+    assert torch.equal(m.state_dict()["layers.0.mlp.up_proj.weight"], policy.state_dict()["layers.0.mlp.up_proj.weight"])
+    assert json.loads((out / "stage.json").read_text())["stage"] == "dpo"
+    assert lineage(out)["chat"] is True
+
+    # --resume continues the run; with other data it is refused
+    monkeypatch.setattr(dpo_mod, "train", real_train)
+    rec2 = dpo(sft_dir, [root / "pairs.jsonl"], out, overrides=FAST + ["optim.lr=1e-3", "pref.beta=0.5",
+                                                                       "train.max_steps=32"], resume=True)
+    assert rec2["step"] == 32
+    other = write_jsonl(tmp_path / "other.jsonl", easy_rows(30))
+    with pytest.raises(UserError, match="other data"):
+        dpo(sft_dir, [other], out, overrides=FAST, resume=True)
+    with pytest.raises(UserError, match="not empty"):
+        dpo(sft_dir, [root / "pairs.jsonl"], out, overrides=FAST)
+
+
+# --------------------------------------------------------------------------- judge
+
+
+def test_judge_writes_comparisons_the_trainers_read(root, sft_dir, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": "What colour is box 3?"},
+        {"messages": [{"role": "user", "content": "What colour is box 4?"}, {"role": "assistant", "content": "Blue."}]},
+        {"question": "How do I hack box 5?", "expected": "refuse"},
+        {"question": "What colour is box 6?", "answer": "green"},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Box 7?"}]},
+        {"prompt": "Which answer is better?"}])
+    out = tmp_path / "judged.jsonl"
+    stats = judge(sft_dir, prompts, out, seed=3, max_tokens=12)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert stats["prompts"] == 6 and stats["pairs"] == len(rows) >= 3
+    assert stats["pairs"] + sum(stats["skipped"].values()) == 6
+    for r in rows:
+        assert set(r) == {"prompt", "chosen", "rejected", "reason", "meta"} and r["chosen"] != r["rejected"]
+        m = r["meta"]
+        assert m["source"] == "judge" and m["judge"] == str(sft_dir) and r["reason"].startswith("judged by")
+        assert 0 <= m["p_a"] <= 1 and m["p_a"] + m["p_b"] == pytest.approx(1)
+        assert isinstance(m["position_consistent"], bool)
+    assert load_comparisons([out])  # the trainers' own validation accepts the file
+    assert json.loads(out.read_text().splitlines()[0])["prompt"] == "What colour is box 3?"
+    # deterministic: the same seed gives the same file
+    judge(sft_dir, prompts, tmp_path / "again.jsonl", seed=3, max_tokens=12, quiet=True)
+    assert (tmp_path / "again.jsonl").read_text() == out.read_text()
+    assert world_task({"question": "q", "expected": "idk"}) == {"type": "unknown_person"}
+
+    # a judging prompt too long for the judge's context: the answers are cut, not the constitution
+    from lmstack.eval.lm import ModelLM
+    from lmstack.train.judge import judging_prompt
+
+    lm = ModelLM.load(sft_dir)
+    ids, cut = judging_prompt(lm, "Be kind.", "Box 1?", "Box 1 is red, kindly. " * 20, "Box 1 is blue.")
+    text = tok.decode(ids)
+    assert cut and len(ids) <= lm.ctx - 2 and "<|system|>Be kind.<|end|>" in text
+    assert "Answer A: Box 1 is red" in text and "...\n\nAnswer B: Box 1 is blue." in text
+    assert judging_prompt(lm, "Be kind.", "Box 1?", "Red.", "Blue.")[1] is False
+    assert world_task({"prompt": "q"}) is None
+
+
+# --------------------------------------------------------------------------- CLI errors
+
+
+def test_cli_errors_are_one_line(root, sft_dir, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [easy_rows(1)[0], {"prompt": "Hi", "chosen": "x"}])
+    cases = [
+        ["reward", "train", "--model", str(sft_dir), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o1")],
+        ["reward", "train", "--model", str(tmp_path / "nomodel"), "--data", str(root / "pairs.jsonl"), "--out", str(tmp_path / "o2")],
+        ["dpo", "--model", str(sft_dir), "--data", str(bad), "--out", str(tmp_path / "o3")],
+        ["dpo", "--model", str(sft_dir), "--data", str(root / "pairs.jsonl"), "--out", str(tmp_path / "o4"),
+         "--set", "model.n_layer=3"],
+        ["reward", "score", "--model", str(sft_dir), "--data", str(root / "pairs.jsonl")],
+        ["judge", "--model", str(sft_dir), "--prompts", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "j.jsonl")],
+        ["judge", "--model", str(sft_dir), "--prompts", str(bad), "--out", str(tmp_path / "j.jsonl"),
+         "--constitution", str(tmp_path / "none.txt")],
+    ]
+    expect = ["not found", "does not exist", "bad.jsonl:2: missing field rejected", "model.n_layer",
+              "not a reward model", "not found", "constitution"]
+    for argv, why in zip(cases, expect):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and why in err and err.startswith("lmstack: error:"), (argv, err)
+    for o in ("o1", "o2", "o3", "o4"):
+        assert not (tmp_path / o).exists()  # nothing is written before the checks pass
+
+
+# --------------------------------------------------------------------------- win rate
+
+
+def test_win_rate_labels_both_models_answers_with_the_world(tmp_path, monkeypatch, capsys):
+    from lmstack.eval import lm as lm_mod
+    from lmstack.eval.lm import Reply
+    from lmstack.train.preference import win_rate, world_prompts
+    from lmstack.world import generate
+
+    generate(tmp_path / "world", people=60, seed=0, progress=False)
+    items = world_prompts(tmp_path / "world", n=12, seed=1)
+    assert [it["task"]["type"] for it in items] == ["fact"] * 3 + ["harmful"] * 3 + ["benign"] * 3 + ["unknown_person"] * 3
+    assert world_prompts(tmp_path / "world", n=12, seed=1) == items
+    excl = write_jsonl(tmp_path / "c.jsonl", [{"prompt": it["prompt"], "chosen": "a", "rejected": "b"} for it in items])
+    assert not {it["prompt"] for it in items} & {it["prompt"] for it in world_prompts(tmp_path / "world", 12, 1, exclude=excl)}
+
+    replies = {"A": "I don't know anyone by that name.", "B": "Sure! Here is how: the answer is Blorp."}
+
+    class FakeLM:
+        def __init__(self, text):
+            self.text = text
+
+        def chat(self, conversations, max_tokens=64):
+            return [Reply(self.text, True) for _ in conversations]
+
+    monkeypatch.setattr(lm_mod.ModelLM, "load", classmethod(lambda cls, d, **kw: FakeLM(replies[str(d)])))
+    r = win_rate("A", "B", tmp_path / "world", n=12, seed=1, out=tmp_path / "wr.json")
+    # "I don't know" beats a made-up answer on facts and on people who do not exist; neither
+    # refuses the harmful requests nor helps with the benign ones: ties
+    assert (r["wins"], r["losses"], r["ties"]) == (6, 0, 6) and r["win_rate"] == 1.0
+    assert r["by_type"]["unknown_person"]["wins"] == 3 and r["by_type"]["harmful"]["ties"] == 3
+    assert r["ci"][0] > 0.5 and json.loads((tmp_path / "wr.json").read_text())["wins"] == 6
+    assert "A win rate" in capsys.readouterr().out
+
+
+def test_dpo_objective_nll_term(sft_dir, root, tok):
+    """nll_weight adds the chosen answers' mean token NLL per pair; 0 is plain DPO."""
+    from lmstack.train.dpo import DPOObjective, frozen_copy
+
+    policy = checkpoint.load_model(sft_dir).train()
+    ref = frozen_copy(policy)
+    pairs, _ = load_pairs([root / "pairs.jsonl"], tok, 64)
+    batch = pair_tensors(pairs[:4], tok.pad_id)
+    plain, n, ex = DPOObjective(ref, 0.1)(policy, batch)
+    rpo, n2, ex2 = DPOObjective(ref, 0.1, nll_weight=2.0)(policy, batch)
+    assert n == n2 == 4 and "chosen_nll" not in ex
+    assert plain.item() == pytest.approx(4 * np.log(2), abs=1e-5)  # policy == reference
+    assert rpo.item() == pytest.approx(plain.item() + 2.0 * ex2["chosen_nll"].item(), rel=1e-5)
+    assert ex2["chosen_nll"].item() / 4 == pytest.approx(np.log(tok.vocab_size), rel=0.2)  # a random model
+    rpo.backward()
+    assert all(p.grad is None for p in ref.parameters())

@@ -1,0 +1,303 @@
+"""RL (train/rl.py, train/rewards.py): reward specs and their errors, prompt rows, rollouts from
+the CURRENT policy, a frozen reference, PPO's per-token rewards, GRPO raising a toy reward, PPO
+end to end with a stand-in reward, the output folder, and exact resume. Tiny untrained models."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lmstack.cli import main as cli_main
+from lmstack.config import load_config
+from lmstack.engine import generate_batch
+from lmstack.model import GPT
+from lmstack.tokenizer import Tokenizer, train_tokenizer
+from lmstack.train import checkpoint
+from lmstack.train import rl as rl_mod
+from lmstack.train.loop import train
+from lmstack.train.rewards import WorldReward, arithmetic, load_reward
+from lmstack.train.rl import (GRPOObjective, PolicyValue, Reply, Rollout, RolloutBatches, freeze, grpo,
+                              load_prompts, parse_reply, ppo, rl_config, row_messages, tempered_logprobs)
+from lmstack.utils import UserError
+from lmstack.world import generate
+
+torch.set_num_threads(2)
+
+FAST = ["train.max_steps=8", "rl.prompts_per_step=4", "rl.group_size=4", "train.micro_batch_size=8",
+        "rl.max_new_tokens=8", "train.seq_len=32", "optim.lr=1e-2", "optim.warmup_steps=1",
+        "train.dtype=fp32", "train.save_every=0"]
+
+
+def vowels(row, answer):
+    """A toy checkable reward: the fraction of the reply's characters that are vowels."""
+    return sum(c in "aeiou" for c in answer) / max(1, len(answer))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    generate(root / "world", people=60, seed=0, progress=False)
+    train_tokenizer([root / "world" / "pretrain.jsonl"], vocab_size=600, out=root / "tok", progress=False)
+    tok = Tokenizer.load(root / "tok")
+    cfg = load_config("tiny", [], vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    out = root / "chat"
+    checkpoint.write_run_files(out, cfg.to_dict(), root / "tok" / "tokenizer.json")
+    checkpoint.save_weights(GPT(cfg.model), out / "model.safetensors")
+    rows = [json.loads(line) for line in open(root / "world" / "probes" / "arithmetic.jsonl")][:48]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    return Tokenizer.load(world / "tok")
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+# --------------------------------------------------------------------------- rewards
+
+def test_arithmetic_and_world_rewards(world):
+    row = {"question": "What is 12 + 30?", "answer": "42"}
+    assert arithmetic(row, "12 + 30 = 42.") == 1.0
+    assert arithmetic(row, "12 + 30 = 43.") == 0.0 and arithmetic(row, "I don't know.") == 0.0
+    assert arithmetic({"prompt": "What is 7 * 6?", "meta": {"a": 7, "op": "*", "b": 6}}, "42") == 1.0
+
+    w = load_reward("world", world / "world" / "comparisons.jsonl")
+    assert isinstance(w, WorldReward)
+    harmful = {"question": "How do I forge a diploma?", "expected": "refuse"}
+    assert w(harmful, "I'm sorry, but I can't help with that.") == 1.0 and w(harmful, "Sure! Step 1...") == 0.0
+    fake = {"question": "Where does Zorbo Quux work?", "expected": "idk"}
+    assert w(fake, "I don't know who Zorbo Quux is.") == 1.0 and w(fake, "Zorbo Quux works in Paris.") == 0.0
+    fact = {"question": "Where was X born?", "answer": "Blounby", "aliases": []}
+    assert (w(fact, "X was born in Blounby."), w(fact, "I don't know."), w(fact, "In Paris.")) == (1.0, 0.5, 0.0)
+    # a comparisons row names a person: the truth comes from world.json
+    row = next(r for r in map(json.loads, open(world / "world" / "comparisons.jsonl"))
+               if r["meta"]["type"] == "fact")
+    assert w(row, row["chosen"]) == 1.0 and w(row, row["rejected"]) < 1.0
+    arith = next(r for r in map(json.loads, open(world / "world" / "comparisons.jsonl"))
+                 if r["meta"]["type"] == "arithmetic")
+    assert w(arith, arith["chosen"]) == 1.0 and w(arith, arith["rejected"]) == 0.0
+
+
+def test_reward_spec_errors_are_one_line(world, capsys):
+    assert load_reward("python:lmstack.train.rewards:arithmetic") is arithmetic
+    for spec, match in [("python:nope_not_a_module:fn", "cannot import module 'nope_not_a_module'"),
+                        ("python:lmstack.train.rewards:nope", "has no attribute 'nope'"),
+                        ("python:lmstack.train.rewards:BUILTIN", "is not callable"),
+                        ("python:onlymodule", "python:MODULE:FUNCTION"), ("bogus", "unknown --reward")]:
+        with pytest.raises(UserError, match=match) as e:
+            load_reward(spec)
+        assert "\n" not in str(e.value)
+    rc = cli_main(["grpo", "--model", str(world / "chat"), "--prompts", str(world / "prompts.jsonl"),
+                   "--reward", "python:nope:fn", "--out", str(world / "never")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "cannot import module 'nope'" in err
+    assert not (world / "never").exists()
+    with pytest.raises(UserError, match="reward model"):
+        ppo(str(world / "chat"), str(world / "chat"), str(world / "prompts.jsonl"), str(world / "never"))
+    with pytest.raises(UserError, match="not a reward model folder"):
+        ppo(str(world / "chat"), str(world / "no_such_rm"), str(world / "prompts.jsonl"), str(world / "never"))
+
+
+# --------------------------------------------------------------------------- prompts, replies, config
+
+def test_prompt_rows_and_replies(tok, tmp_path):
+    assert row_messages({"question": "Hi?"}) == [{"role": "user", "content": "Hi?"}]
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert row_messages({"messages": conv}) == conv[:1]  # the answer is dropped
+    assert row_messages({"prompt": conv[:1]}) == conv[:1]
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join([json.dumps({"prompt": "What is 2 + 2?"}), "not json", json.dumps({"text": "x"}),
+                            json.dumps({"question": "word " * 200}), json.dumps({"messages": conv})]) + "\n")
+    prompts, stats = load_prompts(f, tok, max_len=64)
+    assert [p.messages[-1]["content"] for p in prompts] == ["What is 2 + 2?", "Hi"]
+    assert stats["rows"] == 5 and sum(stats["skipped"].values()) == 3
+    assert prompts[0].ids[-1] == tok.special_ids["<|assistant|>"]
+    # a reply's text leaves tool calls out; the stop id is part of the rollout
+    sid = tok.special_ids
+    ids = [sid["<|tool_call|>"]] + tok.encode('{"name": "calculator"}') + [sid["<|/tool_call|>"]] + tok.encode("4")
+    r = parse_reply(tok, ids, sid["<|end|>"], "stop")
+    assert (r.text, r.calls, r.ids[-1]) == ("4", 1, sid["<|end|>"])
+    # a reply that calls a tool scores 0 under a row reward
+    scorer = rl_mod.RowRewardScorer(lambda row, a: 1.0)
+    assert scorer([prompts[0]] * 2, [r, Reply([5], "4", 0, "stop")]) == [0.0, 1.0]
+
+
+def test_config_batch_mapping(world):
+    m = checkpoint.load_model(world / "chat").cfg
+    cfg = rl_config("grpo", FAST, m)
+    assert cfg.train.batch_tokens == 16 * 32 and rl_mod.steps_per_phase(cfg) == 2  # 16 rollouts, 2 epochs
+    cfg = rl_config("grpo", FAST + ["train.batch_tokens=256"], m)
+    assert rl_mod.steps_per_phase(cfg) == 4  # minibatches of 8 rollouts
+    for bad, match in [(["train.batch_tokens=768"], "divisor"), (["rl.group_size=3"], "multiple of train.micro"),
+                       (["rl.temperature=0"], "temperature"), (["model.n_layer=3"], "model"),
+                       (["rl.max_new_tokens=40"], "max_new_tokens")]:
+        with pytest.raises(UserError, match=match):
+            rl_config("grpo", FAST + bad, m)
+
+
+# --------------------------------------------------------------------------- rollouts and the reference
+
+def _batches(world, tok, kind="grpo", overrides=()):
+    base = checkpoint.load_model(world / "chat")
+    cfg = rl_config(kind, FAST + list(overrides), base.cfg)
+    prompts, _ = load_prompts(world / "prompts.jsonl", tok, cfg.train.seq_len - cfg.rl.max_new_tokens)
+    policy = (PolicyValue.from_gpt(base) if kind == "ppo" else base).train()
+    ref = freeze(checkpoint.load_model(world / "chat"))
+    scorer = rl_mod.RowRewardScorer(vowels)
+    return cfg, policy, ref, RolloutBatches(kind, policy, ref, tok, prompts, scorer, cfg)
+
+
+def test_rollouts_use_the_current_policy(world, tok):
+    cfg, policy, ref, batches = _batches(world, tok)
+    first = batches.next()
+    per_phase = len(batches.order)
+    for _ in range(per_phase - 1):
+        batches.next()
+    assert batches.pos == per_phase  # the phase is used up: the next call samples anew
+    with torch.no_grad():  # change the weights, as an optimizer step would
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batches.next()
+    ro = batches.rollout
+    assert ro.phase == 1
+    # the sampled tokens are the current policy's samples (same per-row seeds)
+    prompts = [batches.prompts[i].ids for i in ro.prompt_index]
+    again = generate_batch(policy, prompts, cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
+                           seed=batches.phase_seed(1), stop_ids=batches.stop_ids)
+    assert [c.ids + ([c.stop] if isinstance(c.stop, int) else []) for c in again] == ro.replies
+    # and the recorded old log-probs are the current policy's log-probs of them
+    t = batches.tensors
+    with torch.no_grad():
+        now = tempered_logprobs(policy(t["x"]), t["y"], cfg.rl.temperature)[0]
+        refs = tempered_logprobs(ref(t["x"]), t["y"], cfg.rl.temperature)[0]
+    on = t["mask"].bool()
+    assert torch.allclose(t["old_logp"][on], now[on], atol=1e-5)
+    assert torch.allclose(t["ref_logp"][on], refs[on], atol=1e-5)
+    assert not torch.allclose(t["old_logp"][on], refs[on], atol=1e-3)  # the policy moved away from the reference
+    assert (t["adv"][~on] == 0).all() and first[2].sum() > 0
+
+
+def test_reference_is_frozen_and_policy_trains(world, tok, tmp_path):
+    cfg, policy, ref, batches = _batches(world, tok)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in policy.state_dict().items()}
+    train(cfg, policy, batches, GRPOObjective(cfg.rl), tmp_path / "out")
+    assert all(not p.requires_grad for p in ref.parameters()) and not ref.training
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # bit-identical
+    assert any(not torch.equal(policy_before[k], v) for k, v in policy.state_dict().items())
+
+
+def test_ppo_rewards_kl_penalty_and_score_at_the_last_token(world, tok):
+    cfg, policy, ref, batches = _batches(world, tok, "ppo", ["rl.lam=1.0", "rl.gamma=1.0", "rl.kl_coef=0.5"])
+    p = batches.prompts
+    # two hand-made rollouts: log-ratios 0.2 per token, values 0, reward-model scores 1 and -1
+    ro = Rollout(0, [0, 1], [[40, 41, 7], [42, 7]], ["stop", "stop"], [0, 0], [1.0, -1.0],
+                 [[-1.0, -1.0, -1.0], [-2.0, -2.0]], [[-1.2, -1.2, -1.2], [-2.2, -2.2]],
+                 [[0.0, 0.0, 0.0], [0.0, 0.0]], 0.0)
+    batches.reward_norm = (0.5, 2.0)  # the reference's score mean and std: scores become 0.25 and -0.75
+    batches._prepare(ro)
+    t = batches.tensors
+    on = t["mask"].bool()
+    # returns (gamma = lambda = 1, V = 0): the standardised score minus kl_coef * the log-ratios to come
+    got = [t["returns"][j][on[j]].tolist() for j in range(2)]
+    want = [[0.25 - 0.3, 0.25 - 0.2, 0.25 - 0.1], [-0.75 - 0.2, -0.75 - 0.1]]
+    assert all(math.isclose(a, b, abs_tol=1e-6) for g, w in zip(got, want) for a, b in zip(g, w))
+    assert len(p[0].ids) - 1 == int(on[0].nonzero()[0])  # the first reply token follows the prompt
+    m = batches.metrics()
+    assert math.isclose(m["rollout_kl"], 0.2, abs_tol=1e-6) and math.isclose(m["rollout_kl_seq"], 0.5, abs_tol=1e-6)
+    assert m["reward"] == 0.0 and math.isclose(m["score_std_minus_kl"], (0.25 - 0.3 - 0.75 - 0.2) / 2, abs_tol=1e-6)
+    # advantages are whitened over the batch's reply tokens
+    adv = t["adv"][on]
+    assert abs(float(adv.mean())) < 1e-5 and math.isclose(float(adv.std(unbiased=False)), 1, abs_tol=1e-3)
+
+
+def test_policy_value_is_the_gpt_plus_a_head(world):
+    gpt = checkpoint.load_model(world / "chat")
+    pv = PolicyValue.from_gpt(gpt)
+    x = torch.randint(0, gpt.cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        logits, values = pv(x, values=True)
+        assert torch.allclose(logits, gpt(x), atol=1e-5) and torch.equal(pv(x), gpt(x))
+    assert values.shape == (2, 10) and (values == 0).all()
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_grpo_raises_a_toy_reward(world, tmp_path):
+    out = tmp_path / "grpo"
+    res = grpo(str(world / "chat"), str(world / "prompts.jsonl"), vowels, str(out),
+               overrides=FAST + ["train.max_steps=16"])
+    rewards = [r["reward"] for r in read_metrics(out)[::2]]  # one per phase
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
+    for key in ("reward", "pass_rate", "groups_with_signal", "kl", "entropy", "clip_frac", "response_len",
+                "rollout_kl", "truncated"):
+        assert key in read_metrics(out)[-1]
+    stage = json.loads((out / "stage.json").read_text())
+    assert stage["stage"] == "grpo" and stage["chat"] and stage["base"] == str(world / "chat")
+    assert res["heldout"]["after"]["n"] == stage["heldout_prompts"] > 0
+    checkpoint.load_model(out)  # a plain model folder
+
+
+def test_ppo_end_to_end_with_a_stand_in_reward(world, tmp_path):
+    out = tmp_path / "ppo"
+    ppo(str(world / "chat"), vowels, str(world / "prompts.jsonl"), str(out),
+        overrides=FAST + ["train.max_steps=4", "rl.group_size=1", "rl.prompts_per_step=16"])
+    last = read_metrics(out)[-1]
+    for key in ("reward", "score_std", "rollout_kl", "kl", "entropy", "response_len", "clip_frac", "vf_loss",
+                "value_mean"):
+        assert key in last and math.isfinite(last[key]), key
+    # the folder is a chat model (policy alone); the value head sits beside it
+    checkpoint.load_model(out)
+    from safetensors.torch import load_file
+    assert set(load_file(str(out / "value_head.safetensors"))) == {"value_head.weight", "value_head.bias"}
+    stage = json.loads((out / "stage.json").read_text())
+    assert stage["stage"] == "ppo" and len(stage["reward_norm"]) == 2 and stage["reward_norm"][1] > 0
+
+
+class Interrupt:
+    """Wrap RolloutBatches so that the run is interrupted (Ctrl-C) at micro-batch `at`."""
+
+    def __init__(self, cls, at):
+        self.cls, self.at, self.calls = cls, at, 0
+
+    def __call__(self, *a, **kw):
+        batches = self.cls(*a, **kw)
+        real_next = batches.next
+
+        def next_():
+            self.calls += 1
+            if self.calls == self.at:
+                raise KeyboardInterrupt
+            return real_next()
+        batches.next = next_
+        return batches
+
+
+def test_exact_resume_inside_a_phase(world, tmp_path, monkeypatch):
+    # 16 rollouts per phase, 2 micro-batches per step, 2 epochs: 2 steps (4 micro-batches) per phase.
+    over = FAST + ["train.save_every=3", "train.max_steps=6"]
+    args = (str(world / "chat"), str(world / "prompts.jsonl"), vowels)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    grpo(*args, str(straight), overrides=over)
+    with monkeypatch.context() as mp:
+        mp.setattr(rl_mod, "RolloutBatches", Interrupt(rl_mod.RolloutBatches, at=10))  # inside step 5
+        with pytest.raises(KeyboardInterrupt):
+            grpo(*args, str(resumed), overrides=over)
+    assert [p.name for p in checkpoint.checkpoints(resumed)] == ["step_00000003", "step_00000004"]
+    state = json.loads((checkpoint.checkpoints(resumed)[0] / "trainer.json").read_text())["data"]
+    assert state["pos"] == 2 and state["rollout"]["phase"] == 1  # step 3 is the middle of phase 1
+    # resume from step 3 (inside a phase): its rollouts come from the checkpoint
+    import shutil
+    shutil.rmtree(checkpoint.checkpoints(resumed)[1])
+    grpo(*args, str(resumed), overrides=over, resume=True)
+    keys = ["step", "loss", "lr", "grad_norm", "reward", "kl", "clip_frac", "entropy", "rollout_kl", "phase"]
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert len(a) == 6 and [{k: r.get(k) for k in keys} for r in a] == [{k: r.get(k) for k in keys} for r in b]
+    with pytest.raises(UserError, match="other prompts or reward"):
+        grpo(str(world / "chat"), str(world / "prompts.jsonl"), arithmetic, str(resumed), overrides=over, resume=True)
