@@ -272,7 +272,7 @@ def test_dpo_raises_the_margin_with_a_frozen_reference(root, sft_dir, tmp_path, 
 # --------------------------------------------------------------------------- judge
 
 
-def test_judge_writes_comparisons_the_trainers_read(root, sft_dir, tmp_path, capsys):
+def test_judge_writes_comparisons_the_trainers_read(root, sft_dir, tok, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [
         {"prompt": "What colour is box 3?"},
         {"messages": [{"role": "user", "content": "What colour is box 4?"}, {"role": "assistant", "content": "Blue."}]},
@@ -303,6 +303,7 @@ def test_judge_writes_comparisons_the_trainers_read(root, sft_dir, tmp_path, cap
     from lmstack.train.judge import judging_prompt
 
     lm = ModelLM.load(sft_dir)
+    lm.ctx = 120  # (only the length budget matters here)
     ids, cut = judging_prompt(lm, "Be kind.", "Box 1?", "Box 1 is red, kindly. " * 20, "Box 1 is blue.")
     text = tok.decode(ids)
     assert cut and len(ids) <= lm.ctx - 2 and "<|system|>Be kind.<|end|>" in text
