@@ -233,7 +233,8 @@ def test_dpo_raises_the_margin_with_a_frozen_reference(root, sft_dir, tmp_path, 
 
     monkeypatch.setattr(dpo_mod, "train", spy)
     out = tmp_path / "dpo"
-    rec = dpo(sft_dir, [root / "pairs.jsonl"], out, overrides=FAST + ["optim.lr=1e-3", "pref.beta=0.5"])
+    rec = dpo(sft_dir, [root / "pairs.jsonl"], out, overrides=FAST + ["optim.lr=1e-3", "pref.beta=0.5"],
+              nll_weight=0.0)  # plain DPO
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-5) and metrics[0]["margin"] == pytest.approx(0, abs=1e-5)
     assert rec["val_margin"] > 1.0 and rec["val_accuracy"] == 1.0 and rec["loss"] < 0.3
@@ -260,8 +261,9 @@ def test_dpo_raises_the_margin_with_a_frozen_reference(root, sft_dir, tmp_path, 
     # --resume continues the run; with other data it is refused
     monkeypatch.setattr(dpo_mod, "train", real_train)
     rec2 = dpo(sft_dir, [root / "pairs.jsonl"], out, overrides=FAST + ["optim.lr=1e-3", "pref.beta=0.5",
-                                                                       "train.max_steps=32"], resume=True)
-    assert rec2["step"] == 32
+                                                                       "train.max_steps=32"],
+               resume=True, nll_weight=0.0)
+    assert rec2["step"] == 32 and "chosen_nll" not in rec2
     other = write_jsonl(tmp_path / "other.jsonl", easy_rows(30))
     with pytest.raises(UserError, match="other data"):
         dpo(sft_dir, [other], out, overrides=FAST, resume=True)

@@ -89,7 +89,8 @@ def prompt_text(prompt) -> str:
 
 def judging_conversation(constitution: str, prompt, first: str, second: str) -> list[dict]:
     return [{"role": "system", "content": constitution},
-            {"role": "user", "content": f"{prompt_text(prompt)}\n\nAnswer A: {first}\n\nAnswer B: {second}\n\n{QUESTION}"}]
+            {"role": "user",
+             "content": f"{prompt_text(prompt)}\n\nAnswer A: {first}\n\nAnswer B: {second}\n\n{QUESTION}"}]
 
 
 def sample_pairs(lm, prompts: list, seed: int, max_tokens: int = MAX_TOKENS) -> list[tuple[str, str]]:
@@ -184,7 +185,8 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
     if limit:
         rows = rows[:limit]
     lm = ModelLM.load(model, batch_size=batch_size)
-    jm = lm if judge_model is None or Path(judge_model) == Path(model) else ModelLM.load(judge_model, batch_size=batch_size)
+    same = judge_model is None or Path(judge_model) == Path(model)
+    jm = lm if same else ModelLM.load(judge_model, batch_size=batch_size)
     judge_name = str(judge_model if judge_model is not None else model)
     samples = sample_pairs(lm, [r["prompt"] for r in rows], seed, max_tokens)
     keep, skipped = [], Counter()
@@ -221,8 +223,8 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
     stats = {"prompts": len(rows), "pairs": len(lines), "skipped": dict(skipped),
              "position_consistent": n_consistent / len(lines) if lines else None,
              "judging_prompts_cut": n_cut, "labeller_ties": ties,
-             "agreement": {k: {"n": len(v), "agree": sum(v), "rate": sum(v) / len(v), "ci": list(wilson(sum(v), len(v)))}
-                           for k, v in sorted(agree.items())}}
+             "agreement": {k: {"n": len(v), "agree": sum(v), "rate": sum(v) / len(v),
+                               "ci": list(wilson(sum(v), len(v)))} for k, v in sorted(agree.items())}}
     if not quiet:
         _print_stats(stats, out)
     return stats

@@ -74,7 +74,8 @@ def _check_row(row) -> str | None:
         return "row is not a JSON object"
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
     if missing:
-        return f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)} (rows are {{prompt, chosen, rejected}})"
+        return (f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                "(rows are {prompt, chosen, rejected})")
     for k in ("chosen", "rejected"):
         if not isinstance(row[k], str) or not row[k].strip():
             return f"{k} must be a non-empty string"
