@@ -33,6 +33,18 @@ def _cmd_world(a):
     )
 
 
+def _cmd_world_prompts(a):
+    from lmstack.world.rl_prompts import arithmetic_prompts
+
+    try:
+        digits = tuple(int(x) for x in a.digits.split(","))
+    except ValueError:
+        raise UserError(f"--digits takes comma-separated whole numbers such as 1,2 (got {a.digits!r})") from None
+    r = arithmetic_prompts(a.world, a.out, digits=digits, per_op=a.per_op, seed=a.seed)
+    by = ", ".join(f"{d} digit{'s' * (d > 1)} {n}" for d, n in r["by_digits"].items())
+    print(f"wrote {r['rows']} prompts ({r['problems']} problems: {by}) to {r['path']}")
+
+
 def _cmd_tokenizer_train(a):
     from lmstack.tokenizer import train_tokenizer
 
@@ -76,7 +88,8 @@ def _cmd_chat(a):
 def _cmd_speedrun(a):
     from lmstack.speedrun import speedrun
 
-    speedrun(out=a.out, preset=a.preset, people=a.people, overrides=a.set or [], force=a.force)
+    speedrun(out=a.out, preset=a.preset, people=a.people, overrides=a.set or [], force=a.force,
+             align=not a.no_align)
 
 
 def _cmd_eval(a):
@@ -174,7 +187,29 @@ def _cmd_ppo(a):
 def _cmd_grpo(a):
     from lmstack.train.rl import grpo
 
-    grpo(a.model, a.prompts, a.reward, a.out, overrides=a.set or [], resume=a.resume)
+    tools = [f"rl.tools={a.tools}"] if a.tools is not None else []  # a shorthand for --set rl.tools=...
+    grpo(a.model, a.prompts, a.reward, a.out, overrides=tools + (a.set or []), resume=a.resume)
+
+
+def _cmd_winrate(a):
+    from pathlib import Path
+
+    from lmstack.eval.run import lineage
+    from lmstack.train.checkpoint import WEIGHTS
+    from lmstack.train.preference import win_rate
+
+    if a.n < 1:
+        raise UserError(f"--n must be >= 1 (got {a.n})")
+    for flag, d in (("--a", a.a), ("--b", a.b)):  # fail before any prompt is read or model loaded
+        missing = [f for f in ("config.json", WEIGHTS) if not (Path(d) / f).is_file()]
+        if missing:
+            raise UserError(f"{flag} {d} is not a model folder (no {missing[0]})")
+    world = a.world or lineage(a.a)["world"]
+    if world is None:
+        raise UserError(f"no world found in the lineage of {a.a} (pass --world DIR)")
+    out = a.out or Path(a.a) / "winrate" / f"vs_{Path(a.b).resolve().name}.json"
+    win_rate(a.a, a.b, world, n=a.n, seed=a.seed, max_tokens=a.max_tokens, exclude=a.exclude, out=out)
+    print(f"wrote {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     w = sub.add_parser("world", help="generate the synthetic world (corpus + ground truth)",
-                       description="Generate the synthetic world, or `lmstack world stats DIR`.")
+                       description="Generate the synthetic world; or `lmstack world stats DIR`; or "
+                                   "`lmstack world prompts arithmetic --world DIR --out FILE` (RL prompts).")
     w.add_argument("--people", type=int, default=1000, help="number of people (default 1000)")
     w.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     w.add_argument("--bios", type=int, default=5, help="biographies per person (default 5)")
@@ -197,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     ws = w.add_subparsers(dest="action", parser_class=_Parser)
     st = ws.add_parser("stats", help="print counts, sizes and the split summary of a world")
     st.add_argument("dir")
+    pr = ws.add_parser("prompts", help="RL training prompts from a world (never its held-out probes)")
+    prs = pr.add_subparsers(dest="kind", metavar="KIND", required=True, parser_class=_Parser)
+    pa = prs.add_parser("arithmetic", help="arithmetic problems in every question phrasing "
+                                           "(for lmstack grpo --reward arithmetic)")
+    pa.add_argument("--world", required=True, help="the world folder (its probes are left out)")
+    pa.add_argument("--digits", default="1", help="comma-separated operand sizes, e.g. 1,2 (default 1)")
+    pa.add_argument("--per-op", type=int, default=200,
+                    help="problems per operation and size; smaller spaces are taken whole (default 200)")
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--out", required=True, help="the jsonl file to write")
+    pa.set_defaults(func=_cmd_world_prompts)
     w.set_defaults(func=_cmd_world)
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
@@ -372,9 +419,22 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--prompts", required=True, help="jsonl of {prompt, answer, ...} rows the reward reads")
     gr.add_argument("--reward", required=True, help="arithmetic | world | python:MODULE:FUNCTION")
     gr.add_argument("--out", required=True)
+    gr.add_argument("--tools", metavar="NAMES", help="comma-separated tools the rollouts may call, e.g. "
+                                                     "calculator (= --set rl.tools=NAMES)")
     gr.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. rl.group_size=8, rl.method=rloo")
     gr.add_argument("--resume", action="store_true")
     gr.set_defaults(func=_cmd_grpo)
+
+    wr = sub.add_parser("winrate", help="ground-truth win rate of model A against model B (the world's labeller)")
+    wr.add_argument("--a", required=True, help="model folder A")
+    wr.add_argument("--b", required=True, help="model folder B")
+    wr.add_argument("--world", help="the world folder (default: found from model A's training data)")
+    wr.add_argument("--n", type=int, default=200, help="prompts, split over the prompt types (default 200)")
+    wr.add_argument("--seed", type=int, default=0)
+    wr.add_argument("--max-tokens", type=int, default=64, help="greedy answer length at most")
+    wr.add_argument("--exclude", nargs="+", metavar="FILE", help="comparisons jsonl whose prompts are left out")
+    wr.add_argument("--out", help="results JSON (default: A/winrate/vs_<name of B>.json)")
+    wr.set_defaults(func=_cmd_winrate)
 
     sr = sub.add_parser("speedrun", help="the whole pipeline on the synthetic world")
     sr.add_argument("--out", default="runs/speedrun")
@@ -382,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--people", type=int, default=None, help="world size (default: from the preset)")
     sr.add_argument("--set", action="append", metavar="KEY=VALUE")
     sr.add_argument("--force", action="store_true", help="replace an existing run folder")
+    sr.add_argument("--no-align", action="store_true",
+                    help="stop after SFT: no reward model, DPO, PPO, GRPO (nor their evals and win rates)")
     sr.set_defaults(func=_cmd_speedrun)
     return p
 

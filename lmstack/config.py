@@ -149,9 +149,11 @@ class RLConfig:
     lam: float = 0.95  # PPO: GAE lambda
     vf_coef: float = 0.5  # PPO: weight of the value loss
     method: str = "grpo"  # grpo | rloo (group advantages)
+    tools: str = ""  # GRPO: comma-separated tools the rollouts may call (e.g. "calculator"); "" = none
+    tool_rounds: int = 2  # GRPO with tools: tool results per rollout at most (then the reply must answer)
 
     def validate(self) -> None:
-        _positive(self, "rl", ["prompts_per_step", "group_size", "max_new_tokens", "epochs", "clip"])
+        _positive(self, "rl", ["prompts_per_step", "group_size", "max_new_tokens", "epochs", "clip", "tool_rounds"])
         _non_negative(self, "rl", ["temperature", "kl_coef", "vf_coef"])
         _in_range(self, "rl", "top_p", 0.0, 1.0)
         _in_range(self, "rl", "gamma", 0.0, 1.0)
@@ -187,7 +189,7 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
-def _read_preset(preset: str) -> dict:
+def read_preset(preset: str) -> dict:
     path = Path(preset)
     if path.suffix != ".toml" or not path.is_file():
         path = PRESETS_DIR / f"{preset}.toml"
@@ -261,7 +263,7 @@ def load_config(preset: str, overrides: list[str] = (), vocab_size: int | None =
     fails). The result is resolved and validated.
     """
     cfg = RunConfig()
-    for section, table in _read_preset(preset).items():
+    for section, table in read_preset(preset).items():
         if not isinstance(table, dict):
             raise UserError(f"preset {preset}: top-level key {section!r} is not a [section] table")
         for name, value in table.items():

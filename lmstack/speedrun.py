@@ -1,17 +1,26 @@
 """`lmstack speedrun`: the whole pipeline on the synthetic world, one stage after another.
 
-    world -> tokenizer -> token shards -> pretrain -> SFT -> eval (base and chat) -> report card
+    world -> tokenizer -> token shards -> pretrain -> SFT
+          -> RL prompts -> reward model -> DPO -> PPO -> GRPO      (skipped with --no-align)
+          -> eval (every model) -> win rates -> report card
 
 Each stage writes its own folder under the run folder (world/, tokenizer/, data/, base/,
-chat/), each model's evaluation goes to MODEL/eval/, the report card to report.md, and
-`speedrun.json` records what ran, how long it took and the headline numbers.
-`--set KEY=VALUE` configures pretraining (train.dtype/device/compile/seed apply to SFT too);
-`--set sft.KEY=VALUE` configures the SFT stage only (e.g. sft.train.max_steps=50).
+chat/, rl_prompts/, rm/, dpo/, ppo/, grpo/), each model's evaluation goes to MODEL/eval/, the
+ground-truth win rate of DPO and PPO against the SFT model to MODEL/winrate/vs_chat.json, the
+report card to report.md, and `speedrun.json` (rewritten after every stage) records what ran,
+how long it took and the headline numbers. The alignment stages all start from chat/: the
+reward model and DPO on the world's comparisons, PPO against the reward model on the
+comparisons' prompts, GRPO on arithmetic problems that are not among the held-out probes.
+`--set KEY=VALUE` configures pretraining (train.dtype/device/compile/seed apply to every
+stage); `--set STAGE.KEY=VALUE` one later stage only, STAGE one of sft, rm, dpo, ppo, grpo
+(e.g. sft.train.max_steps=50, dpo.pref.beta=0.2, grpo.rl.group_size=4). Every --set is
+checked before any work starts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -29,8 +38,25 @@ VOCAB = {"tiny": 1024, "small": 4096, "gpt2": 32768}
 SFT_SET = {"tiny": ["train.max_steps=20", "train.batch_tokens=2048", "train.eval_every=0",
                     "train.save_every=0", "optim.lr=3e-3"],
            "small": ["train.max_steps=300", "optim.lr=2e-3", "train.eval_every=50"]}
+# The alignment stages: --set prefix -> (preset, model folder). Each starts from chat/.
+ALIGN = {"rm": ("reward", "rm"), "dpo": ("dpo", "dpo"), "ppo": ("ppo", "ppo"), "grpo": ("grpo", "grpo")}
+# Their settings per preset; "small" (and gpt2) run the presets unchanged: they are the measured
+# recipes. "tiny" checks the plumbing in a few seconds a stage: a few steps of small batches
+# (pairs per step = batch_tokens / seq_len, 128 on the tiny model), short rollouts.
+_TINY_STEPS = ["train.eval_every=0", "train.save_every=0", "optim.warmup_steps=1"]
+ALIGN_SET = {"tiny": {
+    "rm": ["train.max_steps=6", "train.batch_tokens=1024", "train.micro_batch_size=8", *_TINY_STEPS],
+    "dpo": ["train.max_steps=6", "train.batch_tokens=1024", "train.micro_batch_size=8", *_TINY_STEPS],
+    "ppo": ["train.max_steps=2", "train.micro_batch_size=8", "rl.prompts_per_step=8", "rl.epochs=1",
+            "rl.max_new_tokens=16", *_TINY_STEPS],
+    "grpo": ["train.max_steps=2", "train.micro_batch_size=8", "rl.prompts_per_step=4", "rl.group_size=4",
+             "rl.epochs=1", "rl.max_new_tokens=16", *_TINY_STEPS]}}
+GRPO_DIGITS = (1, 2, 3)  # operand sizes of GRPO's arithmetic prompts (lmstack.world.rl_prompts)
+GRPO_TOOLS = "calculator"  # rl.tools of the GRPO stage ("" = none): it learns to use the calculator
+WINRATE_N = {"tiny": 40}  # world prompts per win rate (default: win_rate's own, 200)
 EVAL_LIMIT = {"tiny": 20}  # rows per task (default: each task's own limit, lmstack/eval/world.toml)
-SHARED = ("train.dtype", "train.device", "train.compile", "train.seed")  # --set keys SFT inherits
+SHARED = ("train.dtype", "train.device", "train.compile", "train.seed")  # --set keys every stage inherits
+MODELS = ("base", "chat", "dpo", "ppo", "grpo")  # the model folders `lmstack eval` scores
 MARKER = "speedrun.json"
 
 
@@ -46,79 +72,176 @@ def _prepare_run_folder(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def split_overrides(name: str, overrides) -> tuple[list[str], list[str]]:
-    """--set items -> (pretraining's, SFT's): `sft.KEY=V` goes to SFT only; the shared keys to both."""
-    pre, sft = [], list(SFT_SET.get(name, []))
+def split_overrides(name: str, overrides) -> dict[str, list[str]]:
+    """--set items -> {"pretrain", "sft", "rm", "dpo", "ppo", "grpo": its overrides}: `STAGE.KEY=V`
+    goes to that stage only, anything else to pretraining, the SHARED keys to every stage. The
+    speedrun's own settings for the preset come first, so a --set wins over them."""
+    sets = {"pretrain": [], "sft": list(SFT_SET.get(name, [])),
+            **{s: list(ALIGN_SET.get(name, {}).get(s, [])) for s in ALIGN}}
+    sets["grpo"].append(f"rl.tools={GRPO_TOOLS}")
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if key.startswith("sft."):
-            sft.append(item.strip()[4:])
+        stage = key.partition(".")[0]
+        if stage in sets and stage != "pretrain" and "." in key:
+            sets[stage].append(item.strip()[len(stage) + 1:])
         else:
-            pre.append(item)
+            sets["pretrain"].append(item)
             if key in SHARED:
-                sft.append(item)
-    return pre, sft
+                for s in sets:
+                    if s != "pretrain":
+                        sets[s].append(item)
+    return sets
 
 
-def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), force=False) -> dict:
+def check_settings(model_cfg, sets: dict, align: bool) -> None:
+    """Build every later stage's config from its overrides (UserError, one line, on a bad one),
+    so that a typo fails now and not after pretraining."""
+    from lmstack.train.sft import sft_config
+
+    checks = [("sft", lambda: sft_config("sft", sets["sft"], model_cfg))]
+    if align:
+        from lmstack.train.preference import pref_config
+        from lmstack.train.rl import rl_config
+        from lmstack.train.rollout import tool_registry
+
+        checks += [(s, lambda s=s: pref_config(ALIGN[s][0], sets[s], model_cfg)) for s in ("rm", "dpo")]
+        checks += [("ppo", lambda: rl_config("ppo", sets["ppo"], model_cfg)),
+                   ("grpo", lambda: tool_registry(rl_config("grpo", sets["grpo"], model_cfg).rl.tools))]
+    for stage, check in checks:
+        try:
+            check()
+        except UserError as e:
+            raise UserError(f"speedrun's {stage} stage (--set {stage}.KEY=VALUE): {e}") from None
+
+
+def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), force=False,
+             align: bool = True) -> dict:
+    """Run the whole pipeline into the run folder `out` (see the module doc); align=False stops
+    after SFT (base and chat only). Returns what speedrun.json holds."""
     from lmstack.config import load_config, model_config_from_dict
     from lmstack.data import prepare
     from lmstack.eval.report import report
     from lmstack.tokenizer import train_tokenizer
     from lmstack.train.pretrain import pretrain
-    from lmstack.train.sft import sft, sft_config
+    from lmstack.train.sft import sft
     from lmstack.world import generate
 
     name = Path(preset).stem
-    pre_set, sft_set = split_overrides(name, overrides)
+    overrides = list(overrides)
+    sets = split_overrides(name, overrides)
+    if not align:
+        extra = [o for o in overrides if o.partition(".")[0].strip() in ALIGN and "." in o.partition("=")[0]]
+        if extra:
+            raise UserError(f"--set {extra[0]}: the {extra[0].partition('.')[0].strip()} stage does not run "
+                            "with --no-align")
     # Bad preset or --set: fail now, before any work.
-    cfg = load_config(preset, pre_set, vocab_size=VOCAB.get(name, 4096))
-    sft_config("sft", sft_set, model_config_from_dict(cfg.to_dict()["model"]))
+    cfg = load_config(preset, sets["pretrain"], vocab_size=VOCAB.get(name, 4096))
+    check_settings(model_config_from_dict(cfg.to_dict()["model"]), sets, align)
     out = Path(out)
     _prepare_run_folder(out, force)
     people = people or PEOPLE.get(name, PEOPLE["small"])
-    summary = {"preset": preset, "people": people, "overrides": list(overrides), "stages": {}}
+    summary = {"preset": preset, "people": people, "overrides": overrides, "align": align, "stages": {}}
     atomic_write_json(out / MARKER, summary)
+    world, chat = out / "world", out / "chat"
+    comparisons = world / "comparisons.jsonl"
     stages = [
-        ("world", lambda: generate(out / "world", people=people, seed=0)),
-        ("tokenizer", lambda: train_tokenizer([out / "world" / "pretrain.jsonl"],
+        ("world", lambda: generate(world, people=people, seed=0)),
+        ("tokenizer", lambda: train_tokenizer([world / "pretrain.jsonl"],
                                               vocab_size=VOCAB.get(name, 4096), out=out / "tokenizer")),
-        ("data", lambda: prepare([out / "world" / "pretrain.jsonl"], tokenizer=out / "tokenizer",
+        ("data", lambda: prepare([world / "pretrain.jsonl"], tokenizer=out / "tokenizer",
                                  out=out / "data", val_fraction=0.02)),
-        ("pretrain", lambda: pretrain(preset, out / "data", out / "base", overrides=pre_set)),
-        ("sft", lambda: sft(out / "base", [out / "world" / "sft.jsonl"], out / "chat", overrides=sft_set)),
-        ("eval", lambda: evaluate_stages(out, EVAL_LIMIT.get(name))),
-        ("report", lambda: report(out)),
+        ("pretrain", lambda: pretrain(preset, out / "data", out / "base", overrides=sets["pretrain"])),
+        ("sft", lambda: sft(out / "base", [world / "sft.jsonl"], chat, overrides=sets["sft"])),
     ]
+    if align:
+        from lmstack.train.dpo import dpo
+        from lmstack.train.reward import reward_train
+        from lmstack.train.rl import grpo, ppo
+        from lmstack.world.rl_prompts import arithmetic_prompts
+
+        rl_prompts = out / "rl_prompts" / "arithmetic.jsonl"
+        stages += [
+            ("rl_prompts", lambda: arithmetic_prompts(world, rl_prompts, digits=GRPO_DIGITS)),
+            ("reward", lambda: reward_train(chat, comparisons, out / "rm", overrides=sets["rm"])),
+            ("dpo", lambda: dpo(chat, comparisons, out / "dpo", overrides=sets["dpo"])),
+            ("ppo", lambda: ppo(chat, out / "rm", comparisons, out / "ppo", overrides=sets["ppo"])),
+            ("grpo", lambda: grpo(chat, rl_prompts, "arithmetic", out / "grpo", overrides=sets["grpo"])),
+        ]
+    stages.append(("eval", lambda: evaluate_stages(out, EVAL_LIMIT.get(name))))
+    if align:
+        stages.append(("winrate", lambda: win_rates(out, WINRATE_N.get(name))))
+    stages.append(("report", lambda: report(out)))
     for i, (stage, fn) in enumerate(stages, 1):
         print(f"\n== stage {i}/{len(stages)}: {stage} ==", flush=True)
         t0 = time.time()
         result = fn()
-        summary["stages"][stage] = {"seconds": round(time.time() - t0, 1)}
-        if stage in ("pretrain", "sft"):
-            summary["stages"][stage]["final"] = result
-        if stage == "eval":
-            summary["stages"][stage].update(result)
-        if stage == "report":
-            summary["stages"][stage]["path"] = str(result)
+        entry = summary["stages"][stage] = {"seconds": round(time.time() - t0, 1)}
+        if stage in ("pretrain", "sft", "dpo"):
+            entry["final"] = result
+        elif stage == "reward":
+            entry["final"] = {k: v for k, v in result.items() if k != "reward_eval"}
+            entry["held_out"] = _brief(result["reward_eval"]["held_out"], "n", "accuracy", "ci", "margin")
+        elif stage in ("ppo", "grpo"):
+            entry["final"] = {k: v for k, v in result.items() if k != "heldout"}
+            entry["held_out_reward"] = {k: (v or {}).get("mean") for k, v in (result.get("heldout") or {}).items()}
+        elif stage in ("rl_prompts", "eval", "winrate"):
+            entry.update(result)
+        elif stage == "report":
+            entry["path"] = str(result)
         atomic_write_json(out / MARKER, summary)
-
-    base, chat = (summary["stages"][s]["final"] for s in ("pretrain", "sft"))
-    ev = summary["stages"]["eval"]
-    total = sum(st["seconds"] for st in summary["stages"].values())
-    tasks = {k: ev[k]["tasks"] for k in ("base", "chat")}
-    print(f"\nspeedrun done in {total / 60:.1f} min ({total:.0f}s) -> {out}\n"
-          f"  base model: val_loss {base.get('val_loss', float('nan')):.3f}, "
-          f"val_bpb {base.get('val_bpb', float('nan')):.3f}; facts ranked first of 10 "
-          f"{tasks['base'].get('facts_rank', float('nan')):.0%} (chance 10%)  ({out / 'base'})\n"
-          f"  assistant:  facts of people seen in SFT {ev['chat'].get('facts_qa_train', float('nan')):.0%} "
-          f"exact match (most common answer {ev['chat'].get('facts_qa_train_chance', float('nan')):.0%}), "
-          f"refuses {tasks['chat'].get('refusal', float('nan')):.0%} of harmful requests, hallucinates on "
-          f"{tasks['chat'].get('hallucination', float('nan')):.0%} of unknown people, "
-          f"{ev['chat'].get('format', float('nan')):.0%} of replies closed with <|end|>  ({out / 'chat'})\n"
-          f"  report card: {summary['stages']['report']['path']}")
-    print(f"talk to it: lmstack chat --model {out / 'chat'}")
+    print_summary(out, summary)
     return summary
+
+
+def _brief(d: dict, *keys) -> dict:
+    """The named entries of d, NaN as None (speedrun.json stays strict JSON)."""
+    return {k: None if isinstance(d.get(k), float) and math.isnan(d[k]) else d.get(k) for k in keys}
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
+
+
+def print_summary(out: Path, summary: dict) -> None:
+    st = summary["stages"]
+    base = st["pretrain"]["final"]
+    ev = st["eval"]
+    total = sum(s["seconds"] for s in st.values())
+    tasks = {k: v["tasks"] for k, v in ev.items() if isinstance(v, dict) and "tasks" in v}
+    lines = [
+        f"\nspeedrun done in {total / 60:.1f} min ({total:.0f}s) -> {out}",
+        f"  base model: val_loss {base.get('val_loss', float('nan')):.3f}, "
+        f"val_bpb {base.get('val_bpb', float('nan')):.3f}; facts ranked first of 10 "
+        f"{tasks['base'].get('facts_rank', float('nan')):.0%} (chance 10%)  ({out / 'base'})",
+        f"  assistant:  facts of people seen in SFT {ev['chat'].get('facts_qa_train', float('nan')):.0%} "
+        f"exact match (most common answer {ev['chat'].get('facts_qa_train_chance', float('nan')):.0%}), "
+        f"refuses {tasks['chat'].get('refusal', float('nan')):.0%} of harmful requests, hallucinates on "
+        f"{tasks['chat'].get('hallucination', float('nan')):.0%} of unknown people, "
+        f"{ev['chat'].get('format', float('nan')):.0%} of replies closed with <|end|>  ({out / 'chat'})"]
+    if "reward" in st:
+        h = st["reward"]["held_out"]
+        ci = f" [{_pct(h['ci'][0])}-{_pct(h['ci'][1])}]" if h.get("ci") else ""
+        lines.append(f"  reward model: held-out pairwise accuracy {_pct(h.get('accuracy'))}{ci} of "
+                     f"{h.get('n') or 0} pairs (chance 50%)  ({out / 'rm'})")
+    for m, label in (("dpo", "DPO"), ("ppo", "PPO")):
+        w = st.get("winrate", {}).get(m)
+        if w:
+            lines.append(f"  {label}: win rate vs chat {_pct(w['win_rate'])} [{_pct(w['ci'][0])}-{_pct(w['ci'][1])}] "
+                         f"({w['wins']} wins, {w['losses']} losses, {w['ties']} ties on {w['n']} unseen world "
+                         f"prompts, ground truth)  ({out / m})")
+    if "grpo" in tasks:
+        g, c = tasks["grpo"], tasks["chat"]
+        held = st.get("grpo", {}).get("held_out_reward", {})
+        rl = (f"; held-out RL prompts {_pct(held.get('before'))} -> {_pct(held.get('after'))}"
+              if held.get("after") is not None else "")
+        lines.append(f"  GRPO: arithmetic {_pct(g.get('arithmetic'))} (chat {_pct(c.get('arithmetic'))}), with the "
+                     f"calculator {_pct(g.get('arithmetic_tool'))} (chat {_pct(c.get('arithmetic_tool'))}){rl}  "
+                     f"({out / 'grpo'})")
+    lines.append(f"  report card: {st['report']['path']}")
+    print("\n".join(lines))
+    others = [str(out / m) for m in ("dpo", "ppo", "grpo") if m in tasks]
+    print(f"talk to it: lmstack chat --model {out / 'chat'}"
+          + (f"  (or an aligned model: --model {' | '.join(others)})" if others else ""))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -144,13 +267,15 @@ def show_samples(model_dir, world_dir, seed: int = 0) -> None:
 
 
 def evaluate_stages(out: Path, limit: int | None) -> dict:
-    """`lmstack eval` on the base and the chat model (the world's tasks + bits per byte);
-    the headline numbers go to speedrun.json, the full results to MODEL/eval/."""
+    """`lmstack eval` on every model folder of the run (MODELS that exist: the world's tasks +
+    bits per byte); the headline numbers go to speedrun.json, the full results to MODEL/eval/."""
     from lmstack.eval.run import evaluate
 
     show_samples(out / "chat", out / "world")
     summary = {}
-    for stage in ("base", "chat"):
+    for stage in MODELS:
+        if not (out / stage / "model.safetensors").is_file():
+            continue
         print(f"-- {stage} model --", flush=True)
         r = evaluate(out / stage, world=out / "world", limit=limit)
         summary[stage] = {"results": r["path"], "seconds": r["seconds"],
@@ -163,4 +288,21 @@ def evaluate_stages(out: Path, limit: int | None) -> dict:
         if facts:  # exact match on people seen in SFT, and its most-common-answer baseline
             summary[stage]["facts_qa_train"] = facts["slices"]["split=train"]["acc"]
             summary[stage]["facts_qa_train_chance"] = facts["slices"]["split=train"]["chance"]
+    return summary
+
+
+def win_rates(out: Path, n: int | None) -> dict:
+    """Ground-truth win rate of DPO and PPO against the SFT model on world prompts that are not
+    in the training comparisons (train/preference.py win_rate), to MODEL/winrate/vs_chat.json."""
+    from lmstack.train.preference import win_rate
+
+    summary = {}
+    for m in ("dpo", "ppo"):
+        if not (out / m / "model.safetensors").is_file():
+            continue
+        print(f"-- {m} vs chat --", flush=True)
+        path = out / m / "winrate" / "vs_chat.json"
+        r = win_rate(out / m, out / "chat", out / "world", exclude=out / "world" / "comparisons.jsonl", out=path,
+                     **({"n": n} if n else {}))
+        summary[m] = {**_brief(r, "n", "wins", "losses", "ties", "win_rate", "ci"), "path": str(path)}
     return summary

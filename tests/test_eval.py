@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -266,6 +267,54 @@ def test_a_tool_task_uses_the_calculator(tmp_path, tok):
     assert r["acc"] == 1.0 and r["used_tools"] == 1.0 and r["items"][0]["reply"] == "23 + 58 = 81."
     without = run_task(lm, make_spec({**dataclasses.asdict(spec), "name": "t2", "tools": []}, "test"))
     assert without["acc"] == 0.0  # it only calls the tool, never answers
+
+
+class CountingLM(OracleLM):
+    """Right on the first `right[q]` copies of question q in a call (the k samples of a row)."""
+
+    def __init__(self, tok, answers, right):
+        super().__init__(tok, answers)
+        self.right, self.calls = right, []
+
+    def chat(self, convs, max_tokens, tools=None, temperature=0.0):
+        self.calls.append((len(convs), temperature))
+        seen, out = Counter(), []
+        for c in convs:
+            q = c[-1]["content"]
+            seen[q] += 1
+            out.append(Reply(f"It is {self.answers[q] if seen[q] <= self.right[q] else 'no idea'}.", True))
+        return out
+
+
+def test_samples_score_pass_at_k_and_estimate_pass_at_1(tmp_path, tok):
+    rows = qa_rows(40)
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    right = {r["question"]: i % 5 for i, r in enumerate(rows)}  # 0..4 of the 4 samples right (4 = all)
+    lm = CountingLM(tok, {r["question"]: r["answer"] for r in rows}, right)
+    spec = make_spec({"name": "p", "data": str(data), "format": "chat", "samples": 4, "temperature": 0.7,
+                      "slices": ["kind"]}, "test")
+    r = run_task(lm, spec)
+    assert lm.calls == [(160, 0.7)]  # every row's 4 samples in one batched call, at the task's temperature
+    assert r["metric"] == "pass@4" and r["acc"] == pytest.approx(32 / 40)  # rows with at least one right
+    assert r["pass@1"] == pytest.approx(sum(min(c, 4) / 4 for c in right.values()) / 40)
+    assert r["items"][1]["sample_hits"] == [1, 0, 0, 0] and len(r["items"][1]["samples"]) == 4
+    assert "closed" not in r and "closed" not in r["items"][0]  # format compliance counts greedy replies only
+    assert "pass@1" in r["slices"]["kind=odd"]
+    for bad, msg in (({"samples": -1}, "samples must be"), ({"samples": 2, "kind": "choice",
+                                                             "distractors": "distractors"}, "needs kind"),
+                     ({"samples": 2, "temperature": 0}, "temperature must be")):
+        with pytest.raises(UserError, match=msg):
+            make_spec({"name": "p", "data": str(data), **bad}, "test")
+
+
+def test_sampled_generation_is_seeded(model_dir, tok):
+    lm = ModelLM.load(model_dir, batch_size=4)
+    prompts = [[tok.bos_id] + tok.encode("Ada Lovelace was")] * 6
+    a = [c.ids for c in lm.generate(prompts, 12, temperature=1.0, seed=3)]
+    b = [c.ids for c in lm.generate(prompts, 12, temperature=1.0, seed=3)]
+    greedy = [c.ids for c in lm.generate(prompts, 12)]
+    assert a == b and len({tuple(x) for x in a}) > 1  # reproducible, and the copies differ
+    assert len({tuple(x) for x in greedy}) == 1
 
 
 # --- specs, results, comparisons and the command line -----------------------------------------

@@ -391,3 +391,48 @@ def test_dpo_objective_nll_term(sft_dir, root, tok):
     assert ex2["chosen_nll"].item() / 4 == pytest.approx(np.log(tok.vocab_size), rel=0.2)  # a random model
     rpo.backward()
     assert all(p.grad is None for p in ref.parameters())
+
+
+# --------------------------------------------------------------------------- the winrate and grpo CLI
+
+
+def test_winrate_cli_finds_the_world_from_model_a_and_writes_beside_it(sft_dir, tmp_path, capsys):
+    import shutil
+
+    from lmstack.world import generate
+
+    generate(tmp_path / "world", people=60, seed=0, progress=False)
+    chat = tmp_path / "chat"  # an "SFT" of sft_dir on the world: its lineage leads to the world
+    shutil.copytree(sft_dir, chat)
+    atomic_write_json(chat / "sft.json", {"base": str(sft_dir), "data": [str(tmp_path / "world" / "sft.jsonl")]})
+    assert lineage(chat)["world"] == tmp_path / "world"
+    assert main(["winrate", "--a", str(chat), "--b", str(sft_dir), "--n", "8", "--max-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads((chat / "winrate" / "vs_sft.json").read_text())
+    assert r["n"] == 8 and r["world"] == str(tmp_path / "world") and len(r["items"]) == 8
+    assert r["ties"] == 8  # the same weights give the same greedy answers
+    assert "A win rate" in out and "unknown_person" in out and str(chat / "winrate" / "vs_sft.json") in out
+
+
+def test_winrate_cli_errors_are_one_line(root, sft_dir, tmp_path, capsys):
+    cases = [(["--a", str(tmp_path / "none"), "--b", str(sft_dir)], "--a"),
+             (["--a", str(sft_dir), "--b", str(root)], "is not a model folder (no config.json)"),
+             (["--a", str(sft_dir), "--b", str(sft_dir)], "no world found"),
+             (["--a", str(sft_dir), "--b", str(sft_dir), "--world", str(tmp_path)], "not a world folder"),
+             (["--a", str(sft_dir), "--b", str(sft_dir), "--world", str(tmp_path), "--n", "0"], "--n must be >= 1")]
+    for argv, why in cases:
+        assert main(["winrate", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and why in err and err.startswith("lmstack: error:"), (argv, err)
+    assert not (sft_dir / "winrate").exists()
+
+
+def test_grpo_tools_flag_is_the_rl_tools_override(monkeypatch):
+    from lmstack.train import rl
+
+    seen = []
+    monkeypatch.setattr(rl, "grpo", lambda model, prompts, reward, out, overrides, resume: seen.append(overrides))
+    base = ["grpo", "--model", "m", "--prompts", "p.jsonl", "--reward", "arithmetic", "--out", "o"]
+    assert main(base + ["--tools", "calculator", "--set", "rl.group_size=4"]) == 0
+    assert main(base) == 0
+    assert seen == [["rl.tools=calculator", "rl.group_size=4"], []]

@@ -2,23 +2,27 @@
 the CURRENT policy, a frozen reference, PPO's per-token rewards, GRPO raising a toy reward, PPO
 end to end with a stand-in reward, the output folder, and exact resume. Tiny untrained models."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
+from lmstack.chat import TURN_ENDS
 from lmstack.cli import main as cli_main
 from lmstack.config import load_config
-from lmstack.engine import generate_batch
+from lmstack.engine import Completion, generate_batch
 from lmstack.model import GPT
 from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.train import checkpoint
 from lmstack.train import rl as rl_mod
 from lmstack.train.loop import train
 from lmstack.train.rewards import WorldReward, arithmetic, load_reward
-from lmstack.train.rl import (GRPOObjective, PolicyValue, Reply, Rollout, RolloutBatches, freeze, grpo,
-                              load_prompts, parse_reply, ppo, rl_config, row_messages, tempered_logprobs)
+from lmstack.train.rl import GRPOObjective, PolicyValue, grpo, ppo, rl_config, steps_per_phase
+from lmstack.train import rollout as rollout_mod
+from lmstack.train.rollout import (Reply, Rollout, RolloutBatches, RowRewardScorer, freeze, load_prompts,
+                                   parse_reply, row_messages, sample, tempered_logprobs, tool_registry)
 from lmstack.utils import UserError
 from lmstack.world import generate
 
@@ -53,6 +57,18 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(world):
     return Tokenizer.load(world / "tok")
+
+
+def render_prompt(tok, text):
+    from lmstack.tokenizer import render_chat
+
+    return render_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)[0]
+
+
+def render_prompt_tool(tok, result):
+    """The tokens a tool result adds to a rollout: <|tool|> result <|end|> <|assistant|>."""
+    sid = tok.special_ids
+    return [sid["<|tool|>"]] + tok.encode(result) + [sid["<|end|>"], sid["<|assistant|>"]]
 
 
 def read_metrics(out):
@@ -124,16 +140,23 @@ def test_prompt_rows_and_replies(tok, tmp_path):
     r = parse_reply(tok, ids, sid["<|end|>"], "stop")
     assert (r.text, r.calls, r.ids[-1]) == ("4", 1, sid["<|end|>"])
     # a reply that calls a tool scores 0 under a row reward
-    scorer = rl_mod.RowRewardScorer(lambda row, a: 1.0)
+    scorer = RowRewardScorer(lambda row, a: 1.0)
     assert scorer([prompts[0]] * 2, [r, Reply([5], "4", 0, "stop")]) == [0.0, 1.0]
 
 
 def test_config_batch_mapping(world):
     m = checkpoint.load_model(world / "chat").cfg
     cfg = rl_config("grpo", FAST, m)
-    assert cfg.train.batch_tokens == 16 * 32 and rl_mod.steps_per_phase(cfg) == 2  # 16 rollouts, 2 epochs
+    assert cfg.train.batch_tokens == 16 * 32 and steps_per_phase(cfg) == 2  # 16 rollouts, 2 epochs
     cfg = rl_config("grpo", FAST + ["train.batch_tokens=256"], m)
-    assert rl_mod.steps_per_phase(cfg) == 4  # minibatches of 8 rollouts
+    assert steps_per_phase(cfg) == 4  # minibatches of 8 rollouts
+    # the presets as they are (seq_len 112 does not divide the default batch_tokens: derived anyway)
+    big = dataclasses.replace(m, max_seq_len=256)
+    for preset, (seq, rollouts) in {"grpo": (112, 16 * 8), "ppo": (128, 64)}.items():
+        cfg = rl_config(preset, [], big)
+        assert cfg.train.seq_len == seq and cfg.train.batch_tokens == rollouts * seq
+    small = dataclasses.replace(m, max_seq_len=100)
+    assert rl_config("grpo", ["rl.max_new_tokens=64"], small).train.seq_len == 100  # cut to the model's context
     for bad, match in [(["train.batch_tokens=768"], "divisor"), (["rl.group_size=3"], "multiple of train.micro"),
                        (["rl.temperature=0"], "temperature"), (["model.n_layer=3"], "model"),
                        (["rl.max_new_tokens=40"], "max_new_tokens")]:
@@ -149,7 +172,7 @@ def _batches(world, tok, kind="grpo", overrides=()):
     prompts, _ = load_prompts(world / "prompts.jsonl", tok, cfg.train.seq_len - cfg.rl.max_new_tokens)
     policy = (PolicyValue.from_gpt(base) if kind == "ppo" else base).train()
     ref = freeze(checkpoint.load_model(world / "chat"))
-    scorer = rl_mod.RowRewardScorer(vowels)
+    scorer = RowRewardScorer(vowels)
     return cfg, policy, ref, RolloutBatches(kind, policy, ref, tok, prompts, scorer, cfg)
 
 
@@ -169,7 +192,7 @@ def test_rollouts_use_the_current_policy(world, tok):
     # the sampled tokens are the current policy's samples (same per-row seeds)
     prompts = [batches.prompts[i].ids for i in ro.prompt_index]
     again = generate_batch(policy, prompts, cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
-                           seed=batches.phase_seed(1), stop_ids=batches.stop_ids)
+                           seed=batches.phase_seed(1), stop_ids=sorted({tok.special_ids[t] for t in TURN_ENDS}))
     assert [c.ids + ([c.stop] if isinstance(c.stop, int) else []) for c in again] == ro.replies
     # and the recorded old log-probs are the current policy's log-probs of them
     t = batches.tensors
@@ -181,6 +204,69 @@ def test_rollouts_use_the_current_policy(world, tok):
     assert torch.allclose(t["ref_logp"][on], refs[on], atol=1e-5)
     assert not torch.allclose(t["old_logp"][on], refs[on], atol=1e-3)  # the policy moved away from the reference
     assert (t["adv"][~on] == 0).all() and first[2].sum() > 0
+
+
+def _scripted(tok, turns):
+    """A stand-in for the engine's generate_batch: row r of call c replies turns[r][c] (text, stop)."""
+    calls = []
+
+    def fake(model, prompts, max_tokens, **kw):
+        c = len(calls)
+        calls.append((prompts, max_tokens))
+        out = []
+        for j, p in enumerate(prompts):
+            r = [i for i, t in enumerate(turns) if len(t) > c][j]  # rows still going, in order
+            text, stop = turns[r][c]
+            out.append(Completion(text, None, "stop" if stop else "length", stop))
+        return out
+    return fake, calls
+
+
+def test_rollouts_with_tools_run_them_and_leave_their_results_out_of_the_loss(world, tok, monkeypatch):
+    sid = tok.special_ids
+    end, open_, close = sid["<|end|>"], sid["<|tool_call|>"], sid["<|/tool_call|>"]
+    call = [open_] + tok.encode('{"name": "calculator", "arguments": {"expression": "23 + 58"}}') + [close]
+    answer = tok.encode("23 + 58 = 81.")
+    turns = [[(call, end), (answer, end)],  # calls the calculator, then answers from its result
+             [(answer, end)],  # answers at once
+             [(call, end), (call, end), (call, end)]]  # calls again and again: rounds run out
+    fake, calls = _scripted(tok, turns)
+    monkeypatch.setattr(rollout_mod, "generate_batch", fake)
+    prompt = render_prompt(tok, "What is 23 + 58?")
+    replies = sample(None, tok, [prompt] * 3, 200, 1.0, seed=5, tools=tool_registry("calculator"), tool_rounds=2)
+    result = render_prompt_tool(tok, "81")
+    r0 = replies[0]
+    assert r0.ids == call + [end] + result + answer + [end]
+    assert r0.env == list(range(len(call) + 1, len(call) + 1 + len(result)))  # exactly the tool message
+    assert r0.text == "23 + 58 = 81." and r0.calls == 1 and r0.unanswered == 0
+    assert replies[1].ids == answer + [end] and replies[1].env == [] and replies[1].calls == 0
+    r2 = replies[2]
+    assert r2.calls == 3 and r2.unanswered == 1 and len(r2.env) == 2 * len(result)
+    # round 2 continued rows 0 and 2 from prompt + reply so far, within the budget left
+    assert [len(p) for p in calls[1][0]] == [len(prompt) + len(r0.ids) - len(answer) - 1] * 2
+    assert calls[1][1] == [200 - (len(call) + 1 + len(result))] * 2
+    row = {"answer": "81"}
+    scores = RowRewardScorer(arithmetic)([type("P", (), {"row": row})()] * 3, replies)
+    assert scores == [1.0, 1.0, 0.0]  # the reply whose last turn still calls a tool never answered
+    # without tools the same first turn is the whole reply: it never answered, it scores 0
+    fake, _ = _scripted(tok, turns)
+    monkeypatch.setattr(rollout_mod, "generate_batch", fake)
+    plain = sample(None, tok, [prompt] * 3, 200, 1.0, seed=5)
+    assert plain[0].ids == call + [end] and plain[0].unanswered == 1 and plain[0].env == []
+    assert RowRewardScorer(arithmetic)([type("P", (), {"row": row})()], plain[:1]) == [0.0]
+
+
+def test_tool_results_are_masked_in_the_rollout_batch(world, tok):
+    cfg, policy, ref, batches = _batches(world, tok)
+    p = batches.prompts
+    ro = Rollout(0, [0, 0, 0, 0], [[5, 6, 7, 8, 9]] * 4, ["stop"] * 4, [1] * 4, [1.0, 0.0, 0.0, 0.0],
+                 [[0.0] * 3] * 4, [[0.0] * 3] * 4, None, 0.0, env=[[1, 2]] * 4)
+    x, y, mask = batches._sequences(ro)
+    start = len(p[0].ids) - 1
+    assert mask[0, start:start + 5].tolist() == [1, 0, 0, 1, 1] and mask[0].sum() == 3
+    with pytest.raises(UserError, match="unknown tool"):
+        tool_registry("calculator, nope")
+    assert tool_registry("") is None
 
 
 def test_reference_is_frozen_and_policy_trains(world, tok, tmp_path):
@@ -286,7 +372,7 @@ def test_exact_resume_inside_a_phase(world, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     grpo(*args, str(straight), overrides=over)
     with monkeypatch.context() as mp:
-        mp.setattr(rl_mod, "RolloutBatches", Interrupt(rl_mod.RolloutBatches, at=10))  # inside step 5
+        mp.setattr(rl_mod, "RolloutBatches", Interrupt(RolloutBatches, at=10))  # inside step 5
         with pytest.raises(KeyboardInterrupt):
             grpo(*args, str(resumed), overrides=over)
     assert [p.name for p in checkpoint.checkpoints(resumed)] == ["step_00000003", "step_00000004"]

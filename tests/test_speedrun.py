@@ -5,6 +5,10 @@ import math
 import subprocess
 import sys
 
+from lmstack.speedrun import ALIGN_SET, GRPO_TOOLS, split_overrides
+
+ALIGNED = ("dpo", "ppo", "grpo")  # the aligned chat models (rm/ is the reward model)
+
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True)
@@ -12,14 +16,17 @@ def run_cli(*args):
 
 def test_speedrun_tiny_end_to_end(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("speedrun", "--preset", "tiny", "--out", str(out))
+    proc = run_cli("speedrun", "--preset", "tiny", "--out", str(out), "--set", "dpo.train.max_steps=4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     for stage in ["world/world.json", "tokenizer/tokenizer.json", "data/manifest.json",
                   "base/model.safetensors", "base/config.json", "base/tokenizer.json", "base/run.json",
-                  "chat/model.safetensors", "chat/config.json", "chat/tokenizer.json", "chat/sft.json"]:
+                  "chat/model.safetensors", "chat/config.json", "chat/tokenizer.json", "chat/sft.json",
+                  "rl_prompts/arithmetic.jsonl", "rm/reward_eval.json",
+                  *[f"{m}/{f}" for m in ALIGNED for f in ("model.safetensors", "stage.json", "run.json")]]:
         assert (out / stage).is_file(), stage
     summary = json.loads((out / "speedrun.json").read_text())
-    assert list(summary["stages"]) == ["world", "tokenizer", "data", "pretrain", "sft", "eval", "report"]
+    assert list(summary["stages"]) == ["world", "tokenizer", "data", "pretrain", "sft", "rl_prompts", "reward",
+                                       "dpo", "ppo", "grpo", "eval", "winrate", "report"]
     final = summary["stages"]["pretrain"]["final"]
     assert final["val_loss"] < 0.8 * math.log(1024)  # well below a uniform guess over the vocabulary
     assert summary["stages"]["sft"]["final"]["step"] > 0
@@ -27,25 +34,51 @@ def test_speedrun_tiny_end_to_end(tmp_path):
     # The base model gets the text tasks, the assistant every task; both bits per byte.
     assert set(ev["base"]["tasks"]) == {"facts_rank", "inverse_rank", "reversal_rank", "arithmetic_text"}
     assert {"facts_qa", "refusal", "hallucination", "arithmetic_tool"} <= set(ev["chat"]["tasks"])
-    for stage in ("base", "chat"):
+    for stage in ("base", "chat", *ALIGNED):
         assert all(0 <= v <= 1 for v in ev[stage]["tasks"].values()) and ev[stage]["val_bpb"] > 0
         results = json.loads(open(ev[stage]["results"]).read())
         assert results["tasks"]["facts_rank"]["n"] == 20  # the tiny preset's limit per task
-    assert 0 <= ev["chat"]["format"] <= 1
+    for stage in ("chat", *ALIGNED):  # the aligned models are chat models: every task
+        assert set(ev[stage]["tasks"]) == set(ev["chat"]["tasks"]) and 0 <= ev[stage]["format"] <= 1
+    st = summary["stages"]
+    assert st["rl_prompts"]["rows"] > 0 and st["dpo"]["final"]["step"] == 4  # dpo.KEY reached the DPO stage only
+    assert st["ppo"]["final"]["step"] > 0 and st["grpo"]["final"]["step"] > 0
+    assert st["reward"]["held_out"]["n"] > 0 and 0 <= st["reward"]["held_out"]["accuracy"] <= 1
+    assert set(st["ppo"]["held_out_reward"]) == {"before", "after"}
+    assert json.loads((out / "grpo" / "run.json").read_text())["rl"]["tools"] == GRPO_TOOLS
+    for m in ("dpo", "ppo"):  # ground-truth win rate against the SFT model
+        w = st["winrate"][m]
+        saved = json.loads((out / m / "winrate" / "vs_chat.json").read_text())
+        assert w["path"] == str(out / m / "winrate" / "vs_chat.json") and saved["n"] == w["n"] == 40
+        assert w["wins"] + w["losses"] + w["ties"] == 40 and len(w["ci"]) == 2
+        assert w["win_rate"] is None or 0 <= w["win_rate"] <= 1  # None: all ties
     report = (out / "report.md").read_text()
-    assert "facts_qa" in report and "| task | chance | base | chat |" in report
+    header = next(line for line in report.splitlines() if line.startswith("| task | chance |"))
+    assert "facts_qa" in report and header.startswith("| task | chance | base | chat |")
+    # a column per stage that writes answers, in pipeline order; the reward model gets a line
+    assert header.strip("| ").split(" | ")[2:] == ["base", "chat", *ALIGNED]
+    assert "- rm: a reward model; held-out pairwise accuracy" in report
     assert all((out / png).stat().st_size > 1000 for png in ("loss.png", "tasks.png"))
     assert "speedrun done" in proc.stdout and f"lmstack chat --model {out / 'chat'}" in proc.stdout
     assert "user:" in proc.stdout and "assistant:" in proc.stdout and "[truth:" in proc.stdout
+    for line in ("reward model: held-out pairwise accuracy", "DPO: win rate vs chat", "PPO: win rate vs chat",
+                 "GRPO: arithmetic", f"--model {out / 'dpo'}"):
+        assert line in proc.stdout, line
 
     # A second run refuses to overwrite without --force, and --force starts over.
     again = run_cli("speedrun", "--preset", "tiny", "--out", str(out))
     assert again.returncode != 0 and "--force" in again.stderr and "Traceback" not in again.stderr
-    forced = run_cli("speedrun", "--preset", "tiny", "--out", str(out), "--force", "--set", "train.max_steps=4",
-                     "--set", "sft.train.max_steps=3")
+    # --no-align: today's pipeline, stopping after SFT.
+    forced = run_cli("speedrun", "--preset", "tiny", "--out", str(out), "--force", "--no-align",
+                     "--set", "train.max_steps=4", "--set", "sft.train.max_steps=3")
     assert forced.returncode == 0, forced.stderr[-2000:]
     stages = json.loads((out / "speedrun.json").read_text())["stages"]
     assert stages["pretrain"]["final"]["step"] == 4 and stages["sft"]["final"]["step"] == 3
+    assert list(stages) == ["world", "tokenizer", "data", "pretrain", "sft", "eval", "report"]
+    assert set(stages["eval"]) == {"seconds", "base", "chat"}
+    assert not any((out / d).exists() for d in ("rl_prompts", "rm", *ALIGNED))
+    assert "| task | chance | base | chat |\n" in (out / "report.md").read_text()
+    assert "win rate" not in forced.stdout and f"lmstack chat --model {out / 'chat'}" in forced.stdout
 
 
 def test_speedrun_never_deletes_a_folder_it_did_not_make(tmp_path):
@@ -60,8 +93,24 @@ def test_speedrun_never_deletes_a_folder_it_did_not_make(tmp_path):
 
 def test_speedrun_bad_preset_or_key_fails_before_any_work(tmp_path):
     for args in (["--preset", "huge"], ["--set", "train.nope=1"], ["--set", "sft.train.nope=1"],
-                 ["--set", "sft.model.n_layer=3"]):
-        proc = run_cli("speedrun", "--out", str(tmp_path / "r"), *args)
+                 ["--set", "sft.model.n_layer=3"], ["--set", "dpo.train.nope=1"], ["--set", "rm.model.n_layer=3"],
+                 ["--set", "grpo.rl.max_new_tokens=200"],  # longer than the tiny model's 128-token context
+                 ["--no-align", "--set", "ppo.train.max_steps=5"]):  # a stage that will not run
+        proc = run_cli("speedrun", "--preset", "tiny", "--out", str(tmp_path / "r"), *args)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        stage = args[-1].partition(".")[0]
+        assert stage not in ALIGNED + ("rm",) or stage in proc.stderr, proc.stderr  # names the stage
         assert not (tmp_path / "r").exists()
+
+
+def test_split_overrides_routes_each_stage_its_keys():
+    sets = split_overrides("tiny", ["train.lr=1", "train.seed=3", "dpo.pref.beta=0.5", "grpo.rl.group_size=2",
+                                    "rm.train.max_steps=9"])
+    assert sets["pretrain"] == ["train.lr=1", "train.seed=3"]
+    assert all("train.seed=3" in v for v in sets.values())  # a shared key reaches every stage
+    assert sets["dpo"][-2:] == ["train.seed=3", "pref.beta=0.5"] and "pref.beta=0.5" not in sets["rm"]
+    assert sets["grpo"][-1] == "rl.group_size=2" and f"rl.tools={GRPO_TOOLS}" in sets["grpo"]
+    tiny_rm = ALIGN_SET["tiny"]["rm"]
+    assert sets["rm"][:len(tiny_rm)] == tiny_rm and sets["rm"][-1] == "train.max_steps=9"
+    assert split_overrides("small", [])["dpo"] == []  # small: the measured presets, unchanged

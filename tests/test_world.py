@@ -304,3 +304,83 @@ def test_a_crash_leaves_no_half_world(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one
     with pytest.raises(UserError):
         gen.generate(tmp_path / "w", people=5, progress=False)
+
+
+# ---------------------------------------------------------------- RL prompts
+
+
+def problems_of(rows):
+    return {(r["a"], r["op"], r["b"]) for r in rows}
+
+
+def test_arithmetic_rl_prompts_are_every_1_digit_problem_but_the_probes(world_dir, tmp_path):
+    from lmstack.world import arithmetic as ar
+    from lmstack.world.assistant import ARITH_QUESTIONS
+    from lmstack.world.rl_prompts import arithmetic_prompts
+
+    probes = problems_of(read_jsonl(world_dir / "probes" / "arithmetic.jsonl"))
+    one_digit_probes = {p for p in probes if p[0] < 10 and p[2] < 10}
+    assert one_digit_probes  # else the no-overlap check below proves nothing
+    r = arithmetic_prompts(world_dir, tmp_path / "p.jsonl")
+    rows = read_jsonl(tmp_path / "p.jsonl")
+    # closed form: 10 x 10 sums and products, 10 x 11 / 2 differences with a >= b, less the probes
+    n = 100 + 55 + 100 - len(one_digit_probes)
+    assert r["problems"] == r["by_digits"][1] == len(problems_of(rows)) == n
+    assert r["rows"] == len(rows) == len(ARITH_QUESTIONS) * n and r["path"] == str(tmp_path / "p.jsonl")
+    assert not problems_of(rows) & probes
+    for x in rows:
+        e = ar.expression(x["a"], x["op"], x["b"])
+        assert x["answer"] == str(ar.compute(x["a"], x["op"], x["b"])) and x["digits"] == 1
+        assert x["question"] in [q.format(e=e) for q in ARITH_QUESTIONS]
+        assert 0 <= x["b"] <= x["a"] <= 9 if x["op"] == "-" else 0 <= min(x["a"], x["b"]) <= max(x["a"], x["b"]) <= 9
+    assert len({(x["question"], x["a"]) for x in rows}) == len(rows)  # each problem once per phrasing
+    assert [x["question"] for x in rows[:20]] != sorted(x["question"] for x in rows[:20])  # shuffled
+    again = arithmetic_prompts(world_dir, tmp_path / "q.jsonl", seed=0)
+    assert again == {**r, "path": str(tmp_path / "q.jsonl")}
+    assert (tmp_path / "q.jsonl").read_bytes() == (tmp_path / "p.jsonl").read_bytes()
+    # per_op just under a space's size, with probes taken out of it: the rest of it, whole
+    assert arithmetic_prompts(world_dir, tmp_path / "r.jsonl", per_op=99)["problems"] == n
+
+
+def test_arithmetic_rl_prompts_sample_per_op_of_larger_spaces(world_dir, tmp_path):
+    from lmstack.world.rl_prompts import arithmetic_prompts
+
+    probes = problems_of(read_jsonl(world_dir / "probes" / "arithmetic.jsonl"))
+    r = arithmetic_prompts(world_dir, tmp_path / "p.jsonl", digits=(2,), per_op=40, seed=3)
+    rows = read_jsonl(tmp_path / "p.jsonl")
+    probs = problems_of(rows)
+    assert r["by_digits"] == {2: 120} and len(probs) == 120
+    assert {op: sum(p[1] == op for p in probs) for op in "+-*"} == {"+": 40, "-": 40, "*": 40}
+    assert all(10 <= p[0] <= 99 and 10 <= p[2] <= 99 and (p[1] != "-" or p[0] >= p[2]) for p in probs)
+    assert not probs & probes and {x["digits"] for x in rows} == {2}
+    other = arithmetic_prompts(world_dir, tmp_path / "o.jsonl", digits=(2,), per_op=40, seed=4)
+    assert other["problems"] == 120 and problems_of(read_jsonl(tmp_path / "o.jsonl")) != probs
+    # 4 digits: no multiplication (MAX_DIGITS["*"] is 3); 1-digit spaces are still taken whole
+    r = arithmetic_prompts(world_dir, tmp_path / "m.jsonl", digits=(4, 1), per_op=20)
+    rows = read_jsonl(tmp_path / "m.jsonl")
+    assert r["by_digits"][4] == 40 and {x["op"] for x in rows if x["digits"] == 4} == {"+", "-"}
+    assert r["by_digits"][1] == 60 and not problems_of(rows) & probes
+
+
+def test_cli_rl_prompts_and_their_one_line_errors(world_dir, tmp_path, capsys):
+    from lmstack.cli import main
+
+    out = tmp_path / "p.jsonl"
+    assert main(["world", "prompts", "arithmetic", "--world", str(world_dir), "--digits", "1,2",
+                 "--per-op", "30", "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert len(line.strip().splitlines()) == 1 and "2 digits 90" in line and str(out) in line
+    assert {x["digits"] for x in read_jsonl(out)} == {1, 2}
+    no_probes = tmp_path / "w"
+    no_probes.mkdir()
+    (no_probes / "world.json").write_text((world_dir / "world.json").read_text())
+    bad = [(["--digits", "0"], "--digits"), (["--digits", "x"], "--digits"), (["--digits", "6"], "--digits"),
+           (["--per-op", "0"], "--per-op"), (["--world", str(tmp_path / "nowhere")], "not a world folder"),
+           (["--world", str(no_probes)], "arithmetic.jsonl not found"), (["--out", str(tmp_path)], "is a folder")]
+    for extra, why in bad:
+        argv = ["world", "prompts", "arithmetic", "--world", str(world_dir), "--out", str(tmp_path / "e.jsonl"), *extra]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and why in err, (extra, err)
+    assert not (tmp_path / "e.jsonl").exists()
+    assert_one_line_error(run_cli("world", "prompts", "arithmetic", "--world", str(world_dir)))  # no --out

@@ -130,23 +130,26 @@ class ModelLM:
 
     # --- generation ---------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], max_tokens: int = 64, until=(), stop_ids=()):
-        """Greedy continuations of id prompts (in batches), cut at the first `until` string."""
+    def generate(self, prompts: list[list[int]], max_tokens: int = 64, until=(), stop_ids=(),
+                 temperature: float = 0.0, seed: int = 0):
+        """Continuations of id prompts (in batches), cut at the first `until` string: greedy, or
+        sampled at `temperature` (seeded: the same call gives the same samples)."""
         # Batch prompts of similar length together: rows are left-padded to the longest.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out = [None] * len(prompts)
         for b in range(0, len(order), self.batch_size):
             chunk = order[b:b + self.batch_size]
-            done = generate_batch(self.model, [prompts[i] for i in chunk], max_tokens, temperature=0.0,
-                                  stop_strings=tuple(until), stop_ids=tuple(stop_ids), tokenizer=self.tok,
-                                  truncate="left")
+            done = generate_batch(self.model, [prompts[i] for i in chunk], max_tokens, temperature=temperature,
+                                  seed=seed + b, stop_strings=tuple(until), stop_ids=tuple(stop_ids),
+                                  tokenizer=self.tok, truncate="left")
             for i, c in zip(chunk, done):
                 out[i] = c
         return out
 
     def chat(self, conversations: list[list[dict]], max_tokens: int = 64, tools=None,
-             max_tool_rounds: int = 2) -> list[Reply]:
-        """One greedy assistant turn for each conversation, batched. With a tool registry, the
+             max_tool_rounds: int = 2, temperature: float = 0.0, seed: int = 0) -> list[Reply]:
+        """One assistant turn for each conversation, batched (greedy, or sampled at `temperature`
+        with `seed`). With a tool registry, the
         rows that called a tool get its result and continue, together, for up to
         `max_tool_rounds` more rounds (as `lmstack.chat.stream_chat` does for one)."""
         sid = self.tok.special_ids
@@ -159,10 +162,11 @@ class ModelLM:
             if not todo:
                 break
             prompts = [render_chat(self.tok, histories[i], add_generation_prompt=True)[0] for i in todo]
-            results = self.generate(prompts, max_tokens, stop_ids=stops)
+            results = self.generate(prompts, max_tokens, stop_ids=stops, temperature=temperature,
+                                    seed=seed + 7919 * round_)
             again = []
             for i, c in zip(todo, results):
-                text, calls = _split_calls(self.tok, c.ids, open_id, close_id, f"call_{round_}")
+                text, calls = split_calls(self.tok, c.ids, open_id, close_id, f"call_{round_}")
                 msg = {"role": "assistant", "content": text}
                 if calls:
                     msg["tool_calls"] = calls
@@ -183,7 +187,7 @@ class ModelLM:
         return replies
 
 
-def _split_calls(tok: Tokenizer, ids: list[int], open_id: int, close_id: int, prefix: str):
+def split_calls(tok: Tokenizer, ids: list[int], open_id: int, close_id: int, prefix: str):
     """A reply's ids -> (its text outside tool calls, the parsable tool calls in it)."""
     text_ids, calls, call, inside = [], [], [], False
     for t in ids:

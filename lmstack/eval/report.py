@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lmstack.utils import UserError, atomic_write_text
 
-STAGE_DIRS = {"pretrain": "base", "sft": "chat"}  # speedrun stage name -> its model folder
+STAGE_DIRS = {"pretrain": "base", "sft": "chat", "reward": "rm"}  # speedrun stage name -> its model folder
 DASH = "—"
 
 
@@ -82,7 +82,9 @@ def load_stage(d: Path, speedrun: dict | None) -> dict:
     return {"name": d.name, "dir": d, "metrics": metrics, "train": train,
             "val": [r for r in metrics if "step" in r and "val_loss" in r],
             "run": _read_json(d / "run.json") or {}, "config": _read_json(d / "config.json"),
-            "results": results, "results_path": path, "seconds": seconds}
+            "results": results, "results_path": path, "seconds": seconds,
+            # a reward model scores answers, it does not write them: no column in the task table
+            "scored": (_read_json(d / "stage.json") or {}).get("stage") != "reward"}
 
 
 def costs(st: dict) -> dict:
@@ -371,13 +373,21 @@ def report(run, out=None) -> Path:
     md += ["## Loss curves", "", "![training and validation loss per stage](loss.png)", ""]
 
     md += ["## Tasks", ""]
-    trows = task_rows(stages)
+    scored = [st for st in stages if st["scored"]]
+    trows = task_rows(scored)
     if trows:
-        md += _table(["task", "chance", *[st["name"] for st in stages]], trows, "lr" + "r" * len(stages)) + [""]
+        md += _table(["task", "chance", *[st["name"] for st in scored]], trows, "lr" + "r" * len(scored)) + [""]
     else:
         md += ["No stage has eval results yet.", ""]
     for st in stages:
         r = st["results"]
+        if not st["scored"]:
+            acc = (_read_json(st["dir"] / "reward_eval.json") or {}).get("held_out") or {}
+            md.append(f"- {st['name']}: a reward model" + (
+                f"; held-out pairwise accuracy {100 * acc['accuracy']:.1f}% "
+                f"[{100 * acc['ci'][0]:.1f}, {100 * acc['ci'][1]:.1f}] on {acc['n']} comparisons (chance 50%)"
+                if "accuracy" in acc else ""))
+            continue
         if r:
             lm = f"; bits per byte on {r['lm']['source']}" if "lm" in r else ""
             md.append(f"- {st['name']}: `{st['results_path']}` ({r.get('time', '?')}, {r.get('dtype', '?')}, "
@@ -385,7 +395,7 @@ def report(run, out=None) -> Path:
         else:
             md.append(f"- {st['name']}: no eval results (run `lmstack eval --model {st['dir']}`)")
     md.append("")
-    if plot_tasks(stages, out / "tasks.png"):
+    if plot_tasks(scored, out / "tasks.png"):
         md += ["![main score per task and stage, with 95% intervals and chance](tasks.png)", ""]
     else:
         (out / "tasks.png").unlink(missing_ok=True)  # a previous report's plot would contradict this one

@@ -6,7 +6,9 @@
   generate  the model writes an answer (greedy) and a checker scores it: `contains` (the
             answer or an alias appears as a whole word), `exact`, `number` (the last number
             in the reply), `regex`, and the world's behaviour detectors `refusal`, `idk`,
-            `hallucination` (neither refused nor said "I don't know").
+            `hallucination` (neither refused nor said "I don't know"). With `samples = k` the
+            model instead writes k answers at `temperature` and the score is pass@k (any of
+            the k is right); the results also hold pass@1 estimated from the k samples.
 
 A spec is a TOML table (a file holds a list of them as [[task]]); no code needed:
 
@@ -59,6 +61,8 @@ class TaskSpec:
     check: str = "contains"  # generate: one of CHECKS
     until: list = field(default_factory=lambda: ["\n"])  # text + generate: stop strings
     max_tokens: int = 32  # generate: tokens per reply (per tool round)
+    samples: int = 0  # generate: k > 0 samples k replies per row at `temperature`; the score is pass@k
+    temperature: float = 1.0  # generate with samples: the sampling temperature (seeded: reproducible)
     tools: list = field(default_factory=list)  # chat + generate: tools the model may call
     slices: list = field(default_factory=list)  # fields to break the score down by ("a+b": crossed)
     where: dict = field(default_factory=dict)  # keep only rows whose field equals (one of) the value(s)
@@ -100,6 +104,12 @@ def make_spec(table: dict, where: str, base: Path | None = None, world: str | No
         _fail(w, "tools need format = 'chat' and kind = 'generate'")
     if not isinstance(spec.max_tokens, int) or spec.max_tokens < 1:
         _fail(w, "max_tokens must be a positive integer")
+    if not isinstance(spec.samples, int) or spec.samples < 0:
+        _fail(w, "samples must be an integer >= 0")
+    if spec.samples and spec.kind != "generate":
+        _fail(w, "samples (pass@k) needs kind = 'generate'")
+    if not isinstance(spec.temperature, (int, float)) or not 0 < spec.temperature <= 10:
+        _fail(w, "temperature must be a number in (0, 10]")
     if not isinstance(spec.limit, int) or spec.limit < 0:
         _fail(w, "limit must be an integer >= 0")
     if spec.better not in ("higher", "lower"):
@@ -249,6 +259,8 @@ def metric_name(spec: TaskSpec) -> str:
         return spec.metric
     if spec.kind == "choice":
         return "accuracy"
+    if spec.samples:
+        return f"pass@{spec.samples}"
     return {"refusal": "refusal rate", "idk": "'I don't know' rate",
             "hallucination": "hallucination rate"}.get(spec.check, "accuracy")
 
@@ -312,18 +324,28 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
                     raise UserError(f"task {spec.name}: unknown tool(s) {', '.join(missing)} "
                                     f"(known: {', '.join(registry.names())})")
                 registry = registry.subset(spec.tools)
-            replies = lm.chat(convs, spec.max_tokens, tools=registry)
+            k = max(1, spec.samples)  # the k samples of a row are k rows: one batched call
+            sampling = {"temperature": spec.temperature} if spec.samples else {}
+            replies = lm.chat([c for c in convs for _ in range(k)], spec.max_tokens, tools=registry, **sampling)
             outs = [(r.text, r.closed, r.tool_calls) for r in replies]
         else:
+            k = max(1, spec.samples)
+            sampling = {"temperature": spec.temperature} if spec.samples else {}
             prompts = [[lm.tok.bos_id] + lm.tok.encode(_fill(spec.prompt, row, spec, line)) for line, row in rows]
-            outs = [(c.text, None, 0) for c in lm.generate(prompts, spec.max_tokens, until=spec.until)]
-        for (line, row), ans, (text, closed, calls) in zip(rows, answers, outs):
-            item = {"line": line, "hit": int(check(spec.check, text, ans)), "reply": text,
-                    "slices": _slice_keys(row, spec)}
-            if closed is not None:
-                item["closed"] = int(closed)
+            done = lm.generate([p for p in prompts for _ in range(k)], spec.max_tokens, until=spec.until, **sampling)
+            outs = [(c.text, None, 0) for c in done]
+        for j, ((line, row), ans) in enumerate(zip(rows, answers)):
+            mine = outs[j * k:(j + 1) * k]
+            hits = [int(check(spec.check, text, ans)) for text, _, _ in mine]
+            item = {"line": line, "hit": int(any(hits)), "slices": _slice_keys(row, spec)}
+            if spec.samples:  # pass@k: hit = any of the k; each sample kept
+                item.update(samples=[text for text, _, _ in mine], sample_hits=hits)
+            else:
+                item["reply"] = mine[0][0]
+            if mine[0][1] is not None and not spec.samples:  # format compliance: greedy replies only
+                item["closed"] = int(mine[0][1])
             if spec.tools:
-                item["tool_calls"] = calls
+                item["tool_calls"] = sum(c for _, _, c in mine)
             items.append(item)
         chance = _majority(spec, rows) if isinstance(spec.chance, str) else spec.chance
     result = {"kind": spec.kind, "format": spec.format, "metric": metric_name(spec), "better": spec.better,
@@ -331,7 +353,10 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
               **summarize([it["hit"] for it in items], chance)}
     if spec.kind == "choice":
         result["mean_rank"] = sum(it["rank"] for it in items) / len(items)
-    if spec.kind == "generate" and spec.format == "chat":
+    if spec.samples:  # pass@1 estimated from the samples (the unbiased estimator for k = 1)
+        result["samples"], result["temperature"] = spec.samples, spec.temperature
+        result["pass@1"] = _pass1(items)
+    if spec.kind == "generate" and spec.format == "chat" and not spec.samples:
         result["closed"] = summarize([it["closed"] for it in items])
     if spec.tools:
         result["used_tools"] = sum(1 for it in items if it["tool_calls"]) / len(items)
@@ -345,10 +370,16 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
         s = summarize([it["hit"] for it in its], _slice_chance(spec, rows, items, its, chance))
         if spec.kind == "choice":
             s["mean_rank"] = sum(it["rank"] for it in its) / len(its)
+        if spec.samples:
+            s["pass@1"] = _pass1(its)
         result["slices"][key] = s
     result["seconds"] = round(time.time() - t0, 2)
     result["items"] = items
     return result
+
+
+def _pass1(items) -> float:
+    return sum(sum(it["sample_hits"]) / len(it["sample_hits"]) for it in items) / len(items)
 
 
 def _majority(spec: TaskSpec, rows, subset=None) -> float:

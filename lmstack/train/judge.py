@@ -97,7 +97,7 @@ def sample_pairs(lm, prompts: list, seed: int, max_tokens: int = MAX_TOKENS) -> 
     """Two sampled answers per prompt (temperature 1.0): rows 2i, 2i+1 use seeds seed+2i, seed+2i+1."""
     from lmstack.chat import TURN_ENDS
     from lmstack.engine import generate_batch
-    from lmstack.eval.lm import _split_calls
+    from lmstack.eval.lm import split_calls
 
     tok = lm.tok
     sid = tok.special_ids
@@ -109,7 +109,7 @@ def sample_pairs(lm, prompts: list, seed: int, max_tokens: int = MAX_TOKENS) -> 
         done = generate_batch(lm.model, rows[s:s + lm.batch_size], max_tokens, temperature=1.0, seed=seed + s,
                               stop_ids=stops, tokenizer=tok, truncate="left")
         for c in done:  # text outside tool calls (a tool call is not an answer to judge)
-            texts.append(_split_calls(tok, c.ids, sid["<|tool_call|>"], sid["<|/tool_call|>"], "call")[0].strip())
+            texts.append(split_calls(tok, c.ids, sid["<|tool_call|>"], sid["<|/tool_call|>"], "call")[0].strip())
     return [(texts[2 * i], texts[2 * i + 1]) for i in range(len(prompts))]
 
 

@@ -33,7 +33,7 @@ rows x seq_len; `real_tokens` in metrics.jsonl is the count of real tokens in th
 world prompts (probes: facts questions, harmful requests, benign requests, questions about
 people who do not exist), each pair labelled by the world's simulated labeller (ground truth);
 A's wins / (wins + losses) with a 95% Wilson interval, by prompt type too.
-    python -m lmstack.train.preference win-rate A B --world runs/small/world [--n 200]
+    lmstack winrate --a A --b B [--world runs/small/world] [--n 200]
 """
 
 from __future__ import annotations
@@ -454,6 +454,8 @@ def win_rate(model_a, model_b, world_dir, n: int = 200, seed: int = 0, max_token
     from lmstack.world import labeller
 
     items = world_prompts(world_dir, n, seed, exclude=exclude)
+    if not items:
+        raise UserError(f"no world prompts left to compare on ({world_dir}; every one is excluded?)")
     replies = []
     for d in (model_a, model_b):
         lm = ModelLM.load(d, batch_size=batch_size)
@@ -495,34 +497,7 @@ def print_win_rate(r: dict) -> None:
           f" {'score A':>8s} {'score B':>8s}")
     for name, s in [("all", r), *r["by_type"].items()]:
         lo, hi = s["ci"]
-        print(f"{name:16s} {s['n']:4d} {s['wins']:7d} {s['losses']:7d} {s['ties']:5d} {100 * s['win_rate']:10.1f}%  "
-              f"[{100 * lo:4.1f}, {100 * hi:5.1f}] {s['score_a']:8.2f} {s['score_b']:8.2f}")
-
-
-def _main(argv=None) -> int:
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m lmstack.train.preference",
-                                description="ground-truth win rate of model A against model B on the world")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("win-rate")
-    w.add_argument("a")
-    w.add_argument("b")
-    w.add_argument("--world", required=True)
-    w.add_argument("--n", type=int, default=200)
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--max-tokens", type=int, default=64)
-    w.add_argument("--exclude", nargs="*", help="comparison files whose prompts are not used")
-    w.add_argument("--out")
-    a = p.parse_args(argv)
-    try:
-        win_rate(a.a, a.b, a.world, n=a.n, seed=a.seed, max_tokens=a.max_tokens, exclude=a.exclude, out=a.out)
-    except UserError as e:
-        print(f"lmstack: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
+        rate = f"{100 * s['win_rate']:10.1f}%  [{100 * lo:4.1f}, {100 * hi:5.1f}]" if s["wins"] + s["losses"] else \
+            f"{'-':>11s}  {'(all ties)':13s}"
+        print(f"{name:16s} {s['n']:4d} {s['wins']:7d} {s['losses']:7d} {s['ties']:5d} {rate} "
+              f"{s['score_a']:8.2f} {s['score_b']:8.2f}")

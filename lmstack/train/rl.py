@@ -3,28 +3,13 @@
     lmstack ppo  --policy runs/small/chat --reward runs/small/rm --prompts WORLD/comparisons.jsonl --out runs/small/ppo
     lmstack grpo --model runs/small/chat --prompts train.jsonl --reward arithmetic --out runs/small/grpo
 
-Both are THE training loop (train/loop.py) with a batch source that has a rollout phase:
-`RolloutBatches.next()` starts a phase when the previous one is used up. A phase
-  1. takes the next `rl.prompts_per_step` prompts (shuffled, epoch after epoch) and samples
-     `rl.group_size` replies to each from the CURRENT policy (the very module the loop is
-     training) through the engine (eval mode, inference_mode, temperature / top_p), until a
-     turn end or `rl.max_new_tokens`. A rollout = prompt ids + reply ids + the stop id that
-     closed the reply (<|end|>: part of what the policy learns to write);
-  2. scores each reply: a reward callable on (prompt row, reply text) for GRPO, a reward model
-     (or a stand-in callable) for PPO. No tools run during RL: a reply that calls one scores
-     0 under a row reward (it never answered; for arithmetic this is what `lmstack eval`'s
-     no-tool `arithmetic` task counts too);
-  3. computes, once, with no gradient: the log-probabilities of the sampled tokens under the
-     rollout policy (`old_logp`) and under the frozen reference (`ref_logp`, the SFT model,
-     requires_grad False, never given to the optimizer), and for PPO the value estimates;
-  4. computes advantages: GRPO / RLOO, one per reply from its group (`group_advantages`),
-     on every reply token; PPO, per token by GAE on the reward r_t = -kl_coef * (old_logp -
-     ref_logp)_t plus the reward model's score at the reply's last token, whitened over the
-     rollout batch;
-  5. serves the rollout batch `rl.epochs` times, reshuffled each time, as micro-batches of
-     `train.micro_batch_size` rollouts (right-padded to the longest in the micro-batch).
-Log-probabilities everywhere are of the tempered distribution softmax(logits / rl.temperature),
-the one the rollouts were sampled from (top_p, when < 1, is ignored there).
+Both are THE training loop (train/loop.py) with a batch source that has a rollout phase.
+What is where:
+    rollout.py     prompts, sampling replies from the current policy, scorers (rewards), the
+                   rollout phase and its batch source `RolloutBatches`, held-out evaluation
+    objectives.py  the math: ppo_clip_loss, value_loss, k3 KL, group advantages, GAE (tested there)
+    rl.py (here)   the policy with a value head, the GRPO / PPO objectives the loop calls, the
+                   stage's config, and the `lmstack grpo` / `lmstack ppo` entry points
 
 Batch mapping: one optimizer step = `train.batch_tokens / train.seq_len` rollouts (the loop's
 grad_accum micro-batches of micro_batch_size); train.seq_len is the longest rollout
@@ -34,14 +19,12 @@ one whole rollout batch: batch_tokens = prompts_per_step * group_size * seq_len;
 each epoch into minibatches (more steps per phase; it must divide the rollout batch).
 The loss is summed over reply tokens and divided by their count in the step (per-token mean).
 
-Objectives (math in train/objectives.py, tested there):
+Objectives:
   GRPO: ppo_clip_loss(logp, old_logp, A_group) + rl.kl_coef * k3(logp, ref_logp), per token;
   PPO:  ppo_clip_loss(logp, old_logp, A_gae) + rl.vf_coef * value_loss(V, V_old, returns), per
         token (the KL is in the reward). The value head is a Linear on the policy's final
         (normed) hidden state (`PolicyValue`): it shares the policy's trunk.
-Logged per step: the phase's reward (mean, std), pass rate and groups with signal (GRPO),
-reply length, truncated / tool-call fractions, KL of the rollout policy to the reference
-(per token `rollout_kl` and per reply `rollout_kl_seq`, k1), and from the objective the current
+Logged per step: the rollout phase's metrics (rollout.py) and from the objective the current
 policy's k3 KL, entropy (full, per token), clip fraction, policy-gradient and value losses.
 
 Output (OUT): a chat model folder (policy weights, config, tokenizer) with stage.json
@@ -49,205 +32,33 @@ Output (OUT): a chat model folder (policy weights, config, tokenizer) with stage
 head is saved beside it in value_head.safetensors (model.safetensors is the policy alone, so
 every command reads OUT as a plain chat model). Every 20th prompt (at most 200) is held out:
 greedy replies of the SFT model and of the result are scored on them at the start / end.
---resume continues from the last checkpoint; the batch source's state holds the phase and
-position, and a phase cut by a checkpoint is saved whole (its rollouts and log-probs), so the
-resumed run sees exactly the batches it would have.
+--resume continues from the last checkpoint, exactly (see rollout.py for the batch source's state).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from lmstack import distributed
-from lmstack.chat import TURN_ENDS
-from lmstack.config import RunConfig, load_config
-from lmstack.engine import generate_batch
+from lmstack.config import RunConfig, TrainConfig, load_config, read_preset
 from lmstack.model import GPT
-from lmstack.tokenizer import ChatFormatError, Tokenizer, render_chat
+from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
-from lmstack.train.loop import autocast_dtype, train
-from lmstack.train.objectives import gae, group_advantages, kl_estimates, ppo_clip_loss, value_loss
+from lmstack.train.loop import train
+from lmstack.train.objectives import kl_estimates, ppo_clip_loss, value_loss
 from lmstack.train.pretrain import seed_everything
-from lmstack.train.rewards import BUILTIN, call_reward, load_reward
+from lmstack.train.rollout import (RolloutBatches, evaluate_prompts, freeze, load_prompts, make_scorer,
+                                   reward_stats, split_heldout, tempered_logprobs, tool_registry)
 from lmstack.utils import UserError, atomic_write_json
 
 STAGE = "stage.json"
 VALUE_HEAD = "value_head.safetensors"
-HELDOUT_EVERY = 20  # every 20th prompt is held out (when there are at least 2 x 20)
-HELDOUT_MAX = 200
-
-
-# --------------------------------------------------------------------------- prompts
-
-@dataclass
-class Prompt:
-    messages: list[dict]  # the conversation the reply answers (ends with a user or tool message)
-    ids: list[int]  # rendered with the generation prompt (<|assistant|> last)
-    row: dict  # the jsonl row, for the reward
-
-
-def row_messages(row) -> list[dict]:
-    """A prompts row -> the conversation to reply to. Rows: {"prompt": str | [messages]},
-    {"question": str} (a user message), or {"messages": [...]} (trailing assistant messages,
-    e.g. an SFT row's answer, are dropped)."""
-    if not isinstance(row, dict):
-        raise ChatFormatError("row is not a JSON object")
-    if "messages" in row:
-        msgs = row["messages"]
-    elif "prompt" in row:
-        msgs = row["prompt"]
-    elif "question" in row:
-        msgs = row["question"]
-    else:
-        raise ChatFormatError("no prompt, question or messages field")
-    if isinstance(msgs, str):
-        if not msgs.strip():
-            raise ChatFormatError("empty prompt")
-        msgs = [{"role": "user", "content": msgs}]
-    if not isinstance(msgs, list) or not msgs:
-        raise ChatFormatError("the prompt must be a string or a non-empty list of messages")
-    msgs = list(msgs)
-    while msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
-        msgs.pop()
-    if not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") not in ("user", "tool"):
-        raise ChatFormatError("the conversation does not end with a user (or tool) message")
-    return msgs
-
-
-def load_prompts(path, tok: Tokenizer, max_len: int) -> tuple[list[Prompt], dict]:
-    """Every usable row of a jsonl prompts file, rendered; stats {rows, usable, skipped: {why: n}}.
-    Prompts longer than max_len tokens are skipped (a rollout must fit train.seq_len)."""
-    path = Path(path)
-    if not path.is_file():
-        hint = " (a folder: name the .jsonl file)" if path.is_dir() else ""
-        raise UserError(f"prompts file {path} not found{hint}")
-    prompts, skipped, rows = [], Counter(), 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            rows += 1
-            try:
-                row = json.loads(line)
-            except ValueError:
-                skipped["bad JSON"] += 1
-                continue
-            try:
-                msgs = row_messages(row)
-                ids, _ = render_chat(tok, msgs, add_generation_prompt=True)
-            except ChatFormatError as e:
-                skipped[str(e).split(": ", 1)[-1]] += 1
-                continue
-            if len(ids) > max_len:
-                skipped[f"longer than {max_len} tokens"] += 1
-                continue
-            prompts.append(Prompt(msgs, ids, row))
-    return prompts, {"rows": rows, "usable": len(prompts), "skipped": dict(skipped)}
-
-
-def split_heldout(prompts: list, every: int = HELDOUT_EVERY, cap: int = HELDOUT_MAX) -> tuple[list, list]:
-    """Every `every`-th prompt held out (evenly spread, at most `cap`); none below 2 x every prompts."""
-    if len(prompts) < 2 * every:
-        return list(prompts), []
-    step = max(every, math.ceil(len(prompts) / cap))
-    held = set(range(step - 1, len(prompts), step))
-    return [p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held]
-
-
-# --------------------------------------------------------------------------- replies and rewards
-
-@dataclass
-class Reply:
-    ids: list[int]  # the sampled tokens, the stop id that closed the reply included
-    text: str  # the reply's text outside tool calls (special tokens dropped)
-    calls: int  # tool calls in it (opened, closed or not)
-    finish: str  # "stop" | "length"
-
-
-def parse_reply(tok: Tokenizer, ids: list[int], stop: int | None, finish: str) -> Reply:
-    sid = tok.special_ids
-    open_id, close_id = sid["<|tool_call|>"], sid["<|/tool_call|>"]
-    visible, calls, inside = [], 0, False
-    for t in ids:
-        if t == open_id:
-            calls, inside = calls + 1, True
-        elif t == close_id:
-            inside = False
-        elif not inside:
-            visible.append(t)
-    return Reply(list(ids) + ([stop] if isinstance(stop, int) else []),
-                 tok.decode(visible, skip_special=True).strip(), calls, finish)
-
-
-Scorer = Callable[[list[Prompt], list[Reply]], list[float]]
-
-
-class RowRewardScorer:
-    """A reward callable (row, answer text) -> float as a scorer. A reply that calls a tool scores
-    0: no tool runs during RL, so it never got to answer."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, prompts: list[Prompt], replies: list[Reply]) -> list[float]:
-        return [0.0 if r.calls else call_reward(self.fn, p.row, r.text) for p, r in zip(prompts, replies)]
-
-
-class RewardModelScorer:
-    """A reward model folder (`lmstack reward train`, lmstack/train/reward.py) as a scorer, frozen.
-    With the policy's tokenizer it scores the rollout's own tokens, prompt + reply + <|end|>
-    (appended when the reply did not close its turn: a truncated reply is scored as it stands),
-    read at that final <|end|>, as it was trained. With another tokenizer it scores the
-    reply's text (tool calls left out) through `score_answers`."""
-
-    def __init__(self, model_dir, tok: Tokenizer):
-        from lmstack.train import reward as rm_lib
-
-        self.lib, self.dir, self.tok = rm_lib, Path(model_dir), tok
-        self.rm = freeze(rm_lib.load_reward_model(model_dir))  # UserError when not a reward model
-        self.rm_tok = Tokenizer.load(model_dir)
-        self.same_tokenizer = self.rm_tok.to_str() == tok.to_str()
-        self.end_id = tok.special_ids["<|end|>"]
-
-    def to(self, device):
-        self.rm.to(device)
-        return self
-
-    def __call__(self, prompts: list[Prompt], replies: list[Reply]) -> list[float]:
-        if self.same_tokenizer:
-            seqs = [p.ids + r.ids + ([] if r.ids and r.ids[-1] == self.end_id else [self.end_id])
-                    for p, r in zip(prompts, replies)]
-            ctx = self.rm.cfg.max_seq_len
-            seqs = [s[:1] + s[len(s) - ctx + 1:] if len(s) > ctx else s for s in seqs]
-            return self.lib.score_sequences(self.rm, seqs, self.tok.pad_id)
-        scores = self.lib.score_answers(self.rm, self.rm_tok, [p.messages for p in prompts],
-                                        [r.text if r.text.strip() else "(no reply)" for r in replies])
-        return [float("nan") if s is None else float(s) for s in scores]
-
-
-def make_scorer(reward, tok: Tokenizer, prompts_file=None) -> Scorer:
-    """A scorer from: a reward model folder, arithmetic | world | python:MODULE:FUNCTION, or a
-    Python callable (row, answer) -> float."""
-    if callable(reward) and not isinstance(reward, (str, Path)):
-        return RowRewardScorer(reward)
-    spec = str(reward)
-    if spec in BUILTIN or spec.startswith("python:"):
-        return RowRewardScorer(load_reward(spec, prompts_file))
-    if Path(spec).is_dir():
-        return RewardModelScorer(spec, tok)
-    raise UserError(f"--reward {spec}: not a reward model folder, nor arithmetic | world | python:MODULE:FUNCTION")
 
 
 # --------------------------------------------------------------------------- the models
@@ -285,230 +96,6 @@ class PolicyValue(GPT):
             return super().forward(idx, start_pos, attn_mask, slot)
         h = self.hidden(idx)
         return self.lm_head(h), self.value_head(h).squeeze(-1)
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """The frozen reference: eval mode, no gradients (it is never given to an optimizer)."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def tempered_logprobs(logits: torch.Tensor, y: torch.Tensor, temperature: float):
-    """(log p(y) [B, T], log-softmax [B, T, V]) of softmax(logits / temperature), in fp32."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp_all.gather(-1, y.clamp_min(0)[..., None])[..., 0], logp_all
-
-
-# --------------------------------------------------------------------------- rollouts
-
-@dataclass
-class Rollout:
-    """One phase's rollouts on this rank (what a checkpoint cut inside the phase saves)."""
-    phase: int
-    prompt_index: list[int]  # into the train prompts, one per row (rows of a group are adjacent)
-    replies: list[list[int]]  # reply ids, the stop id included
-    finish: list[str]
-    calls: list[int]
-    rewards: list[float]
-    old_logp: list[list[float]]  # per reply token
-    ref_logp: list[list[float]]
-    values: list[list[float]] | None  # PPO
-    seconds: float
-
-    def to_state(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_state(cls, d: dict) -> "Rollout":
-        return cls(**d)
-
-
-class RolloutBatches:
-    """The batch source of an RL stage (see the module doc). kind: "grpo" | "ppo".
-
-    Micro-batches: GRPO (x, y, mask, old_logp, ref_logp, adv); PPO (x, y, mask, old_logp,
-    ref_logp, adv, returns, old_values); all [B, T], mask 1 on reply tokens of y.
-    State: {"phase", "pos"} and, inside a phase, the phase's rollouts (so resuming is exact)."""
-
-    def __init__(self, kind: str, policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[Prompt],
-                 scorer: Scorer, cfg: RunConfig, rank: int = 0, world_size: int = 1,
-                 reward_norm: tuple[float, float] = (0.0, 1.0)):
-        assert kind in ("grpo", "ppo") and prompts
-        self.kind, self.policy, self.ref, self.tok, self.prompts, self.scorer = kind, policy, ref, tok, prompts, scorer
-        self.rl, self.tc, self.rank, self.world = cfg.rl, cfg.train, rank, world_size
-        self.B = cfg.train.micro_batch_size
-        self.per_rank = cfg.rl.prompts_per_step // world_size
-        self.stop_ids = sorted({tok.special_ids[t] for t in TURN_ENDS})
-        self.next_phase, self.pos = 0, 0
-        self.rollout: Rollout | None = None
-        self.order: list[np.ndarray] = []
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.lengths: np.ndarray | None = None
-        self._metrics: dict = {}
-        self._perm_cache: dict[int, np.ndarray] = {}
-        self.reward_norm = reward_norm  # PPO: (mean, std) of the reference's scores; rewards are standardised
-
-    # --- prompts of a phase
-    def _prompt_at(self, k: int) -> int:
-        epoch, i = divmod(k, len(self.prompts))
-        if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.tc.seed, 17, epoch]).permutation(len(self.prompts))}
-        return int(self._perm_cache[epoch][i])
-
-    def phase_prompts(self, phase: int) -> list[int]:
-        first = (phase * self.world + self.rank) * self.per_rank
-        return [self._prompt_at(k) for k in range(first, first + self.per_rank)]
-
-    def phase_seed(self, phase: int) -> int:
-        """Row i of the phase samples with its own generator seeded phase_seed + i (engine)."""
-        return int(np.random.default_rng([self.tc.seed, 29, phase, self.rank]).integers(2 ** 31))
-
-    # --- the rollout phase
-    def _device(self):
-        return next(self.policy.parameters()).device
-
-    @torch.no_grad()
-    def collect(self, phase: int) -> Rollout:
-        """Sample, score and evaluate the log-probs of one phase's rollouts with the current policy."""
-        t0 = time.perf_counter()
-        device = self._device()
-        self.ref.to(device)
-        if hasattr(self.scorer, "to"):
-            self.scorer.to(device)
-        k = self.rl.group_size
-        index = [i for i in self.phase_prompts(phase) for _ in range(k)]
-        done = generate_batch(self.policy, [self.prompts[i].ids for i in index], self.rl.max_new_tokens,
-                              temperature=self.rl.temperature, top_p=self.rl.top_p if self.rl.top_p < 1 else None,
-                              seed=self.phase_seed(phase), stop_ids=self.stop_ids)
-        replies = [parse_reply(self.tok, c.ids, c.stop, c.finish_reason) for c in done]
-        rewards = [float(r) for r in self.scorer([self.prompts[i] for i in index], replies)]
-        ro = Rollout(phase, index, [r.ids for r in replies], [r.finish for r in replies], [r.calls for r in replies],
-                     rewards, [], [], [] if self.kind == "ppo" else None, 0.0)
-        x, y, mask = self._sequences(ro)
-        amp = autocast_dtype(self.tc.dtype, device)
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            for s in range(0, len(index), self.B):
-                sl = slice(s, s + self.B)
-                xs, ys = x[sl].to(device), y[sl].to(device)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    if self.kind == "ppo":
-                        logits, values = self.policy(xs, values=True)
-                    else:
-                        logits = self.policy(xs)
-                    ref_logits = self.ref(xs)
-                old = tempered_logprobs(logits, ys, self.rl.temperature)[0].cpu()
-                ref = tempered_logprobs(ref_logits, ys, self.rl.temperature)[0].cpu()
-                for j, m in enumerate(mask[sl]):
-                    on = m.bool()
-                    ro.old_logp.append(old[j][on].tolist())
-                    ro.ref_logp.append(ref[j][on].tolist())
-                    if self.kind == "ppo":
-                        ro.values.append(values[j].float().cpu()[on].tolist())
-        finally:
-            self.policy.train(was_training)
-        ro.seconds = round(time.perf_counter() - t0, 3)
-        return ro
-
-    def _sequences(self, ro: Rollout):
-        """Rollouts -> right-padded (x, y, mask) [N, T] with T the longest rollout minus one."""
-        seqs = [self.prompts[i].ids + r for i, r in zip(ro.prompt_index, ro.replies)]
-        T = max(len(s) for s in seqs) - 1
-        x = torch.full((len(seqs), T), self.tok.pad_id, dtype=torch.long)
-        y = torch.full((len(seqs), T), self.tok.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for j, (s, i) in enumerate(zip(seqs, ro.prompt_index)):
-            t = torch.tensor(s)
-            x[j, :len(s) - 1], y[j, :len(s) - 1] = t[:-1], t[1:]
-            mask[j, len(self.prompts[i].ids) - 1:len(s) - 1] = 1
-        return x, y, mask
-
-    def _prepare(self, ro: Rollout) -> None:
-        """Tensors, advantages, the micro-batch order and the phase's metrics from a Rollout."""
-        rl = self.rl
-        x, y, mask = self._sequences(ro)
-        self.lengths = (mask.shape[1] - mask.flip(1).argmax(1)).numpy()  # through the last reply token
-        N, T = x.shape
-        old, ref = torch.zeros(N, T), torch.zeros(N, T)
-        vals = torch.zeros(N, T)
-        for j in range(N):
-            on = mask[j].bool()
-            old[j, on] = torch.tensor(ro.old_logp[j])
-            ref[j, on] = torch.tensor(ro.ref_logp[j])
-            if ro.values is not None:
-                vals[j, on] = torch.tensor(ro.values[j])
-        m = mask.float()
-        rewards = torch.tensor(ro.rewards, dtype=torch.float32)
-        k1 = (old - ref) * m
-        t = {"x": x, "y": y, "mask": mask, "old_logp": old, "ref_logp": ref}
-        metrics = {"phase": ro.phase, "reward": rewards.mean().item(),
-                   "reward_std": rewards.std(unbiased=False).item()}
-        if self.kind == "grpo":
-            adv = group_advantages(rewards.view(-1, rl.group_size), rl.method).view(-1)
-            t["adv"] = adv[:, None] * m
-            groups = rewards.view(-1, rl.group_size)
-            metrics.update(pass_rate=(rewards > 0).float().mean().item(),
-                           groups_with_signal=(groups.max(1).values > groups.min(1).values).float().mean().item())
-        else:
-            last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # the reply's last token (in y)
-            mean, std = self.reward_norm
-            score = (rewards - mean) / std
-            token_rewards = -rl.kl_coef * k1
-            token_rewards[torch.arange(N), last] += score
-            adv, returns = gae(token_rewards, vals, m, rl.gamma, rl.lam)
-            n = m.sum()
-            mean = adv.sum() / n
-            std = (((adv - mean) ** 2 * m).sum() / n).sqrt()
-            t["adv"] = (adv - mean) / (std + 1e-8) * m
-            t["returns"], t["old_values"] = returns, vals
-            metrics.update(score_std=score.mean().item(), score_std_minus_kl=(score - rl.kl_coef * k1.sum(1)).mean().item(),
-                           value_mean=((vals * m).sum() / n).item(), return_mean=((returns * m).sum() / n).item())
-        n_reply = m.sum(1)
-        metrics.update(response_len=n_reply.mean().item(),
-                       truncated=float(np.mean([f == "length" for f in ro.finish])),
-                       tool_calls=float(np.mean([c > 0 for c in ro.calls])),
-                       rollout_kl=(k1.sum() / m.sum()).item(), rollout_kl_seq=k1.sum(1).mean().item(),
-                       rollout_s=ro.seconds)
-        self.tensors, self._metrics, self.rollout = t, metrics, ro
-        self.order = []
-        for e in range(rl.epochs):
-            perm = np.random.default_rng([self.tc.seed, 31, ro.phase, e, self.rank]).permutation(N)
-            self.order += [perm[s:s + self.B] for s in range(0, N, self.B)]
-
-    # --- the loop's interface
-    def next(self):
-        if self.rollout is None or self.pos >= len(self.order):
-            self._prepare(self.collect(self.next_phase))
-            self.next_phase, self.pos = self.next_phase + 1, 0
-        rows = torch.from_numpy(np.sort(self.order[self.pos]))
-        self.pos += 1
-        T = int(self.lengths[rows.numpy()].max())
-        names = ["x", "y", "mask", "old_logp", "ref_logp", "adv"]
-        if self.kind == "ppo":
-            names += ["returns", "old_values"]
-        return tuple(self.tensors[k][rows, :T] for k in names)
-
-    def metrics(self) -> dict:
-        return dict(self._metrics)
-
-    def state_dict(self) -> dict:
-        state = {"phase": self.next_phase, "pos": self.pos}
-        if self.rollout is not None and 0 < self.pos < len(self.order):  # inside a phase: keep it whole
-            state["rollout"] = self.rollout.to_state()
-        else:
-            state["pos"] = 0
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.next_phase, self.pos = int(state["phase"]), int(state.get("pos", 0))
-        self.rollout = None
-        if state.get("rollout") is not None:
-            self._prepare(Rollout.from_state(state["rollout"]))
-        else:
-            self.pos = 0
 
 
 # --------------------------------------------------------------------------- objectives
@@ -556,56 +143,7 @@ class PPOObjective:
         return (loss * m).sum(), m.sum(), extras
 
 
-# --------------------------------------------------------------------------- evaluation
-
-def sample_replies(model, tok: Tokenizer, prompts: list[Prompt], k: int = 1, temperature: float = 0.0,
-                   max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64) -> list[list[Reply]]:
-    """k replies to each prompt (greedy when temperature is 0), batched; [len(prompts)][k]."""
-    stop_ids = sorted({tok.special_ids[t] for t in TURN_ENDS})
-    flat = [(i, j) for i in range(len(prompts)) for j in range(k)]
-    out: list[list[Reply]] = [[None] * k for _ in prompts]
-    ctx = model.cfg.max_seq_len
-    for s in range(0, len(flat), batch_size):
-        chunk = flat[s:s + batch_size]
-        ids = [prompts[i].ids for i, _ in chunk]
-        done = generate_batch(model, ids, min(max_new_tokens, ctx - max(len(p) for p in ids)),
-                              temperature=temperature, seed=seed + s, stop_ids=stop_ids)
-        for (i, j), c in zip(chunk, done):
-            out[i][j] = parse_reply(tok, c.ids, c.stop, c.finish_reason)
-    return out
-
-
-def evaluate_prompts(model, tok: Tokenizer, prompts: list[Prompt], scorer: Scorer, max_new_tokens: int = 64,
-                     k: int = 1, temperature: float = 0.0, seed: int = 0) -> dict:
-    """Rewards of k replies per prompt: {n, k, mean (over all replies), pass@1 (mean fraction of
-    a prompt's replies with reward > 0), pass@k (any of its k > 0), rewards [n][k], replies}."""
-    replies = sample_replies(model, tok, prompts, k, temperature, max_new_tokens, seed)
-    flat_p = [p for p, rs in zip(prompts, replies) for _ in rs]
-    flat_r = [r for rs in replies for r in rs]
-    scores = scorer(flat_p, flat_r)
-    rewards = [scores[i * k:(i + 1) * k] for i in range(len(prompts))]
-    return {"n": len(prompts), "k": k, "temperature": temperature,
-            "mean": float(np.mean(scores)) if scores else float("nan"),
-            "pass@1": float(np.mean([np.mean([s > 0 for s in r]) for r in rewards])) if rewards else float("nan"),
-            f"pass@{k}": float(np.mean([any(s > 0 for s in r) for r in rewards])) if rewards else float("nan"),
-            "response_len": float(np.mean([len(r.ids) for r in flat_r])) if flat_r else float("nan"),
-            "rewards": rewards, "replies": [[r.text for r in rs] for rs in replies]}
-
-
 # --------------------------------------------------------------------------- config
-
-def reward_stats(ref, tok: Tokenizer, prompts: list[Prompt], scorer: Scorer, cfg: RunConfig) -> list[float]:
-    """[mean, std] of the scores of the reference's sampled replies to 2 x rl.prompts_per_step
-    prompts: PPO standardises the reward model's score with them (a fixed gain and bias, as in
-    Ziegler et al. 2019), so returns, values and the KL penalty are on a known scale."""
-    rl, seed = cfg.rl, cfg.train.seed
-    pick = np.random.default_rng([seed, 37]).permutation(len(prompts))[:2 * rl.prompts_per_step]
-    ev = evaluate_prompts(ref, tok, [prompts[i] for i in pick], scorer, rl.max_new_tokens,
-                          temperature=rl.temperature, seed=seed)
-    scores = np.array([r[0] for r in ev["rewards"]], dtype=np.float64)
-    std = float(np.nanstd(scores))
-    return [float(np.nanmean(scores)), std if std > 1e-6 else 1.0]
-
 
 def _user_int(overrides, key: str, default: int) -> int:
     value = default
@@ -629,10 +167,14 @@ def rl_config(preset: str, overrides, base_model, world_size: int = 1) -> RunCon
         raise UserError(f"--set {bad[0]}: RL starts from the model as it is (its config.json); "
                         "model.* cannot be changed")
     ctx = base_model.max_seq_len
-    p = load_config(preset, [f"model.max_seq_len={2 ** 30}"]).train  # the preset alone
-    fit = [f"train.seq_len={ctx}"] if "train.seq_len" not in keys and p.seq_len > ctx else []
-    micro = _user_int(overrides, "train.micro_batch_size", p.micro_batch_size)
-    seq = _user_int(overrides, "train.seq_len", min(p.seq_len, ctx))
+    # The preset's own values, read raw: validating it alone would check its batch_tokens, which
+    # is derived here. A bad value is caught by the full load below.
+    raw, dflt = read_preset(preset).get("train", {}), TrainConfig()
+    p_seq, p_micro = raw.get("seq_len", dflt.seq_len), raw.get("micro_batch_size", dflt.micro_batch_size)
+    p_seq = p_seq if isinstance(p_seq, int) else dflt.seq_len
+    fit = [f"train.seq_len={ctx}"] if "train.seq_len" not in keys and p_seq > ctx else []
+    micro = _user_int(overrides, "train.micro_batch_size", p_micro if isinstance(p_micro, int) else 1)
+    seq = _user_int(overrides, "train.seq_len", min(p_seq, ctx))
     given_bt = "train.batch_tokens" in keys
     placeholder = [] if given_bt else [f"train.batch_tokens={max(1, micro * seq)}"]
     cfg = load_config(preset, fit + placeholder + overrides + [f"model.max_seq_len={ctx}"])
@@ -725,6 +267,10 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
         raise UserError(f"output folder {out_dir} is not empty (use --resume to continue the run "
                         "in it, or choose another --out)")
     scorer = make_scorer(reward, tok, prompts_file)
+    tools = tool_registry(rl.tools)
+    if tools is not None and kind != "grpo":
+        raise UserError("rl.tools is for GRPO only (PPO's GAE over replies with tool results is not written)")
+    tool_use = {"tools": tools, "tool_rounds": rl.tool_rounds}  # the held-out evaluation uses them too
     prompts, stats = load_prompts(prompts_file, tok, tc.seq_len - rl.max_new_tokens)
     if not prompts:
         why = ", ".join(f"{n} {k}" for k, n in stats["skipped"].items()) or "empty"
@@ -733,7 +279,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
     reward_name = reward if isinstance(reward, (str, Path)) else getattr(reward, "__name__", type(reward).__name__)
     info = {"stage": kind, "base": str(base), "chat": True, "prompts": str(prompts_file), "reward": str(reward_name),
             **stats, "train_prompts": len(train_prompts), "heldout_prompts": len(heldout),
-            "steps_per_phase": steps_per_phase(cfg)}
+            "steps_per_phase": steps_per_phase(cfg), "tools": rl.tools}
     if resume:
         old = _read_json(out_dir / STAGE) or {}
         if old.get("stage") != kind:
@@ -768,7 +314,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
             if not resume:
                 info["heldout"] = {}
                 if heldout:
-                    ev = evaluate_prompts(ref, tok, heldout, scorer, rl.max_new_tokens)
+                    ev = evaluate_prompts(ref, tok, heldout, scorer, rl.max_new_tokens, **tool_use)
                     info["heldout"]["before"] = _summary(ev)
                     print(f"held out, greedy, {base}: mean reward {ev['mean']:.4f}", flush=True)
             atomic_write_json(out_dir / STAGE, info)
@@ -782,7 +328,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
             if kind == "ppo" and main:
                 split_value_head(out_dir)
         if main and heldout:
-            ev = evaluate_prompts(policy, tok, heldout, scorer, rl.max_new_tokens)
+            ev = evaluate_prompts(policy, tok, heldout, scorer, rl.max_new_tokens, **tool_use)
             info["heldout"]["after"] = _summary(ev)
             before = (info["heldout"].get("before") or {}).get("mean")
             print(f"held out, greedy, {out_dir}: mean reward {ev['mean']:.4f}"
@@ -804,5 +350,3 @@ def ppo(policy, reward, prompts, out, overrides=(), resume: bool = False, preset
     """`lmstack ppo`: PPO-RLHF of the chat model `policy` against the reward model folder
     `reward` (or, as a stand-in, any reward spec / callable `grpo` takes)."""
     return run_rl("ppo", policy, prompts, reward, out, overrides, resume, preset)
-
-
