@@ -107,6 +107,22 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def output_folder(out: str | os.PathLike, resume: bool) -> Path:
+    """A training run's --out, checked before any work: a folder with a checkpoint to --resume,
+    or one that is new or empty (a finished run is never overwritten by accident)."""
+    from lmstack.utils import UserError
+
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a folder")
+    if resume and latest_checkpoint(out_dir) is None:
+        raise UserError(f"nothing to resume: {out_dir / STATE} has no checkpoint")
+    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise UserError(f"output folder {out_dir} is not empty (use --resume to continue the run "
+                        "in it, or choose another --out)")
+    return out_dir
+
+
 def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer_state: dict,
                     keep_last: int = 2) -> Path:
     """Write state/step_{step} atomically, point the top-level weights at it, prune old ones."""

@@ -30,7 +30,7 @@ import torch
 from lmstack import distributed
 from lmstack.train.loop import train
 from lmstack.train.objectives import dpo_loss, token_logprobs
-from lmstack.train.preference import STAGE, PairBatches, describe, iter_pair_batches, prepare
+from lmstack.train.preference import STAGE, describe, pair_sources, prepare
 from lmstack.train.pretrain import seed_everything
 from lmstack.utils import UserError, atomic_write_json
 
@@ -111,13 +111,7 @@ def dpo(model, data, out, overrides=(), resume: bool = False, preset: str = PRES
         reference = frozen_copy(policy).to(dist.device)
         policy.train()
         objective = DPOObjective(reference, cfg.pref.beta, nll_weight)
-        batches = PairBatches(run.train_pairs, tc.micro_batch_size, pad, seed=tc.seed,
-                              rank=dist.rank, world_size=dist.world_size)
-        eval_batches = None
-        if len(run.val_pairs) >= dist.world_size:
-            def eval_batches():
-                return iter_pair_batches(run.val_pairs, tc.micro_batch_size, pad, tc.eval_batches,
-                                         dist.rank, dist.world_size)
+        batches, eval_batches = pair_sources(run, pad, dist)
         record = train(cfg, policy, batches, objective, run.out, eval_batches=eval_batches,
                        tokenizer_file=run.base / "tokenizer.json", resume=resume)
         if main:

@@ -282,6 +282,20 @@ def iter_pair_batches(pairs: list[Pair], batch_size: int, pad_id: int, max_batch
 # --------------------------------------------------------------------------- a stage's setup
 
 
+
+def pair_sources(run, pad: int, dist):
+    """A preference stage's training batches and its held-out batches for the loop's evaluation
+    (None when there are fewer held-out pairs than ranks)."""
+    tc = run.cfg.train
+    batches = PairBatches(run.train_pairs, tc.micro_batch_size, pad, seed=tc.seed,
+                          rank=dist.rank, world_size=dist.world_size)
+    if len(run.val_pairs) < dist.world_size:
+        return batches, None
+
+    def eval_batches():
+        return iter_pair_batches(run.val_pairs, tc.micro_batch_size, pad, tc.eval_batches, dist.rank, dist.world_size)
+    return batches, eval_batches
+
 def pref_config(preset: str, overrides, base_model) -> RunConfig:
     """The stage's preset + --set, with the SFT model's config (model.* cannot be overridden).
     Presets are written for a 256-token context; for a model with a shorter one (and no
@@ -339,14 +353,7 @@ def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) 
     if tok.vocab_size > net.cfg.vocab_size:
         raise UserError(f"{base}: tokenizer.json has {tok.vocab_size} tokens, the model {net.cfg.vocab_size}")
     cfg = pref_config(preset, overrides, net.cfg)
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a folder")
-    if resume and checkpoint.latest_checkpoint(out_dir) is None:
-        raise UserError(f"nothing to resume: {out_dir / checkpoint.STATE} has no checkpoint")
-    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
-        raise UserError(f"output folder {out_dir} is not empty (use --resume to continue the run "
-                        "in it, or choose another --out)")
+    out_dir = checkpoint.output_folder(out, resume)
     max_len = cfg.pref.max_len or cfg.model.max_seq_len
     pairs, stats = load_pairs(data, tok, max_len)
     if not pairs:

@@ -38,16 +38,9 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
     if cfg.model.vocab_size < manifest["vocab_size"]:
         raise UserError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's "
                         f"vocabulary ({manifest['vocab_size']})")
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a folder")
+    out_dir = checkpoint.output_folder(out, resume)
     if resume:
-        if checkpoint.latest_checkpoint(out_dir) is None:
-            raise UserError(f"nothing to resume: {out_dir / checkpoint.STATE} has no checkpoint")
         _check_same_model(out_dir, cfg.to_dict()["model"])
-    elif out_dir.is_dir() and any(out_dir.iterdir()):
-        raise UserError(f"output folder {out_dir} is not empty (use --resume to continue the run "
-                        "in it, or choose another --out)")
     tok = Tokenizer.load(data)
 
     info = distributed.init(cfg.train.device)

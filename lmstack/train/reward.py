@@ -40,7 +40,7 @@ from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
 from lmstack.train.loop import train
 from lmstack.train.objectives import bradley_terry_loss
-from lmstack.train.preference import (STAGE, PairBatches, describe, iter_pair_batches, prepare,
+from lmstack.train.preference import (STAGE, describe, pair_sources, prepare,
                                       prompt_problem, read_jsonl, render_answers)
 from lmstack.train.pretrain import seed_everything
 from lmstack.utils import UserError, atomic_write_json, atomic_write_text
@@ -229,13 +229,7 @@ def reward_train(model, data, out, overrides=(), resume: bool = False, preset: s
         rm = RewardModel.from_gpt(run.net)
         run.net = None  # one copy of the weights
         rm.train()
-        batches = PairBatches(run.train_pairs, tc.micro_batch_size, pad, seed=tc.seed,
-                              rank=dist.rank, world_size=dist.world_size)
-        eval_batches = None
-        if len(run.val_pairs) >= dist.world_size:
-            def eval_batches():
-                return iter_pair_batches(run.val_pairs, tc.micro_batch_size, pad, tc.eval_batches,
-                                         dist.rank, dist.world_size)
+        batches, eval_batches = pair_sources(run, pad, dist)
         record = train(cfg, rm, batches, bt_objective, run.out, eval_batches=eval_batches,
                        tokenizer_file=run.base / "tokenizer.json", resume=resume)
         if main:

@@ -258,14 +258,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = rl_config(preset or kind, overrides, net.cfg, world_size)
     rl, tc = cfg.rl, cfg.train
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a folder")
-    if resume and checkpoint.latest_checkpoint(out_dir) is None:
-        raise UserError(f"nothing to resume: {out_dir / checkpoint.STATE} has no checkpoint")
-    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
-        raise UserError(f"output folder {out_dir} is not empty (use --resume to continue the run "
-                        "in it, or choose another --out)")
+    out_dir = checkpoint.output_folder(out, resume)
     scorer = make_scorer(reward, tok, prompts_file)
     tools = tool_registry(rl.tools)
     if tools is not None and kind != "grpo":

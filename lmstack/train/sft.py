@@ -311,14 +311,7 @@ def sft(model: str, data, out: str, overrides=(), resume: bool = False, mix_data
         if Tokenizer.load(mix_data).to_str() != tok.to_str():
             raise UserError(f"--mix-data {mix_data} was tokenized with another tokenizer than {base}")
         cfg.data.dir = str(mix_data)
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a folder")
-    if resume and checkpoint.latest_checkpoint(out_dir) is None:
-        raise UserError(f"nothing to resume: {out_dir / checkpoint.STATE} has no checkpoint")
-    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
-        raise UserError(f"output folder {out_dir} is not empty (use --resume to continue the run "
-                        "in it, or choose another --out)")
+    out_dir = checkpoint.output_folder(out, resume)
 
     tc = cfg.train
     docs, stats = load_docs(data, tok, tc.seq_len + 1)
