@@ -8,11 +8,13 @@ A phase
      `rl.group_size` replies to each from the CURRENT policy (the very module the loop is
      training) through the engine (eval mode, inference_mode, temperature / top_p), until a
      turn end or `rl.max_new_tokens`. A rollout = prompt ids + reply ids + the stop id that
-     closed the reply (<|end|>: part of what the policy learns to write);
-  2. scores each reply: a reward callable on (prompt row, reply text) for GRPO, a reward model
-     (or a stand-in callable) for PPO. No tools run during RL: a reply that calls one scores
-     0 under a row reward (it never answered; for arithmetic this is what `lmstack eval`'s
-     no-tool `arithmetic` task counts too);
+     closed the reply (<|end|>: part of what the policy learns to write). With `rl.tools`
+     (GRPO), a reply that ends its turn after a tool call gets the tool's result and goes on
+     (`sample`); the result's tokens are context, masked out of the loss;
+  2. scores each reply: a reward callable on (prompt row, final answer) for GRPO, a reward model
+     (or a stand-in callable) for PPO. A reply whose last turn calls a tool scores 0 under a
+     row reward: it never answered (without rl.tools this is what `lmstack eval`'s no-tool
+     `arithmetic` task counts too);
   3. computes, once, with no gradient: the log-probabilities of the sampled tokens under the
      rollout policy (`old_logp`) and under the frozen reference (`ref_logp`, the SFT model,
      requires_grad False, never given to the optimizer), and for PPO the value estimates;
