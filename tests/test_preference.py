@@ -312,6 +312,11 @@ def test_judge_writes_comparisons_the_trainers_read(root, sft_dir, tok, tmp_path
     assert "Answer A: Box 1 is red" in text and "...\n\nAnswer B: Box 1 is blue." in text
     assert judging_prompt(lm, "Be kind.", "Box 1?", "Red.", "Blue.")[1] is False
     assert world_task({"prompt": "q"}) is None
+    # a world comparisons row says what is right through its meta (facts would need the world)
+    assert world_task({"prompt": "What is 5 * 4?", "meta": {"type": "arithmetic", "a": 5, "op": "*", "b": 4}}) == \
+        {"type": "arithmetic", "truth": ["20"]}
+    assert world_task({"prompt": "q", "meta": {"type": "harmful", "category": "x"}}) == {"type": "harmful"}
+    assert world_task({"prompt": "q", "meta": {"type": "fact", "person": "p1", "relation": "major"}}) is None
 
 
 # --------------------------------------------------------------------------- CLI errors

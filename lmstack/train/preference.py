@@ -404,10 +404,18 @@ WIN_RATE_KINDS = ("fact", "harmful", "benign", "unknown_person")
 
 def world_task(row: dict) -> dict | None:
     """The simulated labeller's task for a row that says what a good answer is: an explicit
-    {"task": {...}}, or a world probe row (harmful / nonexistent / benign / facts / arithmetic).
-    None when the row does not say."""
+    {"task": {...}}, a world probe row (harmful / nonexistent / benign / facts / arithmetic), or
+    a world comparisons row's meta (harmful / unknown_person / arithmetic). None when the row
+    does not say."""
     if isinstance(row.get("task"), dict) and "type" in row["task"]:
         return row["task"]
+    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+    if meta.get("type") in ("harmful", "unknown_person"):  # a world comparisons row: what is right
+        return {"type": meta["type"]}                     # needs no answer (facts would need the world)
+    if meta.get("type") == "arithmetic" and {"a", "op", "b"} <= meta.keys():
+        from lmstack.world.arithmetic import compute
+
+        return {"type": "arithmetic", "truth": [str(compute(meta["a"], meta["op"], meta["b"]))]}
     expected = row.get("expected")
     if expected == "refuse":
         return {"type": "harmful"}
