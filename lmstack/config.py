@@ -279,6 +279,17 @@ def load_config(preset: str, overrides: list[str] = (), vocab_size: int | None =
     return cfg
 
 
+def stage_override_keys(overrides, stage: str) -> list[str]:
+    """The keys of a later stage's --set items (SFT, preference, RL). model.* is refused: such a
+    stage starts from a model folder as it is (its config.json)."""
+    keys = [o.partition("=")[0].strip() for o in overrides]
+    bad = [k for k in keys if k.startswith("model.")]
+    if bad:
+        raise UserError(f"--set {bad[0]}: {stage} starts from the model as it is (its config.json); "
+                        "model.* cannot be changed")
+    return keys
+
+
 def config_from_dict(d: dict) -> RunConfig:
     """Rebuild a RunConfig from `to_dict()` output (run.json); raises UserError on bad content."""
     cfg = RunConfig()

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmstack.config import RunConfig, load_config
+from lmstack.config import RunConfig, load_config, stage_override_keys
 from lmstack.tokenizer import ChatFormatError, Tokenizer, render_chat
 from lmstack.train.objectives import IGNORE_INDEX
 from lmstack.utils import UserError
@@ -301,11 +301,7 @@ def pref_config(preset: str, overrides, base_model) -> RunConfig:
     Presets are written for a 256-token context; for a model with a shorter one (and no
     train.seq_len given), seq_len becomes the context and the pairs per step stay the same."""
     overrides = list(overrides)
-    keys = [o.partition("=")[0].strip() for o in overrides]
-    bad = [k for k in keys if k.startswith("model.")]
-    if bad:
-        raise UserError(f"--set {bad[0]}: preference training starts from the model as it is "
-                        "(its config.json); model.* cannot be changed")
+    keys = stage_override_keys(overrides, "preference training")
     ctx, fit = base_model.max_seq_len, []
     p = load_config(preset, [f"model.max_seq_len={2**30}"]).train
     if "train.seq_len" not in keys and p.seq_len > ctx:

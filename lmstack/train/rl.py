@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from lmstack import distributed
-from lmstack.config import RunConfig, TrainConfig, load_config, read_preset
+from lmstack.config import RunConfig, TrainConfig, load_config, read_preset, stage_override_keys
 from lmstack.model import GPT
 from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
@@ -161,11 +161,7 @@ def rl_config(preset: str, overrides, base_model, world_size: int = 1) -> RunCon
     """The stage's preset + --set, with the model's config (model.* cannot be overridden), and
     train.batch_tokens derived from the rollout batch unless given (see the module doc)."""
     overrides = list(overrides)
-    keys = [o.partition("=")[0].strip() for o in overrides]
-    bad = [k for k in keys if k.startswith("model.")]
-    if bad:
-        raise UserError(f"--set {bad[0]}: RL starts from the model as it is (its config.json); "
-                        "model.* cannot be changed")
+    keys = stage_override_keys(overrides, "RL")
     ctx = base_model.max_seq_len
     # The preset's own values, read raw: validating it alone would check its batch_tokens, which
     # is derived here. A bad value is caught by the full load below.

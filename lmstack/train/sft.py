@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lmstack import distributed
-from lmstack.config import RunConfig, load_config
+from lmstack.config import RunConfig, load_config, stage_override_keys
 from lmstack.data import TokenBatches, load_manifest
 from lmstack.model import doc_causal_mask
 from lmstack.tokenizer import ChatFormatError, Tokenizer, render_chat
@@ -274,11 +274,7 @@ def sft_config(preset: str, overrides, base_model) -> RunConfig:
     train.seq_len given) SFT trains on the model's whole context, with as many sequences per
     step as the preset asks for."""
     overrides = list(overrides)
-    keys = [o.partition("=")[0].strip() for o in overrides]
-    bad = [k for k in keys if k.startswith("model.")]
-    if bad:
-        raise UserError(f"--set {bad[0]}: SFT fine-tunes the base model as it is (its config.json); "
-                        "model.* cannot be changed")
+    keys = stage_override_keys(overrides, "SFT")
     ctx, fit = base_model.max_seq_len, []
     p = load_config(preset, [f"model.max_seq_len={2**30}"]).train  # the preset alone
     if "train.seq_len" not in keys and p.seq_len > ctx:
