@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -39,6 +38,7 @@ import time
 
 import torch
 
+from common import emit, load  # bench/common.py (scripts run from bench/)
 from lmstack.config import ModelConfig
 from lmstack.engine import for_inference, generate_batch
 from lmstack.model import GPT
@@ -49,10 +49,6 @@ SHAPES = {
     "gpt2": dict(n_layer=12, n_head=12, d_model=768, vocab_size=50304, max_seq_len=1024),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def copy_bandwidth(mb: int = 512, reps: int = 5) -> float:
@@ -188,12 +184,8 @@ def main():
         n = args.new_tokens or (128 if shape == "14m" else 48)
         for dt in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
             rows += run(shape, dt, args.batch, n, args.prompt_len, args.repeats, bw)
-    line = json.dumps(dict(torch=torch.__version__, transformers=transformers.__version__,
-                           threads=torch.get_num_threads(), copy_gb_s=round(bw, 1), rows=rows))
-    print(line)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(line + "\n")
+    emit(dict(torch=torch.__version__, transformers=transformers.__version__,
+                           threads=torch.get_num_threads(), copy_gb_s=round(bw, 1), rows=rows), args.json)
 
 
 if __name__ == "__main__":

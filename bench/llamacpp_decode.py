@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import statistics
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import emit, load  # bench/common.py (scripts run from bench/)
 from lmstack.config import ModelConfig
 from lmstack.engine import for_inference, generate
 from lmstack.model import GPT
@@ -60,10 +60,6 @@ SHAPES = {
     "110m": dict(n_layer=12, n_head=12, d_model=768, vocab_size=32000, max_seq_len=1024),
 }
 GGUF_DTYPE = {"fp32": "f32", "bf16": "bf16"}
-
-
-def load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def model_folder(shape: str, tmp: Path) -> Path:
@@ -183,11 +179,7 @@ def main():
     for r in rows:
         print(f"| {r['shape']} | {r['params_m']}M | {r['dtype']} ({r['gguf']}) | {r['threads']} | {r['tok_s']['ours']} | "
               f"{r['tok_s']['llama.cpp']} | {r['ratio']:.2f}x | {r['loadavg']} |")
-    line = json.dumps(dict(torch=torch.__version__, llama_cpp=llama_cpp.__version__, threads=args.threads, rows=rows))
-    print(line)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(line + "\n")
+    emit(dict(torch=torch.__version__, llama_cpp=llama_cpp.__version__, threads=args.threads, rows=rows), args.json)
 
 
 if __name__ == "__main__":

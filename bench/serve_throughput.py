@@ -58,6 +58,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from common import emit, load  # bench/common.py (scripts run from bench/)
+
 CHAT_PROMPTS = [
     "Which city was Chaisor Tochinros born in?",
     "What is the hometown of Wumara Zoard?",
@@ -98,10 +100,6 @@ SEED = 1000
 
 
 # --- machine and process state -----------------------------------------------------------------
-
-def load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
-
 
 def _busy() -> float:
     """CPU seconds used machine-wide: all but idle and iowait (steal counts: it is lost to us)."""
@@ -481,15 +479,11 @@ def main():
         model_name = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
         for ep in (["completions", "chat"] if args.endpoint == "both" else [args.endpoint]):
             out.append(bench_endpoint(base, proc.pid, model_name, ep, args, engine))
-    line = json.dumps(dict(bench="serve_throughput", model=args.model, requests=args.requests,
+    emit(dict(bench="serve_throughput", model=args.model, requests=args.requests,
                            max_tokens=args.max_tokens, repeats=args.repeats, slots=args.slots, dtype=args.dtype,
                            torch=torch.__version__, threads=torch.get_num_threads(),
                            server_threads=args.threads or "default", cpus=os.cpu_count(), results=out,
-                           loadavg=load()))
-    print(line)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(line + "\n")
+                           loadavg=load()), args.json)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ processes used while it was measured (measure again when that is not ~0).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -30,6 +29,7 @@ import time
 
 import torch
 
+from common import emit, load  # bench/common.py (scripts run from bench/)
 from lmstack.config import load_config
 from lmstack.model import GPT
 from lmstack.train.loop import autocast_dtype, build_optimizer
@@ -41,10 +41,6 @@ SHAPES = {
     "gpt2": dict(preset="gpt2", vocab_size=50304, batch=8, seq_len=256),
 }
 CPU = torch.device("cpu")
-
-
-def load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 class OtherLoad:
@@ -241,11 +237,7 @@ def main():
     result = dict(torch=torch.__version__, transformers=transformers.__version__,
                   threads=torch.get_num_threads(), peaks_gflops={k: round(v, 1) for k, v in peaks.items()},
                   rows=rows)
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(line + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import emit  # bench/common.py (scripts run from bench/)
 
 PROMPT = "The capital of France is"
 
@@ -174,11 +175,7 @@ def main():
         for shape in a.shape:
             folder = random_model(shape, Path(a.model), work / f"random-{shape}")
             rows.append(bench(folder, f"{shape}-random", a.new_tokens, a.repeats, work))
-    line = json.dumps(dict(numpy=np.__version__, torch=torch.__version__, threads=a.threads, rows=rows))
-    print(line)
-    if a.json:
-        with open(a.json, "a") as f:
-            f.write(line + "\n")
+    emit(dict(numpy=np.__version__, torch=torch.__version__, threads=a.threads, rows=rows), a.json)
 
 
 if __name__ == "__main__":

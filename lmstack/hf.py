@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from lmstack.tokenizer import CHAT_TEMPLATE_JINJA as CHAT_TEMPLATE
-from lmstack.utils import UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir
+from lmstack.utils import (UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir,
+                           read_json)
 
 MAX_SHARD_BYTES = 2 * 1024 ** 3
 
@@ -140,9 +141,9 @@ def model_card(model_dir: Path, model, tok) -> str:
     from lmstack.eval.run import lineage
 
     info = lineage(model_dir)
-    run = _read_json(model_dir / "run.json") or {}
-    sft = _read_json(model_dir / "sft.json")
-    imported = _read_json(model_dir / "imported.json")
+    run = read_json(model_dir / "run.json") or {}
+    sft = read_json(model_dir / "sft.json")
+    imported = read_json(model_dir / "imported.json")
     datasets = ["lmstack synthetic world"] if info.get("world") else []
     base = (imported or {}).get("hub_id")  # the card's base_model must be a hub id, not a local path
     front = ["---", "license: mit", "library_name: transformers", "pipeline_tag: text-generation",
@@ -174,7 +175,7 @@ def model_card(model_dir: Path, model, tok) -> str:
         lines.append(f"| validation loss | {metrics['val_loss']:.4f} nats/token"
                      + (f", {metrics['val_bpb']:.4f} bits/byte |" if metrics.get("val_bpb") else " |"))
     results = sorted((model_dir / "eval").glob("*.json")) if (model_dir / "eval").is_dir() else []
-    res = _read_json(results[-1]) if results else None
+    res = read_json(results[-1]) if results else None
     if res and res.get("tasks"):
         lines += ["", "## Evaluation (`lmstack eval`)", "", "| task | score | 95% CI | chance |", "| --- | --- | --- | --- |"]
         for name, t in res["tasks"].items():
@@ -190,13 +191,6 @@ def model_card(model_dir: Path, model, tok) -> str:
               "print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))", "```", "",
               "The chat format: `<|bos|><|user|>...<|end|><|assistant|>...<|end|>`; generation ends at `<|end|>`.", ""]
     return "\n".join(lines)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _last_metrics(model_dir: Path) -> dict:
@@ -282,7 +276,7 @@ def import_hf(src, out, force: bool = False) -> Path:
     if not (src / "config.json").is_file():
         raise UserError(f"{src} is not a Hugging Face model folder (no config.json)")
     check_output_dir(out, force)
-    c = _read_json(src / "config.json")
+    c = read_json(src / "config.json")
     if not isinstance(c, dict):
         raise UserError(f"{src / 'config.json'} is not valid JSON")
     _check_config(c, src)

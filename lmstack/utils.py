@@ -50,6 +50,14 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json(path: str | os.PathLike):
+    """A JSON file's content, or None when it is missing or not JSON (optional run files)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
     """Validate an output folder before any work starts (fail fast, one clear line)."""
     out = Path(out)

@@ -21,20 +21,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lmstack.utils import UserError, atomic_write_text
+from lmstack.utils import UserError, atomic_write_text, read_json
 
 STAGE_DIRS = {"pretrain": "base", "sft": "chat", "reward": "rm"}  # speedrun stage name -> its model folder
 DASH = "—"
 
 
 # --- reading a run ----------------------------------------------------------------------------
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
 
 def _read_metrics(path: Path) -> list[dict]:
     recs = []
@@ -69,7 +62,7 @@ def load_stage(d: Path, speedrun: dict | None) -> dict:
     train = [r for r in metrics if "step" in r and "loss" in r]
     results = path = None
     for path in sorted((d / "eval").glob("*.json"), reverse=True):  # names are UTC timestamps: newest first
-        results = _read_json(path)
+        results = read_json(path)
         if isinstance(results, dict) and {"model", "tasks"} <= results.keys():  # not e.g. a comparison
             break
         results = path = None
@@ -81,10 +74,10 @@ def load_stage(d: Path, speedrun: dict | None) -> dict:
         seconds = train[-1].get("time")
     return {"name": d.name, "dir": d, "metrics": metrics, "train": train,
             "val": [r for r in metrics if "step" in r and "val_loss" in r],
-            "run": _read_json(d / "run.json") or {}, "config": _read_json(d / "config.json"),
+            "run": read_json(d / "run.json") or {}, "config": read_json(d / "config.json"),
             "results": results, "results_path": path, "seconds": seconds,
             # a reward model scores answers, it does not write them: no column in the task table
-            "scored": (_read_json(d / "stage.json") or {}).get("stage") != "reward"}
+            "scored": (read_json(d / "stage.json") or {}).get("stage") != "reward"}
 
 
 def costs(st: dict) -> dict:
@@ -340,7 +333,7 @@ def report(run, out=None) -> Path:
         raise UserError(f"{run} does not exist")
     if not run.is_dir():
         raise UserError(f"{run} is not a folder (give a run folder or a model folder)")
-    speedrun = _read_json(run / "speedrun.json")
+    speedrun = read_json(run / "speedrun.json")
     speedrun = speedrun if isinstance(speedrun, dict) else None
     dirs = find_stages(run, speedrun)
     if not dirs:
@@ -382,7 +375,7 @@ def report(run, out=None) -> Path:
     for st in stages:
         r = st["results"]
         if not st["scored"]:
-            acc = (_read_json(st["dir"] / "reward_eval.json") or {}).get("held_out") or {}
+            acc = (read_json(st["dir"] / "reward_eval.json") or {}).get("held_out") or {}
             md.append(f"- {st['name']}: a reward model" + (
                 f"; held-out pairwise accuracy {100 * acc['accuracy']:.1f}% "
                 f"[{100 * acc['ci'][0]:.1f}, {100 * acc['ci'][1]:.1f}] on {acc['n']} comparisons (chance 50%)"

@@ -13,7 +13,6 @@ go to one JSON file per run (default MODEL/eval/<time>.json) and are printed as 
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -25,20 +24,13 @@ import torch
 from lmstack.eval.lm import ModelLM
 from lmstack.eval.metrics import bits_per_byte, paired_compare
 from lmstack.eval.tasks import TaskSpec, load_specs, run_task
-from lmstack.utils import UserError, atomic_write_json
+from lmstack.utils import UserError, atomic_write_json, read_json
 
 WORLD_SPEC = Path(__file__).with_name("world.toml")
 LM_TASK = "lm"  # the name of the language-modelling measurement in --tasks and in results
 
 
 # --- where a model came from ----------------------------------------------------------------
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
 
 def _world_above(path) -> Path | None:
     """The folder holding world.json at or above a file (e.g. WORLD/pretrain.jsonl)."""
@@ -56,9 +48,9 @@ def lineage(model_dir) -> dict:
     d = Path(model_dir)
     info = {"chat": False, "data": None, "world": None}
     for _ in range(8):  # follow base -> base (SFT of an SFT, later stages)
-        sft = _read_json(d / "sft.json")
+        sft = read_json(d / "sft.json")
         if sft is None:
-            stage = _read_json(d / "stage.json")  # later stages (preference training) record their base
+            stage = read_json(d / "stage.json")  # later stages (preference training) record their base
             if stage and stage.get("base"):
                 info["chat"] = info["chat"] or bool(stage.get("chat", True))
                 d = Path(stage["base"])
@@ -68,11 +60,11 @@ def lineage(model_dir) -> dict:
         for f in sft.get("data") or []:
             info["world"] = info["world"] or _world_above(f)
         d = Path(sft["base"])
-    run = _read_json(d / "run.json") or {}
+    run = read_json(d / "run.json") or {}
     data = (run.get("data") or {}).get("dir")
     if data and (Path(data) / "manifest.json").is_file():
         info["data"] = Path(data)
-        for f in (_read_json(Path(data) / "manifest.json") or {}).get("inputs", []):
+        for f in (read_json(Path(data) / "manifest.json") or {}).get("inputs", []):
             info["world"] = info["world"] or _world_above(f)
     return info
 
@@ -276,7 +268,7 @@ def load_results(path) -> dict:
         if not found:
             raise UserError(f"{p} has no eval results (run `lmstack eval --model {p}` first)")
         p = found[-1]
-    r = _read_json(p)
+    r = read_json(p)
     if not r or "tasks" not in r:
         raise UserError(f"{p} is not an lmstack eval results file")
     return r

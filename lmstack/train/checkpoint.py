@@ -123,6 +123,24 @@ def output_folder(out: str | os.PathLike, resume: bool) -> Path:
     return out_dir
 
 
+def resumed_stage(out_dir: Path, stage_file: str, stage: str, info: dict, model_config: dict,
+                  keys, what: str, hint: str = "") -> dict:
+    """On --resume of a stage that records its inputs in `stage_file` (preference training, RL):
+    what the run in out_dir recorded, after checking that it is the same stage, the same model
+    and the same inputs (`keys` of `info`, the record this run would write; `what` names them)."""
+    from lmstack.utils import UserError, read_json
+
+    old = read_json(out_dir / stage_file) or {}
+    if old.get("stage") != stage:
+        raise UserError(f"{out_dir} holds no {stage} run to resume (no {stage_file} with stage {stage!r})")
+    if read_json(out_dir / "config.json") != model_config:
+        raise UserError(f"--resume with another model than the run in {out_dir} started from ({old.get('base')})")
+    diff = [k for k in keys if old.get(k) != info.get(k)]
+    if diff:
+        raise UserError(f"--resume with other {what} than the run in {out_dir} ({', '.join(diff)} differ){hint}")
+    return old
+
+
 def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer_state: dict,
                     keep_last: int = 2) -> Path:
     """Write state/step_{step} atomically, point the top-level weights at it, prune old ones."""

@@ -52,7 +52,7 @@ import torch
 from lmstack.config import RunConfig, load_config, stage_override_keys
 from lmstack.tokenizer import ChatFormatError, Tokenizer, render_chat
 from lmstack.train.objectives import IGNORE_INDEX
-from lmstack.utils import UserError
+from lmstack.utils import UserError, read_json
 
 # --------------------------------------------------------------------------- rows
 
@@ -341,7 +341,7 @@ def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) 
     for f in data:
         if not Path(f).is_file():
             raise UserError(f"comparisons file {f} not found")
-    saved = _read_json(base / STAGE)
+    saved = read_json(base / STAGE)
     if saved and saved.get("stage") == "reward":
         raise UserError(f"{base} is a reward model; --model takes a chat (SFT) model folder")
     net = checkpoint.load_model(base)
@@ -361,15 +361,9 @@ def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) 
     info = {"stage": stage, "base": str(base), "chat": stage != "reward", "data": [str(f) for f in data],
             "max_len": max_len, **stats, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
     if resume:
-        old = _read_json(out_dir / STAGE) or {}
-        if old.get("stage") != stage:
-            raise UserError(f"{out_dir} holds no {stage} run to resume (no {STAGE} with stage {stage!r})")
-        if _read_json(out_dir / "config.json") != dataclasses.asdict(cfg.model):
-            raise UserError(f"--resume with another model than the run in {out_dir} started from ({old.get('base')})")
-        diff = [k for k in ("data", "max_len", "rows", "pairs", "skipped", "train_pairs") if old.get(k) != info.get(k)]
-        if diff:
-            raise UserError(f"--resume with other data than the run in {out_dir} ({', '.join(diff)} differ); "
-                            "pass the same --data and pref.* settings")
+        checkpoint.resumed_stage(out_dir, STAGE, stage, info, dataclasses.asdict(cfg.model),
+                                 ("data", "max_len", "rows", "pairs", "skipped", "train_pairs"), "data",
+                                 "; pass the same --data and pref.* settings")
     net.train()
     return PrefRun(base, net, tok, cfg, out_dir, train_pairs, val_pairs, info)
 
@@ -382,13 +376,6 @@ def describe(run: PrefRun) -> str:
             f"{i['val_pairs']:,} held out" + (f"; {i['truncated']} prompts cut to fit {i['max_len']} tokens"
                                               if i["truncated"] else "")
             + (f"; skipped {skipped}" if skipped else ""))
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------- the world's ground truth

@@ -38,7 +38,6 @@ greedy replies of the SFT model and of the result are scored on them at the star
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -55,7 +54,7 @@ from lmstack.train.objectives import kl_estimates, ppo_clip_loss, value_loss
 from lmstack.train.pretrain import seed_everything
 from lmstack.train.rollout import (RolloutBatches, evaluate_prompts, freeze, load_prompts, make_scorer,
                                    reward_stats, split_heldout, tempered_logprobs, tool_registry)
-from lmstack.utils import UserError, atomic_write_json
+from lmstack.utils import UserError, atomic_write_json, read_json
 
 STAGE = "stage.json"
 VALUE_HEAD = "value_head.safetensors"
@@ -209,13 +208,6 @@ def steps_per_phase(cfg: RunConfig) -> int:
 
 # --------------------------------------------------------------------------- the stages
 
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def split_value_head(out) -> None:
     """OUT/model.safetensors -> the policy alone (a plain chat model folder) + OUT/value_head.safetensors."""
     from safetensors.torch import load_file, save_file
@@ -244,7 +236,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
     """PPO or GRPO from the chat model folder `model` (see the module doc); returns the last
     metrics record with the held-out evaluation under "heldout"."""
     base = Path(model)
-    saved = _read_json(base / STAGE)
+    saved = read_json(base / STAGE)
     if saved and saved.get("stage") == "reward":
         raise UserError(f"{base} is a reward model; the policy must be a chat (SFT) model folder")
     net = checkpoint.load_model(base)  # UserError when not a model folder
@@ -270,16 +262,9 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
             **stats, "train_prompts": len(train_prompts), "heldout_prompts": len(heldout),
             "steps_per_phase": steps_per_phase(cfg), "tools": rl.tools}
     if resume:
-        old = _read_json(out_dir / STAGE) or {}
-        if old.get("stage") != kind:
-            raise UserError(f"{out_dir} holds no {kind} run to resume (no {STAGE} with stage {kind!r})")
-        if _read_json(out_dir / "config.json") != dataclasses.asdict(cfg.model):
-            raise UserError(f"--resume with another model than the run in {out_dir} started from ({old.get('base')})")
-        keys = ("prompts", "reward", "rows", "usable", "skipped", "train_prompts")
-        diff = [k for k in keys if old.get(k) != info.get(k)]
-        if diff:
-            raise UserError(f"--resume with other prompts or reward than the run in {out_dir} "
-                            f"({', '.join(diff)} differ)")
+        old = checkpoint.resumed_stage(out_dir, STAGE, kind, info, dataclasses.asdict(cfg.model),
+                                       ("prompts", "reward", "rows", "usable", "skipped", "train_prompts"),
+                                       "prompts or reward")
         info["heldout"] = old.get("heldout", {})
         if kind == "ppo":
             info["reward_norm"] = old.get("reward_norm")
