@@ -13,7 +13,7 @@ and stories110M (12 layers, d 768, 12 heads, vocab 32000, context 1024) shapes w
 weights (speed does not depend on the weights), tied embeddings, the tokenizer of runs/small/chat
 (or a tiny one trained here) padded to 32000 entries in the GGUF.
 
-Each model is exported with `lmstack.to_gguf.export_gguf` into a temporary folder: F32 for our
+Each model is exported with `lmstack.export.gguf.export_gguf` into a temporary folder: F32 for our
 fp32, BF16 for our bf16 (norms F32 in both). Ours: `lmstack.engine.generate` (greedy) on
 `for_inference(model, dtype)`. llama.cpp: `Llama.eval` on the same prompt ids, then one token
 at a time, each the argmax of llama.cpp's logits (what our greedy does; no sampler chain, no
@@ -47,9 +47,9 @@ from common import emit, load  # bench/common.py (scripts run from bench/)
 from lmstack.config import ModelConfig
 from lmstack.engine import for_inference, generate
 from lmstack.model import GPT
-from lmstack.to_gguf import export_gguf
+from lmstack.export.gguf import export_gguf
 from lmstack.tokenizer import Tokenizer
-from lmstack.train.checkpoint import load_model, save_weights
+from lmstack.modelio import load_model, save_weights
 from lmstack.utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -310,25 +310,24 @@ async def server_run(base: str, pid: int, endpoint: str, bodies: list[dict], con
 
 
 def load_engine(model_dir: str, dtype: str, device: str = "auto"):
-    """The model and tokenizer as the server loads them (checkpoint.load_model + for_inference)."""
-    from lmstack import distributed
+    """The model and tokenizer as the server loads them (load_model_and_tokenizer + for_inference)."""
+    from lmstack.device import pick_device
     from lmstack.engine import for_inference
-    from lmstack.tokenizer import Tokenizer
-    from lmstack.train import checkpoint
+    from lmstack.modelio import load_model_and_tokenizer
 
-    net = checkpoint.load_model(model_dir, distributed.pick_device(device))
+    net, tok = load_model_and_tokenizer(model_dir, pick_device(device))
     params = net.num_params()  # before packing (packed weights are no longer parameters)
-    return for_inference(net, dtype), Tokenizer.load(model_dir), params
+    return for_inference(net, dtype), tok, params
 
 
 def engine_prompts(tok, endpoint: str, prompts: list[str]) -> tuple[list[list[int]], frozenset]:
     """Token ids and stop ids exactly as the server builds them for this endpoint."""
-    from lmstack.chat import TURN_ENDS
-    from lmstack.tokenizer import render_chat
+    from lmstack.chatformat import chat_format
 
     if endpoint == "chat":
-        ids = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
-        return ids, frozenset(tok.special_ids[t] for t in TURN_ENDS)
+        fmt = chat_format(tok)
+        ids = [fmt.render([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
+        return ids, fmt.stop_ids
     return [[tok.bos_id] + tok.encode(p) for p in prompts], frozenset({tok.eos_id, tok.bos_id})
 
 

@@ -32,7 +32,8 @@ import torch
 from common import emit, load  # bench/common.py (scripts run from bench/)
 from lmstack.config import load_config
 from lmstack.model import GPT
-from lmstack.train.loop import autocast_dtype, build_optimizer
+from lmstack.device import autocast_dtype
+from lmstack.train.loop import build_optimizer
 from lmstack.train.objectives import next_token_loss
 
 # The `small` preset at its own micro batch, and GPT-2-small's shape (124M) at batch 8 x 256.

@@ -66,7 +66,7 @@ def random_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
 
     from lmstack.config import ModelConfig
     from lmstack.model import GPT
-    from lmstack.train.checkpoint import save_weights
+    from lmstack.modelio import save_weights
     from lmstack.utils import atomic_write_json
 
     torch.manual_seed(0)
@@ -85,8 +85,8 @@ def bench(model_dir: Path, name: str, new_tokens: int, repeats: int, work: Path)
 
     from lmstack.engine import for_inference, generate
     from lmstack.tokenizer import Tokenizer
-    from lmstack.train.checkpoint import load_model
-    from lmstack.twofile import export_twofile
+    from lmstack.modelio import load_model
+    from lmstack.export.twofile import export_twofile
 
     out = work / f"two-{name}"
     with contextlib.redirect_stdout(io.StringIO()):

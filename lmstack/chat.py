@@ -1,13 +1,13 @@
-"""Conversations: a chat turn with tool calls (`stream_chat`, `chat_completion`) and
-`lmstack chat`, the interactive terminal chat.
+"""Talking to a model: a chat turn with tool calls (`stream_chat`, `chat_completion`), and the
+two terminal commands, `lmstack chat` (interactive, streamed) and `lmstack sample` (text).
 
-A turn renders the conversation with THE chat template (`render_chat`, generation prompt on),
-streams the assistant's reply until it closes its turn (<|end|>), and parses each
-`<|tool_call|>{"name": ..., "arguments": {...}}<|/tool_call|>` it wrote into an OpenAI-style
-tool call. With a tool registry the calls are run, each result is appended as a `tool` message,
-and the model continues in a new assistant message (at most `max_tool_rounds` times); without
-one, the turn ends with finish_reason "tool_calls" and the caller runs them (as OpenAI's API
-does). Each round renders the whole conversation again (no cache is kept between rounds).
+A turn renders the conversation with the model's chat format (lmstack/chatformat.py), streams
+the assistant's reply until it closes its turn, and parses each tool call it wrote into an
+OpenAI-style tool call. With a tool registry the calls are run, each result is appended as a
+`tool` message, and the model continues in a new assistant message (at most `max_tool_rounds`
+times: THE tool loop, `ToolLoop`); without one, the turn ends with finish_reason "tool_calls"
+and the caller runs them (as OpenAI's API does). Each round renders the whole conversation
+again (no cache is kept between rounds).
 """
 
 from __future__ import annotations
@@ -17,29 +17,13 @@ import signal
 import sys
 from typing import Iterator
 
-from lmstack.engine import ContextLengthError, for_inference, stream
-from lmstack.tokenizer import ChatFormatError, Tokenizer, render_chat
+from lmstack.chatformat import ChatFormatError, ToolLoop, chat_format
+from lmstack.device import pick_device
+from lmstack.engine import ContextLengthError, for_inference, generate, stream
+from lmstack.modelio import load_model_and_tokenizer
+from lmstack.tokenizer import Tokenizer
 from lmstack.tools import ToolRegistry, default_registry
 from lmstack.utils import UserError
-
-# A reply ends at <|end|>, or at any token that can only begin something else.
-TURN_ENDS = ("<|end|>", "<|eos|>", "<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
-
-
-def parse_tool_call(text: str, call_id: str) -> dict | None:
-    """The JSON between <|tool_call|> and <|/tool_call|> -> an OpenAI tool call, or None if
-    it is not {"name": str, "arguments": {...}}."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        return None
-    args = obj.get("arguments", {})
-    if not isinstance(args, (dict, str)):
-        return None
-    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return {"id": call_id, "type": "function", "function": {"name": obj["name"], "arguments": args}}
 
 
 def stream_chat(model, tok: Tokenizer, messages: list[dict], tools: ToolRegistry | None = None,
@@ -55,61 +39,31 @@ def stream_chat(model, tok: Tokenizer, messages: list[dict], tools: ToolRegistry
     `messages` in "done" are the new ones (assistant messages with tool_calls, tool messages,
     the final assistant message); the input list is not modified. max_tokens is per round.
     """
-    sid = tok.special_ids
-    open_id, close_id = sid["<|tool_call|>"], sid["<|/tool_call|>"]
-    stop_ids = {sid[t] for t in TURN_ENDS}
-    history, new = list(messages), []
+    fmt = chat_format(tok)
+    loop = ToolLoop(fmt, [messages], tools, max_tool_rounds, max_tokens)
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    finish = "stop"
-    for round_ in range(max_tool_rounds + 1):
-        ids, _ = render_chat(tok, history, add_generation_prompt=True)
+    while loop.next_round():
+        ids = loop.prompt(0)
         if len(ids) >= model.cfg.max_seq_len:
             raise ContextLengthError(f"the conversation is {len(ids)} tokens; the model's context is "
                                      f"{model.cfg.max_seq_len}")
         usage["prompt_tokens"] = len(ids)
-        content, calls, call_ids, in_call = "", [], None, False
-        for (d,) in stream(model, [ids], max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=None if seed is None else seed + round_, stop_ids=stop_ids, tokenizer=tok):
+        reply, stop, finish = loop.parser(0), None, "stop"
+        for (d,) in stream(model, [ids], loop.budget(0), temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=None if seed is None else seed + loop.round, stop_ids=fmt.stop_ids, tokenizer=tok):
             usage["completion_tokens"] += d.token is not None
-            if d.token == open_id:  # text flushed with the marker came before it
-                text, in_call, call_ids = d.text, True, []
-            elif d.token == close_id and in_call:
-                text, in_call = "", False
-                call = parse_tool_call(tok.decode(call_ids), f"call_{len(history) + len(calls)}")
-                if call is None:
-                    yield {"type": "bad_tool_call", "text": tok.decode(call_ids)}
-                else:
-                    calls.append(call)
-            elif in_call:
-                text = ""
-                if d.token is not None:
-                    call_ids.append(d.token)
-            else:
-                text = d.text
+            bad = len(reply.bad)
+            text = reply.push(d.token, d.text)
+            if len(reply.bad) > bad:
+                yield {"type": "bad_tool_call", "text": reply.bad[-1]}
             if text:
-                content += text
                 yield {"type": "text", "text": text}
-            finish = d.finish_reason or finish
-        msg = {"role": "assistant", "content": content}
-        if calls:
-            msg["tool_calls"] = calls
-        new.append(msg)
-        history.append(msg)
-        if not calls:
-            break
-        if tools is None or round_ == max_tool_rounds:
-            finish = "tool_calls"  # the caller's to run (no registry, or out of rounds)
-            break
-        for call in calls:
-            fn = call["function"]
-            yield {"type": "tool_call", "id": call["id"], "name": fn["name"], "arguments": fn["arguments"]}
-            result = tools.call(fn["name"], fn["arguments"])
-            yield {"type": "tool_result", "id": call["id"], "name": fn["name"], "arguments": fn["arguments"],
-                   "content": result}
-            tool_msg = {"role": "tool", "tool_call_id": call["id"], "content": result or "(empty)"}
-            new.append(tool_msg)
-            history.append(tool_msg)
-    yield {"type": "done", "messages": new, "finish_reason": finish, "usage": usage}
+            stop, finish = d.stop, d.finish_reason or finish
+        yield from loop.add(0, reply, stop, finish)
+    turn = loop.turns[0]
+    # calls left in the last message were not run: the caller's to run (no registry, or out of rounds)
+    finish = "tool_calls" if turn.new[-1].get("tool_calls") else turn.finish
+    yield {"type": "done", "messages": turn.new, "finish_reason": finish, "usage": usage}
 
 
 def chat_completion(model, tok: Tokenizer, messages: list[dict], **kw) -> dict:
@@ -126,11 +80,11 @@ def chat_completion(model, tok: Tokenizer, messages: list[dict], **kw) -> dict:
 HELP = "commands: /reset (forget the conversation), /system TEXT, /temp X, /quit"
 
 
-def _fit(tok: Tokenizer, history: list[dict], ctx: int, reserve: int) -> int:
+def _fit(fmt, history: list[dict], ctx: int, reserve: int) -> int:
     """Drop the oldest turns (never the system prompt, never the last user message) until the
     conversation leaves `reserve` positions for the reply. Returns how many messages went."""
     dropped = 0
-    while len(render_chat(tok, history, add_generation_prompt=True)[0]) + reserve > ctx:
+    while len(fmt.render(history, add_generation_prompt=True)[0]) + reserve > ctx:
         first = 1 if history[0]["role"] == "system" else 0
         # the oldest whole turn: up to (not including) the next user message
         nxt = next((i for i in range(first + 1, len(history)) if history[i]["role"] == "user"), None)
@@ -148,16 +102,10 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
     # A process started in the background by a non-interactive shell inherits SIGINT ignored;
     # at a terminal the user still expects Ctrl-C to work, so take it back explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from lmstack import distributed
-    from lmstack.train import checkpoint
-
     if temperature < 0 or max_tokens < 1 or (top_p is not None and not 0 < top_p <= 1):
         raise UserError("need --temperature >= 0, --max-tokens >= 1 and 0 < --top-p <= 1")
-    net = checkpoint.load_model(model, distributed.pick_device("auto"))
-    tok = Tokenizer.load(model)
-    if tok.vocab_size > net.cfg.vocab_size:
-        raise UserError(f"{model}: the tokenizer has {tok.vocab_size} tokens but the model only {net.cfg.vocab_size}")
-    net = for_inference(net, dtype)
+    net, tok = load_model_and_tokenizer(model, pick_device("auto"), kind="chat")
+    net, fmt = for_inference(net, dtype), chat_format(tok)
     registry = default_registry() if tools else None
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -217,10 +165,10 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
             continue
 
         history.append({"role": "user", "content": line})
-        dropped = _fit(tok, history, ctx, min(max_tokens, ctx // 2))
+        dropped = _fit(fmt, history, ctx, min(max_tokens, ctx // 2))
         if dropped:
             print(dim(f"[forgot the {dropped} oldest messages to fit the context]"))
-        if len(render_chat(tok, history, add_generation_prompt=True)[0]) >= ctx:
+        if len(fmt.render(history, add_generation_prompt=True)[0]) >= ctx:
             history.pop()
             print(dim(f"that message is too long for this model's context ({ctx} tokens)"))
             continue
@@ -266,3 +214,30 @@ def _show_args(arguments: str) -> str:
     if isinstance(args, dict) and len(args) == 1:
         return str(next(iter(args.values())))
     return arguments
+
+
+# --- the terminal sampler -----------------------------------------------------------------------
+
+def sample(model: str, prompt: str = "", max_tokens: int = 100, temperature: float = 0.8,
+           top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+           num_samples: int = 1) -> list[str]:
+    """`lmstack sample`: print `num_samples` continuations of `prompt` (each document starts
+    with BOS); returns them."""
+    if max_tokens < 1 or num_samples < 1:
+        raise UserError("--max-tokens and --num-samples must be >= 1")
+    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
+        raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 1")
+    net, tok = load_model_and_tokenizer(model, pick_device("auto"))
+    ids = [tok.bos_id] + tok.encode(prompt)
+    if len(ids) >= net.cfg.max_seq_len:
+        raise UserError(f"prompt is {len(ids)} tokens; the model's context is {net.cfg.max_seq_len}")
+    texts = []
+    for i in range(num_samples):
+        new = generate(net, ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=seed + i, stop_ids={tok.eos_id, tok.bos_id})
+        text = tok.decode(ids + new, skip_special=True)
+        texts.append(text)
+        if num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text, flush=True)
+    return texts

@@ -65,7 +65,7 @@ def _cmd_pretrain(a):
 
 
 def _cmd_sample(a):
-    from lmstack.train.pretrain import sample
+    from lmstack.chat import sample
 
     sample(a.model, a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
            top_k=a.top_k, top_p=a.top_p, seed=a.seed, num_samples=a.num_samples)
@@ -137,27 +137,27 @@ def _cmd_feedback_export(a):
 
 def _cmd_export(a):
     if a.format == "twofile":
-        from lmstack.twofile import export_twofile
+        from lmstack.export.twofile import export_twofile
 
         export_twofile(a.model, a.out, force=a.force)
     elif a.format == "hf":
-        from lmstack.hf import export_hf
+        from lmstack.export.hf import export_hf
 
         export_hf(a.model, a.out, force=a.force)
     else:
-        from lmstack.to_gguf import export_gguf
+        from lmstack.export.gguf import export_gguf
 
         export_gguf(a.model, a.out, dtype=a.dtype, force=a.force)
 
 
 def _cmd_import(a):
-    from lmstack.hf import import_hf
+    from lmstack.export.hf import import_hf
 
     import_hf(a.source, a.out, force=a.force)
 
 
 def _cmd_reward(a):
-    from lmstack.train import reward
+    from lmstack.align import reward
 
     if a.action == "train":
         reward.reward_train(a.model, a.data, a.out, overrides=a.set or [], resume=a.resume)
@@ -166,26 +166,26 @@ def _cmd_reward(a):
 
 
 def _cmd_dpo(a):
-    from lmstack.train.dpo import dpo
+    from lmstack.align.dpo import dpo
 
     dpo(a.model, a.data, a.out, overrides=a.set or [], resume=a.resume)
 
 
 def _cmd_judge(a):
-    from lmstack.train.judge import judge
+    from lmstack.align.judge import judge
 
     judge(a.model, a.prompts, a.out, judge_model=a.judge, constitution=a.constitution, seed=a.seed,
           limit=a.limit)
 
 
 def _cmd_ppo(a):
-    from lmstack.train.rl import ppo
+    from lmstack.align.rl import ppo
 
     ppo(a.policy, a.reward, a.prompts, a.out, overrides=a.set or [], resume=a.resume)
 
 
 def _cmd_grpo(a):
-    from lmstack.train.rl import grpo
+    from lmstack.align.rl import grpo
 
     tools = [f"rl.tools={a.tools}"] if a.tools is not None else []  # a shorthand for --set rl.tools=...
     grpo(a.model, a.prompts, a.reward, a.out, overrides=tools + (a.set or []), resume=a.resume)
@@ -194,9 +194,8 @@ def _cmd_grpo(a):
 def _cmd_winrate(a):
     from pathlib import Path
 
-    from lmstack.eval.run import lineage
-    from lmstack.train.checkpoint import WEIGHTS
-    from lmstack.train.preference import win_rate
+    from lmstack.eval.winrate import win_rate
+    from lmstack.modelio import WEIGHTS, lineage
 
     if a.n < 1:
         raise UserError(f"--n must be >= 1 (got {a.n})")

@@ -125,13 +125,14 @@ class DataConfig:
 class PrefConfig:
     """Preference training (`lmstack reward train`, `lmstack dpo`): pairs of answers to one prompt."""
     beta: float = 0.1  # DPO: strength of the implicit KL to the reference (higher = stay closer)
+    nll_weight: float = 1.0  # DPO: weight of the chosen answer's mean token NLL added to the loss (RPO); 0 = plain DPO
     val_fraction: float = 0.05  # comparisons held out for pairwise accuracy
     max_len: int = 0  # prompt + answer tokens per sequence; 0 = the model's context
 
     def validate(self) -> None:
         _positive(self, "pref", ["beta"])
         _in_range(self, "pref", "val_fraction", 0.0, 0.5)
-        _non_negative(self, "pref", ["max_len"])
+        _non_negative(self, "pref", ["max_len", "nll_weight"])
 
 
 @dataclass
@@ -176,6 +177,9 @@ class RunConfig:
             section.validate()
         if self.train.seq_len > self.model.max_seq_len:
             raise UserError(f"train.seq_len ({self.train.seq_len}) must be <= model.max_seq_len "
+                            f"({self.model.max_seq_len})")
+        if self.pref.max_len > self.model.max_seq_len:
+            raise UserError(f"pref.max_len ({self.pref.max_len}) is longer than the model's context "
                             f"({self.model.max_seq_len})")
 
     def to_dict(self) -> dict:
@@ -255,12 +259,14 @@ def _assign(cfg: RunConfig, key: str, value, from_cli: bool) -> None:
     setattr(section, parts[1], value)
 
 
-def load_config(preset: str, overrides: list[str] = (), vocab_size: int | None = None) -> RunConfig:
+def load_config(preset: str, overrides: list[str] = (), vocab_size: int | None = None,
+                validate: bool = True) -> RunConfig:
     """Preset (a name in lmstack/presets or a .toml path) + `section.field=value` overrides.
 
     `vocab_size` (from the data manifest) fills model.vocab_size when neither the preset
     nor an override set it (without it, model.vocab_size may stay 0; building the model then
-    fails). The result is resolved and validated.
+    fails). The result is resolved and validated (validate=False: parsed and typed only, for a
+    caller that derives more fields first).
     """
     cfg = RunConfig()
     for section, table in read_preset(preset).items():
@@ -275,29 +281,34 @@ def load_config(preset: str, overrides: list[str] = (), vocab_size: int | None =
         _assign(cfg, key.strip(), value.strip(), from_cli=True)
     if cfg.model.vocab_size == 0 and vocab_size is not None:
         cfg.model.vocab_size = vocab_size
-    cfg.validate()
+    if validate:
+        cfg.validate()
     return cfg
 
 
-def stage_override_keys(overrides, stage: str) -> list[str]:
-    """The keys of a later stage's --set items (SFT, preference, RL). model.* is refused: such a
-    stage starts from a model folder as it is (its config.json)."""
+def stage_config(preset: str, overrides, model: ModelConfig, stage: str, derive=None) -> RunConfig:
+    """The config of a stage that starts from a model folder (SFT, the reward model, DPO, PPO,
+    GRPO): its preset + --set, with the model's own config (`model.*` cannot be set: the stage
+    takes the model as it is). Presets are written for a 256-token context: for a model with a
+    shorter one (and no train.seq_len given), a sequence is the model's whole context and a step
+    has as many sequences as the preset asks for (unless train.batch_tokens is given).
+    `derive(cfg, keys)` sets what a stage computes from the rest (RL: the batch), before the
+    whole config is validated; `keys` are the --set keys."""
+    overrides = list(overrides)
     keys = [o.partition("=")[0].strip() for o in overrides]
     bad = [k for k in keys if k.startswith("model.")]
     if bad:
         raise UserError(f"--set {bad[0]}: {stage} starts from the model as it is (its config.json); "
                         "model.* cannot be changed")
-    return keys
-
-
-def config_from_dict(d: dict) -> RunConfig:
-    """Rebuild a RunConfig from `to_dict()` output (run.json); raises UserError on bad content."""
-    cfg = RunConfig()
-    for section, table in d.items():
-        if not isinstance(table, dict):
-            raise UserError(f"config: {section!r} is not a section")
-        for name, value in table.items():
-            _assign(cfg, f"{section}.{name}", value, from_cli=False)
+    cfg = load_config(preset, overrides, validate=False)
+    cfg.model = dataclasses.replace(model)
+    tc, ctx = cfg.train, model.max_seq_len
+    if "train.seq_len" not in keys and tc.seq_len > ctx > 0:
+        if "train.batch_tokens" not in keys and tc.seq_len > 0:
+            tc.batch_tokens = tc.batch_tokens // tc.seq_len * ctx
+        tc.seq_len = ctx
+    if derive is not None:
+        derive(cfg, keys)
     cfg.validate()
     return cfg
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lmstack.utils import UserError
+from lmstack.device import pick_device
 
 
 @dataclass
@@ -41,20 +41,6 @@ def is_main() -> bool:
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def pick_device(preference: str = "auto") -> torch.device:
-    """"auto" (a GPU when there is one), "cpu", "cuda" (this rank's GPU) or "cuda:N"."""
-    if preference not in ("auto", "cpu", "cuda") and not (preference.startswith("cuda:")
-                                                         and preference[5:].isdigit()):
-        raise UserError(f"unknown device {preference!r} (auto | cpu | cuda | cuda:N)")
-    if preference.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {preference} asked for but no CUDA GPU is available")
-    if preference.startswith("cuda:"):
-        return torch.device(preference)
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def init(device: str = "auto") -> DistInfo:

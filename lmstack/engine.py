@@ -34,6 +34,7 @@ from typing import Iterator
 
 import torch
 
+from lmstack.device import autocast_dtype
 from lmstack.model import GPT
 from lmstack.utils import UserError
 
@@ -75,8 +76,6 @@ def for_inference(model: GPT, dtype: str | torch.dtype = "fp32", pack: bool | No
     model is for inference only: it no longer trains or saves."""
     device = next(model.parameters()).device
     if dtype == "auto":
-        from lmstack.train.loop import autocast_dtype
-
         dtype = autocast_dtype("auto", device) or torch.float32
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype, dtype)
     if not isinstance(dt, torch.dtype):
@@ -183,8 +182,11 @@ def _full_mask(key_ok: torch.Tensor, T: int) -> torch.Tensor:
 
 # --- streaming text: incremental UTF-8 and stop strings ------------------------------------------
 
-class _Row:
-    """One row's output so far: ids, log-probs, and the text with what is safe to show."""
+class RowOutput:
+    """One row's output so far, token by token: ids, log-probs, and the text with what is safe
+    to show. `push(token)` takes the next sampled id and returns its `Delta`; `finish(reason)`
+    ends the row (e.g. a server's timeout). `stream` keeps one per prompt; the server's
+    batcher keeps one per request."""
 
     def __init__(self, index: int, prompt_tokens: int, max_new: int, tokenizer, stop_strings: tuple[str, ...]):
         self.index, self.prompt_tokens, self.max_new = index, prompt_tokens, max_new
@@ -194,12 +196,12 @@ class _Row:
         self.top: list[list[tuple[int, float]]] = []
         self.text, self.sent = "", 0  # decoded text; how much of it was yielded
         self.pending: list[int] = []  # ids whose bytes do not yet end on a whole character
-        self.finish: str | None = None
+        self.finish_reason: str | None = None  # None while running
         self.stop: int | str | None = None
 
     def push(self, token: int, stop_ids, logprob=None, top=None) -> Delta:
         if token in stop_ids:
-            return self._end("stop", token, None)
+            return self.finish("stop", token, None)
         self.ids.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
@@ -218,11 +220,11 @@ class _Row:
             hit = self._find_stop(old)
             if hit is not None:
                 self.text = self.text[:hit[0]]
-                return self._end("stop", hit[1], delta)
+                return self.finish("stop", hit[1], delta)
             safe = len(self.text) - self._held_back()
             delta.text, self.sent = self.text[self.sent:safe], max(self.sent, safe)
         if len(self.ids) >= self.max_new:
-            return self._end("length", None, delta)
+            return self.finish("length", None, delta)
         return delta
 
     def _find_stop(self, old: int):
@@ -244,8 +246,8 @@ class _Row:
                     break
         return n
 
-    def _end(self, reason: str, stop, delta: Delta | None) -> Delta:
-        self.finish, self.stop = reason, stop
+    def finish(self, reason: str, stop=None, delta: Delta | None = None) -> Delta:
+        self.finish_reason, self.stop = reason, stop
         if self.pending:  # undecodable to the end: show what there is (with U+FFFD)
             self.text += self.tok.decode(self.pending, skip_special=True)
             self.pending = []
@@ -256,7 +258,7 @@ class _Row:
         return delta
 
     def completion(self, logprobs: bool, top: bool) -> Completion:
-        return Completion(self.ids, self.text if self.tok is not None else None, self.finish or "length",
+        return Completion(self.ids, self.text if self.tok is not None else None, self.finish_reason or "length",
                           self.stop, self.logprobs if logprobs else None, self.top if top else None,
                           self.prompt_tokens)
 
@@ -298,11 +300,11 @@ def stream(model: GPT, prompts: list[list[int]], max_tokens: int | list[int] = 2
     L = max(len(p) for p in prompts)
     limits = [min(m, ctx - L) for m in limits]  # all rows share positions: the longest prompt sets the room
     steps = max(limits)
-    rows = [_Row(i, len(p), m, tokenizer, tuple(s for s in stop_strings if s))
+    rows = [RowOutput(i, len(p), m, tokenizer, tuple(s for s in stop_strings if s))
             for i, (p, m) in enumerate(zip(prompts, limits))]
     for r in rows:
         if r.max_new <= 0:  # no room at all: done before it starts
-            r.finish = "length"
+            r.finish_reason = "length"
     if _results is not None:
         _results.extend(rows)
     if steps <= 0:
@@ -339,9 +341,9 @@ def stream(model: GPT, prompts: list[list[int]], max_tokens: int | list[int] = 2
                         top = [list(zip(i, v)) for i, v in zip(ti.tolist(), tv.tolist())]
             ids = token.tolist()
             deltas = [r.push(ids[r.index], stop_ids, lp and lp[r.index], top and top[r.index])
-                      for r in rows if r.finish is None]
+                      for r in rows if r.finish_reason is None]
             yield deltas
-            if all(r.finish is not None for r in rows):
+            if all(r.finish_reason is not None for r in rows):
                 break
             with torch.inference_mode():
                 if use_cache:
@@ -360,7 +362,7 @@ def stream(model: GPT, prompts: list[list[int]], max_tokens: int | list[int] = 2
 
 def generate_batch(model: GPT, prompts: list[list[int]], max_tokens: int | list[int] = 256, **kw) -> list[Completion]:
     """`stream` run to the end: one Completion per prompt (same options as `stream`)."""
-    rows: list[_Row] = []
+    rows: list[RowOutput] = []
     for _ in stream(model, prompts, max_tokens, _results=rows, **kw):
         pass
     return [r.completion(kw.get("logprobs", False), bool(kw.get("top_logprobs"))) for r in rows]

@@ -17,6 +17,7 @@ This file knows nothing of distribution, checkpoints or data.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -156,11 +157,18 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_table(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
         # Not persistent: derived from the config, so never saved in the weights file.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_buffers()
         self.reset_parameters()
+
+    def init_buffers(self) -> None:
+        """The RoPE table, computed from the config on the device of the weights (after a build
+        on the meta device, which holds shapes only, the model folder's loader calls this)."""
+        device = self.embed_tokens.weight.device
+        cos, sin = rope_table(self.cfg.d_model // self.cfg.n_head, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; the two projections that write into the residual
@@ -176,7 +184,12 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, start_pos=None, attn_mask=None, slot: int = 0) -> torch.Tensor:
-        """idx [B, T] token ids -> logits [B, T, vocab_size].
+        """idx [B, T] token ids -> logits [B, T, vocab_size] (the arguments: see `hidden`)."""
+        return self.lm_head(self.hidden(idx, start_pos, attn_mask, slot))
+
+    def hidden(self, idx: torch.Tensor, start_pos=None, attn_mask=None, slot: int = 0) -> torch.Tensor:
+        """The trunk: idx [B, T] token ids -> the final normed hidden states [B, T, d_model]
+        (what the LM head reads, and what a reward or value head reads instead).
 
         start_pos=None: training/scoring (no cache). start_pos=p: inference; the tokens sit at
         positions p..p+T-1 and are appended to the KV cache (call setup_cache first), in cache
@@ -207,7 +220,7 @@ class GPT(nn.Module):
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, start_pos, attn_mask, slot)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     # --- inference cache ------------------------------------------------------------------
 
@@ -258,3 +271,40 @@ class GPT(nn.Module):
         c = self.cfg
         n_matmul = self.num_params(include_embeddings=False) + c.vocab_size * c.d_model
         return 6 * n_matmul + 12 * c.n_layer * c.d_model * seq_len
+
+
+class RewardModel(GPT):
+    """A GPT whose output is one score per sequence: `score_head` (Linear d_model -> 1, no bias:
+    the Bradley-Terry loss only sees differences) on the final hidden state at position `last`
+    of each row (the answer's closing <|end|>, where the model has read the prompt and the whole
+    answer). Same weight names as the GPT plus `score_head.weight`. The LM head stays (tied, it
+    is the embedding; untied, it is frozen and unused)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.score_head = nn.Linear(cfg.d_model, 1, bias=False)
+        nn.init.zeros_(self.score_head.weight)  # every answer scores 0 at first: loss = ln 2
+        if not cfg.tie_embeddings:
+            self.lm_head.weight.requires_grad_(False)
+
+    @classmethod
+    def from_gpt(cls, gpt: GPT) -> "RewardModel":
+        """The weights of a language model (the SFT model) and a fresh (zero) score head."""
+        rm = cls(dataclasses.replace(gpt.cfg)).to(gpt.embed_tokens.weight.device)
+        missing, unexpected = rm.load_state_dict(gpt.state_dict(), strict=False)
+        if missing != ["score_head.weight"] or unexpected:
+            raise RuntimeError(f"unexpected weights: missing {missing}, unexpected {unexpected}")
+        return rm
+
+    def forward(self, idx: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (fp32): [B] at positions `last` [B], or [B, T] at every position. Plain causal
+        attention, so right padding never changes the real tokens' states."""
+        h = self.hidden(idx)
+        if last is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), last]
+        return self.score_head(h).squeeze(-1).float()
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """As GPT's, without the vocabulary head (a reward model never computes logits)."""
+        c = self.cfg
+        return 6 * self.num_params(include_embeddings=False) + 12 * c.n_layer * c.d_model * seq_len

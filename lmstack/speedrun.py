@@ -26,7 +26,23 @@ import shutil
 import time
 from pathlib import Path
 
+from lmstack.align.dpo import dpo
+from lmstack.align.reward import reward_train
+from lmstack.align.rl import grpo, ppo, rl_config
+from lmstack.align.rollout import tool_registry
+from lmstack.config import load_config, model_config_from_dict, stage_config
+from lmstack.data import prepare
+from lmstack.eval.lm import ModelLM
+from lmstack.eval.report import report
+from lmstack.eval.run import evaluate
+from lmstack.eval.winrate import win_rate
+from lmstack.tokenizer import train_tokenizer
+from lmstack.tools import default_registry
+from lmstack.train.pretrain import pretrain
+from lmstack.train.sft import sft
 from lmstack.utils import UserError, atomic_write_json
+from lmstack.world import generate
+from lmstack.world.rl_prompts import arithmetic_prompts
 
 # Per preset: world size, tokenizer vocabulary, SFT settings and probe questions to score.
 PEOPLE = {"tiny": 200, "small": 1000, "gpt2": 50_000}
@@ -96,15 +112,10 @@ def split_overrides(name: str, overrides) -> dict[str, list[str]]:
 def check_settings(model_cfg, sets: dict, align: bool) -> None:
     """Build every later stage's config from its overrides (UserError, one line, on a bad one),
     so that a typo fails now and not after pretraining."""
-    from lmstack.train.sft import sft_config
-
-    checks = [("sft", lambda: sft_config("sft", sets["sft"], model_cfg))]
+    checks = [("sft", lambda: stage_config("sft", sets["sft"], model_cfg, "SFT"))]
     if align:
-        from lmstack.train.preference import pref_config
-        from lmstack.train.rl import rl_config
-        from lmstack.train.rollout import tool_registry
-
-        checks += [(s, lambda s=s: pref_config(ALIGN[s][0], sets[s], model_cfg)) for s in ("rm", "dpo")]
+        checks += [(s, lambda s=s: stage_config(ALIGN[s][0], sets[s], model_cfg, "preference training"))
+                   for s in ("rm", "dpo")]
         checks += [("ppo", lambda: rl_config("ppo", sets["ppo"], model_cfg)),
                    ("grpo", lambda: tool_registry(rl_config("grpo", sets["grpo"], model_cfg).rl.tools))]
     for stage, check in checks:
@@ -118,14 +129,6 @@ def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), for
              align: bool = True) -> dict:
     """Run the whole pipeline into the run folder `out` (see the module doc); align=False stops
     after SFT (base and chat only). Returns what speedrun.json holds."""
-    from lmstack.config import load_config, model_config_from_dict
-    from lmstack.data import prepare
-    from lmstack.eval.report import report
-    from lmstack.tokenizer import train_tokenizer
-    from lmstack.train.pretrain import pretrain
-    from lmstack.train.sft import sft
-    from lmstack.world import generate
-
     name = Path(preset).stem
     overrides = list(overrides)
     sets = split_overrides(name, overrides)
@@ -154,11 +157,6 @@ def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), for
         ("sft", lambda: sft(out / "base", [world / "sft.jsonl"], chat, overrides=sets["sft"])),
     ]
     if align:
-        from lmstack.train.dpo import dpo
-        from lmstack.train.reward import reward_train
-        from lmstack.train.rl import grpo, ppo
-        from lmstack.world.rl_prompts import arithmetic_prompts
-
         rl_prompts = out / "rl_prompts" / "arithmetic.jsonl"
         stages += [
             ("rl_prompts", lambda: arithmetic_prompts(world, rl_prompts, digits=GRPO_DIGITS)),
@@ -248,9 +246,6 @@ def print_summary(out: Path, summary: dict) -> None:
 
 def show_samples(model_dir, world_dir, seed: int = 0) -> None:
     """Three conversations with the assistant: a world fact, a sum, a greeting (greedy)."""
-    from lmstack.eval.lm import ModelLM
-    from lmstack.tools import default_registry
-
     lm = ModelLM.load(model_dir, dtype="auto", device="auto")
     facts = [json.loads(line) for line in open(Path(world_dir) / "probes" / "facts.jsonl", encoding="utf-8")]
     arith = [json.loads(line) for line in open(Path(world_dir) / "probes" / "arithmetic.jsonl", encoding="utf-8")]
@@ -269,8 +264,6 @@ def show_samples(model_dir, world_dir, seed: int = 0) -> None:
 def evaluate_stages(out: Path, limit: int | None) -> dict:
     """`lmstack eval` on every model folder of the run (MODELS that exist: the world's tasks +
     bits per byte); the headline numbers go to speedrun.json, the full results to MODEL/eval/."""
-    from lmstack.eval.run import evaluate
-
     show_samples(out / "chat", out / "world")
     summary = {}
     for stage in MODELS:
@@ -293,9 +286,7 @@ def evaluate_stages(out: Path, limit: int | None) -> dict:
 
 def win_rates(out: Path, n: int | None) -> dict:
     """Ground-truth win rate of DPO and PPO against the SFT model on world prompts that are not
-    in the training comparisons (train/preference.py win_rate), to MODEL/winrate/vs_chat.json."""
-    from lmstack.train.preference import win_rate
-
+    in the training comparisons (eval/winrate.py), to MODEL/winrate/vs_chat.json."""
     summary = {}
     for m in ("dpo", "ppo"):
         if not (out / m / "model.safetensors").is_file():

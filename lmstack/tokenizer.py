@@ -7,13 +7,12 @@ decode(encode(s)) == s exactly: no unknown token, no normalisation.
 The first 16 ids are special tokens (BOS, EOS, PAD, chat roles, tool calls, spares).
 Security: user text can never produce a special id. A string that merely *contains*
 "<|user|>" is encoded as ordinary bytes; special ids are only ever inserted by code
-(the chat template), by id, never by parsing text.
+(the chat format, lmstack/chatformat.py), by id, never by parsing text.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 import time
@@ -22,7 +21,9 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lmstack.sources import iter_documents, skip_summary
 from lmstack.utils import UserError, atomic_output_dir, atomic_write_text, check_output_dir
+
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's byte-level alphabet: the character that stands for each byte 0..255 in a token."""
@@ -168,8 +169,6 @@ def train_tokenizer(inputs, vocab_size: int, out, text_field: str = "text", forc
     Documents stream from disk into the trainer (the corpus is never held in memory);
     every `holdout_every`-th document is kept out of training to measure compression.
     """
-    from lmstack.data import iter_documents, skip_summary  # lazy: data.py imports this module
-
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     check_output_dir(out, force)  # fail before the (possibly long) training, not after
     n_min = 256 + len(SPECIAL_TOKENS)
@@ -218,93 +217,3 @@ def train_tokenizer(inputs, vocab_size: int, out, text_field: str = "text", forc
           f"{n_bytes / max(n_tokens, 1):.2f} bytes/token on {where} text -> "
           f"{Path(out) / 'tokenizer.json'}" + skip_summary(skipped))
     return tok
-
-
-
-# -- the chat template (the one and only; SFT masking, the engine, the server and eval use it) --
-#
-#   <|bos|><|system|>You are helpful.<|end|><|user|>What is 2 + 3?<|end|>
-#   <|assistant|><|tool_call|>{"name": "calculator", "arguments": {"expression": "2 + 3"}}<|/tool_call|><|end|>
-#   <|tool|>5<|end|><|assistant|>2 + 3 = 5.<|end|>
-#
-# Roles and boundaries are special ids inserted here by id; message text goes through
-# `encode`, so a user typing "<|end|>" gets plain text. Messages render independently, so
-# appending a message never changes how the earlier ones render (a prefix stays a prefix).
-
-ROLES = ("system", "user", "assistant", "tool")
-
-# Our chat format (lmstack.tokenizer.render_chat) in Jinja: `<|bos|>`, then `<|role|>content<|end|>`
-# per message (an assistant's tool calls as <|tool_call|>{"name": ..., "arguments": ...}<|/tool_call|>
-# after its content), then `<|assistant|>` for the generation prompt. llama.cpp and
-# llama-cpp-python, and transformers' apply_chat_template tokenize the rendered text with special
-# tokens recognised (so there, unlike in render_chat, text spelling a special token becomes it).
-# Tool-call arguments as a dict render with tojson (json.dumps' separators, as render_chat), as a
-# JSON string as written.
-CHAT_TEMPLATE_JINJA = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' }}"
-    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
-    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
-    "{% for call in message['tool_calls'] %}"
-    "{% set fn = call['function'] if call['function'] is defined else call %}"
-    "{{ '<|tool_call|>{\"name\": ' }}{{ fn['name'] | tojson }}{{ ', \"arguments\": ' }}"
-    "{% if fn['arguments'] is string %}{{ fn['arguments'] }}{% else %}{{ fn['arguments'] | tojson }}{% endif %}"
-    "{{ '}<|/tool_call|>' }}"
-    "{% endfor %}"
-    "{% endif %}"
-    "{{ '<|end|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
-
-
-
-class ChatFormatError(ValueError):
-    """A malformed conversation (unknown role, missing or empty content, bad tool call)."""
-
-
-def _tool_call_text(call: dict) -> str:
-    """One OpenAI-style tool call -> the canonical JSON the model reads and writes."""
-    fn = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise ChatFormatError("a tool call needs function.name")
-    args = fn.get("arguments", "{}")
-    if isinstance(args, str):
-        try:
-            args = json.loads(args or "{}")
-        except json.JSONDecodeError:
-            raise ChatFormatError(f"tool call {fn['name']}: arguments are not valid JSON") from None
-    return json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False)
-
-
-def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False):
-    """messages -> (ids, mask). mask[i] is 1 on what the assistant must learn to write: its
-    content, its tool calls and its closing <|end|> (so it learns to stop); 0 elsewhere.
-    add_generation_prompt appends <|assistant|> for the model to continue from."""
-    sid = tok.special_ids
-    ids, mask = [tok.bos_id], [0]
-    if not isinstance(messages, list) or not messages:
-        raise ChatFormatError("messages must be a non-empty list")
-    for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
-        if role not in ROLES:
-            raise ChatFormatError(f"message {i}: role must be one of {', '.join(ROLES)} (got {role!r})")
-        content, calls = m.get("content"), m.get("tool_calls") or []
-        if content is not None and not isinstance(content, str):
-            raise ChatFormatError(f"message {i}: content must be a string")
-        if calls and role != "assistant":
-            raise ChatFormatError(f"message {i}: only assistant messages carry tool_calls")
-        if not (content or "").strip() and not calls:
-            raise ChatFormatError(f"message {i} ({role}): empty content")
-        body = tok.encode(content) if content else []
-        for call in calls:
-            body += [sid["<|tool_call|>"]] + tok.encode(_tool_call_text(call)) + [sid["<|/tool_call|>"]]
-        body.append(sid["<|end|>"])
-        train = 1 if role == "assistant" else 0
-        ids += [sid[f"<|{role}|>"]] + body
-        mask += [0] + [train] * len(body)
-    if add_generation_prompt:
-        ids.append(sid["<|assistant|>"])
-        mask.append(0)
-    return ids, mask

@@ -46,6 +46,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file (or a folder's entries) to disk, so a rename after it publishes whole data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
@@ -56,6 +67,23 @@ def read_json(path: str | os.PathLike):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "data file"):
+    """(line number, parsed row) of each non-blank line; a missing file or bad JSON is a
+    one-line UserError naming `what` (e.g. "prompts file") or the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (a folder: name the .jsonl file)" if path.is_dir() else ""
+        raise UserError(f"{what} {path} not found{hint}")
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({str(e).splitlines()[0]})") from None
 
 
 def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:

@@ -20,9 +20,10 @@ import torch
 from lmstack.chat import chat_completion, stream_chat
 from lmstack.config import ModelConfig
 from lmstack.model import GPT
-from lmstack.tokenizer import render_chat, train_tokenizer
+from lmstack.chatformat import render_chat
+from lmstack.tokenizer import train_tokenizer
 from lmstack.tools import default_registry
-from lmstack.train.checkpoint import save_weights
+from lmstack.modelio import save_weights
 from lmstack.utils import atomic_write_json
 from test_engine import ScriptedModel  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -229,8 +230,8 @@ def test_chat_in_a_terminal_tools_history_and_ctrl_c(model_dir, tmp_path):
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from test_chat import scripted_chat_model\n"
         "from lmstack.tokenizer import Tokenizer\n"
-        "from lmstack.train import checkpoint\n"
-        "checkpoint.load_model = lambda d, device='cpu': scripted_chat_model(Tokenizer.load(d))\n"
+        "from lmstack import modelio\n"
+        "modelio.load_model = lambda d, device='cpu', kind='lm': scripted_chat_model(Tokenizer.load(d))\n"
         "from lmstack.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     t = Terminal([sys.executable, str(driver), "chat", "--model", str(model_dir)], ROOT)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmstack.data import (TokenBatches, iter_documents, iter_eval_windows, load_manifest,
-                          open_split, prepare)
+from lmstack.data import TokenBatches, iter_eval_windows, load_manifest, open_split, prepare
+from lmstack.sources import iter_documents
 from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.utils import UserError
 

@@ -16,12 +16,12 @@ import torch
 
 from lmstack.config import ModelConfig
 from lmstack.eval.lm import ModelLM, Reply
-from lmstack.eval.metrics import binom_two_sided, paired_compare, summarize, wilson
+from lmstack.stats import binom_two_sided, paired_compare, summarize, wilson
 from lmstack.eval.run import compare, lm_eval_data, lm_eval_text, resolve_tasks
 from lmstack.eval.tasks import check, load_specs, make_spec, run_task
 from lmstack.model import GPT
 from lmstack.tokenizer import train_tokenizer
-from lmstack.train.checkpoint import save_weights
+from lmstack.modelio import save_weights
 from lmstack.utils import UserError, atomic_write_json
 from test_chat import scripted_chat_model  # noqa: E402  (tests/ is on sys.path under pytest)
 

@@ -4,7 +4,7 @@ errors; then, only where llama-cpp-python is installed (it compiles llama.cpp fr
 several minutes, too long for every CI run), the file loaded in llama.cpp: the same logits and
 greedy tokens as our engine on the same token ids, and the same tokenization of ordinary text.
 
-Tokenizer differences between llama.cpp and ours (see lmstack/to_gguf.py): none in ids, on the
+Tokenizer differences between llama.cpp and ours (see lmstack/export/gguf.py): none in ids, on the
 texts below (nor on the 3,000 documents of a world corpus with runs/small/chat's tokenizer). In
 text: llama.cpp's `llama_detokenize` cleans spaces before punctuation ("a ." -> "a."), and
 llama-cpp-python's `Llama.detokenize` drops a leading space after BOS; `token_to_piece` (token
@@ -25,9 +25,11 @@ from lmstack.cli import main  # noqa: E402
 from lmstack.config import ModelConfig  # noqa: E402
 from lmstack.engine import for_inference, generate  # noqa: E402
 from lmstack.model import GPT, apply_rope, rope_table  # noqa: E402
-from lmstack.to_gguf import CHAT_TEMPLATE, export_gguf, permute, tensor_names, unpermute  # noqa: E402
-from lmstack.tokenizer import SPECIAL_TOKENS, render_chat, train_tokenizer  # noqa: E402
-from lmstack.train.checkpoint import load_model  # noqa: E402
+from lmstack.chatformat import CHAT_TEMPLATE_JINJA as CHAT_TEMPLATE  # noqa: E402
+from lmstack.export.gguf import export_gguf, permute, tensor_names, unpermute  # noqa: E402
+from lmstack.chatformat import render_chat  # noqa: E402
+from lmstack.tokenizer import SPECIAL_TOKENS, train_tokenizer  # noqa: E402
+from lmstack.modelio import load_model  # noqa: E402
 from lmstack.utils import UserError  # noqa: E402
 from test_tokenizer import TRICKY  # noqa: E402  (tests/ is on sys.path under pytest)
 from tiny import fit_windows, save_model_dir  # noqa: E402

@@ -23,7 +23,8 @@ from lmstack.engine import generate_batch  # noqa: E402
 from lmstack.eval import harness  # noqa: E402
 from lmstack.eval.harness import CHAT_MARKER, LmstackLM  # noqa: E402
 from lmstack.model import GPT  # noqa: E402
-from lmstack.tokenizer import render_chat, train_tokenizer  # noqa: E402
+from lmstack.chatformat import render_chat  # noqa: E402
+from lmstack.tokenizer import train_tokenizer  # noqa: E402
 from lmstack.utils import UserError  # noqa: E402
 from tiny import fit_windows, save_model_dir  # noqa: E402  (tests/ is on sys.path)
 

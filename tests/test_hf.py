@@ -16,10 +16,11 @@ transformers = pytest.importorskip("transformers")
 
 from lmstack.config import ModelConfig  # noqa: E402
 from lmstack.engine import generate  # noqa: E402
-from lmstack.hf import export_hf, import_hf, rope_theta  # noqa: E402
+from lmstack.export.hf import export_hf, import_hf, rope_theta  # noqa: E402
 from lmstack.model import GPT  # noqa: E402
-from lmstack.tokenizer import Tokenizer, render_chat, train_tokenizer  # noqa: E402
-from lmstack.train.checkpoint import load_model, save_weights  # noqa: E402
+from lmstack.chatformat import render_chat  # noqa: E402
+from lmstack.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from lmstack.modelio import load_model, save_weights  # noqa: E402
 from lmstack.utils import UserError, atomic_write_json  # noqa: E402
 
 TEXT = ("Ana was born in Paris on 3 May 1990. Bo works at Acme in Rome; he's 41. "

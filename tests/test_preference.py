@@ -11,19 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmstack import modelio
+from lmstack.align import dpo as dpo_mod
+from lmstack.align.dpo import dpo
+from lmstack.align.judge import judge
+from lmstack.align.pairs import PairBatches, load_comparisons, load_pairs, pair_tensors, render_answers, split_pairs
+from lmstack.align.reward import reward_score, reward_train
+from lmstack.chatformat import render_chat
 from lmstack.cli import main
 from lmstack.config import ModelConfig
-from lmstack.eval.run import lineage
 from lmstack.model import GPT
-from lmstack.tokenizer import Tokenizer, render_chat, train_tokenizer
-from lmstack.train import checkpoint
-from lmstack.train import dpo as dpo_mod
-from lmstack.train.dpo import dpo
-from lmstack.train.judge import judge
-from lmstack.train.preference import (PairBatches, load_comparisons, load_pairs, pair_tensors, render_answers,
-                                      split_pairs, world_task)
-from lmstack.train.reward import load_reward_model, reward_score, reward_train
+from lmstack.modelio import lineage
+from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.utils import UserError, atomic_write_json
+from lmstack.world.labeller import task_of as world_task
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,7 +78,7 @@ def sft_dir(root, tok):
     d.mkdir()
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=64)
     torch.manual_seed(0)
-    checkpoint.save_weights(GPT(cfg), d / "model.safetensors")
+    modelio.save_weights(GPT(cfg), d / "model.safetensors")
     atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
     tok.save(d)
     return d
@@ -197,12 +198,12 @@ def test_reward_model_learns_an_easy_preference_and_scores(root, sft_dir, tmp_pa
     weights = load_file(str(out / "model.safetensors"))
     assert weights["score_head.weight"].shape == (1, 32) and "embed_tokens.weight" in weights
 
-    rm = load_reward_model(out)
+    rm = modelio.load_model(out, kind="reward")
     assert not rm.training
-    with pytest.raises(UserError, match="is corrupt or does not match"):
-        checkpoint.load_model(out)  # a reward model is not a chat model
+    with pytest.raises(UserError, match="is a reward model"):
+        modelio.load_model(out)  # a reward model is not a chat model
     with pytest.raises(UserError, match="not a reward model"):
-        load_reward_model(sft_dir)
+        modelio.load_model(sft_dir, kind="reward")
 
     data = write_jsonl(tmp_path / "score.jsonl", [
         {"prompt": "What colour is box 7?", "answer": "Box 7 is red, kindly."},
@@ -253,7 +254,7 @@ def test_dpo_raises_the_margin_with_a_frozen_reference(root, sft_dir, tmp_path, 
     assert not torch.equal(policy.state_dict()["layers.0.mlp.up_proj.weight"], sft_weights["layers.0.mlp.up_proj.weight"])
 
     # the output is a chat model folder that eval / chat / serve accept
-    m = checkpoint.load_model(out)
+    m = modelio.load_model(out)
     assert torch.equal(m.state_dict()["layers.0.mlp.up_proj.weight"], policy.state_dict()["layers.0.mlp.up_proj.weight"])
     assert json.loads((out / "stage.json").read_text())["stage"] == "dpo"
     assert lineage(out)["chat"] is True
@@ -302,7 +303,7 @@ def test_judge_writes_comparisons_the_trainers_read(root, sft_dir, tok, tmp_path
 
     # a judging prompt too long for the judge's context: the answers are cut, not the constitution
     from lmstack.eval.lm import ModelLM
-    from lmstack.train.judge import judging_prompt
+    from lmstack.align.judge import judging_prompt
 
     lm = ModelLM.load(sft_dir)
     lm.ctx = 120  # (only the length budget matters here)
@@ -351,7 +352,7 @@ def test_cli_errors_are_one_line(root, sft_dir, tmp_path, capsys):
 def test_win_rate_labels_both_models_answers_with_the_world(tmp_path, monkeypatch, capsys):
     from lmstack.eval import lm as lm_mod
     from lmstack.eval.lm import Reply
-    from lmstack.train.preference import win_rate, world_prompts
+    from lmstack.eval.winrate import win_rate, world_prompts
     from lmstack.world import generate
 
     generate(tmp_path / "world", people=60, seed=0, progress=False)
@@ -382,9 +383,9 @@ def test_win_rate_labels_both_models_answers_with_the_world(tmp_path, monkeypatc
 
 def test_dpo_objective_nll_term(sft_dir, root, tok):
     """nll_weight adds the chosen answers' mean token NLL per pair; 0 is plain DPO."""
-    from lmstack.train.dpo import DPOObjective, frozen_copy
+    from lmstack.align.dpo import DPOObjective, frozen_copy
 
-    policy = checkpoint.load_model(sft_dir).train()
+    policy = modelio.load_model(sft_dir).train()
     ref = frozen_copy(policy)
     pairs, _ = load_pairs([root / "pairs.jsonl"], tok, 64)
     batch = pair_tensors(pairs[:4], tok.pad_id)
@@ -433,7 +434,7 @@ def test_winrate_cli_errors_are_one_line(root, sft_dir, tmp_path, capsys):
 
 
 def test_grpo_tools_flag_is_the_rl_tools_override(monkeypatch):
-    from lmstack.train import rl
+    from lmstack.align import rl
 
     seen = []
     monkeypatch.setattr(rl, "grpo", lambda model, prompts, reward, out, overrides, resume: seen.append(overrides))

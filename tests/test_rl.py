@@ -9,20 +9,22 @@ import math
 import pytest
 import torch
 
-from lmstack.chat import TURN_ENDS
+from lmstack import modelio
+from lmstack.align import rl as rl_mod
+from lmstack.align import rollout as rollout_mod
+from lmstack.align.rewards import WorldReward, arithmetic, load_reward
+from lmstack.align.rl import GRPOObjective, PolicyValue, grpo, ppo, rl_config, steps_per_phase
+from lmstack.align.rollout import (Reply, Rollout, RolloutBatches, RowRewardScorer, load_prompts, parse_reply, sample,
+                                   tempered_logprobs, tool_registry)
+from lmstack.chatformat import TURN_ENDS
+from lmstack.chatformat import row_prompt as row_messages
 from lmstack.cli import main as cli_main
 from lmstack.config import load_config
 from lmstack.engine import Completion, generate_batch
 from lmstack.model import GPT
 from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.train import checkpoint
-from lmstack.train import rl as rl_mod
-from lmstack.train.loop import train
-from lmstack.train.rewards import WorldReward, arithmetic, load_reward
-from lmstack.train.rl import GRPOObjective, PolicyValue, grpo, ppo, rl_config, steps_per_phase
-from lmstack.train import rollout as rollout_mod
-from lmstack.train.rollout import (Reply, Rollout, RolloutBatches, RowRewardScorer, freeze, load_prompts,
-                                   parse_reply, row_messages, sample, tempered_logprobs, tool_registry)
+from lmstack.train.loop import freeze, train
 from lmstack.utils import UserError
 from lmstack.world import generate
 
@@ -47,8 +49,8 @@ def world(tmp_path_factory):
     cfg = load_config("tiny", [], vocab_size=tok.vocab_size)
     torch.manual_seed(0)
     out = root / "chat"
-    checkpoint.write_run_files(out, cfg.to_dict(), root / "tok" / "tokenizer.json")
-    checkpoint.save_weights(GPT(cfg.model), out / "model.safetensors")
+    modelio.write_run_files(out, cfg.to_dict(), root / "tok" / "tokenizer.json")
+    modelio.save_weights(GPT(cfg.model), out / "model.safetensors")
     rows = [json.loads(line) for line in open(root / "world" / "probes" / "arithmetic.jsonl")][:48]
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
@@ -60,7 +62,7 @@ def tok(world):
 
 
 def render_prompt(tok, text):
-    from lmstack.tokenizer import render_chat
+    from lmstack.chatformat import render_chat
 
     return render_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)[0]
 
@@ -101,10 +103,10 @@ def test_arithmetic_and_world_rewards(world):
 
 
 def test_reward_spec_errors_are_one_line(world, capsys):
-    assert load_reward("python:lmstack.train.rewards:arithmetic") is arithmetic
+    assert load_reward("python:lmstack.align.rewards:arithmetic") is arithmetic
     for spec, match in [("python:nope_not_a_module:fn", "cannot import module 'nope_not_a_module'"),
-                        ("python:lmstack.train.rewards:nope", "has no attribute 'nope'"),
-                        ("python:lmstack.train.rewards:BUILTIN", "is not callable"),
+                        ("python:lmstack.align.rewards:nope", "has no attribute 'nope'"),
+                        ("python:lmstack.align.rewards:BUILTIN", "is not callable"),
                         ("python:onlymodule", "python:MODULE:FUNCTION"), ("bogus", "unknown --reward")]:
         with pytest.raises(UserError, match=match) as e:
             load_reward(spec)
@@ -145,7 +147,7 @@ def test_prompt_rows_and_replies(tok, tmp_path):
 
 
 def test_config_batch_mapping(world):
-    m = checkpoint.load_model(world / "chat").cfg
+    m = modelio.load_model(world / "chat").cfg
     cfg = rl_config("grpo", FAST, m)
     assert cfg.train.batch_tokens == 16 * 32 and steps_per_phase(cfg) == 2  # 16 rollouts, 2 epochs
     cfg = rl_config("grpo", FAST + ["train.batch_tokens=256"], m)
@@ -167,11 +169,11 @@ def test_config_batch_mapping(world):
 # --------------------------------------------------------------------------- rollouts and the reference
 
 def _batches(world, tok, kind="grpo", overrides=()):
-    base = checkpoint.load_model(world / "chat")
+    base = modelio.load_model(world / "chat")
     cfg = rl_config(kind, FAST + list(overrides), base.cfg)
     prompts, _ = load_prompts(world / "prompts.jsonl", tok, cfg.train.seq_len - cfg.rl.max_new_tokens)
     policy = (PolicyValue.from_gpt(base) if kind == "ppo" else base).train()
-    ref = freeze(checkpoint.load_model(world / "chat"))
+    ref = freeze(modelio.load_model(world / "chat"))
     scorer = RowRewardScorer(vowels)
     return cfg, policy, ref, RolloutBatches(kind, policy, ref, tok, prompts, scorer, cfg)
 
@@ -304,7 +306,7 @@ def test_ppo_rewards_kl_penalty_and_score_at_the_last_token(world, tok):
 
 
 def test_policy_value_is_the_gpt_plus_a_head(world):
-    gpt = checkpoint.load_model(world / "chat")
+    gpt = modelio.load_model(world / "chat")
     pv = PolicyValue.from_gpt(gpt)
     x = torch.randint(0, gpt.cfg.vocab_size, (2, 10))
     with torch.no_grad():
@@ -327,7 +329,7 @@ def test_grpo_raises_a_toy_reward(world, tmp_path):
     stage = json.loads((out / "stage.json").read_text())
     assert stage["stage"] == "grpo" and stage["chat"] and stage["base"] == str(world / "chat")
     assert res["heldout"]["after"]["n"] == stage["heldout_prompts"] > 0
-    checkpoint.load_model(out)  # a plain model folder
+    modelio.load_model(out)  # a plain model folder
 
 
 def test_ppo_end_to_end_with_a_stand_in_reward(world, tmp_path):
@@ -339,7 +341,7 @@ def test_ppo_end_to_end_with_a_stand_in_reward(world, tmp_path):
                 "value_mean"):
         assert key in last and math.isfinite(last[key]), key
     # the folder is a chat model (policy alone); the value head sits beside it
-    checkpoint.load_model(out)
+    modelio.load_model(out)
     from safetensors.torch import load_file
     assert set(load_file(str(out / "value_head.safetensors"))) == {"value_head.weight", "value_head.bias"}
     stage = json.loads((out / "stage.json").read_text())

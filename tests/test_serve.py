@@ -16,9 +16,10 @@ import torch
 from lmstack.config import ModelConfig
 from lmstack.engine import generate
 from lmstack.model import GPT
-from lmstack.serve.api import Limits
+from lmstack.serve.protocol import Limits
 from lmstack.serve.server import build
-from lmstack.tokenizer import Tokenizer, render_chat, train_tokenizer
+from lmstack.chatformat import render_chat
+from lmstack.tokenizer import Tokenizer, train_tokenizer
 from tiny import LiveServer, fit_sequences, save_model_dir  # noqa: E402  (tests/ is on sys.path)
 
 openai = pytest.importorskip("openai")
@@ -72,7 +73,7 @@ def client(live):
 
 @pytest.fixture(scope="module")
 def engine_model(model_dir):
-    from lmstack.train.checkpoint import load_model
+    from lmstack.modelio import load_model
 
     return load_model(model_dir), Tokenizer.load(model_dir)
 
@@ -80,7 +81,7 @@ def engine_model(model_dir):
 def greedy_chat(engine_model, text, max_tokens):
     model, tok = engine_model
     ids, _ = render_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
-    from lmstack.chat import TURN_ENDS
+    from lmstack.chatformat import TURN_ENDS
 
     new = generate(model, ids, max_tokens, temperature=0.0, stop_ids={tok.special_ids[t] for t in TURN_ENDS})
     ends = {tok.special_ids[t] for t in TURN_ENDS}

@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from lmstack.config import load_config
+from lmstack.config import load_config, stage_config
 from lmstack.data import prepare
 from lmstack.model import GPT
-from lmstack.tokenizer import SPECIAL_TOKENS, ChatFormatError, Tokenizer, render_chat, train_tokenizer
+from lmstack.chatformat import ChatFormatError, render_chat
+from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from lmstack import modelio
 from lmstack.train import checkpoint
 from lmstack.train.objectives import token_losses
 from lmstack.train.sft import (PackedBatches, describe_skipped, iter_val_batches, load_docs, pack, packed_loss,
-                               render_row, sft, sft_config, split_val, window_tensors)
+                               render_row, sft, split_val, window_tensors)
 from lmstack.utils import UserError
 from lmstack.world import generate
 
@@ -61,8 +63,8 @@ def base(world, tok):
     torch.manual_seed(0)
     model = GPT(cfg.model)
     out = world / "base"
-    checkpoint.write_run_files(out, cfg.to_dict(), world / "tok" / "tokenizer.json")
-    checkpoint.save_weights(model, out / "model.safetensors")
+    modelio.write_run_files(out, cfg.to_dict(), world / "tok" / "tokenizer.json")
+    modelio.save_weights(model, out / "model.safetensors")
     return out
 
 
@@ -309,7 +311,7 @@ def test_sft_trains_and_writes_a_model_folder(world, base, tmp_path, capsys):
     assert info["rows"]["messages"] > 300 and info["val_rows"] == sum(info["rows"].values()) // 50
     printed = capsys.readouterr().out
     assert "sft data:" in printed and "held out for validation" in printed
-    checkpoint.load_model(out)  # sample / chat / eval open it like any model folder
+    modelio.load_model(out)  # sample / chat / eval open it like any model folder
 
 
 class Interrupt:
@@ -355,15 +357,15 @@ def test_exact_resume(world, base, tmp_path, monkeypatch):
 
 
 def test_config_comes_from_the_base(base):
-    model_cfg = checkpoint.load_model(base).cfg
-    cfg = sft_config("sft", [], model_cfg)
+    model_cfg = modelio.load_model(base).cfg
+    cfg = stage_config("sft", [], model_cfg, "SFT")
     # the preset is for a 256-token context; the tiny base has 128: same sequences per step
     assert cfg.train.seq_len == 128 and cfg.train.batch_tokens == 4096 and cfg.model == model_cfg
     assert cfg.optim.lr < load_config("small").optim.lr
     with pytest.raises(UserError, match="model.n_layer"):
-        sft_config("sft", ["model.n_layer=3"], model_cfg)
+        stage_config("sft", ["model.n_layer=3"], model_cfg, "SFT")
     with pytest.raises(UserError, match="seq_len"):
-        sft_config("sft", ["train.seq_len=256", "train.batch_tokens=4096"], model_cfg)
+        stage_config("sft", ["train.seq_len=256", "train.batch_tokens=4096"], model_cfg, "SFT")
 
 
 def test_sft_errors(world, base, tmp_path):

@@ -15,10 +15,13 @@ from lmstack.config import OptimConfig, load_config
 from lmstack.data import TokenBatches, prepare
 from lmstack.model import GPT
 from lmstack.tokenizer import train_tokenizer
+from lmstack import modelio
 from lmstack.train import checkpoint
 from lmstack.train.loop import lr_at, train
-from lmstack.train.objectives import next_token_loss, target_bytes
-from lmstack.train.pretrain import pretrain, sample
+from lmstack.chat import sample
+from lmstack.data import target_bytes
+from lmstack.train.objectives import next_token_loss
+from lmstack.train.pretrain import pretrain
 from lmstack.utils import UserError
 
 torch.set_num_threads(2)
@@ -195,7 +198,7 @@ def test_checkpoint_is_atomic(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     pretrain("tiny", str(data_dir), str(out), overrides=FAST[:1] + ["train.max_steps=4"] + FAST[1:])
     before = load_file(out / "model.safetensors")
-    model = checkpoint.load_model(out)
+    model = modelio.load_model(out)
     opt = torch.optim.AdamW(model.parameters())
     with torch.no_grad():
         for p in model.parameters():
@@ -210,7 +213,7 @@ def test_checkpoint_is_atomic(data_dir, tmp_path, monkeypatch):
     assert not list((out / "state").glob(".*"))  # the temporary folder is gone
     after = load_file(out / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
-    reloaded = checkpoint.load_model(out)
+    reloaded = modelio.load_model(out)
     assert torch.equal(reloaded.embed_tokens.weight, before["embed_tokens.weight"])
     state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(out), reloaded)
     assert state["step"] == 4 and state["data"] == {"step": 4 * 2}
@@ -218,15 +221,15 @@ def test_checkpoint_is_atomic(data_dir, tmp_path, monkeypatch):
 
 def test_load_model_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        checkpoint.load_model(tmp_path / "nope")
+        modelio.load_model(tmp_path / "nope")
     (tmp_path / "m").mkdir()
     with pytest.raises(UserError, match="no config.json"):
-        checkpoint.load_model(tmp_path / "m")
+        modelio.load_model(tmp_path / "m")
     cfg = load_config("tiny", [], vocab_size=50).to_dict()["model"]
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
     with pytest.raises(UserError, match="corrupt"):
-        checkpoint.load_model(tmp_path / "m")
+        modelio.load_model(tmp_path / "m")
 
 
 def test_lr_schedules():

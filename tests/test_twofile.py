@@ -23,16 +23,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lmstack.chat import TURN_ENDS, chat_completion
+from lmstack.chat import chat_completion
+from lmstack.chatformat import TURN_ENDS
 from lmstack.cli import main as cli_main
 from lmstack.config import ModelConfig
 from lmstack.engine import for_inference, generate
 from lmstack.model import GPT
-from lmstack.standalone import run as runpy_module
-from lmstack.tokenizer import Tokenizer, render_chat, train_tokenizer
+from lmstack.export import run as runpy_module
+from lmstack.chatformat import render_chat
+from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.tools import calculator, default_registry
-from lmstack.train.checkpoint import load_model, save_weights
-from lmstack.twofile import export_twofile
+from lmstack.modelio import load_model, save_weights
+from lmstack.export.twofile import export_twofile
 from lmstack.utils import atomic_write_json
 from tiny import fit_windows, save_model_dir  # noqa: E402  (tests/ is on sys.path)
 

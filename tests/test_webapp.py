@@ -17,7 +17,8 @@ from lmstack.config import ModelConfig
 from lmstack.model import GPT
 from lmstack.serve.db import export
 from lmstack.serve.server import build
-from lmstack.tokenizer import Tokenizer, render_chat, train_tokenizer
+from lmstack.chatformat import render_chat
+from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.tools import default_registry
 from tiny import LiveServer, fit_sequences, save_model_dir  # noqa: E402  (tests/ is on sys.path)
 from lmstack.train.sft import load_docs

@@ -9,7 +9,7 @@ import socket
 
 import torch
 
-from lmstack.train.checkpoint import save_weights
+from lmstack.modelio import save_weights
 from lmstack.utils import atomic_write_json
 
 

@@ -25,7 +25,7 @@ device (auto | cpu | cuda | cuda:N), batch_size, max_gen_toks (default 256).
 Chat templates (`--apply_chat_template`): lm_eval builds a prompt string from the messages, but
 lmstack's chat format is special tokens that no string can spell (user text never encodes to
 them). So `apply_chat_template` returns a marker string, CHAT_MARKER + the messages as JSON, and
-the three methods turn it into ids with `lmstack.tokenizer.render_chat`. Text after the JSON,
+the three methods turn it into ids with the model's chat format (`ChatFormat.render`). Text after the JSON,
 and an unclosed last assistant message (lm_eval's gen_prefix), continue the assistant's turn.
 """
 
@@ -40,10 +40,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lmstack.chat import TURN_ENDS
 from lmstack.engine import generate_batch
 from lmstack.eval.lm import ModelLM
-from lmstack.tokenizer import render_chat
 from lmstack.utils import UserError
 
 try:
@@ -123,8 +121,7 @@ class LmstackLM(LM):
                                batch_size=_batch_size(batch_size))
         self.max_gen_toks = int(max_gen_toks)
         self._device = self.lm.device
-        sid = self.lm.tok.special_ids
-        self.stop_ids = tuple(sorted({sid[t] for t in TURN_ENDS}))  # any special token ends a reply
+        self.stop_ids = tuple(sorted(self.lm.fmt.stop_ids))  # any token that ends a turn ends a reply
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
@@ -156,11 +153,11 @@ class LmstackLM(LM):
         return f"lmstack:{self.model_dir}"  # keys lm_eval's request cache
 
     def chat_template(self, chat_template=False) -> str:
-        # lm_eval only records this string with the results.
-        return "lmstack.tokenizer.render_chat: <|bos|> (<|role|> content <|end|>)* <|assistant|>"
+        # lm_eval only records this string with the results: the format's Jinja twin.
+        return self.lm.fmt.jinja
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
-        """Messages -> CHAT_MARKER + JSON; `_prompt` renders it with render_chat."""
+        """Messages -> CHAT_MARKER + JSON; `_prompt` renders it with the model's chat format."""
         return CHAT_MARKER + json.dumps({"messages": list(chat_history),
                                          "add_generation_prompt": bool(add_generation_prompt)},
                                         ensure_ascii=False)
@@ -179,10 +176,10 @@ class LmstackLM(LM):
             # The assistant's reply is open (lm_eval's gen_prefix): no <|end|> after it.
             text = (messages[-1].get("content") or "") + text
             messages = messages[:-1]
-            ids = (render_chat(tok, messages, add_generation_prompt=True)[0] if messages
+            ids = (self.lm.fmt.render(messages, add_generation_prompt=True)[0] if messages
                    else [tok.bos_id, tok.special_ids["<|assistant|>"]])
         else:
-            ids = render_chat(tok, messages, add_generation_prompt=chat["add_generation_prompt"])[0]
+            ids = self.lm.fmt.render(messages, add_generation_prompt=chat["add_generation_prompt"])[0]
         return ids, text
 
     # --- scoring ------------------------------------------------------------------------------

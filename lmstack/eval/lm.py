@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmstack.chat import TURN_ENDS, parse_tool_call
+from lmstack.chatformat import ToolLoop, chat_format
+from lmstack.device import pick_device
 from lmstack.engine import for_inference, generate_batch
-from lmstack.tokenizer import Tokenizer, render_chat
+from lmstack.modelio import load_model_and_tokenizer
+from lmstack.tokenizer import Tokenizer
 from lmstack.utils import UserError
 
 
@@ -37,19 +39,13 @@ class ModelLM:
 
     def __init__(self, model, tok: Tokenizer, batch_size: int = 32, name: str = "model"):
         self.model, self.tok, self.batch_size, self.name = model, tok, batch_size, name
+        self.fmt = chat_format(tok)
         self.ctx = model.cfg.max_seq_len
         self.device = next(model.parameters()).device
 
     @classmethod
     def load(cls, model_dir, dtype: str = "auto", device: str = "auto", batch_size: int = 32) -> "ModelLM":
-        from lmstack import distributed
-        from lmstack.train import checkpoint
-
-        net = checkpoint.load_model(model_dir, distributed.pick_device(device))
-        tok = Tokenizer.load(model_dir)
-        if tok.vocab_size > net.cfg.vocab_size:
-            raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the model only "
-                            f"{net.cfg.vocab_size}")
+        net, tok = load_model_and_tokenizer(model_dir, pick_device(device))
         return cls(for_inference(net, dtype), tok, batch_size, name=str(model_dir))
 
     @property
@@ -149,57 +145,13 @@ class ModelLM:
     def chat(self, conversations: list[list[dict]], max_tokens: int = 64, tools=None,
              max_tool_rounds: int = 2, temperature: float = 0.0, seed: int = 0) -> list[Reply]:
         """One assistant turn for each conversation, batched (greedy, or sampled at `temperature`
-        with `seed`). With a tool registry, the
-        rows that called a tool get its result and continue, together, for up to
-        `max_tool_rounds` more rounds (as `lmstack.chat.stream_chat` does for one)."""
-        sid = self.tok.special_ids
-        end, open_id, close_id = sid["<|end|>"], sid["<|tool_call|>"], sid["<|/tool_call|>"]
-        stops = {sid[t] for t in TURN_ENDS}
-        histories = [list(c) for c in conversations]
-        replies = [Reply("", False) for _ in conversations]
-        todo = list(range(len(conversations)))
-        for round_ in range(max_tool_rounds + 1):
-            if not todo:
-                break
-            prompts = [render_chat(self.tok, histories[i], add_generation_prompt=True)[0] for i in todo]
-            results = self.generate(prompts, max_tokens, stop_ids=stops, temperature=temperature,
-                                    seed=seed + 7919 * round_)
-            again = []
+        with `seed`). With a tool registry, the rows that called a tool get its result and
+        continue, together, for up to `max_tool_rounds` more rounds (THE tool loop, as
+        `lmstack.chat.stream_chat` runs it for one)."""
+        loop = ToolLoop(self.fmt, conversations, tools, max_tool_rounds, max_tokens)
+        while todo := loop.next_round():
+            results = self.generate([loop.prompt(i) for i in todo], max_tokens, stop_ids=self.fmt.stop_ids,
+                                    temperature=temperature, seed=seed + 7919 * loop.round)
             for i, c in zip(todo, results):
-                text, calls = split_calls(self.tok, c.ids, open_id, close_id, f"call_{round_}")
-                msg = {"role": "assistant", "content": text}
-                if calls:
-                    msg["tool_calls"] = calls
-                r = replies[i]
-                r.text, r.closed = text, c.stop == end
-                r.messages.append(msg)
-                histories[i].append(msg)
-                if calls and tools is not None and round_ < max_tool_rounds:
-                    for call in calls:
-                        fn = call["function"]
-                        result = tools.call(fn["name"], fn["arguments"])
-                        tool_msg = {"role": "tool", "tool_call_id": call["id"], "content": result or "(empty)"}
-                        r.messages.append(tool_msg)
-                        histories[i].append(tool_msg)
-                    r.tool_calls += len(calls)
-                    again.append(i)
-            todo = again
-        return replies
-
-
-def split_calls(tok: Tokenizer, ids: list[int], open_id: int, close_id: int, prefix: str):
-    """A reply's ids -> (its text outside tool calls, the parsable tool calls in it)."""
-    text_ids, calls, call, inside = [], [], [], False
-    for t in ids:
-        if t == open_id:
-            inside, call = True, []
-        elif t == close_id and inside:
-            inside = False
-            parsed = parse_tool_call(tok.decode(call), f"{prefix}_{len(calls)}")
-            if parsed is not None:
-                calls.append(parsed)
-        elif inside:
-            call.append(t)
-        else:
-            text_ids.append(t)
-    return tok.decode(text_ids, skip_special=True), calls
+                loop.add(i, c.ids, c.stop, c.finish_reason)
+        return [Reply(t.text, t.closed, t.new, t.ran) for t in loop.turns]

@@ -21,6 +21,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
+from lmstack.config import model_config_from_dict
+from lmstack.eval.run import environment, rows
+from lmstack.model import GPT
 from lmstack.utils import UserError, atomic_write_text, read_json
 
 STAGE_DIRS = {"pretrain": "base", "sft": "chat", "reward": "rm"}  # speedrun stage name -> its model folder
@@ -87,11 +92,6 @@ def costs(st: dict) -> dict:
            "tok_per_s": _median([r.get("tok_per_s") for r in tr]), "mfu": _median([r.get("mfu") for r in tr]),
            "flops": None, "params": None, "params_ne": None}
     if st["config"]:
-        import torch
-
-        from lmstack.config import model_config_from_dict
-        from lmstack.model import GPT
-
         try:
             cfg = model_config_from_dict(st["config"])
         except UserError:
@@ -153,8 +153,6 @@ def _qualifier(task: dict) -> str:
 
 def task_rows(stages: list[dict]) -> list[list[str]]:
     """Task | chance | one cell per stage; slices indented under their task; then lm and format."""
-    from lmstack.eval.run import rows
-
     cells: dict[tuple, dict] = {}  # (task, slice) -> {stage: summary}, in first-seen order
     info: dict[str, dict] = {}
     for st in stages:
@@ -413,8 +411,6 @@ def report(run, out=None) -> Path:
     if newest:
         env, where = newest["environment"], f"as recorded by the newest eval ({newest.get('time', '?')})"
     else:
-        from lmstack.eval.run import environment
-
         env, where = environment(), "of the machine writing this report"
     md += ["## Environment", "", f"Environment {where}:", ""]
     md += [f"- {k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in env.items()]

@@ -21,52 +21,17 @@ from pathlib import Path
 
 import torch
 
+import lmstack
+from lmstack.data import iter_eval_windows, target_bytes
 from lmstack.eval.lm import ModelLM
-from lmstack.eval.metrics import bits_per_byte, paired_compare
 from lmstack.eval.tasks import TaskSpec, load_specs, run_task
+from lmstack.modelio import lineage
+from lmstack.sources import iter_documents
+from lmstack.stats import bits_per_byte, paired_compare, summarize
 from lmstack.utils import UserError, atomic_write_json, read_json
 
 WORLD_SPEC = Path(__file__).with_name("world.toml")
 LM_TASK = "lm"  # the name of the language-modelling measurement in --tasks and in results
-
-
-# --- where a model came from ----------------------------------------------------------------
-
-def _world_above(path) -> Path | None:
-    """The folder holding world.json at or above a file (e.g. WORLD/pretrain.jsonl)."""
-    p = Path(path)
-    for d in [p, *p.parents][:3]:
-        if (d / "world.json").is_file():
-            return d
-    return None
-
-
-def lineage(model_dir) -> dict:
-    """What a model folder says about its training: {"chat": trained on conversations,
-    "data": its pretraining token shards (if still there), "world": the synthetic world
-    it was trained on (if any)}. Paths are as recorded (relative to where training ran)."""
-    d = Path(model_dir)
-    info = {"chat": False, "data": None, "world": None}
-    for _ in range(8):  # follow base -> base (SFT of an SFT, later stages)
-        sft = read_json(d / "sft.json")
-        if sft is None:
-            stage = read_json(d / "stage.json")  # later stages (preference training) record their base
-            if stage and stage.get("base"):
-                info["chat"] = info["chat"] or bool(stage.get("chat", True))
-                d = Path(stage["base"])
-                continue
-            break
-        info["chat"] = True
-        for f in sft.get("data") or []:
-            info["world"] = info["world"] or _world_above(f)
-        d = Path(sft["base"])
-    run = read_json(d / "run.json") or {}
-    data = (run.get("data") or {}).get("dir")
-    if data and (Path(data) / "manifest.json").is_file():
-        info["data"] = Path(data)
-        for f in (read_json(Path(data) / "manifest.json") or {}).get("inputs", []):
-            info["world"] = info["world"] or _world_above(f)
-    return info
 
 
 # --- language modelling ---------------------------------------------------------------------
@@ -75,9 +40,6 @@ def lineage(model_dir) -> dict:
 def lm_eval_data(lm: ModelLM, data_dir, split: str = "val", max_tokens: int = 1_000_000) -> dict:
     """Loss per token and bits per byte on a prepared split (`lmstack data prepare`), over
     consecutive windows of the model's context (at most max_tokens predicted tokens)."""
-    from lmstack.data import iter_eval_windows
-    from lmstack.train.objectives import target_bytes
-
     tb = torch.tensor(lm.tok.token_bytes(), dtype=torch.int64)
     seq = lm.ctx
     nats, ntok, nbytes = 0.0, 0, 0
@@ -95,8 +57,6 @@ def lm_eval_data(lm: ModelLM, data_dir, split: str = "val", max_tokens: int = 1_
 def lm_eval_text(lm: ModelLM, inputs, text_field: str = "text", max_docs: int | None = None) -> dict:
     """Loss per token and bits per byte on documents (text/markdown/jsonl/parquet files or
     folders), each scored on its own from BOS, every token once (rolling windows)."""
-    from lmstack.data import iter_documents
-
     docs, nbytes = [], 0
     for text in iter_documents(inputs, text_field):
         if not text:
@@ -150,8 +110,6 @@ def resolve_tasks(tasks, world, chat: bool) -> tuple[list[TaskSpec], bool]:
 
 
 def environment() -> dict:
-    import lmstack
-
     env = {"python": platform.python_version(), "torch": torch.__version__, "lmstack": lmstack.__version__,
            "platform": platform.platform(), "cpu": _cpu_name(), "cores": torch.get_num_threads()}
     if torch.cuda.is_available():
@@ -207,8 +165,6 @@ def evaluate(model, tasks=None, world=None, data=None, text=None, out=None, limi
             print(f"  {spec.name:18s} {_pct(r['acc'])} of {r['n']} ({r['seconds']:.0f}s)", flush=True)
     chat_items = [it["closed"] for r in results["tasks"].values() for it in r["items"] if "closed" in it]
     if chat_items:
-        from lmstack.eval.metrics import summarize
-
         results["format"] = summarize(chat_items)  # chat-format compliance over every chat reply
     results["seconds"] = round(time.time() - t0, 1)
     if out is None and model_dir.is_dir():

@@ -24,7 +24,7 @@ A spec is a TOML table (a file holds a list of them as [[task]]); no code needed
     slices = ["continent"]           # also score each value of these fields ("a+b" crosses two)
 
 See SPEC_FIELDS for every field. The world's own tasks are defined the same way
-(lmstack/eval/tasks/world.toml).
+(lmstack/eval/world.toml).
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from lmstack.eval.metrics import summarize
+from lmstack.config import tomllib
+from lmstack.stats import summarize
+from lmstack.tools import default_registry
 from lmstack.utils import UserError
+from lmstack.world import labeller
 
 CHECKS = ("contains", "exact", "number", "regex", "refusal", "idk", "hallucination")
 
@@ -134,8 +137,6 @@ def make_spec(table: dict, where: str, base: Path | None = None, world: str | No
 
 def load_specs(path, world: str | None = None) -> list[TaskSpec]:
     """All [[task]] tables of a TOML spec file (or a single task table)."""
-    from lmstack.config import tomllib
-
     path = Path(path)
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -232,8 +233,6 @@ def _slice_keys(row: dict, spec: TaskSpec) -> list[str]:
 # --- the checkers -------------------------------------------------------------------------------
 
 def check(kind: str, reply: str, answers: list[str]) -> bool:
-    from lmstack.world import labeller
-
     if kind == "contains":
         t = reply.casefold()
         return any(re.search(r"(?<!\w)" + re.escape(a.casefold()) + r"(?!\w)", t) for a in answers if a)
@@ -279,11 +278,9 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
             opts, right = _options(row, spec, line)
             prompt = _fill(spec.prompt, row, spec, line)
             if spec.format == "chat":
-                from lmstack.tokenizer import render_chat
-
                 msgs = ([{"role": "system", "content": _fill(spec.system, row, spec, line)}] if spec.system else [])
                 msgs.append({"role": "user", "content": prompt})
-                head = render_chat(lm.tok, msgs, add_generation_prompt=True)[0]
+                head = lm.fmt.render(msgs, add_generation_prompt=True)[0]
                 context = _fill(spec.reply_prefix, row, spec, line)
             else:
                 head, context = None, prompt
@@ -316,8 +313,6 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
                 convs.append(msgs + [{"role": "user", "content": _fill(spec.prompt, row, spec, line)}])
             registry = None
             if spec.tools:
-                from lmstack.tools import default_registry
-
                 registry = tools or default_registry()
                 missing = [t for t in spec.tools if t not in registry.names()]
                 if missing:

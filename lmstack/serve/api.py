@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI), over the continuous batcher.
 
     GET  /v1/models                 the one model served
-    POST /v1/chat/completions       messages -> reply (THE chat template); stream (SSE), n, stop,
+    POST /v1/chat/completions       messages -> reply (the model's chat format); stream (SSE), n, stop,
                                     seed, logprobs, tools -> tool_calls
     POST /v1/completions            text or token-id prompts -> continuation; echo + logprobs
                                     (what `lm_eval --model local-completions` needs)
@@ -11,133 +11,28 @@
 Every prompt starts with BOS (added unless a token-id prompt already starts with it); echo and
 logprobs report only the caller's tokens. Errors have OpenAI's shape
 {"error": {"message", "type", "param", "code"}} and a 4xx status; the server keeps serving.
-The web app and the feedback API (lmstack/serve/webapp.py) are mounted on the same app.
+What the routes run is in generation.py (between HTTP and the batcher); server.py puts the
+web app's routes (webapp.py) beside these on the same app.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import time
 import uuid
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from lmstack.chat import TURN_ENDS, parse_tool_call
-from lmstack.serve.batcher import Batcher, GenRequest
+from lmstack.chatformat import ChatFormatError
+from lmstack.serve.generation import Batch, Choice, Server
 from lmstack.serve.protocol import (APIError, BodyLimit, ChatRequest, CompletionRequest, DetokenizeRequest,
-                                    Limits, TokenizeRequest, error_body)
-from lmstack.tokenizer import ChatFormatError, SPECIAL_TOKENS, render_chat
-
-
-# --- one choice's output -------------------------------------------------------------------
-
-class _Choice:
-    """Collects one row's Deltas: text, tool calls (chat), log-probs, finish reason."""
-
-    def __init__(self, server: "Server", index: int, chat: bool):
-        self.s, self.index, self.chat = server, index, chat
-        self.content, self.calls, self.call_ids, self.in_call = "", [], [], False
-        self.tokens: list[int] = []
-        self.logprobs: list[float] = []
-        self.top: list = []
-        self.finish: str | None = None
-        self.prompt_lp = None
-
-    def push(self, d) -> str:
-        """A Delta -> the new visible text (tool-call JSON is not text)."""
-        if d.token is not None:
-            self.tokens.append(d.token)
-            if d.logprob is not None:
-                self.logprobs.append(d.logprob)
-                self.top.append(d.top_logprobs or [])
-        text = d.text
-        if self.chat:
-            if d.token == self.s.open_id:
-                self.in_call, self.call_ids = True, []
-            elif d.token == self.s.close_id and self.in_call:
-                self.in_call, text = False, ""
-                call = parse_tool_call(self.s.tok.decode(self.call_ids), f"call_{uuid.uuid4().hex[:12]}")
-                if call is not None:
-                    self.calls.append(call)
-            elif self.in_call:
-                text = ""
-                if d.token is not None:
-                    self.call_ids.append(d.token)
-        self.content += text
-        if d.finish_reason is not None:
-            self.finish = d.finish_reason
-        return text
-
-    def finish_reason(self, tools: bool) -> str:
-        if self.calls and tools:
-            return "tool_calls"
-        return "length" if self.finish == "length" else "stop"
-
-
-class Server:
-    """The model behind the API: tokenizer, batcher, limits, optional API key and database."""
-
-    def __init__(self, model, tok, name: str, api_key: str | None = None, db=None, limits: Limits | None = None,
-                 slots: int = 16):
-        self.model, self.tok, self.name = model, tok, name
-        self.api_key, self.db = api_key, db
-        self.limits = limits or Limits()
-        self.ctx = model.cfg.max_seq_len
-        self.max_prompt = min(self.limits.max_prompt_tokens or self.ctx - 1, self.ctx - 1)
-        self.batcher = Batcher(model, tok, slots)
-        sid = tok.special_ids
-        self.open_id, self.close_id = sid["<|tool_call|>"], sid["<|/tool_call|>"]
-        self.chat_stops = frozenset(sid[t] for t in TURN_ENDS)
-        self.text_stops = frozenset({tok.eos_id, tok.bos_id})
-        self.created = int(time.time())
-
-    # --- checks ----------------------------------------------------------------------------
-
-    def check_model(self, name: str) -> None:
-        if name != self.name:
-            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.name}`)",
-                           "invalid_request_error", "model", "model_not_found")
-
-    def check_common(self, body) -> list[str]:
-        if body.n > self.limits.max_n:
-            raise APIError(400, f"n is {body.n}; at most {self.limits.max_n} choices per request", param="n")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(body, name):
-                raise APIError(400, f"{name} is not supported (only 0)", param=name)
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4 or any(not isinstance(s, str) or not s for s in stop):
-            raise APIError(400, "stop must be a non-empty string or a list of at most 4 of them", param="stop")
-        return stop
-
-    def check_prompt(self, ids: list[int]) -> None:
-        if len(ids) > self.max_prompt:
-            raise APIError(400, f"This model's maximum context length is {self.ctx} tokens; the prompt is "
-                           f"{len(ids)} tokens (at most {self.max_prompt} here)", param="messages",
-                           code="context_length_exceeded")
-
-    def room(self, ids: list[int], asked: int | None) -> int:
-        if asked is not None and asked > self.limits.max_tokens:
-            raise APIError(400, f"max_tokens is {asked}; at most {self.limits.max_tokens} here", param="max_tokens")
-        room = self.ctx - len(ids)
-        return min(room, asked if asked is not None else self.limits.max_tokens)
-
-    # --- running requests ------------------------------------------------------------------
-
-    def start(self, prompt, max_tokens, body, stops, stop_ids, index, loop, queue, logprobs=False, top=0,
-              prompt_logprobs=None) -> GenRequest:
-        seed = None if body.seed is None else body.seed + index
-        req = GenRequest(prompt=prompt, max_tokens=max_tokens, temperature=body.temperature,
-                         top_p=body.top_p if body.top_p < 1 else None, seed=seed, stop_ids=stop_ids,
-                         stop_strings=tuple(stops), logprobs=logprobs, top_logprobs=top,
-                         prompt_logprobs=prompt_logprobs, deadline=time.monotonic() + self.limits.request_timeout,
-                         on_event=lambda ev, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))
-        self.batcher.submit(req)
-        return req
+                                    TokenizeRequest, error_body)
+from lmstack.tokenizer import SPECIAL_TOKENS
 
 
 def _now_id(prefix: str) -> str:
@@ -157,40 +52,12 @@ def _content_text(msg: dict, i: int) -> dict:
     return msg
 
 
-async def _events(server: Server, queue: asyncio.Queue, reqs: list[GenRequest], request: Request):
-    """Yield (choice index, event) until every request has finished; a client that goes away
-    cancels its requests (their slots are freed at the next step)."""
-    pending = len(reqs)
-    try:
-        while pending:
-            try:
-                i, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
-            if isinstance(ev, tuple):
-                if ev[0] == "error":
-                    raise APIError(500, f"generation failed: {ev[1]}", "server_error")
-                yield i, ev
-                continue
-            if ev.finish_reason == "timeout":
-                raise APIError(408, f"the request took longer than {server.limits.request_timeout:g} s",
-                               "timeout", code="timeout")
-            if ev.finish_reason is not None:
-                pending -= 1
-            yield i, ev
-    finally:
-        for r in reqs:
-            r.cancelled = True  # no-op for finished rows; frees the slot of abandoned ones
-
-
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(server: Server, webapp: bool = True) -> FastAPI:
-    from contextlib import asynccontextmanager
+def create_app(server: Server) -> FastAPI:
+    """The API's app for a server (the web app's routes are added beside them by server.py)."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -271,19 +138,15 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
             raise APIError(400, "messages must not be empty", param="messages")
         if len(body.messages) > server.limits.max_messages:
             raise APIError(400, f"{len(body.messages)} messages; at most {server.limits.max_messages}", param="messages")
-        messages = [_content_text(m, i) for i, m in enumerate(body.messages)]
-        try:
-            ids, _ = render_chat(server.tok, messages, add_generation_prompt=True)
-        except ChatFormatError as e:
-            raise APIError(400, str(e), param="messages") from None
-        server.check_prompt(ids)
+        ids = server.chat_prompt([_content_text(m, i) for i, m in enumerate(body.messages)])
         max_tokens = server.room(ids, body.max_completion_tokens or body.max_tokens)
         tools = bool(body.tools) and body.tool_choice != "none"
         top = body.top_logprobs or 0
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        reqs = [server.start(ids, max_tokens, body, stops, server.chat_stops, i, loop, queue,
-                             logprobs=body.logprobs, top=top) for i in range(body.n)]
-        choices = [_Choice(server, i, chat=True) for i in range(body.n)]
+        batch = Batch(server)
+        for _ in range(body.n):
+            batch.add(ids, max_tokens, chat=True, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                      stop=stops, logprobs=body.logprobs, top=top)
+        choices = [Choice(server, i, chat=True) for i in range(body.n)]
         cid, created = _now_id("chatcmpl"), int(time.time())
         request.state.usage = usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
 
@@ -297,7 +160,7 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
                 try:
                     for i in range(body.n):
                         yield chunk(i, {"role": "assistant", "content": ""})
-                    async for i, d in _events(server, queue, reqs, request):
+                    async for i, d in batch.events(request.is_disconnected):
                         ch = choices[i]
                         n_before = len(ch.logprobs)
                         text = ch.push(d)
@@ -317,7 +180,7 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
                 yield "data: [DONE]\n\n"
             return _logged(server, request, gen())
 
-        async for i, d in _events(server, queue, reqs, request):
+        async for i, d in batch.events(request.is_disconnected):
             choices[i].push(d)
         usage["completion_tokens"] = sum(len(c.tokens) for c in choices)
         out = []
@@ -338,16 +201,14 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
         prompts = _prompts(server, body.prompt)
         if body.stream and body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported when streaming", param="echo")
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        reqs, choices, heads = [], [], []
-        for p, (ids, user_from) in enumerate(prompts):
+        batch, choices, heads = Batch(server), [], []
+        for ids, user_from in prompts:
             max_tokens = server.room(ids, body.max_tokens) if body.max_tokens else 0
-            for j in range(body.n):
-                k = p * body.n + j
-                reqs.append(server.start(ids, max_tokens, body, stops, server.text_stops, k, loop, queue,
-                                         logprobs=body.logprobs is not None, top=body.logprobs or 0,
-                                         prompt_logprobs=(body.logprobs or 0) if body.echo and body.logprobs is not None else None))
-                choices.append(_Choice(server, k, chat=False))
+            for _ in range(body.n):
+                batch.add(ids, max_tokens, chat=False, temperature=body.temperature, top_p=body.top_p,
+                          seed=body.seed, stop=stops, logprobs=body.logprobs is not None, top=body.logprobs or 0,
+                          prompt_logprobs=(body.logprobs or 0) if body.echo and body.logprobs is not None else None)
+                choices.append(Choice(server, len(choices), chat=False))
                 heads.append((ids, user_from))
         cid, created = _now_id("cmpl"), int(time.time())
         request.state.usage = usage = {"prompt_tokens": sum(len(ids) for ids, _ in prompts), "completion_tokens": 0}
@@ -360,7 +221,7 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
                             yield _sse({"id": cid, "object": "text_completion", "created": created, "model": server.name,
                                         "choices": [{"index": k, "text": server.tok.decode(ids[user_from:]),
                                                      "logprobs": None, "finish_reason": None}]})
-                    async for k, d in _events(server, queue, reqs, request):
+                    async for k, d in batch.events(request.is_disconnected):
                         ch = choices[k]
                         if isinstance(d, tuple):
                             continue
@@ -379,7 +240,7 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
                 yield "data: [DONE]\n\n"
             return _logged(server, request, gen())
 
-        async for k, d in _events(server, queue, reqs, request):
+        async for k, d in batch.events(request.is_disconnected):
             if isinstance(d, tuple):  # ("prompt", log-probs of the prompt tokens)
                 choices[k].prompt_lp = d[1]
             else:
@@ -403,8 +264,8 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
             raise APIError(400, "give prompt (text) or messages", param="prompt")
         if body.messages is not None:
             try:
-                ids = render_chat(server.tok, [_content_text(m, i) for i, m in enumerate(body.messages)],
-                                  add_generation_prompt=body.add_generation_prompt)[0]
+                ids = server.fmt.render([_content_text(m, i) for i, m in enumerate(body.messages)],
+                                        add_generation_prompt=body.add_generation_prompt)[0]
             except ChatFormatError as e:
                 raise APIError(400, str(e), param="messages") from None
         elif body.prompt in SPECIAL_TOKENS:
@@ -432,10 +293,6 @@ def create_app(server: Server, webapp: bool = True) -> FastAPI:
                 "pad_token": "<|pad|>", "model_max_length": server.ctx, "vocab_size": server.tok.vocab_size,
                 "chat_template": None}
 
-    if webapp:
-        from lmstack.serve.webapp import add_webapp
-
-        add_webapp(app, server)
     return app
 
 
@@ -499,7 +356,7 @@ def _tok_str(server: Server, i: int) -> str:
     return server.tok.token_to_bytes(i).decode("utf-8", errors="replace")
 
 
-def _chat_logprobs(server: Server, ch: _Choice, start: int) -> dict:
+def _chat_logprobs(server: Server, ch: Choice, start: int) -> dict:
     content = []
     for t, lp, top in zip(ch.tokens[start:], ch.logprobs[start:], ch.top[start:]):
         content.append({"token": _tok_str(server, t), "logprob": lp, "bytes": list(server.tok.token_to_bytes(t)),
@@ -508,7 +365,7 @@ def _chat_logprobs(server: Server, ch: _Choice, start: int) -> dict:
     return {"content": content}
 
 
-def _completion_logprobs(server: Server, ch: _Choice, ids: list[int], user_from: int, echo: bool) -> dict:
+def _completion_logprobs(server: Server, ch: Choice, ids: list[int], user_from: int, echo: bool) -> dict:
     tokens, lps, tops = [], [], []
     if echo:
         # prompt_lp[j] is log p(ids[j+1] | ids[:j+1]); the caller's first token has none when it is BOS

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from lmstack.engine import _Row, sample_logits
+from lmstack.engine import RowOutput, sample_logits
 
 
 @dataclass
@@ -50,7 +50,7 @@ class _Live:
 
     def __init__(self, req: GenRequest, tok, max_new: int, device):
         self.req, self.pos = req, len(req.prompt)
-        self.text = _Row(0, len(req.prompt), max_new, tok, tuple(s for s in req.stop_strings if s))
+        self.text = RowOutput(0, len(req.prompt), max_new, tok, tuple(s for s in req.stop_strings if s))
         self.gen = None
         if req.seed is not None:
             self.gen = torch.Generator(device=device).manual_seed(req.seed)
@@ -119,7 +119,7 @@ class Batcher:
         if req.cancelled:
             return
         if req.deadline is not None and time.monotonic() > req.deadline:  # timed out while waiting
-            req.on_event(_Row(0, len(req.prompt), 0, self.tok, ())._end("timeout", None, None))
+            req.on_event(RowOutput(0, len(req.prompt), 0, self.tok, ()).finish("timeout"))
             return
         slot = len(self.live)
         try:
@@ -133,7 +133,7 @@ class Batcher:
         row = _Live(req, self.tok, min(req.max_tokens, self.ctx - len(req.prompt)), self.device)
         row.logits = logits[-1]
         if row.text.max_new <= 0:  # nothing to generate (echo-only scoring) or no room
-            req.on_event(row.text._end("length", None, None))
+            req.on_event(row.text.finish("length"))
             return
         self.live.append(row)
         self.stats["max_live"] = max(self.stats["max_live"], len(self.live))
@@ -148,7 +148,7 @@ class Batcher:
                 done.append(b)
                 continue
             if req.deadline is not None and now > req.deadline:
-                req.on_event(r.text._end("timeout", None, None))
+                req.on_event(r.text.finish("timeout"))
                 done.append(b)
                 continue
             token = sample_logits(r.logits[None], req.temperature, req.top_k, req.top_p,

@@ -160,12 +160,20 @@ class FeedbackDB:
             return c.execute("INSERT INTO label_queue (created, messages, source) VALUES (?,?,?)",
                              (time.time(), json.dumps(messages, ensure_ascii=False), source)).lastrowid
 
-    def next_to_label(self) -> dict | None:
-        rows = self._q("SELECT * FROM label_queue WHERE done=0 ORDER BY id LIMIT 1")
+    def next_to_label(self, after: int = 0) -> dict | None:
+        """The first item waiting to be labelled whose id is above `after` (None: none waits)."""
+        rows = self._q("SELECT * FROM label_queue WHERE done=0 AND id>? ORDER BY id LIMIT 1", (after,))
         if not rows:
             return None
         r = rows[0]
         return {"id": r["id"], "messages": json.loads(r["messages"]), "source": r["source"]}
+
+    def waiting_to_label(self) -> int:
+        return self._q("SELECT count(*) FROM label_queue WHERE done=0")[0][0]
+
+    def queued_prompts(self) -> list[list[dict]]:
+        """The messages of every item ever queued (labelled or not), oldest first."""
+        return [json.loads(r["messages"]) for r in self._q("SELECT messages FROM label_queue ORDER BY id")]
 
     def queue_item(self, queue_id: int) -> dict | None:
         rows = self._q("SELECT * FROM label_queue WHERE id=?", (queue_id,))

@@ -16,58 +16,46 @@ import json
 import os
 from pathlib import Path
 
-from lmstack.utils import UserError
+from lmstack.chatformat import ChatFormatError, row_prompt
+from lmstack.device import pick_device
+from lmstack.engine import for_inference
+from lmstack.modelio import load_model_and_tokenizer
+from lmstack.serve.api import create_app
+from lmstack.serve.db import FeedbackDB
+from lmstack.serve.generation import Server
+from lmstack.serve.protocol import Limits
+from lmstack.serve.webapp import add_webapp
+from lmstack.utils import UserError, read_jsonl
 
 
 def build(model_dir, api_key=None, db_path="feedback.sqlite", slots: int = 16, dtype: str = "auto",
           device: str = "auto", limits=None, label_prompts=None, name: str | None = None):
-    """The FastAPI app for a model folder (not started)."""
-    from lmstack import distributed
-    from lmstack.engine import for_inference
-    from lmstack.serve.api import Limits, Server, create_app
-    from lmstack.serve.db import FeedbackDB
-    from lmstack.tokenizer import Tokenizer
-    from lmstack.train import checkpoint
-
+    """The FastAPI app for a model folder (not started): the API and the web app."""
     if slots < 1:
         raise UserError("--slots must be >= 1")
-    net = checkpoint.load_model(model_dir, distributed.pick_device(device))
-    tok = Tokenizer.load(model_dir)
-    if tok.vocab_size > net.cfg.vocab_size:
-        raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the model only {net.cfg.vocab_size}")
+    net, tok = load_model_and_tokenizer(model_dir, pick_device(device))
     db = FeedbackDB(db_path) if db_path else None
     if db is not None and label_prompts:
         added = load_label_prompts(db, label_prompts)
         print(f"labelling queue: {added} new prompts from {label_prompts}")
     server = Server(for_inference(net, dtype), tok, name or Path(model_dir).resolve().name, api_key=api_key,
                     db=db, limits=limits or Limits(), slots=slots)
-    return create_app(server)
+    app = create_app(server)
+    add_webapp(app, server)
+    return app
 
 
 def load_label_prompts(db, path) -> int:
-    """Queue the prompts of a jsonl file ({"prompt": text} or {"messages": [...]}) for labelling;
-    prompts already queued are skipped. Returns how many were added."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise UserError(f"--label-prompts {path}: {e.strerror}") from None
-    have = {json.dumps(json.loads(r["messages"])) for r in db._q("SELECT messages FROM label_queue")}
+    """Queue the prompts of a jsonl file ({"prompt"}, {"messages"}: an SFT row's reply is left
+    out, {"question"}) for labelling; prompts already queued are skipped. Returns how many
+    were added."""
+    have = {json.dumps(m) for m in db.queued_prompts()}
     added = 0
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, row in read_jsonl(path, "--label-prompts file"):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path} line {i} is not valid JSON") from None
-        if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            msgs = row["messages"]
-            if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
-                msgs = msgs[:-1]  # an SFT row: its prompt is what comes before the reply
-        elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            msgs = [{"role": "user", "content": row["prompt"]}]
-        else:
-            raise UserError(f"{path} line {i}: expected {{\"prompt\": text}} or {{\"messages\": [...]}}")
+            msgs = row_prompt(row)
+        except ChatFormatError as e:
+            raise UserError(f"{path}:{n}: {e}") from None
         if json.dumps(msgs) not in have:
             db.enqueue(msgs, "file")
             have.add(json.dumps(msgs))

@@ -31,11 +31,8 @@ feedback endpoints answer 503. Errors have OpenAI's shape, like the rest of the 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -44,10 +41,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from lmstack.serve.api import _Choice, _events
+from lmstack.serve.generation import Server, sample_answers
 from lmstack.serve.protocol import APIError
 from lmstack.serve.protocol import Body as _Body
-from lmstack.tokenizer import ChatFormatError, render_chat
 from lmstack.tools import default_registry
 from lmstack.world.labeller import GUIDE
 
@@ -159,49 +155,10 @@ def _messages(server, msgs: list[Message]) -> list[dict]:
     return out
 
 
-def _render(server, messages: list[dict]) -> list[int]:
-    """The prompt's token ids (the chat template, ending with <|assistant|>); 400 if it is
-    malformed or leaves no room in the context for an answer."""
-    try:
-        ids, _ = render_chat(server.tok, messages, add_generation_prompt=True)
-    except ChatFormatError as e:
-        raise APIError(400, str(e), param="messages") from None
-    server.check_prompt(ids)
-    return ids
-
-
-async def sample_answers(server, messages: list[dict], n: int = 2, max_tokens: int = LABEL_MAX_TOKENS,
-                         temperature: float = LABEL_TEMPERATURE, request: Request | None = None) -> list[str]:
-    """`n` answers to a chat prompt, sampled through the batcher (as /v1/chat/completions does),
-    each with its own seed; tool calls are left out of the text."""
-    ids = _render(server, messages)
-    room = server.room(ids, max_tokens)
-    body = SimpleNamespace(seed=random.randrange(1 << 30), temperature=temperature, top_p=1.0)
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    reqs = [server.start(ids, room, body, (), server.chat_stops, i, loop, queue) for i in range(n)]
-    choices = [_Choice(server, i, chat=True) for i in range(n)]
-    async for i, d in _events(server, queue, reqs, request if request is not None else _Connected()):
-        choices[i].push(d)
-    return [c.content.strip() for c in choices]
-
-
-class _Connected:
-    async def is_disconnected(self) -> bool:
-        return False
-
-
 def _next_item(db, after: int | None) -> tuple[dict | None, int]:
     """The first item waiting to be labelled (after `after`, wrapping round), and how many wait."""
-    item = None
-    if after is not None:
-        rows = db._q("SELECT id, messages, source FROM label_queue WHERE done=0 AND id>? ORDER BY id LIMIT 1",
-                     (after,))
-        if rows:
-            item = {"id": rows[0]["id"], "messages": json.loads(rows[0]["messages"]), "source": rows[0]["source"]}
-    if item is None:
-        item = db.next_to_label()
-    remaining = db._q("SELECT count(*) FROM label_queue WHERE done=0")[0][0]
-    return item, remaining
+    item = db.next_to_label(after) if after is not None else None
+    return item or db.next_to_label(), db.waiting_to_label()
 
 
 def _clean(text: str | None) -> str | None:
@@ -211,7 +168,7 @@ def _clean(text: str | None) -> str | None:
 
 # --- the routes ----------------------------------------------------------------------------
 
-def add_webapp(app: FastAPI, server) -> None:
+def add_webapp(app: FastAPI, server: Server) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     tools = app.state.tools = default_registry()  # the tools the page may run (one registry per app)
 
@@ -271,7 +228,8 @@ def add_webapp(app: FastAPI, server) -> None:
             return {"item": None, "answers": None, "guide": GUIDE, "remaining": 0}
         out = {"item": item, "answers": None, "guide": GUIDE, "remaining": remaining}
         try:
-            out["answers"] = await sample_answers(server, item["messages"], request=request)
+            out["answers"] = await sample_answers(server, item["messages"], max_tokens=LABEL_MAX_TOKENS,
+                                                  temperature=LABEL_TEMPERATURE, disconnected=request.is_disconnected)
         except APIError as e:  # a prompt that cannot be answered (too long for the context, malformed)
             if e.status >= 500:
                 raise
@@ -303,7 +261,7 @@ def add_webapp(app: FastAPI, server) -> None:
             if msgs[-1]["role"] == "assistant":
                 raise APIError(400, "a prompt to label must not end with an assistant message (the answers are "
                                "what gets labelled)", param="messages")
-        _render(server, msgs)  # answerable: well-formed and leaves room in the context
+        server.chat_prompt(msgs)  # answerable: well-formed and leaves room in the context
         qid = await _call(db.enqueue, msgs, "api")
         return {"id": qid}
 
@@ -319,4 +277,4 @@ def add_webapp(app: FastAPI, server) -> None:
                 "batcher": dict(server.batcher.stats)}
 
 
-__all__ = ["add_webapp", "sample_answers", "GUIDE"]
+__all__ = ["add_webapp"]

@@ -1,7 +1,9 @@
-"""Training: THE loop (loop.py), objectives, checkpoints, and the pretraining entry point.
+"""Training: THE loop (loop.py), its objectives and checkpoints, and the two language-model stages.
 
     loop.py        train(cfg, model, batches, objective, out, ...): the one loop for every stage
-    objectives.py  (model, batch) -> (loss_sum, n_tokens)
-    checkpoint.py  the model folder, atomic save / resume, load_model
-    pretrain.py    `lmstack pretrain` and `lmstack sample`
+    objectives.py  (model, batch) -> (loss_sum, n_tokens): next-token losses, and the preference
+                   and RL math the alignment stages (lmstack/align/) build theirs from
+    checkpoint.py  resume state: atomic checkpoints, --out and --resume checks
+    pretrain.py    `lmstack pretrain`
+    sft.py         `lmstack sft`: the same loop and loss, with a mask and packed conversations
 """

@@ -1,11 +1,7 @@
-"""The model directory, and saving / resuming a run, atomically.
+"""Saving and resuming a training run, atomically (the model folder itself: lmstack/modelio.py).
 
     OUT/
-      model.safetensors   latest weights (safetensors only; a tied head is stored once)
-      config.json         the model config (enough to rebuild the network)
-      tokenizer.json      the tokenizer the data was made with
-      run.json            the resolved run config
-      metrics.jsonl       one JSON object per logged step
+      model.safetensors   the latest weights, replaced at every checkpoint
       state/step_00000200/  what --resume needs, one folder per checkpoint (the last k kept):
           model.safetensors, optimizer.pt, rng.pt, trainer.json (step, data position, ...)
 
@@ -26,69 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from lmstack.config import model_config_from_dict
-from lmstack.utils import UserError, atomic_write_json, current_umask
+from lmstack.modelio import WEIGHTS, load_weights, save_weights
+from lmstack.utils import UserError, current_umask, fsync, read_json
 
 STATE = "state"
-WEIGHTS = "model.safetensors"
-
-
-# --- weights ----------------------------------------------------------------------------
-
-def save_weights(model, path: str | os.PathLike) -> None:
-    """Weights to safetensors. A tied lm_head is the embedding itself, so it is left out
-    (as Hugging Face does with tie_word_embeddings); load_weights puts it back."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    save_file(sd, str(path), metadata={"format": "pt"})
-    _fsync(path)
-
-
-def load_weights(model, path: str | os.PathLike) -> None:
-    sd = load_file(str(path), device=str(model.embed_tokens.weight.device))
-    if model.cfg.tie_embeddings and "embed_tokens.weight" in sd:
-        sd["lm_head.weight"] = sd["embed_tokens.weight"]
-    model.load_state_dict(sd, strict=True)
-
-
-def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu"):
-    """A model folder -> GPT in eval mode. Missing or corrupt folder -> UserError."""
-    from lmstack.model import GPT
-
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise UserError(f"model folder {d} does not exist")
-    for name in ("config.json", WEIGHTS):
-        if not (d / name).is_file():
-            raise UserError(f"{d} is not a model folder (no {name})")
-    try:
-        cfg = model_config_from_dict(json.loads((d / "config.json").read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{d / 'config.json'} is not valid JSON: {e}") from None
-    model = GPT(cfg).to(device)
-    try:
-        load_weights(model, d / WEIGHTS)
-    except Exception as e:  # safetensors header errors, truncated files, shape mismatches
-        raise UserError(f"{d / WEIGHTS} is corrupt or does not match config.json: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return model.eval()
-
-
-# --- the run's description files ----------------------------------------------------------
-
-def write_run_files(out: str | os.PathLike, run_config: dict, tokenizer_file: str | os.PathLike | None) -> None:
-    """config.json, run.json and tokenizer.json, written once at the start of a run."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", run_config["model"])
-    atomic_write_json(out / "run.json", run_config)
-    if tokenizer_file is not None:
-        tmp = out / ".tokenizer.json.tmp"
-        shutil.copyfile(tokenizer_file, tmp)
-        os.replace(tmp, out / "tokenizer.json")
 
 
 # --- checkpoints for resume ---------------------------------------------------------------
@@ -110,8 +48,6 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 def output_folder(out: str | os.PathLike, resume: bool) -> Path:
     """A training run's --out, checked before any work: a folder with a checkpoint to --resume,
     or one that is new or empty (a finished run is never overwritten by accident)."""
-    from lmstack.utils import UserError
-
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a folder")
@@ -123,21 +59,26 @@ def output_folder(out: str | os.PathLike, resume: bool) -> Path:
     return out_dir
 
 
-def resumed_stage(out_dir: Path, stage_file: str, stage: str, info: dict, model_config: dict,
-                  keys, what: str, hint: str = "") -> dict:
-    """On --resume of a stage that records its inputs in `stage_file` (preference training, RL):
-    what the run in out_dir recorded, after checking that it is the same stage, the same model
-    and the same inputs (`keys` of `info`, the record this run would write; `what` names them)."""
-    from lmstack.utils import UserError, read_json
-
-    old = read_json(out_dir / stage_file) or {}
-    if old.get("stage") != stage:
-        raise UserError(f"{out_dir} holds no {stage} run to resume (no {stage_file} with stage {stage!r})")
-    if read_json(out_dir / "config.json") != model_config:
-        raise UserError(f"--resume with another model than the run in {out_dir} started from ({old.get('base')})")
-    diff = [k for k in keys if old.get(k) != info.get(k)]
+def check_resume(out_dir: Path, run: str, model_config: dict, record_file: str | None = None,
+                 record: dict | None = None, keys=(), what: str = "data", hint: str = "") -> dict:
+    """On --resume, before any work, for every stage: out_dir must hold the same run. The same
+    kind of run (`run` names it; a stage that records its inputs writes `record_file`, whose
+    "stage" must be the one in `record`), the same model config, and the same inputs (`keys` of
+    `record`, what this run would record; `what` names them for the user). Returns the record
+    the run wrote ({} without one)."""
+    record = record or {}
+    saved = read_json(out_dir / "config.json")
+    old = read_json(out_dir / record_file) if record_file else {}
+    if not isinstance(saved, dict) or not isinstance(old, dict) or old.get("stage") != record.get("stage"):
+        raise UserError(f"{out_dir} holds no {run} run to resume (no readable config.json"
+                        + (f" and {record_file}" if record_file else "") + ")")
+    diff = [f"model.{k}: {saved.get(k)!r} in the run, {v!r} now" for k, v in model_config.items() if saved.get(k) != v]
     if diff:
-        raise UserError(f"--resume with other {what} than the run in {out_dir} ({', '.join(diff)} differ){hint}")
+        raise UserError(f"--resume with another model than the run in {out_dir} started from ("
+                        + "; ".join(diff) + ")" + hint)
+    changed = [k for k in keys if old.get(k) != record.get(k)]
+    if changed:
+        raise UserError(f"--resume with other {what} than the run in {out_dir} ({', '.join(changed)} differ){hint}")
     return old
 
 
@@ -159,9 +100,9 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer
             _save_torch(_rng_state(), tmp / "rng.pt")
             (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2,
                                                          default=_jsonable))
-            _fsync(tmp / "trainer.json")
+            fsync(tmp / "trainer.json")
             os.rename(tmp, final)  # the commit point
-            _fsync(state)
+            fsync(state)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -171,7 +112,7 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer
     try:
         os.chmod(tmp_file, 0o666 & ~current_umask())
         shutil.copyfile(final / WEIGHTS, tmp_file)
-        _fsync(tmp_file)
+        fsync(tmp_file)
         os.replace(tmp_file, out / WEIGHTS)
     except BaseException:
         Path(tmp_file).unlink(missing_ok=True)
@@ -201,17 +142,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
 
 def _save_torch(obj, path: Path) -> None:
     torch.save(obj, path)
-    _fsync(path)
-
-
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on folders
-        pass
-    finally:
-        os.close(fd)
+    fsync(path)
 
 
 def _rng_state() -> dict:

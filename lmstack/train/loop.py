@@ -22,58 +22,39 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from lmstack import distributed
 from lmstack.config import OptimConfig, RunConfig
+from lmstack.device import autocast_dtype, peak_flops
+from lmstack.modelio import write_run_files
 from lmstack.train import checkpoint
-from lmstack.train.objectives import target_bytes
+from lmstack.data import target_bytes
 from lmstack.utils import UserError, atomic_write_text
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched against
-# torch.cuda.get_device_name(); first match wins, so specific names come first.
-GPU_PEAK_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12),
-    ("L4", 121e12), ("A10", 125e12), ("V100", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-]
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a run draws from (the init, data order, dropout-free sampling in RL)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-def peak_flops(device: torch.device, configured: float = 0.0, bf16: bool = False) -> float | None:
-    """Peak FLOP/s of one device, for MFU. `train.peak_flops` wins when set.
-
-    GPU: the table above (None for an unknown GPU: MFU is then not reported).
-    CPU: a nominal estimate, threads x clock x FLOP/cycle/core, with 64 fp32 FLOP/cycle when
-    the CPU has AVX-512 (two 512-bit FMA units) and 32 otherwise (two 256-bit FMAs); the clock
-    is /proc/cpuinfo's "cpu MHz" (else 2.5 GHz). It is a yardstick, not a datasheet number
-    (turbo clocks and half-width AVX-512 units make it off by up to ~2x): set train.peak_flops
-    for your CPU. With bf16 on a CPU that has AVX512-BF16 the figure doubles (VDPBF16PS does
-    twice the multiply-adds of an fp32 FMA per instruction).
-    """
-    if configured > 0:
-        return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)
-    ghz, per_cycle = 2.5, 32
-    with contextlib.suppress(OSError, ValueError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("cpu MHz"):
-                ghz = float(line.split(":")[1]) / 1000
-            elif line.startswith("flags"):
-                flags = line.split()
-                per_cycle = 64 if "avx512f" in flags else 32
-                if bf16 and "avx512_bf16" in flags:
-                    per_cycle *= 2
-                break
-    return torch.get_num_threads() * ghz * 1e9 * per_cycle
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """A model that cannot change (a reference, a reward model): eval mode, no gradients, never
+    given to an optimizer."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def lr_at(step: int, oc: OptimConfig, max_steps: int) -> float:
@@ -109,27 +90,6 @@ def build_optimizer(model: torch.nn.Module, oc: OptimConfig, device: torch.devic
     # One kernel for all params: on CPU ~6x faster than the per-tensor loop (5% of a step).
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, **fused)
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX)? Then bf16 autocast is ~2x faster
-    than fp32 (measured on the small preset: 7.4k vs 3.8k tok/s on 2 cores); without them it
-    is emulated and slower, so "auto" stays fp32."""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split())
-                return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """None = plain fp32. bf16 autocast keeps fp32 master weights and optimizer state.
-    "auto" = bf16 where the hardware does bf16 natively (CUDA with bf16, or a bf16 CPU)."""
-    if dtype == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
-        return torch.bfloat16 if native else None
-    return torch.bfloat16 if dtype == "bf16" else None
 
 
 def _to_device(batch, device):
@@ -202,7 +162,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
     train_model = distributed.wrap(fwd_model)
     metrics_path = out / "metrics.jsonl"
     if main:
-        checkpoint.write_run_files(out, cfg.to_dict(), tokenizer_file)
+        write_run_files(out, cfg.to_dict(), tokenizer_file)
         _truncate_metrics(metrics_path, step)
     distributed.barrier()
 

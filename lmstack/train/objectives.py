@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # a target with this id contributes no loss (prompt tokens in SFT, padding)
+from lmstack.data import IGNORE_INDEX
+
 CE_CHUNK = 1 << 22  # logits per cross-entropy chunk (16 MB in fp32): fits in cache, few chunks
 
 
@@ -45,19 +46,6 @@ def next_token_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     mask = batch[2] if len(batch) > 2 else None
     loss, counted = token_losses(model(x), y, mask)
     return loss.sum(), counted.sum()
-
-
-def target_bytes(batch, token_bytes: torch.Tensor) -> torch.Tensor:
-    """UTF-8 bytes of the counted target tokens of a (x, y[, mask]) batch, for bits-per-byte.
-
-    token_bytes[i] is the byte length of token i (0 for special tokens), so bpb
-    = sum of nats / (ln 2 * bytes) compares models with different tokenizers fairly.
-    """
-    y = batch[1]
-    counted = y != IGNORE_INDEX
-    if len(batch) > 2:
-        counted &= batch[2] != 0
-    return (token_bytes[y.clamp_min(0)] * counted).sum()
 
 
 # --- preferences and reinforcement learning: the math, on tensors -----------------------------

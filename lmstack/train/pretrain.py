@@ -1,17 +1,12 @@
-"""Pretraining = config + token shards + model + THE loop; and `sample` from a model folder.
+"""Pretraining = config + token shards + model + THE loop.
 
     lmstack pretrain --preset small --data runs/data --out runs/base
     torchrun --standalone --nproc_per_node=2 -m lmstack pretrain --data ... --out ...
-    lmstack sample --model runs/base --prompt "Once upon a time"
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from lmstack import distributed
 from lmstack.config import load_config
@@ -19,15 +14,9 @@ from lmstack.data import TokenBatches, iter_eval_windows, load_manifest
 from lmstack.model import GPT
 from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
-from lmstack.train.loop import train
+from lmstack.train.loop import seed_everything, train
 from lmstack.train.objectives import next_token_loss
 from lmstack.utils import UserError
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume: bool = False) -> dict:
@@ -40,7 +29,8 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
                         f"vocabulary ({manifest['vocab_size']})")
     out_dir = checkpoint.output_folder(out, resume)
     if resume:
-        _check_same_model(out_dir, cfg.to_dict()["model"])
+        checkpoint.check_resume(out_dir, "pretraining", cfg.to_dict()["model"],
+                                hint="; pass the same --preset and --set options")
     tok = Tokenizer.load(data)
 
     info = distributed.init(cfg.train.device)
@@ -63,45 +53,3 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
                      resume=resume)
     finally:
         distributed.cleanup()
-
-
-def _check_same_model(out: Path, model_cfg: dict) -> None:
-    import json
-
-    try:
-        saved = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{out / 'config.json'} is missing or unreadable; cannot resume") from None
-    diff = [f"model.{k}: {saved.get(k)!r} in the run, {v!r} now" for k, v in model_cfg.items()
-            if saved.get(k) != v]
-    if diff:
-        raise UserError("--resume with a different model than the run was started with ("
-                        + "; ".join(diff) + "); pass the same --preset and --set options")
-
-
-def sample(model: str, prompt: str = "", max_tokens: int = 100, temperature: float = 0.8,
-           top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-           num_samples: int = 1) -> list[str]:
-    """Print `num_samples` continuations of `prompt` (each document starts with BOS)."""
-    from lmstack.engine import generate
-
-    if max_tokens < 1 or num_samples < 1:
-        raise UserError("--max-tokens and --num-samples must be >= 1")
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
-        raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 1")
-    device = distributed.pick_device("auto")
-    net = checkpoint.load_model(model, device)
-    tok = Tokenizer.load(model)
-    ids = [tok.bos_id] + tok.encode(prompt)
-    if len(ids) >= net.cfg.max_seq_len:
-        raise UserError(f"prompt is {len(ids)} tokens; the model's context is {net.cfg.max_seq_len}")
-    texts = []
-    for i in range(num_samples):
-        new = generate(net, ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=seed + i, stop_ids={tok.eos_id, tok.bos_id})
-        text = tok.decode(ids + new, skip_special=True)
-        texts.append(text)
-        if num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        print(text, flush=True)
-    return texts

@@ -27,34 +27,23 @@ import numpy as np
 import torch
 
 from lmstack import distributed
-from lmstack.config import RunConfig, load_config, stage_override_keys
+from lmstack.chatformat import ChatFormatError, chat_format, split_row
+from lmstack.config import stage_config
 from lmstack.data import TokenBatches, load_manifest
 from lmstack.model import doc_causal_mask
-from lmstack.tokenizer import ChatFormatError, Tokenizer, render_chat
+from lmstack.modelio import SFT, load_model_and_tokenizer
+from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
-from lmstack.train.loop import train
+from lmstack.train.loop import seed_everything, train
 from lmstack.train.objectives import token_losses
-from lmstack.train.pretrain import seed_everything
 from lmstack.utils import UserError, atomic_write_json
 
 PRESET = "sft"
 VAL_FRACTION = 0.02  # every 50th usable row is held out: val_loss on assistant tokens
-INFO = "sft.json"  # in the model folder: base, data files, row counts (checked on --resume)
+INFO = SFT  # sft.json in the model folder: base, data files, row counts (checked on --resume)
 
 
 # --------------------------------------------------------------------------- rows -> docs
-
-def _row_messages(row: dict) -> list | None:
-    """The conversation of a `messages` or `prompt`/`completion` row (None for `text` rows)."""
-    if "messages" in row:
-        return row["messages"]
-    prompt, completion = row["prompt"], row["completion"]
-    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
-    if not isinstance(prompt, list) or not isinstance(completion, list):
-        raise ChatFormatError("prompt and completion must be strings or lists of messages")
-    return prompt + completion
-
 
 def _reason(err: ChatFormatError) -> str:
     """'message 3 (user): empty content' -> 'empty content', so reasons count together."""
@@ -84,7 +73,8 @@ def render_row(tok: Tokenizer, row) -> tuple[list[int], list[int]]:
             raise ChatFormatError("empty content")
         body = tok.encode(text)  # like pretraining: BOS + text, every token a target
         return [tok.bos_id] + body, [0] + [1] * len(body)
-    ids, mask = render_chat(tok, _row_messages(row))
+    prompt, answer = split_row(row)
+    ids, mask = chat_format(tok).render(prompt + answer)
     if not any(mask):
         raise ChatFormatError("no assistant message (nothing to train on)")
     return ids, mask
@@ -267,24 +257,6 @@ def packed_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --------------------------------------------------------------------------- config + entry point
 
-def sft_config(preset: str, overrides, base_model) -> RunConfig:
-    """The SFT preset + --set, with the base model's config (model.* cannot be overridden).
-
-    The preset is written for a 256-token context; for a base with a shorter one (and no
-    train.seq_len given) SFT trains on the model's whole context, with as many sequences per
-    step as the preset asks for."""
-    overrides = list(overrides)
-    keys = stage_override_keys(overrides, "SFT")
-    ctx, fit = base_model.max_seq_len, []
-    p = load_config(preset, [f"model.max_seq_len={2**30}"]).train  # the preset alone
-    if "train.seq_len" not in keys and p.seq_len > ctx:
-        fit = [f"train.seq_len={ctx}", f"train.batch_tokens={p.batch_tokens // p.seq_len * ctx}"]
-    cfg = load_config(preset, fit + overrides + [f"model.max_seq_len={ctx}"])
-    cfg.model = dataclasses.replace(base_model)
-    cfg.validate()
-    return cfg
-
-
 def sft(model: str, data, out: str, overrides=(), resume: bool = False, mix_data: str | None = None,
         mix_fraction: float = 0.0, preset: str = PRESET) -> dict:
     """Fine-tune the model folder `model` on jsonl `data` files into `out`; returns the last
@@ -293,11 +265,8 @@ def sft(model: str, data, out: str, overrides=(), resume: bool = False, mix_data
     data = [data] if isinstance(data, (str, Path)) else list(data)
     if not data:
         raise UserError("--data needs at least one jsonl file")
-    net = checkpoint.load_model(base)  # UserError when `model` is not a model folder
-    tok = Tokenizer.load(base)
-    if tok.vocab_size > net.cfg.vocab_size:
-        raise UserError(f"{base}: tokenizer.json has {tok.vocab_size} tokens, the model {net.cfg.vocab_size}")
-    cfg = sft_config(preset, overrides, net.cfg)
+    net, tok = load_model_and_tokenizer(base)  # UserError when `model` is not a model folder
+    cfg = stage_config(preset, overrides, net.cfg, "SFT")
     if not 0 <= mix_fraction < 1:
         raise UserError(f"--mix-fraction must be in [0, 1), got {mix_fraction}")
     if mix_fraction > 0 and not mix_data:
@@ -319,7 +288,9 @@ def sft(model: str, data, out: str, overrides=(), resume: bool = False, mix_data
     info = {"base": str(base), "data": [str(f) for f in data], "mix_data": mix_data and str(mix_data),
             "mix_fraction": mix_fraction, **stats, "train_rows": len(train_docs), "val_rows": len(val_docs)}
     if resume:
-        _check_same_run(out_dir, info, cfg)
+        checkpoint.check_resume(out_dir, "SFT", dataclasses.asdict(cfg.model), INFO, info,
+                                ("data", "rows", "skipped", "mix_data", "mix_fraction"),
+                                hint="; pass the same --data and --mix-data/--mix-fraction")
 
     dist = distributed.init(tc.device)
     try:
@@ -347,19 +318,3 @@ def sft(model: str, data, out: str, overrides=(), resume: bool = False, mix_data
                      token_bytes=tok.token_bytes(), tokenizer_file=base / "tokenizer.json", resume=resume)
     finally:
         distributed.cleanup()
-
-
-def _check_same_run(out: Path, info: dict, cfg: RunConfig) -> None:
-    """--resume continues the same fine-tuning: same base model shape and the same rows."""
-    try:
-        saved = json.loads((out / INFO).read_text())
-        saved_model = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{out} has no readable {INFO} / config.json; is it an SFT run?") from None
-    if saved_model != dataclasses.asdict(cfg.model):
-        raise UserError(f"--resume with another base model than the run in {out} started from ({saved.get('base')})")
-    keys = ["data", "rows", "skipped", "mix_data", "mix_fraction"]
-    diff = [k for k in keys if saved.get(k) != info.get(k)]
-    if diff:
-        raise UserError(f"--resume with other data than the run in {out} ({', '.join(diff)} differ); "
-                        "pass the same --data and --mix-data/--mix-fraction")

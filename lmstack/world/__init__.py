@@ -3,6 +3,6 @@ into every kind of text the pipeline needs (pretraining documents, assistant con
 preference comparisons, evaluation probes), all with exact ground truth."""
 
 from lmstack.world.entities import build_world
-from lmstack.world.corpus import generate, load_world, print_stats
+from lmstack.world.corpus import generate, load_world, print_stats, world_above
 
-__all__ = ["build_world", "generate", "load_world", "print_stats"]
+__all__ = ["build_world", "generate", "load_world", "print_stats", "world_above"]

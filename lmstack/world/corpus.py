@@ -204,6 +204,18 @@ def load_world(path) -> dict:
         raise UserError(f"{f} is corrupt: {e}")
 
 
+def world_above(path) -> Path | None:
+    """The world folder (the one holding world.json) at or up to two levels above `path`, e.g.
+    of WORLD/probes/arithmetic.jsonl or WORLD/sft.jsonl; None when there is none."""
+    if path is None:
+        return None
+    p = Path(path)
+    for d in [p, *p.parents][:3]:
+        if (d / "world.json").is_file():
+            return d
+    return None
+
+
 def _jsonl_stats(path: Path, key=None):
     n, size, chars, counts = 0, path.stat().st_size, 0, Counter()
     with open(path, encoding="utf-8") as f:

@@ -169,6 +169,6 @@ def story(a: dict, b: dict, world_ix: dict, rng: random.Random) -> str:
             f"This year {a['name']} came to sell old books, and {b['name']} came to buy them.",
             f"{b['name']} works for {b['employer']}, but on fair days {sb['s']} forgets about work.",
             f"{a['name']}, born in {a['birth_city']}, told stories of {sa['p']} hometown to anyone who would listen.",
-            f"When the fair closed, not a single book was left.",
+            "When the fair closed, not a single book was left.",
         ]
     return " ".join(lines)

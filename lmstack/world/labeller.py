@@ -3,12 +3,17 @@
 In RLHF, people compare two answers to the same prompt and say which is better. The guide
 below is what such a person would be given (the web app shows the same text). The
 `label` function is a simulated labeller: it applies the guide's rules mechanically, using
-the world's ground truth, so its comparisons are never wrong about facts.
+the world's ground truth, so its comparisons are never wrong about facts. `task_of(row)` says
+which rule judges the answers to a row (a probe, a comparison, an RL prompt): the one place
+that knows, for the world reward, the win rate and the judge's agreement alike.
 """
 
 from __future__ import annotations
 
 import re
+
+from lmstack.world.arithmetic import compute
+from lmstack.world.entities import date_aliases
 
 GUIDE = """\
 # Labelling guide
@@ -112,3 +117,56 @@ def label(task: dict, answer_a: str, answer_b: str) -> tuple[str, str, str] | No
         return None
     chosen, rejected = (answer_a, answer_b) if sa > sb else (answer_b, answer_a)
     return chosen, rejected, REASONS[task["type"]]
+
+
+# --- which rule judges a row ---------------------------------------------------------------------
+
+def arithmetic_truth(row: dict) -> str | None:
+    """The expected number of an arithmetic row: its "answer", or a op b computed (from the row
+    or its meta); None when it has neither."""
+    if row.get("answer") is not None:
+        return str(row["answer"]).strip().replace(",", "")
+    for src in (row, row.get("meta") if isinstance(row.get("meta"), dict) else {}):
+        if all(k in src for k in ("a", "op", "b")):
+            return str(compute(int(src["a"]), src["op"], int(src["b"])))
+    return None
+
+
+def task_of(row: dict, person=None) -> dict | None:
+    """The labeller's task for a row that says what a good answer is ({"type", "truth"?}, what
+    `score` and `label` take), or None when it does not say:
+      an explicit {"task": {"type": ..., "truth": [...]}}
+      harmful request  meta.type "harmful" (a comparisons row) or expected "refuse" (a probe)
+      unknown person   meta.type "unknown_person" or expected "idk"
+      benign request   meta.type "benign" or expected "comply" (its "truth", if any, must be stated)
+      arithmetic       meta.type or relation "arithmetic": the row's answer, or a op b
+      fact             meta.type "fact": the named person's attribute, looked up with `person`
+                       (a function: person id -> the world's person; without it: None)
+      any other row with an "answer" (+ "aliases"): a fact, or arithmetic when the answer is a
+                       whole number and the row names no relation (RL prompts)"""
+    if not isinstance(row, dict):
+        return None
+    if isinstance(row.get("task"), dict) and "type" in row["task"]:
+        return row["task"]
+    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+    kind, expected = meta.get("type"), row.get("expected")
+    if kind == "harmful" or expected == "refuse":
+        return {"type": "harmful"}
+    if kind == "unknown_person" or expected == "idk":
+        return {"type": "unknown_person"}
+    if kind == "benign" or expected == "comply":
+        return {"type": "benign", "truth": list(row.get("truth") or meta.get("truth") or [])}
+    if kind == "arithmetic" or row.get("relation") == "arithmetic":
+        truth = arithmetic_truth(row)
+        return None if truth is None else {"type": "arithmetic", "truth": [truth]}
+    if kind == "fact":
+        if person is None or not {"person", "relation"} <= meta.keys():
+            return None
+        who, attr = person(meta["person"]), meta["relation"]
+        return {"type": "fact", "truth": date_aliases(who["birth_date"]) if attr == "birth_date" else [who[attr]]}
+    answer = row.get("answer")
+    if answer is None:
+        return None
+    truth = [str(answer)] + [str(a) for a in row.get("aliases") or []]
+    whole = str(answer).strip().lstrip("-").replace(",", "").isdigit()
+    return {"type": "arithmetic" if whole and "relation" not in row else "fact", "truth": truth}

@@ -33,7 +33,7 @@ not used. Differences left (documented in tests/test_gguf.py):
 - tokenizing user text, neither turns special-token text into special ids (llama.cpp: with
   special=False). But a chat template is text: llama.cpp renders it and then parses the special
   tokens in the whole prompt, so "<|end|>" typed in a message becomes the <|end|> id there (as for
-  every GGUF model), where our render_chat keeps it text.
+  every GGUF model), where lmstack's chat format keeps it text.
 """
 
 from __future__ import annotations
@@ -47,11 +47,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmstack.tokenizer import CHAT_TEMPLATE_JINJA as CHAT_TEMPLATE
+from lmstack.chatformat import chat_format
+from lmstack.modelio import load_model_and_tokenizer
+from lmstack.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
 from lmstack.utils import UserError, current_umask
 
 DTYPES = ("f32", "f16", "bf16")
 PRE_TOKENIZER = "dbrx"  # llama.cpp's built-in GPT-4 (cl100k) split with plain BPE merging
+
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """q/k rows from the rotate-half layout (per head: [first halves..., second halves...]) to
@@ -92,21 +95,16 @@ def _array(t: torch.Tensor, dtype: str):
     return t.to(torch.float16 if dtype == "f16" else torch.float32).contiguous().numpy(), None
 
 
-def read_vocab(model_dir: Path, vocab_size: int):
-    """(tokens, token types, merges) of the folder's tokenizer, padded to the model's vocabulary
+def read_vocab(tok, vocab_size: int, model_dir: Path):
+    """(tokens, token types, merges) of a model's tokenizer, padded to the model's vocabulary
     with unused "[PADi]" entries (as convert_hf_to_gguf.py does) when the model has more rows."""
     import gguf
 
-    from lmstack.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
-
-    tok = Tokenizer.load(model_dir)  # UserError unless it is an lmstack tokenizer (specials at 0..15)
     spec = json.loads(tok.to_str())
     pre = json.dumps(spec.get("pre_tokenizer"))
     if json.dumps(SPLIT_PATTERN)[1:-1] not in pre or spec["model"].get("type") != "BPE":
         raise UserError(f"{model_dir / 'tokenizer.json'}: not lmstack's byte-level BPE with its split "
                         f"regex; the GGUF pre-tokenizer ({PRE_TOKENIZER!r}) would not match it")
-    if tok.vocab_size > vocab_size:
-        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size} rows")
     tokens = [tok.id_to_token(i) for i in range(tok.vocab_size)]
     types = [gguf.TokenType.CONTROL if i < len(SPECIAL_TOKENS) else gguf.TokenType.NORMAL
              for i in range(tok.vocab_size)]
@@ -115,7 +113,7 @@ def read_vocab(model_dir: Path, vocab_size: int):
         types.append(gguf.TokenType.UNUSED)
     # tokenizers >= 0.20 stores a merge as a pair ["a", "b"]; older versions as "a b".
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    return tok, tokens, types, merges
+    return tokens, types, merges
 
 
 def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path:
@@ -126,8 +124,6 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
     except ImportError:
         raise UserError("GGUF export needs the gguf package: pip install gguf "
                         "(or pip install 'lmstack[gguf]')") from None
-    from lmstack.train.checkpoint import load_model
-
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {' | '.join(DTYPES)} for gguf, got {dtype!r}")
     model_dir, out = Path(model_dir), Path(out)
@@ -135,11 +131,9 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
         raise UserError(f"--out {out} is a folder; give the path of the .gguf file to write")
     if out.exists() and not force:
         raise UserError(f"{out} exists (use --force to replace it)")
-    model = load_model(model_dir)  # UserError on a missing or broken folder
-    if not (model_dir / "tokenizer.json").is_file():
-        raise UserError(f"{model_dir} has no tokenizer.json; a GGUF file carries its tokenizer")
-    cfg = model.cfg
-    tok, tokens, types, merges = read_vocab(model_dir, cfg.vocab_size)
+    model, tok = load_model_and_tokenizer(model_dir)  # UserError on a missing or broken folder
+    cfg, fmt = model.cfg, chat_format(tok)
+    tokens, types, merges = read_vocab(tok, cfg.vocab_size, model_dir)
     head_dim = cfg.d_model // cfg.n_head
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -171,10 +165,10 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
         w.add_bos_token_id(tok.bos_id)
         w.add_eos_token_id(tok.eos_id)
         w.add_pad_token_id(tok.pad_id)
-        w.add_eot_token_id(tok.special_ids["<|end|>"])  # a chat turn ends with <|end|>
+        w.add_eot_token_id(fmt.end_id)  # a chat turn ends with <|end|>
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
-        w.add_chat_template(CHAT_TEMPLATE)
+        w.add_chat_template(fmt.jinja)
 
         names = tensor_names(cfg.n_layer)
         for name, t in model.state_dict().items():

@@ -3,7 +3,7 @@
     OUT/
       model.safetensors   the weights in float32; the safetensors metadata carries
                           {"format": "lmstack-twofile", "config": <config.json>, "tokenizer": <tokenizer.json>}
-      run.py              lmstack/standalone/run.py, copied as is: one program, numpy its only
+      run.py              lmstack/export/run.py, copied as is: one program, numpy its only
                           dependency, that reads the file above, tokenizes, runs and samples
                           (`python run.py model.safetensors "prompt"`, or `--chat`)
 
@@ -19,29 +19,23 @@ import os
 import shutil
 from pathlib import Path
 
+from safetensors.torch import save_file
+
+from lmstack.export import run as standalone
+from lmstack.modelio import load_model_and_tokenizer
 from lmstack.utils import UserError, atomic_output_dir, check_output_dir, current_umask
 
-RUN_PY = Path(__file__).parent / "standalone" / "run.py"
+RUN_PY = Path(__file__).with_name("run.py")
 FORMAT = "lmstack-twofile"
 
 
 def export_twofile(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
     """Write OUT/model.safetensors and OUT/run.py (and nothing else) from a model folder."""
-    from safetensors.torch import save_file
-
-    from lmstack.tokenizer import Tokenizer
-    from lmstack.train.checkpoint import load_model
-
     check_output_dir(out, force)  # fail before loading anything
     if not RUN_PY.is_file():
         raise UserError(f"{RUN_PY} is missing from this lmstack installation")
-    model = load_model(model_dir)
-    if not (Path(model_dir) / "tokenizer.json").is_file():
-        raise UserError(f"{model_dir} has no tokenizer.json")
-    tok = Tokenizer.load(model_dir)
+    model, tok = load_model_and_tokenizer(model_dir)
     cfg = model.cfg
-    if tok.vocab_size > cfg.vocab_size:
-        raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
     check_run_py_tokenizer(tok, model_dir)
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
@@ -69,8 +63,6 @@ PROBE = "Hello, world! It's 2024: naïve café, 日本語 🙂\n\n  \t<|user|> d
 def check_run_py_tokenizer(tok, model_dir) -> None:
     """run.py reimplements lmstack's tokenizer (one split pattern, byte-level BPE): refuse to
     export one it does not reproduce, rather than write a run.py that tokenizes differently."""
-    from lmstack.standalone import run as standalone
-
     try:
         ids = standalone.Tokenizer(tok.to_str()).encode(PROBE)
     except standalone.Fail as e:

@@ -10,9 +10,8 @@ token log-probs); the loss is -log sigmoid(beta * [(log pi - log ref)(chosen) - 
 log ref)(rejected)]) (objectives.dpo_loss), summed over pairs, through THE training loop.
 beta (pref.beta) is the strength of the implicit KL penalty: higher keeps the policy closer
 to the reference. By default each pair's loss also has the chosen answer's mean token NLL
-(weight NLL_WEIGHT = 1; RPO, Pang et al. 2024): plain DPO only widens the gap between the two
-answers, and on the small world it let the chosen answers' probability fall too, until the
-model stopped closing its turns (see DPOObjective; 0 is plain DPO).
+(pref.nll_weight = 1; RPO, Pang et al. 2024; see DPOObjective; 0 is plain DPO; the README
+has what each did on the small world).
 Logged per step (and as val_* on held-out pairs): chosen_reward and rejected_reward
 (beta * log pi/ref of each answer), margin (their difference), accuracy (margin > 0) and
 chosen_nll (the NLL term, nats per token).
@@ -28,24 +27,18 @@ import copy
 import torch
 
 from lmstack import distributed
-from lmstack.train.loop import train
+from lmstack.align.pairs import describe, pair_sources, prepare
+from lmstack.modelio import STAGE
+from lmstack.train.loop import freeze, seed_everything, train
 from lmstack.train.objectives import dpo_loss, token_logprobs
-from lmstack.train.preference import STAGE, describe, pair_sources, prepare
-from lmstack.train.pretrain import seed_everything
 from lmstack.utils import UserError, atomic_write_json
 
 PRESET = "dpo"
-# Weight of the chosen answers' NLL (DPOObjective) when the config has no pref.nll_weight. On the
-# small world, plain DPO (0) taught the model to stop closing its turns and to answer harmful
-# requests with "I don't know" (ground-truth win rate against SFT 47%); with 1, 81% [57-93].
-NLL_WEIGHT = 1.0
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` that cannot change: eval mode, no gradients, out of every optimizer."""
-    ref = copy.deepcopy(model)
-    ref.requires_grad_(False)
-    return ref.eval()
+    return freeze(copy.deepcopy(model))
 
 
 def answer_logprobs(model, x, y, mask) -> torch.Tensor:
@@ -87,12 +80,10 @@ class DPOObjective:
 def dpo(model, data, out, overrides=(), resume: bool = False, preset: str = PRESET,
         nll_weight: float | None = None) -> dict:
     """DPO from the SFT model folder `model` on comparison files `data` into `out`; returns the
-    last metrics record. nll_weight (default: pref.nll_weight where the config has it, else
-    NLL_WEIGHT): see DPOObjective; 0 is plain DPO."""
+    last metrics record. nll_weight (default: pref.nll_weight): see DPOObjective; 0 is plain DPO."""
     run = prepare("dpo", model, data, out, overrides, resume, preset)
     cfg, tc = run.cfg, run.cfg.train
-    if nll_weight is None:
-        nll_weight = float(getattr(cfg.pref, "nll_weight", NLL_WEIGHT))
+    nll_weight = cfg.pref.nll_weight if nll_weight is None else nll_weight
     if nll_weight < 0:
         raise UserError(f"nll_weight must be >= 0, got {nll_weight}")
     run.info.update(beta=cfg.pref.beta, nll_weight=nll_weight)

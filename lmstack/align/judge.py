@@ -33,10 +33,12 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from lmstack.eval.metrics import wilson
-from lmstack.tokenizer import render_chat
-from lmstack.train.preference import prompt_messages, prompt_problem, read_jsonl, world_task
-from lmstack.utils import UserError, atomic_write_text
+from lmstack.chatformat import ChatFormatError, prompt_messages, row_prompt
+from lmstack.engine import generate_batch
+from lmstack.eval.lm import ModelLM
+from lmstack.stats import wilson
+from lmstack.utils import UserError, atomic_write_text, read_jsonl
+from lmstack.world import labeller
 
 DEFAULT_CONSTITUTION = """\
 Judge which answer is better by these principles, in order:
@@ -50,30 +52,14 @@ MAX_TOKENS = 48  # per sampled answer: two answers and the constitution must fit
 
 
 def read_prompts(path) -> list[dict]:
-    """Prompt rows -> [{"prompt": str | messages, "task": labeller task | None, "where"}]."""
+    """Prompt rows -> [{"prompt": messages, "task": labeller task | None, "where"}]."""
     out = []
     for n, row in read_jsonl(path, "prompts file"):
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{n}: row is not a JSON object")
-        if "prompt" in row:
-            prompt = row["prompt"]
-        elif "messages" in row:
-            msgs = row["messages"]
-            if not isinstance(msgs, list):
-                raise UserError(f"{path}:{n}: messages must be a list")
-            while msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
-                msgs = msgs[:-1]
-            if not msgs:
-                raise UserError(f"{path}:{n}: no message before the assistant's reply")
-            prompt = msgs
-        elif "question" in row:
-            prompt = row["question"]
-        else:
-            raise UserError(f"{path}:{n}: no prompt, messages or question field")
-        why = prompt_problem(prompt)
-        if why:
-            raise UserError(f"{path}:{n}: {why}")
-        out.append({"prompt": prompt, "task": world_task(row), "where": f"{path}:{n}"})
+        try:
+            prompt = row_prompt(row)
+        except ChatFormatError as e:
+            raise UserError(f"{path}:{n}: {e}") from None
+        out.append({"prompt": prompt, "task": labeller.task_of(row), "where": f"{path}:{n}"})
     if not out:
         raise UserError(f"prompts file {path} has no rows")
     return out
@@ -95,21 +81,13 @@ def judging_conversation(constitution: str, prompt, first: str, second: str) -> 
 
 def sample_pairs(lm, prompts: list, seed: int, max_tokens: int = MAX_TOKENS) -> list[tuple[str, str]]:
     """Two sampled answers per prompt (temperature 1.0): rows 2i, 2i+1 use seeds seed+2i, seed+2i+1."""
-    from lmstack.chat import TURN_ENDS
-    from lmstack.engine import generate_batch
-    from lmstack.eval.lm import split_calls
-
-    tok = lm.tok
-    sid = tok.special_ids
-    stops = tuple(sid[t] for t in TURN_ENDS)
-    ids = [render_chat(tok, prompt_messages(p), add_generation_prompt=True)[0] for p in prompts]
-    rows = [x for x in ids for _ in range(2)]
+    fmt = lm.fmt
+    rows = [ids for p in prompts for ids in [fmt.render(p, add_generation_prompt=True)[0]] * 2]
     texts = []
     for s in range(0, len(rows), lm.batch_size):
         done = generate_batch(lm.model, rows[s:s + lm.batch_size], max_tokens, temperature=1.0, seed=seed + s,
-                              stop_ids=stops, tokenizer=tok, truncate="left")
-        for c in done:  # text outside tool calls (a tool call is not an answer to judge)
-            texts.append(split_calls(tok, c.ids, sid["<|tool_call|>"], sid["<|/tool_call|>"], "call")[0].strip())
+                              stop_ids=fmt.stop_ids, tokenizer=lm.tok, truncate="left")
+        texts += [fmt.parse(c.ids).text.strip() for c in done]  # a tool call is not an answer to judge
     return [(texts[2 * i], texts[2 * i + 1]) for i in range(len(prompts))]
 
 
@@ -117,16 +95,16 @@ def judging_prompt(lm, constitution: str, prompt, first: str, second: str) -> tu
     """The judging conversation's ids, ready for the reply; when it is too long for the judge's
     context, the answers are shortened (cut to the same, largest number of tokens that fits,
     marked "...") so that the constitution and the request stay whole. Returns (ids, shortened)."""
-    tok = lm.tok
+    tok, fmt = lm.tok, lm.fmt
     room = lm.ctx - 2  # the reply token must fit after the prompt
-    ids = render_chat(tok, judging_conversation(constitution, prompt, first, second), add_generation_prompt=True)[0]
+    ids = fmt.render(judging_conversation(constitution, prompt, first, second), add_generation_prompt=True)[0]
     if len(ids) <= room:
         return ids, False
     fa, fb = tok.encode(first), tok.encode(second)
 
     def render(keep: int) -> list[int]:
         short = [tok.decode(t[:keep]) + ("..." if len(t) > keep else "") for t in (fa, fb)]
-        return render_chat(tok, judging_conversation(constitution, prompt, *short), add_generation_prompt=True)[0]
+        return fmt.render(judging_conversation(constitution, prompt, *short), add_generation_prompt=True)[0]
 
     lo, hi = 1, max(len(fa), len(fb)) - 1  # the most answer tokens that fit: bisect
     while lo < hi:
@@ -157,6 +135,11 @@ def judge_pairs(lm, constitution: str, prompts: list, pairs: list[tuple[str, str
     return out
 
 
+def _compact(msgs: list[dict]):
+    """A prompt as comparisons files write it: one user message as its text, else the messages."""
+    return msgs[0]["content"] if len(msgs) == 1 and msgs[0].get("role") == "user" else msgs
+
+
 def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
@@ -165,9 +148,6 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
           max_tokens: int = MAX_TOKENS, batch_size: int = 32, quiet: bool = False) -> dict:
     """`lmstack judge`: write comparisons judged by an AI to `out`; returns the stats (pairs
     written, skipped, position consistency, agreement with the world's labeller when known)."""
-    from lmstack.eval.lm import ModelLM
-    from lmstack.world import labeller
-
     if limit < 0:
         raise UserError("--limit must be >= 0 (0 = every prompt)")
     if Path(out).is_dir():
@@ -216,7 +196,7 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
                 ties += 1
         n_consistent += v["position_consistent"]
         n_cut += v["cut"]
-        lines.append(json.dumps({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected,
+        lines.append(json.dumps({"prompt": _compact(r["prompt"]), "chosen": chosen, "rejected": rejected,
                                  "reason": f"judged by {judge_name} against the constitution", "meta": meta},
                                 ensure_ascii=False) + "\n")
     atomic_write_text(out, "".join(lines))

@@ -3,19 +3,17 @@
     lmstack reward train --model runs/small/chat --data runs/small/world/comparisons.jsonl --out runs/small/rm
     lmstack reward score --model runs/small/rm --data answers.jsonl [--out scored.jsonl]
 
-The reward model is the SFT model's transformer with a scalar head: `score_head` (Linear
-d_model -> 1, no bias: the Bradley-Terry loss only sees differences) reads the final hidden
-state (after the final norm) at the last token of the answer, its closing <|end|>, where the
-model has read the whole prompt and the whole answer. It is trained on comparisons
-(preference.py) with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), summed over
-pairs, through THE training loop; `accuracy` (r_chosen > r_rejected) and `margin` are logged.
-At the end the held-out pairwise accuracy (overall and by meta.type; chance 50%) is printed
-and written to OUT/reward_eval.json.
+The reward model (`lmstack.model.RewardModel`) is the SFT model's transformer with a scalar
+head that reads the final hidden state at the last token of the answer, its closing <|end|>.
+It is trained on comparisons (pairs.py) with the Bradley-Terry loss -log sigmoid(r_chosen -
+r_rejected), summed over pairs, through THE training loop; `accuracy` (r_chosen > r_rejected)
+and `margin` are logged. At the end the held-out pairwise accuracy (overall and by meta.type;
+chance 50%) is printed and written to OUT/reward_eval.json.
 
 The folder is a model folder (config.json, tokenizer.json, run.json, metrics.jsonl, state/)
 whose model.safetensors holds the SFT weights plus `score_head.weight`, and stage.json
-{"stage": "reward", "base": SFT_DIR, ...}. `load_reward_model(dir)` loads it; rewards of
-text: `score_answers(rm, tok, prompts, answers)`; of a batch: `rm(x, last)`.
+{"stage": "reward", "base": SFT_DIR, ...}. `modelio.load_model(dir, kind="reward")` loads it;
+rewards of text: `score_answers(rm, tok, prompts, answers)`; of a batch: `rm(x, last)`.
 
 `reward score` reads jsonl rows {prompt, answer} (adds "score") or {prompt, chosen, rejected}
 (adds "score_chosen" and "score_rejected", and prints the pairwise accuracy).
@@ -23,77 +21,26 @@ text: `score_answers(rm, tok, prompts, answers)`; of a batch: `rm(x, last)`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from lmstack import distributed
-from lmstack.config import model_config_from_dict
-from lmstack.eval.metrics import wilson
-from lmstack.model import GPT
+from lmstack.align.pairs import describe, pair_sources, prepare, render_answers
+from lmstack.chatformat import prompt_problem
+from lmstack.device import pick_device
+from lmstack.model import RewardModel
+from lmstack.modelio import STAGE, load_model_and_tokenizer
+from lmstack.stats import wilson
 from lmstack.tokenizer import Tokenizer
-from lmstack.train import checkpoint
-from lmstack.train.loop import train
+from lmstack.train.loop import seed_everything, train
 from lmstack.train.objectives import bradley_terry_loss
-from lmstack.train.preference import (STAGE, describe, pair_sources, prepare,
-                                      prompt_problem, read_jsonl, render_answers)
-from lmstack.train.pretrain import seed_everything
-from lmstack.utils import UserError, atomic_write_json, atomic_write_text
+from lmstack.utils import UserError, atomic_write_json, atomic_write_text, read_jsonl
 
 PRESET = "reward"
 EVAL_FILE = "reward_eval.json"
-
-
-class RewardModel(GPT):
-    """A GPT whose output is one score per sequence: score_head on the normed hidden state at
-    position `last` of each row. Same weight names as the GPT plus `score_head.weight`, so the
-    loop's checkpoints save and resume it as they do any model. The LM head stays (tied, it is
-    the embedding; untied, it is frozen and unused)."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.score_head = nn.Linear(cfg.d_model, 1, bias=False)
-        nn.init.zeros_(self.score_head.weight)  # every answer scores 0 at first: loss = ln 2
-        if not cfg.tie_embeddings:
-            self.lm_head.weight.requires_grad_(False)
-
-    @classmethod
-    def from_gpt(cls, gpt: GPT) -> "RewardModel":
-        """The SFT model's weights and a fresh (zero) score head."""
-        rm = cls(dataclasses.replace(gpt.cfg)).to(gpt.embed_tokens.weight.device)
-        missing, unexpected = rm.load_state_dict(gpt.state_dict(), strict=False)
-        if missing != ["score_head.weight"] or unexpected:
-            raise RuntimeError(f"unexpected weights: missing {missing}, unexpected {unexpected}")
-        return rm
-
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx [B, T] -> the last layer's output [B, T, d_model] (before the final norm);
-        plain causal attention, so right padding never changes the real tokens' states."""
-        T = idx.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"{T} positions exceed max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        x = self.embed_tokens(idx)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return x
-
-    def forward(self, idx: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores (fp32): [B] at positions `last` [B], or [B, T] at every position."""
-        h = self.hidden(idx)
-        if last is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), last]
-        return self.score_head(self.norm(h)).squeeze(-1).float()
-
-    def flops_per_token(self, seq_len: int) -> int:
-        """As GPT's, without the vocabulary head (a reward model never computes logits)."""
-        c = self.cfg
-        return 6 * self.num_params(include_embeddings=False) + 12 * c.n_layer * c.d_model * seq_len
 
 
 def bt_objective(model, batch):
@@ -106,35 +53,7 @@ def bt_objective(model, batch):
     return bradley_terry_loss(rc, rr).sum(), B, {"accuracy": (diff > 0).sum(), "margin": diff.sum()}
 
 
-# --------------------------------------------------------------------------- loading, scoring
-
-
-def load_reward_model(model_dir, device: str | torch.device = "cpu") -> RewardModel:
-    """A reward model folder -> RewardModel in eval mode. Anything else -> UserError."""
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise UserError(f"reward model folder {d} does not exist")
-    for name in ("config.json", checkpoint.WEIGHTS):
-        if not (d / name).is_file():
-            raise UserError(f"{d} is not a model folder (no {name})")
-    try:
-        stage = json.loads((d / STAGE).read_text())
-    except (OSError, ValueError):
-        stage = None
-    if not isinstance(stage, dict) or stage.get("stage") != "reward":
-        raise UserError(f"{d} is not a reward model (no {STAGE} saying stage \"reward\"; "
-                        "train one with `lmstack reward train`)")
-    try:
-        cfg = model_config_from_dict(json.loads((d / "config.json").read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{d / 'config.json'} is not valid JSON: {e}") from None
-    rm = RewardModel(cfg).to(device)
-    try:
-        checkpoint.load_weights(rm, d / checkpoint.WEIGHTS)
-    except Exception as e:
-        raise UserError(f"{d / checkpoint.WEIGHTS} is corrupt or not a reward model's weights: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return rm.eval()
+# --------------------------------------------------------------------------- scoring
 
 
 @torch.no_grad()
@@ -259,8 +178,7 @@ def reward_score(model, data, out=None, batch_size: int = 32) -> dict:
         rows.append(row)
     if not rows:
         raise UserError(f"{data} has no rows")
-    rm = load_reward_model(model, distributed.pick_device("auto"))
-    tok = Tokenizer.load(model)
+    rm, tok = load_model_and_tokenizer(model, pick_device("auto"), kind="reward")
     prompts, answers, slots = [], [], []
     for i, row in enumerate(rows):
         for field in (("answer",) if "answer" in row else ("chosen", "rejected")):

@@ -1,5 +1,5 @@
-"""Preference data, shared by `lmstack reward train` and `lmstack dpo`, and the ground-truth
-win rate of one model against another on the synthetic world.
+"""Preference data, shared by `lmstack reward train` and `lmstack dpo`: comparisons, their
+rendering, pair batches, and a preference stage's setup.
 
 Comparisons (jsonl), one labelled pair per row, the same format from the world's simulated
 labeller (WORLD/comparisons.jsonl), from people in the web app (`lmstack feedback export`)
@@ -28,12 +28,6 @@ first, then the B rejected ones, right-padded to the longest row of the micro-ba
 DPO sums log p(y) over `mask`; the reward model reads the hidden state at `last`.
 Pairs per optimizer step = train.batch_tokens / train.seq_len (the loop counts "tokens" as
 rows x seq_len; `real_tokens` in metrics.jsonl is the count of real tokens in the step).
-
-`win_rate(model_a, model_b, world_dir, n=200)`: greedy answers of both models to n held-out
-world prompts (probes: facts questions, harmful requests, benign requests, questions about
-people who do not exist), each pair labelled by the world's simulated labeller (ground truth);
-A's wins / (wins + losses) with a 95% Wilson interval, by prompt type too.
-    lmstack winrate --a A --b B [--world runs/small/world] [--n 200]
 """
 
 from __future__ import annotations
@@ -41,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,23 +42,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmstack.config import RunConfig, load_config, stage_override_keys
-from lmstack.tokenizer import ChatFormatError, Tokenizer, render_chat
+from lmstack.chatformat import chat_format, prompt_messages, prompt_problem
+from lmstack.config import RunConfig, stage_config
+from lmstack.modelio import STAGE, load_model_and_tokenizer
+from lmstack.tokenizer import Tokenizer
+from lmstack.train import checkpoint
 from lmstack.train.objectives import IGNORE_INDEX
-from lmstack.utils import UserError, read_json
+from lmstack.utils import UserError, read_jsonl
 
 # --------------------------------------------------------------------------- rows
-
-
-def prompt_messages(prompt) -> list[dict]:
-    """A comparison's `prompt` -> the list of messages the answers reply to."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ChatFormatError("prompt is empty")
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt:
-        return prompt
-    raise ChatFormatError("prompt must be a non-empty string or a non-empty list of messages")
 
 
 def _check_row(row) -> str | None:
@@ -86,42 +71,6 @@ def _check_row(row) -> str | None:
     if meta is not None and not isinstance(meta, dict):
         return "meta must be an object"
     return None
-
-
-def prompt_problem(prompt) -> str | None:
-    """Why a `prompt` (string or list of messages) cannot be rendered (None when it can)."""
-    try:
-        render_chat(_NullTok, prompt_messages(prompt))  # roles, contents, tool calls
-    except ChatFormatError as e:
-        return f"bad prompt: {e}"
-    return None
-
-
-class _NullTok:
-    """Just enough of a tokenizer for render_chat to validate a conversation's structure."""
-    special_ids = {t: 0 for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>",
-                                  "<|tool_call|>", "<|/tool_call|>")}
-    bos_id = 0
-
-    @staticmethod
-    def encode(text):
-        return []
-
-
-def read_jsonl(path, what: str = "data file"):
-    """(line number, parsed row) of each non-blank line; bad JSON is a one-line UserError."""
-    path = Path(path)
-    if not path.is_file():
-        hint = " (a folder: name the .jsonl file)" if path.is_dir() else ""
-        raise UserError(f"{what} {path} not found{hint}")
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({str(e).splitlines()[0]})") from None
 
 
 def load_comparisons(files) -> list[tuple[dict, str]]:
@@ -152,11 +101,11 @@ def render_answers(tok: Tokenizer, prompt, answers: list[str], max_len: int):
     final answer and its <|end|>), all with the same prompt, cut from the left (after BOS)
     so the longest fits `max_len` tokens. Returns (seqs, prompt tokens dropped), or None
     when the answers alone do not fit."""
-    msgs = prompt_messages(prompt)
-    p_ids, _ = render_chat(tok, msgs)
+    fmt, msgs = chat_format(tok), prompt_messages(prompt)
+    p_ids, _ = fmt.render(msgs)
     seqs = []
     for a in answers:
-        ids, mask = render_chat(tok, msgs + [{"role": "assistant", "content": a}])
+        ids, mask = fmt.render(msgs + [{"role": "assistant", "content": a}])
         mask = [0] * len(p_ids) + mask[len(p_ids):]  # only this answer is trained on
         seqs.append((ids, mask))
     drop = max(len(ids) for ids, _ in seqs) - max_len
@@ -296,24 +245,6 @@ def pair_sources(run, pad: int, dist):
         return iter_pair_batches(run.val_pairs, tc.micro_batch_size, pad, tc.eval_batches, dist.rank, dist.world_size)
     return batches, eval_batches
 
-def pref_config(preset: str, overrides, base_model) -> RunConfig:
-    """The stage's preset + --set, with the SFT model's config (model.* cannot be overridden).
-    Presets are written for a 256-token context; for a model with a shorter one (and no
-    train.seq_len given), seq_len becomes the context and the pairs per step stay the same."""
-    overrides = list(overrides)
-    keys = stage_override_keys(overrides, "preference training")
-    ctx, fit = base_model.max_seq_len, []
-    p = load_config(preset, [f"model.max_seq_len={2**30}"]).train
-    if "train.seq_len" not in keys and p.seq_len > ctx:
-        fit = [f"train.seq_len={ctx}", f"train.batch_tokens={p.batch_tokens // p.seq_len * ctx}"]
-    cfg = load_config(preset, fit + overrides + [f"model.max_seq_len={ctx}"])
-    cfg.model = dataclasses.replace(base_model)
-    cfg.validate()
-    if cfg.pref.max_len > ctx:
-        raise UserError(f"pref.max_len ({cfg.pref.max_len}) is longer than the model's context ({ctx})")
-    return cfg
-
-
 @dataclass
 class PrefRun:
     base: Path
@@ -326,14 +257,9 @@ class PrefRun:
     info: dict  # written to OUT/stage.json
 
 
-STAGE = "stage.json"
-
-
 def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) -> PrefRun:
     """Everything a preference stage checks and loads before training: the SFT model folder,
     its tokenizer, the config, the output folder, the comparisons (rendered, split)."""
-    from lmstack.train import checkpoint
-
     base = Path(model)
     data = [data] if isinstance(data, (str, Path)) else list(data or [])
     if not data:
@@ -341,14 +267,8 @@ def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) 
     for f in data:
         if not Path(f).is_file():
             raise UserError(f"comparisons file {f} not found")
-    saved = read_json(base / STAGE)
-    if saved and saved.get("stage") == "reward":
-        raise UserError(f"{base} is a reward model; --model takes a chat (SFT) model folder")
-    net = checkpoint.load_model(base)
-    tok = Tokenizer.load(base)
-    if tok.vocab_size > net.cfg.vocab_size:
-        raise UserError(f"{base}: tokenizer.json has {tok.vocab_size} tokens, the model {net.cfg.vocab_size}")
-    cfg = pref_config(preset, overrides, net.cfg)
+    net, tok = load_model_and_tokenizer(base, kind="chat")
+    cfg = stage_config(preset, overrides, net.cfg, "preference training")
     out_dir = checkpoint.output_folder(out, resume)
     max_len = cfg.pref.max_len or cfg.model.max_seq_len
     pairs, stats = load_pairs(data, tok, max_len)
@@ -361,9 +281,9 @@ def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) 
     info = {"stage": stage, "base": str(base), "chat": stage != "reward", "data": [str(f) for f in data],
             "max_len": max_len, **stats, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
     if resume:
-        checkpoint.resumed_stage(out_dir, STAGE, stage, info, dataclasses.asdict(cfg.model),
-                                 ("data", "max_len", "rows", "pairs", "skipped", "train_pairs"), "data",
-                                 "; pass the same --data and pref.* settings")
+        checkpoint.check_resume(out_dir, stage, dataclasses.asdict(cfg.model), STAGE, info,
+                                ("data", "max_len", "rows", "pairs", "skipped", "train_pairs"),
+                                hint="; pass the same --data and pref.* settings")
     net.train()
     return PrefRun(base, net, tok, cfg, out_dir, train_pairs, val_pairs, info)
 
@@ -376,126 +296,3 @@ def describe(run: PrefRun) -> str:
             f"{i['val_pairs']:,} held out" + (f"; {i['truncated']} prompts cut to fit {i['max_len']} tokens"
                                               if i["truncated"] else "")
             + (f"; skipped {skipped}" if skipped else ""))
-
-
-# --------------------------------------------------------------------------- the world's ground truth
-
-PROBE_KINDS = {"fact": "facts.jsonl", "harmful": "harmful.jsonl", "benign": "benign.jsonl",
-               "unknown_person": "nonexistent.jsonl", "arithmetic": "arithmetic.jsonl"}
-WIN_RATE_KINDS = ("fact", "harmful", "benign", "unknown_person")
-
-
-def world_task(row: dict) -> dict | None:
-    """The simulated labeller's task for a row that says what a good answer is: an explicit
-    {"task": {...}}, a world probe row (harmful / nonexistent / benign / facts / arithmetic), or
-    a world comparisons row's meta (harmful / unknown_person / arithmetic). None when the row
-    does not say."""
-    if isinstance(row.get("task"), dict) and "type" in row["task"]:
-        return row["task"]
-    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
-    if meta.get("type") in ("harmful", "unknown_person"):  # a world comparisons row: what is right
-        return {"type": meta["type"]}                     # needs no answer (facts would need the world)
-    if meta.get("type") == "arithmetic" and {"a", "op", "b"} <= meta.keys():
-        from lmstack.world.arithmetic import compute
-
-        return {"type": "arithmetic", "truth": [str(compute(meta["a"], meta["op"], meta["b"]))]}
-    expected = row.get("expected")
-    if expected == "refuse":
-        return {"type": "harmful"}
-    if expected == "idk":
-        return {"type": "unknown_person"}
-    if expected == "comply":
-        return {"type": "benign", "truth": list(row.get("truth") or [])}
-    if row.get("relation") == "arithmetic" and "answer" in row:
-        return {"type": "arithmetic", "truth": [str(row["answer"])]}
-    if isinstance(row.get("answer"), str):
-        return {"type": "fact", "truth": [row["answer"]] + list(row.get("aliases") or [])}
-    return None
-
-
-def world_prompts(world_dir, n: int = 200, seed: int = 0, kinds=WIN_RATE_KINDS, exclude=None) -> list[dict]:
-    """n prompts from the world's probes, split evenly over `kinds`, sampled with `seed`:
-    [{"prompt", "task", "source"}]. `exclude`: comparison files whose prompts are left out
-    (e.g. the training comparisons, so that every prompt is unseen)."""
-    world = Path(world_dir)
-    if not (world / "world.json").is_file():
-        raise UserError(f"{world} is not a world folder (no world.json)")
-    skip = set()
-    for f in ([exclude] if isinstance(exclude, (str, Path)) else list(exclude or [])):
-        skip |= {r["prompt"] for _, r in read_jsonl(f, "comparisons file")
-                 if isinstance(r, dict) and isinstance(r.get("prompt"), str)}
-    rng = random.Random(seed)
-    out = []
-    for j, kind in enumerate(kinds):
-        if kind not in PROBE_KINDS:
-            raise UserError(f"unknown prompt kind {kind!r} ({' | '.join(PROBE_KINDS)})")
-        path = world / "probes" / PROBE_KINDS[kind]
-        rows = [(ln, r) for ln, r in read_jsonl(path, "probe file") if r.get("question") not in skip]
-        k = (j + 1) * n // len(kinds) - j * n // len(kinds)
-        for ln, r in sorted(rng.sample(rows, min(k, len(rows))), key=lambda t: t[0]):
-            task = world_task(r)
-            if task is not None and task["type"] == kind:
-                out.append({"prompt": r["question"], "task": task, "source": f"{path}:{ln}"})
-    return out
-
-
-def win_rate(model_a, model_b, world_dir, n: int = 200, seed: int = 0, max_tokens: int = 64,
-             exclude=None, batch_size: int = 32, out=None, quiet: bool = False) -> dict:
-    """Ground-truth win rate of model A against model B: both answer the same n world prompts
-    greedily (`world_prompts`), the simulated labeller (`lmstack.world.labeller.label`) picks
-    the better answer or calls a tie. win_rate = wins / (wins + losses) of A, with a 95% Wilson
-    interval, overall and by prompt type; `score_a` / `score_b` are the labeller's mean scores.
-    Writes the result (with every item) to `out` when given."""
-    from lmstack.eval.lm import ModelLM
-    from lmstack.eval.metrics import wilson
-    from lmstack.utils import atomic_write_json
-    from lmstack.world import labeller
-
-    items = world_prompts(world_dir, n, seed, exclude=exclude)
-    if not items:
-        raise UserError(f"no world prompts left to compare on ({world_dir}; every one is excluded?)")
-    replies = []
-    for d in (model_a, model_b):
-        lm = ModelLM.load(d, batch_size=batch_size)
-        replies.append([r.text for r in lm.chat([[{"role": "user", "content": it["prompt"]}] for it in items],
-                                                 max_tokens=max_tokens)])
-        del lm
-    tally: dict[str, Counter] = {}
-    for it, a, b in zip(items, *replies):
-        task = it["task"]
-        res = labeller.label(task, a, b)
-        outcome = "tie" if res is None else ("win" if res[0] == a else "loss")
-        it.update(a=a, b=b, outcome=outcome, score_a=labeller.score(task, a), score_b=labeller.score(task, b))
-        for key in ("all", task["type"]):
-            c = tally.setdefault(key, Counter())
-            c[outcome] += 1
-            c["score_a"] += it["score_a"]
-            c["score_b"] += it["score_b"]
-            c["n"] += 1
-
-    def summary(c: Counter) -> dict:
-        w, l = c["win"], c["loss"]
-        return {"n": c["n"], "wins": w, "losses": l, "ties": c["tie"],
-                "win_rate": w / (w + l) if w + l else float("nan"), "ci": list(wilson(w, w + l)),
-                "score_a": c["score_a"] / c["n"], "score_b": c["score_b"] / c["n"]}
-
-    result = {"a": str(model_a), "b": str(model_b), "world": str(world_dir), "seed": seed,
-              "max_tokens": max_tokens, **summary(tally["all"]),
-              "by_type": {k: summary(v) for k, v in sorted(tally.items()) if k != "all"}, "items": items}
-    if out is not None:
-        atomic_write_json(out, result)
-    if not quiet:
-        print_win_rate(result)
-    return result
-
-
-def print_win_rate(r: dict) -> None:
-    print(f"A = {r['a']}\nB = {r['b']}\nground truth: {r['world']} (simulated labeller), greedy answers")
-    print(f"{'prompts':16s} {'n':>4s} {'A wins':>7s} {'B wins':>7s} {'ties':>5s} {'A win rate':>11s}  {'95% CI':13s}"
-          f" {'score A':>8s} {'score B':>8s}")
-    for name, s in [("all", r), *r["by_type"].items()]:
-        lo, hi = s["ci"]
-        rate = f"{100 * s['win_rate']:10.1f}%  [{100 * lo:4.1f}, {100 * hi:5.1f}]" if s["wins"] + s["losses"] else \
-            f"{'-':>11s}  {'(all ties)':13s}"
-        print(f"{name:16s} {s['n']:4d} {s['wins']:7d} {s['losses']:7d} {s['ties']:5d} {rate} "
-              f"{s['score_a']:8.2f} {s['score_b']:8.2f}")

@@ -22,13 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, processors
+from tokenizers import Tokenizer as HFTokenizer
 
-from lmstack.tokenizer import CHAT_TEMPLATE_JINJA as CHAT_TEMPLATE
+from lmstack.chatformat import chat_format
+from lmstack.config import ModelConfig
+from lmstack.model import GPT
+from lmstack.modelio import lineage, load_model_and_tokenizer, save_weights
+from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer
 from lmstack.utils import (UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir,
-                           read_json)
+                           current_umask, read_json)
 
 MAX_SHARD_BYTES = 2 * 1024 ** 3
 
@@ -53,16 +61,13 @@ def _hf_config(cfg, tok) -> dict:
 
 def _hf_tokenizer_files(tok, ctx: int) -> tuple[str, dict]:
     """(tokenizer.json text with a BOS post-processor, tokenizer_config.json)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import processors
-
     hf = HFTokenizer.from_str(tok.to_str())
     bos = "<|bos|>"
     hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                       special_tokens=[(bos, tok.bos_id)])
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": "<|eos|>",
               "pad_token": "<|pad|>", "model_max_length": ctx, "clean_up_tokenization_spaces": False,
-              "chat_template": CHAT_TEMPLATE}
+              "chat_template": chat_format(tok).jinja}
     return hf.to_str(pretty=True), config
 
 
@@ -76,12 +81,6 @@ def _state_for_hf(model) -> dict[str, torch.Tensor]:
 
 
 def _save(tensors: dict, path: Path) -> None:
-    import os
-
-    from safetensors.torch import save_file
-
-    from lmstack.utils import current_umask
-
     save_file(tensors, path, metadata={"format": "pt"})
     os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600; this is a file to share
 
@@ -110,13 +109,9 @@ def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byt
 
 def export_hf(model_dir, out, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write a folder `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` open."""
-    from lmstack.tokenizer import Tokenizer
-    from lmstack.train import checkpoint
-
     model_dir = Path(model_dir)
     check_output_dir(out, force)
-    model = checkpoint.load_model(model_dir)
-    tok = Tokenizer.load(model_dir)
+    model, tok = load_model_and_tokenizer(model_dir)
     cfg = model.cfg
     tok_json, tok_config = _hf_tokenizer_files(tok, cfg.max_seq_len)
     with atomic_output_dir(out, force) as tmp:
@@ -138,8 +133,6 @@ def export_hf(model_dir, out, force: bool = False, max_shard_bytes: int = MAX_SH
 
 def model_card(model_dir: Path, model, tok) -> str:
     """README.md with YAML front matter: how the model was trained and its eval results."""
-    from lmstack.eval.run import lineage
-
     info = lineage(model_dir)
     run = read_json(model_dir / "run.json") or {}
     sft = read_json(model_dir / "sft.json")
@@ -243,8 +236,6 @@ def rope_theta(c: dict) -> float:
 
 
 def _read_weights(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     index = src / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -264,14 +255,6 @@ def _read_weights(src: Path) -> dict[str, torch.Tensor]:
 
 def import_hf(src, out, force: bool = False) -> Path:
     """A local Hugging Face Llama-family folder -> an lmstack model folder."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import AddedToken
-
-    from lmstack.config import ModelConfig
-    from lmstack.model import GPT
-    from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer
-    from lmstack.train.checkpoint import save_weights
-
     src = Path(src)
     if not (src / "config.json").is_file():
         raise UserError(f"{src} is not a Hugging Face model folder (no config.json)")

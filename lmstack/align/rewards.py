@@ -4,7 +4,7 @@
 
 `row` is the prompts-file row the rollout was sampled for (its question plus whatever the
 reward needs to check it: an answer, a task type); `answer` is the text of the policy's reply
-(tool calls left out; see lmstack/train/rl.py for how a reply that calls a tool is scored).
+(tool calls left out; see lmstack/align/rollout.py for how a reply that calls a tool is scored).
 
 SPEC is one of
   arithmetic              1 if the reply's last number is row["answer"], else 0
@@ -23,22 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 from lmstack.utils import UserError
-from lmstack.world import labeller
+from lmstack.world import labeller, load_world, world_above
 
 Reward = Callable[[dict, str], float]
 BUILTIN = ("arithmetic", "world")
-
-
-def _truth_number(row: dict) -> str | None:
-    """The expected number of an arithmetic row: its "answer", or a op b computed."""
-    if row.get("answer") is not None:
-        return str(row["answer"]).strip().replace(",", "")
-    meta = row.get("meta") or row
-    if all(k in meta for k in ("a", "op", "b")):
-        from lmstack.world.arithmetic import compute
-
-        return str(compute(int(meta["a"]), meta["op"], int(meta["b"])))
-    return None
 
 
 def arithmetic(row: dict, answer: str) -> float:
@@ -46,7 +34,7 @@ def arithmetic(row: dict, answer: str) -> float:
 
     Rows: probes/arithmetic.jsonl ({question, answer, a, op, b, digits}), or any row with a
     question/prompt and an "answer" (or "a", "op", "b")."""
-    truth = _truth_number(row)
+    truth = labeller.arithmetic_truth(row)
     if truth is None:
         raise UserError(f"arithmetic reward: the row has no \"answer\" (nor a, op, b): {json.dumps(row)[:120]}")
     return 1.0 if labeller.final_number(answer) == truth else 0.0
@@ -54,18 +42,13 @@ def arithmetic(row: dict, answer: str) -> float:
 
 class WorldReward:
     """The world's ground truth, as the simulated labeller (lmstack/world/labeller.py) judges a
-    reply, scaled to [0, 1]. The row says which rule applies:
+    reply, scaled to [0, 1]. Which rule judges a row is `labeller.task_of`'s to say:
 
-      harmful request    (expected "refuse", meta.type "harmful"):        1 a polite refusal, else 0
-      unknown person     (expected "idk", meta.type "unknown_person"):    1 "I don't know ...", else 0
-      arithmetic         (relation "arithmetic", meta.type "arithmetic"): 1 the right last number,
-                                                                          0.5 "I don't know", 0 wrong
-      fact               (an "answer" (+ "aliases"), meta.type "fact"):   1 states the truth,
-                                                                          0.5 "I don't know", 0 wrong
-      benign request     (expected "comply", meta.type "benign"):         1 helpful and polite (and
-                                                                          states its "truth" if any),
-                                                                          0 rude or a refusal
-    A row may also carry the labeller's task itself: {"task": {"type": ..., "truth": [...]}}.
+      harmful request    1 a polite refusal, else 0
+      unknown person     1 "I don't know ...", else 0
+      arithmetic         1 the right last number, 0.5 "I don't know", 0 wrong
+      fact               1 states the truth, 0.5 "I don't know", 0 wrong
+      benign request     1 helpful and polite (and states its "truth" if any), 0 rude or a refusal
     World probe rows (WORLD/probes/*.jsonl) and comparison rows (WORLD/comparisons.jsonl) work
     as they are; a comparison row about a fact names a person and relation in its meta, whose
     truth is looked up in world.json (found at or above the prompts file)."""
@@ -79,8 +62,6 @@ class WorldReward:
             if self.world_dir is None:
                 raise UserError("world reward: a fact row names a person, but no world.json was found "
                                 "at or above the prompts file")
-            from lmstack.world import load_world
-
             self._people = {p["id"]: p for p in load_world(self.world_dir)["people"]}
         if pid not in self._people:
             raise UserError(f"world reward: person {pid!r} is not in {self.world_dir / 'world.json'}")
@@ -88,49 +69,16 @@ class WorldReward:
 
     def task(self, row: dict) -> dict:
         """The labeller's task for a prompts row (UserError when the row cannot be checked)."""
-        if isinstance(row.get("task"), dict):
-            return row["task"]
-        meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
-        kind = meta.get("type")
-        expected = row.get("expected")
-        if kind == "harmful" or expected == "refuse":
-            return {"type": "harmful"}
-        if kind == "unknown_person" or expected == "idk":
-            return {"type": "unknown_person"}
-        if kind == "benign" or expected == "comply":
-            return {"type": "benign", "truth": list(row.get("truth") or meta.get("truth") or [])}
-        if kind == "arithmetic" or row.get("relation") == "arithmetic":
-            truth = _truth_number({**meta, **{k: v for k, v in row.items() if k == "answer"}})
-            if truth is not None:
-                return {"type": "arithmetic", "truth": [truth]}
-        if kind == "fact":
-            from lmstack.world.entities import date_aliases
-
-            person, attr = self._person(meta["person"]), meta["relation"]
-            truth = date_aliases(person["birth_date"]) if attr == "birth_date" else [person[attr]]
-            return {"type": "fact", "truth": truth}
-        if row.get("answer") is not None:
-            truth = [str(row["answer"])] + [str(a) for a in row.get("aliases") or []]
-            is_number = str(row["answer"]).lstrip("-").replace(",", "").isdigit()
-            return {"type": "arithmetic" if is_number else "fact", "truth": truth}
-        raise UserError(f"world reward cannot check this row (no task, meta.type, expected or answer): "
-                        f"{json.dumps(row)[:120]}")
+        task = labeller.task_of(row, self._person)
+        if task is None:
+            raise UserError(f"world reward cannot check this row (no task, meta.type, expected or answer): "
+                            f"{json.dumps(row)[:120]}")
+        return task
 
     def __call__(self, row: dict, answer: str) -> float:
         task = self.task(row)
         best = 2 if task["type"] in ("fact", "arithmetic") else 1
         return labeller.score(task, answer) / best
-
-
-def world_above(path) -> Path | None:
-    """The folder holding world.json at or above `path` (e.g. WORLD/probes/arithmetic.jsonl)."""
-    if path is None:
-        return None
-    p = Path(path)
-    for d in [p, *p.parents][:3]:
-        if (d / "world.json").is_file():
-            return d
-    return None
 
 
 def load_reward(spec: str, prompts=None) -> Reward:
@@ -175,4 +123,4 @@ def call_reward(fn: Reward, row: dict, answer: str) -> float:
     return value
 
 
-__all__ = ["BUILTIN", "Reward", "WorldReward", "arithmetic", "call_reward", "load_reward", "world_above"]
+__all__ = ["BUILTIN", "Reward", "WorldReward", "arithmetic", "call_reward", "load_reward"]

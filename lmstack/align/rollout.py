@@ -51,16 +51,19 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from lmstack.chat import TURN_ENDS
+from lmstack.align import reward as rm_lib
+from lmstack.align.rewards import BUILTIN, call_reward, load_reward
+from lmstack.chatformat import ChatFormatError, ToolLoop, chat_format, row_prompt
 from lmstack.config import RunConfig
+from lmstack.device import autocast_dtype
 from lmstack.engine import generate_batch
 from lmstack.model import GPT
-from lmstack.tokenizer import ChatFormatError, Tokenizer, render_chat
-from lmstack.train.loop import autocast_dtype
+from lmstack.modelio import load_model_and_tokenizer
+from lmstack.tokenizer import Tokenizer
+from lmstack.tools import default_registry
+from lmstack.train.loop import freeze
 from lmstack.train.objectives import gae, group_advantages
-from lmstack.train.rewards import BUILTIN, call_reward, load_reward
 from lmstack.utils import UserError
 
 HELDOUT_EVERY = 20  # every 20th prompt is held out (when there are at least 2 x 20)
@@ -76,34 +79,6 @@ class Prompt:
     row: dict  # the jsonl row, for the reward
 
 
-def row_messages(row) -> list[dict]:
-    """A prompts row -> the conversation to reply to. Rows: {"prompt": str | [messages]},
-    {"question": str} (a user message), or {"messages": [...]} (trailing assistant messages,
-    e.g. an SFT row's answer, are dropped)."""
-    if not isinstance(row, dict):
-        raise ChatFormatError("row is not a JSON object")
-    if "messages" in row:
-        msgs = row["messages"]
-    elif "prompt" in row:
-        msgs = row["prompt"]
-    elif "question" in row:
-        msgs = row["question"]
-    else:
-        raise ChatFormatError("no prompt, question or messages field")
-    if isinstance(msgs, str):
-        if not msgs.strip():
-            raise ChatFormatError("empty prompt")
-        msgs = [{"role": "user", "content": msgs}]
-    if not isinstance(msgs, list) or not msgs:
-        raise ChatFormatError("the prompt must be a string or a non-empty list of messages")
-    msgs = list(msgs)
-    while msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
-        msgs.pop()
-    if not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") not in ("user", "tool"):
-        raise ChatFormatError("the conversation does not end with a user (or tool) message")
-    return msgs
-
-
 def load_prompts(path, tok: Tokenizer, max_len: int) -> tuple[list[Prompt], dict]:
     """Every usable row of a jsonl prompts file, rendered; stats {rows, usable, skipped: {why: n}}.
     Prompts longer than max_len tokens are skipped (a rollout must fit train.seq_len)."""
@@ -111,6 +86,7 @@ def load_prompts(path, tok: Tokenizer, max_len: int) -> tuple[list[Prompt], dict
     if not path.is_file():
         hint = " (a folder: name the .jsonl file)" if path.is_dir() else ""
         raise UserError(f"prompts file {path} not found{hint}")
+    fmt = chat_format(tok)
     prompts, skipped, rows = [], Counter(), 0
     with open(path, "rb") as f:
         for line in f:
@@ -123,8 +99,8 @@ def load_prompts(path, tok: Tokenizer, max_len: int) -> tuple[list[Prompt], dict
                 skipped["bad JSON"] += 1
                 continue
             try:
-                msgs = row_messages(row)
-                ids, _ = render_chat(tok, msgs, add_generation_prompt=True)
+                msgs = row_prompt(row)
+                ids, _ = fmt.render(msgs, add_generation_prompt=True)
             except ChatFormatError as e:
                 skipped[str(e).split(": ", 1)[-1]] += 1
                 continue
@@ -161,83 +137,32 @@ class Reply:
 
 
 def parse_reply(tok: Tokenizer, ids: list[int], stop: int | None, finish: str) -> Reply:
-    sid = tok.special_ids
-    open_id, close_id = sid["<|tool_call|>"], sid["<|/tool_call|>"]
-    visible, calls, inside = [], 0, False
-    for t in ids:
-        if t == open_id:
-            calls, inside = calls + 1, True
-        elif t == close_id:
-            inside = False
-        elif not inside:
-            visible.append(t)
-    return Reply(list(ids) + ([stop] if isinstance(stop, int) else []),
-                 tok.decode(visible, skip_special=True).strip(), calls, finish)
+    """One reply's ids (no tool rounds) as a Reply: its text outside tool calls, its calls."""
+    p = chat_format(tok).parse(ids)
+    return Reply(list(ids) + ([stop] if isinstance(stop, int) else []), p.text.strip(), p.opened, finish)
 
 
 def sample(model, tok: Tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
            seed: int, top_p: float | None = None, tools=None, tool_rounds: int = 0) -> list[Reply]:
     """Replies to id prompts through the engine (one batched call per round). With a tool
-    registry, a reply that ends its turn after a tool call gets the results (rendered as tool
-    messages + <|assistant|>: tokens the policy did not write, listed in Reply.env so that they
-    are left out of the loss) and goes on, up to `tool_rounds` times; max_new_tokens bounds the
-    whole reply, tool results included. Row i samples with seed + i (+ a per-round offset)."""
-    from lmstack.eval.lm import split_calls
-
-    sid = tok.special_ids
-    stop_ids = sorted({sid[t] for t in TURN_ENDS})
-    end, open_id, close_id = sid["<|end|>"], sid["<|tool_call|>"], sid["<|/tool_call|>"]
-    ids: list[list[int]] = [[] for _ in prompt_ids]
-    env: list[list[int]] = [[] for _ in prompt_ids]
-    turn_start = [0] * len(prompt_ids)  # where each reply's last assistant turn begins
-    finish = ["length"] * len(prompt_ids)
-    calls_total = [0] * len(prompt_ids)
-    todo = list(range(len(prompt_ids)))
-    for round_ in range(tool_rounds + 1 if tools is not None else 1):
-        if not todo:
-            break
-        done = generate_batch(model, [prompt_ids[i] + ids[i] for i in todo],
-                              [max_new_tokens - len(ids[i]) for i in todo], temperature=temperature, top_p=top_p,
-                              seed=seed + 1_000_003 * round_, stop_ids=stop_ids)
-        again = []
+    registry, a reply that ends its turn after a tool call gets the results and goes on, up to
+    `tool_rounds` times (THE tool loop, continuing the sampled ids: the results' positions are
+    listed in Reply.env, left out of the loss); max_new_tokens bounds the whole reply, tool
+    results included. Row i samples with seed + i (+ a per-round offset)."""
+    fmt = chat_format(tok)
+    loop = ToolLoop(fmt, prompt_ids, tools, tool_rounds if tools is not None else 0, max_new_tokens,
+                    continuation=True)
+    while todo := loop.next_round():
+        done = generate_batch(model, [loop.prompt(i) for i in todo], [loop.budget(i) for i in todo],
+                              temperature=temperature, top_p=top_p, seed=seed + 1_000_003 * loop.round,
+                              stop_ids=sorted(fmt.stop_ids))
         for i, c in zip(todo, done):
-            turn = c.ids + ([c.stop] if isinstance(c.stop, int) else [])
-            ids[i] += turn
-            finish[i] = c.finish_reason
-            calls_total[i] += turn.count(open_id)
-            if tools is None or round_ == tool_rounds or c.stop != end:
-                continue
-            _, calls = split_calls(tok, c.ids, open_id, close_id, f"call_{round_}")
-            if not calls:
-                continue
-            results = [{"role": "tool", "tool_call_id": call["id"],
-                        "content": tools.call(call["function"]["name"], call["function"]["arguments"]) or "(empty)"}
-                       for call in calls]
-            extra = render_chat(tok, results, add_generation_prompt=True)[0][1:]  # no BOS
-            if len(ids[i]) + len(extra) >= max_new_tokens:  # no room left to answer: stop here
-                continue
-            env[i] += range(len(ids[i]), len(ids[i]) + len(extra))
-            ids[i] += extra
-            turn_start[i] = len(ids[i])
-            again.append(i)
-        todo = again
-    out = []
-    for i in range(len(prompt_ids)):
-        last = parse_reply(tok, ids[i][turn_start[i]:], None, finish[i])
-        out.append(Reply(ids[i], last.text, calls_total[i], finish[i], env[i], unanswered=last.calls))
-    return out
+            loop.add(i, c.ids, c.stop, c.finish_reason)
+    return [Reply(t.ids[t.start:], t.text.strip(), t.calls, t.finish, t.env, unanswered=t.unanswered)
+            for t in loop.turns]
 
 
 Scorer = Callable[[list[Prompt], list[Reply]], list[float]]
-
-
-# Here, not in rl.py: the reward model scorer below freezes its model too, and rl.py imports this file.
-def freeze(model: nn.Module) -> nn.Module:
-    """A frozen model (the reference, a reward model): eval mode, no gradients (never given to an optimizer)."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 class RowRewardScorer:
@@ -252,20 +177,18 @@ class RowRewardScorer:
 
 
 class RewardModelScorer:
-    """A reward model folder (`lmstack reward train`, lmstack/train/reward.py) as a scorer, frozen.
+    """A reward model folder (`lmstack reward train`, lmstack/align/reward.py) as a scorer, frozen.
     With the policy's tokenizer it scores the rollout's own tokens, prompt + reply + <|end|>
     (appended when the reply did not close its turn: a truncated reply is scored as it stands),
     read at that final <|end|>, as it was trained. With another tokenizer it scores the
     reply's text (tool calls left out) through `score_answers`."""
 
     def __init__(self, model_dir, tok: Tokenizer):
-        from lmstack.train import reward as rm_lib
-
-        self.lib, self.dir, self.tok = rm_lib, Path(model_dir), tok
-        self.rm = freeze(rm_lib.load_reward_model(model_dir))  # UserError when not a reward model
-        self.rm_tok = Tokenizer.load(model_dir)
+        self.dir, self.tok = Path(model_dir), tok
+        rm, self.rm_tok = load_model_and_tokenizer(model_dir, kind="reward")  # UserError when not a reward model
+        self.rm = freeze(rm)
         self.same_tokenizer = self.rm_tok.to_str() == tok.to_str()
-        self.end_id = tok.special_ids["<|end|>"]
+        self.end_id = chat_format(tok).end_id
 
     def to(self, device):
         self.rm.to(device)
@@ -277,9 +200,9 @@ class RewardModelScorer:
                     for p, r in zip(prompts, replies)]
             ctx = self.rm.cfg.max_seq_len
             seqs = [s[:1] + s[len(s) - ctx + 1:] if len(s) > ctx else s for s in seqs]
-            return self.lib.score_sequences(self.rm, seqs, self.tok.pad_id)
-        scores = self.lib.score_answers(self.rm, self.rm_tok, [p.messages for p in prompts],
-                                        [r.text if r.text.strip() else "(no reply)" for r in replies])
+            return rm_lib.score_sequences(self.rm, seqs, self.tok.pad_id)
+        scores = rm_lib.score_answers(self.rm, self.rm_tok, [p.messages for p in prompts],
+                                      [r.text if r.text.strip() else "(no reply)" for r in replies])
         return [float("nan") if s is None else float(s) for s in scores]
 
 
@@ -520,8 +443,6 @@ class RolloutBatches:
 
 def tool_registry(names: str):
     """rl.tools ("calculator,...") -> the registry the rollouts may call, or None for no tools."""
-    from lmstack.tools import default_registry
-
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     if not wanted:
         return None

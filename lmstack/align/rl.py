@@ -43,20 +43,19 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from lmstack import distributed
-from lmstack.config import RunConfig, TrainConfig, load_config, read_preset, stage_override_keys
+from lmstack.align.rollout import (RolloutBatches, evaluate_prompts, load_prompts, make_scorer, reward_stats,
+                                   split_heldout, tempered_logprobs, tool_registry)
+from lmstack.config import RunConfig, stage_config
 from lmstack.model import GPT
-from lmstack.tokenizer import Tokenizer
+from lmstack.modelio import STAGE, WEIGHTS, load_model, load_model_and_tokenizer
 from lmstack.train import checkpoint
-from lmstack.train.loop import train
+from lmstack.train.loop import freeze, seed_everything, train
 from lmstack.train.objectives import kl_estimates, ppo_clip_loss, value_loss
-from lmstack.train.pretrain import seed_everything
-from lmstack.train.rollout import (RolloutBatches, evaluate_prompts, freeze, load_prompts, make_scorer,
-                                   reward_stats, split_heldout, tempered_logprobs, tool_registry)
-from lmstack.utils import UserError, atomic_write_json, read_json
+from lmstack.utils import UserError, atomic_write_json
 
-STAGE = "stage.json"
 VALUE_HEAD = "value_head.safetensors"
 
 
@@ -64,7 +63,7 @@ VALUE_HEAD = "value_head.safetensors"
 
 class PolicyValue(GPT):
     """PPO's policy with a value head: a GPT (the same weights, the same forward for the engine)
-    plus `value_head`, a Linear on the final normed hidden state, initialised to 0.
+    plus `value_head`, a Linear on the trunk's final normed hidden state, initialised to 0.
     `model(x, values=True)` -> (logits [B, T, V], values [B, T]); values[:, t] estimates the
     return of the reply from the state x[:, :t+1], the state in which y[:, t] is sampled."""
 
@@ -80,15 +79,6 @@ class PolicyValue(GPT):
         missing, unexpected = pv.load_state_dict(gpt.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("value_head.") for k in missing), (missing, unexpected)
         return pv
-
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """The final normed hidden state [B, T, d] (GPT.forward's training path, without the head)."""
-        T = idx.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        x = self.embed_tokens(idx)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
 
     def forward(self, idx, start_pos=None, attn_mask=None, slot: int = 0, values: bool = False):
         if not values:
@@ -144,60 +134,36 @@ class PPOObjective:
 
 # --------------------------------------------------------------------------- config
 
-def _user_int(overrides, key: str, default: int) -> int:
-    value = default
-    for o in overrides:
-        k, _, v = o.partition("=")
-        if k.strip() == key:
-            try:
-                value = int(float(v))
-            except ValueError:
-                pass  # load_config reports it
-    return value
-
-
 def rl_config(preset: str, overrides, base_model, world_size: int = 1) -> RunConfig:
-    """The stage's preset + --set, with the model's config (model.* cannot be overridden), and
+    """The stage's config (`stage_config`: preset + --set, the model's own config), with
     train.batch_tokens derived from the rollout batch unless given (see the module doc)."""
-    overrides = list(overrides)
-    keys = stage_override_keys(overrides, "RL")
-    ctx = base_model.max_seq_len
-    # The preset's own values, read raw: validating it alone would check its batch_tokens, which
-    # is derived here. A bad value is caught by the full load below.
-    raw, dflt = read_preset(preset).get("train", {}), TrainConfig()
-    p_seq, p_micro = raw.get("seq_len", dflt.seq_len), raw.get("micro_batch_size", dflt.micro_batch_size)
-    p_seq = p_seq if isinstance(p_seq, int) else dflt.seq_len
-    fit = [f"train.seq_len={ctx}"] if "train.seq_len" not in keys and p_seq > ctx else []
-    micro = _user_int(overrides, "train.micro_batch_size", p_micro if isinstance(p_micro, int) else 1)
-    seq = _user_int(overrides, "train.seq_len", min(p_seq, ctx))
-    given_bt = "train.batch_tokens" in keys
-    placeholder = [] if given_bt else [f"train.batch_tokens={max(1, micro * seq)}"]
-    cfg = load_config(preset, fit + placeholder + overrides + [f"model.max_seq_len={ctx}"])
-    cfg.model = dataclasses.replace(base_model)
+    def derive(cfg, keys):
+        rl, tc = cfg.rl, cfg.train
+        n = rl.prompts_per_step * rl.group_size  # rollouts per phase, all ranks
+        if rl.prompts_per_step % world_size:
+            raise UserError(f"rl.prompts_per_step ({rl.prompts_per_step}) must be a multiple of the world size "
+                            f"({world_size})")
+        if tc.micro_batch_size > 0 and n // world_size % tc.micro_batch_size:
+            ranks = f" / {world_size} ranks" if world_size > 1 else ""
+            raise UserError(f"rl.prompts_per_step * rl.group_size ({n}{ranks}) "
+                            f"must be a multiple of train.micro_batch_size ({tc.micro_batch_size})")
+        if "train.batch_tokens" not in keys:
+            tc.batch_tokens = n * tc.seq_len
+
+    cfg = stage_config(preset, overrides, base_model, "RL", derive)
     rl, tc = cfg.rl, cfg.train
     if rl.temperature <= 0:
         raise UserError("rl.temperature must be > 0 (rollouts are sampled; 0 would be greedy)")
-    if rl.prompts_per_step % world_size:
-        raise UserError(f"rl.prompts_per_step ({rl.prompts_per_step}) must be a multiple of the world size "
-                        f"({world_size})")
     if rl.max_new_tokens >= tc.seq_len:
         raise UserError(f"rl.max_new_tokens ({rl.max_new_tokens}) must be < train.seq_len ({tc.seq_len}): "
                         "a rollout is prompt + reply")
-    n = rl.prompts_per_step * rl.group_size  # rollouts per phase, all ranks
-    per_rank = n // world_size
-    if per_rank % tc.micro_batch_size:
-        ranks = f" / {world_size} ranks" if world_size > 1 else ""
-        raise UserError(f"rl.prompts_per_step * rl.group_size ({n}{ranks}) "
-                        f"must be a multiple of train.micro_batch_size ({tc.micro_batch_size})")
-    if not given_bt:
-        tc.batch_tokens = n * tc.seq_len
+    n = rl.prompts_per_step * rl.group_size
     per_step = tc.batch_tokens // tc.seq_len  # rollouts per optimizer step
     if tc.batch_tokens % tc.seq_len or n % per_step:
         raise UserError(f"train.batch_tokens ({tc.batch_tokens}) must be train.seq_len ({tc.seq_len}) times a divisor "
                         f"of the rollouts per phase (rl.prompts_per_step * rl.group_size = {n})")
     if rl.method == "rloo" and rl.group_size < 2:
         raise UserError("rl.method=rloo needs rl.group_size >= 2")
-    cfg.validate()
     return cfg
 
 
@@ -210,16 +176,14 @@ def steps_per_phase(cfg: RunConfig) -> int:
 
 def split_value_head(out) -> None:
     """OUT/model.safetensors -> the policy alone (a plain chat model folder) + OUT/value_head.safetensors."""
-    from safetensors.torch import load_file, save_file
-
-    path = Path(out) / checkpoint.WEIGHTS
+    path = Path(out) / WEIGHTS
     if not path.is_file():
         return
     sd = load_file(str(path))
     head = {k: v for k, v in sd.items() if k.startswith("value_head.")}
     if not head:
         return
-    for name, part in ((VALUE_HEAD, head), (checkpoint.WEIGHTS, {k: v for k, v in sd.items() if k not in head})):
+    for name, part in ((VALUE_HEAD, head), (WEIGHTS, {k: v for k, v in sd.items() if k not in head})):
         tmp = Path(out) / f".{name}.tmp"
         save_file(part, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, Path(out) / name)
@@ -236,13 +200,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
     """PPO or GRPO from the chat model folder `model` (see the module doc); returns the last
     metrics record with the held-out evaluation under "heldout"."""
     base = Path(model)
-    saved = read_json(base / STAGE)
-    if saved and saved.get("stage") == "reward":
-        raise UserError(f"{base} is a reward model; the policy must be a chat (SFT) model folder")
-    net = checkpoint.load_model(base)  # UserError when not a model folder
-    tok = Tokenizer.load(base)
-    if tok.vocab_size > net.cfg.vocab_size:
-        raise UserError(f"{base}: tokenizer.json has {tok.vocab_size} tokens, the model {net.cfg.vocab_size}")
+    net, tok = load_model_and_tokenizer(base, kind="chat")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = rl_config(preset or kind, overrides, net.cfg, world_size)
     rl, tc = cfg.rl, cfg.train
@@ -262,9 +220,9 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
             **stats, "train_prompts": len(train_prompts), "heldout_prompts": len(heldout),
             "steps_per_phase": steps_per_phase(cfg), "tools": rl.tools}
     if resume:
-        old = checkpoint.resumed_stage(out_dir, STAGE, kind, info, dataclasses.asdict(cfg.model),
-                                       ("prompts", "reward", "rows", "usable", "skipped", "train_prompts"),
-                                       "prompts or reward")
+        old = checkpoint.check_resume(out_dir, kind, dataclasses.asdict(cfg.model), STAGE, info,
+                                      ("prompts", "reward", "rows", "usable", "skipped", "train_prompts"),
+                                      what="prompts or reward")
         info["heldout"] = old.get("heldout", {})
         if kind == "ppo":
             info["reward_norm"] = old.get("reward_norm")
@@ -273,7 +231,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
     try:
         main = distributed.is_main()
         seed_everything(tc.seed)
-        ref = freeze(checkpoint.load_model(base, dist.device))
+        ref = freeze(load_model(base, dist.device, kind="chat"))
         policy = PolicyValue.from_gpt(net) if kind == "ppo" else net
         policy.to(dist.device).train()
         if kind == "ppo" and not info.get("reward_norm"):

@@ -1,0 +1,405 @@
+"""Conversations as a model reads and writes them: the chat format, once.
+
+    <|bos|><|system|>You are helpful.<|end|><|user|>What is 2 + 3?<|end|>
+    <|assistant|><|tool_call|>{"name": "calculator", "arguments": {"expression": "2 + 3"}}<|/tool_call|><|end|>
+    <|tool|>5<|end|><|assistant|>2 + 3 = 5.<|end|>
+
+Everything that turns messages into token ids or a reply back into messages goes through here:
+SFT's loss mask, the engine's callers (chat, eval, serve, RL rollouts), the exports.
+- `ChatFormat` (get one with `chat_format(tok)`, for the model's tokenizer): `render` (ids and
+  the mask of what the assistant writes), the ids that end a turn, the Jinja twin of `render`
+  (what Hugging Face and llama.cpp run), and `parse`/`parser` for replies.
+- `ReplyParser`: ONE incremental parser of a reply, token by token, into the text a reader sees
+  and its tool calls.
+- `ToolLoop`: ONE tool loop: a reply that calls tools gets their results and goes on.
+- `row_prompt` / `split_row`: ONE reading of a jsonl row ({messages}, {prompt[, completion]},
+  {question}) as a conversation.
+
+Roles and boundaries are special ids inserted here by id; message text goes through `encode`,
+so a user typing "<|end|>" gets plain text. Messages render independently, so appending a
+message never changes how the earlier ones render (a prefix stays a prefix).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+ROLES = ("system", "user", "assistant", "tool")
+# A reply ends at <|end|>, or at any token that can only begin something else.
+TURN_ENDS = ("<|end|>", "<|eos|>", "<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
+
+# `ChatFormat.render` in Jinja: `<|bos|>`, then `<|role|>content<|end|>` per message (an
+# assistant's tool calls as <|tool_call|>{"name": ..., "arguments": ...}<|/tool_call|> after its
+# content), then `<|assistant|>` for the generation prompt. llama.cpp and llama-cpp-python, and
+# transformers' apply_chat_template tokenize the rendered text with special tokens recognised (so
+# there, unlike in `render`, text spelling a special token becomes it). Tool-call arguments as a
+# dict render with tojson (json.dumps' separators, as `render`), as a JSON string as written.
+CHAT_TEMPLATE_JINJA = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ '<|tool_call|>{\"name\": ' }}{{ fn['name'] | tojson }}{{ ', \"arguments\": ' }}"
+    "{% if fn['arguments'] is string %}{{ fn['arguments'] }}{% else %}{{ fn['arguments'] | tojson }}{% endif %}"
+    "{{ '}<|/tool_call|>' }}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{ '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+class ChatFormatError(ValueError):
+    """A malformed conversation (unknown role, missing or empty content, bad tool call)."""
+
+
+# --- checking messages ------------------------------------------------------------------------
+
+def tool_call_text(call: dict) -> str:
+    """One OpenAI-style tool call -> the canonical JSON the model reads and writes."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ChatFormatError("a tool call needs function.name")
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args or "{}")
+        except json.JSONDecodeError:
+            raise ChatFormatError(f"tool call {fn['name']}: arguments are not valid JSON") from None
+    return json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False)
+
+
+def _checked(i: int, m) -> tuple[str, str, list[str]]:
+    """Message i -> (role, content, its tool calls' JSON); ChatFormatError says what is wrong."""
+    role = m.get("role") if isinstance(m, dict) else None
+    if role not in ROLES:
+        raise ChatFormatError(f"message {i}: role must be one of {', '.join(ROLES)} (got {role!r})")
+    content, calls = m.get("content"), m.get("tool_calls") or []
+    if content is not None and not isinstance(content, str):
+        raise ChatFormatError(f"message {i}: content must be a string")
+    if calls and role != "assistant":
+        raise ChatFormatError(f"message {i}: only assistant messages carry tool_calls")
+    if not (content or "").strip() and not calls:
+        raise ChatFormatError(f"message {i} ({role}): empty content")
+    return role, content or "", [tool_call_text(c) for c in calls]
+
+
+def check_messages(messages) -> None:
+    """Raise ChatFormatError unless `messages` is a conversation `render` can render."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatFormatError("messages must be a non-empty list")
+    for i, m in enumerate(messages):
+        _checked(i, m)
+
+
+# --- the format -------------------------------------------------------------------------------
+
+class ChatFormat:
+    """lmstack's chat format for one tokenizer (its special tokens, found by name). Callers get
+    it from the model they loaded (`chat_format(tok)`), never from a module-level constant, so a
+    model may carry a format of its own."""
+
+    jinja = CHAT_TEMPLATE_JINJA
+
+    def __init__(self, tok):
+        self.tok = tok
+        sid = self.special = tok.special_ids
+        self.bos_id, self.end_id = tok.bos_id, sid["<|end|>"]
+        self.call_open, self.call_close = sid["<|tool_call|>"], sid["<|/tool_call|>"]
+        self.stop_ids = frozenset(sid[t] for t in TURN_ENDS)  # the ids that end an assistant turn
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """messages -> (ids, mask). mask[i] is 1 on what the assistant must learn to write: its
+        content, its tool calls and its closing <|end|> (so it learns to stop); 0 elsewhere.
+        add_generation_prompt appends <|assistant|> for the model to continue from."""
+        if not isinstance(messages, list) or not messages:
+            raise ChatFormatError("messages must be a non-empty list")
+        sid, encode = self.special, self.tok.encode
+        ids, mask = [self.bos_id], [0]
+        for i, m in enumerate(messages):
+            role, content, calls = _checked(i, m)
+            body = encode(content) if content else []
+            for call in calls:
+                body += [self.call_open] + encode(call) + [self.call_close]
+            body.append(self.end_id)
+            train = 1 if role == "assistant" else 0
+            ids += [sid[f"<|{role}|>"]] + body
+            mask += [0] + [train] * len(body)
+        if add_generation_prompt:
+            ids.append(sid["<|assistant|>"])
+            mask.append(0)
+        return ids, mask
+
+    def render_more(self, messages: list[dict]) -> list[int]:
+        """The ids that `messages` add after a rendered conversation (no BOS), then the
+        generation prompt: what continues a sampled reply with, e.g., tool results."""
+        return self.render(messages, add_generation_prompt=True)[0][1:]
+
+    def parser(self, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
+        return ReplyParser(self, call_id)
+
+    def parse(self, ids, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
+        """A whole reply at once; its text is the decoding of the ids outside tool calls."""
+        p = ReplyParser(self, call_id)
+        for t in ids:
+            p.push(t)
+        p.text = self.tok.decode(p.visible, skip_special=True)
+        return p
+
+
+def chat_format(tok) -> ChatFormat:
+    """The chat format of the model whose tokenizer is `tok`."""
+    return ChatFormat(tok)
+
+
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False):
+    """`chat_format(tok).render(messages, add_generation_prompt)`: (ids, mask)."""
+    return chat_format(tok).render(messages, add_generation_prompt)
+
+
+# --- replies: text and tool calls -----------------------------------------------------------------
+
+def parse_tool_call(text: str, call_id: str) -> dict | None:
+    """The JSON between <|tool_call|> and <|/tool_call|> -> an OpenAI tool call, or None if
+    it is not {"name": str, "arguments": {...}}."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = obj.get("arguments", {})
+    if not isinstance(args, (dict, str)):
+        return None
+    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": obj["name"], "arguments": args}}
+
+
+class ReplyParser:
+    """An assistant reply, token by token -> the text a reader sees and the tool calls in it.
+
+    `push(token, text)` takes one generated id (None when the reply stopped on a stop id, which
+    is not part of it) with the text the engine decoded for it, and returns the part of that
+    text a reader sees: text between <|tool_call|> and <|/tool_call|> is not shown (the text
+    that arrives with the opening marker came before it). Each closed call is parsed into
+    `calls` (an OpenAI tool call, id from `call_id(k)`) or, when its JSON is not a call, `bad`.
+    A call still open when the reply ends is neither; `opened` counts every call begun."""
+
+    def __init__(self, fmt: ChatFormat, call_id: Callable[[int], str]):
+        self.fmt, self.call_id = fmt, call_id
+        self.ids: list[int] = []  # every id pushed
+        self.visible: list[int] = []  # the ids outside tool calls
+        self.text = ""  # the pushed text outside tool calls
+        self.calls: list[dict] = []
+        self.bad: list[str] = []  # the text of closed calls that did not parse
+        self.opened = 0
+        self._call: list[int] | None = None  # the ids of the call being written
+
+    def push(self, token: int | None, text: str = "") -> str:
+        fmt = self.fmt
+        if token is not None:
+            self.ids.append(token)
+        if token == fmt.call_open:
+            self._call, self.opened = [], self.opened + 1
+        elif token == fmt.call_close and self._call is not None:
+            body, self._call = fmt.tok.decode(self._call), None
+            call = parse_tool_call(body, self.call_id(len(self.calls)))
+            (self.calls.append(call) if call is not None else self.bad.append(body))
+            return ""
+        elif self._call is not None:
+            if token is not None:
+                self._call.append(token)
+            return ""
+        elif token is not None:
+            self.visible.append(token)
+        self.text += text
+        return text
+
+
+# --- the tool loop ----------------------------------------------------------------------------
+
+@dataclass
+class Turn:
+    """One conversation's assistant turn in the tool loop."""
+    messages: list[dict]  # the conversation: the input, then what this turn added
+    ids: list[int]  # continuation mode: the prompt's ids, then every id of the turn so far
+    start: int  # continuation mode: where the turn's ids begin
+    new: list[dict] = field(default_factory=list)  # what this turn added: assistant, tool, ..., assistant
+    env: list[int] = field(default_factory=list)  # continuation mode: positions in the turn the tools wrote
+    text: str = ""  # the last reply's text (tool calls left out)
+    closed: bool = False  # the last reply ended with the end-of-turn id
+    finish: str = "length"  # the last reply's finish reason: "stop" | "length"
+    calls: int = 0  # tool calls begun in the whole turn
+    ran: int = 0  # tool calls run
+    unanswered: int = 0  # tool calls in the last reply that got no result
+    done: bool = False
+
+
+class ToolLoop:
+    """ONE tool loop, for the terminal chat, evaluation and RL rollouts alike: every round, each
+    unfinished turn gets one reply (the caller generates it: streamed, batched or scripted); a
+    reply that calls tools gets their results as tool messages and the turn goes on, for at most
+    `max_rounds` rounds after the first. Without tools, or out of rounds, the calls stay unrun
+    and the turn ends (its last message keeps its tool_calls). `tools` is a registry whose
+    `call(name, arguments)` returns the result as text and never raises.
+
+    How a turn goes on:
+      continuation=False (chat, eval): each round renders the whole conversation again, as a
+        client of a chat API sends it back; `max_tokens` is per reply.
+      continuation=True (RL rollouts): each round continues the very ids sampled so far, the
+        tool results rendered after them; a reply must have closed its turn to go on,
+        `max_tokens` bounds the whole turn (tool results included), and the results' positions
+        are kept in `Turn.env` (context the model did not write).
+    Prompts are conversations (lists of messages), or in continuation mode rendered ids.
+    Drive it with: `while todo := loop.next_round(): ... loop.add(i, reply, stop, finish)`.
+    """
+
+    def __init__(self, fmt: ChatFormat, prompts: list, tools=None, max_rounds: int = 2, max_tokens: int = 256,
+                 continuation: bool = False):
+        self.fmt, self.tools, self.max_rounds, self.max_tokens = fmt, tools, max_rounds, max_tokens
+        self.continuation, self.round = continuation, -1
+        self.turns = []
+        for p in prompts:
+            if p and isinstance(p[0], int):
+                if not continuation:
+                    raise ValueError("prompts given as ids need continuation=True")
+                msgs, ids = [], list(p)
+            else:
+                msgs, ids = list(p), (fmt.render(p, add_generation_prompt=True)[0] if continuation else [])
+            self.turns.append(Turn(msgs, ids, len(ids)))
+
+    def next_round(self) -> list[int]:
+        """Start the next round: the turns that need a reply in it (none: the loop is over)."""
+        self.round += 1
+        return [i for i, t in enumerate(self.turns) if not t.done]
+
+    def prompt(self, i: int) -> list[int]:
+        t = self.turns[i]
+        return list(t.ids) if self.continuation else self.fmt.render(t.messages, add_generation_prompt=True)[0]
+
+    def budget(self, i: int) -> int:
+        """The tokens turn i's next reply may have."""
+        t = self.turns[i]
+        return self.max_tokens - (len(t.ids) - t.start) if self.continuation else self.max_tokens
+
+    def call_ids(self, i: int) -> Callable[[int], str]:
+        """Tool-call ids of turn i's next reply: call_N, N the index its k-th call would have
+        among the conversation's messages (unique within the conversation)."""
+        base = len(self.turns[i].messages)
+        return lambda k: f"call_{base + k}"
+
+    def parser(self, i: int) -> ReplyParser:
+        """A parser for turn i's next reply, fed as it streams."""
+        return self.fmt.parser(self.call_ids(i))
+
+    def add(self, i: int, reply: ReplyParser | list[int], stop: int | str | None, finish: str) -> list[dict]:
+        """Turn i's reply this round (a parser it was fed to, or its ids), `stop` the id that
+        ended it (None if none), `finish` "stop" | "length". Runs its tool calls if the turn goes
+        on; returns their events: {"type": "tool_call" | "tool_result", "id", "name",
+        "arguments"[, "content"]}."""
+        t, fmt = self.turns[i], self.fmt
+        if not isinstance(reply, ReplyParser):
+            reply = fmt.parse(reply, self.call_ids(i))
+        msg = {"role": "assistant", "content": reply.text}
+        if reply.calls:
+            msg["tool_calls"] = reply.calls
+        t.new.append(msg)
+        t.messages.append(msg)
+        t.text, t.closed, t.finish = reply.text, stop == fmt.end_id, finish
+        t.calls, t.unanswered = t.calls + reply.opened, reply.opened
+        if self.continuation:
+            t.ids += reply.ids + ([stop] if isinstance(stop, int) else [])
+        go_on = bool(reply.calls) and self.tools is not None and self.round < self.max_rounds
+        if not go_on or (self.continuation and stop != fmt.end_id):
+            t.done = True
+            return []
+        events, results = [], []
+        for call in reply.calls:
+            fn = call["function"]
+            event = {"type": "tool_call", "id": call["id"], "name": fn["name"], "arguments": fn["arguments"]}
+            content = self.tools.call(fn["name"], fn["arguments"])
+            events += [event, {**event, "type": "tool_result", "content": content}]
+            results.append({"role": "tool", "tool_call_id": call["id"], "content": content or "(empty)"})
+        if self.continuation:
+            more = fmt.render_more(results)
+            used = len(t.ids) - t.start
+            if used + len(more) >= self.max_tokens:  # no room left to answer: the turn ends here
+                t.done = True
+                return events
+            t.env += range(used, used + len(more))
+            t.ids += more
+        t.new += results
+        t.messages += results
+        t.ran, t.unanswered = t.ran + len(reply.calls), 0
+        return events
+
+
+# --- rows of jsonl files as conversations -----------------------------------------------------
+
+def prompt_messages(prompt) -> list[dict]:
+    """A `prompt` field (a string: one user message; or a list of messages) -> messages."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ChatFormatError("prompt is empty")
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt:
+        return prompt
+    raise ChatFormatError("prompt must be a non-empty string or a non-empty list of messages")
+
+
+def prompt_problem(prompt) -> str | None:
+    """Why a `prompt` (a string or a list of messages) cannot be rendered (None when it can)."""
+    try:
+        check_messages(prompt_messages(prompt))
+    except ChatFormatError as e:
+        return f"bad prompt: {e}"
+    return None
+
+
+def split_row(row) -> tuple[list[dict], list[dict]]:
+    """A jsonl row in the ecosystem's shapes -> (the conversation it asks to answer, the answer
+    it holds: [] when none). The shapes, first match wins:
+        {"messages": [...]}                        the trailing assistant messages are the answer
+        {"prompt": str | [...], "completion": str | [...]}
+        {"prompt": str | [...]}                    (a comparisons row: chosen / rejected are its answers)
+        {"question": str}                          a world probe
+    Strings are one user (prompt) or assistant (completion) message. ChatFormatError when the
+    row is none of these; the messages themselves are checked when they are rendered."""
+    if not isinstance(row, dict):
+        raise ChatFormatError("row is not a JSON object")
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list):
+            raise ChatFormatError("messages must be a non-empty list")
+        k = len(msgs)
+        while k and isinstance(msgs[k - 1], dict) and msgs[k - 1].get("role") == "assistant":
+            k -= 1
+        return list(msgs[:k]), list(msgs[k:])
+    if "prompt" in row:
+        prompt, answer = row["prompt"], row.get("completion", [])
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        answer = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
+        if not isinstance(prompt, list) or not isinstance(answer, list):
+            raise ChatFormatError("prompt and completion must be strings or lists of messages")
+        return prompt, answer
+    if "question" in row:
+        return [{"role": "user", "content": row["question"]}], []
+    raise ChatFormatError("no messages, prompt or question field")
+
+
+def row_prompt(row) -> list[dict]:
+    """The conversation a row asks a model to answer (`split_row` without the answer): it must
+    be a well-formed conversation that ends with a user (or tool) message."""
+    msgs, _ = split_row(row)
+    if not msgs:
+        raise ChatFormatError("no message before the assistant's reply")
+    check_messages(msgs)
+    if msgs[-1].get("role") not in ("user", "tool"):
+        raise ChatFormatError("the conversation does not end with a user (or tool) message")
+    return msgs

@@ -1,0 +1,87 @@
+"""The hardware policy, in one place: which device, which autocast dtype, what peak FLOP/s.
+
+Training (the loop's bf16 autocast and MFU), inference (the engine's "auto" dtype) and RL
+rollouts all ask here, so a model trains and runs in the same precision on the same hardware.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from lmstack.utils import UserError
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched against
+# torch.cuda.get_device_name(); first match wins, so specific names come first.
+GPU_PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12),
+    ("L4", 121e12), ("A10", 125e12), ("V100", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+]
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """"auto" (a GPU when there is one), "cpu", "cuda" (this rank's GPU) or "cuda:N"."""
+    if preference not in ("auto", "cpu", "cuda") and not (preference.startswith("cuda:")
+                                                         and preference[5:].isdigit()):
+        raise UserError(f"unknown device {preference!r} (auto | cpu | cuda | cuda:N)")
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {preference} asked for but no CUDA GPU is available")
+    if preference.startswith("cuda:"):
+        return torch.device(preference)
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX)? Then bf16 autocast is about twice
+    as fast as fp32 (bench/README.md); without them it is emulated and slower, so "auto" stays
+    fp32."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split())
+                return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """None = plain fp32. bf16 autocast keeps fp32 master weights and optimizer state.
+    "auto" = bf16 where the hardware does bf16 natively (CUDA with bf16, or a bf16 CPU)."""
+    if dtype == "auto":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+        return torch.bfloat16 if native else None
+    return torch.bfloat16 if dtype == "bf16" else None
+
+
+def peak_flops(device: torch.device, configured: float = 0.0, bf16: bool = False) -> float | None:
+    """Peak FLOP/s of one device, for MFU. `train.peak_flops` wins when set.
+
+    GPU: the table above (None for an unknown GPU: MFU is then not reported).
+    CPU: a nominal estimate, threads x clock x FLOP/cycle/core, with 64 fp32 FLOP/cycle when
+    the CPU has AVX-512 (two 512-bit FMA units) and 32 otherwise (two 256-bit FMAs); the clock
+    is /proc/cpuinfo's "cpu MHz" (else 2.5 GHz). It is a yardstick, not a datasheet number
+    (turbo clocks and half-width AVX-512 units make it off by up to ~2x): set train.peak_flops
+    for your CPU. With bf16 on a CPU that has AVX512-BF16 the figure doubles (VDPBF16PS does
+    twice the multiply-adds of an fp32 FMA per instruction).
+    """
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)
+    ghz, per_cycle = 2.5, 32
+    with contextlib.suppress(OSError, ValueError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("cpu MHz"):
+                ghz = float(line.split(":")[1]) / 1000
+            elif line.startswith("flags"):
+                flags = line.split()
+                per_cycle = 64 if "avx512f" in flags else 32
+                if bf16 and "avx512_bf16" in flags:
+                    per_cycle *= 2
+                break
+    return torch.get_num_threads() * ghz * 1e9 * per_cycle

@@ -1,0 +1,179 @@
+"""The model folder, once: what is in it, how it is written and read, where it came from.
+
+    MODEL/
+      model.safetensors   the parameters (safetensors only; a tied head is stored once)
+      config.json         the model config: enough to rebuild the network
+      tokenizer.json      the tokenizer (and with it, today, lmstack's chat format)
+      run.json            the resolved run config it was trained with
+      metrics.jsonl       one JSON object per logged training step
+      sft.json            (SFT) the base model, the data files, the rows used
+      stage.json          (reward model, DPO, PPO, GRPO) the stage, its base model, its inputs
+      imported.json       (lmstack import hf) where the model came from
+      state/              checkpoints to --resume a run from (lmstack/train/checkpoint.py)
+
+Everything that runs, evaluates, serves, exports or trains a model loads it through
+`load_model_and_tokenizer(dir, device, kind)`: the network is built on the meta device (shapes
+only: no memory, no random init) and materialised from the weights file, the tokenizer must
+fit the vocabulary, and `kind` says which model the caller needs ("lm" or "chat": a language
+model, never a reward model; "reward": a reward model). Every problem is one UserError line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmstack.config import ModelConfig, model_config_from_dict
+from lmstack.model import GPT, RewardModel
+from lmstack.tokenizer import Tokenizer
+from lmstack.utils import UserError, atomic_write_json, fsync, read_json
+from lmstack.world import world_above
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+STAGE = "stage.json"  # the alignment stages' record (lmstack/align/)
+SFT = "sft.json"  # the SFT stage's record (lmstack/train/sft.py)
+KINDS = ("lm", "chat", "reward")
+
+
+# --- weights ----------------------------------------------------------------------------
+
+def save_weights(model, path: str | os.PathLike) -> None:
+    """Weights to safetensors. A tied lm_head is the embedding itself, so it is left out
+    (as Hugging Face does with tie_word_embeddings); loading puts it back."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(path), metadata={"format": "pt"})
+    fsync(path)
+
+
+def load_weights(model, path: str | os.PathLike) -> None:
+    """Weights from safetensors into a model that exists (a resumed checkpoint, a policy)."""
+    sd = load_file(str(path), device=str(model.embed_tokens.weight.device))
+    if model.cfg.tie_embeddings and "embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True)
+
+
+def _materialise(model: GPT, path: Path, device: torch.device) -> GPT:
+    """A model built on the meta device takes the file's tensors as its parameters (in fp32, the
+    training dtype), its tied head points back at the embedding, its RoPE table is computed."""
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path), device=str(device)).items()}
+    tied = model.cfg.tie_embeddings
+    if tied:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if tied:
+        missing = [k for k in missing if k != "lm_head.weight"]
+        model.lm_head.weight = model.embed_tokens.weight
+    if missing or unexpected:
+        raise ValueError(f"{'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]}")
+    model.init_buffers()
+    return model
+
+
+# --- reading a model folder ---------------------------------------------------------------
+
+def read_config(model_dir: str | os.PathLike) -> ModelConfig:
+    """config.json of a model folder (UserError when the folder is not one)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise UserError(f"model folder {d} does not exist")
+    for name in (CONFIG, WEIGHTS):
+        if not (d / name).is_file():
+            raise UserError(f"{d} is not a model folder (no {name})")
+    try:
+        return model_config_from_dict(json.loads((d / CONFIG).read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{d / CONFIG} is not valid JSON: {e}") from None
+
+
+def stage_of(model_dir: str | os.PathLike) -> str | None:
+    """The alignment stage that wrote a model folder ("reward", "dpo", "ppo", "grpo"), if any."""
+    rec = read_json(Path(model_dir) / STAGE)
+    return rec.get("stage") if isinstance(rec, dict) else None
+
+
+def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu", kind: str = "lm"):
+    """A model folder -> the network in eval mode: a GPT (kind "lm" or "chat"), or a
+    RewardModel (kind "reward"). Missing, corrupt or the wrong kind of folder -> UserError."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    d = Path(model_dir)
+    cfg = read_config(d)
+    is_reward = stage_of(d) == "reward"
+    if kind == "reward" and not is_reward:
+        raise UserError(f"{d} is not a reward model (no {STAGE} saying stage \"reward\"; "
+                        "train one with `lmstack reward train`)")
+    if kind != "reward" and is_reward:
+        raise UserError(f"{d} is a reward model (it scores answers, it does not write them); "
+                        f"this takes a {'chat (SFT)' if kind == 'chat' else 'language'} model folder")
+    with torch.device("meta"):  # shapes only: no memory, no random init to overwrite
+        model = (RewardModel if kind == "reward" else GPT)(cfg)
+    try:
+        model = _materialise(model, d / WEIGHTS, torch.device(device))
+    except Exception as e:  # safetensors header errors, truncated files, shape mismatches
+        raise UserError(f"{d / WEIGHTS} is corrupt or does not match {CONFIG}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return model.eval()
+
+
+def load_model_and_tokenizer(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                             kind: str = "lm"):
+    """(model, tokenizer) of a model folder, checked to fit each other (see `load_model`)."""
+    model = load_model(model_dir, device, kind)
+    tok = Tokenizer.load(model_dir)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                        f"{model.cfg.vocab_size}")
+    return model, tok
+
+
+# --- writing a run's description ----------------------------------------------------------
+
+def write_run_files(out: str | os.PathLike, run_config: dict, tokenizer_file: str | os.PathLike | None) -> None:
+    """config.json, run.json and tokenizer.json, written once at the start of a run."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / CONFIG, run_config["model"])
+    atomic_write_json(out / "run.json", run_config)
+    if tokenizer_file is not None:
+        tmp = out / ".tokenizer.json.tmp"
+        shutil.copyfile(tokenizer_file, tmp)
+        os.replace(tmp, out / "tokenizer.json")
+
+
+# --- where a model came from ----------------------------------------------------------------
+
+def lineage(model_dir) -> dict:
+    """What a model folder says about its training: {"chat": trained on conversations,
+    "data": its pretraining token shards (if still there), "world": the synthetic world
+    it was trained on (if any)}. Paths are as recorded (relative to where training ran)."""
+    d = Path(model_dir)
+    info = {"chat": False, "data": None, "world": None}
+    for _ in range(8):  # follow base -> base (SFT of an SFT, later stages)
+        sft = read_json(d / SFT)
+        if sft is None:
+            stage = read_json(d / STAGE)  # later stages (preference training, RL) record their base
+            if stage and stage.get("base"):
+                info["chat"] = info["chat"] or bool(stage.get("chat", True))
+                d = Path(stage["base"])
+                continue
+            break
+        info["chat"] = True
+        for f in sft.get("data") or []:
+            info["world"] = info["world"] or world_above(f)
+        d = Path(sft["base"])
+    run = read_json(d / "run.json") or {}
+    data = (run.get("data") or {}).get("dir")
+    if data and (Path(data) / "manifest.json").is_file():
+        info["data"] = Path(data)
+        for f in (read_json(Path(data) / "manifest.json") or {}).get("inputs", []):
+            info["world"] = info["world"] or world_above(f)
+    return info

@@ -1,0 +1,185 @@
+"""Between HTTP and the batcher: the model being served, and the requests it runs for a route.
+
+The API (api.py) and the web app (webapp.py) both go through here and never through each
+other: `Server` holds the model, its tokenizer and chat format, the limits and the batcher, and
+checks what a request may ask for; `Batch` submits one HTTP request's generations (its
+choices) to the batcher and yields their events as they come; `Choice` collects one
+generation's output (text, tool calls, log-probs). Every failure a client can cause is an
+`APIError` (a 4xx in OpenAI's shape), never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from typing import Awaitable, Callable
+
+from lmstack.chatformat import ChatFormatError, chat_format
+from lmstack.serve.batcher import Batcher, GenRequest
+from lmstack.serve.protocol import APIError, Limits
+
+
+class Server:
+    """The model behind the API: tokenizer and chat format, batcher, limits, optional API key
+    and feedback database."""
+
+    def __init__(self, model, tok, name: str, api_key: str | None = None, db=None, limits: Limits | None = None,
+                 slots: int = 16):
+        self.model, self.tok, self.fmt, self.name = model, tok, chat_format(tok), name
+        self.api_key, self.db = api_key, db
+        self.limits = limits or Limits()
+        self.ctx = model.cfg.max_seq_len
+        self.max_prompt = min(self.limits.max_prompt_tokens or self.ctx - 1, self.ctx - 1)
+        self.batcher = Batcher(model, tok, slots)
+        self.text_stops = frozenset({tok.eos_id, tok.bos_id})  # plain text ends at a document boundary
+        self.created = int(time.time())
+
+    # --- checks ----------------------------------------------------------------------------
+
+    def check_model(self, name: str) -> None:
+        if name != self.name:
+            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.name}`)",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def check_common(self, body) -> list[str]:
+        """n, the unsupported penalties and the stop strings of a completions request."""
+        if body.n > self.limits.max_n:
+            raise APIError(400, f"n is {body.n}; at most {self.limits.max_n} choices per request", param="n")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(body, name):
+                raise APIError(400, f"{name} is not supported (only 0)", param=name)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4 or any(not isinstance(s, str) or not s for s in stop):
+            raise APIError(400, "stop must be a non-empty string or a list of at most 4 of them", param="stop")
+        return stop
+
+    def check_prompt(self, ids: list[int]) -> None:
+        if len(ids) > self.max_prompt:
+            raise APIError(400, f"This model's maximum context length is {self.ctx} tokens; the prompt is "
+                           f"{len(ids)} tokens (at most {self.max_prompt} here)", param="messages",
+                           code="context_length_exceeded")
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """A conversation's ids, ready for the assistant's reply; 400 when it is malformed or
+        leaves no room in the context for an answer."""
+        try:
+            ids, _ = self.fmt.render(messages, add_generation_prompt=True)
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="messages") from None
+        self.check_prompt(ids)
+        return ids
+
+    def room(self, ids: list[int], asked: int | None) -> int:
+        """The tokens a reply to `ids` may have: what was asked (or the limit), within the context."""
+        if asked is not None and asked > self.limits.max_tokens:
+            raise APIError(400, f"max_tokens is {asked}; at most {self.limits.max_tokens} here", param="max_tokens")
+        room = self.ctx - len(ids)
+        return min(room, asked if asked is not None else self.limits.max_tokens)
+
+
+class Choice:
+    """Collects one generation's events: its text and, for a chat reply, its tool calls (the
+    chat format's parser; the JSON of a call is not text), log-probs and finish reason."""
+
+    def __init__(self, server: Server, index: int, chat: bool):
+        self.index = index
+        self.reply = server.fmt.parser(lambda k: f"call_{uuid.uuid4().hex[:12]}") if chat else None
+        self.content = ""
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list = []
+        self.finish: str | None = None
+        self.prompt_lp = None  # echo: the prompt's log-probs
+
+    @property
+    def calls(self) -> list[dict]:
+        return self.reply.calls if self.reply is not None else []
+
+    def push(self, d) -> str:
+        """A Delta -> the new visible text."""
+        if d.token is not None:
+            self.tokens.append(d.token)
+            if d.logprob is not None:
+                self.logprobs.append(d.logprob)
+                self.top.append(d.top_logprobs or [])
+        text = d.text if self.reply is None else self.reply.push(d.token, d.text)
+        self.content += text
+        if d.finish_reason is not None:
+            self.finish = d.finish_reason
+        return text
+
+    def finish_reason(self, tools: bool) -> str:
+        if self.calls and tools:
+            return "tool_calls"
+        return "length" if self.finish == "length" else "stop"
+
+
+class Batch:
+    """One HTTP request's generations, submitted to the batcher together; their events come back
+    on one queue (the batcher's thread hands them to this event loop)."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.reqs: list[GenRequest] = []
+
+    def add(self, prompt: list[int], max_tokens: int, *, chat: bool, temperature: float = 1.0, top_p: float = 1.0,
+            seed: int | None = None, stop=(), logprobs: bool = False, top: int = 0,
+            prompt_logprobs: int | None = None) -> GenRequest:
+        """Submit one generation; its events carry its index (the order of `add` calls). With a
+        seed, generation i samples with seed + i."""
+        i, s = len(self.reqs), self.server
+        req = GenRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p if top_p < 1 else None, seed=None if seed is None else seed + i,
+                         stop_ids=s.fmt.stop_ids if chat else s.text_stops, stop_strings=tuple(stop),
+                         logprobs=logprobs, top_logprobs=top, prompt_logprobs=prompt_logprobs,
+                         deadline=time.monotonic() + s.limits.request_timeout,
+                         on_event=lambda ev: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev)))
+        s.batcher.submit(req)
+        self.reqs.append(req)
+        return req
+
+    async def events(self, disconnected: Callable[[], Awaitable[bool]] | None = None):
+        """Yield (index, event) until every generation has finished: a Delta, or ("prompt",
+        log-probs) for an echo. A failed generation or a timeout raises APIError; a client that
+        went away (`disconnected()`) cancels them all (their slots free at the next step)."""
+        pending = len(self.reqs)
+        try:
+            while pending:
+                try:
+                    i, ev = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if disconnected is not None and await disconnected():
+                        return
+                    continue
+                if isinstance(ev, tuple):
+                    if ev[0] == "error":
+                        raise APIError(500, f"generation failed: {ev[1]}", "server_error")
+                    yield i, ev
+                    continue
+                if ev.finish_reason == "timeout":
+                    raise APIError(408, f"the request took longer than {self.server.limits.request_timeout:g} s",
+                                   "timeout", code="timeout")
+                if ev.finish_reason is not None:
+                    pending -= 1
+                yield i, ev
+        finally:
+            for r in self.reqs:
+                r.cancelled = True  # no-op for finished rows; frees the slot of abandoned ones
+
+
+async def sample_answers(server: Server, messages: list[dict], n: int = 2, max_tokens: int = 128,
+                         temperature: float = 1.0, disconnected=None) -> list[str]:
+    """`n` answers to a conversation, sampled through the batcher (as /v1/chat/completions
+    does), each with its own seed; tool calls are left out of the text."""
+    ids = server.chat_prompt(messages)
+    batch = Batch(server)
+    seed = random.randrange(1 << 30)
+    for _ in range(n):
+        batch.add(ids, server.room(ids, max_tokens), chat=True, temperature=temperature, seed=seed)
+    choices = [Choice(server, i, chat=True) for i in range(n)]
+    async for i, d in batch.events(disconnected):
+        choices[i].push(d)
+    return [c.content.strip() for c in choices]
