@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lmstack.utils import UserError
 
@@ -192,8 +193,6 @@ def _cmd_grpo(a):
 
 
 def _cmd_winrate(a):
-    from pathlib import Path
-
     from lmstack.eval.winrate import win_rate
     from lmstack.modelio import WEIGHTS, lineage
 

@@ -1,5 +1,5 @@
-"""Distribution: torchrun env -> process group -> DDP. One of the two files that import
-torch.distributed (the other is train/checkpoint.py); the model never sees any of this.
+"""Distribution: torchrun env -> process group -> DDP. The one file that imports
+torch.distributed; the model never sees any of this.
 
     torchrun --standalone --nproc_per_node=N -m lmstack pretrain --data DIR --out DIR
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmstack.device import pick_device
 
@@ -66,8 +67,6 @@ def wrap(model: torch.nn.Module) -> torch.nn.Module:
     """DDP around the model when distributed (gradients are averaged across ranks in backward)."""
     if not is_distributed():
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     dev = _info.device
     return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 

@@ -4,7 +4,8 @@ Plain functions in the gpt-fast style: `prefill` runs the prompts once and fills
 `decode_one_token` feeds one token per row at position p. `stream` strings them together for a
 batch of prompts and yields what each row produced at every step; `generate_batch` collects
 that into one `Completion` per row; `generate` is the one-sequence convenience
-(`lmstack sample`, the speedrun). Tool calls live one level up, in `lmstack.chat`.
+(`lmstack sample`). Tool calls live above the engine: the chat format's tool loop
+(lmstack/chatformat.py) runs them for the chat, evaluation and RL rollouts.
 
 Batching: prompts of different lengths are left-padded to the longest, and an attention mask
 hides the pad keys. RoPE only sees relative positions, so a padded row computes what it would
@@ -94,11 +95,10 @@ def for_inference(model: GPT, dtype: str | torch.dtype = "fp32", pack: bool | No
 class PackedLinear(torch.nn.Module):
     """A bias-free nn.Linear for CPU inference whose weight is pre-packed in oneDNN's blocked
     layout (what torch.compile's weight freezing does). Decode is a chain of matrix-vector
-    products that stream the weights from memory; packed, they stream faster. Measured on 1
-    core (GPT-2-124M shape, all weights per step): bf16 2.0x F.linear's bf16 (which converts
-    element by element), fp32 1.4x. bf16 results are bit-identical to F.linear's, fp32 ones
-    differ in the last bits (another summation order). The tied head gets its own packed copy
-    of the embedding (the lookup keeps the original)."""
+    products that stream the weights from memory; packed, they stream faster (bench/README.md
+    has by how much). bf16 results are bit-identical to F.linear's, fp32 ones differ in the last
+    bits (another summation order). The tied head gets its own packed copy of the embedding (the
+    lookup keeps the original)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()

@@ -9,6 +9,10 @@ Weight names are Hugging Face Llama's minus the leading `model.`:
 `norm.weight`, `lm_head.weight`. RoPE is rotate-half like HF's, so export is a pure rename
 (prefix `model.`), with no permutation of the q/k weights.
 
+The trunk is written once, `GPT.hidden` (embedding, blocks, final norm); `forward` puts the LM
+head on it, and a reward model (`RewardModel`, here) or PPO's value head (lmstack/align/rl.py)
+put their own heads on it instead.
+
 Inference uses a static KV cache (gpt-fast style): `setup_cache(batch, max_len)` preallocates
 it, then `forward(idx, start_pos=p)` writes positions p..p+T-1 and attends to 0..p+T-1.
 `forward(idx)` without start_pos is the plain training path (no cache, causal attention).
@@ -151,7 +155,12 @@ class GPT(nn.Module):
         if cfg.vocab_size <= 0:
             raise UserError("model.vocab_size is not set (pretrain takes it from the data manifest)")
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Built on the meta device (shapes only: the model folder's loader puts the file's tensors
+        # in), nothing is initialised: the values would be thrown away, and a normal init of meta
+        # tensors sets up torch's compiler stack (a second per process).
+        meta = torch.empty(0).is_meta
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.d_model) if meta else None)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -160,8 +169,9 @@ class GPT(nn.Module):
         # Not persistent: derived from the config, so never saved in the weights file.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self.init_buffers()
-        self.reset_parameters()
+        if not meta:
+            self.init_buffers()
+            self.reset_parameters()
 
     def init_buffers(self) -> None:
         """The RoPE table, computed from the config on the device of the weights (after a build

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from lmstack.config import ModelConfig, model_config_from_dict
 from lmstack.model import GPT, RewardModel
 from lmstack.tokenizer import Tokenizer
-from lmstack.utils import UserError, atomic_write_json, fsync, read_json
+from lmstack.utils import UserError, atomic_file, atomic_write_json, fsync, read_json
 from lmstack.world import world_above
 
 WEIGHTS = "model.safetensors"
@@ -144,9 +144,8 @@ def write_run_files(out: str | os.PathLike, run_config: dict, tokenizer_file: st
     atomic_write_json(out / CONFIG, run_config["model"])
     atomic_write_json(out / "run.json", run_config)
     if tokenizer_file is not None:
-        tmp = out / ".tokenizer.json.tmp"
-        shutil.copyfile(tokenizer_file, tmp)
-        os.replace(tmp, out / "tokenizer.json")
+        with atomic_file(out / "tokenizer.json") as tmp:
+            shutil.copyfile(tokenizer_file, tmp)
 
 
 # --- where a model came from ----------------------------------------------------------------

@@ -47,17 +47,15 @@ from lmstack.world.rl_prompts import arithmetic_prompts
 # Per preset: world size, tokenizer vocabulary, SFT settings and probe questions to score.
 PEOPLE = {"tiny": 200, "small": 1000, "gpt2": 50_000}
 VOCAB = {"tiny": 1024, "small": 4096, "gpt2": 32768}
-# small: the base knows few facts after 280 pretraining steps, so SFT has to teach them as well
-# as the format: measured on the 1000-person world (held-in exact match / format), lr 5e-4 x 90
-# steps: 1% / 100%; 2e-3 x 150: 3%; 2e-3 x 300 steps (~12 epochs, ~5 min): 15% (the most
-# common answer per question type would score 5%).
+# small: the base knows few facts after its pretraining, so SFT has to teach them as well as the
+# format: a high lr and many epochs (the README has what lower rates and fewer steps did).
 SFT_SET = {"tiny": ["train.max_steps=20", "train.batch_tokens=2048", "train.eval_every=0",
                     "train.save_every=0", "optim.lr=3e-3"],
            "small": ["train.max_steps=300", "optim.lr=2e-3", "train.eval_every=50"]}
 # The alignment stages: --set prefix -> (preset, model folder). Each starts from chat/.
 ALIGN = {"rm": ("reward", "rm"), "dpo": ("dpo", "dpo"), "ppo": ("ppo", "ppo"), "grpo": ("grpo", "grpo")}
-# Their settings per preset; "small" (and gpt2) run the presets unchanged: they are the measured
-# recipes. "tiny" checks the plumbing in a few seconds a stage: a few steps of small batches
+# Their settings per preset; "small" (and gpt2) run the presets unchanged: they are the recipes
+# measured in the README. "tiny" checks the plumbing in a few seconds a stage: a few steps of small batches
 # (pairs per step = batch_tokens / seq_len, 128 on the tiny model), short rollouts.
 _TINY_STEPS = ["train.eval_every=0", "train.save_every=0", "optim.warmup_steps=1"]
 ALIGN_SET = {"tiny": {

@@ -28,22 +28,30 @@ class UserError(Exception):
     """
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that readers see either the old file or the new one."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Yield a temporary path beside `path` to write the file at; when the block ends, the file
+    gets a normal file's mode, is flushed to disk and renamed to `path` in one step (readers see
+    the old file or the new one, never half of one); on any exception it is deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give it a normal file's mode
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp (and some writers) make it 0600
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` so that readers see either the old file or the new one."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def fsync(path: str | os.PathLike) -> None:
@@ -69,9 +77,10 @@ def read_json(path: str | os.PathLike):
         return None
 
 
-def read_jsonl(path: str | os.PathLike, what: str = "data file"):
-    """(line number, parsed row) of each non-blank line; a missing file or bad JSON is a
-    one-line UserError naming `what` (e.g. "prompts file") or the file and line."""
+def read_jsonl(path: str | os.PathLike, what: str = "data file", skipped: dict | None = None):
+    """(line number, parsed row) of each non-blank line. A missing file is a one-line UserError
+    naming `what` (e.g. "prompts file"); so is a line that is not JSON, unless `skipped` is given
+    (a Counter of reasons): then it counts there as "bad JSON" and is passed over."""
     path = Path(path)
     if not path.is_file():
         hint = " (a folder: name the .jsonl file)" if path.is_dir() else ""
@@ -81,9 +90,19 @@ def read_jsonl(path: str | os.PathLike, what: str = "data file"):
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({str(e).splitlines()[0]})") from None
+                row = json.loads(line)
+            except ValueError as e:  # bad JSON or bad UTF-8
+                if skipped is None:
+                    raise UserError(f"{path}:{n}: not valid JSON ({str(e).splitlines()[0]})") from None
+                skipped["bad JSON"] = skipped.get("bad JSON", 0) + 1
+                continue
+            yield n, row
+
+
+def describe_counts(counts: dict) -> str:
+    """{"bad JSON": 2, "empty": 1} -> "2 bad JSON, 1 empty" (the most frequent first), for the
+    one-line summaries of what was read and what was skipped and why."""
+    return ", ".join(f"{n:,} {what}" for what, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:

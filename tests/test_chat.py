@@ -202,6 +202,7 @@ class Terminal:
 PROMPT = r"(^|\n)> $"
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal_real_model(model_dir):
     """The real path (`python -m lmstack chat`) with a random model: replies stream (gibberish),
     commands answer, Ctrl-D exits cleanly."""
@@ -221,6 +222,7 @@ def test_chat_in_a_terminal_real_model(model_dir):
     assert rc == 0 and "Traceback" not in out, out
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal_tools_history_and_ctrl_c(model_dir, tmp_path):
     """The same CLI with the scripted model put in place of the weights: the calculator call is
     shown, history and /reset and /system reach the model, Ctrl-C stops a reply, Ctrl-C exits."""
@@ -268,6 +270,7 @@ def test_chat_in_a_terminal_tools_history_and_ctrl_c(model_dir, tmp_path):
     assert rc == 0 and "Traceback" not in out and "KeyboardInterrupt" not in out, out
 
 
+@pytest.mark.slow
 def test_chat_refuses_a_folder_that_is_not_a_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lmstack", "chat", "--model", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)

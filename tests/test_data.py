@@ -282,6 +282,7 @@ def test_hf_dataset_by_name_offline(tmp_path, tok_dir, monkeypatch):
     assert list(iter_documents(["someone/some_dataset"])) == ["from a dataset", "second row"]
 
 
+@pytest.mark.slow
 def test_cli_data_prepare(tmp_path, tok_dir):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("hello world, this is a document")

@@ -15,7 +15,7 @@ from lmstack import distributed
 from lmstack.train.pretrain import pretrain
 from test_train import make_data, read_metrics
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 # Constant lr after warmup (min_lr_ratio=1): a 4-step run is then exactly the first half of
 # an 8-step run, so "2 ranks for 4 steps + resume on 1 process to 8" has a reference.
@@ -23,6 +23,7 @@ COMMON = ["train.batch_tokens=512", "train.seq_len=64", "train.eval_every=4", "t
           "train.save_every=4", "optim.min_lr_ratio=1.0", "optim.warmup_steps=2"]
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process_and_resumes_on_one(tmp_path):
     data = make_data(tmp_path / "corpus")
     single, ddp = tmp_path / "single", tmp_path / "ddp"

@@ -360,6 +360,7 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_eval_command_line(tmp_path, model_dir):
     rows = [{"question": "Ana was born in", "answer": "Paris", "distractors": ["Rome", "Acme"]},
             {"question": "Bo works at", "answer": "Acme", "distractors": ["Rome", "Paris"]}]

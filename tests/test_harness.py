@@ -255,6 +255,7 @@ def write_tasks(d, gen_answers):
     return d
 
 
+@pytest.mark.slow
 def test_simple_evaluate_end_to_end(hlm, tmp_path):
     # The generative answers: the model's own reply for even docs (exact match), a miss for odd.
     own = hlm.generate_until([req("generate_until", q, dict(GEN_KWARGS)) for q in GEN_PROMPTS])
@@ -283,6 +284,7 @@ def test_simple_evaluate_end_to_end(hlm, tmp_path):
         assert sample["resps"][0][0] == hlm.generate_until([req("generate_until", context, kwargs)])[0]
 
 
+@pytest.mark.slow
 def test_cli_main_end_to_end(model_dir, tmp_path, capsys):
     tasks = write_tasks(tmp_path / "tasks", ["x"] * len(GEN_PROMPTS))
     rc = harness.main(["run", "--model", "lmstack", "--model_args", f"model={model_dir},dtype=fp32",

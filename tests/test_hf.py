@@ -141,6 +141,7 @@ def test_transformers_llama_round_trips_through_import_and_export(tmp_path, tok)
         torch.testing.assert_close(load_model(tmp_path / "imported")(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_import_of_a_foreign_tokenizer_adds_lmstack_specials(tmp_path):
     from tokenizers import Tokenizer as HFTok
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -180,6 +181,7 @@ def test_import_of_a_foreign_tokenizer_adds_lmstack_specials(tmp_path):
     assert (tmp_path / "sft" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_what_cannot_be_imported_is_named(tmp_path, tok):
     export_hf(make_model_dir(tmp_path / "m", tok), tmp_path / "tokfiles")
     cases = [({"model_type": "qwen2"}, "biases"), ({"model_type": "gpt2"}, "not Llama-family"),

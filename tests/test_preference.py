@@ -27,12 +27,7 @@ from lmstack.utils import UserError, atomic_write_json
 from lmstack.world.labeller import task_of as world_task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 COLOURS = ["red", "blue", "green", "black", "white", "brown"]
@@ -292,7 +287,7 @@ def test_judge_writes_comparisons_the_trainers_read(root, sft_dir, tok, tmp_path
         assert set(r) == {"prompt", "chosen", "rejected", "reason", "meta"} and r["chosen"] != r["rejected"]
         m = r["meta"]
         assert m["source"] == "judge" and m["judge"] == str(sft_dir) and r["reason"].startswith("judged by")
-        assert 0 <= m["p_a"] <= 1 and m["p_a"] + m["p_b"] == pytest.approx(1)
+        assert m["p_a"] + m["p_b"] == pytest.approx(1)  # the values themselves: the test below
         assert isinstance(m["position_consistent"], bool)
     assert load_comparisons([out])  # the trainers' own validation accepts the file
     assert json.loads(out.read_text().splitlines()[0])["prompt"] == "What colour is box 3?"
@@ -321,6 +316,41 @@ def test_judge_writes_comparisons_the_trainers_read(root, sft_dir, tok, tmp_path
 
 
 # --------------------------------------------------------------------------- CLI errors
+
+
+class ScriptedJudge(torch.nn.Module):
+    """A judge whose logits, at every position, put all the mass on the token `pick(text so far)`
+    names: its log-likelihoods of replying "A" and "B" are known exactly (0 and -60)."""
+
+    def __init__(self, tok, pick):
+        super().__init__()
+        self.tok, self.pick = tok, pick
+        self.cfg = dataclasses.replace(ModelConfig(vocab_size=tok.vocab_size), max_seq_len=256)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # device / dtype, like a real model
+
+    def forward(self, idx, **kw):
+        logits = torch.full((*idx.shape, self.cfg.vocab_size), -30.0)
+        for b, row in enumerate(idx.tolist()):
+            for t in range(len(row)):
+                logits[b, t, self.tok.encode(self.pick(self.tok.decode(row[:t + 1])))[0]] = 30.0
+        return logits
+
+
+def test_judge_verdicts_follow_the_judges_likelihoods_in_both_orders(tok):
+    from lmstack.align.judge import judge_pairs
+    from lmstack.eval.lm import ModelLM
+
+    def kind_answer(text):  # prefers the answer that says "kindly", wherever it is shown
+        a = text.partition("Answer A: ")[2].partition("Answer B: ")[0]
+        return "A" if "kindly" in a else "B"
+
+    pairs = [("Box 1 is red, kindly.", "Box 1 is red."), ("Box 1 is red.", "Box 1 is red, kindly.")]
+    fair = judge_pairs(ModelLM(ScriptedJudge(tok, kind_answer), tok), "Be kind.", ["Box 1?"] * 2, pairs)
+    assert [v["p_a"] for v in fair] == [pytest.approx(1.0), pytest.approx(0.0, abs=1e-12)]
+    assert all(v["position_consistent"] and not v["cut"] for v in fair)
+    # A judge that always says "A" prefers whichever answer comes first: the two orders cancel.
+    biased = judge_pairs(ModelLM(ScriptedJudge(tok, lambda text: "A"), tok), "Be kind.", ["Box 1?"], pairs[:1])
+    assert biased[0]["p_a"] == pytest.approx(0.5) and not biased[0]["position_consistent"]
 
 
 def test_cli_errors_are_one_line(root, sft_dir, tmp_path, capsys):

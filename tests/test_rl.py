@@ -27,8 +27,9 @@ from lmstack.train import checkpoint
 from lmstack.train.loop import freeze, train
 from lmstack.utils import UserError
 from lmstack.world import generate
+from tiny import Interrupt  # noqa: E402  (tests/ is on sys.path under pytest)
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 FAST = ["train.max_steps=8", "rl.prompts_per_step=4", "rl.group_size=4", "train.micro_batch_size=8",
         "rl.max_new_tokens=8", "train.seq_len=32", "optim.lr=1e-2", "optim.warmup_steps=1",
@@ -335,7 +336,9 @@ def test_grpo_raises_a_toy_reward(world, tmp_path):
 def test_ppo_end_to_end_with_a_stand_in_reward(world, tmp_path):
     out = tmp_path / "ppo"
     ppo(str(world / "chat"), vowels, str(world / "prompts.jsonl"), str(out),
-        overrides=FAST + ["train.max_steps=4", "rl.group_size=1", "rl.prompts_per_step=16"])
+        overrides=FAST + ["train.max_steps=32", "rl.group_size=1", "rl.prompts_per_step=16"])
+    rewards = [r["reward"] for r in read_metrics(out)[::4]]  # one per phase (4 epochs of one step each)
+    assert len(rewards) == 8 and sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
     last = read_metrics(out)[-1]
     for key in ("reward", "score_std", "rollout_kl", "kl", "entropy", "response_len", "clip_frac", "vf_loss",
                 "value_mean"):
@@ -348,25 +351,6 @@ def test_ppo_end_to_end_with_a_stand_in_reward(world, tmp_path):
     assert stage["stage"] == "ppo" and len(stage["reward_norm"]) == 2 and stage["reward_norm"][1] > 0
 
 
-class Interrupt:
-    """Wrap RolloutBatches so that the run is interrupted (Ctrl-C) at micro-batch `at`."""
-
-    def __init__(self, cls, at):
-        self.cls, self.at, self.calls = cls, at, 0
-
-    def __call__(self, *a, **kw):
-        batches = self.cls(*a, **kw)
-        real_next = batches.next
-
-        def next_():
-            self.calls += 1
-            if self.calls == self.at:
-                raise KeyboardInterrupt
-            return real_next()
-        batches.next = next_
-        return batches
-
-
 def test_exact_resume_inside_a_phase(world, tmp_path, monkeypatch):
     # 16 rollouts per phase, 2 micro-batches per step, 2 epochs: 2 steps (4 micro-batches) per phase.
     over = FAST + ["train.save_every=3", "train.max_steps=6"]
@@ -374,7 +358,7 @@ def test_exact_resume_inside_a_phase(world, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     grpo(*args, str(straight), overrides=over)
     with monkeypatch.context() as mp:
-        mp.setattr(rl_mod, "RolloutBatches", Interrupt(RolloutBatches, at=10))  # inside step 5
+        mp.setattr(rl_mod, "RolloutBatches", Interrupt(RolloutBatches, at=9))  # inside step 5
         with pytest.raises(KeyboardInterrupt):
             grpo(*args, str(resumed), overrides=over)
     assert [p.name for p in checkpoint.checkpoints(resumed)] == ["step_00000003", "step_00000004"]

@@ -276,6 +276,7 @@ def test_a_client_that_disconnects_frees_its_slot(live):
 
 # --- lm_eval scores the server --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_scores_the_server(live, tmp_path, engine_model):
     pytest.importorskip("lm_eval")
     rows = [{"q": "Ana was born in", "choices": [" Paris", " Rome", " Acme"], "label": i % 3} for i in range(6)]
@@ -368,6 +369,7 @@ def test_feedback_db_schema_rate_label_export(tmp_path):
         FeedbackDB(tmp_path / "junk.sqlite")
 
 
+@pytest.mark.slow
 def test_serve_and_feedback_command_line_errors(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True, timeout=120)

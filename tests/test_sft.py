@@ -19,12 +19,13 @@ from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from lmstack import modelio
 from lmstack.train import checkpoint
 from lmstack.train.objectives import token_losses
-from lmstack.train.sft import (PackedBatches, describe_skipped, iter_val_batches, load_docs, pack, packed_loss,
+from lmstack.train.sft import (PackedBatches, iter_val_batches, load_docs, pack, packed_loss,
                                render_row, sft, split_val, window_tensors)
-from lmstack.utils import UserError
+from lmstack.utils import UserError, describe_counts
 from lmstack.world import generate
+from tiny import Interrupt  # noqa: E402  (tests/ is on sys.path under pytest)
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 FAST = ["train.max_steps=8", "train.batch_tokens=1024", "train.micro_batch_size=4", "train.seq_len=128",
         "train.eval_every=4", "train.eval_batches=2", "train.save_every=3", "train.dtype=fp32",
@@ -160,7 +161,7 @@ def test_row_kinds_and_skip_reasons(tok, tmp_path):
     assert stats["skipped"] == {"no assistant message (nothing to train on)": 1, "missing or unknown role": 1,
                                 "empty content": 1, "longer than the context (129 tokens)": 1,
                                 "no messages, prompt/completion or text field": 1, "bad JSON": 1}
-    assert "1 bad JSON" in describe_skipped(stats["skipped"])
+    assert "1 bad JSON" in describe_counts(stats["skipped"])
     (m_ids, m_mask), (p_ids, p_mask), (t_ids, t_mask) = docs
     assert list(m_ids) == list(p_ids) and list(m_mask) == list(p_mask)  # prompt/completion = user + assistant
     assert list(t_ids) == [tok.bos_id] + tok.encode("A plain document.")  # no chat tokens but BOS
@@ -314,24 +315,6 @@ def test_sft_trains_and_writes_a_model_folder(world, base, tmp_path, capsys):
     modelio.load_model(out)  # sample / chat / eval open it like any model folder
 
 
-class Interrupt:
-    """Wraps PackedBatches so that Ctrl-C arrives mid-step (in micro-batch `at`)."""
-
-    def __init__(self, cls, at):
-        self.cls, self.at = cls, at
-
-    def __call__(self, *a, **kw):
-        batches, at = self.cls(*a, **kw), self.at
-        real_next = batches.next
-
-        def next_():
-            if batches.step == at:
-                raise KeyboardInterrupt
-            return real_next()
-        batches.next = next_
-        return batches
-
-
 def test_exact_resume(world, base, tmp_path, monkeypatch):
     import lmstack.train.sft as sft_mod
 
@@ -387,6 +370,7 @@ def test_sft_errors(world, base, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(world, base, tmp_path):
     for args, needle in [(["--data", str(tmp_path / "nope.jsonl")], "not found"),
                          (["--data", str(world / "world" / "sft.jsonl"), "--set", "model.d_model=32"],

@@ -5,6 +5,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from lmstack.speedrun import ALIGN_SET, GRPO_TOOLS, split_overrides
 
 ALIGNED = ("dpo", "ppo", "grpo")  # the aligned chat models (rm/ is the reward model)
@@ -14,6 +16,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_speedrun_tiny_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("speedrun", "--preset", "tiny", "--out", str(out), "--set", "dpo.train.max_steps=4")
@@ -35,15 +38,20 @@ def test_speedrun_tiny_end_to_end(tmp_path):
     assert set(ev["base"]["tasks"]) == {"facts_rank", "inverse_rank", "reversal_rank", "arithmetic_text"}
     assert {"facts_qa", "refusal", "hallucination", "arithmetic_tool"} <= set(ev["chat"]["tasks"])
     for stage in ("base", "chat", *ALIGNED):
-        assert all(0 <= v <= 1 for v in ev[stage]["tasks"].values()) and ev[stage]["val_bpb"] > 0
         results = json.loads(open(ev[stage]["results"]).read())
         assert results["tasks"]["facts_rank"]["n"] == 20  # the tiny preset's limit per task
+        for name, task in results["tasks"].items():  # the headline numbers are the scored items'
+            assert ev[stage]["tasks"][name] == round(sum(it["hit"] for it in task["items"]) / task["n"], 4)
+        # well below a uniform guess over the 1,024 tokens (10 bits a token) on the validation text
+        lm = results["lm"]
+        assert ev[stage]["val_bpb"] == round(lm["bpb"], 4) and lm["bpb"] < 0.8 * 10 * lm["tokens"] / lm["bytes"]
     for stage in ("chat", *ALIGNED):  # the aligned models are chat models: every task
-        assert set(ev[stage]["tasks"]) == set(ev["chat"]["tasks"]) and 0 <= ev[stage]["format"] <= 1
+        # SFT taught the format: most replies end their turn (a model that never learnt it: ~0)
+        assert set(ev[stage]["tasks"]) == set(ev["chat"]["tasks"]) and ev[stage]["format"] >= 0.5
     st = summary["stages"]
     assert st["rl_prompts"]["rows"] > 0 and st["dpo"]["final"]["step"] == 4  # dpo.KEY reached the DPO stage only
     assert st["ppo"]["final"]["step"] > 0 and st["grpo"]["final"]["step"] > 0
-    assert st["reward"]["held_out"]["n"] > 0 and 0 <= st["reward"]["held_out"]["accuracy"] <= 1
+    assert st["reward"]["held_out"]["n"] > 0 and st["reward"]["held_out"]["accuracy"] > 0.5  # above chance
     assert set(st["ppo"]["held_out_reward"]) == {"before", "after"}
     assert json.loads((out / "grpo" / "run.json").read_text())["rl"]["tools"] == GRPO_TOOLS
     for m in ("dpo", "ppo"):  # ground-truth win rate against the SFT model
@@ -51,7 +59,11 @@ def test_speedrun_tiny_end_to_end(tmp_path):
         saved = json.loads((out / m / "winrate" / "vs_chat.json").read_text())
         assert w["path"] == str(out / m / "winrate" / "vs_chat.json") and saved["n"] == w["n"] == 40
         assert w["wins"] + w["losses"] + w["ties"] == 40 and len(w["ci"]) == 2
-        assert w["win_rate"] is None or 0 <= w["win_rate"] <= 1  # None: all ties
+        decided = w["wins"] + w["losses"]  # the win rate counts the pairs the labeller decides
+        if decided:
+            assert w["win_rate"] == saved["win_rate"] == w["wins"] / decided
+        else:
+            assert w["win_rate"] is None and math.isnan(saved["win_rate"])  # all ties: no rate
     report = (out / "report.md").read_text()
     header = next(line for line in report.splitlines() if line.startswith("| task | chance |"))
     assert "facts_qa" in report and header.startswith("| task | chance | base | chat |")
@@ -81,6 +93,7 @@ def test_speedrun_tiny_end_to_end(tmp_path):
     assert "win rate" not in forced.stdout and f"lmstack chat --model {out / 'chat'}" in forced.stdout
 
 
+@pytest.mark.slow
 def test_speedrun_never_deletes_a_folder_it_did_not_make(tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -91,6 +104,7 @@ def test_speedrun_never_deletes_a_folder_it_did_not_make(tmp_path):
     assert (precious / "thesis.txt").read_text() == "years of work"
 
 
+@pytest.mark.slow
 def test_speedrun_bad_preset_or_key_fails_before_any_work(tmp_path):
     for args in (["--preset", "huge"], ["--set", "train.nope=1"], ["--set", "sft.train.nope=1"],
                  ["--set", "sft.model.n_layer=3"], ["--set", "dpo.train.nope=1"], ["--set", "rm.model.n_layer=3"],

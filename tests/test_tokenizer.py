@@ -138,6 +138,7 @@ def test_train_errors(tmp_path):
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["tokenizer.json"]
 
 
+@pytest.mark.slow
 def test_cli_tokenizer_train(tmp_path):
     corpus = make_corpus(tmp_path / "c", n_docs=20)
     cmd = [sys.executable, "-m", "lmstack", "tokenizer", "train", "--vocab-size", "300"]

@@ -23,8 +23,9 @@ from lmstack.data import target_bytes
 from lmstack.train.objectives import next_token_loss
 from lmstack.train.pretrain import pretrain
 from lmstack.utils import UserError
+from tiny import Interrupt  # noqa: E402  (tests/ is on sys.path under pytest)
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 # Small, fast runs of the tiny preset (the preset itself is for smoke runs).
 FAST = ["train.max_steps=12", "train.batch_tokens=1024", "train.micro_batch_size=8",
@@ -82,24 +83,6 @@ def test_loss_falls_and_model_folder(data_dir, tmp_path, capsys):
     capsys.readouterr()
     texts = sample(str(out), prompt="Alice Smith was born in", max_tokens=12, temperature=0)
     assert texts[0].startswith("Alice Smith was born in") and capsys.readouterr().out.strip()
-
-
-class Interrupt:
-    """Wraps TokenBatches so that Ctrl-C arrives mid-step (in micro-batch `at`)."""
-
-    def __init__(self, cls, at):
-        self.cls, self.at = cls, at
-
-    def __call__(self, *a, **kw):
-        batches, at = self.cls(*a, **kw), self.at
-        real_next = batches.next
-
-        def next_():
-            if batches.step == at:
-                raise KeyboardInterrupt
-            return real_next()
-        batches.next = next_
-        return batches
 
 
 def test_exact_resume_after_interrupt(data_dir, tmp_path, monkeypatch, capsys):
@@ -279,6 +262,7 @@ def run_cli(*args):
     (["--set", "optim.schedule=linear"], "optim.schedule must be one of"),
     (["--resume"], "nothing to resume"),
 ])
+@pytest.mark.slow
 def test_cli_bad_input(data_dir, tmp_path, extra, needle):
     r = run_cli("pretrain", "--data", str(data_dir), "--out", str(tmp_path / "out"), *extra)
     assert r.returncode != 0
@@ -286,6 +270,7 @@ def test_cli_bad_input(data_dir, tmp_path, extra, needle):
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_data_and_nonempty_out(tmp_path, data_dir):
     r = run_cli("pretrain", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "out"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
@@ -298,6 +283,7 @@ def test_cli_missing_data_and_nonempty_out(tmp_path, data_dir):
     assert r.returncode != 0 and "no config.json" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_continues(data_dir, tmp_path):
     """`kill` (SIGTERM: a scheduler's preemption) saves like Ctrl-C; --resume continues."""
     import signal

@@ -374,6 +374,7 @@ def rows(db_path, sql):
         con.close()
 
 
+@pytest.mark.slow
 def test_the_page_in_headless_chromium(model_dir, tmp_path):
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
     if missing:

@@ -144,6 +144,7 @@ def test_reversal_probes_match_the_world(world_dir, people):
         assert r["answer"] not in r["distractors"] and not set(r["aliases"]) & set(r["distractors"])
 
 
+@pytest.mark.slow
 def test_reversal_group_is_never_stated_parent_first(world_dir, world, people):
     """For the reversal group, every text that names both parent and child names the
     child first (the only direction taught); the control group gets both directions."""

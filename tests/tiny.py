@@ -84,3 +84,24 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class Interrupt:
+    """Wraps a batch source class (monkeypatched where a stage builds it) so that Ctrl-C arrives
+    in the middle of a run: at its micro-batch `at` (0-based), from inside `next()`."""
+
+    def __init__(self, cls, at: int):
+        self.cls, self.at, self.calls = cls, at, 0
+
+    def __call__(self, *a, **kw):
+        batches = self.cls(*a, **kw)
+        real_next = batches.next
+
+        def next_():
+            self.calls += 1
+            if self.calls == self.at + 1:
+                raise KeyboardInterrupt
+            return real_next()
+        batches.next = next_
+        return batches
+

@@ -37,7 +37,7 @@ from lmstack.chatformat import ChatFormatError, prompt_messages, row_prompt
 from lmstack.engine import generate_batch
 from lmstack.eval.lm import ModelLM
 from lmstack.stats import wilson
-from lmstack.utils import UserError, atomic_write_text, read_jsonl
+from lmstack.utils import UserError, atomic_write_text, describe_counts, read_jsonl
 from lmstack.world import labeller
 
 DEFAULT_CONSTITUTION = """\
@@ -211,7 +211,7 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
 
 
 def _print_stats(s: dict, out) -> None:
-    skipped = ", ".join(f"{n} {k}" for k, n in s["skipped"].items())
+    skipped = describe_counts(s["skipped"])
     pc = s["position_consistent"]
     print(f"judged {s['pairs']} pairs of {s['prompts']} prompts -> {out}" + (f" (skipped {skipped})" if skipped else "")
           + (f"; position-consistent {100 * pc:.0f}%" if pc is not None else "")

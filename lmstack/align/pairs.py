@@ -1,33 +1,12 @@
-"""Preference data, shared by `lmstack reward train` and `lmstack dpo`: comparisons, their
-rendering, pair batches, and a preference stage's setup.
+"""Preference data, shared by `lmstack reward train` and `lmstack dpo`: comparisons (jsonl rows
+{"prompt", "chosen", "rejected", "reason"?, "meta"?}, from the world's simulated labeller, the
+web app or an AI judge), rendered with the model's chat format, held out by prompt, served as
+pair batches; and `prepare`, what every preference stage checks and loads before it trains.
 
-Comparisons (jsonl), one labelled pair per row, the same format from the world's simulated
-labeller (WORLD/comparisons.jsonl), from people in the web app (`lmstack feedback export`)
-and from an AI judge (`lmstack judge`):
-
-    {"prompt": "..." | [messages], "chosen": "...", "rejected": "...", "reason": ..., "meta": {...}}
-
-`prompt` is a string (one user message) or a list of chat messages (the conversation the two
-answers reply to); `chosen` / `rejected` are non-empty strings (the better / the worse
-assistant reply). `reason` and `meta` are optional; `meta.type` (e.g. "harmful", "fact")
-slices the reward model's held-out accuracy.
-
-A pair is rendered twice by THE chat template, prompt + {"role": "assistant", "content": answer}
-for each answer; the answer mask is 1 on the final assistant message's tokens and its closing
-<|end|>. A pair longer than `max_len` tokens (the longer answer decides) loses prompt tokens
-from the left (after BOS, the same for both answers); a pair whose answers alone do not fit
-is skipped and counted. Pairs are held out by a hash of their prompt (about `val_fraction` of
-them; every pair of one prompt on the same side, so held-out accuracy is on unseen prompts).
-
-Batches (`PairBatches`, `iter_pair_batches`) hold B pairs as 2B rows, the B chosen answers
-first, then the B rejected ones, right-padded to the longest row of the micro-batch:
-    x     [2B, T] token ids (every token of the sequence, final <|end|> included; pad after)
-    y     [2B, T] next-token targets: y[t] = x[t+1] on answer tokens, -100 elsewhere
-    mask  [2B, T] 1 where y is an answer token (y != -100)
-    last  [2B]    index of the sequence's final token (the answer's <|end|>) in x
-DPO sums log p(y) over `mask`; the reward model reads the hidden state at `last`.
-Pairs per optimizer step = train.batch_tokens / train.seq_len (the loop counts "tokens" as
-rows x seq_len; `real_tokens` in metrics.jsonl is the count of real tokens in the step).
+A pair longer than `max_len` loses prompt tokens from the left (the same for both answers:
+they must be judged on the same context); one whose answers alone do not fit is skipped and
+counted. Pairs are held out by a hash of their prompt, so held-out accuracy is on prompts the
+model never trained on (README: Alignment, how the stages are built).
 """
 
 from __future__ import annotations
@@ -48,7 +27,7 @@ from lmstack.modelio import STAGE, load_model_and_tokenizer
 from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
 from lmstack.train.objectives import IGNORE_INDEX
-from lmstack.utils import UserError, read_jsonl
+from lmstack.utils import UserError, describe_counts, read_jsonl
 
 # --------------------------------------------------------------------------- rows
 
@@ -163,7 +142,13 @@ def split_pairs(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[Pa
 
 
 def pair_tensors(pairs: list[Pair], pad_id: int):
-    """B pairs -> (x, y, mask, last): 2B rows, chosen first (see the module doc)."""
+    """B pairs -> (x, y, mask, last): 2B rows, the B chosen answers first, then the B rejected,
+    right-padded to the longest row:
+        x     [2B, T] token ids (every token of the sequence, final <|end|> included; pad after)
+        y     [2B, T] next-token targets: y[t] = x[t+1] on answer tokens, -100 elsewhere
+        mask  [2B, T] 1 where y is an answer token
+        last  [2B]    index of the sequence's final token (the answer's <|end|>) in x
+    DPO sums log p(y) over `mask`; the reward model reads the hidden state at `last`."""
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     T = max(len(ids) for ids, _ in seqs)
     x = np.full((len(seqs), T), pad_id, dtype=np.int64)
@@ -273,7 +258,7 @@ def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) 
     max_len = cfg.pref.max_len or cfg.model.max_seq_len
     pairs, stats = load_pairs(data, tok, max_len)
     if not pairs:
-        why = ", ".join(f"{n} {k}" for k, n in stats["skipped"].items()) or "empty"
+        why = describe_counts(stats["skipped"]) or "empty"
         raise UserError(f"no usable comparisons in {' '.join(map(str, data))} ({why})")
     train_pairs, val_pairs = split_pairs(pairs, cfg.pref.val_fraction)
     if not train_pairs:
@@ -290,8 +275,7 @@ def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) 
 
 def describe(run: PrefRun) -> str:
     i = run.info
-    skipped = ", ".join(f"{n} {k}" for k, n in i["skipped"].items())
-    types = ", ".join(f"{n} {k}" for k, n in sorted(i["types"].items(), key=lambda kv: -kv[1]))
+    skipped, types = describe_counts(i["skipped"]), describe_counts(i["types"])
     return (f"{i['stage']} data: {i['pairs']:,} pairs of {i['rows']:,} rows ({types}); {i['train_pairs']:,} train, "
             f"{i['val_pairs']:,} held out" + (f"; {i['truncated']} prompts cut to fit {i['max_len']} tokens"
                                               if i["truncated"] else "")

@@ -3,36 +3,13 @@
     lmstack ppo  --policy runs/small/chat --reward runs/small/rm --prompts WORLD/comparisons.jsonl --out runs/small/ppo
     lmstack grpo --model runs/small/chat --prompts train.jsonl --reward arithmetic --out runs/small/grpo
 
-Both are THE training loop (train/loop.py) with a batch source that has a rollout phase.
-What is where:
-    rollout.py     prompts, sampling replies from the current policy, scorers (rewards), the
-                   rollout phase and its batch source `RolloutBatches`, held-out evaluation
-    objectives.py  the math: ppo_clip_loss, value_loss, k3 KL, group advantages, GAE (tested there)
-    rl.py (here)   the policy with a value head, the GRPO / PPO objectives the loop calls, the
-                   stage's config, and the `lmstack grpo` / `lmstack ppo` entry points
-
-Batch mapping: one optimizer step = `train.batch_tokens / train.seq_len` rollouts (the loop's
-grad_accum micro-batches of micro_batch_size); train.seq_len is the longest rollout
-(prompt + reply). Unless train.batch_tokens is set, it is derived so that one optimizer step is
-one whole rollout batch: batch_tokens = prompts_per_step * group_size * seq_len; then a phase is
-`rl.epochs` optimizer steps and train.max_steps = phases x epochs. A smaller batch_tokens splits
-each epoch into minibatches (more steps per phase; it must divide the rollout batch).
-The loss is summed over reply tokens and divided by their count in the step (per-token mean).
-
-Objectives:
-  GRPO: ppo_clip_loss(logp, old_logp, A_group) + rl.kl_coef * k3(logp, ref_logp), per token;
-  PPO:  ppo_clip_loss(logp, old_logp, A_gae) + rl.vf_coef * value_loss(V, V_old, returns), per
-        token (the KL is in the reward). The value head is a Linear on the policy's final
-        (normed) hidden state (`PolicyValue`): it shares the policy's trunk.
-Logged per step: the rollout phase's metrics (rollout.py) and from the objective the current
-policy's k3 KL, entropy (full, per token), clip fraction, policy-gradient and value losses.
-
-Output (OUT): a chat model folder (policy weights, config, tokenizer) with stage.json
-{"stage", "base", "chat": true, prompts, reward, held-out reward before/after}; PPO's value
-head is saved beside it in value_head.safetensors (model.safetensors is the policy alone, so
-every command reads OUT as a plain chat model). Every 20th prompt (at most 200) is held out:
-greedy replies of the SFT model and of the result are scored on them at the start / end.
---resume continues from the last checkpoint, exactly (see rollout.py for the batch source's state).
+Both are THE training loop with a batch source that has a rollout phase (rollout.py); the math
+(clipped surrogate, value loss, k3 KL, GAE, group advantages) is train/objectives.py. Here: the
+policy with a value head, the two objectives the loop calls, the stage's config (one optimizer
+step is one whole rollout batch unless train.batch_tokens says otherwise) and the entry points.
+The output is a plain chat model folder (PPO's value head goes beside it, value_head.safetensors);
+every 20th prompt is held out and scored before and after (README: Alignment, how the stages
+are built).
 """
 
 from __future__ import annotations
@@ -54,7 +31,7 @@ from lmstack.modelio import STAGE, WEIGHTS, load_model, load_model_and_tokenizer
 from lmstack.train import checkpoint
 from lmstack.train.loop import freeze, seed_everything, train
 from lmstack.train.objectives import kl_estimates, ppo_clip_loss, value_loss
-from lmstack.utils import UserError, atomic_write_json
+from lmstack.utils import UserError, atomic_file, atomic_write_json, describe_counts
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -135,8 +112,11 @@ class PPOObjective:
 # --------------------------------------------------------------------------- config
 
 def rl_config(preset: str, overrides, base_model, world_size: int = 1) -> RunConfig:
-    """The stage's config (`stage_config`: preset + --set, the model's own config), with
-    train.batch_tokens derived from the rollout batch unless given (see the module doc)."""
+    """The stage's config (`stage_config`: preset + --set, the model's own config). One optimizer
+    step = train.batch_tokens / train.seq_len rollouts (train.seq_len: the longest rollout,
+    prompt + reply); unless given, batch_tokens is derived so that a step is the whole rollout
+    batch (prompts_per_step * group_size rollouts): a phase is then rl.epochs steps. A smaller
+    batch_tokens splits each epoch into minibatches; it must divide the rollout batch."""
     def derive(cfg, keys):
         rl, tc = cfg.rl, cfg.train
         n = rl.prompts_per_step * rl.group_size  # rollouts per phase, all ranks
@@ -184,9 +164,8 @@ def split_value_head(out) -> None:
     if not head:
         return
     for name, part in ((VALUE_HEAD, head), (WEIGHTS, {k: v for k, v in sd.items() if k not in head})):
-        tmp = Path(out) / f".{name}.tmp"
-        save_file(part, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, Path(out) / name)
+        with atomic_file(Path(out) / name) as tmp:
+            save_file(part, str(tmp), metadata={"format": "pt"})
 
 
 def _summary(ev: dict | None) -> dict | None:
@@ -197,8 +176,9 @@ def _summary(ev: dict | None) -> dict | None:
 
 def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bool = False,
            preset: str | None = None) -> dict:
-    """PPO or GRPO from the chat model folder `model` (see the module doc); returns the last
-    metrics record with the held-out evaluation under "heldout"."""
+    """PPO or GRPO from the chat model folder `model`; returns the last metrics record with the
+    held-out evaluation under "heldout". OUT is a chat model folder (the policy's weights) with
+    stage.json {"stage", "base", "chat": true, prompts, reward, held-out reward before/after}."""
     base = Path(model)
     net, tok = load_model_and_tokenizer(base, kind="chat")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -212,7 +192,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
     tool_use = {"tools": tools, "tool_rounds": rl.tool_rounds}  # the held-out evaluation uses them too
     prompts, stats = load_prompts(prompts_file, tok, tc.seq_len - rl.max_new_tokens)
     if not prompts:
-        why = ", ".join(f"{n} {k}" for k, n in stats["skipped"].items()) or "empty"
+        why = describe_counts(stats["skipped"]) or "empty"
         raise UserError(f"no usable prompts in {prompts_file} ({why})")
     train_prompts, heldout = split_heldout(prompts)
     reward_name = reward if isinstance(reward, (str, Path)) else getattr(reward, "__name__", type(reward).__name__)
@@ -237,7 +217,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
         if kind == "ppo" and not info.get("reward_norm"):
             info["reward_norm"] = reward_stats(ref, tok, train_prompts, scorer, cfg)
         if main:
-            skipped = ", ".join(f"{n} {k}" for k, n in stats["skipped"].items())
+            skipped = describe_counts(stats["skipped"])
             print(f"{kind} prompts: {len(prompts):,} of {stats['rows']:,} rows ({len(train_prompts):,} train, "
                   f"{len(heldout)} held out)" + (f"; skipped {skipped}" if skipped else ""), flush=True)
             print(f"{kind}: {rl.prompts_per_step} prompts x {rl.group_size} replies per phase, {rl.epochs} epochs, "

@@ -1,47 +1,20 @@
-"""The rollout phase of RL (train/rl.py): prompts, replies sampled from the current policy, rewards.
+"""The rollout phase of RL (rl.py): prompts, replies sampled from the current policy, rewards.
 
 A prompts file's rows become `Prompt`s (rendered, a held-out split kept aside); a `Scorer` turns
-(prompt, reply) pairs into rewards. `RolloutBatches` is the batch source of an RL stage, handed
-to THE training loop (train/loop.py): `next()` starts a phase when the previous one is used up.
-A phase
-  1. takes the next `rl.prompts_per_step` prompts (shuffled, epoch after epoch) and samples
-     `rl.group_size` replies to each from the CURRENT policy (the very module the loop is
-     training) through the engine (eval mode, inference_mode, temperature / top_p), until a
-     turn end or `rl.max_new_tokens`. A rollout = prompt ids + reply ids + the stop id that
-     closed the reply (<|end|>: part of what the policy learns to write). With `rl.tools`
-     (GRPO), a reply that ends its turn after a tool call gets the tool's result and goes on
-     (`sample`); the result's tokens are context, masked out of the loss;
-  2. scores each reply: a reward callable on (prompt row, final answer) for GRPO, a reward model
-     (or a stand-in callable) for PPO. A reply whose last turn calls a tool scores 0 under a
-     row reward: it never answered (without rl.tools this is what `lmstack eval`'s no-tool
-     `arithmetic` task counts too);
-  3. computes, once, with no gradient: the log-probabilities of the sampled tokens under the
-     rollout policy (`old_logp`) and under the frozen reference (`ref_logp`, the SFT model,
-     requires_grad False, never given to the optimizer), and for PPO the value estimates;
-  4. computes advantages: GRPO / RLOO, one per reply from its group (`group_advantages`),
-     on every reply token; PPO, per token by GAE on the reward r_t = -kl_coef * (old_logp -
-     ref_logp)_t plus the reward model's score at the reply's last token, whitened over the
-     rollout batch;
-  5. serves the rollout batch `rl.epochs` times, reshuffled each time, as micro-batches of
-     `train.micro_batch_size` rollouts (right-padded to the longest in the micro-batch).
-Log-probabilities everywhere are of the tempered distribution softmax(logits / rl.temperature),
-the one the rollouts were sampled from (top_p, when < 1, is ignored there).
-
-Logged per phase (`metrics()`): the reward (mean, std), pass rate and groups with signal (GRPO),
-reply length, truncated / tool-call fractions, KL of the rollout policy to the reference (per
-token `rollout_kl` and per reply `rollout_kl_seq`, k1), PPO's standardised score and value /
-return means. The state (`state_dict()`) holds the phase and position, and a phase cut by a
-checkpoint is saved whole (its rollouts and log-probs), so a resumed run sees exactly the
-batches it would have.
-
-Outside training, `evaluate_prompts` scores k replies per prompt (the held-out evaluation before
-and after a stage) and `reward_stats` gives PPO the reference's reward scale.
+(prompt, reply) pairs into rewards (a reward function of the row and the answer, or a frozen
+reward model). `RolloutBatches` is an RL stage's batch source for THE training loop: each phase
+samples replies from the very module the loop trains (so the rollouts are the current policy's),
+scores them, computes the log-probs of the rollout policy and of the frozen reference once, the
+advantages, and serves the rollouts `rl.epochs` times. Log-probs everywhere are of the tempered
+distribution the rollouts were sampled from. With tools (GRPO), the tool results are context the
+policy did not write: they stay out of the loss. A phase cut by a checkpoint is saved whole, so
+a resumed run sees exactly the batches it would have (README: Alignment, how the stages are
+built).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections import Counter
@@ -64,7 +37,7 @@ from lmstack.tokenizer import Tokenizer
 from lmstack.tools import default_registry
 from lmstack.train.loop import freeze
 from lmstack.train.objectives import gae, group_advantages
-from lmstack.utils import UserError
+from lmstack.utils import UserError, read_jsonl
 
 HELDOUT_EVERY = 20  # every 20th prompt is held out (when there are at least 2 x 20)
 HELDOUT_MAX = 200
@@ -82,32 +55,20 @@ class Prompt:
 def load_prompts(path, tok: Tokenizer, max_len: int) -> tuple[list[Prompt], dict]:
     """Every usable row of a jsonl prompts file, rendered; stats {rows, usable, skipped: {why: n}}.
     Prompts longer than max_len tokens are skipped (a rollout must fit train.seq_len)."""
-    path = Path(path)
-    if not path.is_file():
-        hint = " (a folder: name the .jsonl file)" if path.is_dir() else ""
-        raise UserError(f"prompts file {path} not found{hint}")
     fmt = chat_format(tok)
-    prompts, skipped, rows = [], Counter(), 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            rows += 1
-            try:
-                row = json.loads(line)
-            except ValueError:
-                skipped["bad JSON"] += 1
-                continue
-            try:
-                msgs = row_prompt(row)
-                ids, _ = fmt.render(msgs, add_generation_prompt=True)
-            except ChatFormatError as e:
-                skipped[str(e).split(": ", 1)[-1]] += 1
-                continue
-            if len(ids) > max_len:
-                skipped[f"longer than {max_len} tokens"] += 1
-                continue
-            prompts.append(Prompt(msgs, ids, row))
+    prompts, skipped = [], Counter()
+    for _, row in read_jsonl(path, "prompts file", skipped):
+        try:
+            msgs = row_prompt(row)
+            ids, _ = fmt.render(msgs, add_generation_prompt=True)
+        except ChatFormatError as e:
+            skipped[str(e).split(": ", 1)[-1]] += 1
+            continue
+        if len(ids) > max_len:
+            skipped[f"longer than {max_len} tokens"] += 1
+            continue
+        prompts.append(Prompt(msgs, ids, row))
+    rows = len(prompts) + sum(skipped.values())
     return prompts, {"rows": rows, "usable": len(prompts), "skipped": dict(skipped)}
 
 
@@ -251,10 +212,21 @@ class Rollout:
 
 
 class RolloutBatches:
-    """The batch source of an RL stage (see the module doc). kind: "grpo" | "ppo".
-
+    """The batch source of an RL stage. kind: "grpo" | "ppo". A phase:
+      1. the next rl.prompts_per_step prompts (shuffled, epoch after epoch), rl.group_size
+         replies to each from the current policy, until a turn end or rl.max_new_tokens;
+      2. rewards: a reply whose last turn calls a tool scores 0 under a row reward (it never
+         answered);
+      3. with no gradient, once: old_logp (the rollout policy), ref_logp (the frozen
+         reference), PPO's values;
+      4. advantages: GRPO / RLOO one per reply from its group, on every reply token; PPO per
+         token by GAE on r_t = -kl_coef * (old_logp - ref_logp)_t + the standardised score at
+         the reply's last token, whitened over the batch;
+      5. rl.epochs passes, reshuffled, as micro-batches of train.micro_batch_size rollouts.
     Micro-batches: GRPO (x, y, mask, old_logp, ref_logp, adv); PPO (x, y, mask, old_logp,
     ref_logp, adv, returns, old_values); all [B, T], mask 1 on reply tokens of y.
+    `metrics()`: the phase's reward (mean, std), pass rate and groups with signal (GRPO), reply
+    length, truncated and tool-call fractions, KL of the rollout policy to the reference.
     State: {"phase", "pos"} and, inside a phase, the phase's rollouts (so resuming is exact)."""
 
     def __init__(self, kind: str, policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[Prompt],

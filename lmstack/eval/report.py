@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 from lmstack.config import model_config_from_dict
 from lmstack.eval.run import environment, rows
 from lmstack.model import GPT
-from lmstack.utils import UserError, atomic_write_text, read_json
+from lmstack.utils import UserError, atomic_file, atomic_write_text, read_json
 
 STAGE_DIRS = {"pretrain": "base", "sft": "chat", "reward": "rm"}  # speedrun stage name -> its model folder
 DASH = "—"
@@ -189,17 +187,12 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
 
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
         plt.close(fig)
 
 

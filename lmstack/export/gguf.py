@@ -38,10 +38,7 @@ not used. Differences left (documented in tests/test_gguf.py):
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +47,7 @@ import torch
 from lmstack.chatformat import chat_format
 from lmstack.modelio import load_model_and_tokenizer
 from lmstack.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
-from lmstack.utils import UserError, current_umask
+from lmstack.utils import UserError, atomic_file
 
 DTYPES = ("f32", "f16", "bf16")
 PRE_TOKENIZER = "dbrx"  # llama.cpp's built-in GPT-4 (cl100k) split with plain BPE merging
@@ -138,11 +135,7 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give it a normal file's mode
+    with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")  # writes general.architecture = "llama"
         w.add_name(model_dir.resolve().name)
         w.add_file_type(int(file_type))
@@ -185,13 +178,6 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     n_params = sum(p.numel() for p in model.parameters())
     print(f"gguf: {n_params / 1e6:.1f}M params, {dtype.upper()} matrices, vocab {len(tokens)}, "
           f"{out.stat().st_size / 1e6:.1f} MB -> {out}")

@@ -16,6 +16,9 @@ import json
 import os
 from pathlib import Path
 
+import torch
+import uvicorn
+
 from lmstack.chatformat import ChatFormatError, row_prompt
 from lmstack.device import pick_device
 from lmstack.engine import for_inference
@@ -75,12 +78,8 @@ def is_loopback(host: str) -> bool:
 def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           db_path: str | None = "feedback.sqlite", slots: int = 16, dtype: str = "auto", device: str = "auto",
           label_prompts=None, limits=None, threads: int | None = None) -> None:
-    import torch
-    import uvicorn
-
-    # On a CPU, leave a core to the event loop (HTTP, tokenizing, streaming): measured on 2 cores
-    # (bench/serve_throughput.py), torch on both cores fought the event loop for them and served
-    # about half the tokens per CPU-second.
+    # On a CPU, leave a core to the event loop (HTTP, tokenizing, streaming): torch threads on
+    # every core fight it for them and serve fewer tokens per CPU-second (bench/README.md).
     if threads is None and not torch.cuda.is_available():
         threads = max(1, (os.cpu_count() or 1) - 1)
     if threads is not None:

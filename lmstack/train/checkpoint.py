@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lmstack.modelio import WEIGHTS, load_weights, save_weights
-from lmstack.utils import UserError, current_umask, fsync, read_json
+from lmstack.utils import UserError, atomic_file, current_umask, fsync, read_json
 
 STATE = "state"
 
@@ -106,17 +106,8 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    # Top-level weights: copy beside, then one atomic replace.
-    fd, tmp_file = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".safetensors.tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp_file, 0o666 & ~current_umask())
+    with atomic_file(out / WEIGHTS) as tmp_file:  # the top-level weights: copied beside, then replaced
         shutil.copyfile(final / WEIGHTS, tmp_file)
-        fsync(tmp_file)
-        os.replace(tmp_file, out / WEIGHTS)
-    except BaseException:
-        Path(tmp_file).unlink(missing_ok=True)
-        raise
     for old in checkpoints(out)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -18,7 +18,6 @@ other (model.doc_causal_mask), and the loss counts masked-in targets only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -36,7 +35,7 @@ from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
 from lmstack.train.loop import seed_everything, train
 from lmstack.train.objectives import token_losses
-from lmstack.utils import UserError, atomic_write_json
+from lmstack.utils import UserError, atomic_write_json, describe_counts, read_jsonl
 
 PRESET = "sft"
 VAL_FRACTION = 0.02  # every 50th usable row is held out: val_loss on assistant tokens
@@ -94,30 +93,18 @@ def load_docs(files, tok: Tokenizer, max_len: int) -> tuple[list, dict]:
             raise UserError(f"SFT data file {f} not found{hint}")
     docs, kinds, skipped = [], Counter(), Counter()
     for f in files:
-        with open(f, "rb") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError:  # bad JSON or bad UTF-8
-                    skipped["bad JSON"] += 1
-                    continue
-                try:
-                    ids, mask = render_row(tok, row)
-                except ChatFormatError as e:
-                    skipped[_reason(e)] += 1
-                    continue
-                if len(ids) > max_len:
-                    skipped[f"longer than the context ({max_len} tokens)"] += 1
-                    continue
-                kinds[row_kind(row)] += 1
-                docs.append((np.array(ids, dtype=np.int32), np.array(mask, dtype=np.int8)))
+        for _, row in read_jsonl(f, "SFT data file", skipped):
+            try:
+                ids, mask = render_row(tok, row)
+            except ChatFormatError as e:
+                skipped[_reason(e)] += 1
+                continue
+            if len(ids) > max_len:
+                skipped[f"longer than the context ({max_len} tokens)"] += 1
+                continue
+            kinds[row_kind(row)] += 1
+            docs.append((np.array(ids, dtype=np.int32), np.array(mask, dtype=np.int8)))
     return docs, {"rows": dict(kinds), "skipped": dict(skipped)}
-
-
-def describe_skipped(skipped: dict) -> str:
-    return ", ".join(f"{n} {why}" for why, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
 
 
 def split_val(docs: list, fraction: float = VAL_FRACTION) -> tuple[list, list]:
@@ -282,7 +269,7 @@ def sft(model: str, data, out: str, overrides=(), resume: bool = False, mix_data
     docs, stats = load_docs(data, tok, tc.seq_len + 1)
     if not docs:
         raise UserError(f"no usable rows in {' '.join(map(str, data))}"
-                        + (f" (skipped {describe_skipped(stats['skipped'])})" if stats["skipped"]
+                        + (f" (skipped {describe_counts(stats['skipped'])})" if stats["skipped"]
                            else " (empty)"))
     train_docs, val_docs = split_val(docs)
     info = {"base": str(base), "data": [str(f) for f in data], "mix_data": mix_data and str(mix_data),
@@ -298,9 +285,9 @@ def sft(model: str, data, out: str, overrides=(), resume: bool = False, mix_data
         if main:
             n_tok = sum(len(d[0]) for d in docs)
             n_train = sum(int(d[1].sum()) for d in docs)
-            print(f"sft data: {len(docs):,} rows used ({', '.join(f'{n:,} {k}' for k, n in stats['rows'].items())}; "
+            print(f"sft data: {len(docs):,} rows used ({describe_counts(stats['rows'])}; "
                   f"{len(val_docs)} held out for validation), {n_tok:,} tokens, {n_train / n_tok:.0%} trained on"
-                  + (f"; skipped {describe_skipped(stats['skipped'])}" if stats["skipped"] else ""), flush=True)
+                  + (f"; skipped {describe_counts(stats['skipped'])}" if stats["skipped"] else ""), flush=True)
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out_dir / INFO, info)
         seed_everything(tc.seed)
