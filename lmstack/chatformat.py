@@ -110,7 +110,7 @@ class ChatFormat:
     def __init__(self, tok):
         self.tok = tok
         sid = self.special = tok.special_ids
-        self.bos_id, self.end_id = tok.bos_id, sid["<|end|>"]
+        self.bos_id, self.end_id, self.assistant_id = tok.bos_id, sid["<|end|>"], sid["<|assistant|>"]
         self.call_open, self.call_close = sid["<|tool_call|>"], sid["<|/tool_call|>"]
         self.stop_ids = frozenset(sid[t] for t in TURN_ENDS)  # the ids that end an assistant turn
 
@@ -132,7 +132,7 @@ class ChatFormat:
             ids += [sid[f"<|{role}|>"]] + body
             mask += [0] + [train] * len(body)
         if add_generation_prompt:
-            ids.append(sid["<|assistant|>"])
+            ids.append(self.assistant_id)
             mask.append(0)
         return ids, mask
 
@@ -210,7 +210,10 @@ class ReplyParser:
         elif token == fmt.call_close and self._call is not None:
             body, self._call = fmt.tok.decode(self._call), None
             call = parse_tool_call(body, self.call_id(len(self.calls)))
-            (self.calls.append(call) if call is not None else self.bad.append(body))
+            if call is not None:
+                self.calls.append(call)
+            else:
+                self.bad.append(body)
             return ""
         elif self._call is not None:
             if token is not None:

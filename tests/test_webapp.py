@@ -13,16 +13,17 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from lmstack.chatformat import render_chat
 from lmstack.config import ModelConfig
 from lmstack.model import GPT
-from lmstack.serve.db import export
-from lmstack.serve.server import build
-from lmstack.chatformat import render_chat
+from lmstack.serve.db import FeedbackDB, export
+from lmstack.serve.server import build, load_label_prompts
 from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.tools import default_registry
-from tiny import LiveServer, fit_sequences, save_model_dir  # noqa: E402  (tests/ is on sys.path)
 from lmstack.train.sft import load_docs
+from lmstack.utils import UserError
 from lmstack.world.labeller import GUIDE
+from tiny import LiveServer, fit_sequences, save_model_dir  # noqa: E402  (tests/ is on sys.path)
 
 KEY = "sk-webapp-test"
 REPLY = "Ana was born in Paris and Bo works at Acme in Rome."
@@ -362,6 +363,32 @@ def test_without_a_database_the_chat_still_works(model_dir):
             assert r.status_code == 503 and r.json()["error"]["code"] == "no_database", path
             assert "--db" in r.json()["error"]["message"]
         assert stream_reply(c, [{"role": "user", "content": "Hi"}])
+
+
+def test_label_prompts_from_a_file_queue_each_conversation_once(tmp_path):
+    db = FeedbackDB(tmp_path / "f.sqlite")
+    f = tmp_path / "prompts.jsonl"
+    sft_row = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Where was Ana born?"},
+        {"messages": sft_row},  # an SFT row: the prompt is what comes before the reply
+        {"question": "What is 2 + 3?", "answer": "5"},  # a world probe
+        {"prompt": "Where was Ana born?"}]) + "\n\n")
+    assert load_label_prompts(db, f) == 3
+    assert load_label_prompts(db, f) == 0  # already queued
+    assert db.queued_prompts() == [[{"role": "user", "content": "Where was Ana born?"}], sft_row[:1],
+                                   [{"role": "user", "content": "What is 2 + 3?"}]]
+    assert db.next_to_label()["messages"] == [{"role": "user", "content": "Where was Ana born?"}]
+    assert db.next_to_label(after=db.next_to_label()["id"])["messages"] == sft_row[:1]
+    assert db.waiting_to_label() == 3
+    for text, why in [('{"text": "a document"}', "no messages, prompt or question"), ("{oops", "not valid JSON"),
+                      ('{"messages": [{"role": "system", "content": "Be brief."}]}', "does not end with a user")]:
+        (tmp_path / "bad.jsonl").write_text(text + "\n")
+        with pytest.raises(UserError, match=why) as e:
+            load_label_prompts(db, tmp_path / "bad.jsonl")
+        assert "bad.jsonl:1" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="not found"):
+        load_label_prompts(db, tmp_path / "none.jsonl")
 
 
 # --- the page in a real browser --------------------------------------------------------------------

@@ -104,4 +104,3 @@ class Interrupt:
             return real_next()
         batches.next = next_
         return batches
-

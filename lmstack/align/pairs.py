@@ -216,7 +216,6 @@ def iter_pair_batches(pairs: list[Pair], batch_size: int, pad_id: int, max_batch
 # --------------------------------------------------------------------------- a stage's setup
 
 
-
 def pair_sources(run, pad: int, dist):
     """A preference stage's training batches and its held-out batches for the loop's evaluation
     (None when there are fewer held-out pairs than ranks)."""
@@ -229,6 +228,7 @@ def pair_sources(run, pad: int, dist):
     def eval_batches():
         return iter_pair_batches(run.val_pairs, tc.micro_batch_size, pad, tc.eval_batches, dist.rank, dist.world_size)
     return batches, eval_batches
+
 
 @dataclass
 class PrefRun:

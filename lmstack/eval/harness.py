@@ -177,7 +177,7 @@ class LmstackLM(LM):
             text = (messages[-1].get("content") or "") + text
             messages = messages[:-1]
             ids = (self.lm.fmt.render(messages, add_generation_prompt=True)[0] if messages
-                   else [tok.bos_id, tok.special_ids["<|assistant|>"]])
+                   else [tok.bos_id, self.lm.fmt.assistant_id])
         else:
             ids = self.lm.fmt.render(messages, add_generation_prompt=chat["add_generation_prompt"])[0]
         return ids, text

@@ -51,7 +51,7 @@ class TaskSpec:
     name: str  # unique name of the task (the key in results)
     data: str  # jsonl file; relative to the spec file; "{world}" is replaced by the world folder
     kind: str = "generate"  # "choice" (log-likelihood ranking) | "generate" (answer + checker)
-    format: str = "text"  # "text" (raw continuation) | "chat" (user message, THE chat template)
+    format: str = "text"  # "text" (raw continuation) | "chat" (a user message, the model's chat format)
     prompt: str = "{question}"  # template over the row's fields
     system: str = ""  # chat: an optional system message (a template too)
     reply_prefix: str = ""  # chat + choice: the beginning of the assistant's reply (a template)

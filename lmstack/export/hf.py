@@ -6,7 +6,7 @@
 Export is a rename (DESIGN.md: the model is Llama-shaped): our weight names are HF's minus the
 `model.` prefix. The folder holds config.json (LlamaForCausalLM), model.safetensors (sharded
 with an index past `max_shard_bytes`), generation_config.json, tokenizer.json (BOS added by its
-post-processor, as HF users expect), tokenizer_config.json with THE chat template as Jinja, and
+post-processor, as HF users expect), tokenizer_config.json with the chat format as Jinja, and
 a README model card. One difference stays: in `transformers`, text that spells a special token
 ("<|user|>") becomes that token, as with every HF tokenizer (the chat template needs it);
 lmstack never lets user text become a special token.
@@ -42,7 +42,6 @@ MAX_SHARD_BYTES = 2 * 1024 ** 3
 
 
 def _hf_config(cfg, tok) -> dict:
-    sid = tok.special_ids
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
@@ -53,10 +52,14 @@ def _hf_config(cfg, tok) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
-        "initializer_range": cfg.init_std, "use_cache": True, "torch_dtype": "float32",
-        "bos_token_id": sid["<|bos|>"], "eos_token_id": [sid["<|eos|>"], sid["<|end|>"]],
-        "pad_token_id": sid["<|pad|>"],
+        "initializer_range": cfg.init_std, "use_cache": True, "torch_dtype": "float32", **_token_ids(tok),
     }
+
+
+def _token_ids(tok) -> dict:
+    """BOS, PAD, and what ends generation: EOS, or the end of the assistant's turn."""
+    return {"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, chat_format(tok).end_id],
+            "pad_token_id": tok.pad_id}
 
 
 def _hf_tokenizer_files(tok, ctx: int) -> tuple[str, dict]:
@@ -117,10 +120,7 @@ def export_hf(model_dir, out, force: bool = False, max_shard_bytes: int = MAX_SH
     with atomic_output_dir(out, force) as tmp:
         atomic_write_json(tmp / "config.json", _hf_config(cfg, tok))
         _write_weights(_state_for_hf(model), tmp, max_shard_bytes)
-        sid = tok.special_ids
-        atomic_write_json(tmp / "generation_config.json", {
-            "bos_token_id": sid["<|bos|>"], "eos_token_id": [sid["<|eos|>"], sid["<|end|>"]],
-            "pad_token_id": sid["<|pad|>"], "max_length": cfg.max_seq_len})
+        atomic_write_json(tmp / "generation_config.json", {**_token_ids(tok), "max_length": cfg.max_seq_len})
         atomic_write_text(tmp / "tokenizer.json", tok_json)
         atomic_write_json(tmp / "tokenizer_config.json", tok_config)
         atomic_write_json(tmp / "special_tokens_map.json", {"bos_token": "<|bos|>", "eos_token": "<|eos|>",

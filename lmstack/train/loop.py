@@ -35,11 +35,12 @@ from tqdm import tqdm
 
 from lmstack import distributed
 from lmstack.config import OptimConfig, RunConfig
+from lmstack.data import target_bytes
 from lmstack.device import autocast_dtype, peak_flops
 from lmstack.modelio import write_run_files
 from lmstack.train import checkpoint
-from lmstack.data import target_bytes
 from lmstack.utils import UserError, atomic_write_text
+
 
 def seed_everything(seed: int) -> None:
     """Seed every RNG a run draws from (the init, data order, dropout-free sampling in RL)."""

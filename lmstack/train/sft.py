@@ -5,7 +5,7 @@
     lmstack chat --model runs/chat
 
 Rows (jsonl, the column names the ecosystem uses):
-  {"messages": [{role, content, tool_calls?}, ...]}   rendered by THE chat template
+  {"messages": [{role, content, tool_calls?}, ...]}   rendered by the model's chat format
   {"prompt": "...", "completion": "..."}             a user message and the assistant's reply
                                                      (either may also be a list of messages)
   {"text": "..."}                                    a plain document, trained on every token
