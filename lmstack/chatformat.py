@@ -67,12 +67,12 @@ def tool_call_text(call: dict) -> str:
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise ChatFormatError("a tool call needs function.name")
     args = fn.get("arguments", "{}")
-    if isinstance(args, str):
-        try:
+    try:
+        if isinstance(args, str):
             args = json.loads(args or "{}")
-        except json.JSONDecodeError:
-            raise ChatFormatError(f"tool call {fn['name']}: arguments are not valid JSON") from None
-    return json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False)
+        return json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False)
+    except (ValueError, RecursionError):  # not JSON; nested deeper than Python's parser goes
+        raise ChatFormatError(f"tool call {fn['name']}: arguments are not valid JSON") from None
 
 
 def _checked(i: int, m) -> tuple[str, str, list[str]]:
@@ -83,6 +83,8 @@ def _checked(i: int, m) -> tuple[str, str, list[str]]:
     content, calls = m.get("content"), m.get("tool_calls") or []
     if content is not None and not isinstance(content, str):
         raise ChatFormatError(f"message {i}: content must be a string")
+    if not isinstance(calls, list):
+        raise ChatFormatError(f"message {i}: tool_calls must be a list")
     if calls and role != "assistant":
         raise ChatFormatError(f"message {i}: only assistant messages carry tool_calls")
     if not (content or "").strip() and not calls:
@@ -170,7 +172,7 @@ def parse_tool_call(text: str, call_id: str) -> dict | None:
     it is not {"name": str, "arguments": {...}}."""
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # a model can write "[[[[..." past the parser's depth
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None

@@ -340,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set LMSTACK_API_KEY)")
-    sv.add_argument("--db", default="feedback.sqlite", help="the feedback database (SQLite; created if missing)")
+    sv.add_argument("--db", default="feedback.sqlite",
+                    help="the feedback database (SQLite; created if missing; default ./feedback.sqlite in the "
+                         "current folder, printed at start-up; '' for none)")
     sv.add_argument("--label-prompts", help="jsonl of prompts to queue for labelling ({prompt} or {messages})")
     sv.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
     sv.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto")

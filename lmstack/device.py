@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from lmstack.utils import UserError
+from lmstack.utils import UserError, available_memory
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched against
 # torch.cuda.get_device_name(); first match wins, so specific names come first.
@@ -34,6 +34,22 @@ def pick_device(preference: str = "auto") -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes this device can still allocate: a GPU's free memory, or the machine's available
+    memory; None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()
+
+
+def check_fits(need: int, device: torch.device, what: str) -> None:
+    """Refuse, in one line, to allocate more than the device has: `need` bytes for `what`."""
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"{what} needs about {need / 2 ** 30:,.1f} GiB of memory; {device} has "
+                        f"{free / 2 ** 30:,.1f} GiB free")
 
 
 def cpu_has_bf16() -> bool:

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmstack.config import ModelConfig, model_config_from_dict
+from lmstack.device import check_fits
 from lmstack.model import GPT, RewardModel
 from lmstack.tokenizer import Tokenizer
 from lmstack.utils import UserError, atomic_file, atomic_write_json, fsync, read_json
@@ -116,8 +117,10 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
                         f"this takes a {'chat (SFT)' if kind == 'chat' else 'language'} model folder")
     with torch.device("meta"):  # shapes only: no memory, no random init to overwrite
         model = (RewardModel if kind == "reward" else GPT)(cfg)
+    device = torch.device(device)
+    check_fits(4 * model.num_params(), device, f"{d} ({model.num_params():,} parameters in fp32)")
     try:
-        model = _materialise(model, d / WEIGHTS, torch.device(device))
+        model = _materialise(model, d / WEIGHTS, device)
     except Exception as e:  # safetensors header errors, truncated files, shape mismatches
         raise UserError(f"{d / WEIGHTS} is corrupt or does not match {CONFIG}: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

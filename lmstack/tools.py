@@ -62,13 +62,19 @@ class ToolRegistry:
 
     def call(self, name: str, arguments: str | dict | None) -> str:
         """Run a tool; the result as a string. Never raises: failures are "error: ..." results."""
+        try:
+            return self._call(name, arguments)
+        except Exception as e:  # noqa: BLE001 - whatever a call holds (JSON nested past the parser), a result
+            return f"error: {type(e).__name__}: {e}"
+
+    def _call(self, name, arguments) -> str:
         tool = self._tools.get(name)
         if tool is None:
             return f"error: unknown tool {name!r} (available: {', '.join(self._tools) or 'none'})"
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments or "{}")
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 return f"error: the arguments of {name} are not valid JSON"
         if arguments is None:
             arguments = {}

@@ -3,13 +3,18 @@
 Every command writes its output atomically: into a hidden temporary sibling first, then
 one `os.replace`/`rename` makes it appear whole. A crash, a kill or Ctrl-C mid-write
 leaves the previous output (or nothing) behind, never a half-written file that looks whole.
+Temporaries are named .NAME.PID.RANDOM.tmp (.old: a replaced folder's previous copy), so the
+next write of the same output can tell a dead writer's leftovers from a live one's, and clears
+them (`clear_stale`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +33,40 @@ class UserError(Exception):
     """
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def clear_stale(path: str | os.PathLike) -> None:
+    """Delete what writers of `path` that are gone (killed, crashed) left beside it: the files and
+    folders named .NAME.PID.*.tmp or .old whose process no longer runs; never anything else. A
+    replaced folder's previous copy (.old) is moved back to `path` if `path` itself is missing
+    (a kill between the two renames of a replace)."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    for p in sorted(path.parent.glob(glob.escape(prefix) + "*")):
+        pid, _, tail = p.name[len(prefix):].partition(".")
+        if not pid.isdigit() or not tail.endswith((".tmp", ".old")) or _alive(int(pid)):
+            continue
+        if tail.endswith(".old") and not path.exists():
+            os.rename(p, path)
+            print(f"{path} was being replaced when its writer stopped: its previous version is back", flush=True)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike):
     """Yield a temporary path beside `path` to write the file at; when the block ends, the file
@@ -35,7 +74,8 @@ def atomic_file(path: str | os.PathLike):
     the old file or the new one, never half of one); on any exception it is deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clear_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -99,6 +139,16 @@ def read_jsonl(path: str | os.PathLike, what: str = "data file", skipped: dict |
             yield n, row
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (/proc/meminfo's MemAvailable); None where it
+    cannot be read."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def describe_counts(counts: dict) -> str:
     """{"bad JSON": 2, "empty": 1} -> "2 bad JSON, 1 empty" (the most frequent first), for the
     one-line summaries of what was read and what was skipped and why."""
@@ -106,8 +156,11 @@ def describe_counts(counts: dict) -> str:
 
 
 def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
-    """Validate an output folder before any work starts (fail fast, one clear line)."""
+    """Validate an output folder before any work starts (fail fast, one clear line); what dead
+    writers left beside it is cleared first."""
     out = Path(out)
+    if out.parent.is_dir():
+        clear_stale(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -119,21 +172,24 @@ def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
 def atomic_output_dir(out: str | os.PathLike, force: bool = False):
     """Yield a temporary folder beside `out`; on success it replaces `out` in one rename.
 
-    On any exception (including KeyboardInterrupt) the temporary folder is deleted and
-    `out` is left as it was.
+    On any exception (including KeyboardInterrupt) the temporary folder is deleted and `out` is
+    left as it was. Replacing an existing `out` (force) moves it aside first, under a name that
+    says so (.NAME.PID.RANDOM.old), renames the new one in, then deletes the old: at every
+    instant a complete output is at `out` or beside it, and a kill between the two renames is
+    undone by the next write (`clear_stale`).
     """
-    out = check_output_dir(out, force)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    out = check_output_dir(out, force)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_temp_prefix(out), suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the result is a normal folder
     try:
         yield tmp
         if out.exists():
-            # Move the old folder aside first so the swap is two renames, never a copy.
-            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.rename(out, trash / "old")
+            old = out.with_name(f"{_temp_prefix(out)}{secrets.token_hex(4)}.old")
+            os.rename(out, old)
             os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
     except BaseException:

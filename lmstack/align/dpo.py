@@ -104,7 +104,7 @@ def dpo(model, data, out, overrides=(), resume: bool = False, preset: str = PRES
         objective = DPOObjective(reference, cfg.pref.beta, nll_weight)
         batches, eval_batches = pair_sources(run, pad, dist)
         record = train(cfg, policy, batches, objective, run.out, eval_batches=eval_batches,
-                       tokenizer_file=run.base / "tokenizer.json", resume=resume)
+                       tokenizer_file=run.base / "tokenizer.json", resume=run.resume)
         if main:
             val = {k: v for k, v in record.items() if k.startswith("val_")}
             if val:

@@ -240,6 +240,7 @@ class PrefRun:
     train_pairs: list[Pair]
     val_pairs: list[Pair]
     info: dict  # written to OUT/stage.json
+    resume: bool  # a checkpoint in OUT to resume from
 
 
 def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) -> PrefRun:
@@ -254,7 +255,7 @@ def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) 
             raise UserError(f"comparisons file {f} not found")
     net, tok = load_model_and_tokenizer(base, kind="chat")
     cfg = stage_config(preset, overrides, net.cfg, "preference training")
-    out_dir = checkpoint.output_folder(out, resume)
+    out_dir, resume = checkpoint.output_folder(out, resume)
     max_len = cfg.pref.max_len or cfg.model.max_seq_len
     pairs, stats = load_pairs(data, tok, max_len)
     if not pairs:
@@ -270,7 +271,7 @@ def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) 
                                 ("data", "max_len", "rows", "pairs", "skipped", "train_pairs"),
                                 hint="; pass the same --data and pref.* settings")
     net.train()
-    return PrefRun(base, net, tok, cfg, out_dir, train_pairs, val_pairs, info)
+    return PrefRun(base, net, tok, cfg, out_dir, train_pairs, val_pairs, info, resume)
 
 
 def describe(run: PrefRun) -> str:

@@ -150,7 +150,7 @@ def reward_train(model, data, out, overrides=(), resume: bool = False, preset: s
         rm.train()
         batches, eval_batches = pair_sources(run, pad, dist)
         record = train(cfg, rm, batches, bt_objective, run.out, eval_batches=eval_batches,
-                       tokenizer_file=run.base / "tokenizer.json", resume=resume)
+                       tokenizer_file=run.base / "tokenizer.json", resume=run.resume)
         if main:
             # Held-out pairs (unseen prompts), and as many training pairs, to show the gap.
             report = {"held_out": pairwise_report(rm, run.val_pairs, pad),

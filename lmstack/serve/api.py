@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -27,12 +28,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmstack.chatformat import ChatFormatError
+from lmstack.serve.db import DatabaseUnavailable
 from lmstack.serve.generation import Batch, Choice, Server
 from lmstack.serve.protocol import (APIError, BodyLimit, ChatRequest, CompletionRequest, DetokenizeRequest,
-                                    TokenizeRequest, error_body)
+                                    TokenizeRequest, error_body, errors)
 from lmstack.tokenizer import SPECIAL_TOKENS
+
+
+log = logging.getLogger(__name__)
 
 
 def _now_id(prefix: str) -> str:
@@ -87,14 +93,29 @@ def create_app(server: Server) -> FastAPI:
         return JSONResponse(error_body(f"{msg}" + (f" ({where})" if where and "argument" not in msg else ""),
                                        param=where), status_code=400)
 
-    @app.exception_handler(404)
-    async def _not_found(request: Request, e):
-        return JSONResponse(error_body(f"no route {request.method} {request.url.path}", code="not_found"),
-                            status_code=404)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        """The framework's own answers (no route, wrong method, a body it cannot parse), in
+        OpenAI's shape, with their headers (a 405 says what is Allowed)."""
+        if e.status_code == 404:
+            msg, code = f"no route {request.method} {request.url.path}", "not_found"
+        elif e.status_code == 405:
+            msg, code = f"{request.method} is not allowed on {request.url.path}", "method_not_allowed"
+        else:
+            msg, code = str(e.detail), None
+        return JSONResponse(error_body(msg, code=code), status_code=e.status_code, headers=e.headers)
 
-    @app.exception_handler(405)
-    async def _bad_method(request: Request, e):
-        return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}"), status_code=405)
+    @app.exception_handler(DatabaseUnavailable)
+    async def _database(request: Request, e: DatabaseUnavailable):
+        return JSONResponse(error_body(f"{e}; try again", "server_error", code="database_unavailable"),
+                            status_code=503)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        """Anything else is a bug: logged with its traceback, answered 500 in the same shape."""
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return JSONResponse(error_body(f"internal error ({type(e).__name__}); the server log has the details",
+                                       "server_error", code="internal_error"), status_code=500)
 
     @app.middleware("http")
     async def auth_and_log(request: Request, call_next):
@@ -110,27 +131,33 @@ def create_app(server: Server) -> FastAPI:
         response = await call_next(request)
         if getattr(request.state, "streamed", False):
             return response  # logged when the stream ends (_logged), with its tokens and full time
-        if server.db is not None and path.startswith("/v1/") and request.method == "POST":
+        if server.request_log is not None and path.startswith("/v1/") and request.method == "POST":
             usage = getattr(request.state, "usage", None) or {}
-            await run_in_threadpool(server.db.log_request, path, response.status_code,
-                                    (time.monotonic() - t0) * 1000, usage.get("prompt_tokens", 0),
-                                    usage.get("completion_tokens", 0))
+            server.request_log.add(path, response.status_code, (time.monotonic() - t0) * 1000,
+                                   usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
         return response
 
-    @app.get("/health")
+    @app.get("/health", responses=errors(500))
     async def health():
-        return {"status": "ok", "model": server.name, **server.batcher.load}
+        """Liveness and load. "degraded" when the feedback database cannot answer (the API still
+        serves completions; the web app's feedback routes answer 503)."""
+        db = "none" if server.db is None else server.db.state
+        log_ = server.request_log
+        return {"status": "ok" if db in ("ok", "none") else "degraded", "model": server.name, "database": db,
+                **({"request_log": {"written": log_.written, "failed": log_.failed, "dropped": log_.dropped}}
+                   if log_ is not None else {}),
+                **server.batcher.load}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=errors(401, 500))
     async def models():
         return {"object": "list", "data": [_model_card(server)]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", responses=errors(401, 404, 500))
     async def model(name: str):
         server.check_model(name)
         return _model_card(server)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=errors(400, 401, 404, 408, 413, 500))
     async def chat_completions(body: ChatRequest, request: Request):
         server.check_model(body.model)
         stops = server.check_common(body)
@@ -138,7 +165,7 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, "messages must not be empty", param="messages")
         if len(body.messages) > server.limits.max_messages:
             raise APIError(400, f"{len(body.messages)} messages; at most {server.limits.max_messages}", param="messages")
-        ids = server.chat_prompt([_content_text(m, i) for i, m in enumerate(body.messages)])
+        ids = await run_in_threadpool(server.chat_prompt, [_content_text(m, i) for i, m in enumerate(body.messages)])
         max_tokens = server.room(ids, body.max_completion_tokens or body.max_tokens)
         tools = bool(body.tools) and body.tool_choice != "none"
         top = body.top_logprobs or 0
@@ -194,11 +221,11 @@ def create_app(server: Server) -> FastAPI:
         return {"id": cid, "object": "chat.completion", "created": created, "model": server.name,
                 "choices": out, "usage": _usage(usage)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=errors(400, 401, 404, 408, 413, 500))
     async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
         stops = server.check_common(body)
-        prompts = _prompts(server, body.prompt)
+        prompts = await run_in_threadpool(_prompts, server, body.prompt)
         if body.stream and body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported when streaming", param="echo")
         batch, choices, heads = Batch(server), [], []
@@ -258,26 +285,13 @@ def create_app(server: Server) -> FastAPI:
         return {"id": cid, "object": "text_completion", "created": created, "model": server.name,
                 "choices": out, "usage": _usage(usage)}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=errors(400, 401, 413, 500))
     async def tokenize(body: TokenizeRequest):
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give prompt (text) or messages", param="prompt")
-        if body.messages is not None:
-            try:
-                ids = server.fmt.render([_content_text(m, i) for i, m in enumerate(body.messages)],
-                                        add_generation_prompt=body.add_generation_prompt)[0]
-            except ChatFormatError as e:
-                raise APIError(400, str(e), param="messages") from None
-        elif body.prompt in SPECIAL_TOKENS:
-            # The exact name of a special token (alone) gives its id, so a client that looks
-            # special ids up by tokenizing their names (lm_eval's remote tokenizer does) gets
-            # them. Generation never does this: user text never becomes a special token.
-            ids = [server.tok.special_ids[body.prompt]]
-        else:
-            ids = ([server.tok.bos_id] if body.add_special_tokens else []) + server.tok.encode(body.prompt)
-        return {"tokens": ids, "count": len(ids), "max_model_len": server.ctx}
+        return await run_in_threadpool(_tokenize, server, body)  # a long text: off the event loop
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=errors(400, 401, 413, 500))
     async def detokenize(body: DetokenizeRequest):
         bad = [t for t in body.tokens if not 0 <= t < server.tok.vocab_size]
         if bad:
@@ -285,7 +299,7 @@ def create_app(server: Server) -> FastAPI:
                            param="tokens")
         return {"prompt": server.tok.decode(body.tokens)}
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", responses=errors(401, 500))
     async def tokenizer_info():
         # No text chat template: special tokens cannot be spelled in a prompt string (user text
         # never becomes one), so chat goes through /v1/chat/completions.
@@ -294,6 +308,23 @@ def create_app(server: Server) -> FastAPI:
                 "chat_template": None}
 
     return app
+
+
+def _tokenize(server: Server, body: TokenizeRequest) -> dict:
+    if body.messages is not None:
+        try:
+            ids = server.fmt.render([_content_text(m, i) for i, m in enumerate(body.messages)],
+                                    add_generation_prompt=body.add_generation_prompt)[0]
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="messages") from None
+    elif body.prompt in SPECIAL_TOKENS:
+        # The exact name of a special token (alone) gives its id, so a client that looks special
+        # ids up by tokenizing their names (lm_eval's remote tokenizer does) gets them.
+        # Generation never does this: user text never becomes a special token.
+        ids = [server.tok.special_ids[body.prompt]]
+    else:
+        ids = ([server.tok.bos_id] if body.add_special_tokens else []) + server.tok.encode(body.prompt)
+    return {"tokens": ids, "count": len(ids), "max_model_len": server.ctx}
 
 
 def _logged(server: Server, request: Request, stream) -> StreamingResponse:
@@ -309,11 +340,10 @@ def _logged(server: Server, request: Request, stream) -> StreamingResponse:
                     status = 500 if '"server_error"' in chunk else 408 if '"timeout"' in chunk else 400
                 yield chunk
         finally:
-            if server.db is not None:
+            if server.request_log is not None:
                 usage = getattr(request.state, "usage", None) or {}
-                await run_in_threadpool(server.db.log_request, request.url.path, status,
-                                        (time.monotonic() - request.state.t0) * 1000,
-                                        usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                server.request_log.add(request.url.path, status, (time.monotonic() - request.state.t0) * 1000,
+                                       usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -340,6 +370,7 @@ def _prompts(server: Server, prompt) -> list[tuple[list[int], int]]:
     out = []
     for p in prompt:
         if isinstance(p, str):
+            server.check_text_length(len(p), param="prompt")
             ids = [server.tok.bos_id] + server.tok.encode(p)
         else:
             bad = [t for t in p if not 0 <= t < server.tok.vocab_size]

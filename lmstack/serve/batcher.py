@@ -10,7 +10,8 @@ the live rows are always slots 0..n-1 and a step costs what n rows cost.
 Each request gets its events through a callback (called on the scheduler thread; the server
 hands them to its event loop): `("prompt", logprobs)` first when prompt log-probs were asked
 for, then one `Delta` per token (the engine's), the last with its finish_reason; or
-`("error", message)`.
+`("error", message)`. Whatever concerns one request alone (its seed, its prefill, its sampling,
+its callback) fails that request alone; only a failed batched forward fails every live row.
 """
 
 from __future__ import annotations
@@ -108,10 +109,9 @@ class Batcher:
                         break
                 if self.live:
                     self._step()
-            except Exception as e:  # a failed forward must not kill the server: fail the rows
-                msg = f"{type(e).__name__}: {e}"
+            except Exception as e:  # a failed batched forward must not kill the server: fail its rows
                 for r in self.live:
-                    r.req.on_event(("error", msg))
+                    _fail(r.req, e)
                 self.live = []
 
     @torch.inference_mode()
@@ -122,18 +122,18 @@ class Batcher:
             req.on_event(RowOutput(0, len(req.prompt), 0, self.tok, ()).finish("timeout"))
             return
         slot = len(self.live)
-        try:
+        try:  # everything about this one request: its failure (a bad seed, out of memory) is its own
             logits = self.model(torch.tensor([req.prompt], device=self.device), start_pos=0, slot=slot)[0]
-        except Exception as e:  # e.g. out of memory: this request fails, the others go on
-            req.on_event(("error", f"{type(e).__name__}: {e}"))
-            return
-        self.stats["prefill_tokens"] += len(req.prompt)
-        if req.prompt_logprobs is not None:
-            req.on_event(("prompt", _prompt_logprobs(logits, req.prompt, req.prompt_logprobs)))
-        row = _Live(req, self.tok, min(req.max_tokens, self.ctx - len(req.prompt)), self.device)
-        row.logits = logits[-1]
-        if row.text.max_new <= 0:  # nothing to generate (echo-only scoring) or no room
-            req.on_event(row.text.finish("length"))
+            self.stats["prefill_tokens"] += len(req.prompt)
+            if req.prompt_logprobs is not None:
+                req.on_event(("prompt", _prompt_logprobs(logits, req.prompt, req.prompt_logprobs)))
+            row = _Live(req, self.tok, min(req.max_tokens, self.ctx - len(req.prompt)), self.device)
+            row.logits = logits[-1]
+            if row.text.max_new <= 0:  # nothing to generate (echo-only scoring) or no room
+                req.on_event(row.text.finish("length"))
+                return
+        except Exception as e:
+            _fail(req, e)
             return
         self.live.append(row)
         self.stats["max_live"] = max(self.stats["max_live"], len(self.live))
@@ -151,20 +151,14 @@ class Batcher:
                 req.on_event(r.text.finish("timeout"))
                 done.append(b)
                 continue
-            token = sample_logits(r.logits[None], req.temperature, req.top_k, req.top_p,
-                                  None if r.gen is None else [r.gen])
-            t = int(token[0])
-            lp = top = None
-            if req.logprobs or req.top_logprobs:
-                logp = torch.log_softmax(r.logits.float(), dim=-1)
-                lp = float(logp[t])
-                if req.top_logprobs:
-                    v, i = logp.topk(req.top_logprobs)
-                    top = list(zip(i.tolist(), v.tolist()))
-            delta = r.text.push(t, req.stop_ids, lp, top)
-            r.token = t
-            self.stats["tokens"] += 1  # max_new <= ctx - prompt: the row ends before the cache does
-            req.on_event(delta)
+            try:  # one row's sampling, text and callback: a failure ends that row alone
+                delta = self._next_token(r)
+                self.stats["tokens"] += 1  # max_new <= ctx - prompt: the row ends before the cache does
+                req.on_event(delta)
+            except Exception as e:
+                _fail(req, e)
+                done.append(b)
+                continue
             if delta.finish_reason is not None:
                 done.append(b)
         for b in reversed(done):  # free the slots: the last live row moves into each
@@ -185,6 +179,29 @@ class Batcher:
         for b, r in enumerate(self.live):
             r.logits, r.pos = logits[b], r.pos + 1
         self.stats["steps"] += 1
+
+    def _next_token(self, r: _Live):
+        """Sample a live row's next token from its logits: its Delta (text, log-probs, finish)."""
+        req = r.req
+        token = sample_logits(r.logits[None], req.temperature, req.top_k, req.top_p, None if r.gen is None else [r.gen])
+        t = int(token[0])
+        lp = top = None
+        if req.logprobs or req.top_logprobs:
+            logp = torch.log_softmax(r.logits.float(), dim=-1)
+            lp = float(logp[t])
+            if req.top_logprobs:
+                v, i = logp.topk(req.top_logprobs)
+                top = list(zip(i.tolist(), v.tolist()))
+        r.token = t
+        return r.text.push(t, req.stop_ids, lp, top)
+
+
+def _fail(req: GenRequest, e: Exception) -> None:
+    """End one request with an error event (its client gets a 500 naming it); the batch goes on."""
+    try:
+        req.on_event(("error", f"{type(e).__name__}: {e}"))
+    except Exception:  # noqa: BLE001 - a broken callback must not reach the other requests either
+        pass
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], top: int) -> list[tuple]:

@@ -4,6 +4,10 @@ the labelling queue and a log of requests, and the export to the training format
 The schema is versioned with SQLite's `user_version`: opening a database of an older version
 migrates it in one transaction; a newer one is refused (written by a newer lmstack). Every
 write is one transaction; the connection is shared by the server's threads under a lock.
+A database that cannot answer (another writer holds its lock past the busy timeout, a corrupt
+page) raises `DatabaseUnavailable`, which the server turns into a 503 for that one request;
+`state` says how the last operation went (what /health reports). The request log is written
+by a thread of its own (`RequestLog`), so a locked database never holds up a completion.
 
 Export (`lmstack feedback export --db FILE --out DIR`):
   sft.jsonl          {"messages"}: each ideal answer written by a labeller after its prompt,
@@ -17,7 +21,10 @@ Both are the formats `lmstack sft` and the preference trainers read.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -56,19 +63,26 @@ CREATE TABLE requests (
 CREATE INDEX requests_created ON requests(created);
 """
 MIGRATIONS: dict[int, str] = {}  # version -> SQL taking the schema from version-1 to version
+log = logging.getLogger(__name__)
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not do what was asked (locked by another writer, corrupt, gone)."""
 
 
 class FeedbackDB:
-    def __init__(self, path):
+    def __init__(self, path, timeout: float = 5.0):
+        """timeout: seconds to wait for another writer's lock before giving up (SQLite's busy timeout)."""
         self.path = str(path)
+        self.state = "ok"  # how the last operation went: "ok", or why it failed
         try:
-            self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self.conn = sqlite3.connect(self.path, timeout=timeout, check_same_thread=False, isolation_level=None)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
             self.conn.execute("PRAGMA foreign_keys=ON")
             self._lock = threading.Lock()
             self._migrate()
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, DatabaseUnavailable) as e:
             raise UserError(f"{self.path} is not a usable SQLite database ({e})") from None
 
     def _migrate(self) -> None:
@@ -91,15 +105,40 @@ class FeedbackDB:
                         self.conn.execute(stmt)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    @contextlib.contextmanager
     def _tx(self):
-        return _Transaction(self.conn, self._lock)
+        """`with db._tx() as conn:` one BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) under the
+        lock, which is released whatever fails (BEGIN itself too, when another writer holds the
+        database past the busy timeout)."""
+        with self._lock, self._failures():
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
 
     def close(self) -> None:
         self.conn.close()
 
     def _q(self, sql: str, args=()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._failures():
             return self.conn.execute(sql, args).fetchall()
+
+    @contextlib.contextmanager
+    def _failures(self):
+        """SQLite's own failures (locked, corrupt) -> DatabaseUnavailable; `state` follows."""
+        try:
+            yield
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as e:
+            if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                raise
+            self.state = f"unavailable: {e}"
+            raise DatabaseUnavailable(f"the feedback database {self.path} cannot answer: {e}") from None
+        else:
+            self.state = "ok"
 
     # --- conversations and ratings ------------------------------------------------------------
 
@@ -251,23 +290,42 @@ class FeedbackDB:
         return {"sft": len(sft), "comparisons": len(pairs)}
 
 
-class _Transaction:
-    """`with db._tx() as conn:` one BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error), under the lock."""
+class RequestLog:
+    """The request log, written off the requests' path: the server queues a record and goes on;
+    this thread writes it. A write that fails (a locked database) is logged and counted, never
+    raised, and the queue is bounded: when full, new records are dropped and counted."""
 
-    def __init__(self, conn, lock):
-        self.conn, self.lock = conn, lock
+    def __init__(self, db: FeedbackDB, size: int = 10_000):
+        self.db, self.queue = db, queue.Queue(maxsize=size)
+        self.written = self.failed = self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="lmstack-request-log", daemon=True)
+        self._thread.start()
 
-    def __enter__(self):
-        self.lock.acquire()
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb):
+    def add(self, endpoint: str, status: int, latency_ms: float, prompt_tokens: int = 0,
+            completion_tokens: int = 0) -> None:
         try:
-            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self.lock.release()
-        return False
+            self.queue.put_nowait((endpoint, status, latency_ms, prompt_tokens, completion_tokens))
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            record = self.queue.get()
+            try:
+                self.db.log_request(*record)
+                self.written += 1
+            except Exception as e:  # noqa: BLE001 - a log write must never take anything down
+                self.failed += 1
+                log.warning("request log: %s (%d records not written)", e, self.failed)
+            finally:
+                self.queue.task_done()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued record is written or given up (True), at most `timeout` s."""
+        end = time.monotonic() + timeout
+        while self.queue.unfinished_tasks and time.monotonic() < end:
+            time.sleep(0.01)
+        return not self.queue.unfinished_tasks
 
 
 def _conv(r: sqlite3.Row) -> dict:

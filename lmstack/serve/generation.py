@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 
 from lmstack.chatformat import ChatFormatError, chat_format
 from lmstack.serve.batcher import Batcher, GenRequest
+from lmstack.serve.db import RequestLog
 from lmstack.serve.protocol import APIError, Limits
 
 
@@ -33,7 +34,11 @@ class Server:
         self.ctx = model.cfg.max_seq_len
         self.max_prompt = min(self.limits.max_prompt_tokens or self.ctx - 1, self.ctx - 1)
         self.batcher = Batcher(model, tok, slots)
+        self.request_log = RequestLog(db) if db is not None else None
         self.text_stops = frozenset({tok.eos_id, tok.bos_id})  # plain text ends at a document boundary
+        # No token stands for more characters than the longest one, so a text of c characters
+        # is at least c / longest tokens: a prompt far too long is refused before it is tokenized.
+        self.max_token_chars = max(1, max(tok.token_bytes()))
         self.created = int(time.time())
 
     # --- checks ----------------------------------------------------------------------------
@@ -55,15 +60,23 @@ class Server:
             raise APIError(400, "stop must be a non-empty string or a list of at most 4 of them", param="stop")
         return stop
 
-    def check_prompt(self, ids: list[int]) -> None:
-        if len(ids) > self.max_prompt:
+    def check_prompt(self, ids: list[int] | None = None, at_least: int = 0, param: str = "messages") -> None:
+        """400 for a prompt over the limit: its ids, or a text known to be `at_least` tokens."""
+        n = len(ids) if ids is not None else at_least
+        if n > self.max_prompt:
+            size = f"{n} tokens" if ids is not None else f"at least {n} tokens"
             raise APIError(400, f"This model's maximum context length is {self.ctx} tokens; the prompt is "
-                           f"{len(ids)} tokens (at most {self.max_prompt} here)", param="messages",
-                           code="context_length_exceeded")
+                           f"{size} (at most {self.max_prompt} here)", param=param, code="context_length_exceeded")
+
+    def check_text_length(self, chars: int, param: str = "messages") -> None:
+        """The cheap bound: refuse text that cannot fit, whatever its tokens, before tokenizing it."""
+        self.check_prompt(at_least=chars // self.max_token_chars, param=param)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """A conversation's ids, ready for the assistant's reply; 400 when it is malformed or
-        leaves no room in the context for an answer."""
+        leaves no room in the context for an answer (a very long one before it is tokenized)."""
+        self.check_text_length(sum(len(m["content"]) for m in messages
+                                   if isinstance(m, dict) and isinstance(m.get("content"), str)))
         try:
             ids, _ = self.fmt.render(messages, add_generation_prompt=True)
         except ChatFormatError as e:

@@ -7,7 +7,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+INT64_MAX = 2 ** 63 - 1  # what SQLite (ids) and torch (seeds) take: a larger int is a 400, not a 500
+SEED = Field(None, ge=-2 ** 63, le=INT64_MAX)
 
 
 @dataclass
@@ -38,6 +41,51 @@ def error_body(message: str, type_: str = "invalid_request_error", param=None, c
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data):
+        """JSON may spell a lone UTF-16 surrogate ("\\ud800"), which is no character: no
+        tokenizer, database or UTF-8 stream can take it, so the request is refused here."""
+        _check_text(data)
+        return data
+
+
+def _check_text(value) -> None:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("text must be valid Unicode (it holds a lone surrogate such as \\ud800)") from None
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+    error: ErrorDetail
+
+
+def errors(*statuses: int) -> dict:
+    """The error answers a route can give, for the OpenAPI document."""
+    what = {400: "malformed request (the message says what)", 401: "missing or wrong API key",
+            404: "no such model, route or item", 405: "method not allowed (see Allow)",
+            408: "the request took longer than its time limit", 413: "request body too large",
+            422: "unprocessable request", 500: "unexpected server error (logged)",
+            503: "the feedback database cannot answer (locked or broken), or there is none"}
+    return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
+
 
 class StreamOptions(Body):
     include_usage: bool = False
@@ -51,7 +99,7 @@ class ChatRequest(Body):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = SEED
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -72,7 +120,7 @@ class CompletionRequest(Body):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = SEED
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -97,7 +145,9 @@ class DetokenizeRequest(Body):
 
 
 class BodyLimit:
-    """Pure ASGI middleware: a body over `max_bytes` gets 413 before it is all read."""
+    """Pure ASGI middleware: a body over `max_bytes` gets 413, whether its length is announced
+    (Content-Length) or not (chunked): the body is read here, at most max_bytes + 1 bytes, before
+    the app sees any of it (so no framework turns the refusal into something else)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -108,29 +158,29 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._reject(send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        chunks, seen, more = [], 0, True
+        while more:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return msg
+            if msg["type"] != "http.request":  # the client went away before the body ended
+                return
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return await self._reject(send)
+            more = msg.get("more_body", False)
+        body, sent = b"".join(chunks), False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, send):
         body = json.dumps(error_body(f"request body over {self.max_bytes} bytes", code="request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
-

@@ -32,12 +32,19 @@ from lmstack.utils import UserError, read_jsonl
 
 
 def build(model_dir, api_key=None, db_path="feedback.sqlite", slots: int = 16, dtype: str = "auto",
-          device: str = "auto", limits=None, label_prompts=None, name: str | None = None):
-    """The FastAPI app for a model folder (not started): the API and the web app."""
+          device: str = "auto", limits=None, label_prompts=None, name: str | None = None, db_timeout: float = 5.0):
+    """The FastAPI app for a model folder (not started): the API and the web app. db_path: the
+    feedback database (created if missing; None or "" for none); db_timeout: seconds a write
+    waits for another writer's lock before its request gets a 503."""
     if slots < 1:
         raise UserError("--slots must be >= 1")
     net, tok = load_model_and_tokenizer(model_dir, pick_device(device))
-    db = FeedbackDB(db_path) if db_path else None
+    db = None
+    if db_path:
+        path = Path(db_path).resolve()
+        existed = path.exists()
+        db = FeedbackDB(path, timeout=db_timeout)
+        print(f"feedback database: {path}" + ("" if existed else " (new)"), flush=True)
     if db is not None and label_prompts:
         added = load_label_prompts(db, label_prompts)
         print(f"labelling queue: {added} new prompts from {label_prompts}")

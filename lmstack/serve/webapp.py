@@ -42,7 +42,7 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from lmstack.serve.generation import Server, sample_answers
-from lmstack.serve.protocol import APIError
+from lmstack.serve.protocol import INT64_MAX, APIError, errors
 from lmstack.serve.protocol import Body as _Body
 from lmstack.tools import default_registry
 from lmstack.world.labeller import GUIDE
@@ -87,20 +87,20 @@ class ToolBody(_Body):
 
 
 class ConversationBody(_Body):
-    id: int | None = Field(None, strict=True, ge=1)
+    id: int | None = Field(None, strict=True, ge=1, le=INT64_MAX)
     system: str | None = Field(None, max_length=MAX_SYSTEM)
     messages: list[Message] = Field(min_length=1)
 
 
 class FeedbackBody(_Body):
-    conversation_id: int = Field(strict=True, ge=1)
-    message_index: int = Field(strict=True, ge=0)
+    conversation_id: int = Field(strict=True, ge=1, le=INT64_MAX)
+    message_index: int = Field(strict=True, ge=0, le=INT64_MAX)
     rating: int = Field(strict=True)
     comment: str | None = Field(None, max_length=MAX_COMMENT)
 
 
 class LabelBody(_Body):
-    item_id: int = Field(strict=True, ge=1)
+    item_id: int = Field(strict=True, ge=1, le=INT64_MAX)
     answer_a: str = Field(max_length=MAX_TEXT)
     answer_b: str = Field(max_length=MAX_TEXT)
     choice: str
@@ -183,12 +183,12 @@ def add_webapp(app: FastAPI, server: Server) -> None:
                             headers={"Cache-Control": "no-cache", "Content-Security-Policy": CSP,
                                      "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
-    @app.get("/api/info")
+    @app.get("/api/info", responses=errors(401, 500))
     async def info():
         return {"model": server.name, "max_model_len": server.ctx, "database": server.db is not None,
                 "label_max_tokens": LABEL_MAX_TOKENS, "tools": tools.specs()}
 
-    @app.post("/api/tools/{name}")
+    @app.post("/api/tools/{name}", responses=errors(400, 401, 404, 413, 500))
     async def run_tool(name: str, body: ToolBody):
         """Run a tool call the model wrote (the page does this, as OpenAI's protocol leaves it to
         the caller). The tool bounds its own time; it runs in a worker thread."""
@@ -201,18 +201,18 @@ def add_webapp(app: FastAPI, server: Server) -> None:
             raise APIError(400, f"the arguments are {size} characters; at most {MAX_ARGUMENTS}", param="arguments")
         return {"content": await run_in_threadpool(tools.call, name, args)}
 
-    @app.get("/api/guide")
+    @app.get("/api/guide", responses=errors(401, 500))
     async def guide():
         return {"guide": GUIDE}
 
-    @app.post("/api/conversations")
+    @app.post("/api/conversations", responses=errors(400, 401, 404, 413, 500, 503))
     async def save_conversation(body: ConversationBody):
         db = _db(server)
         msgs = _messages(server, body.messages)
         cid = await _call(db.save_conversation, msgs, server.name, _clean(body.system), body.id)
         return {"id": cid}
 
-    @app.post("/api/feedback")
+    @app.post("/api/feedback", responses=errors(400, 401, 404, 413, 500, 503))
     async def feedback(body: FeedbackBody):
         db = _db(server)
         if body.rating not in (1, -1):
@@ -220,8 +220,8 @@ def add_webapp(app: FastAPI, server: Server) -> None:
         rid = await _call(db.rate, body.conversation_id, body.message_index, body.rating, _clean(body.comment))
         return {"id": rid}
 
-    @app.get("/api/label/next")
-    async def label_next(request: Request, after: int | None = Query(None, ge=0)):
+    @app.get("/api/label/next", responses=errors(400, 401, 408, 500, 503))
+    async def label_next(request: Request, after: int | None = Query(None, ge=0, le=INT64_MAX)):
         db = _db(server)
         item, remaining = await _call(_next_item, db, after)
         if item is None:
@@ -236,7 +236,7 @@ def add_webapp(app: FastAPI, server: Server) -> None:
             out["error"] = f"cannot sample answers for this prompt: {e.message}. Skip it, or write the ideal answer."
         return out
 
-    @app.post("/api/label")
+    @app.post("/api/label", responses=errors(400, 401, 404, 413, 500, 503))
     async def label(body: LabelBody):
         db = _db(server)
         if body.choice not in CHOICES:
@@ -245,7 +245,7 @@ def add_webapp(app: FastAPI, server: Server) -> None:
                           _clean(body.labeller), _clean(body.comment))
         return {"id": cid}
 
-    @app.post("/api/label/queue")
+    @app.post("/api/label/queue", responses=errors(400, 401, 413, 500, 503))
     async def queue(body: QueueBody):
         db = _db(server)
         if (body.messages is None) == (body.prompt is None):
@@ -265,7 +265,7 @@ def add_webapp(app: FastAPI, server: Server) -> None:
         qid = await _call(db.enqueue, msgs, "api")
         return {"id": qid}
 
-    @app.get("/api/monitor")
+    @app.get("/api/monitor", responses=errors(401, 500, 503))
     async def monitor():
         db = _db(server)
 

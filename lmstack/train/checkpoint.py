@@ -45,18 +45,34 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def output_folder(out: str | os.PathLike, resume: bool) -> Path:
+def output_folder(out: str | os.PathLike, resume: bool) -> tuple[Path, bool]:
     """A training run's --out, checked before any work: a folder with a checkpoint to --resume,
-    or one that is new or empty (a finished run is never overwritten by accident)."""
+    or one that is new or empty (a finished run is never overwritten by accident). Returns (the
+    folder, whether the run resumes from a checkpoint). --resume on a run that was killed before
+    its first checkpoint (its run files but no weights yet) starts it again from step 0, and says so."""
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a folder")
     if resume and latest_checkpoint(out_dir) is None:
-        raise UserError(f"nothing to resume: {out_dir / STATE} has no checkpoint")
+        if not _unfinished_start(out_dir):
+            raise UserError(f"nothing to resume: {out_dir / STATE} has no checkpoint")
+        print(f"{out_dir} holds a run that stopped before its first checkpoint: starting it again from step 0",
+              flush=True)
+        return out_dir, False
     if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
-        raise UserError(f"output folder {out_dir} is not empty (use --resume to continue the run "
-                        "in it, or choose another --out)")
-    return out_dir
+        hint = ("it holds a run that stopped before its first checkpoint: --resume starts it again"
+                if _unfinished_start(out_dir) else "use --resume to continue the run in it, or choose another --out")
+        raise UserError(f"output folder {out_dir} is not empty ({hint})")
+    return out_dir, resume
+
+
+def _unfinished_start(out_dir: Path) -> bool:
+    """What a run writes before its first checkpoint, and nothing else: its description (run.json,
+    config.json, tokenizer.json, sft.json / stage.json), metrics, an empty state/, temporaries."""
+    start = {"run.json", "config.json", "tokenizer.json", "metrics.jsonl", "sft.json", "stage.json", STATE}
+    entries = [p for p in out_dir.iterdir() if not p.name.startswith(".")] if out_dir.is_dir() else []
+    return bool(entries) and all(p.name in start for p in entries) and not checkpoints(out_dir) \
+        and not any(p.is_file() for p in (out_dir / STATE).rglob("*"))
 
 
 def check_resume(out_dir: Path, run: str, model_config: dict, record_file: str | None = None,
@@ -109,7 +125,11 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer
     with atomic_file(out / WEIGHTS) as tmp_file:  # the top-level weights: copied beside, then replaced
         shutil.copyfile(final / WEIGHTS, tmp_file)
     for old in checkpoints(out)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Hidden first (one rename), then deleted: a kill mid-delete never leaves a visible
+        # state/step_N without its weights; the hidden remains go with the next save.
+        doomed = old.with_name(f".{old.name}.deleting")
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from lmstack import distributed
 from lmstack.config import load_config
+from lmstack.device import check_fits, pick_device
 from lmstack.data import TokenBatches, iter_eval_windows, load_manifest
 from lmstack.model import GPT
 from lmstack.tokenizer import Tokenizer
@@ -27,7 +30,11 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
     if cfg.model.vocab_size < manifest["vocab_size"]:
         raise UserError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's "
                         f"vocabulary ({manifest['vocab_size']})")
-    out_dir = checkpoint.output_folder(out, resume)
+    with torch.device("meta"):  # the shape alone: how much memory training it takes, before allocating any
+        n_params = GPT(cfg.model).num_params()
+    check_fits(16 * n_params, pick_device(cfg.train.device),
+               f"training a {n_params:,}-parameter model (fp32 weights, gradients and AdamW's two moments)")
+    out_dir, resume = checkpoint.output_folder(out, resume)
     if resume:
         checkpoint.check_resume(out_dir, "pretraining", cfg.to_dict()["model"],
                                 hint="; pass the same --preset and --set options")

@@ -263,7 +263,7 @@ def sft(model: str, data, out: str, overrides=(), resume: bool = False, mix_data
         if Tokenizer.load(mix_data).to_str() != tok.to_str():
             raise UserError(f"--mix-data {mix_data} was tokenized with another tokenizer than {base}")
         cfg.data.dir = str(mix_data)
-    out_dir = checkpoint.output_folder(out, resume)
+    out_dir, resume = checkpoint.output_folder(out, resume)
 
     tc = cfg.train
     docs, stats = load_docs(data, tok, tc.seq_len + 1)
