@@ -237,12 +237,6 @@ class FeedbackDB:
 
     # --- monitoring ----------------------------------------------------------------------------
 
-    def log_request(self, endpoint: str, status: int, latency_ms: float, prompt_tokens: int = 0,
-                    completion_tokens: int = 0) -> None:
-        with self._tx() as c:
-            c.execute("INSERT INTO requests (created, endpoint, status, prompt_tokens, completion_tokens, latency_ms) "
-                      "VALUES (?,?,?,?,?,?)", (time.time(), endpoint, status, prompt_tokens, completion_tokens, latency_ms))
-
     def stats(self) -> dict:
         (n, ok, pt, ct), = [tuple(r) for r in self._q(
             "SELECT count(*), coalesce(sum(status < 400), 0), coalesce(sum(prompt_tokens), 0), "
@@ -292,11 +286,14 @@ class FeedbackDB:
 
 class RequestLog:
     """The request log, written off the requests' path: the server queues a record and goes on;
-    this thread writes it. A write that fails (a locked database) is logged and counted, never
-    raised, and the queue is bounded: when full, new records are dropped and counted."""
+    this thread writes it, on a connection of its own with a short busy timeout, so it never
+    waits long and never holds up the database's other users. A write that fails (a locked
+    database) is logged and counted, never raised, and the queue is bounded: when full, new
+    records are dropped and counted."""
 
-    def __init__(self, db: FeedbackDB, size: int = 10_000):
+    def __init__(self, db: FeedbackDB, size: int = 10_000, timeout: float = 0.5):
         self.db, self.queue = db, queue.Queue(maxsize=size)
+        self.conn = sqlite3.connect(db.path, timeout=timeout, check_same_thread=False, isolation_level=None)
         self.written = self.failed = self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="lmstack-request-log", daemon=True)
         self._thread.start()
@@ -304,7 +301,7 @@ class RequestLog:
     def add(self, endpoint: str, status: int, latency_ms: float, prompt_tokens: int = 0,
             completion_tokens: int = 0) -> None:
         try:
-            self.queue.put_nowait((endpoint, status, latency_ms, prompt_tokens, completion_tokens))
+            self.queue.put_nowait((time.time(), endpoint, status, prompt_tokens, completion_tokens, latency_ms))
         except queue.Full:
             self.dropped += 1
 
@@ -312,10 +309,13 @@ class RequestLog:
         while True:
             record = self.queue.get()
             try:
-                self.db.log_request(*record)
+                self.conn.execute("INSERT INTO requests (created, endpoint, status, prompt_tokens, "
+                                  "completion_tokens, latency_ms) VALUES (?,?,?,?,?,?)", record)
                 self.written += 1
+                self.db.state = "ok"
             except Exception as e:  # noqa: BLE001 - a log write must never take anything down
                 self.failed += 1
+                self.db.state = f"unavailable: {e}"
                 log.warning("request log: %s (%d records not written)", e, self.failed)
             finally:
                 self.queue.task_done()
