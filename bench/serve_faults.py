@@ -1,16 +1,18 @@
 """What a fault costs the server: a locked feedback database, a request with an out-of-range seed,
-and eight concurrent ~1 MB prompts, each against a live `lmstack serve` (a subprocess, with the
-defaults a user gets: 5 s busy timeout, 1 MiB body limit).
+and eight concurrent ~1 MB prompts, each against a fresh live `lmstack serve` (a subprocess, with
+the defaults a user gets: 5 s busy timeout, 1 MiB body limit), stopped with SIGTERM after it
+(printed: whether it stopped within 20 s). A request unanswered in 30 s counts as "timeout".
 
     cd bench && ../.venv/bin/python serve_faults.py [--model runs/small/chat] [--json FILE] [--src DIR]
 
 - database lock: another connection holds SQLite's write lock for 7 s (past the busy timeout);
   meanwhile a web-app write (POST /api/conversations), 8 chat completions and /health are sent.
   Printed: each one's status and latency, /health's database state, and a write after the lock.
-- seed: 18 ordinary chat completions sent together with one whose seed is 2**64. Printed: the
-  bad one's status, how many of the 18 succeeded.
+- seed: 18 ordinary chat completions (64 tokens each) and, while they decode, one whose seed is
+  2**64. Printed: the bad one's status, how many of the 18 succeeded.
 - huge prompts: 8 concurrent chat requests of ~1 MB each (all to be refused: the context is
-  far shorter), while /health is polled. Printed: their statuses and /health's latency (p50, max).
+  far shorter), while /health is polled. Printed: their statuses and /health's latency (p50, max),
+  and its p50 on the quiet server before them.
 
 Without --model, a tiny random model is made in a temporary folder (the faults do not depend on
 what the model says). --src DIR runs the server from another checkout of lmstack (the peer: e.g.
@@ -44,7 +46,6 @@ from lmstack.tokenizer import train_tokenizer
 from lmstack.utils import atomic_write_json
 
 
-
 def tiny_model(folder: Path) -> Path:
     (folder / "a.txt").write_text("Ana was born in Paris and Bo works at Acme in Rome. Hello there.\n" * 40)
     tok = train_tokenizer([folder / "a.txt"], vocab_size=300, out=folder / "tok", progress=False)
@@ -65,16 +66,24 @@ def free_port() -> int:
 
 
 MODEL = "m"  # the served model's name: set from /v1/models
+TIMEOUT = 30.0  # seconds a probe request may take; past it the request is recorded as "timeout"
 
 
 def chat_body(content: str, **kw) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **kw}
 
 
-async def timed(coro):
+async def timed(coro) -> tuple:
+    """(status, ms, response); status "timeout" (no answer in TIMEOUT s) or "error" (connection)."""
     t0 = time.monotonic()
-    r = await coro
-    return r.status_code, round(1000 * (time.monotonic() - t0), 1)
+    try:
+        r = await coro
+        status = r.status_code
+    except httpx.TimeoutException:
+        r, status = None, "timeout"
+    except httpx.HTTPError:
+        r, status = None, "error"
+    return status, round(1000 * (time.monotonic() - t0), 1), r
 
 
 async def database_lock(client: httpx.AsyncClient, db: Path) -> dict:
@@ -86,44 +95,76 @@ async def database_lock(client: httpx.AsyncClient, db: Path) -> dict:
             {"role": "user", "content": "Hi"}]})))
         chats = [asyncio.create_task(timed(client.post("/v1/chat/completions", json=chat_body("Hi"))))
                  for _ in range(8)]
-        chat_results = await asyncio.gather(*chats)
+        chat_results = [c[:2] for c in await asyncio.gather(*chats)]
         health = await timed(client.get("/health"))
-        write_result = await write
-        state = (await client.get("/health")).json()
+        write_result = (await write)[:2]
+        state = await timed(client.get("/health"))  # after the failed write
         await asyncio.sleep(max(0.0, 7 - (time.monotonic() - t_lock)))
     finally:
         other.execute("ROLLBACK")
         other.close()
     after = await timed(client.post("/api/conversations", json={"messages": [{"role": "user", "content": "Hi"}]}))
-    return {"write_during_lock": write_result, "chats_during_lock": chat_results, "health_during_lock": health,
-            "health_status": state["status"], "health_database": state["database"], "write_after_lock": after}
+    state = state[2].json() if state[2] is not None else {}
+    return {"write_during_lock": write_result, "chats_during_lock": chat_results, "health_during_lock": health[:2],
+            "health_status": state.get("status"), "health_database": state.get("database"),
+            "write_after_lock": after[:2]}
 
 
 async def bad_seed(client: httpx.AsyncClient) -> dict:
-    good = [asyncio.create_task(client.post("/v1/chat/completions", json=chat_body("Hello", seed=i)))
-            for i in range(18)]
-    bad = await client.post("/v1/chat/completions", json=chat_body("Hello", seed=2 ** 64))
-    codes = [r.status_code for r in await asyncio.gather(*good)]
-    return {"bad_seed_status": bad.status_code, "bad_seed_param": bad.json()["error"]["param"],
-            "innocent_ok": sum(c == 200 for c in codes), "innocent": len(codes)}
+    bodies = [chat_body("Hello", seed=i, max_tokens=64) for i in range(18)]
+    good = [asyncio.create_task(timed(client.post("/v1/chat/completions", json=b))) for b in bodies]
+    await asyncio.sleep(0.2)  # the 18 are decoding when the bad one comes
+    bad = await timed(client.post("/v1/chat/completions", json=chat_body("Hello", seed=2 ** 64)))
+    codes = [c[0] for c in await asyncio.gather(*good)]
+    param = bad[2].json().get("error", {}).get("param") if bad[2] is not None and bad[0] < 500 else None
+    return {"bad_seed": bad[:2], "bad_seed_param": param, "innocent_ok": sum(c == 200 for c in codes),
+            "innocent": len(codes), "innocent_statuses": sorted(map(str, codes))}
 
 
 async def huge_prompts(client: httpx.AsyncClient) -> dict:
+    quiet = [(await timed(client.get("/health")))[1] for _ in range(20)]
     body = chat_body("word " * 200_000)  # ~1 MB of JSON, under the 1 MiB body limit
-    big = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(8)]
+    big = [asyncio.create_task(timed(client.post("/v1/chat/completions", json=body))) for _ in range(8)]
     health = []
     while not all(t.done() for t in big):
         health.append((await timed(client.get("/health")))[1])
-    codes = [t.result().status_code for t in big]
-    return {"huge_prompt_statuses": codes, "health_ms_p50": statistics.median(health) if health else None,
+    return {"huge_prompt_statuses": [t.result()[0] for t in big],
+            "health_ms_quiet_p50": round(statistics.median(quiet), 1),
+            "health_ms_p50": round(statistics.median(health), 1) if health else None,
             "health_ms_max": max(health) if health else None, "health_polls": len(health)}
 
 
-async def probe(url: str, db: Path) -> dict:
+def serve(model: Path, folder: Path, src: str | None, phase) -> dict:
+    """Start `lmstack serve` on a fresh database, run one phase against it, stop it with SIGTERM."""
     global MODEL
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        MODEL = (await client.get("/v1/models")).json()["data"][0]["id"]
-        return {**await database_lock(client, db), **await bad_seed(client), **await huge_prompts(client)}
+    db, port = folder / f"{phase.__name__}.sqlite", free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())} if src else None
+    server = subprocess.Popen([sys.executable, "-m", "lmstack", "serve", "--model", str(model), "--port", str(port),
+                               "--db", str(db)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        MODEL = httpx.get(url + "/v1/models", timeout=5).json()["data"][0]["id"]
+
+        async def run() -> dict:
+            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+                return await (phase(client, db) if phase is database_lock else phase(client))
+        result = asyncio.run(run())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+            stopped = True
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+            stopped = False
+    return {**result, f"{phase.__name__}_stopped_on_sigterm": stopped}
 
 
 def main() -> None:
@@ -135,30 +176,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = Path(a.model) if a.model else tiny_model(tmp)
-        db, port = tmp / "feedback.sqlite", free_port()
-        env = {**os.environ, "PYTHONPATH": str(Path(a.src).resolve())} if a.src else None
-        server = subprocess.Popen([sys.executable, "-m", "lmstack", "serve", "--model", str(model), "--port", str(port),
-                                   "--db", str(db)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(300):
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            result = asyncio.run(probe(url, db))
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-                stopped = True
-            except subprocess.TimeoutExpired:
-                server.kill()
-                stopped = False
-    result.update(model=str(a.model or "tiny random"), server_src=a.src or "this checkout", stopped_on_sigterm=stopped, load=load())
+        result = {}
+        for phase in (database_lock, bad_seed, huge_prompts):
+            result.update(serve(model, tmp, a.src, phase))
+    result.update(model=str(a.model or "tiny random"), server_src=a.src or "this checkout", load=load())
     for k, v in result.items():
-        print(f"{k:24s} {v}")
+        print(f"{k:32s} {v}")
     emit(result, a.json)
 
 

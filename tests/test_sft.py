@@ -235,7 +235,8 @@ def test_batches_epochs_resume_ranks(tok):
     docs = make_docs(tok, 40)
     b = PackedBatches(docs, batch_size=2, seq_len=64, pad_id=tok.pad_id, seed=1)
     first_epoch = len(b._pack(0))
-    seen = [b.next() for _ in range(first_epoch)]  # batch_size 2: two epochs' worth of windows
+    for _ in range(first_epoch):  # batch_size 2: two epochs' worth of windows
+        b.next()
     epoch0 = b._pack(0)
     epoch1 = b._pack(1)
     assert epoch0 != epoch1  # a new shuffle each epoch

@@ -216,7 +216,9 @@ class FeedbackDB:
 
     def queue_item(self, queue_id: int) -> dict | None:
         rows = self._q("SELECT * FROM label_queue WHERE id=?", (queue_id,))
-        return {"id": rows[0]["id"], "messages": json.loads(rows[0]["messages"]), "done": rows[0]["done"]} if rows else None
+        if not rows:
+            return None
+        return {"id": rows[0]["id"], "messages": json.loads(rows[0]["messages"]), "done": rows[0]["done"]}
 
     def label(self, queue_id: int, answer_a: str, answer_b: str, choice: str, ideal: str | None = None,
               labeller: str | None = None, comment: str | None = None) -> int:
@@ -226,12 +228,12 @@ class FeedbackDB:
             raise KeyError(f"no queue item {queue_id}")
         now, msgs = time.time(), json.dumps(item["messages"], ensure_ascii=False)
         with self._tx() as c:
-            cid = c.execute("INSERT INTO comparisons (created, queue_id, messages, answer_a, answer_b, choice, ideal, "
-                            "labeller, comment) VALUES (?,?,?,?,?,?,?,?,?)",
+            cid = c.execute("INSERT INTO comparisons (created, queue_id, messages, answer_a, answer_b, choice, "
+                            "ideal, labeller, comment) VALUES (?,?,?,?,?,?,?,?,?)",
                             (now, queue_id, msgs, answer_a, answer_b, choice, ideal, labeller, comment)).lastrowid
             if ideal:
-                c.execute("INSERT INTO ideal_answers (created, queue_id, messages, answer, labeller) VALUES (?,?,?,?,?)",
-                          (now, queue_id, msgs, ideal, labeller))
+                c.execute("INSERT INTO ideal_answers (created, queue_id, messages, answer, labeller) "
+                          "VALUES (?,?,?,?,?)", (now, queue_id, msgs, ideal, labeller))
             c.execute("UPDATE label_queue SET done=1 WHERE id=?", (queue_id,))
         return cid
 
