@@ -392,3 +392,10 @@ def test_eval_command_line(tmp_path, model_dir):
         proc = run_cli("eval", *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+
+
+def test_task_data_that_is_a_folder_is_one_clear_line(tmp_path, tok):
+    (tmp_path / "d.jsonl").mkdir()
+    spec = make_spec({"name": "x", "data": "d.jsonl"}, "spec.toml", tmp_path)
+    with pytest.raises(UserError, match=r"task x: data file .*d\.jsonl is a folder \(name the \.jsonl file\)"):
+        run_task(OracleLM(tok, {}), spec)

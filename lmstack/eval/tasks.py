@@ -155,7 +155,9 @@ def load_specs(path, world: str | None = None) -> list[TaskSpec]:
 
 
 def load_rows(spec: TaskSpec, limit: int | None = None, seed: int = 0) -> list[tuple[int, dict]]:
-    """(line number, row) of the rows the task scores: `where` filter, then a fixed sample."""
+    """(line number, row) of the rows the task scores: `where` filter, then a fixed sample.
+    Read here rather than with utils.read_jsonl: the messages name the task, lines count from
+    0 in the results, and a file that is not UTF-8 is told apart from one that is not JSON."""
     rows = []
     try:
         with open(spec.data, encoding="utf-8") as f:
@@ -172,6 +174,8 @@ def load_rows(spec: TaskSpec, limit: int | None = None, seed: int = 0) -> list[t
                     rows.append((i, row))
     except FileNotFoundError:
         raise UserError(f"task {spec.name}: data file {spec.data} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"task {spec.name}: data file {spec.data} is a folder (name the .jsonl file)") from None
     except UnicodeDecodeError:
         raise UserError(f"task {spec.name}: {spec.data} is not UTF-8 text") from None
     limit = spec.limit if limit is None else limit
