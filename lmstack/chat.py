@@ -80,11 +80,13 @@ def chat_completion(model, tok: Tokenizer, messages: list[dict], **kw) -> dict:
 HELP = "commands: /reset (forget the conversation), /system TEXT, /temp X, /quit"
 
 
-def _fit(fmt, history: list[dict], ctx: int, reserve: int) -> int:
+def _fit(fmt, history: list[dict], ctx: int, reserve: int) -> tuple[int, int]:
     """Drop the oldest turns (never the system prompt, never the last user message) until the
-    conversation leaves `reserve` positions for the reply. Returns how many messages went."""
+    conversation leaves `reserve` positions for the reply. Returns (how many messages went, the
+    tokens of what is left with the generation prompt): the caller checks that length without
+    rendering the conversation again."""
     dropped = 0
-    while len(fmt.render(history, add_generation_prompt=True)[0]) + reserve > ctx:
+    while (n := len(fmt.render(history, add_generation_prompt=True)[0])) + reserve > ctx:
         first = 1 if history[0]["role"] == "system" else 0
         # the oldest whole turn: up to (not including) the next user message
         nxt = next((i for i in range(first + 1, len(history)) if history[i]["role"] == "user"), None)
@@ -92,7 +94,7 @@ def _fit(fmt, history: list[dict], ctx: int, reserve: int) -> int:
             break
         dropped += nxt - first
         del history[first:nxt]
-    return dropped
+    return dropped, n
 
 
 def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p: float | None = 0.95,
@@ -165,10 +167,10 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
             continue
 
         history.append({"role": "user", "content": line})
-        dropped = _fit(fmt, history, ctx, min(max_tokens, ctx // 2))
+        dropped, n = _fit(fmt, history, ctx, min(max_tokens, ctx // 2))
         if dropped:
             print(dim(f"[forgot the {dropped} oldest messages to fit the context]"))
-        if len(fmt.render(history, add_generation_prompt=True)[0]) >= ctx:
+        if n >= ctx:
             history.pop()
             print(dim(f"that message is too long for this model's context ({ctx} tokens)"))
             continue

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmstack.chat import chat_completion, stream_chat
+from lmstack.chat import _fit, chat_completion, stream_chat
 from lmstack.config import ModelConfig
 from lmstack.model import GPT
-from lmstack.chatformat import render_chat
+from lmstack.chatformat import chat_format, render_chat
 from lmstack.tokenizer import train_tokenizer
 from lmstack.tools import default_registry
 from lmstack.modelio import save_weights
@@ -132,6 +132,22 @@ def test_malformed_tool_call_is_reported_not_raised(tok):
     assert [e["type"] for e in events if e["type"] != "text"] == ["bad_tool_call", "done"]
     assert events[-2] == {"type": "bad_tool_call", "text": '{"name": '}
     assert events[-1]["messages"] == [{"role": "assistant", "content": "ok "}]
+
+
+def test_fit_drops_the_oldest_turns_and_returns_the_length_left(tok):
+    fmt = chat_format(tok)
+    history = [{"role": "system", "content": "Be brief."}]
+    for i in range(4):
+        history += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i}"}]
+    history.append({"role": "user", "content": "the last question"})
+    full = len(render_chat(tok, history, add_generation_prompt=True)[0])
+    assert _fit(fmt, list(history), full + 8, 8) == (0, full)  # it fits: nothing goes
+    kept = list(history)
+    dropped, n = _fit(fmt, kept, full, 8)
+    assert dropped % 2 == 0 and dropped > 0 and kept[0] == history[0] and kept[1:] == history[1 + dropped:]
+    assert n == len(render_chat(tok, kept, add_generation_prompt=True)[0]) and n + 8 <= full
+    alone = [history[0], history[-1]]  # nothing left to drop: the length is what is left
+    assert _fit(fmt, alone, 4, 8) == (0, len(render_chat(tok, alone, add_generation_prompt=True)[0]))
 
 
 # --- the terminal chat through a pseudo-terminal --------------------------------------------------
