@@ -5,6 +5,7 @@ Read from the source with `ast`, so the test sees every import a module could ev
 """
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmstack"
@@ -62,7 +63,9 @@ def layer(mod: str) -> tuple[int, str]:
     best = None
     for i, prefixes in enumerate(LAYERS):
         for p in prefixes:
-            if (mod == p or mod.startswith(p + ".")) and (best is None or len(p) > len(best[1])):
+            # "lmstack" places the package itself, not everything in it (or every module would have a layer)
+            inside = mod.startswith(p + ".") and p != "lmstack"
+            if (mod == p or inside) and (best is None or len(p) > len(best[1])):
                 best = (i, p)
     assert best is not None, f"{mod} is in no layer: add it to LAYERS (and to the README's map)"
     return best
@@ -109,9 +112,69 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-def test_inference_eval_serve_and_export_never_import_training():
-    training = ("lmstack.train", "lmstack.align")
-    users = ("lmstack.engine", "lmstack.chat", "lmstack.modelio", "lmstack.eval", "lmstack.serve", "lmstack.export")
-    bad = [f"{m} imports {d}" for m, deps in graph().items() if m.startswith(users)
-           for d in deps if d.startswith(training)]
-    assert not bad, "\n".join(bad)
+def test_training_sits_above_everything_that_runs_a_model():
+    """Nothing that runs, evaluates, serves or exports a model may import train/ or align/: with
+    test_imports_point_down, that holds as long as LAYERS puts training above engine, chat and
+    modelio, and above or beside (never below, never among the leaves) eval, serve and export."""
+    bottom = len(LAYERS) - 1
+    for t in ("lmstack.train", "lmstack.align"):
+        (i, _) = layer(t)
+        for u in ("lmstack.engine", "lmstack.chat", "lmstack.modelio"):
+            assert i < layer(u)[0], f"{t} is not above {u} in LAYERS"
+        for u in ("lmstack.eval", "lmstack.serve", "lmstack.export"):
+            assert i <= layer(u)[0] and i != bottom, f"{t} is below {u} (or among the leaves) in LAYERS"
+
+
+README = PACKAGE.parent / "README.md"
+# Differences between the README's map and lmstack/ today, waiting for the README to name them (the map
+# is not this test's to edit). The test fails when one is fixed, too: then take it out of here.
+NOT_IN_THE_MAP_YET = {"__main__.py", "presets/", "serve/static/"}
+
+
+def map_of_the_code() -> set[str]:
+    """What the README's map names inside lmstack/: the first word of each entry line, where an entry
+    is indented two spaces per level and names a .py or .toml file or a folder/ (its description may
+    run on to more lines, indented further). Paths relative to lmstack/, folders ending in "/"."""
+    text = README.read_text(encoding="utf-8").split("## The map of the code", 1)[1]
+    block = text.split("```", 2)[1].splitlines()
+    start = block.index("lmstack/")
+    named, folders = set(), []
+    for line in block[start + 1:]:
+        if line and not line.startswith(" "):
+            break  # the next top-level entry (bench/, tests/): lmstack/ is over
+        m = re.match(r"( +)(\S+(?:\.py|\.toml|/))(?:\s|$)", line)
+        if not m or len(m[1]) % 2 or len(m[1]) // 2 > len(folders) + 1:
+            continue  # a description's next line
+        depth = len(m[1]) // 2 - 1
+        folders = folders[:depth]
+        path = "".join(folders) + m[2]
+        named.add(path)
+        if path.endswith("/"):
+            folders.append(m[2])
+    return named
+
+
+def tree_of_the_code(named: set[str]) -> set[str]:
+    """The .py and .toml files and the folders in lmstack/ (not __init__.py, not __pycache__/); a
+    folder the map names without naming anything in it stands for all of its content."""
+    whole = {f for f in named if f.endswith("/") and not any(n != f and n.startswith(f) for n in named)}
+    found = set()
+    for p in PACKAGE.rglob("*"):
+        rel = p.relative_to(PACKAGE).as_posix() + ("/" if p.is_dir() else "")
+        if "__pycache__" in p.parts or p.name == "__init__.py" or not (p.is_dir() or p.suffix in (".py", ".toml")):
+            continue
+        if not any(rel != w and rel.startswith(w) for w in whole):
+            found.add(rel)
+    return found
+
+
+def test_the_readme_map_names_every_module():
+    named = map_of_the_code()
+    tree = tree_of_the_code(named)
+    assert len(named) > 40, "the README's map was not found or not parsed"
+    missing = {t for t in tree - named if not any(t.startswith(g) for g in NOT_IN_THE_MAP_YET)}
+    gone = named - tree
+    assert not missing, f"in lmstack/ but not in the README's map: {sorted(missing)}"
+    assert not gone, f"in the README's map but not in lmstack/: {sorted(gone)}"
+    fixed = {g for g in NOT_IN_THE_MAP_YET if g in named or g not in tree}
+    assert not fixed, f"now in the README's map (or gone): take {sorted(fixed)} out of NOT_IN_THE_MAP_YET"
