@@ -14,6 +14,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -49,16 +50,19 @@ def _alive(pid: int) -> bool:
 
 def clear_stale(path: str | os.PathLike) -> None:
     """Delete what writers of `path` that are gone (killed, crashed) left beside it: the files and
-    folders named .NAME.PID.*.tmp or .old whose process no longer runs; never anything else. A
+    folders named .NAME.PID.RANDOM.tmp or .old whose process no longer runs; never anything else. A
     replaced folder's previous copy (.old) is moved back to `path` if `path` itself is missing
     (a kill between the two renames of a replace)."""
     path = Path(path)
     prefix = f".{path.name}."
+    # The whole name, not just its start: .x.N.PID.R.tmp is a temporary of output x.N, not of x.
+    # R (mkstemp's letters, digits and _; or hex) has no dot.
+    shape = re.compile(re.escape(prefix) + r"(\d+)\.[^.]+\.(tmp|old)")
     for p in sorted(path.parent.glob(glob.escape(prefix) + "*")):
-        pid, _, tail = p.name[len(prefix):].partition(".")
-        if not pid.isdigit() or not tail.endswith((".tmp", ".old")) or _alive(int(pid)):
+        m = shape.fullmatch(p.name)
+        if m is None or _alive(int(m[1])):
             continue
-        if tail.endswith(".old") and not path.exists():
+        if m[2] == "old" and not path.exists():
             os.rename(p, path)
             print(f"{path} was being replaced when its writer stopped: its previous version is back", flush=True)
         elif p.is_dir() and not p.is_symlink():
