@@ -117,7 +117,7 @@ def read_json(path: str | os.PathLike):
     """A JSON file's content, or None when it is missing or not JSON (optional run files)."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -135,7 +135,7 @@ def read_jsonl(path: str | os.PathLike, what: str = "data file", skipped: dict |
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as e:  # bad JSON or bad UTF-8
+            except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nested past the parser
                 if skipped is None:
                     raise UserError(f"{path}:{n}: not valid JSON ({str(e).splitlines()[0]})") from None
                 skipped["bad JSON"] = skipped.get("bad JSON", 0) + 1

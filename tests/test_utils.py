@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
-from lmstack.utils import clear_stale
+import pytest
+
+from lmstack.utils import UserError, clear_stale, read_json, read_jsonl
 
 
 def dead_pid() -> int:
@@ -27,3 +29,15 @@ def test_clear_stale_leaves_a_sibling_output_named_with_a_dot_alone(tmp_path):
     clear_stale(tmp_path / "x")
     assert sibling_tmp.exists() and (sibling_old / "a").exists() and not (tmp_path / "x").exists()
     assert not stale.exists()
+
+
+def test_read_jsonl_a_line_nested_past_the_parser_is_a_bad_line(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"a": 1}\n' + "[" * 100_000 + "\n" + '{"a": 2}\n')
+    with pytest.raises(UserError, match=r"rows.jsonl:2: not valid JSON"):
+        list(read_jsonl(f))
+    skipped = {}
+    assert [row for _, row in read_jsonl(f, skipped=skipped)] == [{"a": 1}, {"a": 2}]
+    assert skipped == {"bad JSON": 1}
+    (tmp_path / "run.json").write_text("[" * 100_000)
+    assert read_json(tmp_path / "run.json") is None  # an optional file that is not JSON
