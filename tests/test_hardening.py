@@ -21,6 +21,7 @@ from lmstack.config import ModelConfig
 from lmstack.model import GPT
 from lmstack.modelio import load_model, load_model_and_tokenizer
 from lmstack.serve.batcher import Batcher, GenRequest
+from lmstack.serve.db import DatabaseUnavailable, FeedbackDB
 from lmstack.serve.protocol import Limits
 from lmstack.serve.server import build
 from lmstack.tokenizer import train_tokenizer
@@ -89,6 +90,26 @@ def test_a_locked_database_is_a_503_for_its_request_and_never_blocks_completions
         assert c.post("/api/conversations", json={"messages": HELLO}).status_code == 200  # back to normal
         assert app.state.server.request_log.flush()
         assert c.get("/health").json()["database"] == "ok"
+
+
+def test_a_failed_commit_is_rolled_back_so_the_next_write_succeeds(tmp_path):
+    """A COMMIT that fails (here: a reader's lock in rollback-journal mode) must not leave the
+    shared connection inside its transaction, where every later write would fail too."""
+    db = FeedbackDB(tmp_path / "f.sqlite", timeout=0.2)
+    db.conn.execute("PRAGMA journal_mode=DELETE")  # a reader blocks a commit (WAL's readers do not)
+    first = db.save_conversation(HELLO)
+    reader = sqlite3.connect(tmp_path / "f.sqlite", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT * FROM conversations").fetchall()  # a SHARED lock, held until its COMMIT
+    try:
+        with pytest.raises(DatabaseUnavailable, match="locked"):
+            db.save_conversation(HELLO)  # BEGIN and INSERT go through; COMMIT cannot get the lock
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    assert db.save_conversation(HELLO) == first + 1  # the failed write was rolled back, not kept
+    assert db.state == "ok" and len(db._q("SELECT id FROM conversations")) == 2
+    db.close()
 
 
 def test_the_database_says_where_it_is(model_dir, tmp_path, capsys):

@@ -109,16 +109,18 @@ class FeedbackDB:
     def _tx(self):
         """`with db._tx() as conn:` one BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) under the
         lock, which is released whatever fails (BEGIN itself too, when another writer holds the
-        database past the busy timeout)."""
+        database past the busy timeout). A COMMIT that fails (a reader's lock, a full disk) is
+        rolled back too: SQLite leaves its transaction open, and the shared connection could
+        start no other."""
         with self._lock, self._failures():
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn
+                self.conn.execute("COMMIT")
             except BaseException:
                 if self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
                 raise
-            self.conn.execute("COMMIT")
 
     def close(self) -> None:
         self.conn.close()
