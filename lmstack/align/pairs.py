@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmstack.chatformat import chat_format, prompt_messages, prompt_problem
+from lmstack.chatformat import ChatFormat, chat_format, prompt_messages, prompt_problem
 from lmstack.config import RunConfig, stage_config
 from lmstack.modelio import STAGE, load_model_and_tokenizer
 from lmstack.tokenizer import Tokenizer
@@ -75,18 +75,21 @@ def load_comparisons(files) -> list[tuple[dict, str]]:
 # --------------------------------------------------------------------------- rendering
 
 
-def render_answers(tok: Tokenizer, prompt, answers: list[str], max_len: int):
+def render_answers(tok: Tokenizer, prompt, answers: list[str], max_len: int, fmt: ChatFormat | None = None):
     """The prompt + each answer through the chat template -> [(ids, mask)] (mask 1 on the
     final answer and its <|end|>), all with the same prompt, cut from the left (after BOS)
     so the longest fits `max_len` tokens. Returns (seqs, prompt tokens dropped), or None
-    when the answers alone do not fit."""
-    fmt, msgs = chat_format(tok), prompt_messages(prompt)
-    p_ids, _ = fmt.render(msgs)
+    when the answers alone do not fit. `fmt`: the model's chat format (default chat_format(tok);
+    a caller rendering many rows passes one).
+
+    The prompt is rendered once: messages render independently (chatformat), so prompt +
+    answer is the prompt's ids followed by the answer message's own (after its BOS)."""
+    fmt = fmt or chat_format(tok)
+    p_ids, _ = fmt.render(prompt_messages(prompt))
     seqs = []
     for a in answers:
-        ids, mask = fmt.render(msgs + [{"role": "assistant", "content": a}])
-        mask = [0] * len(p_ids) + mask[len(p_ids):]  # only this answer is trained on
-        seqs.append((ids, mask))
+        a_ids, a_mask = fmt.render([{"role": "assistant", "content": a}])
+        seqs.append((p_ids + a_ids[1:], [0] * len(p_ids) + a_mask[1:]))  # only this answer is trained on
     drop = max(len(ids) for ids, _ in seqs) - max_len
     if drop <= 0:
         return seqs, 0
@@ -112,12 +115,12 @@ def load_pairs(files, tok: Tokenizer, max_len: int) -> tuple[list[Pair], dict]:
     """Comparison files -> rendered pairs and stats {rows, pairs, truncated, skipped: {why: n},
     types: {type: n}}."""
     pairs, skipped, types, truncated = [], Counter(), Counter(), 0
-    rows = load_comparisons(files)
+    rows, fmt = load_comparisons(files), chat_format(tok)
     for row, where in rows:
         if row["chosen"] == row["rejected"]:
             skipped["chosen == rejected"] += 1
             continue
-        got = render_answers(tok, row["prompt"], [row["chosen"], row["rejected"]], max_len)
+        got = render_answers(tok, row["prompt"], [row["chosen"], row["rejected"]], max_len, fmt)
         if got is None:
             skipped[f"answers longer than max_len ({max_len} tokens)"] += 1
             continue

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lmstack import distributed
-from lmstack.chatformat import ChatFormatError, chat_format, split_row
+from lmstack.chatformat import ChatFormat, ChatFormatError, chat_format, split_row
 from lmstack.config import stage_config
 from lmstack.data import TokenBatches, load_manifest
 from lmstack.model import doc_causal_mask
@@ -60,8 +60,9 @@ def row_kind(row) -> str | None:
     return "text" if "text" in row else None
 
 
-def render_row(tok: Tokenizer, row) -> tuple[list[int], list[int]]:
-    """One jsonl row -> (ids, mask); ChatFormatError says why a row is unusable."""
+def render_row(tok: Tokenizer, row, fmt: ChatFormat | None = None) -> tuple[list[int], list[int]]:
+    """One jsonl row -> (ids, mask); ChatFormatError says why a row is unusable. `fmt`: the
+    model's chat format (default chat_format(tok); `load_docs` passes one for all its rows)."""
     kind = row_kind(row)
     if kind is None:
         raise ChatFormatError("row is not a JSON object" if not isinstance(row, dict)
@@ -73,7 +74,7 @@ def render_row(tok: Tokenizer, row) -> tuple[list[int], list[int]]:
         body = tok.encode(text)  # like pretraining: BOS + text, every token a target
         return [tok.bos_id] + body, [0] + [1] * len(body)
     prompt, answer = split_row(row)
-    ids, mask = chat_format(tok).render(prompt + answer)
+    ids, mask = (fmt or chat_format(tok)).render(prompt + answer)
     if not any(mask):
         raise ChatFormatError("no assistant message (nothing to train on)")
     return ids, mask
@@ -91,11 +92,11 @@ def load_docs(files, tok: Tokenizer, max_len: int) -> tuple[list, dict]:
         if not f.is_file():
             hint = " (a folder: name the .jsonl files)" if f.is_dir() else ""
             raise UserError(f"SFT data file {f} not found{hint}")
-    docs, kinds, skipped = [], Counter(), Counter()
+    docs, kinds, skipped, fmt = [], Counter(), Counter(), chat_format(tok)
     for f in files:
         for _, row in read_jsonl(f, "SFT data file", skipped):
             try:
-                ids, mask = render_row(tok, row)
+                ids, mask = render_row(tok, row, fmt)
             except ChatFormatError as e:
                 skipped[_reason(e)] += 1
                 continue
