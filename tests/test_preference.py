@@ -25,6 +25,7 @@ from lmstack.modelio import lineage
 from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.utils import UserError, atomic_write_json
 from lmstack.world.labeller import task_of as world_task
+from tiny import save_model_dir  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,10 +74,7 @@ def sft_dir(root, tok):
     d.mkdir()
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=64)
     torch.manual_seed(0)
-    modelio.save_weights(GPT(cfg), d / "model.safetensors")
-    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
-    tok.save(d)
-    return d
+    return save_model_dir(d, GPT(cfg), tok)
 
 
 # --------------------------------------------------------------------------- data
@@ -472,3 +470,18 @@ def test_grpo_tools_flag_is_the_rl_tools_override(monkeypatch):
     assert main(base + ["--tools", "calculator", "--set", "rl.group_size=4"]) == 0
     assert main(base) == 0
     assert seen == [["rl.tools=calculator", "rl.group_size=4"], []]
+
+
+def test_comparisons_are_read_once_before_the_model_loads(tmp_path):
+    """prepare reads --data (one check, one read) before it loads the model: a bad file is
+    reported even when the model folder is missing too."""
+    from lmstack.align.pairs import prepare
+
+    (tmp_path / "folder.jsonl").mkdir()
+    bad = write_jsonl(tmp_path / "bad.jsonl", [easy_rows(1)[0], {"prompt": "Hi", "chosen": "x"}])
+    for data, why in [([], "--data needs at least one comparisons jsonl file"),
+                      ([tmp_path / "none.jsonl"], "comparisons file .*none.jsonl not found$"),
+                      ([tmp_path / "folder.jsonl"], r"not found \(a folder: name the .jsonl file\)"),
+                      ([bad], r"bad.jsonl:2: missing field rejected")]:
+        with pytest.raises(UserError, match=why):
+            prepare("dpo", tmp_path / "no_model", data, tmp_path / "out", [], False, "dpo")

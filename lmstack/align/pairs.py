@@ -52,16 +52,17 @@ def _check_row(row) -> str | None:
     return None
 
 
+def _files(data) -> list:
+    """--data (one path or several) -> a list of paths."""
+    return [data] if isinstance(data, (str, Path)) else list(data or [])
+
+
 def load_comparisons(files) -> list[tuple[dict, str]]:
-    """Every row of the comparison files, validated: [(row, "file:line")]. A malformed row is a
-    UserError naming its file and line."""
-    files = [files] if isinstance(files, (str, Path)) else list(files)
+    """Every row of the comparison files, validated: [(row, "file:line")]. A missing file (read_jsonl
+    says so) or a malformed row is a UserError naming its file (and line)."""
+    files = _files(files)
     if not files:
         raise UserError("--data needs at least one comparisons jsonl file")
-    for f in files:  # every file checked before any is read
-        if not Path(f).is_file():
-            raise UserError(f"comparisons file {f} not found" + (" (a folder: name the .jsonl file)"
-                                                                if Path(f).is_dir() else ""))
     rows = []
     for f in files:
         for n, row in read_jsonl(f, "comparisons file"):
@@ -112,10 +113,15 @@ def prompt_key(prompt) -> str:
 
 
 def load_pairs(files, tok: Tokenizer, max_len: int) -> tuple[list[Pair], dict]:
-    """Comparison files -> rendered pairs and stats {rows, pairs, truncated, skipped: {why: n},
-    types: {type: n}}."""
+    """Comparison files -> rendered pairs and stats (see `render_pairs`)."""
+    return render_pairs(load_comparisons(files), tok, max_len)
+
+
+def render_pairs(rows: list[tuple[dict, str]], tok: Tokenizer, max_len: int) -> tuple[list[Pair], dict]:
+    """`load_comparisons`' rows -> rendered pairs and stats {rows, pairs, truncated, skipped:
+    {why: n}, types: {type: n}}."""
     pairs, skipped, types, truncated = [], Counter(), Counter(), 0
-    rows, fmt = load_comparisons(files), chat_format(tok)
+    fmt = chat_format(tok)
     for row, where in rows:
         if row["chosen"] == row["rejected"]:
             skipped["chosen == rejected"] += 1
@@ -247,20 +253,17 @@ class PrefRun:
 
 
 def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) -> PrefRun:
-    """Everything a preference stage checks and loads before training: the SFT model folder,
-    its tokenizer, the config, the output folder, the comparisons (rendered, split)."""
+    """Everything a preference stage checks and loads before training: the comparisons (read
+    and validated first: a bad file fails before the model loads), the SFT model folder, its
+    tokenizer, the config, the output folder, the pairs (rendered, split)."""
     base = Path(model)
-    data = [data] if isinstance(data, (str, Path)) else list(data or [])
-    if not data:
-        raise UserError("--data needs at least one comparisons jsonl file")
-    for f in data:
-        if not Path(f).is_file():
-            raise UserError(f"comparisons file {f} not found")
+    data = _files(data)
+    rows = load_comparisons(data)
     net, tok = load_model_and_tokenizer(base, kind="chat")
     cfg = stage_config(preset, overrides, net.cfg, "preference training")
     out_dir, resume = checkpoint.output_folder(out, resume)
     max_len = cfg.pref.max_len or cfg.model.max_seq_len
-    pairs, stats = load_pairs(data, tok, max_len)
+    pairs, stats = render_pairs(rows, tok, max_len)
     if not pairs:
         why = describe_counts(stats["skipped"]) or "empty"
         raise UserError(f"no usable comparisons in {' '.join(map(str, data))} ({why})")
