@@ -32,7 +32,7 @@ from lmstack.config import ModelConfig, model_config_from_dict
 from lmstack.device import check_fits
 from lmstack.model import GPT, RewardModel
 from lmstack.tokenizer import Tokenizer
-from lmstack.utils import UserError, atomic_file, atomic_write_json, fsync, read_json
+from lmstack.utils import UserError, atomic_file, atomic_write_json, read_json
 from lmstack.world import world_above
 
 WEIGHTS = "model.safetensors"
@@ -44,14 +44,20 @@ KINDS = ("lm", "chat", "reward")
 
 # --- weights ----------------------------------------------------------------------------
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Tensors to a safetensors file, written atomically and with a normal file's mode (safetensors'
+    own writer makes it 0600: unreadable to the others who share a runs folder or an export)."""
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
+
+
 def save_weights(model, path: str | os.PathLike) -> None:
     """Weights to safetensors. A tied lm_head is the embedding itself, so it is left out
     (as Hugging Face does with tie_word_embeddings); loading puts it back."""
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    save_file(sd, str(path), metadata={"format": "pt"})
-    fsync(path)
+    save_safetensors(sd, path)
 
 
 def load_weights(model, path: str | os.PathLike) -> None:

@@ -6,6 +6,8 @@ tokens; what cannot be imported is named in one line."""
 
 import dataclasses
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -139,6 +141,20 @@ def test_transformers_llama_round_trips_through_import_and_export(tmp_path, tok)
     ids = torch.tensor([[tok.bos_id] + tok.encode("Bo works at Acme in Rome")])
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "imported")(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_files_are_normal_files(tmp_path, tok):
+    """Written, exported and imported weights follow the umask like every other file (safetensors'
+    own writer makes them 0600: unreadable to the group that shares a runs folder)."""
+    old = os.umask(0o022)
+    try:
+        src = make_model_dir(tmp_path / "m", tok)  # modelio.save_weights
+        export_hf(src, tmp_path / "hf")
+        import_hf(tmp_path / "hf", tmp_path / "imported")
+    finally:
+        os.umask(old)
+    for d in (src, tmp_path / "hf", tmp_path / "imported"):
+        assert stat.S_IMODE((d / "model.safetensors").stat().st_mode) == 0o644, d
 
 
 @pytest.mark.slow

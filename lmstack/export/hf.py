@@ -22,21 +22,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmstack.chatformat import chat_format
 from lmstack.config import ModelConfig
 from lmstack.model import GPT
-from lmstack.modelio import lineage, load_model_and_tokenizer, save_weights
+from lmstack.modelio import lineage, load_model_and_tokenizer, save_safetensors, save_weights
 from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer
 from lmstack.utils import (UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir,
-                           current_umask, read_json)
+                           read_json)
 
 MAX_SHARD_BYTES = 2 * 1024 ** 3
 
@@ -83,15 +82,10 @@ def _state_for_hf(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _save(tensors: dict, path: Path) -> None:
-    save_file(tensors, path, metadata={"format": "pt"})
-    os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600; this is a file to share
-
-
 def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if total <= max_shard_bytes:
-        _save(tensors, folder / "model.safetensors")
+        save_safetensors(tensors, folder / "model.safetensors")
         return
     shards, cur, size = [], {}, 0
     for name, t in tensors.items():
@@ -104,7 +98,7 @@ def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byt
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save(shard, folder / fname)
+        save_safetensors(shard, folder / fname)
         weight_map.update({k: fname for k in shard})
     atomic_write_json(folder / "model.safetensors.index.json",
                       {"metadata": {"total_size": total}, "weight_map": weight_map})

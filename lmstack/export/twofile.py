@@ -19,10 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from lmstack.export import run as standalone
-from lmstack.modelio import load_model_and_tokenizer
+from lmstack.modelio import load_model_and_tokenizer, save_safetensors
 from lmstack.utils import UserError, atomic_output_dir, check_output_dir, current_umask
 
 RUN_PY = Path(__file__).with_name("run.py")
@@ -42,8 +40,7 @@ def export_twofile(model_dir: str | os.PathLike, out: str | os.PathLike, force: 
         tensors.pop("lm_head.weight", None)
     metadata = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(cfg)), "tokenizer": tok.to_str()}
     with atomic_output_dir(out, force) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
-        os.chmod(tmp / "model.safetensors", 0o666 & ~current_umask())  # safetensors writes it 0600
+        save_safetensors(tensors, tmp / "model.safetensors", metadata)
         shutil.copyfile(RUN_PY, tmp / "run.py")
         os.chmod(tmp / "run.py", 0o777 & ~current_umask())  # executable: it has a #! line
     out = Path(out)
