@@ -391,6 +391,13 @@ def test_label_prompts_from_a_file_queue_each_conversation_once(tmp_path):
         load_label_prompts(db, tmp_path / "none.jsonl")
 
 
+def test_label_prompts_without_a_database_are_refused_before_the_model_loads(tmp_path):
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Hi"}\n')
+    for db in ("", None):  # `--db ''`: no database to queue them in
+        with pytest.raises(UserError, match=r"--label-prompts needs a feedback database \(--db FILE\)"):
+            build(tmp_path / "no-model-here", db_path=db, label_prompts=tmp_path / "prompts.jsonl")
+
+
 # --- the page in a real browser --------------------------------------------------------------------
 
 def rows(db_path, sql):

@@ -38,6 +38,8 @@ def build(model_dir, api_key=None, db_path="feedback.sqlite", slots: int = 16, d
     waits for another writer's lock before its request gets a 503."""
     if slots < 1:
         raise UserError("--slots must be >= 1")
+    if label_prompts and not db_path:
+        raise UserError("--label-prompts needs a feedback database (--db FILE)")
     net, tok = load_model_and_tokenizer(model_dir, pick_device(device))
     db = None
     if db_path:
@@ -45,7 +47,7 @@ def build(model_dir, api_key=None, db_path="feedback.sqlite", slots: int = 16, d
         existed = path.exists()
         db = FeedbackDB(path, timeout=db_timeout)
         print(f"feedback database: {path}" + ("" if existed else " (new)"), flush=True)
-    if db is not None and label_prompts:
+    if label_prompts:
         added = load_label_prompts(db, label_prompts)
         print(f"labelling queue: {added} new prompts from {label_prompts}")
     server = Server(for_inference(net, dtype), tok, name or Path(model_dir).resolve().name, api_key=api_key,
