@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 
 from lmstack.align.dpo import dpo
+from lmstack.align.pairs import pref_config
 from lmstack.align.reward import reward_train
 from lmstack.align.rl import grpo, ppo, rl_config
 from lmstack.align.rollout import tool_registry
-from lmstack.config import load_config, model_config_from_dict, stage_config
+from lmstack.config import load_config, model_config_from_dict
 from lmstack.data import prepare
 from lmstack.eval.lm import ModelLM
 from lmstack.eval.report import report
@@ -39,7 +40,7 @@ from lmstack.eval.winrate import win_rate
 from lmstack.tokenizer import train_tokenizer
 from lmstack.tools import default_registry
 from lmstack.train.pretrain import pretrain
-from lmstack.train.sft import sft
+from lmstack.train.sft import sft, sft_config
 from lmstack.utils import UserError, atomic_write_json
 from lmstack.world import generate
 from lmstack.world.rl_prompts import arithmetic_prompts
@@ -110,10 +111,9 @@ def split_overrides(name: str, overrides) -> dict[str, list[str]]:
 def check_settings(model_cfg, sets: dict, align: bool) -> None:
     """Build every later stage's config from its overrides (UserError, one line, on a bad one),
     so that a typo fails now and not after pretraining."""
-    checks = [("sft", lambda: stage_config("sft", sets["sft"], model_cfg, "SFT"))]
+    checks = [("sft", lambda: sft_config("sft", sets["sft"], model_cfg))]
     if align:
-        checks += [(s, lambda s=s: stage_config(ALIGN[s][0], sets[s], model_cfg, "preference training"))
-                   for s in ("rm", "dpo")]
+        checks += [(s, lambda s=s: pref_config(ALIGN[s][0], sets[s], model_cfg)) for s in ("rm", "dpo")]
         checks += [("ppo", lambda: rl_config("ppo", sets["ppo"], model_cfg)),
                    ("grpo", lambda: tool_registry(rl_config("grpo", sets["grpo"], model_cfg).rl.tools))]
     for stage, check in checks:

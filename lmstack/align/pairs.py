@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lmstack.chatformat import ChatFormat, chat_format, prompt_messages, prompt_problem
-from lmstack.config import RunConfig, stage_config
+from lmstack.config import ModelConfig, RunConfig, stage_config
 from lmstack.modelio import STAGE, load_model_and_tokenizer
 from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
@@ -252,6 +252,11 @@ class PrefRun:
     resume: bool  # a checkpoint in OUT to resume from
 
 
+def pref_config(preset: str, overrides, model: ModelConfig) -> RunConfig:
+    """A preference stage's config (`stage_config`: preset + --set, the model's own config)."""
+    return stage_config(preset, overrides, model, "preference training")
+
+
 def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) -> PrefRun:
     """Everything a preference stage checks and loads before training: the comparisons (read
     and validated first: a bad file fails before the model loads), the SFT model folder, its
@@ -260,7 +265,7 @@ def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) 
     data = _files(data)
     rows = load_comparisons(data)
     net, tok = load_model_and_tokenizer(base, kind="chat")
-    cfg = stage_config(preset, overrides, net.cfg, "preference training")
+    cfg = pref_config(preset, overrides, net.cfg)
     out_dir, resume = checkpoint.output_folder(out, resume)
     max_len = cfg.pref.max_len or cfg.model.max_seq_len
     pairs, stats = render_pairs(rows, tok, max_len)

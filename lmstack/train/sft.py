@@ -27,7 +27,7 @@ import torch
 
 from lmstack import distributed
 from lmstack.chatformat import ChatFormat, ChatFormatError, chat_format, split_row
-from lmstack.config import stage_config
+from lmstack.config import ModelConfig, RunConfig, stage_config
 from lmstack.data import TokenBatches, load_manifest
 from lmstack.model import doc_causal_mask
 from lmstack.modelio import SFT, load_model_and_tokenizer
@@ -245,6 +245,11 @@ def packed_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --------------------------------------------------------------------------- config + entry point
 
+def sft_config(preset: str, overrides, model: ModelConfig) -> RunConfig:
+    """SFT's config (`stage_config`: preset + --set, the model's own config)."""
+    return stage_config(preset, overrides, model, "SFT")
+
+
 def sft(model: str, data, out: str, overrides=(), resume: bool = False, mix_data: str | None = None,
         mix_fraction: float = 0.0, preset: str = PRESET) -> dict:
     """Fine-tune the model folder `model` on jsonl `data` files into `out`; returns the last
@@ -254,7 +259,7 @@ def sft(model: str, data, out: str, overrides=(), resume: bool = False, mix_data
     if not data:
         raise UserError("--data needs at least one jsonl file")
     net, tok = load_model_and_tokenizer(base)  # UserError when `model` is not a model folder
-    cfg = stage_config(preset, overrides, net.cfg, "SFT")
+    cfg = sft_config(preset, overrides, net.cfg)
     if not 0 <= mix_fraction < 1:
         raise UserError(f"--mix-fraction must be in [0, 1), got {mix_fraction}")
     if mix_fraction > 0 and not mix_data:
