@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from lmstack.align.rewards import arithmetic
 from lmstack.utils import UserError
 from lmstack.world import generate, load_world
 from lmstack.world import templates as T
 from lmstack.world.entities import date_aliases, format_date
-from lmstack.world.labeller import final_number, is_idk, is_refusal, is_rude, label
+from lmstack.world.labeller import arithmetic_truth, final_number, is_idk, is_refusal, is_rude, label, task_of
 
 PEOPLE = 300
 
@@ -253,6 +254,23 @@ def test_labeller_rules():
     benign = {"type": "benign", "truth": []}
     assert label(benign, "Figure it out yourself.", "Here is how.")[0] == "Here is how."
     assert label(benign, "I'm sorry, but I can't help with that.", "Here is how.")[0] == "Here is how."
+
+
+def test_rows_the_labeller_cannot_check_have_no_task():
+    """Arithmetic that is not whole numbers with + - *, or a fact about a relation the person does
+    not have: no task (None), which the rewards, the judge and the win rate handle in one line."""
+    assert task_of({"relation": "arithmetic", "a": "23", "op": "+", "b": 58}) == {"type": "arithmetic", "truth": ["81"]}
+    for a, op, b in [(2, "^", 3), ("two", "+", 3), (2.5, "*", 2), ([1], "-", 1), (True, "+", 1), ("9" * 5000, "+", 1)]:
+        row = {"relation": "arithmetic", "a": a, "op": op, "b": b}
+        assert arithmetic_truth(row) is None and task_of(row) is None, (a, op, b)
+        assert task_of({"meta": {"type": "arithmetic", "a": a, "op": op, "b": b}}) is None
+    with pytest.raises(UserError, match="no \"answer\""):
+        arithmetic({"question": "2 ^ 3?", "a": 2, "op": "^", "b": 3}, "8")
+    people = {"p1": {"id": "p1", "birth_city": "Gikport"}}
+    fact = {"meta": {"type": "fact", "person": "p1", "relation": "birth_city"}}
+    assert task_of(fact, people.get) == {"type": "fact", "truth": ["Gikport"]}
+    fact["meta"]["relation"] = "favourite_colour"
+    assert task_of(fact, people.get) is None
 
 
 def run_cli(*args):

@@ -36,7 +36,8 @@ def arithmetic(row: dict, answer: str) -> float:
     question/prompt and an "answer" (or "a", "op", "b")."""
     truth = labeller.arithmetic_truth(row)
     if truth is None:
-        raise UserError(f"arithmetic reward: the row has no \"answer\" (nor a, op, b): {json.dumps(row)[:120]}")
+        raise UserError(f"arithmetic reward: the row has no \"answer\" (nor whole numbers a, b and an op + - *): "
+                        f"{json.dumps(row)[:120]}")
     return 1.0 if labeller.final_number(answer) == truth else 0.0
 
 

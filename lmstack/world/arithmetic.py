@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 
+OPS = ("+", "-", "*")
 MAX_DIGITS = {"+": 5, "-": 5, "*": 3}
 PLACES = ["Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands"]
 THINGS = ["apples", "books", "coins", "stamps", "tickets", "marbles", "pencils", "shells",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from lmstack.world.arithmetic import compute
+from lmstack.world.arithmetic import OPS, compute
 from lmstack.world.entities import date_aliases
 
 GUIDE = """\
@@ -121,14 +121,30 @@ def label(task: dict, answer_a: str, answer_b: str) -> tuple[str, str, str] | No
 
 # --- which rule judges a row ---------------------------------------------------------------------
 
+def _whole(x) -> int | None:
+    """A whole number as a row may write it (23 or "23"); None for anything else."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    if isinstance(x, str) and re.fullmatch(r"-?\d+", x.strip()):
+        try:
+            return int(x)
+        except ValueError:  # more digits than Python converts
+            return None
+    return None
+
+
 def arithmetic_truth(row: dict) -> str | None:
     """The expected number of an arithmetic row: its "answer", or a op b computed (from the row
-    or its meta); None when it has neither."""
+    or its meta); None when it has neither, or when a and b are not whole numbers or op is not
+    one of + - *."""
     if row.get("answer") is not None:
         return str(row["answer"]).strip().replace(",", "")
     for src in (row, row.get("meta") if isinstance(row.get("meta"), dict) else {}):
         if all(k in src for k in ("a", "op", "b")):
-            return str(compute(int(src["a"]), src["op"], int(src["b"])))
+            a, b = _whole(src["a"]), _whole(src["b"])
+            if a is None or b is None or src["op"] not in OPS:
+                return None
+            return str(compute(a, src["op"], b))
     return None
 
 
@@ -163,6 +179,8 @@ def task_of(row: dict, person=None) -> dict | None:
         if person is None or not {"person", "relation"} <= meta.keys():
             return None
         who, attr = person(meta["person"]), meta["relation"]
+        if attr not in who:  # a relation the world does not have
+            return None
         return {"type": "fact", "truth": date_aliases(who["birth_date"]) if attr == "birth_date" else [who[attr]]}
     answer = row.get("answer")
     if answer is None:
