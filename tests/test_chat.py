@@ -2,7 +2,6 @@
 driven through a pseudo-terminal the way a person types: streamed replies, history, /reset,
 /system, /temp, unknown commands, Ctrl-C during a reply, Ctrl-D and Ctrl-C at the prompt."""
 
-import dataclasses
 import fcntl
 import os
 import re
@@ -23,9 +22,8 @@ from lmstack.model import GPT
 from lmstack.chatformat import chat_format, render_chat
 from lmstack.tokenizer import train_tokenizer
 from lmstack.tools import default_registry
-from lmstack.modelio import save_weights
-from lmstack.utils import atomic_write_json
 from test_engine import ScriptedModel  # noqa: E402  (tests/ is on sys.path under pytest)
+from tiny import save_model_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CALL = '{"name": "calculator", "arguments": {"expression": "23 + 58"}}'
@@ -40,12 +38,9 @@ def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
     (d / "text.txt").write_text("What is 23 + 58? The calculator says 23 + 58 = 81. reply (system) hello.\n" * 40)
     tok = train_tokenizer([d / "text.txt"], vocab_size=300, out=d / "tok", progress=False)
-    tok.save(d)
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=128)
     torch.manual_seed(0)
-    save_weights(GPT(cfg), d / "model.safetensors")
-    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
-    return d
+    return save_model_dir(d, GPT(cfg), tok)
 
 
 def scripted_chat_model(tok, max_seq_len: int = 512) -> ScriptedModel:

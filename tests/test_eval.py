@@ -6,8 +6,6 @@ rounds in batched chat, comparisons, and `lmstack eval` through the command line
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 from collections import Counter
 from types import SimpleNamespace
 
@@ -21,9 +19,9 @@ from lmstack.eval.run import compare, lm_eval_data, lm_eval_text, resolve_tasks
 from lmstack.eval.tasks import check, load_specs, make_spec, run_task
 from lmstack.model import GPT
 from lmstack.tokenizer import train_tokenizer
-from lmstack.modelio import save_weights
-from lmstack.utils import UserError, atomic_write_json
+from lmstack.utils import UserError
 from test_chat import scripted_chat_model  # noqa: E402  (tests/ is on sys.path under pytest)
+from tiny import run_cli, save_model_dir  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,13 +44,9 @@ def byte_tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tok):
-    d = tmp_path_factory.mktemp("model")
-    tok.save(d)
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=32)
     torch.manual_seed(0)
-    save_weights(GPT(cfg), d / "model.safetensors")
-    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
-    return d
+    return save_model_dir(tmp_path_factory.mktemp("model"), GPT(cfg), tok)
 
 
 def write_jsonl(path, rows):
@@ -354,10 +348,6 @@ def test_limit_is_a_fixed_sample_and_compare_pairs_items(tmp_path, tok):
     c = compare({"model": "A", "tasks": {"c": a}}, {"model": "B", "tasks": {"c": b}})
     e = c["tasks"]["c"]["all"]
     assert e["a"] == 1.0 and e["b_only"] == 0 and e["a_only"] == a["n"] - b["correct"] and e["significant"]
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.mark.slow

@@ -3,13 +3,12 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from lmstack.eval.report import report
 from lmstack.utils import UserError
+from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = {"vocab_size": 256, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 64, "max_seq_len": 128}
@@ -176,15 +175,11 @@ def test_bad_input(tmp_path):
         report(tmp_path / "file")
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "lmstack", "report", *map(str, args)], capture_output=True, text=True)
-
-
 @pytest.mark.slow
 def test_cli(run, tmp_path):
-    proc = _cli(run / "nope")
+    proc = run_cli("report", run / "nope")
     assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _cli(run, "--out", tmp_path / "card")
+    proc = run_cli("report", run, "--out", tmp_path / "card")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "card" / "report.md").is_file() and "report.md" in proc.stdout
 

@@ -2,18 +2,13 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
 from lmstack.speedrun import ALIGN_SET, GRPO_TOOLS, split_overrides
+from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ALIGNED = ("dpo", "ppo", "grpo")  # the aligned chat models (rm/ is the reward model)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True)
 
 
 @pytest.mark.slow

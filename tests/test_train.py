@@ -23,7 +23,7 @@ from lmstack.data import target_bytes
 from lmstack.train.objectives import next_token_loss
 from lmstack.train.pretrain import pretrain
 from lmstack.utils import UserError
-from tiny import Interrupt  # noqa: E402  (tests/ is on sys.path under pytest)
+from tiny import Interrupt, run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.usefixtures("two_threads")
 
@@ -250,11 +250,6 @@ def test_objective_sums_and_masks():
 
 # --- bad input through the real CLI -----------------------------------------------------
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True,
-                          timeout=120)
-
-
 @pytest.mark.parametrize("extra, needle", [
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--set", "train.max_step=5"], "unknown config key 'train.max_step'"),
@@ -264,7 +259,7 @@ def run_cli(*args):
 ])
 @pytest.mark.slow
 def test_cli_bad_input(data_dir, tmp_path, extra, needle):
-    r = run_cli("pretrain", "--data", str(data_dir), "--out", str(tmp_path / "out"), *extra)
+    r = run_cli("pretrain", "--data", str(data_dir), "--out", str(tmp_path / "out"), *extra, timeout=120)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
@@ -272,14 +267,14 @@ def test_cli_bad_input(data_dir, tmp_path, extra, needle):
 
 @pytest.mark.slow
 def test_cli_missing_data_and_nonempty_out(tmp_path, data_dir):
-    r = run_cli("pretrain", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "out"))
+    r = run_cli("pretrain", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "out"), timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "nodata" in r.stderr
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    r = run_cli("pretrain", "--data", str(data_dir), "--out", str(tmp_path / "full"))
+    r = run_cli("pretrain", "--data", str(data_dir), "--out", str(tmp_path / "full"), timeout=120)
     assert r.returncode != 0 and "not empty" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("sample", "--model", str(tmp_path / "full"))
+    r = run_cli("sample", "--model", str(tmp_path / "full"), timeout=120)
     assert r.returncode != 0 and "no config.json" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -10,7 +10,6 @@ untied head with 4 / 1.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -33,9 +32,8 @@ from lmstack.export import run as runpy_module
 from lmstack.chatformat import render_chat
 from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.tools import calculator, default_registry
-from lmstack.modelio import load_model, save_weights
+from lmstack.modelio import load_model
 from lmstack.export.twofile import export_twofile
-from lmstack.utils import atomic_write_json
 from tiny import fit_windows, save_model_dir  # noqa: E402  (tests/ is on sys.path)
 
 CTX = 96
@@ -384,9 +382,7 @@ def test_ids_past_the_tokenizer_decode_to_nothing(tok_dir, tmp_path):
     cfg = ModelConfig(vocab_size=tok.vocab_size + 8, n_layer=1, n_head=2, d_model=16, ffn_hidden=32, max_seq_len=32)
     d = tmp_path / "model"
     d.mkdir()
-    tok.save(d)
-    save_weights(GPT(cfg), d / "model.safetensors")
-    atomic_write_json(d / "config.json", dataclasses.asdict(cfg))
+    save_model_dir(d, GPT(cfg), tok)
     export_twofile(d, tmp_path / "two")
     _, rtok = runpy_module.load(str(tmp_path / "two" / "model.safetensors"))
     ids = [tok.vocab_size + 3] + tok.encode("hi") + [tok.vocab_size + 7]

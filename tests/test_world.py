@@ -3,8 +3,6 @@ the labeller, and the command line."""
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from lmstack.world import generate, load_world
 from lmstack.world import templates as T
 from lmstack.world.entities import date_aliases, format_date
 from lmstack.world.labeller import arithmetic_truth, final_number, is_idk, is_refusal, is_rude, label, task_of
+from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
 PEOPLE = 300
 
@@ -271,10 +270,6 @@ def test_rows_the_labeller_cannot_check_have_no_task():
     assert task_of(fact, people.get) == {"type": "fact", "truth": ["Gikport"]}
     fact["meta"]["relation"] = "favourite_colour"
     assert task_of(fact, people.get) is None
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True)
 
 
 def assert_one_line_error(proc):

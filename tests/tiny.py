@@ -6,6 +6,8 @@ stop strings, greedy decoding, tool calls and accuracy; a second of training fix
 
 import dataclasses
 import socket
+import subprocess
+import sys
 
 import torch
 
@@ -45,6 +47,12 @@ def save_model_dir(d, model, tok):
     save_weights(model, d / "model.safetensors")
     atomic_write_json(d / "config.json", dataclasses.asdict(model.cfg))
     return d
+
+
+def run_cli(*args, cwd=None, timeout=None) -> subprocess.CompletedProcess:
+    """`python -m lmstack ARGS` in a fresh process (arguments passed through str), its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "lmstack", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
 
 
 def free_port() -> int:
