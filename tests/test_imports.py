@@ -126,11 +126,6 @@ def test_training_sits_above_everything_that_runs_a_model():
 
 
 README = PACKAGE.parent / "README.md"
-# Differences between the README's map and lmstack/ today, waiting for the README to name them (the map
-# is not this test's to edit). The test fails when one is fixed, too: then take it out of here.
-NOT_IN_THE_MAP_YET = {"__main__.py", "presets/", "serve/static/"}
-
-
 def map_of_the_code() -> set[str]:
     """What the README's map names inside lmstack/: the first word of each entry line, where an entry
     is indented two spaces per level and names a .py or .toml file or a folder/ (its description may
@@ -172,9 +167,7 @@ def test_the_readme_map_names_every_module():
     named = map_of_the_code()
     tree = tree_of_the_code(named)
     assert len(named) > 40, "the README's map was not found or not parsed"
-    missing = {t for t in tree - named if not any(t.startswith(g) for g in NOT_IN_THE_MAP_YET)}
+    missing = tree - named
     gone = named - tree
     assert not missing, f"in lmstack/ but not in the README's map: {sorted(missing)}"
     assert not gone, f"in the README's map but not in lmstack/: {sorted(gone)}"
-    fixed = {g for g in NOT_IN_THE_MAP_YET if g in named or g not in tree}
-    assert not fixed, f"now in the README's map (or gone): take {sorted(fixed)} out of NOT_IN_THE_MAP_YET"
