@@ -192,6 +192,8 @@ def test_bad_input_is_a_4xx_in_openai_shape(model_dir, tmp_path):
             (c.post("/v1/completions", content='{"model": "m", "prompt": "a\\udfff"}',
                     headers={"content-type": "application/json"}), 400),
             (c.post("/tokenize", content='{"prompt": "\\ud800"}', headers={"content-type": "application/json"}), 400),
+            (c.post("/api/conversations", content='{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                    headers={"content-type": "application/json"}), 400),  # in a nested model: checked by the body
             (chat(c, [{"role": "assistant", "content": "x", "tool_calls": 5}, *HELLO]), 400),
             (chat(c, [{"role": "assistant", "content": "", "tool_calls": [call]}, *HELLO]), 400),
             (c.post("/v1/chat/completions", content='{"model": "m", "messages": ' + "[" * 3000 + "]" * 3000 + "}",

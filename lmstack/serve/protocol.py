@@ -39,6 +39,7 @@ def error_body(message: str, type_: str = "invalid_request_error", param=None, c
 # --- request bodies (pydantic checks the types; extra fields are refused, as OpenAI does) ------
 
 class Body(BaseModel):
+    """A request body (the top level): its text, nested models' included, is checked once."""
     model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
@@ -48,6 +49,12 @@ class Body(BaseModel):
         tokenizer, database or UTF-8 stream can take it, so the request is refused here."""
         _check_text(data)
         return data
+
+
+class Nested(BaseModel):
+    """A model inside a request body: extra fields refused too, but no text check of its own
+    (the body's has walked it; one per level would walk each string again)."""
+    model_config = ConfigDict(extra="forbid")
 
 
 def _check_text(value) -> None:
@@ -87,7 +94,7 @@ def errors(*statuses: int) -> dict:
     return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
 
 
-class StreamOptions(Body):
+class StreamOptions(Nested):
     include_usage: bool = False
 
 

@@ -42,7 +42,7 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from lmstack.serve.generation import Server, sample_answers
-from lmstack.serve.protocol import INT64_MAX, APIError, errors
+from lmstack.serve.protocol import INT64_MAX, APIError, Nested, errors
 from lmstack.serve.protocol import Body as _Body
 from lmstack.tools import default_registry
 from lmstack.world.labeller import GUIDE
@@ -64,18 +64,18 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 # --- request bodies (pydantic: wrong types or unknown fields -> the API's 400) ---------------
 
-class ToolFunction(_Body):
+class ToolFunction(Nested):
     name: str = Field(min_length=1, max_length=100)
     arguments: str = Field(max_length=MAX_ARGUMENTS)  # JSON, as OpenAI sends it
 
 
-class ToolCall(_Body):
+class ToolCall(Nested):
     id: str = Field(min_length=1, max_length=100)
     type: Literal["function"] = "function"
     function: ToolFunction
 
 
-class Message(_Body):
+class Message(Nested):
     role: Literal["system", "user", "assistant", "tool"]  # the chat template's roles
     content: str | None = Field(max_length=MAX_TEXT)  # required; null only beside tool_calls
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOL_CALLS)  # assistant messages
