@@ -22,23 +22,16 @@ The output is an ordinary chat model folder (the policy's weights) with stage.js
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from lmstack import distributed
 from lmstack.align.pairs import describe, pair_sources, prepare
 from lmstack.modelio import STAGE
-from lmstack.train.loop import freeze, seed_everything, train
+from lmstack.train.loop import frozen_copy, seed_everything, train
 from lmstack.train.objectives import dpo_loss, token_logprobs
 from lmstack.utils import UserError, atomic_write_json
 
 PRESET = "dpo"
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` that cannot change: eval mode, no gradients, out of every optimizer."""
-    return freeze(copy.deepcopy(model))
 
 
 def answer_logprobs(model, x, y, mask) -> torch.Tensor:

@@ -27,9 +27,9 @@ from lmstack.align.rollout import (RolloutBatches, evaluate_prompts, load_prompt
                                    split_heldout, tempered_logprobs, tool_registry)
 from lmstack.config import RunConfig, stage_config
 from lmstack.model import GPT
-from lmstack.modelio import STAGE, WEIGHTS, load_model, load_model_and_tokenizer
+from lmstack.modelio import STAGE, WEIGHTS, load_model_and_tokenizer
 from lmstack.train import checkpoint
-from lmstack.train.loop import freeze, seed_everything, train
+from lmstack.train.loop import frozen_copy, seed_everything, train
 from lmstack.train.objectives import kl_estimates, ppo_clip_loss, value_loss
 from lmstack.utils import UserError, atomic_file, atomic_write_json, describe_counts
 
@@ -211,7 +211,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
     try:
         main = distributed.is_main()
         seed_everything(tc.seed)
-        ref = freeze(load_model(base, dist.device, kind="chat"))
+        ref = frozen_copy(net).to(dist.device)  # the chat model's weights, before any step changes net
         policy = PolicyValue.from_gpt(net) if kind == "ppo" else net
         policy.to(dist.device).train()
         if kind == "ppo" and not info.get("reward_norm"):
@@ -231,7 +231,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
                     print(f"held out, greedy, {base}: mean reward {ev['mean']:.4f}", flush=True)
             atomic_write_json(out_dir / STAGE, info)
         batches = RolloutBatches(kind, policy, ref, tok, train_prompts, scorer, cfg, dist.rank, dist.world_size,
-                                 reward_norm=tuple(info["reward_norm"]) if kind == "ppo" else (0.0, 1.0))
+                                 reward_norm=tuple(info["reward_norm"]) if kind == "ppo" else (0.0, 1.0), tools=tools)
         objective = GRPOObjective(rl) if kind == "grpo" else PPOObjective(rl)
         try:
             record = train(cfg, policy, batches, objective, out_dir, tokenizer_file=base / "tokenizer.json",

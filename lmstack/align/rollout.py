@@ -227,11 +227,13 @@ class RolloutBatches:
     ref_logp, adv, returns, old_values); all [B, T], mask 1 on reply tokens of y.
     `metrics()`: the phase's reward (mean, std), pass rate and groups with signal (GRPO), reply
     length, truncated and tool-call fractions, KL of the rollout policy to the reference.
+    `tools`: the registry the rollouts may call (rl.tools through `tool_registry`: run_rl builds
+    it once, for the rollouts and the held-out evaluation alike; GRPO only); None: no tools.
     State: {"phase", "pos"} and, inside a phase, the phase's rollouts (so resuming is exact)."""
 
     def __init__(self, kind: str, policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[Prompt],
                  scorer: Scorer, cfg: RunConfig, rank: int = 0, world_size: int = 1,
-                 reward_norm: tuple[float, float] = (0.0, 1.0)):
+                 reward_norm: tuple[float, float] = (0.0, 1.0), tools=None):
         assert kind in ("grpo", "ppo") and prompts
         self.kind, self.policy, self.ref, self.tok, self.prompts, self.scorer = kind, policy, ref, tok, prompts, scorer
         self.rl, self.tc, self.rank, self.world = cfg.rl, cfg.train, rank, world_size
@@ -245,7 +247,7 @@ class RolloutBatches:
         self._metrics: dict = {}
         self._perm_cache: dict[int, np.ndarray] = {}
         self.reward_norm = reward_norm  # PPO: (mean, std) of the reference's scores; rewards are standardised
-        self.tools = tool_registry(cfg.rl.tools)  # GRPO only (run_rl checks)
+        self.tools = tools
 
     # --- prompts of a phase
     def _prompt_at(self, k: int) -> int:

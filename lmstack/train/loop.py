@@ -20,6 +20,7 @@ change the update. Rank 0 alone logs and saves.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -56,6 +57,12 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` that cannot change: eval mode, no gradients, out of every optimizer
+    (a reference taken from the policy before training, instead of loading it from disk again)."""
+    return freeze(copy.deepcopy(model))
 
 
 def lr_at(step: int, oc: OptimConfig, max_steps: int) -> float:
