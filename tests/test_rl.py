@@ -1,4 +1,4 @@
-"""RL (train/rl.py, train/rollout.py, train/rewards.py): reward specs and their errors, prompt rows, rollouts from
+"""RL (align/rl.py, align/rollout.py, align/rewards.py): reward specs and their errors, prompt rows, rollouts from
 the CURRENT policy, a frozen reference, PPO's per-token rewards, GRPO raising a toy reward, PPO
 end to end with a stand-in reward, the output folder, and exact resume. Tiny untrained models."""
 

@@ -90,17 +90,14 @@ class Reply:
     calls: int  # tool calls in it (opened, closed or not)
     finish: str  # "stop" | "length"
     env: list[int] = dataclasses.field(default_factory=list)  # positions in ids the tools wrote, not the policy
-    unanswered: int = -1  # tool calls in the last turn (no result came back); -1: the same as calls
-
-    def __post_init__(self):
-        if self.unanswered < 0:
-            self.unanswered = self.calls
+    unanswered: int = 0  # tool calls in the last turn (no result came back)
 
 
 def parse_reply(tok: Tokenizer, ids: list[int], stop: int | None, finish: str) -> Reply:
     """One reply's ids (no tool rounds) as a Reply: its text outside tool calls, its calls."""
     p = chat_format(tok).parse(ids)
-    return Reply(list(ids) + ([stop] if isinstance(stop, int) else []), p.text.strip(), p.opened, finish)
+    return Reply(list(ids) + ([stop] if isinstance(stop, int) else []), p.text.strip(), p.opened, finish,
+                 unanswered=p.opened)
 
 
 def sample(model, tok: Tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
