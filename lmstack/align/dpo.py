@@ -29,7 +29,7 @@ from lmstack.align.pairs import describe, pair_sources, prepare
 from lmstack.modelio import STAGE
 from lmstack.train.loop import frozen_copy, seed_everything, train
 from lmstack.train.objectives import dpo_loss, token_logprobs
-from lmstack.utils import UserError, atomic_write_json
+from lmstack.utils import atomic_write_json
 
 PRESET = "dpo"
 
@@ -73,12 +73,13 @@ class DPOObjective:
 def dpo(model, data, out, overrides=(), resume: bool = False, preset: str = PRESET,
         nll_weight: float | None = None) -> dict:
     """DPO from the SFT model folder `model` on comparison files `data` into `out`; returns the
-    last metrics record. nll_weight (default: pref.nll_weight): see DPOObjective; 0 is plain DPO."""
+    last metrics record. nll_weight: an override of pref.nll_weight (checked with the rest of the
+    config, and recorded in it); see DPOObjective; 0 is plain DPO."""
+    if nll_weight is not None:
+        overrides = [*overrides, f"pref.nll_weight={nll_weight}"]
     run = prepare("dpo", model, data, out, overrides, resume, preset)
     cfg, tc = run.cfg, run.cfg.train
-    nll_weight = cfg.pref.nll_weight if nll_weight is None else nll_weight
-    if nll_weight < 0:
-        raise UserError(f"nll_weight must be >= 0, got {nll_weight}")
+    nll_weight = cfg.pref.nll_weight
     run.info.update(beta=cfg.pref.beta, nll_weight=nll_weight)
     pad = run.tok.pad_id
     dist = distributed.init(tc.device)
