@@ -168,7 +168,7 @@ def create_app(server: Server) -> FastAPI:
         ids = await run_in_threadpool(server.chat_prompt, [_content_text(m, i) for i, m in enumerate(body.messages)])
         max_tokens = server.room(ids, body.max_completion_tokens or body.max_tokens)
         tools = bool(body.tools) and body.tool_choice != "none"
-        top = body.top_logprobs or 0
+        top = (body.top_logprobs or 0) if body.logprobs else 0  # without logprobs: no top-k at every step
         batch = Batch(server)
         for _ in range(body.n):
             batch.add(ids, max_tokens, chat=True, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
