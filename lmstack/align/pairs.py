@@ -23,10 +23,10 @@ import torch
 
 from lmstack.chatformat import ChatFormat, chat_format, prompt_messages, prompt_problem
 from lmstack.config import ModelConfig, RunConfig, stage_config
+from lmstack.data import IGNORE_INDEX
 from lmstack.modelio import STAGE, load_model_and_tokenizer
 from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
-from lmstack.train.objectives import IGNORE_INDEX
 from lmstack.utils import UserError, describe_counts, read_jsonl
 
 # --------------------------------------------------------------------------- rows
