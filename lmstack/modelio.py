@@ -166,9 +166,9 @@ def lineage(model_dir) -> dict:
     d = Path(model_dir)
     info = {"chat": False, "data": None, "world": None}
     for _ in range(8):  # follow base -> base (SFT of an SFT, later stages)
-        sft = read_json(d / SFT)
+        sft = _stage_record(d / SFT)
         if sft is None:
-            stage = read_json(d / STAGE)  # later stages (preference training, RL) record their base
+            stage = _stage_record(d / STAGE)  # later stages (preference training, RL) record their base
             if stage and stage.get("base"):
                 info["chat"] = info["chat"] or bool(stage.get("chat", True))
                 d = Path(stage["base"])
@@ -177,6 +177,8 @@ def lineage(model_dir) -> dict:
         info["chat"] = True
         for f in sft.get("data") or []:
             info["world"] = info["world"] or world_above(f)
+        if not sft.get("base"):
+            break
         d = Path(sft["base"])
     run = read_json(d / "run.json") or {}
     data = (run.get("data") or {}).get("dir")
@@ -185,3 +187,19 @@ def lineage(model_dir) -> dict:
         for f in (read_json(Path(data) / "manifest.json") or {}).get("inputs", []):
             info["world"] = info["world"] or world_above(f)
     return info
+
+
+def _stage_record(path: Path) -> dict | None:
+    """sft.json or stage.json as `lineage` follows it: None when missing or not JSON (as any
+    optional run file); a UserError when it is not what lmstack writes."""
+    rec = read_json(path)
+    if rec is None:
+        return None
+    if not isinstance(rec, dict):
+        raise UserError(f"{path} is malformed: not a JSON object")
+    if not isinstance(rec.get("base") or "", str):
+        raise UserError(f"{path} is malformed: its \"base\" is not a model folder's path")
+    data = rec.get("data") or []
+    if not isinstance(data, list) or not all(isinstance(f, str) for f in data):
+        raise UserError(f"{path} is malformed: its \"data\" is not a list of paths")
+    return rec

@@ -22,7 +22,7 @@ from lmstack.export.hf import export_hf, import_hf, rope_theta  # noqa: E402
 from lmstack.model import GPT  # noqa: E402
 from lmstack.chatformat import render_chat  # noqa: E402
 from lmstack.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from lmstack.modelio import load_model, save_weights  # noqa: E402
+from lmstack.modelio import lineage, load_model, save_weights  # noqa: E402
 from lmstack.utils import UserError, atomic_write_json  # noqa: E402
 
 TEXT = ("Ana was born in Paris on 3 May 1990. Bo works at Acme in Rome; he's 41. "
@@ -155,6 +155,24 @@ def test_weights_files_are_normal_files(tmp_path, tok):
         os.umask(old)
     for d in (src, tmp_path / "hf", tmp_path / "imported"):
         assert stat.S_IMODE((d / "model.safetensors").stat().st_mode) == 0o644, d
+
+
+def test_a_malformed_stage_record_is_one_line(tmp_path, tok):
+    """lineage (the model card's, the win rate's) follows sft.json / stage.json to the base model:
+    one that is not what lmstack writes is named in one line, not a traceback."""
+    src = make_model_dir(tmp_path / "m", tok)
+    for name, rec, why in [("sft.json", ["a"], "not a JSON object"), ("sft.json", {"base": 5}, '"base"'),
+                           ("sft.json", {"base": "b", "data": "w/sft.jsonl"}, '"data"'),
+                           ("stage.json", ["a"], "not a JSON object"), ("stage.json", {"base": ["b"]}, '"base"')]:
+        (src / name).write_text(json.dumps(rec))
+        with pytest.raises(UserError, match=f"{name} is malformed: .*{why}"):
+            lineage(src)
+        with pytest.raises(UserError, match=f"{name} is malformed"):
+            export_hf(src, tmp_path / "hf")
+        (src / name).unlink()
+    assert not (tmp_path / "hf").exists()
+    (src / "sft.json").write_text(json.dumps({"data": [str(tmp_path / "w" / "sft.jsonl")]}))  # no base: stops there
+    assert lineage(src) == {"chat": True, "data": None, "world": None}
 
 
 @pytest.mark.slow
