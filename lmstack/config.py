@@ -203,7 +203,7 @@ def read_preset(preset: str) -> dict:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8
         raise UserError(f"preset {path}: invalid TOML: {e}") from None
 
 

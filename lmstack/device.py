@@ -30,6 +30,10 @@ def pick_device(preference: str = "auto") -> torch.device:
     if preference.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {preference} asked for but no CUDA GPU is available")
     if preference.startswith("cuda:"):
+        n = torch.cuda.device_count()
+        if int(preference[5:]) >= n:
+            raise UserError(f"device {preference} asked for but this machine has {n} CUDA GPU(s): "
+                            f"cuda:0 to cuda:{n - 1}")
         return torch.device(preference)
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from lmstack.config import OptimConfig, load_config
 from lmstack.data import TokenBatches, prepare
+from lmstack.device import pick_device
 from lmstack.model import GPT
 from lmstack.tokenizer import train_tokenizer
 from lmstack import modelio
@@ -213,6 +214,21 @@ def test_load_model_errors(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
     with pytest.raises(UserError, match="corrupt"):
         modelio.load_model(tmp_path / "m")
+
+
+def test_a_preset_that_is_not_utf8_is_one_line(tmp_path):
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('[train]\n# caf\xe9\nmax_steps = 5\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="latin1.toml: invalid TOML"):
+        load_config(str(bad))
+
+
+def test_a_gpu_past_the_last_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="cuda:2 asked for but this machine has 2 CUDA GPU"):
+        pick_device("cuda:2")
 
 
 def test_lr_schedules():
