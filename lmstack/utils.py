@@ -172,6 +172,18 @@ def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
     return out
 
 
+def check_output_file(out: str | os.PathLike, flag: str = "--out", what: str = "file") -> Path:
+    """Validate an output file's path before any work starts (fail fast, one clear line): not a
+    folder, and not under a file (where the atomic write would fail only at the end)."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a folder (name the {what} to write)")
+    above = next(p for p in out.parents if p.exists())  # "/" or "." at the latest
+    if not above.is_dir():
+        raise UserError(f"{flag} {out}: {above} is a file, not a folder")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, force: bool = False):
     """Yield a temporary folder beside `out`; on success it replaces `out` in one rename.

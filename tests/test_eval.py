@@ -17,6 +17,7 @@ from lmstack.eval.lm import ModelLM, Reply
 from lmstack.stats import binom_two_sided, paired_compare, summarize, wilson
 from lmstack.eval.run import compare, lm_eval_data, lm_eval_text, resolve_tasks
 from lmstack.eval.tasks import check, load_specs, make_spec, run_task
+from lmstack.eval.winrate import win_rate, world_prompts
 from lmstack.model import GPT
 from lmstack.tokenizer import train_tokenizer
 from lmstack.utils import UserError
@@ -389,3 +390,15 @@ def test_task_data_that_is_a_folder_is_one_clear_line(tmp_path, tok):
     spec = make_spec({"name": "x", "data": "d.jsonl"}, "spec.toml", tmp_path)
     with pytest.raises(UserError, match=r"task x: data file .*d\.jsonl is a folder \(name the \.jsonl file\)"):
         run_task(OracleLM(tok, {}), spec)
+
+
+def test_win_rate_out_that_is_a_folder_is_refused_first_and_odd_probe_rows_are_skipped(tmp_path):
+    with pytest.raises(UserError, match="--out .* is a folder"):  # before the world is read, or a model
+        win_rate(tmp_path / "a", tmp_path / "b", tmp_path / "no-world", out=tmp_path)
+    world = tmp_path / "w"
+    (world / "probes").mkdir(parents=True)
+    (world / "world.json").write_text("{}")
+    good = {"question": "Where was Ana born?", "answer": "Paris", "relation": "birth_city"}
+    write_jsonl(world / "probes" / "facts.jsonl", [[1, 2], "Where?", {"answer": "Paris"}, {"question": ["x"]}, good])
+    items = world_prompts(world, n=5, kinds=("fact",))
+    assert [it["prompt"] for it in items] == ["Where was Ana born?"] and items[0]["source"].endswith("facts.jsonl:5")

@@ -374,6 +374,16 @@ def test_cli_errors_are_one_line(root, sft_dir, tmp_path, capsys):
         assert not (tmp_path / o).exists()  # nothing is written before the checks pass
 
 
+def test_reward_score_and_judge_refuse_an_out_that_is_a_folder_first(root, sft_dir, tmp_path, capsys):
+    """Before the data or the model is read (reward score used to score everything, then fail to
+    rename its output onto the folder with a traceback)."""
+    cases = [["reward", "score", "--model", str(sft_dir), "--data", str(root / "pairs.jsonl"), "--out", str(tmp_path)],
+             ["judge", "--model", str(sft_dir), "--prompts", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"--out {tmp_path} is a folder" in err, (argv, err)
+
 # --------------------------------------------------------------------------- win rate
 
 

@@ -2,10 +2,11 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from lmstack.utils import UserError, clear_stale, read_json, read_jsonl
+from lmstack.utils import UserError, check_output_file, clear_stale, read_json, read_jsonl
 
 
 def dead_pid() -> int:
@@ -41,3 +42,13 @@ def test_read_jsonl_a_line_nested_past_the_parser_is_a_bad_line(tmp_path):
     assert skipped == {"bad JSON": 1}
     (tmp_path / "run.json").write_text("[" * 100_000)
     assert read_json(tmp_path / "run.json") is None  # an optional file that is not JSON
+
+
+def test_check_output_file_refuses_a_folder_and_a_path_under_a_file(tmp_path):
+    with pytest.raises(UserError, match=r"^--out .* is a folder \(name the \.json file to write\)$"):
+        check_output_file(tmp_path, what=".json file")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match=r"^--to .*f/a/b.jsonl: .*f is a file, not a folder$"):
+        check_output_file(tmp_path / "f" / "a" / "b.jsonl", "--to")
+    assert check_output_file(tmp_path / "new" / "b.jsonl") == tmp_path / "new" / "b.jsonl"
+    assert check_output_file("b.jsonl") == Path("b.jsonl")

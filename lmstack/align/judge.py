@@ -37,7 +37,7 @@ from lmstack.chatformat import ChatFormatError, prompt_messages, row_prompt
 from lmstack.engine import generate_batch
 from lmstack.eval.lm import ModelLM
 from lmstack.stats import wilson
-from lmstack.utils import UserError, atomic_write_text, describe_counts, read_jsonl
+from lmstack.utils import UserError, atomic_write_text, check_output_file, describe_counts, read_jsonl
 from lmstack.world import labeller
 
 DEFAULT_CONSTITUTION = """\
@@ -150,8 +150,7 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
     written, skipped, position consistency, agreement with the world's labeller when known)."""
     if limit < 0:
         raise UserError("--limit must be >= 0 (0 = every prompt)")
-    if Path(out).is_dir():
-        raise UserError(f"--out {out} is a folder (name the comparisons .jsonl file to write)")
+    check_output_file(out, what="comparisons .jsonl file")
     if constitution is not None:
         path = Path(constitution)
         if not path.is_file():

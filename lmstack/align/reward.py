@@ -37,7 +37,7 @@ from lmstack.stats import wilson
 from lmstack.tokenizer import Tokenizer
 from lmstack.train.loop import seed_everything, train
 from lmstack.train.objectives import bradley_terry_loss
-from lmstack.utils import UserError, atomic_write_json, atomic_write_text, read_jsonl
+from lmstack.utils import UserError, atomic_write_json, atomic_write_text, check_output_file, read_jsonl
 
 PRESET = "reward"
 EVAL_FILE = "reward_eval.json"
@@ -170,6 +170,8 @@ def reward_score(model, data, out=None, batch_size: int = 32) -> dict:
     """Score the rows of jsonl `data` with the reward model folder `model`: {prompt, answer}
     rows get "score", {prompt, chosen, rejected} rows "score_chosen" / "score_rejected".
     Rows go to `out` (jsonl), else to stdout; returns {rows, scored, pairs, accuracy, ...}."""
+    if out is not None:
+        check_output_file(out, what="scored .jsonl file")
     rows = []
     for n, row in read_jsonl(data, "data file"):
         why = _score_row_problem(row)

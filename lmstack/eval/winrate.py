@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lmstack.eval.lm import ModelLM
 from lmstack.stats import wilson
-from lmstack.utils import UserError, atomic_write_json, read_jsonl
+from lmstack.utils import UserError, atomic_write_json, check_output_file, read_jsonl
 from lmstack.world import labeller
 
 PROBE_KINDS = {"fact": "facts.jsonl", "harmful": "harmful.jsonl", "benign": "benign.jsonl",
@@ -42,7 +42,8 @@ def world_prompts(world_dir, n: int = 200, seed: int = 0, kinds=WIN_RATE_KINDS, 
         if kind not in PROBE_KINDS:
             raise UserError(f"unknown prompt kind {kind!r} ({' | '.join(PROBE_KINDS)})")
         path = world / "probes" / PROBE_KINDS[kind]
-        rows = [(ln, r) for ln, r in read_jsonl(path, "probe file") if r.get("question") not in skip]
+        rows = [(ln, r) for ln, r in read_jsonl(path, "probe file")
+                if isinstance(r, dict) and isinstance(r.get("question"), str) and r["question"] not in skip]
         k = (j + 1) * n // len(kinds) - j * n // len(kinds)
         for ln, r in sorted(rng.sample(rows, min(k, len(rows))), key=lambda t: t[0]):
             task = labeller.task_of(r)
@@ -58,6 +59,8 @@ def win_rate(model_a, model_b, world_dir, n: int = 200, seed: int = 0, max_token
     the better answer or calls a tie. win_rate = wins / (wins + losses) of A, with a 95% Wilson
     interval, overall and by prompt type; `score_a` / `score_b` are the labeller's mean scores.
     Writes the result (with every item) to `out` when given."""
+    if out is not None:
+        check_output_file(out, what=".json file")
     items = world_prompts(world_dir, n, seed, exclude=exclude)
     if not items:
         raise UserError(f"no world prompts left to compare on ({world_dir}; every one is excluded?)")

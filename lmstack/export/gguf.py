@@ -47,7 +47,7 @@ import torch
 from lmstack.chatformat import chat_format
 from lmstack.modelio import load_model_and_tokenizer
 from lmstack.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
-from lmstack.utils import UserError, atomic_file
+from lmstack.utils import UserError, atomic_file, check_output_file
 
 DTYPES = ("f32", "f16", "bf16")
 PRE_TOKENIZER = "dbrx"  # llama.cpp's built-in GPT-4 (cl100k) split with plain BPE merging
@@ -123,9 +123,7 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
                         "(or pip install 'lmstack[gguf]')") from None
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {' | '.join(DTYPES)} for gguf, got {dtype!r}")
-    model_dir, out = Path(model_dir), Path(out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give the path of the .gguf file to write")
+    model_dir, out = Path(model_dir), check_output_file(out, what=".gguf file")
     if out.exists() and not force:
         raise UserError(f"{out} exists (use --force to replace it)")
     model, tok = load_model_and_tokenizer(model_dir)  # UserError on a missing or broken folder

@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from lmstack.utils import UserError, atomic_write_text
+from lmstack.utils import UserError, atomic_write_text, check_output_file
 from lmstack.world import arithmetic as ar
 from lmstack.world.assistant import ARITH_QUESTIONS
 
@@ -84,6 +84,7 @@ def arithmetic_prompts(world_dir, out_file, digits=(1,), per_op: int = 200, seed
         raise UserError(f"--digits must be whole numbers from 1 to {MAX_ANY} (got {digits})")
     if per_op < 1:
         raise UserError(f"--per-op must be >= 1 (got {per_op})")
+    out = check_output_file(out_file, what=".jsonl file")
     held = held_out(world_dir)
     rng = random.Random(seed)
     rows, by_digits = [], {}
@@ -98,8 +99,5 @@ def arithmetic_prompts(world_dir, out_file, digits=(1,), per_op: int = 200, seed
                 rows += [{"question": q.format(e=e), "answer": answer, "a": a, "op": op, "b": b, "digits": d}
                          for q in ARITH_QUESTIONS]
     random.Random(seed).shuffle(rows)
-    out = Path(out_file)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder (give a .jsonl file)")
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
     return {"rows": len(rows), "problems": sum(by_digits.values()), "by_digits": by_digits, "path": str(out)}
