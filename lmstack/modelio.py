@@ -33,7 +33,6 @@ from lmstack.device import check_fits
 from lmstack.model import GPT, RewardModel
 from lmstack.tokenizer import Tokenizer
 from lmstack.utils import UserError, atomic_file, atomic_write_json, read_json
-from lmstack.world import world_above
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -158,6 +157,19 @@ def write_run_files(out: str | os.PathLike, run_config: dict, tokenizer_file: st
 
 
 # --- where a model came from ----------------------------------------------------------------
+
+def world_above(path) -> Path | None:
+    """The world folder (the one holding world.json) at or up to two levels above `path`, e.g.
+    of WORLD/probes/arithmetic.jsonl or WORLD/sft.jsonl; None when there is none. (Here, not in
+    lmstack.world: loading a model must not import the world generator.)"""
+    if path is None:
+        return None
+    p = Path(path)
+    for d in [p, *p.parents][:3]:
+        if (d / "world.json").is_file():
+            return d
+    return None
+
 
 def lineage(model_dir) -> dict:
     """What a model folder says about its training: {"chat": trained on conversations,

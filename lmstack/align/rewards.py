@@ -22,8 +22,9 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from lmstack.modelio import world_above
 from lmstack.utils import UserError
-from lmstack.world import labeller, load_world, world_above
+from lmstack.world import labeller, load_world
 
 Reward = Callable[[dict, str], float]
 BUILTIN = ("arithmetic", "world")

@@ -2,7 +2,7 @@
 into every kind of text the pipeline needs (pretraining documents, assistant conversations,
 preference comparisons, evaluation probes), all with exact ground truth."""
 
-from lmstack.world.corpus import generate, load_world, print_stats, world_above
+from lmstack.world.corpus import generate, load_world, print_stats
 from lmstack.world.entities import build_world
 
-__all__ = ["build_world", "generate", "load_world", "print_stats", "world_above"]
+__all__ = ["build_world", "generate", "load_world", "print_stats"]

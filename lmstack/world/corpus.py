@@ -217,7 +217,7 @@ def _comparison_chunk(world, ix, ctx, rng, n):
     return rows
 
 
-# ---------------------------------------------------------------- stats
+# ---------------------------------------------------------------- reading a world, its stats
 def load_world(path) -> dict:
     path = Path(path)
     f = path / "world.json" if path.is_dir() else path
@@ -227,18 +227,6 @@ def load_world(path) -> dict:
         raise UserError(f"{path} is not a world folder (no world.json; make one with `lmstack world --out DIR`)")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{f} is corrupt: {e}")
-
-
-def world_above(path) -> Path | None:
-    """The world folder (the one holding world.json) at or up to two levels above `path`, e.g.
-    of WORLD/probes/arithmetic.jsonl or WORLD/sft.jsonl; None when there is none."""
-    if path is None:
-        return None
-    p = Path(path)
-    for d in [p, *p.parents][:3]:
-        if (d / "world.json").is_file():
-            return d
-    return None
 
 
 def _jsonl_stats(path: Path, key=None):
