@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import re
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -163,8 +162,7 @@ def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
     """Validate an output folder before any work starts (fail fast, one clear line); what dead
     writers left beside it is cleared first."""
     out = Path(out)
-    if out.parent.is_dir():
-        clear_stale(out)
+    clear_stale(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -202,7 +200,7 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False):
     try:
         yield tmp
         if out.exists():
-            old = out.with_name(f"{_temp_prefix(out)}{secrets.token_hex(4)}.old")
+            old = out.with_name(f"{_temp_prefix(out)}{os.urandom(4).hex()}.old")
             os.rename(out, old)
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
