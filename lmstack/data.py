@@ -153,7 +153,7 @@ def prepare(inputs, tokenizer, out, text_field: str = "text", val_fraction: floa
     print(f"data: {n} documents ({train.docs} train / {val.docs} val), {n_tok:,} tokens "
           f"({train.tokens:,} / {val.tokens:,}), {(train.bytes + val.bytes) / max(n_tok - n, 1):.2f} "
           f"bytes/token (BOS not counted), "
-          f"{len(train.shards) + len(val.shards)} shard(s) -> {out}" + skip_summary(skipped))
+          f"{len(train.shards) + len(val.shards)} shard(s) -> {out}" + skip_summary(skipped, "manifest.json"))
     return manifest
 
 

@@ -188,10 +188,12 @@ def _read_hf(name, field, skipped):
         _skip(skipped, name, f"no string '{field}' field in any row")
 
 
-def skip_summary(skipped: list[dict]) -> str:
-    """"; skipped PATH: REASON (+N more ...)" for the one-line summaries (or "")."""
+def skip_summary(skipped: list[dict], listed_in: str | None = None) -> str:
+    """"; skipped PATH: REASON (+N more)" for the one-line summaries (or ""); `listed_in` names
+    the file that lists them all, where the command writes one (data prepare's manifest.json)."""
     if not skipped:
         return ""
     s = skipped[0]
-    more = f" (+{len(skipped) - 1} more in manifest.json)" if len(skipped) > 1 else ""
+    where = f" in {listed_in}" if listed_in else ""
+    more = f" (+{len(skipped) - 1} more{where})" if len(skipped) > 1 else ""
     return f"; skipped {s['path']}: {s['reason']}{more}"

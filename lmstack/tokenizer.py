@@ -21,7 +21,7 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmstack.sources import iter_documents, skip_summary
+from lmstack.sources import as_list, iter_documents, skip_summary
 from lmstack.utils import UserError, atomic_output_dir, atomic_write_text, check_output_dir
 
 
@@ -169,7 +169,7 @@ def train_tokenizer(inputs, vocab_size: int, out, text_field: str = "text", forc
     Documents stream from disk into the trainer (the corpus is never held in memory);
     every `holdout_every`-th document is kept out of training to measure compression.
     """
-    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    inputs = as_list(inputs)
     check_output_dir(out, force)  # fail before the (possibly long) training, not after
     n_min = 256 + len(SPECIAL_TOKENS)
     if vocab_size < n_min:
