@@ -21,7 +21,7 @@ from lmstack.config import ModelConfig
 from lmstack.model import GPT
 from lmstack.modelio import load_model, load_model_and_tokenizer
 from lmstack.serve.batcher import Batcher, GenRequest
-from lmstack.serve.db import DatabaseUnavailable, FeedbackDB
+from lmstack.serve.db import DatabaseUnavailable, FeedbackDB, RequestLog
 from lmstack.serve.protocol import Limits
 from lmstack.serve.server import build
 from lmstack.tokenizer import train_tokenizer
@@ -109,6 +109,34 @@ def test_a_failed_commit_is_rolled_back_so_the_next_write_succeeds(tmp_path):
         reader.close()
     assert db.save_conversation(HELLO) == first + 1  # the failed write was rolled back, not kept
     assert db.state == "ok" and len(db._q("SELECT id FROM conversations")) == 2
+    db.close()
+
+
+def test_the_request_log_runs_while_the_app_serves(model_dir, tmp_path):
+    app = app_for(model_dir, tmp_path / "f.sqlite")
+    request_log = app.state.server.request_log
+    assert request_log.conn is None  # no thread, no connection before the app serves
+    with TestClient(app) as c:
+        assert chat(c).status_code == 200
+    assert not request_log._thread.is_alive()  # stopped at shutdown, what was queued written first
+    with sqlite3.connect(tmp_path / "f.sqlite") as con:
+        assert con.execute("SELECT count(*) FROM requests").fetchone()[0] == 1
+
+    # A locked database cannot hold shutdown up: what is left is dropped, and counted.
+    other = sqlite3.connect(tmp_path / "f.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        db = FeedbackDB(tmp_path / "f.sqlite")
+        request_log = RequestLog(db, timeout=0.1).start()
+        for _ in range(20):
+            request_log.add("/v1/completions", 200, 1.0)
+        request_log.close(timeout=0)
+        request_log.add("/v1/completions", 200, 1.0)  # after close: dropped
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not request_log._thread.is_alive()
+    assert request_log.written == 0 and request_log.failed + request_log.dropped == 21
     db.close()
 
 

@@ -67,9 +67,9 @@ def create_app(server: Server) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
-        server.batcher.start()
+        server.start()
         yield
-        server.batcher.close()
+        server.close()
 
     app = FastAPI(title="lmstack", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server

@@ -76,7 +76,7 @@ class FeedbackDB:
         self.path = str(path)
         self.state = "ok"  # how the last operation went: "ok", or why it failed
         try:
-            self.conn = sqlite3.connect(self.path, timeout=timeout, check_same_thread=False, isolation_level=None)
+            self.conn = self._connect(timeout)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
             self.conn.execute("PRAGMA foreign_keys=ON")
@@ -84,6 +84,15 @@ class FeedbackDB:
             self._migrate()
         except (sqlite3.DatabaseError, DatabaseUnavailable) as e:
             raise UserError(f"{self.path} is not a usable SQLite database ({e})") from None
+
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        """A connection to this database: any thread may use it (under a lock, or one thread
+        alone), and it opens no transaction by itself (each one is explicit)."""
+        return sqlite3.connect(self.path, timeout=timeout, check_same_thread=False, isolation_level=None)
+
+    def _note(self, error: Exception | None) -> None:
+        """`state` after an operation: "ok", or why it failed (what /health reports)."""
+        self.state = "ok" if error is None else f"unavailable: {error}"
 
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -137,10 +146,10 @@ class FeedbackDB:
         except (sqlite3.OperationalError, sqlite3.DatabaseError) as e:
             if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
                 raise
-            self.state = f"unavailable: {e}"
+            self._note(e)
             raise DatabaseUnavailable(f"the feedback database {self.path} cannot answer: {e}") from None
         else:
-            self.state = "ok"
+            self._note(None)
 
     # --- conversations and ratings ------------------------------------------------------------
 
@@ -293,17 +302,26 @@ class RequestLog:
     this thread writes it, on a connection of its own with a short busy timeout, so it never
     waits long and never holds up the database's other users. A write that fails (a locked
     database) is logged and counted, never raised, and the queue is bounded: when full, new
-    records are dropped and counted."""
+    records are dropped and counted. It runs while the server serves: `start()` and `close()`
+    come with the batcher's (the app's lifespan)."""
 
     def __init__(self, db: FeedbackDB, size: int = 10_000, timeout: float = 0.5):
-        self.db, self.queue = db, queue.Queue(maxsize=size)
-        self.conn = sqlite3.connect(db.path, timeout=timeout, check_same_thread=False, isolation_level=None)
+        self.db, self.timeout, self.queue = db, timeout, queue.Queue(maxsize=size)
+        self.conn: sqlite3.Connection | None = None
         self.written = self.failed = self.dropped = 0
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="lmstack-request-log", daemon=True)
+
+    def start(self) -> RequestLog:
+        self.conn = self.db._connect(self.timeout)
         self._thread.start()
+        return self
 
     def add(self, endpoint: str, status: int, latency_ms: float, prompt_tokens: int = 0,
             completion_tokens: int = 0) -> None:
+        if self._closed:
+            self.dropped += 1
+            return
         try:
             self.queue.put_nowait((time.time(), endpoint, status, prompt_tokens, completion_tokens, latency_ms))
         except queue.Full:
@@ -313,13 +331,15 @@ class RequestLog:
         while True:
             record = self.queue.get()
             try:
+                if record is None:  # close(): nothing more comes
+                    return
                 self.conn.execute("INSERT INTO requests (created, endpoint, status, prompt_tokens, "
                                   "completion_tokens, latency_ms) VALUES (?,?,?,?,?,?)", record)
                 self.written += 1
-                self.db.state = "ok"
+                self.db._note(None)
             except Exception as e:  # noqa: BLE001 - a log write must never take anything down
                 self.failed += 1
-                self.db.state = f"unavailable: {e}"
+                self.db._note(e)
                 log.warning("request log: %s (%d records not written)", e, self.failed)
             finally:
                 self.queue.task_done()
@@ -330,6 +350,22 @@ class RequestLog:
         while self.queue.unfinished_tasks and time.monotonic() < end:
             time.sleep(0.01)
         return not self.queue.unfinished_tasks
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, for at most `timeout` s (a locked database would hold shutdown
+        up for half a second a record): what is left then is dropped and counted, as is anything
+        added later. Then the thread ends, and its connection is closed."""
+        self.flush(timeout)
+        self._closed = True
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+                self.dropped += 1
+                self.queue.task_done()
+        self.queue.put(None)
+        self._thread.join(timeout)  # at most the write in progress: one busy timeout
+        if not self._thread.is_alive():
+            self.conn.close()
 
 
 def _conv(r: sqlite3.Row) -> dict:

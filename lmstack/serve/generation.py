@@ -41,6 +41,18 @@ class Server:
         self.max_token_chars = max(1, max(tok.token_bytes()))
         self.created = int(time.time())
 
+    def start(self) -> None:
+        """Start the batcher's thread and the request log's (the app's lifespan: while it serves)."""
+        self.batcher.start()
+        if self.request_log is not None:
+            self.request_log.start()
+
+    def close(self) -> None:
+        """Stop both; the request log writes what is queued first (a few seconds at most)."""
+        self.batcher.close()
+        if self.request_log is not None:
+            self.request_log.close()
+
     # --- checks ----------------------------------------------------------------------------
 
     def check_model(self, name: str) -> None:
