@@ -194,14 +194,15 @@ def _cmd_grpo(a):
 
 def _cmd_winrate(a):
     from lmstack.eval.winrate import win_rate
-    from lmstack.modelio import WEIGHTS, lineage
+    from lmstack.modelio import lineage, read_config
 
     if a.n < 1:
         raise UserError(f"--n must be >= 1 (got {a.n})")
     for flag, d in (("--a", a.a), ("--b", a.b)):  # fail before any prompt is read or model loaded
-        missing = [f for f in ("config.json", WEIGHTS) if not (Path(d) / f).is_file()]
-        if missing:
-            raise UserError(f"{flag} {d} is not a model folder (no {missing[0]})")
+        try:
+            read_config(d)
+        except UserError as e:
+            raise UserError(f"{flag}: {e}") from None
     world = a.world or lineage(a.a)["world"]
     if world is None:
         raise UserError(f"no world found in the lineage of {a.a} (pass --world DIR)")
