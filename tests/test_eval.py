@@ -402,3 +402,10 @@ def test_win_rate_out_that_is_a_folder_is_refused_first_and_odd_probe_rows_are_s
     write_jsonl(world / "probes" / "facts.jsonl", [[1, 2], "Where?", {"answer": "Paris"}, {"question": ["x"]}, good])
     items = world_prompts(world, n=5, kinds=("fact",))
     assert [it["prompt"] for it in items] == ["Where was Ana born?"] and items[0]["source"].endswith("facts.jsonl:5")
+
+
+def test_task_data_nested_past_the_json_parser_is_one_clear_line(tmp_path, tok):
+    (tmp_path / "d.jsonl").write_text('{"question": "q", "answer": "a"}\n' + "[" * 100_000 + "\n")
+    spec = make_spec({"name": "x", "data": "d.jsonl"}, "spec.toml", tmp_path)
+    with pytest.raises(UserError, match=r"d\.jsonl line 2 is not valid JSON \(nested too deeply\)"):
+        run_task(OracleLM(tok, {}), spec)

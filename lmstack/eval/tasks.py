@@ -168,6 +168,8 @@ def load_rows(spec: TaskSpec, limit: int | None = None, seed: int = 0) -> list[t
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{spec.data} line {i + 1} is not valid JSON ({e.msg})") from None
+                except RecursionError:  # "[[[[..." deeper than Python's parser goes
+                    raise UserError(f"{spec.data} line {i + 1} is not valid JSON (nested too deeply)") from None
                 if not isinstance(row, dict):
                     raise UserError(f"{spec.data} line {i + 1} is not a JSON object")
                 if all(row.get(k) in (v if isinstance(v, list) else [v]) for k, v in spec.where.items()):
