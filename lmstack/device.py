@@ -7,6 +7,7 @@ rollouts all ask here, so a model trains and runs in the same precision on the s
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -24,8 +25,7 @@ GPU_PEAK_FLOPS = [
 
 def pick_device(preference: str = "auto") -> torch.device:
     """"auto" (a GPU when there is one), "cpu", "cuda" (this rank's GPU) or "cuda:N"."""
-    if preference not in ("auto", "cpu", "cuda") and not (preference.startswith("cuda:")
-                                                         and preference[5:].isdigit()):
+    if preference not in ("auto", "cpu", "cuda") and not (preference.startswith("cuda:") and preference[5:].isdigit()):
         raise UserError(f"unknown device {preference!r} (auto | cpu | cuda | cuda:N)")
     if preference.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {preference} asked for but no CUDA GPU is available")
@@ -56,16 +56,25 @@ def check_fits(need: int, device: torch.device, what: str) -> None:
                         f"{free / 2 ** 30:,.1f} GiB free")
 
 
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The first CPU's entries in /proc/cpuinfo ("model name", "cpu MHz", "flags", ...), read
+    once; {} where there is no such file."""
+    info = {}
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if not line.strip():  # the end of the first CPU's block
+                break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    return info
+
+
 def cpu_has_bf16() -> bool:
     """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX)? Then bf16 autocast is about twice
     as fast as fp32 (bench/README.md); without them it is emulated and slower, so "auto" stays
     fp32."""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split())
-                return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+    return bool(set(cpu_info().get("flags", "").split()) & {"avx512_bf16", "amx_bf16"})
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -93,15 +102,11 @@ def peak_flops(device: torch.device, configured: float = 0.0, bf16: bool = False
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)
-    ghz, per_cycle = 2.5, 32
-    with contextlib.suppress(OSError, ValueError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("cpu MHz"):
-                ghz = float(line.split(":")[1]) / 1000
-            elif line.startswith("flags"):
-                flags = line.split()
-                per_cycle = 64 if "avx512f" in flags else 32
-                if bf16 and "avx512_bf16" in flags:
-                    per_cycle *= 2
-                break
+    ghz = 2.5
+    with contextlib.suppress(KeyError, ValueError):
+        ghz = float(cpu_info()["cpu MHz"]) / 1000
+    flags = cpu_info().get("flags", "").split()
+    per_cycle = 64 if "avx512f" in flags else 32
+    if bf16 and "avx512_bf16" in flags:
+        per_cycle *= 2
     return torch.get_num_threads() * ghz * 1e9 * per_cycle
