@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmstack.modelio import WEIGHTS, load_weights, save_weights
-from lmstack.utils import UserError, atomic_file, current_umask, fsync, read_json
+from lmstack.modelio import CONFIG, SFT, STAGE, WEIGHTS, load_weights, save_weights
+from lmstack.utils import UserError, atomic_file, atomic_write_text, current_umask, fsync, read_json
 
 STATE = "state"
 
@@ -69,7 +69,7 @@ def output_folder(out: str | os.PathLike, resume: bool) -> tuple[Path, bool]:
 def _unfinished_start(out_dir: Path) -> bool:
     """What a run writes before its first checkpoint, and nothing else: its description (run.json,
     config.json, tokenizer.json, sft.json / stage.json), metrics, an empty state/, temporaries."""
-    start = {"run.json", "config.json", "tokenizer.json", "metrics.jsonl", "sft.json", "stage.json", STATE}
+    start = {"run.json", CONFIG, "tokenizer.json", "metrics.jsonl", SFT, STAGE, STATE}
     entries = [p for p in out_dir.iterdir() if not p.name.startswith(".")] if out_dir.is_dir() else []
     return bool(entries) and all(p.name in start for p in entries) and not checkpoints(out_dir) \
         and not any(p.is_file() for p in (out_dir / STATE).rglob("*"))
@@ -83,10 +83,10 @@ def check_resume(out_dir: Path, run: str, model_config: dict, record_file: str |
     `record`, what this run would record; `what` names them for the user). Returns the record
     the run wrote ({} without one)."""
     record = record or {}
-    saved = read_json(out_dir / "config.json")
+    saved = read_json(out_dir / CONFIG)
     old = read_json(out_dir / record_file) if record_file else {}
     if not isinstance(saved, dict) or not isinstance(old, dict) or old.get("stage") != record.get("stage"):
-        raise UserError(f"{out_dir} holds no {run} run to resume (no readable config.json"
+        raise UserError(f"{out_dir} holds no {run} run to resume (no readable {CONFIG}"
                         + (f" and {record_file}" if record_file else "") + ")")
     diff = [f"model.{k}: {saved.get(k)!r} in the run, {v!r} now" for k, v in model_config.items() if saved.get(k) != v]
     if diff:
@@ -114,9 +114,8 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer
             save_weights(model, tmp / WEIGHTS)
             _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
             _save_torch(_rng_state(), tmp / "rng.pt")
-            (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2,
-                                                         default=_jsonable))
-            fsync(tmp / "trainer.json")
+            atomic_write_text(tmp / "trainer.json", json.dumps({"step": step, **trainer_state}, indent=2,
+                                                               default=_jsonable))
             os.rename(tmp, final)  # the commit point
             fsync(state)
         except BaseException:
