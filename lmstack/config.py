@@ -304,7 +304,7 @@ def stage_config(preset: str, overrides, model: ModelConfig, stage: str, derive=
     cfg.model = dataclasses.replace(model)
     tc, ctx = cfg.train, model.max_seq_len
     if "train.seq_len" not in keys and tc.seq_len > ctx > 0:
-        if "train.batch_tokens" not in keys and tc.seq_len > 0:
+        if "train.batch_tokens" not in keys:
             tc.batch_tokens = tc.batch_tokens // tc.seq_len * ctx
         tc.seq_len = ctx
     if derive is not None:

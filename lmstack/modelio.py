@@ -60,7 +60,7 @@ def save_weights(model, path: str | os.PathLike) -> None:
 
 
 def load_weights(model, path: str | os.PathLike) -> None:
-    """Weights from safetensors into a model that exists (a resumed checkpoint, a policy)."""
+    """Weights from safetensors into a model that exists (a checkpoint's, on --resume)."""
     sd = load_file(str(path), device=str(model.embed_tokens.weight.device))
     if model.cfg.tie_embeddings and "embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
