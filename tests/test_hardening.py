@@ -281,18 +281,24 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(model_dir, monkeypatch)
         assert e["code"] == "context_length_exceeded" and "at least" in e["message"]
         r = c.post("/v1/completions", json={"model": "m", "prompt": "word " * 200_000, "max_tokens": 2})
         assert openai_error(r, 400)["code"] == "context_length_exceeded"
-        assert calls == []  # neither was tokenized
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "Hello", "stream": True, "echo": True,
+                                            "logprobs": 1})
+        assert openai_error(r, 400)["param"] == "echo"  # what the body alone refuses
+        assert calls == []  # none was tokenized
         assert chat(c).status_code == 200 and calls  # an ordinary one is
 
 
 @pytest.mark.parametrize("route, body", [
     ("/v1/chat/completions", {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "Hello"}]}),
     ("/v1/completions", {"model": "m", "max_tokens": 2, "prompt": "Hello"}),
-    ("/tokenize", {"prompt": "Hello"})])
-def test_tokenizing_runs_off_the_event_loop(model_dir, monkeypatch, route, body):
+    ("/tokenize", {"prompt": "Hello"}),
+    ("/api/label/queue", {"prompt": "Hello"}),
+    ("/api/label/next", None)])  # two answers sampled for the item queued below
+def test_tokenizing_runs_off_the_event_loop(model_dir, tmp_path, monkeypatch, route, body):
     """The tokenizer is called from a worker thread, never from the event loop's thread (where a
     long text would stop every other request, /health included, until it is done)."""
-    app = app_for(model_dir)
+    app = app_for(model_dir, tmp_path / "f.sqlite", limits=Limits(request_timeout=30))
+    app.state.server.db.enqueue(HELLO)
     real, on_loop = app.state.server.tok.encode, []
 
     def recording_encode(text):
@@ -305,7 +311,8 @@ def test_tokenizing_runs_off_the_event_loop(model_dir, monkeypatch, route, body)
 
     monkeypatch.setattr(app.state.server.tok, "encode", recording_encode)
     with TestClient(app) as c:
-        assert c.post(route, json=body).status_code == 200
+        r = c.post(route, json=body) if body is not None else c.get(route)
+        assert r.status_code == 200 and "error" not in r.json(), r.text
     assert on_loop and not any(on_loop), on_loop
 
 

@@ -225,9 +225,9 @@ def create_app(server: Server) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
         stops = server.check_common(body)
-        prompts = await run_in_threadpool(_prompts, server, body.prompt)
         if body.stream and body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported when streaming", param="echo")
+        prompts = await run_in_threadpool(_prompts, server, body.prompt)
         batch, choices, heads = Batch(server), [], []
         for ids, user_from in prompts:
             max_tokens = server.room(ids, body.max_tokens) if body.max_tokens else 0

@@ -16,6 +16,8 @@ import time
 import uuid
 from typing import Awaitable, Callable
 
+from starlette.concurrency import run_in_threadpool
+
 from lmstack.chatformat import ChatFormatError, chat_format
 from lmstack.serve.batcher import Batcher, GenRequest
 from lmstack.serve.db import RequestLog
@@ -199,7 +201,7 @@ async def sample_answers(server: Server, messages: list[dict], n: int = 2, max_t
                          temperature: float = 1.0, disconnected=None) -> list[str]:
     """`n` answers to a conversation, sampled through the batcher (as /v1/chat/completions
     does), each with its own seed; tool calls are left out of the text."""
-    ids = server.chat_prompt(messages)
+    ids = await run_in_threadpool(server.chat_prompt, messages)
     batch = Batch(server)
     seed = random.randrange(1 << 30)
     for _ in range(n):

@@ -261,7 +261,7 @@ def add_webapp(app: FastAPI, server: Server) -> None:
             if msgs[-1]["role"] == "assistant":
                 raise APIError(400, "a prompt to label must not end with an assistant message (the answers are "
                                "what gets labelled)", param="messages")
-        server.chat_prompt(msgs)  # answerable: well-formed and leaves room in the context
+        await run_in_threadpool(server.chat_prompt, msgs)  # answerable: well-formed, leaves room in the context
         qid = await _call(db.enqueue, msgs, "api")
         return {"id": qid}
 
