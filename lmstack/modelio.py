@@ -67,10 +67,11 @@ def load_weights(model, path: str | os.PathLike) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def _materialise(model: GPT, path: Path, device: torch.device) -> GPT:
-    """A model built on the meta device takes the file's tensors as its parameters (in fp32, the
-    training dtype), its tied head points back at the embedding, its RoPE table is computed."""
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path), device=str(device)).items()}
+def materialise(model: GPT, state: dict[str, torch.Tensor]) -> GPT:
+    """A model built on the meta device takes `state`'s tensors as its parameters (in fp32, the
+    training dtype; on their device), its tied head points back at the embedding, its RoPE table
+    is computed. A name missing or unexpected: ValueError naming the first."""
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     tied = model.cfg.tie_embeddings
     if tied:
         sd.pop("lm_head.weight", None)
@@ -125,7 +126,7 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
     device = torch.device(device)
     check_fits(4 * model.num_params(), device, f"{d} ({model.num_params():,} parameters in fp32)")
     try:
-        model = _materialise(model, d / WEIGHTS, device)
+        model = materialise(model, load_file(str(d / WEIGHTS), device=str(device)))
     except Exception as e:  # safetensors header errors, truncated files, shape mismatches
         raise UserError(f"{d / WEIGHTS} is corrupt or does not match {CONFIG}: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

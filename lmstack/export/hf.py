@@ -32,7 +32,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from lmstack.chatformat import chat_format
 from lmstack.config import ModelConfig
 from lmstack.model import GPT
-from lmstack.modelio import lineage, load_model_and_tokenizer, save_safetensors, save_weights
+from lmstack.modelio import lineage, load_model_and_tokenizer, materialise, save_safetensors, save_weights
 from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer
 from lmstack.utils import (UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir,
                            read_json)
@@ -290,15 +290,14 @@ def import_hf(src, out, force: bool = False) -> Path:
         if key in state and state[key].shape[0] < vocab:
             w = state[key]
             state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab - w.shape[0], -1)])
-    with torch.device("meta"):
+    with torch.device("meta"):  # shapes only: the weights are the file's
         model = GPT(cfg)
     want = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     unknown, absent = sorted(set(state) - want), sorted(want - set(state))
     if unknown or absent:
         raise UserError(f"{src}: the weights do not match a {c['model_type']} of this config "
                         f"({'unexpected ' + unknown[0] if unknown else 'missing ' + absent[0]})")
-    model = GPT(cfg)
-    model.load_state_dict(state, strict=False)
+    model = materialise(model, state)
     run = {"model": dataclasses.asdict(cfg), "imported": {"source": str(src), "model_type": c["model_type"]}}
     with atomic_output_dir(out, force) as tmp:
         save_weights(model, tmp / "model.safetensors")
