@@ -145,16 +145,20 @@ def model_card(model_dir: Path, model, tok) -> str:
                      "A Llama-shaped causal language model trained with lmstack (from scratch, on "
                      "PyTorch) and exported with `lmstack export hf`.", "",
                      "| | |", "| --- | --- |",
-                     f"| parameters | {model.num_params():,} ({model.num_params(include_embeddings=False):,} without embeddings) |",
-                     f"| layers / width / heads (kv) | {cfg.n_layer} / {cfg.d_model} / {cfg.n_head} ({cfg.n_kv_head}) |",
+                     f"| parameters | {model.num_params():,} "
+                     f"({model.num_params(include_embeddings=False):,} without embeddings) |",
+                     f"| layers / width / heads (kv) | {cfg.n_layer} / {cfg.d_model} / {cfg.n_head} "
+                     f"({cfg.n_kv_head}) |",
                      f"| context | {cfg.max_seq_len} tokens |", f"| vocabulary | {tok.vocab_size} (byte-level BPE) |"]
     train = run.get("train") or {}
     if sft:
-        lines.append(f"| training | supervised fine-tuning of `{sft.get('base')}` on {', '.join(sft.get('data', []))} |")
+        lines.append(f"| training | supervised fine-tuning of `{sft.get('base')}` on "
+                     f"{', '.join(sft.get('data', []))} |")
     elif imported:
         lines.append(f"| origin | imported from `{imported.get('source')}` |")
     elif train:
-        lines.append(f"| training | pretraining, {train.get('max_steps')} steps of {train.get('batch_tokens')} tokens |")
+        lines.append(f"| training | pretraining, {train.get('max_steps')} steps of "
+                     f"{train.get('batch_tokens')} tokens |")
     if info.get("world"):
         lines.append(f"| data | the lmstack synthetic world (`{info['world']}`) |")
     metrics = _last_metrics(model_dir)
@@ -164,7 +168,8 @@ def model_card(model_dir: Path, model, tok) -> str:
     results = sorted((model_dir / "eval").glob("*.json")) if (model_dir / "eval").is_dir() else []
     res = read_json(results[-1]) if results else None
     if res and res.get("tasks"):
-        lines += ["", "## Evaluation (`lmstack eval`)", "", "| task | score | 95% CI | chance |", "| --- | --- | --- | --- |"]
+        lines += ["", "## Evaluation (`lmstack eval`)", "", "| task | score | 95% CI | chance |",
+                  "| --- | --- | --- | --- |"]
         for name, t in res["tasks"].items():
             chance = f"{t['chance']:.1%}" if t.get("chance") is not None else "-"
             lines.append(f"| {name} ({t.get('metric', 'accuracy')}) | {t['acc']:.1%} | "
