@@ -143,7 +143,7 @@ class FeedbackDB:
         """SQLite's own failures (locked, corrupt) -> DatabaseUnavailable; `state` follows."""
         try:
             yield
-        except (sqlite3.OperationalError, sqlite3.DatabaseError) as e:
+        except sqlite3.DatabaseError as e:
             if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
                 raise
             self._note(e)

@@ -197,8 +197,8 @@ class Batch:
                 r.cancelled = True  # no-op for finished rows; frees the slot of abandoned ones
 
 
-async def sample_answers(server: Server, messages: list[dict], n: int = 2, max_tokens: int = 128,
-                         temperature: float = 1.0, disconnected=None) -> list[str]:
+async def sample_answers(server: Server, messages: list[dict], *, max_tokens: int, temperature: float, n: int = 2,
+                         disconnected=None) -> list[str]:
     """`n` answers to a conversation, sampled through the batcher (as /v1/chat/completions
     does), each with its own seed; tool calls are left out of the text."""
     ids = await run_in_threadpool(server.chat_prompt, messages)

@@ -87,9 +87,8 @@ class ErrorResponse(BaseModel):
 def errors(*statuses: int) -> dict:
     """The error answers a route can give, for the OpenAPI document."""
     what = {400: "malformed request (the message says what)", 401: "missing or wrong API key",
-            404: "no such model, route or item", 405: "method not allowed (see Allow)",
-            408: "the request took longer than its time limit", 413: "request body too large",
-            422: "unprocessable request", 500: "unexpected server error (logged)",
+            404: "no such model, route or item", 408: "the request took longer than its time limit",
+            413: "request body too large", 500: "unexpected server error (logged)",
             503: "the feedback database cannot answer (locked or broken), or there is none"}
     return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
 

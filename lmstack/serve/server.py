@@ -68,9 +68,10 @@ def load_label_prompts(db, path) -> int:
             msgs = row_prompt(row)
         except ChatFormatError as e:
             raise UserError(f"{path}:{n}: {e}") from None
-        if json.dumps(msgs) not in have:
+        key = json.dumps(msgs)
+        if key not in have:
             db.enqueue(msgs, "file")
-            have.add(json.dumps(msgs))
+            have.add(key)
             added += 1
     return added
 

@@ -170,7 +170,7 @@ def _clean(text: str | None) -> str | None:
 
 def add_webapp(app: FastAPI, server: Server) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    tools = app.state.tools = default_registry()  # the tools the page may run (one registry per app)
+    tools = default_registry()  # the tools the page may run (one registry per app)
 
     @app.get("/", include_in_schema=False)
     async def root():
