@@ -363,7 +363,7 @@ class RequestLog:
                 self.dropped += 1
                 self.queue.task_done()
         self.queue.put(None)
-        self._thread.join(timeout)  # at most the write in progress: one busy timeout
+        self._thread.join(self.timeout + 1)  # the write in progress: at most its busy timeout
         if not self._thread.is_alive():
             self.conn.close()
 
