@@ -161,10 +161,7 @@ def create_app(server: Server) -> FastAPI:
     async def chat_completions(body: ChatRequest, request: Request):
         server.check_model(body.model)
         stops = server.check_common(body)
-        if not body.messages:
-            raise APIError(400, "messages must not be empty", param="messages")
-        if len(body.messages) > server.limits.max_messages:
-            raise APIError(400, f"{len(body.messages)} messages; at most {server.limits.max_messages}", param="messages")
+        server.check_messages(body.messages)
         ids = await run_in_threadpool(server.chat_prompt, [_content_text(m, i) for i, m in enumerate(body.messages)])
         max_tokens = server.room(ids, body.max_completion_tokens or body.max_tokens)
         tools = bool(body.tools) and body.tool_choice != "none"

@@ -74,6 +74,13 @@ class Server:
             raise APIError(400, "stop must be a non-empty string or a list of at most 4 of them", param="stop")
         return stop
 
+    def check_messages(self, messages: list) -> None:
+        """A chat's messages: at least one, at most the limit."""
+        if not messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        if len(messages) > self.limits.max_messages:
+            raise APIError(400, f"{len(messages)} messages; at most {self.limits.max_messages}", param="messages")
+
     def check_prompt(self, ids: list[int] | None = None, at_least: int = 0, param: str = "messages") -> None:
         """400 for a prompt over the limit: its ids, or a text known to be `at_least` tokens."""
         n = len(ids) if ids is not None else at_least

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse
@@ -58,6 +58,9 @@ LABEL_MAX_TOKENS = 128  # per sampled answer on the label tab
 LABEL_TEMPERATURE = 1.0
 
 # The page's security policy: everything from this server, nothing inline, no framing.
+# An id or index as JSON spells it (not "5", not 5.0) and SQLite stores it (int64): else a 400.
+INT64 = Annotated[int, Field(strict=True, le=INT64_MAX)]
+
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
@@ -87,20 +90,20 @@ class ToolBody(_Body):
 
 
 class ConversationBody(_Body):
-    id: int | None = Field(None, strict=True, ge=1, le=INT64_MAX)
+    id: INT64 | None = Field(None, ge=1)
     system: str | None = Field(None, max_length=MAX_SYSTEM)
     messages: list[Message] = Field(min_length=1)
 
 
 class FeedbackBody(_Body):
-    conversation_id: int = Field(strict=True, ge=1, le=INT64_MAX)
-    message_index: int = Field(strict=True, ge=0, le=INT64_MAX)
+    conversation_id: INT64 = Field(ge=1)
+    message_index: INT64 = Field(ge=0)
     rating: int = Field(strict=True)
     comment: str | None = Field(None, max_length=MAX_COMMENT)
 
 
 class LabelBody(_Body):
-    item_id: int = Field(strict=True, ge=1, le=INT64_MAX)
+    item_id: INT64 = Field(ge=1)
     answer_a: str = Field(max_length=MAX_TEXT)
     answer_b: str = Field(max_length=MAX_TEXT)
     choice: str
@@ -134,10 +137,9 @@ async def _call(fn, *args, **kw):
 
 
 def _messages(server, msgs: list[Message]) -> list[dict]:
-    """The messages as plain dicts (fields left out stay out; content null -> ""), 400 if a
-    tool call or a tool_call_id is on the wrong role."""
-    if len(msgs) > server.limits.max_messages:
-        raise APIError(400, f"{len(msgs)} messages; at most {server.limits.max_messages}", param="messages")
+    """The messages as plain dicts (fields left out stay out; content null -> ""), 400 for none
+    or too many, or a tool call or a tool_call_id on the wrong role."""
+    server.check_messages(msgs)
     out = []
     for i, m in enumerate(msgs):
         if m.tool_calls and m.role != "assistant":
@@ -255,8 +257,6 @@ def add_webapp(app: FastAPI, server: Server) -> None:
                 raise APIError(400, "prompt must not be empty", param="prompt")
             msgs = [{"role": "user", "content": body.prompt.strip()}]
         else:
-            if not body.messages:
-                raise APIError(400, "messages must not be empty", param="messages")
             msgs = _messages(server, body.messages)
             if msgs[-1]["role"] == "assistant":
                 raise APIError(400, "a prompt to label must not end with an assistant message (the answers are "
