@@ -10,7 +10,9 @@
 
 Every prompt starts with BOS (added unless a token-id prompt already starts with it); echo and
 logprobs report only the caller's tokens. Errors have OpenAI's shape
-{"error": {"message", "type", "param", "code"}} and a 4xx status; the server keeps serving.
+{"error": {"message", "type", "param", "code"}}: a 4xx for what the caller got wrong, 503 when
+the feedback database cannot answer, 500 when the server fails (a generation, or anything
+unexpected: logged with its traceback); the server keeps serving.
 What the routes run is in generation.py (between HTTP and the batcher); server.py puts the
 web app's routes (webapp.py) beside these on the same app.
 """

@@ -9,7 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-INT64_MAX = 2 ** 63 - 1  # what SQLite (ids) and torch (seeds) take: a larger int is a 400, not a 500
+# Ids are SQLite integers (int64), and so are OpenAI's seeds: int64 also keeps the batcher's
+# seed + i (choice i) within torch's bound (2**64 - 1). A larger int is a 400, not a 500.
+INT64_MAX = 2 ** 63 - 1
 SEED = Field(None, ge=-2 ** 63, le=INT64_MAX)
 
 
