@@ -4,6 +4,7 @@ a dead end or litter behind."""
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -12,8 +13,11 @@ import threading
 import time
 
 import pytest
+import schemathesis
 import torch
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from schemathesis import checks as C
 
 from lmstack import utils
 from lmstack.chatformat import ChatFormatError, chat_format
@@ -240,14 +244,14 @@ def test_bad_input_is_a_4xx_in_openai_shape(model_dir, tmp_path):
         assert r.status_code == 200 and r.json()["status"] == "ok"
 
 
-def test_a_body_over_the_limit_is_413_even_chunked(model_dir):
+def test_a_chunked_body_over_the_limit_is_413(model_dir):
+    """(One over the limit with a Content-Length: tests/test_serve.py's table of malformed requests.)"""
     with TestClient(app_for(model_dir, limits=Limits(max_body_bytes=1000))) as c:
         def chunks():
             for _ in range(10):
                 yield b'{"model": "m", "messages": [' + b" " * 200
 
         openai_error(c.post("/v1/chat/completions", content=chunks()), 413)  # no Content-Length: chunked
-        openai_error(c.post("/v1/chat/completions", content=b" " * 2000), 413)
         assert chat(c).status_code == 200
 
 
@@ -257,7 +261,7 @@ def test_unexpected_failures_are_logged_500s_in_openai_shape(model_dir, monkeypa
     with TestClient(app, raise_server_exceptions=False) as c:
         e = openai_error(chat(c), 500)
         assert e["code"] == "internal_error" and "ZeroDivisionError" in e["message"]
-    assert any("ZeroDivisionError" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)  # with its traceback
 
 
 def test_405_says_what_is_allowed_and_the_schema_lists_the_errors(model_dir):
@@ -339,10 +343,6 @@ def test_schemathesis_conformance_against_the_live_server(model_dir, tmp_path):
     """schemathesis generates requests from the OpenAPI document (valid and invalid ones) and
     checks every answer: no 5xx, only documented status codes, content types and headers, bodies
     matching the documented schemas, 405 with Allow for a method a route does not take."""
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, given, settings
-    from schemathesis import checks as C
-
     conformance = [C.not_a_server_error, C.status_code_conformance, C.content_type_conformance,
                    C.response_headers_conformance, C.response_schema_conformance, C.unsupported_method]
     calls = {}
@@ -388,12 +388,13 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(data_dir, 
             "--set", "train.micro_batch_size=8", "--set", "train.seq_len=64", "--set", "train.eval_every=0"]
     proc = subprocess.Popen([sys.executable, "-m", "lmstack", *map(str, base), "--set", "train.max_steps=100000",
                              "--set", "train.save_every=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
-                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+    deadline, lines = time.time() + 60, 0
+    while time.time() < deadline and lines < 2:
         time.sleep(0.1)
+        lines = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
     proc.send_signal(signal.SIGKILL)  # no Ctrl-C handler runs: nothing is saved
     proc.wait()
+    assert lines >= 2  # it was killed while training, past its first steps
     assert not (out / "model.safetensors").exists() and (out / "run.json").is_file()
     again = run_cli(*base, "--set", "train.max_steps=3")
     assert again.returncode == 2 and "--resume starts it again" in again.stderr
@@ -456,7 +457,7 @@ def test_a_kill_between_the_two_renames_of_a_replace_loses_nothing(tmp_path, mon
     monkeypatch.setattr(utils.os, "rename", real)
     aside = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
     assert not out.exists() and len(aside) == 1 and (aside[0] / "a").read_text() == "old"  # beside it, named so
-    gone = aside[0].with_name(aside[0].name.replace(f".{__import__('os').getpid()}.", f".{dead_pid()}."))
+    gone = aside[0].with_name(aside[0].name.replace(f".{os.getpid()}.", f".{dead_pid()}."))
     aside[0].rename(gone)  # as the next process sees it: its writer is gone
     with pytest.raises(utils.UserError, match="not empty"):
         check_output_dir(out)  # the previous version is back in place, so this is a replace again
