@@ -3,7 +3,7 @@ and eight concurrent ~1 MB prompts, each against a fresh live `lmstack serve` (a
 the defaults a user gets: 5 s busy timeout, 1 MiB body limit), stopped with SIGTERM after it
 (printed: whether it stopped within 20 s). A request unanswered in 30 s counts as "timeout".
 
-    cd bench && ../.venv/bin/python serve_faults.py [--model runs/small/chat] [--json FILE] [--src DIR]
+    .venv/bin/python bench/serve_faults.py [--model runs/small/chat] [--json FILE] [--src DIR]
 
 - database lock: another connection holds SQLite's write lock for 7 s (past the busy timeout);
   meanwhile a web-app write (POST /api/conversations), 8 chat completions and /health are sent.
@@ -25,19 +25,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
-import socket
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import torch
-from common import emit, load  # bench/common.py (scripts run from bench/)
+from common import emit, load, running_server  # bench/common.py (this script's folder is on sys.path)
 
 from lmstack.config import ModelConfig
 from lmstack.model import GPT
@@ -59,18 +55,11 @@ def tiny_model(folder: Path) -> Path:
     return model_dir
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-MODEL = "m"  # the served model's name: set from /v1/models
 TIMEOUT = 30.0  # seconds a probe request may take; past it the request is recorded as "timeout"
 
 
-def chat_body(content: str, **kw) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **kw}
+def chat_body(model: str, content: str, **kw) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **kw}
 
 
 async def timed(coro) -> tuple:
@@ -86,14 +75,16 @@ async def timed(coro) -> tuple:
     return status, round(1000 * (time.monotonic() - t0), 1), r
 
 
-async def database_lock(client: httpx.AsyncClient, db: Path) -> dict:
+# Each phase: (the client of a fresh server, the served model's name, its database) -> figures.
+
+async def database_lock(client: httpx.AsyncClient, model: str, db: Path) -> dict:
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     t_lock = time.monotonic()
     try:
         write = asyncio.create_task(timed(client.post("/api/conversations", json={"messages": [
             {"role": "user", "content": "Hi"}]})))
-        chats = [asyncio.create_task(timed(client.post("/v1/chat/completions", json=chat_body("Hi"))))
+        chats = [asyncio.create_task(timed(client.post("/v1/chat/completions", json=chat_body(model, "Hi"))))
                  for _ in range(8)]
         chat_results = [c[:2] for c in await asyncio.gather(*chats)]
         health = await timed(client.get("/health"))
@@ -110,20 +101,20 @@ async def database_lock(client: httpx.AsyncClient, db: Path) -> dict:
             "write_after_lock": after[:2]}
 
 
-async def bad_seed(client: httpx.AsyncClient) -> dict:
-    bodies = [chat_body("Hello", seed=i, max_tokens=64) for i in range(18)]
+async def bad_seed(client: httpx.AsyncClient, model: str, db: Path) -> dict:
+    bodies = [chat_body(model, "Hello", seed=i, max_tokens=64) for i in range(18)]
     good = [asyncio.create_task(timed(client.post("/v1/chat/completions", json=b))) for b in bodies]
     await asyncio.sleep(0.2)  # the 18 are decoding when the bad one comes
-    bad = await timed(client.post("/v1/chat/completions", json=chat_body("Hello", seed=2 ** 64)))
+    bad = await timed(client.post("/v1/chat/completions", json=chat_body(model, "Hello", seed=2 ** 64)))
     codes = [c[0] for c in await asyncio.gather(*good)]
     param = bad[2].json().get("error", {}).get("param") if bad[2] is not None and bad[0] < 500 else None
     return {"bad_seed": bad[:2], "bad_seed_param": param, "innocent_ok": sum(c == 200 for c in codes),
             "innocent": len(codes), "innocent_statuses": sorted(map(str, codes))}
 
 
-async def huge_prompts(client: httpx.AsyncClient) -> dict:
+async def huge_prompts(client: httpx.AsyncClient, model: str, db: Path) -> dict:
     quiet = [(await timed(client.get("/health")))[1] for _ in range(20)]
-    body = chat_body("word " * 200_000)  # ~1 MB of JSON, under the 1 MiB body limit
+    body = chat_body(model, "word " * 200_000)  # ~1 MB of JSON, under the 1 MiB body limit
     big = [asyncio.create_task(timed(client.post("/v1/chat/completions", json=body))) for _ in range(8)]
     health = []
     while not all(t.done() for t in big):
@@ -136,35 +127,15 @@ async def huge_prompts(client: httpx.AsyncClient) -> dict:
 
 def serve(model: Path, folder: Path, src: str | None, phase) -> dict:
     """Start `lmstack serve` on a fresh database, run one phase against it, stop it with SIGTERM."""
-    global MODEL
-    db, port = folder / f"{phase.__name__}.sqlite", free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())} if src else None
-    server = subprocess.Popen([sys.executable, "-m", "lmstack", "serve", "--model", str(model), "--port", str(port),
-                               "--db", str(db)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        MODEL = httpx.get(url + "/v1/models", timeout=5).json()["data"][0]["id"]
+    db = folder / f"{phase.__name__}.sqlite"
+    with running_server(model, db=db, src=src) as server:
+        name = httpx.get(server.url + "/v1/models", timeout=5).json()["data"][0]["id"]
 
         async def run() -> dict:
-            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
-                return await (phase(client, db) if phase is database_lock else phase(client))
+            async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as client:
+                return await phase(client, name, db)
         result = asyncio.run(run())
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-            stopped = True
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-            stopped = False
-    return {**result, f"{phase.__name__}_stopped_on_sigterm": stopped}
+    return {**result, f"{phase.__name__}_stopped_on_sigterm": server.stopped_on_sigterm}
 
 
 def main() -> None:

@@ -4,8 +4,9 @@
         [--max-tokens 64] [--repeats 3] [--slots 16] [--endpoint chat|completions|both]
         [--threads N] [--dtype auto] [--no-stream] [--no-peer] [--json FILE]
 
-The server runs as a subprocess (`python -m lmstack serve --model M --port FREE --db TMP`), is
-waited for on /health, and is always stopped at the end (error or Ctrl-C included). Then, for
+The server runs as a subprocess (`python -m lmstack serve --model M --port FREE --db TMP`,
+bench/common.py's `running_server`), is waited for on /health, and is always stopped at the end
+(error or Ctrl-C included). Then, for
 each endpoint:
 
 - `sequential`: one client sends the requests one after another (each waits for the last);
@@ -45,20 +46,15 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import torch
 
-from common import emit, load  # bench/common.py (scripts run from bench/)
+from common import emit, load, running_server  # bench/common.py (this script's folder is on sys.path)
 
 CHAT_PROMPTS = [
     "Which city was Chaisor Tochinros born in?",
@@ -153,72 +149,8 @@ def pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-# --- the server --------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child (Linux): SIGTERM it if this process dies without reaching the finally."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _sigterm(signum, frame):
     raise KeyboardInterrupt  # a SIGTERM to the benchmark still runs the finally that stops the server
-
-
-@contextlib.contextmanager
-def running_server(model: str, slots: int, dtype: str, threads: int, startup_timeout: float = 180.0):
-    """`python -m lmstack serve` on a free port with a throwaway --db; yields (base_url, Popen).
-    Stopped (SIGTERM, then SIGKILL) however the block ends; its log is printed if it failed."""
-    tmp = tempfile.mkdtemp(prefix="lmstack-serve-bench-")
-    port = free_port()
-    cmd = [sys.executable, "-m", "lmstack", "serve", "--model", model, "--port", str(port),
-           "--db", os.path.join(tmp, "feedback.sqlite"), "--slots", str(slots), "--dtype", dtype]
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
-    log = open(os.path.join(tmp, "server.log"), "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            preexec_fn=_die_with_parent)
-    base = f"http://127.0.0.1:{port}"
-    ok = False
-    try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {proc.returncode} before answering /health")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > startup_timeout:
-                raise RuntimeError(f"the server did not answer /health within {startup_timeout:.0f} s")
-            time.sleep(0.2)
-        print(f"server up in {time.monotonic() - t0:.1f} s: {' '.join(cmd)}", flush=True)
-        yield base, proc
-        ok = True
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.seek(0)
-        text = log.read()
-        log.close()
-        if not ok and text.strip():
-            print("--- server log (tail) ---\n" + text[-4000:] + "\n---", file=sys.stderr, flush=True)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- the clients -------------------------------------------------------------------------------
@@ -474,10 +406,12 @@ def main():
         print(f"model {args.model}: {engine[2] / 1e6:.1f}M params, context {m.cfg.max_seq_len}, "
               f"{next(m.parameters()).dtype}", flush=True)
     out = []
-    with running_server(args.model, args.slots, args.dtype, args.threads) as (base, proc):
-        model_name = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+    server_args = ["--slots", args.slots, "--dtype", args.dtype]
+    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None  # torch's intra-op threads
+    with running_server(args.model, server_args, env=threads) as server:
+        model_name = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
         for ep in (["completions", "chat"] if args.endpoint == "both" else [args.endpoint]):
-            out.append(bench_endpoint(base, proc.pid, model_name, ep, args, engine))
+            out.append(bench_endpoint(server.url, server.proc.pid, model_name, ep, args, engine))
     emit(dict(bench="serve_throughput", model=args.model, requests=args.requests,
                            max_tokens=args.max_tokens, repeats=args.repeats, slots=args.slots, dtype=args.dtype,
                            torch=torch.__version__, threads=torch.get_num_threads(),
