@@ -363,9 +363,9 @@ def bench_endpoint(base: str, pid: int, model_name: str, endpoint: str, args, en
         print(f"{k:13s} {r['tok_s']:8.1f} {r['tokens']:7d} {r['stopped_early']:5d} {r['wall_s']:7.2f} "
               f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {tt:>16s} {per_cpu:>12s} {r['client_cpu_s']:9.2f} "
               f"{r['other_cores']:6.2f} {r['max_live']:4d} {r['max_waiting']:4d}")
+    shown = ("sequential", "concurrent", "static-batch")
     print("tokens per request (median repeat): "
-          + "; ".join(f"{k} {r['tokens_per_request']}" for k, r in res.items() if k in ("sequential", "concurrent",
-                                                                                       "static-batch")))
+          + "; ".join(f"{k} {r['tokens_per_request']}" for k, r in res.items() if k in shown))
     steps = {k: r for k, r in res.items() if "decode_steps" in r}
     if steps:
         print("batcher (/health counters): " + "; ".join(
@@ -413,10 +413,10 @@ def main():
         for ep in (["completions", "chat"] if args.endpoint == "both" else [args.endpoint]):
             out.append(bench_endpoint(server.url, server.proc.pid, model_name, ep, args, engine))
     emit(dict(bench="serve_throughput", model=args.model, requests=args.requests,
-                           max_tokens=args.max_tokens, repeats=args.repeats, slots=args.slots, dtype=args.dtype,
-                           torch=torch.__version__, threads=torch.get_num_threads(),
-                           server_threads=args.threads or "default", cpus=os.cpu_count(), results=out,
-                           loadavg=load()), args.json)
+              max_tokens=args.max_tokens, repeats=args.repeats, slots=args.slots, dtype=args.dtype,
+              torch=torch.__version__, threads=torch.get_num_threads(),
+              server_threads=args.threads or "default", cpus=os.cpu_count(), results=out,
+              loadavg=load()), args.json)
 
 
 if __name__ == "__main__":

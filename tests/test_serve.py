@@ -130,8 +130,9 @@ def test_stop_sequences_cut_the_reply(client):
 
 
 def test_tool_calls_round_trip(client):
-    tools = [{"type": "function", "function": {"name": "calculator", "description": "arithmetic",
-                                               "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}]
+    parameters = {"type": "object", "properties": {"expression": {"type": "string"}}}
+    tools = [{"type": "function",
+              "function": {"name": "calculator", "description": "arithmetic", "parameters": parameters}}]
     msgs = [{"role": "user", "content": "What is 23 + 58?"}]
     r = client.chat.completions.create(model="chat", messages=msgs, tools=tools, temperature=0, max_tokens=64)
     c = r.choices[0]
@@ -192,6 +193,7 @@ def test_errors_have_openai_shape(client, live):
 
 # --- malformed requests, each a 4xx, while a good one is served ------------------------------
 
+HI = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 BAD = [
     ("/v1/chat/completions", b"{not json", 400),
     ("/v1/chat/completions", b"[1, 2]", 400),
@@ -200,12 +202,12 @@ BAD = [
     ("/v1/chat/completions", {"model": "chat", "messages": "hi"}, 400),
     ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400),
     ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": 5}]}, 400),
-    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
-    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400),
-    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "n": 50}, 400),
-    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400),
-    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400),
-    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400),
+    ("/v1/chat/completions", {**HI, "temperature": "hot"}, 400),
+    ("/v1/chat/completions", {**HI, "temperature": 9}, 400),
+    ("/v1/chat/completions", {**HI, "n": 50}, 400),
+    ("/v1/chat/completions", {**HI, "max_tokens": 0}, 400),
+    ("/v1/chat/completions", {**HI, "stop": ["a"] * 5}, 400),
+    ("/v1/chat/completions", {**HI, "bogus": 1}, 400),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404),
     ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "x" * 30_000}]}, 413),
     ("/v1/completions", {"model": "chat", "prompt": [1, 2, 99999]}, 400),
@@ -374,8 +376,8 @@ def test_serve_and_feedback_command_line_errors(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True, timeout=120)
 
-    for args in (["serve", "--model", str(tmp_path / "nope")], ["feedback", "export", "--db", str(tmp_path / "x.db"),
-                                                                 "--out", str(tmp_path / "o")]):
+    for args in (["serve", "--model", str(tmp_path / "nope")],
+                 ["feedback", "export", "--db", str(tmp_path / "x.db"), "--out", str(tmp_path / "o")]):
         proc = run(*args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -214,8 +214,8 @@ BAD = [  # (method, path, body, status)
     ("post", "/api/conversations", {"messages": [{"role": "user", "content": "hi", "tool_call_id": "c1"}]}, 400),
     ("post", "/api/conversations", {"messages": [{"role": "assistant", "content": "", "tool_calls": [
         {"id": "c1", "function": {"name": "calculator"}}]}]}, 400),  # no arguments
-    ("post", "/api/conversations", {"messages": [{"role": "assistant", "content": "", "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": {}}}]}]}, 400),  # not JSON text
+    ("post", "/api/conversations", {"messages": [{"role": "assistant", "content": "", "tool_calls": [  # not JSON text
+        {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": {}}}]}]}, 400),
     ("post", "/api/tools/calculator", {"arguments": "x" * 10_001}, 400),
     ("post", "/api/tools/calculator", {"arguments": {"expression": "1" * 10_001}}, 400),
     ("post", "/api/tools/calculator", {"arguments": 5}, 400),
@@ -234,7 +234,8 @@ BAD = [  # (method, path, body, status)
     ("post", "/api/label", {"item_id": 1, "answer_a": "x", "answer_b": "y", "choice": "c"}, 400),
     ("post", "/api/label", {"item_id": 1, "answer_a": "x", "choice": "a"}, 400),
     ("post", "/api/label", {"item_id": 999, "answer_a": "x", "answer_b": "y", "choice": "a"}, 404),
-    ("post", "/api/label", {"item_id": 1, "answer_a": "x", "answer_b": "y", "choice": "a", "comment": long_text(2001)}, 400),
+    ("post", "/api/label", {"item_id": 1, "answer_a": "x", "answer_b": "y", "choice": "a",
+                            "comment": long_text(2001)}, 400),
     ("post", "/api/label/queue", {}, 400),
     ("post", "/api/label/queue", {"prompt": "  "}, 400),
     ("post", "/api/label/queue", {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, 400),
@@ -300,7 +301,8 @@ def test_a_tool_round_the_way_the_page_does_it(client, model_dir, tmp_path):
     tools = ok(c.get("/api/info"))["tools"]
     assert [t["function"]["name"] for t in tools] == ["calculator"]
     msgs = [{"role": "user", "content": "What is 23 + 58?"}]
-    assert stream_turn(c, msgs, max_tokens=None) == ("", [], "stop")  # without tools the call is dropped: an empty reply
+    # Without tools the call is dropped: an empty reply.
+    assert stream_turn(c, msgs, max_tokens=None) == ("", [], "stop")
 
     text, calls, finish = stream_turn(c, msgs, tools, max_tokens=None)
     assert (text, finish) == ("", "tool_calls")
@@ -412,7 +414,8 @@ def rows(db_path, sql):
 def test_the_page_in_headless_chromium(model_dir, tmp_path):
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
     if missing:
-        pytest.skip(f"no headless browser: {', '.join(missing)} not installed (apt-get install chromium chromium-driver)")
+        pytest.skip(f"no headless browser: {', '.join(missing)} not installed "
+                    "(apt-get install chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -427,7 +430,10 @@ def test_the_page_in_headless_chromium(model_dir, tmp_path):
     with LiveServer(make_app(model_dir, db_path, api_key=KEY)) as live:
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
         wait = WebDriverWait(driver, 30)
-        el = lambda i: driver.find_element(By.ID, i)  # noqa: E731
+
+        def el(i):
+            return driver.find_element(By.ID, i)
+
         try:
             # The page loads without the key, finds the API needs one, and asks for it.
             driver.get(live.url + "/app")
@@ -493,7 +499,8 @@ def test_the_page_in_headless_chromium(model_dir, tmp_path):
             el("send").click()
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#msg-3.assistant.done"))
             assert driver.find_element(By.CSS_SELECTOR, "#msg-3 .tool-call").text == "[calculator] 23 + 58 -> 81"
-            assert driver.find_element(By.CSS_SELECTOR, "#msg-3 .content").text == "[calculator] 23 + 58 -> 81\n" + ANSWER
+            content = driver.find_element(By.CSS_SELECTOR, "#msg-3 .content").text
+            assert content == "[calculator] 23 + 58 -> 81\n" + ANSWER
             assert len(driver.find_elements(By.CSS_SELECTOR, "#messages .msg")) == 2
             wait.until(lambda d: el("thumbs-up-3").is_enabled())
             el("thumbs-up-3").click()
@@ -506,7 +513,8 @@ def test_the_page_in_headless_chromium(model_dir, tmp_path):
             assert call["function"]["name"] == "calculator" and saved[1]["content"] == ""
             assert saved[2] == {"role": "tool", "tool_call_id": call["id"], "content": "81"}
             assert saved[3] == {"role": "assistant", "content": ANSWER}
-            assert rows(db_path, "SELECT conversation_id, message_index, rating FROM ratings WHERE rating=1") == [(2, 3, 1)]
+            thumbs_up = rows(db_path, "SELECT conversation_id, message_index, rating FROM ratings WHERE rating=1")
+            assert thumbs_up == [(2, 3, 1)]
 
             # Regenerate with tools off: the whole tool round goes, the call is dropped (an empty
             # reply), and as the old reply was rated the new one is a new conversation.
@@ -524,7 +532,8 @@ def test_the_page_in_headless_chromium(model_dir, tmp_path):
             el("regenerate").click()
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#msg-3.assistant.done"))
             assert driver.find_element(By.CSS_SELECTOR, "#msg-3 .tool-call").text == "[calculator] 23 + 58 -> 81"
-            wait.until(lambda d: len(json.loads(rows(db_path, "SELECT messages FROM conversations WHERE id=3")[0][0])) == 4)
+            saved3 = "SELECT messages FROM conversations WHERE id=3"
+            wait.until(lambda d: len(json.loads(rows(db_path, saved3)[0][0])) == 4)
 
             errors = [e["message"] for e in driver.get_log("browser")
                       if e["level"] == "SEVERE" and "401" not in e["message"]]  # the first, keyless call

@@ -244,7 +244,8 @@ def create_app(server: Server) -> FastAPI:
                 try:
                     if body.echo:
                         for k, (ids, user_from) in enumerate(heads):
-                            yield _sse({"id": cid, "object": "text_completion", "created": created, "model": server.name,
+                            yield _sse({"id": cid, "object": "text_completion", "created": created,
+                                        "model": server.name,
                                         "choices": [{"index": k, "text": server.tok.decode(ids[user_from:]),
                                                      "logprobs": None, "finish_reason": None}]})
                     async for k, d in batch.events(request.is_disconnected):

@@ -256,7 +256,9 @@ class FeedbackDB:
             "coalesce(sum(completion_tokens), 0) FROM requests")]
         lat = [r[0] for r in self._q("SELECT latency_ms FROM requests WHERE status < 400 ORDER BY latency_ms")]
         ups, downs = (self._q("SELECT count(*) FROM ratings WHERE rating=?", (v,))[0][0] for v in (1, -1))
-        count = lambda t, w="1": self._q(f"SELECT count(*) FROM {t} WHERE {w}")[0][0]  # noqa: E731
+
+        def count(table, where="1"):
+            return self._q(f"SELECT count(*) FROM {table} WHERE {where}")[0][0]
         return {"requests": n, "errors": n - ok, "prompt_tokens": pt, "completion_tokens": ct,
                 "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99)},
                 "thumbs_up": ups, "thumbs_down": downs, "conversations": count("conversations"),
