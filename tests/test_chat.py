@@ -14,16 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from lmstack.chat import _fit, chat_completion, stream_chat
-from lmstack.config import ModelConfig
-from lmstack.model import GPT
 from lmstack.chatformat import chat_format, render_chat
-from lmstack.tokenizer import train_tokenizer
 from lmstack.tools import default_registry
 from test_engine import ScriptedModel  # noqa: E402  (tests/ is on sys.path under pytest)
-from tiny import save_model_dir  # noqa: E402
+from tiny import random_gpt, save_model_dir, tokenizer_on  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CALL = '{"name": "calculator", "arguments": {"expression": "23 + 58"}}'
@@ -36,11 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def model_dir(tmp_path_factory):
     """A real model folder: tokenizer + config + random weights of a tiny GPT."""
     d = tmp_path_factory.mktemp("model")
-    (d / "text.txt").write_text("What is 23 + 58? The calculator says 23 + 58 = 81. reply (system) hello.\n" * 40)
-    tok = train_tokenizer([d / "text.txt"], vocab_size=300, out=d / "tok", progress=False)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=128)
-    torch.manual_seed(0)
-    return save_model_dir(d, GPT(cfg), tok)
+    tok = tokenizer_on(d, "What is 23 + 58? The calculator says 23 + 58 = 81. reply (system) hello.\n" * 40)
+    return save_model_dir(d, random_gpt(tok, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=128), tok)
 
 
 def scripted_chat_model(tok, max_seq_len: int = 512) -> ScriptedModel:

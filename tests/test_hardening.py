@@ -34,7 +34,7 @@ from lmstack.train import checkpoint
 from lmstack.train.checkpoint import output_folder
 from lmstack.utils import UserError, atomic_output_dir, atomic_write_text, check_output_dir
 from test_train import make_data  # noqa: E402  (tests/ is on sys.path under pytest)
-from tiny import LiveServer, save_model_dir  # noqa: E402
+from tiny import LiveServer, random_gpt, save_model_dir, tokenizer_on  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,11 +44,8 @@ HELLO = [{"role": "user", "content": "Hello"}]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
-    (d / "a.txt").write_text("Ana was born in Paris and Bo works at Acme in Rome. Hello there.\n" * 40)
-    tok = train_tokenizer([d / "a.txt"], vocab_size=300, out=d / "tok", progress=False)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=64)
-    torch.manual_seed(0)
-    return save_model_dir(d, GPT(cfg), tok)
+    tok = tokenizer_on(d, "Ana was born in Paris and Bo works at Acme in Rome. Hello there.\n" * 40)
+    return save_model_dir(d, random_gpt(tok, n_layer=1, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=64), tok)
 
 
 def app_for(model_dir, db=None, **kw):

@@ -18,15 +18,12 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-from lmstack.config import ModelConfig  # noqa: E402
 from lmstack.engine import generate_batch  # noqa: E402
 from lmstack.eval import harness  # noqa: E402
 from lmstack.eval.harness import CHAT_MARKER, LmstackLM  # noqa: E402
-from lmstack.model import GPT  # noqa: E402
 from lmstack.chatformat import render_chat  # noqa: E402
-from lmstack.tokenizer import train_tokenizer  # noqa: E402
 from lmstack.utils import UserError  # noqa: E402
-from tiny import fit_windows, save_model_dir  # noqa: E402  (tests/ is on sys.path)
+from tiny import fit_windows, random_gpt, save_model_dir, tokenizer_on  # noqa: E402  (tests/ is on sys.path)
 
 CTX = 64
 TEXT = "The calculator says 23 + 58 = 81. What is 2 + 3? It is 5. Paris is in France. hello world.\n"
@@ -47,12 +44,8 @@ def model_dir(tmp_path_factory):
     a second on TEXT: a random model only repeats one token, which makes weak tests of stop
     strings, greedy continuations and accuracy."""
     d = tmp_path_factory.mktemp("model")
-    (d / "text.txt").write_text(TEXT * 40)
-    tok = train_tokenizer([d / "text.txt"], vocab_size=300, out=d / "tok", progress=False)
-    tok.save(d)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=CTX)
-    torch.manual_seed(0)
-    model = GPT(cfg)
+    tok = tokenizer_on(d, TEXT * 40)
+    model = random_gpt(tok, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=CTX)
     fit_windows(model, torch.tensor([tok.bos_id] + tok.encode(TEXT * 20)), steps=200)
     return save_model_dir(d, model, tok)
 

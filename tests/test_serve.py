@@ -13,14 +13,12 @@ import httpx
 import pytest
 import torch
 
-from lmstack.config import ModelConfig
 from lmstack.engine import generate
-from lmstack.model import GPT
 from lmstack.serve.protocol import Limits
 from lmstack.serve.server import build
 from lmstack.chatformat import render_chat
 from lmstack.tokenizer import Tokenizer, train_tokenizer
-from tiny import LiveServer, fit_sequences, save_model_dir  # noqa: E402  (tests/ is on sys.path)
+from tiny import LiveServer, fit_sequences, random_gpt, save_model_dir, tokenizer_on  # noqa: E402  (tests/ is on sys.path)
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-key"
@@ -38,12 +36,8 @@ def model_dir(tmp_path_factory):
     sentences: a random model mostly ends its turn at once, which makes weak tests."""
     d = tmp_path_factory.mktemp("chat")
     call_text = '{"name": "calculator", "arguments": {"expression": "23 + 58"}} 23 + 58 = 81.'
-    (d / "a.txt").write_text((REPLY + "What is 23 + 58? Tell me about Bo. Hi " + call_text + "\n") * 50)
-    tok = train_tokenizer([d / "a.txt"], vocab_size=300, out=d / "tok", progress=False)
-    tok.save(d)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=128)
-    torch.manual_seed(0)
-    model = GPT(cfg)
+    tok = tokenizer_on(d, (REPLY + "What is 23 + 58? Tell me about Bo. Hi " + call_text + "\n") * 50)
+    model = random_gpt(tok, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=128)
     questions = ["Tell me about Bo.", "Hi", "Where was Ana born?", "Who works at Acme?"]
     seqs = [render_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": REPLY * (1 + i % 2)}])[0]
             for i, q in enumerate(questions)]

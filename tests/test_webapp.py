@@ -14,16 +14,14 @@ import torch
 from fastapi.testclient import TestClient
 
 from lmstack.chatformat import render_chat
-from lmstack.config import ModelConfig
-from lmstack.model import GPT
 from lmstack.serve.db import FeedbackDB, export
 from lmstack.serve.server import build, load_label_prompts
-from lmstack.tokenizer import Tokenizer, train_tokenizer
+from lmstack.tokenizer import Tokenizer
 from lmstack.tools import default_registry
 from lmstack.train.sft import load_docs
 from lmstack.utils import UserError
 from lmstack.world.labeller import GUIDE
-from tiny import LiveServer, fit_sequences, save_model_dir  # noqa: E402  (tests/ is on sys.path)
+from tiny import LiveServer, fit_sequences, random_gpt, save_model_dir, tokenizer_on  # noqa: E402  (tests/ is on sys.path)
 
 KEY = "sk-webapp-test"
 REPLY = "Ana was born in Paris and Bo works at Acme in Rome."
@@ -42,12 +40,9 @@ def model_dir(tmp_path_factory):
     its turn at once: empty replies make weak tests), and "What is 23 + 58?" with a calculator
     call and then ANSWER (tests/test_serve.py's recipe)."""
     d = tmp_path_factory.mktemp("chat")
-    (d / "a.txt").write_text((REPLY + " What is 23 + 58? Tell me about Bo. Hi " + CALL_TEXT + " " + ANSWER + "\n") * 50)
-    tok = train_tokenizer([d / "a.txt"], vocab_size=400, out=d / "tok", progress=False)
-    tok.save(d)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=96)
-    torch.manual_seed(0)
-    model = GPT(cfg)
+    tok = tokenizer_on(d, (REPLY + " What is 23 + 58? Tell me about Bo. Hi " + CALL_TEXT + " " + ANSWER + "\n") * 50,
+                       vocab_size=400)
+    model = random_gpt(tok, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=96)
     system = [{"role": "system", "content": "Be brief."}]  # as the tests' chats have it
     chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": REPLY}]
              for q in ["Hi", "Where was Ana born?", "Tell me about Bo."]]

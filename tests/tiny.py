@@ -11,7 +11,10 @@ import sys
 
 import torch
 
+from lmstack.config import ModelConfig
+from lmstack.model import GPT
 from lmstack.modelio import save_weights
+from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.utils import atomic_write_json
 
 
@@ -39,6 +42,18 @@ def fit_sequences(model, seqs: list, steps: int = 300, lr: float = 1e-2):
         loss.backward()
         opt.step()
     return model
+
+
+def tokenizer_on(d, text: str, vocab_size: int = 300) -> Tokenizer:
+    """A tokenizer trained on `text` (written to d/text.txt; the tokenizer's files in d/tok)."""
+    (d / "text.txt").write_text(text)
+    return train_tokenizer([d / "text.txt"], vocab_size=vocab_size, out=d / "tok", progress=False)
+
+
+def random_gpt(tok, seed: int = 0, **shape) -> GPT:
+    """A GPT of this shape (ModelConfig's fields) for `tok`'s vocabulary, random weights from `seed`."""
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(vocab_size=tok.vocab_size, **shape))
 
 
 def save_model_dir(d, model, tok):
