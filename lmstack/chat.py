@@ -127,7 +127,7 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
     ctx = net.cfg.max_seq_len
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     turn = 0
-    print(dim(f"lmstack chat: {model} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, context {ctx}, "
+    print(dim(f"lmstack chat: {model} ({net.num_params() / 1e6:.1f}M parameters, context {ctx}, "
               f"tools: {', '.join(registry.names()) if registry else 'off'})\n"
               f"{HELP}; Ctrl-C stops a reply, Ctrl-D or Ctrl-C at the prompt exits"), flush=True)
     while True:
