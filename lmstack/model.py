@@ -259,12 +259,15 @@ class GPT(nn.Module):
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameters (a tied head counted once). Without embeddings: minus the input embedding
         table, and minus the output head too when it is untied (Kaplan et al.'s "non-embedding"
-        N, the number scaling laws use)."""
+        N, the number scaling laws use). The same number after `engine.for_inference` packed the
+        Linear layers: a packed weight (a module with `.packed`) is no Parameter, so it is counted
+        from its shape, and a packed tied head is a copy of the embedding, counted already."""
+        c = self.cfg
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        n += sum(m.in_features * m.out_features for name, m in self.named_modules()
+                 if hasattr(m, "packed") and not (name == "lm_head" and c.tie_embeddings))
         if not include_embeddings:
-            n -= self.embed_tokens.weight.numel()
-            if not self.cfg.tie_embeddings:
-                n -= self.lm_head.weight.numel()
+            n -= c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
         return n
 
     def flops_per_token(self, seq_len: int) -> int:
