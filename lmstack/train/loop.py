@@ -100,6 +100,27 @@ def build_optimizer(model: torch.nn.Module, oc: OptimConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, **fused)
 
 
+# The cost estimate: measured over the steps after the first (which warms up: allocations,
+# oneDNN's kernel choices, torch.compile), printed when the rest of the run is this long or longer.
+ESTIMATE_STEPS = 3
+ESTIMATE_ABOVE_S = 600.0
+
+
+def duration(seconds: float) -> str:
+    """'5 h 12 min', '12 min', '40 s'."""
+    if seconds < 90:
+        return f"{round(seconds)} s"
+    h, m = divmod(round(seconds / 60), 60)
+    return f"{h} h {m} min" if h and m else f"{h} h" if h else f"{m} min"
+
+
+def estimate(seconds_per_step: float, steps_left: int, batch_tokens: int) -> tuple[float, float, str]:
+    """(tokens/s, seconds left, the line that says so) from the measured time of one step."""
+    tok_s, left = batch_tokens / seconds_per_step, seconds_per_step * steps_left
+    return tok_s, left, (f"train: ~{tok_s:,.0f} tok/s -> about {duration(left)} for the remaining "
+                         f"{steps_left:,} steps ({steps_left * batch_tokens:,} tokens)")
+
+
 def _to_device(batch, device):
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
@@ -190,6 +211,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
     consistent, saved_step, logged_step = True, step if ckpt is not None else -1, step
     record: dict = {}
     t_start = time.perf_counter()
+    first_step, timed_s, timed_n = step, 0.0, 0  # step time summed over the steps after this process's first
 
     def save():
         nonlocal saved_step
@@ -248,6 +270,8 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
 
             dt = time.perf_counter() - t0
             tok_s = tc.batch_tokens / dt
+            if step > first_step + 1:
+                timed_s, timed_n = timed_s + dt, timed_n + 1
             record = {"step": step, "loss": global_loss / max(global_n, 1.0), "lr": lr,
                       "grad_norm": float(grad_norm), "tokens": tokens_seen, "tok_per_s": round(tok_s, 1),
                       "mfu": round(flops_per_token * tok_s / (peak * world), 5) if peak else None,
@@ -264,11 +288,17 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
                                 mfu=f"{record['mfu']:.1%}" if record["mfu"] is not None else "-")
+                if timed_n == ESTIMATE_STEPS and not last:  # once, early: what the whole run will cost
+                    _, left, line = estimate(timed_s / timed_n, tc.max_steps - step, tc.batch_tokens)
+                    if left >= ESTIMATE_ABOVE_S:
+                        bar.write(line)  # above the bar, which shows the time left from here on
+                        sys.stdout.flush()
                 if bar.disable and (last or step % quiet_every == 0 or "val_loss" in record):
                     val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
                     bpb = f" val_bpb {record['val_bpb']:.4f}" if "val_bpb" in record else ""
+                    eta = f", ~{duration(timed_s / timed_n * (tc.max_steps - step))} left" if timed_n and not last else ""
                     print(f"step {step}/{tc.max_steps} loss {record['loss']:.4f}{val}{bpb} "
-                          f"lr {lr:.2e} {tok_s:,.0f} tok/s", flush=True)
+                          f"lr {lr:.2e} {tok_s:,.0f} tok/s{eta}", flush=True)
                 if last or (tc.save_every and step % tc.save_every == 0):
                     save()
     except KeyboardInterrupt:
