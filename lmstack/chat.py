@@ -223,20 +223,20 @@ def _show_args(arguments: str) -> str:
 def sample(model: str, prompt: str = "", max_tokens: int = 100, temperature: float = 0.8,
            top_k: int | None = None, top_p: float | None = None, seed: int = 0,
            num_samples: int = 1) -> list[str]:
-    """`lmstack sample`: print `num_samples` continuations of `prompt` (each document starts
-    with BOS); returns them."""
+    """`lmstack sample`: print `num_samples` continuations of `prompt` (after BOS where the model
+    adds one); returns them."""
     if max_tokens < 1 or num_samples < 1:
         raise UserError("--max-tokens and --num-samples must be >= 1")
     if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
         raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 1")
     net, tok = load_model_and_tokenizer(model, pick_device("auto"))
-    ids = [tok.bos_id] + tok.encode(prompt)
+    ids = tok.bos + tok.encode(prompt)
     if len(ids) >= net.cfg.max_seq_len:
         raise UserError(f"prompt is {len(ids)} tokens; the model's context is {net.cfg.max_seq_len}")
     texts = []
     for i in range(num_samples):
         new = generate(net, ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=seed + i, stop_ids={tok.eos_id, tok.bos_id})
+                       top_p=top_p, seed=seed + i, stop_ids=tok.text_stop_ids)
         text = tok.decode(ids + new, skip_special=True)
         texts.append(text)
         if num_samples > 1:

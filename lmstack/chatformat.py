@@ -18,12 +18,22 @@ SFT's loss mask, the engine's callers (chat, eval, serve, RL rollouts), the expo
 Roles and boundaries are special ids inserted here by id; message text goes through `encode`,
 so a user typing "<|end|>" gets plain text. Messages render independently, so appending a
 message never changes how the earlier ones render (a prefix stays a prefix).
+
+An imported model keeps its own format (`TemplateFormat`, from its folder's chat_format.json):
+its Jinja chat template run as transformers runs it, the rendered text tokenized as
+transformers tokenizes it (split at the special tokens, each piece encoded on its own), except
+that a special token spelled inside a message stays text. Its loss mask is found by rendering
+the conversation up to each assistant message and diffing; it stops at the model's own
+end-of-turn tokens. `chat_format(tok)` gives whichever the model has.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
 from typing import Callable
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -112,7 +122,7 @@ class ChatFormat:
     def __init__(self, tok):
         self.tok = tok
         sid = self.special = tok.special_ids
-        self.bos_id, self.end_id, self.assistant_id = tok.bos_id, sid["<|end|>"], sid["<|assistant|>"]
+        self.bos_id, self.end_id, self.assistant_id = sid["<|bos|>"], sid["<|end|>"], sid["<|assistant|>"]
         self.call_open, self.call_close = sid["<|tool_call|>"], sid["<|/tool_call|>"]
         self.stop_ids = frozenset(sid[t] for t in TURN_ENDS)  # the ids that end an assistant turn
 
@@ -120,7 +130,7 @@ class ChatFormat:
         """messages -> (ids, mask). mask[i] is 1 on what the assistant must learn to write: its
         content, its tool calls and its closing <|end|> (so it learns to stop); 0 elsewhere.
         add_generation_prompt appends <|assistant|> for the model to continue from."""
-        if not isinstance(messages, list) or not messages:
+        if not isinstance(messages, list) or not (messages or add_generation_prompt):
             raise ChatFormatError("messages must be a non-empty list")
         sid, encode = self.special, self.tok.encode
         ids, mask = [self.bos_id], [0]
@@ -138,9 +148,10 @@ class ChatFormat:
             mask.append(0)
         return ids, mask
 
-    def render_more(self, messages: list[dict]) -> list[int]:
-        """The ids that `messages` add after a rendered conversation (no BOS), then the
-        generation prompt: what continues a sampled reply with, e.g., tool results."""
+    def render_more(self, before: list[dict], messages: list[dict]) -> list[int]:
+        """The ids that `messages` add after the conversation `before` (which ends with the
+        assistant's reply, closed by its end-of-turn id), then the generation prompt: what
+        continues a sampled reply with, e.g., tool results. (Here messages render on their own.)"""
         return self.render(messages, add_generation_prompt=True)[0][1:]
 
     def parser(self, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
@@ -155,8 +166,174 @@ class ChatFormat:
         return p
 
 
-def chat_format(tok) -> ChatFormat:
-    """The chat format of the model whose tokenizer is `tok`."""
+# --- an imported model's own format ---------------------------------------------------------------
+
+DEFUSE = "\ufdd0"  # a Unicode noncharacter: put inside a special token's text in a message, it stops being one
+
+
+def _raise(message):
+    raise ChatFormatError(f"the model's chat template refused the conversation: {message}")
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    """A chat template compiled as transformers compiles it: a sandboxed, immutable Jinja
+    environment, trim_blocks and lstrip_blocks, loop controls, its tojson, raise_exception and
+    strftime_now; `{% generation %}` blocks render their body (the mask is found by diffing)."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise ChatFormatError(f"the model's chat template does not compile: {e}") from None
+
+
+def _defused(x, specials: list[str]):
+    """Every string in a message (content, tool calls) with each special token's text broken by DEFUSE."""
+    if isinstance(x, str):
+        for t in specials:
+            if t in x:
+                x = x.replace(t, t[0] + DEFUSE + t[1:])
+        return x
+    if isinstance(x, dict):
+        return {k: _defused(v, specials) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_defused(v, specials) for v in x]
+    return x
+
+
+class TemplateFormat:
+    """An imported model's own chat format (tok.own: its chat_format.json): its Jinja template,
+    special tokens and end-of-turn ids. The same surface as ChatFormat."""
+
+    def __init__(self, tok):
+        own = self.own = tok.own
+        self.tok, self.jinja = tok, own.template
+        self.template = _compile(own.template)
+        self.bos_id = tok.bos_id
+        stops = [tok.token_id(t) for t in own.stop_tokens] or [tok.eos_id]
+        if None in stops:
+            raise ChatFormatError("the model names no token that ends an assistant's reply (stop_tokens, EOS)")
+        self.end_id, self.stop_ids = stops[0], frozenset(stops)
+        # Hermes-style tool calls (Qwen 2.5, Hermes, SmolLM3): <tool_call>{"name", "arguments"}</tool_call>,
+        # when the template writes them and both markers are single tokens; otherwise the model has no
+        # tool format lmstack can parse, and `tools` is False.
+        vocab = tok._tok
+        o, c = vocab.token_to_id("<tool_call>"), vocab.token_to_id("</tool_call>")
+        self.tools = o is not None and c is not None and "<tool_call>" in own.template
+        self.call_open, self.call_close = (o, c) if self.tools else (-1, -1)
+        specials = sorted(tok.specials, key=len, reverse=True)
+        self._specials = specials
+        self._split = re.compile("|".join(map(re.escape, specials))) if specials else None
+        added = vocab.get_added_tokens_decoder().values()
+        self._lstrip = {t.content for t in added if t.special and t.lstrip}
+        self._rstrip = {t.content for t in added if t.special and t.rstrip}
+
+    def text(self, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> str:
+        """The template's output, as transformers' apply_chat_template(tokenize=False) gives it."""
+        ctx = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+        for name in ("bos_token", "eos_token", "pad_token"):
+            if getattr(self.own, name) is not None:  # absent ones are undefined, as in transformers
+                ctx[name] = getattr(self.own, name)
+        if tools:
+            ctx["tools"] = tools
+        try:
+            return self.template.render(**ctx)
+        except ChatFormatError:
+            raise
+        except Exception as e:  # a template error, or a template indexing a message that is not there
+            raise ChatFormatError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
+
+    def _ids(self, text: str) -> list[int]:
+        """Rendered text -> ids: split at the special tokens (all of them the template's own: a
+        message's were defused), each piece encoded with no special token recognised."""
+        if self._split is None:
+            return self.tok.encode(text.replace(DEFUSE, "")) if text else []
+        ids, pos, pieces = [], 0, []
+        for m in self._split.finditer(text):
+            pieces.append(text[pos:m.start()])
+            pieces.append(m.group())
+            pos = m.end()
+        pieces.append(text[pos:])
+        for k in range(1, len(pieces), 2):  # added tokens' lstrip / rstrip take the whitespace beside them
+            if pieces[k] in self._lstrip:
+                pieces[k - 1] = pieces[k - 1].rstrip()
+            if pieces[k] in self._rstrip:
+                pieces[k + 1] = pieces[k + 1].lstrip()
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                ids.append(self.tok.specials[piece])
+            elif piece:
+                for t in self._specials:
+                    piece = piece.replace(t[0] + DEFUSE + t[1:], t)
+                ids += self.tok.encode(piece)
+        return ids
+
+    def _encode(self, messages, add_generation_prompt: bool, tools=None) -> list[int]:
+        return self._ids(self.text(_defused(messages, self._specials), add_generation_prompt, tools))
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools=None):
+        """messages -> (ids, mask), as ChatFormat.render. The mask covers what each assistant
+        message adds after the conversation before it (rendered with the generation prompt), up to
+        and including its first end-of-turn id: its content, its tool calls and its stop."""
+        if not isinstance(messages, list) or not (messages or add_generation_prompt):
+            raise ChatFormatError("messages must be a non-empty list")
+        for i, m in enumerate(messages):
+            _checked(i, m)
+        ids = self._encode(messages, add_generation_prompt, tools)
+        mask = [0] * len(ids)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._encode(messages[:i], True, tools)
+            upto = self._encode(messages[:i + 1], False, tools)
+            if upto[:len(before)] != before or ids[:len(upto)] != upto:
+                raise ChatFormatError("the model's chat template does not render the start of a conversation as "
+                                      "the start of the whole, so the assistant's tokens cannot be found")
+            end = next((k + 1 for k in range(len(before), len(upto)) if upto[k] in self.stop_ids), len(upto))
+            mask[len(before):end] = [1] * (end - len(before))
+        return ids, mask
+
+    def render_more(self, before: list[dict], messages: list[dict]) -> list[int]:
+        """The ids that continue `before` (ending with the assistant's reply, closed by its
+        end-of-turn id) with `messages`, then the generation prompt (see ChatFormat.render_more)."""
+        a, b = self._encode(before, False), self._encode(before + messages, True)
+        ends = [k for k, t in enumerate(a) if t in self.stop_ids]
+        if b[:len(a)] != a or not ends:
+            raise ChatFormatError("the model's chat template does not render the start of a conversation as "
+                                  "the start of the whole, so a reply cannot be continued")
+        return b[ends[-1] + 1:]
+
+    def parser(self, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
+        return ReplyParser(self, call_id)
+
+    def parse(self, ids, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
+        return ChatFormat.parse(self, ids, call_id)
+
+
+def chat_format(tok) -> ChatFormat | TemplateFormat:
+    """The chat format of the model whose tokenizer is `tok`: an imported model's own template
+    (its folder's chat_format.json names one), else lmstack's."""
+    if tok.own is not None and tok.own.template is not None:
+        return TemplateFormat(tok)
     return ChatFormat(tok)
 
 
@@ -332,7 +509,7 @@ class ToolLoop:
             events += [event, {**event, "type": "tool_result", "content": content}]
             results.append({"role": "tool", "tool_call_id": call["id"], "content": content or "(empty)"})
         if self.continuation:
-            more = fmt.render_more(results)
+            more = fmt.render_more(t.messages, results)
             used = len(t.ids) - t.start
             if used + len(more) >= self.max_tokens:  # no room left to answer: the turn ends here
                 t.done = True

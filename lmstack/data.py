@@ -36,16 +36,16 @@ IGNORE_INDEX = -100  # a target with this id counts for nothing (prompt tokens i
 _worker_tok: Tokenizer | None = None
 
 
-def _init_worker(tok_json: str) -> None:
+def _init_worker(tok_json: str, own) -> None:
     global _worker_tok
     # Parallelism comes from the process pool; HF's own threads would oversubscribe cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tok = Tokenizer.from_str(tok_json)
+    _worker_tok = Tokenizer.from_str(tok_json, own)
 
 
 def _encode_docs(texts: list[str], dtype: str, tok: Tokenizer | None = None):
     tok = tok or _worker_tok
-    return [(np.array([tok.bos_id] + ids, dtype=dtype), len(text.encode("utf-8")))
+    return [(np.array(tok.document(ids), dtype=dtype), len(text.encode("utf-8")))
             for text, ids in zip(texts, tok.encode_batch(texts))]
 
 
@@ -99,7 +99,7 @@ def prepare(inputs, tokenizer, out, text_field: str = "text", val_fraction: floa
             for texts in tasks:
                 yield _encode_docs(texts, dtype, tok)
             return
-        with mp.Pool(workers, _init_worker, (tok.to_str(),)) as pool:
+        with mp.Pool(workers, _init_worker, (tok.to_str(), tok.own)) as pool:
             # Pool.imap would read the whole corpus ahead into its queue; a bounded window
             # of in-flight tasks keeps memory flat and the results in order.
             inflight = deque()

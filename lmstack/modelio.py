@@ -3,12 +3,13 @@
     MODEL/
       model.safetensors   the parameters (safetensors only; a tied head is stored once)
       config.json         the model config: enough to rebuild the network
-      tokenizer.json      the tokenizer (and with it, today, lmstack's chat format)
+      tokenizer.json      the tokenizer (lmstack's chat format goes with its special tokens)
+      chat_format.json    (an imported model) its own chat template, special tokens, BOS policy, stops
       run.json            the resolved run config it was trained with
       metrics.jsonl       one JSON object per logged training step
       sft.json            (SFT) the base model, the data files, the rows used
       stage.json          (reward model, DPO, PPO, GRPO) the stage, its base model, its inputs
-      imported.json       (lmstack import hf) where the model came from
+      imported.json       (lmstack import hf|gguf) where the model came from, its name and licence
       state/              checkpoints to --resume a run from (lmstack/train/checkpoint.py)
 
 Everything that runs, evaluates, serves, exports or trains a model loads it through
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from lmstack.config import ModelConfig, model_config_from_dict
 from lmstack.device import check_fits
 from lmstack.model import GPT, RewardModel
-from lmstack.tokenizer import Tokenizer
+from lmstack.tokenizer import FORMAT_FILE, Tokenizer
 from lmstack.utils import UserError, atomic_file, atomic_write_json, read_json
 
 WEIGHTS = "model.safetensors"
@@ -147,14 +148,18 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, device: str | torch.d
 # --- writing a run's description ----------------------------------------------------------
 
 def write_run_files(out: str | os.PathLike, run_config: dict, tokenizer_file: str | os.PathLike | None) -> None:
-    """config.json, run.json and tokenizer.json, written once at the start of a run."""
+    """config.json, run.json and tokenizer.json (with the chat_format.json beside it, an imported
+    model's own format), written once at the start of a run."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / CONFIG, run_config["model"])
     atomic_write_json(out / "run.json", run_config)
     if tokenizer_file is not None:
-        with atomic_file(out / "tokenizer.json") as tmp:
-            shutil.copyfile(tokenizer_file, tmp)
+        files = [(Path(tokenizer_file), "tokenizer.json"), (Path(tokenizer_file).parent / FORMAT_FILE, FORMAT_FILE)]
+        for src, name in files:
+            if src.is_file():
+                with atomic_file(out / name) as tmp:
+                    shutil.copyfile(src, tmp)
 
 
 # --- where a model came from ----------------------------------------------------------------
@@ -175,24 +180,30 @@ def world_above(path) -> Path | None:
 def lineage(model_dir) -> dict:
     """What a model folder says about its training: {"chat": trained on conversations,
     "data": its pretraining token shards (if still there), "world": the synthetic world
-    it was trained on (if any)}. Paths are as recorded (relative to where training ran)."""
+    it was trained on (if any), "steps": the stages that made it from its root, newest first
+    ({"stage", "data"}), "imported": the root's imported.json when it was brought in}. Paths
+    are as recorded (relative to where training ran)."""
     d = Path(model_dir)
-    info = {"chat": False, "data": None, "world": None}
+    info = {"chat": False, "data": None, "world": None, "steps": [], "imported": None}
     for _ in range(8):  # follow base -> base (SFT of an SFT, later stages)
         sft = _stage_record(d / SFT)
         if sft is None:
             stage = _stage_record(d / STAGE)  # later stages (preference training, RL) record their base
             if stage and stage.get("base"):
                 info["chat"] = info["chat"] or bool(stage.get("chat", True))
+                info["steps"].append({"stage": str(stage.get("stage")), "data": stage.get("data") or []})
                 d = Path(stage["base"])
                 continue
             break
         info["chat"] = True
+        info["steps"].append({"stage": "sft", "data": sft.get("data") or []})
         for f in sft.get("data") or []:
             info["world"] = info["world"] or world_above(f)
         if not sft.get("base"):
             break
         d = Path(sft["base"])
+    imported = read_json(d / "imported.json")
+    info["imported"] = imported if isinstance(imported, dict) else None
     run = read_json(d / "run.json") or {}
     data = (run.get("data") or {}).get("dir")
     if data and (Path(data) / "manifest.json").is_file():

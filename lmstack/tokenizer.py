@@ -8,21 +8,28 @@ The first 16 ids are special tokens (BOS, EOS, PAD, chat roles, tool calls, spar
 Security: user text can never produce a special id. A string that merely *contains*
 "<|user|>" is encoded as ordinary bytes; special ids are only ever inserted by code
 (the chat format, lmstack/chatformat.py), by id, never by parsing text.
+
+An imported model (`lmstack import hf|gguf`) keeps its own tokenizer and special tokens: its
+folder holds chat_format.json beside tokenizer.json, which names its BOS, EOS and PAD tokens,
+whether a prompt starts with BOS, the tokens that end an assistant's reply and its Jinja chat
+template (`OwnFormat`). Without that file, a tokenizer is lmstack's and must hold its 16 specials.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmstack.sources import as_list, iter_documents, skip_summary
-from lmstack.utils import UserError, atomic_output_dir, atomic_write_text, check_output_dir
+from lmstack.utils import UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -63,30 +70,111 @@ def _empty_bpe() -> HFTokenizer:
     return tok
 
 
+FORMAT_FILE = "chat_format.json"  # an imported model's own tokens and chat template
+
+
+@dataclass
+class OwnFormat:
+    """An imported model's own conversation format and special tokens (chat_format.json): what
+    its own tooling (transformers, llama.cpp) does with it, so that lmstack does the same."""
+    template: str | None  # its Jinja chat template; None: it has none, lmstack's specials were appended
+    bos_token: str | None = None  # the token that starts a sequence (None: it has none)
+    eos_token: str | None = None  # the end-of-sequence token (ends plain-text generation)
+    pad_token: str | None = None  # padding (None: EOS's id pads; padded positions are masked anyway)
+    add_bos: bool = False  # a plain-text prompt or document starts with bos_token
+    stop_tokens: list[str] = field(default_factory=list)  # tokens that end an assistant's reply
+    source: str | None = None  # where the format came from (a folder, a GGUF file)
+
+    @classmethod
+    def read(cls, path: Path) -> "OwnFormat":
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+            unknown = set(d) - {f for f in cls.__dataclass_fields__}
+            if unknown:
+                raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+            own = cls(**{"template": None, **d})
+            for name in ("template", "bos_token", "eos_token", "pad_token", "source"):
+                if not isinstance(getattr(own, name), (str, type(None))):
+                    raise ValueError(f"{name} is not a string")
+            if not isinstance(own.stop_tokens, list) or not all(isinstance(t, str) for t in own.stop_tokens):
+                raise ValueError("stop_tokens is not a list of token strings")
+            return own
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise UserError(f"{path} is malformed: {e}") from None
+
+    def save(self, folder: str | os.PathLike) -> None:
+        atomic_write_json(Path(folder) / FORMAT_FILE, asdict(self))
+
+
 class Tokenizer:
     """A thin wrapper: the encode/decode surface the rest of lmstack uses."""
 
-    def __init__(self, hf: HFTokenizer):
+    def __init__(self, hf: HFTokenizer, own: OwnFormat | None = None):
         # The one line that keeps "<|user|>" typed by a user from becoming the <|user|> id.
         # (Not stored in tokenizer.json, so it is set on every construction.)
         hf.encode_special_tokens = True
         self._tok = hf
-        # lmstack's own tokenizers hold the special tokens at ids 0..15; an imported one
-        # (`lmstack import hf`) has them appended after its vocabulary. Either way they are
-        # found by name, and every added special token (lmstack's or the import's own) is
-        # control, not text.
-        self.special_ids = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
-        if None in self.special_ids.values():
-            raise UserError("tokenizer is not an lmstack tokenizer (special tokens missing); train one "
-                            "with `lmstack tokenizer train` or bring a model in with `lmstack import hf`")
-        self.control_ids = frozenset(set(self.special_ids.values()) | {
-            i for i, t in hf.get_added_tokens_decoder().items() if t.special})
+        self.own = own  # an imported model's own format; None: lmstack's
+        # lmstack's specials, found by name: ids 0..15 of its own tokenizers, appended after the
+        # vocabulary of an import that has no chat template of its own, absent from one that has.
+        found = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.special_ids = {t: i for t, i in found.items() if i is not None}
+        added = hf.get_added_tokens_decoder()
+        # every special added token (lmstack's or the model's own) is control, never text
+        self.control_ids = frozenset(set(self.special_ids.values()) | {i for i, t in added.items() if t.special})
+        self.specials = {t.content: i for i, t in added.items() if t.special}  # text -> id
+        if own is None:
+            if len(self.special_ids) < len(SPECIAL_TOKENS):
+                raise UserError("tokenizer is not an lmstack tokenizer (special tokens missing); train one "
+                                "with `lmstack tokenizer train` or bring a model in with `lmstack import hf`")
+            self.bos_id, self.eos_id = self.special_ids["<|bos|>"], self.special_ids["<|eos|>"]
+            self.pad_id, self.add_bos = self.special_ids["<|pad|>"], True
+        else:
+            self.bos_id, self.eos_id = self.token_id(own.bos_token), self.token_id(own.eos_token)
+            pad = self.token_id(own.pad_token)
+            self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+            self.add_bos = own.add_bos and self.bos_id is not None
+            for t in own.stop_tokens:
+                self.token_id(t)
         self._token_bytes = None
         self._byte_of = None
 
+    def token_id(self, text: str | None) -> int | None:
+        """The id of one whole token given by its text (None for None)."""
+        i = None if text is None else self._tok.token_to_id(text)
+        if text is not None and i is None:
+            raise UserError(f"{FORMAT_FILE} names {text!r}, which is not a token of this tokenizer")
+        return i
+
+    @property
+    def bos(self) -> list[int]:
+        """What a plain-text prompt or document starts with: [BOS], or [] for a model that adds none."""
+        return [self.bos_id] if self.add_bos else []
+
+    def document(self, ids: list[int]) -> list[int]:
+        """A document's ids as packed for pretraining: BOS first (lmstack's, or the model's own when
+        it adds one), else EOS last, so that packed documents keep a boundary the model knows."""
+        if self.add_bos or self.eos_id is None:
+            return self.bos + ids
+        return ids + [self.eos_id]
+
+    @property
+    def scoring_head(self) -> list[int]:
+        """What a text's first token is scored after (loss, bits per byte, log-likelihoods): BOS, or
+        EOS (a document boundary) for a model with no BOS, as lm-evaluation-harness does."""
+        return [self.bos_id if self.bos_id is not None else self.eos_id]
+
+    @property
+    def text_stop_ids(self) -> frozenset[int]:
+        """The ids that end plain-text generation: a document boundary (EOS, and BOS where there is one)."""
+        return frozenset(i for i in (self.eos_id, self.bos_id) if i is not None)
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load from a folder holding tokenizer.json (tokenizer or model folder), or the file."""
+        """Load from a folder holding tokenizer.json (tokenizer or model folder), or the file; with
+        the folder's chat_format.json when it has one (an imported model)."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -96,11 +184,12 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises a plain Exception on bad JSON
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"cannot read tokenizer {file}: {first}") from None
-        return cls(hf)
+        own = file.parent / FORMAT_FILE
+        return cls(hf, OwnFormat.read(own) if own.is_file() else None)
 
     @classmethod
-    def from_str(cls, json_text: str) -> "Tokenizer":
-        return cls(HFTokenizer.from_str(json_text))
+    def from_str(cls, json_text: str, own: OwnFormat | None = None) -> "Tokenizer":
+        return cls(HFTokenizer.from_str(json_text), own)
 
     def to_str(self) -> str:
         return self._tok.to_str()
@@ -108,6 +197,8 @@ class Tokenizer:
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / "tokenizer.json"
         atomic_write_text(path, self._tok.to_str(pretty=True))
+        if self.own is not None:
+            self.own.save(folder)
         return path
 
     # -- encode / decode ---------------------------------------------------------------
@@ -128,18 +219,6 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def bos_id(self) -> int:
-        return self.special_ids["<|bos|>"]
-
-    @property
-    def eos_id(self) -> int:
-        return self.special_ids["<|eos|>"]
-
-    @property
-    def pad_id(self) -> int:
-        return self.special_ids["<|pad|>"]
 
     def id_to_token(self, i: int) -> str:
         return self._tok.id_to_token(i)

@@ -172,7 +172,8 @@ def test_a_malformed_stage_record_is_one_line(tmp_path, tok):
         (src / name).unlink()
     assert not (tmp_path / "hf").exists()
     (src / "sft.json").write_text(json.dumps({"data": [str(tmp_path / "w" / "sft.jsonl")]}))  # no base: stops there
-    assert lineage(src) == {"chat": True, "data": None, "world": None}
+    assert lineage(src) == {"chat": True, "data": None, "world": None, "imported": None,
+                            "steps": [{"stage": "sft", "data": [str(tmp_path / "w" / "sft.jsonl")]}]}
 
 
 @pytest.mark.slow

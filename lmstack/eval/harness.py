@@ -169,15 +169,14 @@ class LmstackLM(LM):
         lm_eval put after the JSON."""
         tok = self.lm.tok
         if not context.startswith(CHAT_MARKER):
-            return [tok.bos_id], context
+            return tok.scoring_head, context
         chat, end = json.JSONDecoder().raw_decode(context, len(CHAT_MARKER))
         messages, text = chat["messages"], context[end:]
         if not chat["add_generation_prompt"] and messages and messages[-1]["role"] == "assistant":
             # The assistant's reply is open (lm_eval's gen_prefix): no <|end|> after it.
             text = (messages[-1].get("content") or "") + text
             messages = messages[:-1]
-            ids = (self.lm.fmt.render(messages, add_generation_prompt=True)[0] if messages
-                   else [tok.bos_id, self.lm.fmt.assistant_id])
+            ids = self.lm.fmt.render(messages, add_generation_prompt=True)[0]
         else:
             ids = self.lm.fmt.render(messages, add_generation_prompt=chat["add_generation_prompt"])[0]
         return ids, text
@@ -208,7 +207,7 @@ class LmstackLM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """(text,) -> log p(text | BOS), every token scored once, each with up to a full context."""
-        docs = [[self.lm.tok.bos_id] + self.lm.tok.encode(req.args[0]) for req in requests]
+        docs = [self.lm.tok.scoring_head + self.lm.tok.encode(req.args[0]) for req in requests]
         out, bs = [], self.lm.batch_size
         for b in tqdm(range(0, len(docs), bs), desc="loglikelihood_rolling", disable=disable_tqdm or not docs):
             out += [lp for lp, _ in self.lm.rolling_ids(docs[b:b + bs])]

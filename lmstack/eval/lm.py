@@ -88,8 +88,9 @@ class ModelLM:
     def split_pair(self, context: str, continuation: str, head: list[int] | None = None):
         """Text pair -> (context ids, continuation ids), tokenized as one string (as the model saw
         text in training) and split where the context ends; a space ending the context moves to
-        the continuation. `head`: ids before the context (default: BOS; a rendered chat prompt)."""
-        head = [self.tok.bos_id] if head is None else list(head)
+        the continuation. `head`: ids before the context (default: the tokenizer's scoring_head, BOS
+        or EOS; a rendered chat prompt)."""
+        head = self.tok.scoring_head if head is None else list(head)
         if context and context[-1] == " ":
             n = len(context) - len(context.rstrip(" "))
             context, continuation = context[:-n], context[-n:] + continuation

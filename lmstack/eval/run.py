@@ -61,7 +61,7 @@ def lm_eval_text(lm: ModelLM, inputs, text_field: str = "text", max_docs: int | 
     for text in iter_documents(inputs, text_field):
         if not text:
             continue
-        docs.append([lm.tok.bos_id] + lm.tok.encode(text))
+        docs.append(lm.tok.scoring_head + lm.tok.encode(text))
         nbytes += len(text.encode("utf-8"))
         if max_docs and len(docs) >= max_docs:
             break

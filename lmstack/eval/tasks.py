@@ -332,7 +332,7 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
         else:
             k = max(1, spec.samples)
             sampling = {"temperature": spec.temperature} if spec.samples else {}
-            prompts = [[lm.tok.bos_id] + lm.tok.encode(_fill(spec.prompt, row, spec, line)) for line, row in rows]
+            prompts = [lm.tok.bos + lm.tok.encode(_fill(spec.prompt, row, spec, line)) for line, row in rows]
             done = lm.generate([p for p in prompts for _ in range(k)], spec.max_tokens, until=spec.until, **sampling)
             outs = [(c.text, None, 0) for c in done]
         for j, ((line, row), ans) in enumerate(zip(rows, answers)):

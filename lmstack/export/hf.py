@@ -29,11 +29,11 @@ from safetensors.torch import load_file
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmstack.chatformat import chat_format
+from lmstack.chatformat import ChatFormatError, chat_format
 from lmstack.config import ModelConfig
 from lmstack.model import GPT
 from lmstack.modelio import lineage, load_model_and_tokenizer, materialise, save_safetensors, save_weights
-from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer
+from lmstack.tokenizer import SPECIAL_TOKENS, OwnFormat, Tokenizer
 from lmstack.utils import (UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir,
                            read_json)
 
@@ -56,20 +56,32 @@ def _hf_config(cfg, tok) -> dict:
 
 
 def _token_ids(tok) -> dict:
-    """BOS, PAD, and what ends generation: EOS, or the end of the assistant's turn."""
-    return {"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, chat_format(tok).end_id],
-            "pad_token_id": tok.pad_id}
+    """BOS, PAD, and what ends generation: EOS, or the end of the assistant's turn (an imported
+    model's own stop tokens, its end of turn first)."""
+    fmt = chat_format(tok)
+    stops = [fmt.end_id] + sorted(fmt.stop_ids - {fmt.end_id})
+    if tok.own is None:
+        stops = [tok.eos_id, fmt.end_id]
+    elif tok.eos_id is not None and tok.eos_id not in stops:
+        stops.append(tok.eos_id)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": stops, "pad_token_id": tok.pad_id}
+
+
+def _special_tokens(tok) -> dict:
+    """bos_token / eos_token / pad_token by name (those the model has)."""
+    names = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.pad_id}
+    return {k: tok.id_to_token(i) for k, i in names.items() if i is not None}
 
 
 def _hf_tokenizer_files(tok, ctx: int) -> tuple[str, dict]:
-    """(tokenizer.json text with a BOS post-processor, tokenizer_config.json)."""
+    """(tokenizer.json text with a BOS post-processor when the model adds BOS, tokenizer_config.json)."""
     hf = HFTokenizer.from_str(tok.to_str())
-    bos = "<|bos|>"
-    hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                      special_tokens=[(bos, tok.bos_id)])
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": "<|eos|>",
-              "pad_token": "<|pad|>", "model_max_length": ctx, "clean_up_tokenization_spaces": False,
-              "chat_template": chat_format(tok).jinja}
+    if tok.add_bos:
+        bos = tok.id_to_token(tok.bos_id)
+        hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                          special_tokens=[(bos, tok.bos_id)])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **_special_tokens(tok), "model_max_length": ctx,
+              "clean_up_tokenization_spaces": False, "chat_template": chat_format(tok).jinja}
     return hf.to_str(pretty=True), config
 
 
@@ -117,8 +129,7 @@ def export_hf(model_dir, out, force: bool = False, max_shard_bytes: int = MAX_SH
         atomic_write_json(tmp / "generation_config.json", {**_token_ids(tok), "max_length": cfg.max_seq_len})
         atomic_write_text(tmp / "tokenizer.json", tok_json)
         atomic_write_json(tmp / "tokenizer_config.json", tok_config)
-        atomic_write_json(tmp / "special_tokens_map.json", {"bos_token": "<|bos|>", "eos_token": "<|eos|>",
-                                                            "pad_token": "<|pad|>"})
+        atomic_write_json(tmp / "special_tokens_map.json", _special_tokens(tok))
         atomic_write_text(tmp / "README.md", model_card(model_dir, model, tok))
     print(f"exported {model_dir} as a Hugging Face Llama -> {out} "
           f"(AutoModelForCausalLM.from_pretrained({str(out)!r}))")
@@ -130,10 +141,12 @@ def model_card(model_dir: Path, model, tok) -> str:
     info = lineage(model_dir)
     run = read_json(model_dir / "run.json") or {}
     sft = read_json(model_dir / "sft.json")
-    imported = read_json(model_dir / "imported.json")
+    imported = info["imported"]  # the root's imported.json: this model or the one it was trained from
     datasets = ["lmstack synthetic world"] if info.get("world") else []
     base = (imported or {}).get("hub_id")  # the card's base_model must be a hub id, not a local path
-    front = ["---", "license: mit", "library_name: transformers", "pipeline_tag: text-generation",
+    # An imported model keeps its licence (unknown: "other", and the card says to check the source).
+    licence = ((imported or {}).get("license") or "other") if imported else "mit"
+    front = ["---", f"license: {licence}", "library_name: transformers", "pipeline_tag: text-generation",
              "tags:", "  - lmstack", "  - llama"]
     if datasets:
         front += ["datasets:"] + [f"  - {d}" for d in datasets]
@@ -141,9 +154,18 @@ def model_card(model_dir: Path, model, tok) -> str:
         front.append(f"base_model: {json.dumps(str(base))}")
     front.append("---")
     cfg = model.cfg
-    lines = front + ["", f"# {model_dir.resolve().name}", "",
-                     "A Llama-shaped causal language model trained with lmstack (from scratch, on "
-                     "PyTorch) and exported with `lmstack export hf`.", "",
+    if imported:
+        steps = "; then ".join(f"{s['stage']}" + (f" on {', '.join(s['data'])}" if s["data"] else "")
+                               for s in reversed(info["steps"]))
+        about = (f"`{imported.get('name') or imported.get('source')}` ({imported.get('model_type')}), imported "
+                 f"into lmstack from `{imported.get('source')}`"
+                 + (f", then trained with lmstack: {steps}" if steps else ", with its weights unchanged")
+                 + ", and exported with `lmstack export hf`. Its licence is the source model's"
+                 + ("" if imported.get("license") else " (not stated in the source: check it)") + ".")
+    else:
+        about = ("A Llama-shaped causal language model trained with lmstack (from scratch, on "
+                 "PyTorch) and exported with `lmstack export hf`.")
+    lines = front + ["", f"# {model_dir.resolve().name}", "", about, "",
                      "| | |", "| --- | --- |",
                      f"| parameters | {model.num_params():,} "
                      f"({model.num_params(include_embeddings=False):,} without embeddings) |",
@@ -156,6 +178,8 @@ def model_card(model_dir: Path, model, tok) -> str:
                      f"{', '.join(sft.get('data', []))} |")
     elif imported:
         lines.append(f"| origin | imported from `{imported.get('source')}` |")
+    if tok.own is not None and tok.own.template is not None:
+        lines.append("| chat format | the source model's own template and special tokens |")
     elif train:
         lines.append(f"| training | pretraining, {train.get('max_steps')} steps of "
                      f"{train.get('batch_tokens')} tokens |")
@@ -181,7 +205,11 @@ def model_card(model_dir: Path, model, tok) -> str:
               'ids = tok.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True, '
               'return_tensors="pt")',
               "print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))", "```", "",
-              "The chat format: `<|bos|><|user|>...<|end|><|assistant|>...<|end|>`; generation ends at `<|end|>`.", ""]
+              ("The chat format is the source model's own (tokenizer_config.json's chat_template); generation "
+               f"ends at {', '.join(f'`{tok.id_to_token(i)}`' for i in sorted(chat_format(tok).stop_ids))}."
+               if tok.own is not None and tok.own.template is not None else
+               "The chat format: `<|bos|><|user|>...<|end|><|assistant|>...<|end|>`; generation ends at `<|end|>`."),
+              ""]
     return "\n".join(lines)
 
 
@@ -252,8 +280,71 @@ def _read_weights(src: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _token_text(x) -> str | None:
+    """A token as tokenizer_config.json names it: a string, or {"content": ...} (older files)."""
+    if isinstance(x, dict):
+        x = x.get("content")
+    return x if isinstance(x, str) and x else None
+
+
+def _source_license(src: Path) -> str | None:
+    """The licence in the source's model card (README.md's YAML front matter), if it says one."""
+    try:
+        text = (src / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("---"):
+        return None
+    for line in text.split("\n---", 1)[0].splitlines()[1:]:
+        if line.startswith("license:"):
+            return line.split(":", 1)[1].strip().strip("'\"") or None
+    return None
+
+
+def _own_format(src: Path, hf_tok: HFTokenizer) -> OwnFormat:
+    """The source's own chat format and special tokens, as transformers would use them: the chat
+    template (tokenizer_config.json, chat_template.jinja or chat_template.json), BOS/EOS/PAD, whether
+    a prompt starts with BOS (add_bos_token, or a post-processor that adds it), and the tokens that
+    end a reply (EOS and generation_config.json's eos_token_id; those the template writes first)."""
+    tc = read_json(src / "tokenizer_config.json") or {}
+    tc = tc if isinstance(tc, dict) else {}
+    template = tc.get("chat_template")
+    if (src / "chat_template.jinja").is_file():
+        template = (src / "chat_template.jinja").read_text(encoding="utf-8")
+    elif isinstance((read_json(src / "chat_template.json") or {}), dict):
+        template = (read_json(src / "chat_template.json") or {}).get("chat_template", template)
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    bos, eos, pad = (_token_text(tc.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+    post = json.loads(hf_tok.to_str()).get("post_processor") or {}
+    first = ((post.get("single") or [{}])[0] or {}).get("SpecialToken", {}).get("id") \
+        if post.get("type") == "TemplateProcessing" else None
+    add_bos = tc.get("add_bos_token")
+    if add_bos is None:
+        add_bos = first is not None and first == bos
+    if first is not None and bos is None:
+        bos = first
+    gen = read_json(src / "generation_config.json") or {}
+    gen_eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else []
+    stops = []
+    for t in [eos] + [hf_tok.id_to_token(i) for i in gen_eos if isinstance(i, int)]:
+        if t and t not in stops and hf_tok.token_to_id(t) is not None:
+            stops.append(t)
+    if isinstance(template, str):  # the end-of-turn token (the one the template writes) first
+        stops.sort(key=lambda t: t not in template)
+    return OwnFormat(template=template if isinstance(template, str) and template.strip() else None,
+                     bos_token=bos if bos and hf_tok.token_to_id(bos) is not None else None,
+                     eos_token=eos if eos and hf_tok.token_to_id(eos) is not None else None,
+                     pad_token=pad if pad and hf_tok.token_to_id(pad) is not None else None,
+                     add_bos=bool(add_bos), stop_tokens=stops, source=str(src.resolve()))
+
+
 def import_hf(src, out, force: bool = False) -> Path:
-    """A local Hugging Face Llama-family folder -> an lmstack model folder."""
+    """A local Hugging Face Llama-family folder -> an lmstack model folder, keeping the model's own
+    tokenizer, special tokens, BOS policy, stop tokens and chat template (chat_format.json). A
+    model with no chat template gains lmstack's special tokens and chat format instead."""
     src = Path(src)
     if not (src / "config.json").is_file():
         raise UserError(f"{src} is not a Hugging Face model folder (no config.json)")
@@ -269,11 +360,17 @@ def import_hf(src, out, force: bool = False) -> Path:
     if (tj.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("decoder")):
         raise UserError(f"{src}: the tokenizer is not a byte-level BPE (SentencePiece tokenizers such as "
                         "Llama 2's are not supported)")
-    missing = [t for t in SPECIAL_TOKENS if hf_tok.token_to_id(t) is None]
-    if missing:  # lmstack's chat template needs its special tokens: append them
+    own = _own_format(src, hf_tok)
+    try:
+        if own.template is not None:
+            chat_format(Tokenizer.from_str(hf_tok.to_str(), own))  # compiles the template: fail now, not later
+    except ChatFormatError as e:
+        raise UserError(f"{src}: {e}") from None
+    missing = [] if own.template is not None else [t for t in SPECIAL_TOKENS if hf_tok.token_to_id(t) is None]
+    if missing:  # no chat format of its own: lmstack's, with its special tokens appended
         hf_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    hf_tok.post_processor = None  # lmstack adds BOS itself, where its format puts it
-    tok = Tokenizer(HFTokenizer.from_str(hf_tok.to_str()))
+    hf_tok.post_processor = None  # lmstack adds BOS itself, where the model's policy puts it
+    tok = Tokenizer(HFTokenizer.from_str(hf_tok.to_str()), own)
 
     weights = _read_weights(src)
     vocab = max(c["vocab_size"], tok.vocab_size)
@@ -311,9 +408,12 @@ def import_hf(src, out, force: bool = False) -> Path:
         name = c.get("_name_or_path") or ""
         hub_id = name if name.count("/") == 1 and not Path(name).exists() else None
         atomic_write_json(tmp / "imported.json", {"source": str(src.resolve()), "model_type": c["model_type"],
-                                                  "hub_id": hub_id, "added_special_tokens": missing,
-                                                  "hf_vocab_size": c["vocab_size"]})
+                                                  "hub_id": hub_id, "name": hub_id or src.resolve().name,
+                                                  "license": _source_license(src),
+                                                  "added_special_tokens": missing, "hf_vocab_size": c["vocab_size"]})
         tok.save(tmp)
-    print(f"imported {src} ({c['model_type']}, {model.num_params():,} params"
-          + (f", {len(missing)} lmstack special tokens added" if missing else "") + f") -> {out}")
+    how = (f"its own chat template, stops at {', '.join(own.stop_tokens) or 'nothing'}, "
+           f"{'adds ' + own.bos_token if tok.add_bos else 'no BOS'}" if own.template is not None
+           else f"no chat template of its own: lmstack's chat format, {len(missing)} lmstack special tokens added")
+    print(f"imported {src} ({c['model_type']}, {model.num_params():,} params; {how}) -> {out}")
     return Path(out)

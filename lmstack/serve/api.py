@@ -8,7 +8,8 @@
     POST /tokenize, /detokenize, GET /tokenizer_info   (lm_eval's remote tokenizer)
     GET  /health                    liveness, and the batcher's load
 
-Every prompt starts with BOS (added unless a token-id prompt already starts with it); echo and
+Every prompt starts with BOS where the model adds one (unless a token-id prompt already starts
+with it); echo and
 logprobs report only the caller's tokens. Errors have OpenAI's shape
 {"error": {"message", "type", "param", "code"}}: a 4xx for what the caller got wrong, 503 when
 the feedback database cannot answer, 500 when the server fails (a generation, or anything
@@ -37,7 +38,6 @@ from lmstack.serve.db import DatabaseUnavailable
 from lmstack.serve.generation import Batch, Choice, Server
 from lmstack.serve.protocol import (APIError, BodyLimit, ChatRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest, error_body, errors)
-from lmstack.tokenizer import SPECIAL_TOKENS
 
 
 log = logging.getLogger(__name__)
@@ -301,11 +301,15 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/tokenizer_info", responses=errors(401, 500))
     async def tokenizer_info():
-        # No text chat template: special tokens cannot be spelled in a prompt string (user text
-        # never becomes one), so chat goes through /v1/chat/completions.
-        return {"tokenizer_class": "lmstack byte-level BPE", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-                "pad_token": "<|pad|>", "model_max_length": server.ctx, "vocab_size": server.tok.vocab_size,
-                "chat_template": None}
+        # The chat template is the model's (lmstack's Jinja twin, or an imported model's own). A
+        # prompt rendered with it and sent as text does not get its special tokens (user text never
+        # becomes one): chat goes through /v1/chat/completions, or a prompt of token ids.
+        tok = server.tok
+        name = lambda i: None if i is None else tok.id_to_token(i)  # noqa: E731
+        return {"tokenizer_class": "lmstack byte-level BPE", "bos_token": name(tok.bos_id),
+                "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id), "add_bos_token": tok.add_bos,
+                "stop_tokens": sorted(name(i) for i in server.fmt.stop_ids), "model_max_length": server.ctx,
+                "vocab_size": tok.vocab_size, "chat_template": server.fmt.jinja}
 
     return app
 
@@ -317,13 +321,13 @@ def _tokenize(server: Server, body: TokenizeRequest) -> dict:
                                     add_generation_prompt=body.add_generation_prompt)[0]
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
-    elif body.prompt in SPECIAL_TOKENS:
-        # The exact name of a special token (alone) gives its id, so a client that looks special
-        # ids up by tokenizing their names (lm_eval's remote tokenizer does) gets them.
-        # Generation never does this: user text never becomes a special token.
-        ids = [server.tok.special_ids[body.prompt]]
+    elif body.prompt in server.tok.specials:
+        # The exact name of a special token (alone: lmstack's or an imported model's own) gives its
+        # id, so a client that looks special ids up by tokenizing their names (lm_eval's remote
+        # tokenizer does) gets them. Generation never does this: user text never becomes a special token.
+        ids = [server.tok.specials[body.prompt]]
     else:
-        ids = ([server.tok.bos_id] if body.add_special_tokens else []) + server.tok.encode(body.prompt)
+        ids = (server.tok.bos if body.add_special_tokens else []) + server.tok.encode(body.prompt)
     return {"tokens": ids, "count": len(ids), "max_model_len": server.ctx}
 
 
@@ -358,7 +362,8 @@ def _usage(u: dict) -> dict:
 
 
 def _prompts(server: Server, prompt) -> list[tuple[list[int], int]]:
-    """The completions prompt(s) -> (ids with BOS first, index where the caller's tokens start)."""
+    """The completions prompt(s) -> (ids, BOS first where the model adds one; the index where the
+    caller's tokens start)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -371,15 +376,18 @@ def _prompts(server: Server, prompt) -> list[tuple[list[int], int]]:
     for p in prompt:
         if isinstance(p, str):
             server.check_text_length(len(p), param="prompt")
-            ids = [server.tok.bos_id] + server.tok.encode(p)
+            ids, start = server.tok.bos + server.tok.encode(p), len(server.tok.bos)
         else:
             bad = [t for t in p if not 0 <= t < server.tok.vocab_size]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{server.tok.vocab_size - 1})",
                                param="prompt")
-            ids = list(p) if p and p[0] == server.tok.bos_id else [server.tok.bos_id] + list(p)
+            head = [] if list(p[:1]) == server.tok.bos else server.tok.bos
+            ids, start = head + list(p), len(head)
+        if not ids:
+            raise APIError(400, "prompt must not be empty (this model starts a text with no BOS)", param="prompt")
         server.check_prompt(ids)
-        out.append((ids, 0 if isinstance(p, list) and p and p[0] == server.tok.bos_id else 1))
+        out.append((ids, start))
     return out
 
 

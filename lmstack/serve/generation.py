@@ -37,7 +37,7 @@ class Server:
         self.max_prompt = min(self.limits.max_prompt_tokens or self.ctx - 1, self.ctx - 1)
         self.batcher = Batcher(model, tok, slots)
         self.request_log = RequestLog(db) if db is not None else None
-        self.text_stops = frozenset({tok.eos_id, tok.bos_id})  # plain text ends at a document boundary
+        self.text_stops = tok.text_stop_ids  # plain text ends at a document boundary
         # No token stands for more characters than the longest one, so a text of c characters
         # is at least c / longest tokens: a prompt far too long is refused before it is tokenized.
         self.max_token_chars = max(1, max(tok.token_bytes()))

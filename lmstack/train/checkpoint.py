@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lmstack.modelio import CONFIG, SFT, STAGE, WEIGHTS, load_weights, save_weights
+from lmstack.tokenizer import FORMAT_FILE
 from lmstack.utils import UserError, atomic_file, atomic_write_text, current_umask, fsync, read_json
 
 STATE = "state"
@@ -69,7 +70,7 @@ def output_folder(out: str | os.PathLike, resume: bool) -> tuple[Path, bool]:
 def _unfinished_start(out_dir: Path) -> bool:
     """What a run writes before its first checkpoint, and nothing else: its description (run.json,
     config.json, tokenizer.json, sft.json / stage.json), metrics, an empty state/, temporaries."""
-    start = {"run.json", CONFIG, "tokenizer.json", "metrics.jsonl", SFT, STAGE, STATE}
+    start = {"run.json", CONFIG, "tokenizer.json", FORMAT_FILE, "metrics.jsonl", SFT, STAGE, STATE}
     entries = [p for p in out_dir.iterdir() if not p.name.startswith(".")] if out_dir.is_dir() else []
     return bool(entries) and all(p.name in start for p in entries) and not checkpoints(out_dir) \
         and not any(p.is_file() for p in (out_dir / STATE).rglob("*"))
