@@ -148,6 +148,17 @@ class ChatFormat:
             mask.append(0)
         return ids, mask
 
+    def render_replies(self, messages: list[dict], replies: list[str]) -> list[tuple[list[int], list[int]]]:
+        """The conversation followed by each reply (an assistant message's content) -> [(ids,
+        mask)], the mask 1 on that reply and its <|end|> only. Messages render on their own, so
+        the conversation is rendered once."""
+        p_ids, _ = self.render(messages)
+        out = []
+        for a in replies:
+            a_ids, a_mask = self.render([{"role": "assistant", "content": a}])
+            out.append((p_ids + a_ids[1:], [0] * len(p_ids) + a_mask[1:]))
+        return out
+
     def render_more(self, before: list[dict], messages: list[dict]) -> list[int]:
         """The ids that `messages` add after the conversation `before` (which ends with the
         assistant's reply, closed by its end-of-turn id), then the generation prompt: what
@@ -311,6 +322,16 @@ class TemplateFormat:
             end = next((k + 1 for k in range(len(before), len(upto)) if upto[k] in self.stop_ids), len(upto))
             mask[len(before):end] = [1] * (end - len(before))
         return ids, mask
+
+    def render_replies(self, messages: list[dict], replies: list[str]) -> list[tuple[list[int], list[int]]]:
+        """The conversation followed by each reply -> [(ids, mask)], the mask on that reply only
+        (see ChatFormat.render_replies); each conversation rendered whole."""
+        n = len(self.render(messages, add_generation_prompt=True)[0])
+        out = []
+        for a in replies:
+            ids, mask = self.render(messages + [{"role": "assistant", "content": a}])
+            out.append((ids, [0] * n + mask[n:]))
+        return out
 
     def render_more(self, before: list[dict], messages: list[dict]) -> list[int]:
         """The ids that continue `before` (ending with the assistant's reply, closed by its

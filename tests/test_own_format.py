@@ -16,6 +16,7 @@ openai = pytest.importorskip("openai")
 from tokenizers import Tokenizer as HFTok  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from lmstack.align.pairs import render_answers  # noqa: E402
 from lmstack.chat import chat_completion  # noqa: E402
 from lmstack.chatformat import ChatFormatError, TemplateFormat, chat_format  # noqa: E402
 from lmstack.export.hf import export_hf, import_hf  # noqa: E402
@@ -134,6 +135,17 @@ def test_renders_the_ids_and_assistant_mask_transformers_renders(imported, hf_to
         assert render_row(fmt.tok, {"messages": messages}, fmt) == (ids, mask)
 
 
+def test_preference_pairs_train_on_the_last_answer_only(imported, hf_tok):
+    prompt = CONVERSATIONS[2][:3]
+    seqs, dropped = render_answers(Tokenizer.load(imported), prompt, ["Rome.", "I do not know."], 512)
+    for (ids, mask), answer in zip(seqs, ["Rome.", "I do not know."]):
+        want = hf_ids(hf_tok, prompt + [{"role": "assistant", "content": answer}], return_assistant_tokens_mask=True)
+        last = len(want["assistant_masks"]) - want["assistant_masks"][::-1].index(1)
+        first = last - 1 - want["assistant_masks"][last - 1::-1].index(0) + 1
+        assert ids == list(want["input_ids"]) and dropped == 0
+        assert mask == [int(first <= k < last) for k in range(len(ids))]  # the earlier assistant turn: context
+
+
 def test_a_special_token_spelled_in_a_message_stays_text(imported, hf_tok):
     tok = Tokenizer.load(imported)
     fmt = chat_format(tok)
@@ -194,6 +206,14 @@ def test_sft_then_export_to_transformers_keeps_format_stops_and_licence(imported
                    "--set", "optim.lr=1e-5", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "sft" / "chat_format.json").read_text())["template"] == TEMPLATE
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": q, "chosen": a, "rejected": "I do not know."}) + "\n"
+                             for q, a in QA * 10))
+    proc = run_cli("dpo", "--model", tmp_path / "sft", "--data", pairs, "--out", tmp_path / "dpo",
+                   "--set", "train.max_steps=2", "--set", "train.micro_batch_size=2", "--set", "train.batch_tokens=256",
+                   "--set", "train.eval_every=0", "--set", "train.dtype=fp32", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "dpo" / "chat_format.json").read_text() == (imported / "chat_format.json").read_text()
     export_hf(tmp_path / "sft", tmp_path / "hf")
     back = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ours = chat_format(Tokenizer.load(tmp_path / "sft"))

@@ -78,23 +78,17 @@ def load_comparisons(files) -> list[tuple[dict, str]]:
 
 def render_answers(tok: Tokenizer, prompt, answers: list[str], max_len: int, fmt: ChatFormat | None = None):
     """The prompt + each answer through the chat template -> [(ids, mask)] (mask 1 on the
-    final answer and its <|end|>), all with the same prompt, cut from the left (after BOS)
-    so the longest fits `max_len` tokens. Returns (seqs, prompt tokens dropped), or None
-    when the answers alone do not fit. `fmt`: the model's chat format (default chat_format(tok);
-    a caller rendering many rows passes one).
-
-    The prompt is rendered once: messages render independently (chatformat), so prompt +
-    answer is the prompt's ids followed by the answer message's own (after its BOS)."""
+    final answer and its end of turn), all with the same prompt, cut from the left (after the
+    first token, BOS in lmstack's format) so the longest fits `max_len` tokens. Returns (seqs,
+    prompt tokens dropped), or None when the answers alone do not fit. `fmt`: the model's chat
+    format (default chat_format(tok); a caller rendering many rows passes one)."""
     fmt = fmt or chat_format(tok)
-    p_ids, _ = fmt.render(prompt_messages(prompt))
-    seqs = []
-    for a in answers:
-        a_ids, a_mask = fmt.render([{"role": "assistant", "content": a}])
-        seqs.append((p_ids + a_ids[1:], [0] * len(p_ids) + a_mask[1:]))  # only this answer is trained on
+    seqs = fmt.render_replies(prompt_messages(prompt), answers)  # only the answer is trained on
     drop = max(len(ids) for ids, _ in seqs) - max_len
     if drop <= 0:
         return seqs, 0
-    if drop > len(p_ids) - 2:  # keep BOS and one prompt token at least; never cut an answer
+    # keep the first token, one of the prompt's and the reply's opening (<|assistant|>); never cut an answer
+    if drop > min(mask.index(1) for _, mask in seqs) - 3:
         return None
     return [(ids[:1] + ids[1 + drop:], mask[:1] + mask[1 + drop:]) for ids, mask in seqs], drop
 
