@@ -152,9 +152,16 @@ def _cmd_export(a):
 
 
 def _cmd_import(a):
+    if (a.source is None) == (a.file is None):
+        raise UserError("import takes one source: a path after the format, or --from PATH")
+    if a.format == "gguf":
+        from lmstack.export.gguf_import import import_gguf
+
+        import_gguf(a.source or a.file, a.out, force=a.force)
+        return
     from lmstack.export.hf import import_hf
 
-    import_hf(a.source, a.out, force=a.force)
+    import_hf(a.source or a.file, a.out, force=a.force)
 
 
 def _cmd_reward(a):
@@ -367,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_export)
 
     im = sub.add_parser("import", help="import a model from elsewhere into an lmstack model folder")
-    im.add_argument("format", choices=["hf"])
-    im.add_argument("--from", dest="source", required=True, help="a local Hugging Face Llama-family folder")
+    im.add_argument("format", choices=["hf", "gguf"])
+    im.add_argument("file", nargs="?", help="the source: a Hugging Face folder (hf) or a .gguf file (gguf)")
+    im.add_argument("--from", dest="source", help="the source, as a flag: a local Hugging Face Llama-family "
+                    "folder (hf) or a llama.cpp .gguf file (gguf)")
     im.add_argument("--out", required=True, help="the lmstack model folder to write")
     im.add_argument("--force", action="store_true", help="replace an existing output")
     im.set_defaults(func=_cmd_import)

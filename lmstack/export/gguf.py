@@ -39,18 +39,82 @@ not used. Differences left (documented in tests/test_gguf.py):
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmstack.chatformat import chat_format
-from lmstack.modelio import load_model_and_tokenizer
+from lmstack.modelio import load_model, load_model_and_tokenizer
 from lmstack.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
-from lmstack.utils import UserError, atomic_file, check_output_file
+from lmstack.utils import UserError, atomic_file, check_output_file, read_json
 
 DTYPES = ("f32", "f16", "bf16")
 PRE_TOKENIZER = "dbrx"  # llama.cpp's built-in GPT-4 (cl100k) split with plain BPE merging
+CHAT_FORMAT = "chat_format.json"  # an imported model's own chat format (absent for lmstack's)
+IMPORTED = "imported.json"
+
+# --- pre-tokenizers: llama.cpp's names <-> Hugging Face pre_tokenizer JSON -----------------------------
+# llama.cpp never reads a split regex from the file: `tokenizer.ggml.pre` names one of its built-in
+# pre-tokenizers (src/llama-vocab.cpp). These are the byte-level ones lmstack knows, as the Hugging
+# Face `pre_tokenizer` that splits text the same way, and whether BPE skips merging a pre-token that
+# is already a token (llama.cpp's ignore_merges, on only for the Llama 3 names).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+
+
+def _split(pattern: str) -> list[dict]:
+    """A regex split, then the byte-level mapping (ByteLevel's own regex off)."""
+    return [{"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]
+
+
+GPT2_BYTELEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+DIGITS = {"type": "Digits", "individual_digits": True}
+# name -> (its steps as Hugging Face writes them, ignore_merges); the first of several equivalents
+# is what `import gguf` writes. lmstack's own split (SPLIT_PATTERN) is GPT-4's, llama.cpp's "dbrx".
+PRE_TOKENIZERS: dict[str, tuple[list[dict], bool]] = {
+    "dbrx": (_split(SPLIT_PATTERN), False),
+    "llama-bpe": (_split(LLAMA3_SPLIT), True),
+    "gpt-2": ([GPT2_BYTELEVEL], False),
+    "smollm": ([DIGITS, GPT2_BYTELEVEL], False),
+    "qwen2": (_split(QWEN2_SPLIT), False),
+}
+# Other llama.cpp names for the same pre-tokenizers (read by import, never written).
+PRE_ALIASES = {"smaug-bpe": "dbrx", "llama3": "llama-bpe", "llama-v3": "llama-bpe", "starcoder": "smollm",
+               "refact": "smollm", "deepseek-r1-qwen": "qwen2"}
+# Hugging Face spellings with the same splits as a name's own (Llama 3's regex without
+# ignore_merges is DBRX's tokenizer; lmstack's with it, Llama 3's).
+_EQUIVALENT = {(json.dumps(_split(LLAMA3_SPLIT)), False): "dbrx",
+               (json.dumps(_split(SPLIT_PATTERN)), True): "llama-bpe"}
+
+
+def pre_tokenizer_name(spec: dict, where) -> str:
+    """The llama.cpp name of a tokenizer.json's pre-tokenizer (with its BPE's ignore_merges); a
+    byte-level BPE whose splitting llama.cpp has no name for is refused, saying what it is."""
+    model = spec.get("model") or {}
+    bad = [f"model type {model.get('type')!r}"] if model.get("type") != "BPE" else []
+    bad += [f"{k} {model[k]!r}" for k in ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix")
+            if model.get(k)] + ["byte_fallback"] * bool(model.get("byte_fallback"))
+    bad += [f"normalizer {spec['normalizer'].get('type')!r}"] if spec.get("normalizer") else []
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        bad.append(f"decoder {(spec.get('decoder') or {}).get('type')!r}")
+    if bad:
+        raise UserError(f"{where}: not a plain byte-level BPE ({', '.join(bad)}); GGUF export writes those only")
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    # trim_offsets only moves offsets, never ids
+    steps = [s | {"trim_offsets": True} if s.get("type") == "ByteLevel" else s for s in steps if s]
+    key = (json.dumps(steps), bool(model.get("ignore_merges")))
+    known = {(json.dumps(v[0]), v[1]): name for name, v in PRE_TOKENIZERS.items()} | _EQUIVALENT
+    if key not in known:
+        found = json.dumps(pre)
+        raise UserError(f"{where}: its pre-tokenizer is none that llama.cpp has by name "
+                        f"({', '.join(PRE_TOKENIZERS)}): found {found[:300]}{'...' if len(found) > 300 else ''}"
+                        + (" with ignore_merges" if key[1] else ""))
+    return known[key]
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -92,6 +156,23 @@ def _array(t: torch.Tensor, dtype: str):
     return t.to(torch.float16 if dtype == "f16" else torch.float32).contiguous().numpy(), None
 
 
+@dataclass
+class Vocab:
+    """What the GGUF says about the tokenizer and the chat format."""
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    bos: int | None
+    eos: int | None
+    pad: int | None
+    eot: int | None
+    add_bos: bool
+    template: str | None
+    name: str
+    license: str | None = None
+
+
 def read_vocab(tok, vocab_size: int, model_dir: Path):
     """(tokens, token types, merges) of a model's tokenizer, padded to the model's vocabulary
     with unused "[PADi]" entries (as convert_hf_to_gguf.py does) when the model has more rows."""
@@ -105,17 +186,84 @@ def read_vocab(tok, vocab_size: int, model_dir: Path):
     tokens = [tok.id_to_token(i) for i in range(tok.vocab_size)]
     types = [gguf.TokenType.CONTROL if i < len(SPECIAL_TOKENS) else gguf.TokenType.NORMAL
              for i in range(tok.vocab_size)]
-    for i in range(tok.vocab_size, vocab_size):
+    _pad(tokens, types, vocab_size)
+    return tokens, types, _merges(spec)
+
+
+def _pad(tokens: list, types: list, vocab_size: int) -> None:
+    import gguf
+
+    for i in range(len(tokens), vocab_size):
         tokens.append(f"[PAD{i}]")
         types.append(gguf.TokenType.UNUSED)
+
+
+def _merges(spec: dict) -> list[str]:
     # tokenizers >= 0.20 stores a merge as a pair ["a", "b"]; older versions as "a b".
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    return tokens, types, merges
+    return [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+
+
+def lmstack_vocab(model_dir: Path):
+    """An lmstack model: (the model, its Vocab) with lmstack's split, specials and template."""
+    model, tok = load_model_and_tokenizer(model_dir)  # UserError on a missing or broken folder
+    fmt = chat_format(tok)
+    tokens, types, merges = read_vocab(tok, model.cfg.vocab_size, model_dir)
+    return model, Vocab(tokens, types, merges, PRE_TOKENIZER, tok.bos_id, tok.eos_id, tok.pad_id,
+                        fmt.end_id, True, fmt.jinja, model_dir.resolve().name)  # a chat turn ends with <|end|>
+
+
+def own_vocab(model_dir: Path):
+    """An imported model (a folder with chat_format.json): (the model, its Vocab) from its own
+    tokenizer.json, chat_format.json and imported.json."""
+    import gguf
+    from tokenizers import Tokenizer as HFTokenizer
+
+    model = load_model(model_dir)  # UserError on a missing or broken folder
+    file = model_dir / "tokenizer.json"
+    try:
+        hf = HFTokenizer.from_file(str(file))
+    except Exception as e:  # missing, or not a tokenizer
+        raise UserError(f"cannot read tokenizer {file}: {str(e).splitlines()[0] if str(e) else 'not found'}") from None
+    fmt = read_json(model_dir / CHAT_FORMAT)
+    if not isinstance(fmt, dict):
+        raise UserError(f"{model_dir / CHAT_FORMAT} is not a JSON object")
+    spec = json.loads(hf.to_str())
+    pre = pre_tokenizer_name(spec, file)
+    n = hf.get_vocab_size(with_added_tokens=True)
+    if n > model.cfg.vocab_size:
+        raise UserError(f"{file}: the tokenizer has {n} tokens, more than the model's {model.cfg.vocab_size} rows")
+    added = hf.get_added_tokens_decoder()
+    tokens = [hf.id_to_token(i) for i in range(n)]
+    if None in tokens:
+        raise UserError(f"{file}: token ids are not contiguous (id {tokens.index(None)} has no token)")
+    T = gguf.TokenType
+    types = [(T.CONTROL if added[i].special else T.USER_DEFINED) if i in added else T.NORMAL for i in range(n)]
+    _pad(tokens, types, model.cfg.vocab_size)
+
+    def tid(key):
+        text = fmt.get(key)
+        if text is None:
+            return None
+        if hf.token_to_id(text) is None:
+            raise UserError(f"{model_dir / CHAT_FORMAT}: {key} {text!r} is not a token of {file}")
+        return hf.token_to_id(text)
+
+    stops = [hf.token_to_id(t) for t in fmt.get("stop_tokens") or []]
+    if None in stops:
+        raise UserError(f"{model_dir / CHAT_FORMAT}: stop token {fmt['stop_tokens'][stops.index(None)]!r} "
+                        f"is not a token of {file}")
+    eos = tid("eos_token")
+    eot = next((i for i in stops if i != eos), None)  # the end of a turn, where it is not EOS
+    info = read_json(model_dir / IMPORTED) or {}
+    return model, Vocab(tokens, types, _merges(spec), pre, tid("bos_token"), eos, tid("pad_token"), eot,
+                        bool(fmt.get("add_bos")), fmt.get("template"), info.get("name") or model_dir.resolve().name,
+                        info.get("license"))
 
 
 def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path:
     """Write the model folder `model_dir` as the GGUF file `out` (atomically; an existing file
-    is replaced only with force). dtype: the matrices' type, f32 | f16 | bf16."""
+    is replaced only with force). dtype: the matrices' type, f32 | f16 | bf16. A model with a
+    chat format of its own (chat_format.json: an imported one) keeps its tokenizer and format."""
     try:
         import gguf
     except ImportError:
@@ -126,16 +274,17 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
     model_dir, out = Path(model_dir), check_output_file(out, what=".gguf file")
     if out.exists() and not force:
         raise UserError(f"{out} exists (use --force to replace it)")
-    model, tok = load_model_and_tokenizer(model_dir)  # UserError on a missing or broken folder
-    cfg, fmt = model.cfg, chat_format(tok)
-    tokens, types, merges = read_vocab(tok, cfg.vocab_size, model_dir)
+    model, v = (own_vocab if (model_dir / CHAT_FORMAT).is_file() else lmstack_vocab)(model_dir)
+    cfg = model.cfg
     head_dim = cfg.d_model // cfg.n_head
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")  # writes general.architecture = "llama"
-        w.add_name(model_dir.resolve().name)
+        w.add_name(v.name)
+        if v.license:
+            w.add_license(v.license)
         w.add_file_type(int(file_type))
         w.add_vocab_size(cfg.vocab_size)
         w.add_context_length(cfg.max_seq_len)
@@ -149,17 +298,18 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
         w.add_rope_dimension_count(head_dim)
 
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(PRE_TOKENIZER)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(tok.bos_id)
-        w.add_eos_token_id(tok.eos_id)
-        w.add_pad_token_id(tok.pad_id)
-        w.add_eot_token_id(fmt.end_id)  # a chat turn ends with <|end|>
-        w.add_add_bos_token(True)
+        w.add_tokenizer_pre(v.pre)
+        w.add_token_list(v.tokens)
+        w.add_token_types(v.types)
+        w.add_token_merges(v.merges)
+        for add, i in [(w.add_bos_token_id, v.bos), (w.add_eos_token_id, v.eos), (w.add_pad_token_id, v.pad),
+                       (w.add_eot_token_id, v.eot)]:
+            if i is not None:
+                add(i)
+        w.add_add_bos_token(v.add_bos)
         w.add_add_eos_token(False)
-        w.add_chat_template(fmt.jinja)
+        if v.template:
+            w.add_chat_template(v.template)
 
         names = tensor_names(cfg.n_layer)
         for name, t in model.state_dict().items():
@@ -177,6 +327,6 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
         w.write_tensors_to_file()
         w.close()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"gguf: {n_params / 1e6:.1f}M params, {dtype.upper()} matrices, vocab {len(tokens)}, "
+    print(f"gguf: {n_params / 1e6:.1f}M params, {dtype.upper()} matrices, vocab {len(v.tokens)}, "
           f"{out.stat().st_size / 1e6:.1f} MB -> {out}")
     return out
