@@ -108,7 +108,7 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
         raise UserError("need --temperature >= 0, --max-tokens >= 1 and 0 < --top-p <= 1")
     net, tok = load_model_and_tokenizer(model, pick_device("auto"), kind="chat")
     net, fmt = for_inference(net, dtype), chat_format(tok)
-    registry = default_registry() if tools else None
+    registry = default_registry() if tools and fmt.tools else None
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -128,7 +128,8 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     turn = 0
     print(dim(f"lmstack chat: {model} ({net.num_params() / 1e6:.1f}M parameters, context {ctx}, "
-              f"tools: {', '.join(registry.names()) if registry else 'off'})\n"
+              f"tools: {', '.join(registry.names()) if registry else 'off'}"
+              f"{'' if fmt.tools or not tools else ' (its chat template has no tool-call format)'})\n"
               f"{HELP}; Ctrl-C stops a reply, Ctrl-D or Ctrl-C at the prompt exits"), flush=True)
     while True:
         try:

@@ -118,6 +118,7 @@ class ChatFormat:
     model may carry a format of its own."""
 
     jinja = CHAT_TEMPLATE_JINJA
+    tools = True  # it has a tool-call format: <|tool_call|>{"name", "arguments"}<|/tool_call|>
 
     def __init__(self, tok):
         self.tok = tok
@@ -126,10 +127,12 @@ class ChatFormat:
         self.call_open, self.call_close = sid["<|tool_call|>"], sid["<|/tool_call|>"]
         self.stop_ids = frozenset(sid[t] for t in TURN_ENDS)  # the ids that end an assistant turn
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
         """messages -> (ids, mask). mask[i] is 1 on what the assistant must learn to write: its
         content, its tool calls and its closing <|end|> (so it learns to stop); 0 elsewhere.
-        add_generation_prompt appends <|assistant|> for the model to continue from."""
+        add_generation_prompt appends <|assistant|> for the model to continue from. `tools` (the
+        OpenAI tools list) is not rendered: an lmstack model learns its tools in training."""
         if not isinstance(messages, list) or not (messages or add_generation_prompt):
             raise ChatFormatError("messages must be a non-empty list")
         sid, encode = self.special, self.tok.encode
@@ -159,7 +162,7 @@ class ChatFormat:
             out.append((p_ids + a_ids[1:], [0] * len(p_ids) + a_mask[1:]))
         return out
 
-    def render_more(self, before: list[dict], messages: list[dict]) -> list[int]:
+    def render_more(self, before: list[dict], messages: list[dict], tools=None) -> list[int]:
         """The ids that `messages` add after the conversation `before` (which ends with the
         assistant's reply, closed by its end-of-turn id), then the generation prompt: what
         continues a sampled reply with, e.g., tool results. (Here messages render on their own.)"""
@@ -333,10 +336,10 @@ class TemplateFormat:
             out.append((ids, [0] * n + mask[n:]))
         return out
 
-    def render_more(self, before: list[dict], messages: list[dict]) -> list[int]:
+    def render_more(self, before: list[dict], messages: list[dict], tools=None) -> list[int]:
         """The ids that continue `before` (ending with the assistant's reply, closed by its
         end-of-turn id) with `messages`, then the generation prompt (see ChatFormat.render_more)."""
-        a, b = self._encode(before, False), self._encode(before + messages, True)
+        a, b = self._encode(before, False, tools), self._encode(before + messages, True, tools)
         ends = [k for k, t in enumerate(a) if t in self.stop_ids]
         if b[:len(a)] != a or not ends:
             raise ChatFormatError("the model's chat template does not render the start of a conversation as "
@@ -466,6 +469,7 @@ class ToolLoop:
     def __init__(self, fmt: ChatFormat, prompts: list, tools=None, max_rounds: int = 2, max_tokens: int = 256,
                  continuation: bool = False):
         self.fmt, self.tools, self.max_rounds, self.max_tokens = fmt, tools, max_rounds, max_tokens
+        self.specs = tools.specs() if tools is not None and fmt.tools else None  # for a template that lists them
         self.continuation, self.round = continuation, -1
         self.turns = []
         for p in prompts:
@@ -474,7 +478,7 @@ class ToolLoop:
                     raise ValueError("prompts given as ids need continuation=True")
                 msgs, ids = [], list(p)
             else:
-                msgs, ids = list(p), (fmt.render(p, add_generation_prompt=True)[0] if continuation else [])
+                msgs, ids = list(p), (fmt.render(p, True, self.specs)[0] if continuation else [])
             self.turns.append(Turn(msgs, ids, len(ids)))
 
     def next_round(self) -> list[int]:
@@ -484,7 +488,7 @@ class ToolLoop:
 
     def prompt(self, i: int) -> list[int]:
         t = self.turns[i]
-        return list(t.ids) if self.continuation else self.fmt.render(t.messages, add_generation_prompt=True)[0]
+        return list(t.ids) if self.continuation else self.fmt.render(t.messages, True, self.specs)[0]
 
     def budget(self, i: int) -> int:
         """The tokens turn i's next reply may have."""
@@ -530,7 +534,7 @@ class ToolLoop:
             events += [event, {**event, "type": "tool_result", "content": content}]
             results.append({"role": "tool", "tool_call_id": call["id"], "content": content or "(empty)"})
         if self.continuation:
-            more = fmt.render_more(t.messages, results)
+            more = fmt.render_more(t.messages, results, self.specs)
             used = len(t.ids) - t.start
             if used + len(more) >= self.max_tokens:  # no room left to answer: the turn ends here
                 t.done = True

@@ -230,3 +230,104 @@ def test_sft_then_export_to_transformers_keeps_format_stops_and_licence(imported
     assert out[-1] == end and back.decode(out, skip_special_tokens=True) == QA[0][1]  # stops where lmstack does
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "license: apache-2.0" in card and "imported into lmstack" in card and f"sft on {rows}" in card
+
+
+# Qwen 2.5's template (Hermes-style tool calls): tools listed in the system prompt, calls as
+# <tool_call>{"name", "arguments"}</tool_call>, results as <tool_response> in a user turn.
+HERMES = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}"
+    "{{- 'You are a helpful assistant.' }}{%- endif %}"
+    "{{- '\\n\\n# Tools\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags.<|im_end|>\\n' }}"
+    "{%- else %}{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}"
+    "{{- tool_call.arguments | tojson }}{%- endif %}{{- '}\\n</tool_call>' }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def hermes(src, tmp_path_factory):
+    """The same model with Qwen 2.5's template and <tool_call> / </tool_call> added as tokens."""
+    d = tmp_path_factory.mktemp("hermes")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    hf_tok.add_tokens(["<tool_call>", "</tool_call>"])
+    hf_tok.chat_template = HERMES
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        (d / f).write_bytes((src / f).read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": len(hf_tok)}))
+    from safetensors.torch import load_file, save_file
+    w = load_file(d / "model.safetensors")
+    emb = w["model.embed_tokens.weight"]
+    w["model.embed_tokens.weight"] = torch.cat([emb, emb[:len(hf_tok) - emb.shape[0]]])
+    save_file(w, d / "model.safetensors", metadata={"format": "pt"})
+    hf_tok.save_pretrained(d)
+    import_hf(d, d / "imported")
+    return d, transformers.AutoTokenizer.from_pretrained(d)
+
+
+def test_hermes_tool_calls_render_parse_and_loop_as_the_template_says(hermes):
+    from lmstack.chatformat import ToolLoop
+    from lmstack.tools import default_registry
+
+    d, hf_tok = hermes
+    fmt = chat_format(Tokenizer.load(d / "imported"))
+    assert fmt.tools
+    registry = default_registry()
+    ask = [{"role": "user", "content": "What is 23 + 58?"}]
+    loop = ToolLoop(fmt, [ask], registry)
+    loop.next_round()
+    want = hf_ids(hf_tok, ask, tools=registry.specs(), add_generation_prompt=True)["input_ids"]
+    assert loop.prompt(0) == list(want)  # the tools are listed in the system prompt, as the template does
+    reply = fmt.tok.encode('<tool_call>\n{"name": "calculator", "arguments": {"expression": "23 + 58"}}\n</tool_call>')
+    events = loop.add(0, reply, fmt.end_id, "stop")
+    assert [e["type"] for e in events] == ["tool_call", "tool_result"] and events[1]["content"] == "81"
+    call = loop.turns[0].messages[1]["tool_calls"][0]
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("calculator",
+                                                                                   {"expression": "23 + 58"})
+    assert loop.next_round() == [0]
+    after = ask + loop.turns[0].new
+    assert [m["role"] for m in after] == ["user", "assistant", "tool"]
+    want = hf_ids(hf_tok, after, tools=registry.specs(), add_generation_prompt=True)["input_ids"]
+    assert loop.prompt(0) == list(want)  # the call and its <tool_response> as transformers renders them
+    ids, mask = fmt.render(after + [{"role": "assistant", "content": "81."}], tools=registry.specs())
+    said = fmt.tok.decode([t for t, m in zip(ids, mask) if m])
+    assert said == ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "23 + 58"}}\n</tool_call>'
+                    "<|im_end|>81.<|im_end|>")  # the call and the answer, each with its end of turn
+
+
+def test_a_template_with_no_tool_format_has_tools_off(imported):
+    fmt = chat_format(Tokenizer.load(imported))
+    assert fmt.tools is False
+    app = build(imported, api_key=None, db_path=None, slots=1, dtype="fp32", device="cpu", name="imp",
+                limits=Limits(max_tokens=16, request_timeout=30))
+    from lmstack.tools import default_registry
+    with LiveServer(app) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="no tool-call format"):
+            client.chat.completions.create(model="imp", messages=[{"role": "user", "content": "Hi"}],
+                                           tools=default_registry().specs(), max_tokens=4)
+        r = client.chat.completions.create(model="imp", messages=[{"role": "user", "content": "Hi"}],
+                                           tools=default_registry().specs(), tool_choice="none", max_tokens=4)
+        assert r.choices[0].finish_reason in ("stop", "length")

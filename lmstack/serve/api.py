@@ -164,9 +164,10 @@ def create_app(server: Server) -> FastAPI:
         server.check_model(body.model)
         stops = server.check_common(body)
         server.check_messages(body.messages)
-        ids = await run_in_threadpool(server.chat_prompt, [_content_text(m, i) for i, m in enumerate(body.messages)])
-        max_tokens = server.room(ids, body.max_completion_tokens or body.max_tokens)
         tools = bool(body.tools) and body.tool_choice != "none"
+        ids = await run_in_threadpool(server.chat_prompt, [_content_text(m, i) for i, m in enumerate(body.messages)],
+                                      body.tools if tools else None)
+        max_tokens = server.room(ids, body.max_completion_tokens or body.max_tokens)
         top = (body.top_logprobs or 0) if body.logprobs else 0  # without logprobs: no top-k at every step
         batch = Batch(server)
         for _ in range(body.n):
@@ -305,7 +306,10 @@ def create_app(server: Server) -> FastAPI:
         # prompt rendered with it and sent as text does not get its special tokens (user text never
         # becomes one): chat goes through /v1/chat/completions, or a prompt of token ids.
         tok = server.tok
-        name = lambda i: None if i is None else tok.id_to_token(i)  # noqa: E731
+
+        def name(i):
+            return None if i is None else tok.id_to_token(i)
+
         return {"tokenizer_class": "lmstack byte-level BPE", "bos_token": name(tok.bos_id),
                 "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id), "add_bos_token": tok.add_bos,
                 "stop_tokens": sorted(name(i) for i in server.fmt.stop_ids), "model_max_length": server.ctx,

@@ -93,13 +93,18 @@ class Server:
         """The cheap bound: refuse text that cannot fit, whatever its tokens, before tokenizing it."""
         self.check_prompt(at_least=chars // self.max_token_chars, param=param)
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """A conversation's ids, ready for the assistant's reply; 400 when it is malformed or
-        leaves no room in the context for an answer (a very long one before it is tokenized)."""
+        leaves no room in the context for an answer (a very long one before it is tokenized), or
+        offers tools to a model whose chat format has no tool calls. `tools` (OpenAI's list) goes
+        to a template that lists them (an imported model's own)."""
+        if tools and not self.fmt.tools:
+            raise APIError(400, "this model's chat template has no tool-call format lmstack can parse "
+                           "(tools are off for it); send the request without tools", param="tools")
         self.check_text_length(sum(len(m["content"]) for m in messages
                                    if isinstance(m, dict) and isinstance(m.get("content"), str)))
         try:
-            ids, _ = self.fmt.render(messages, add_generation_prompt=True)
+            ids, _ = self.fmt.render(messages, add_generation_prompt=True, tools=tools)
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
         self.check_prompt(ids)
