@@ -11,6 +11,12 @@ the weights, and in the file's metadata the model config and the tokenizer (Hugg
 transformer (RMSNorm, rotate-half RoPE, grouped-query attention with a KV cache, SwiGLU) in
 float32, and samples. It computes what lmstack's engine computes: the same greedy tokens.
 
+An imported model (`lmstack import hf|gguf`) keeps its own tokenizer (the byte-level splits of
+lmstack, GPT-2, Llama 3, Qwen2 and SmolLM are implemented here) and its own chat format (the
+metadata's "chat_format": its BOS policy, stop tokens and Jinja chat template). Its --chat renders
+that template with the jinja2 package: where jinja2 is not installed, --chat says so and stops
+(plain completion needs numpy only). lmstack's own chat format needs no jinja2.
+
 Written by `lmstack export twofile`; it imports nothing from lmstack.
 """
 
@@ -75,28 +81,62 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 # --- tokenizer: byte-level BPE ---------------------------------------------------------------------
-# text -> pieces (a GPT-4 style regex) -> each piece's UTF-8 bytes, as GPT-2's 256 printable
-# stand-in characters -> BPE merges, lowest rank first -> ids. Special tokens (<|bos|>, <|user|>,
-# ...) are never produced from text: "<|user|>" typed by a user is plain bytes; code inserts the
-# special ids by number (the chat template below).
+# text -> pieces (regex splits) -> each piece's UTF-8 bytes, as GPT-2's 256 printable stand-in
+# characters -> BPE merges, lowest rank first -> ids. Special tokens (<|bos|>, <|user|>, ...) are
+# never produced from text: "<|user|>" typed by a user is plain bytes; code inserts the special ids
+# by number (lmstack's chat template below), or a model's own template text names them (--chat).
 
-# The pattern lmstack's tokenizer.json holds (Oniguruma syntax, possessive quantifiers).
+# The split patterns a tokenizer.json may hold (Oniguruma syntax), each made a Python regex below:
+# lmstack's (GPT-4's, possessive quantifiers), Llama 3's and Qwen2's (digits one by one).
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                  r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+SPLITS = (SPLIT_PATTERN, LLAMA3_SPLIT, QWEN2_SPLIT)
+# GPT-2's, which Hugging Face's ByteLevel pre-tokenizer applies when its use_regex is on.
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # Oniguruma's \s is Unicode White_Space; Python's also matches U+001C..U+001F, so spell it out.
 WHITE_SPACE = r"\t\n\x0b\x0c\r\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_CLASSES: dict[str, str] = {}
 
 
-def split_regex() -> re.Pattern:
-    """SPLIT_PATTERN for Python's `re`, which has no \\p{..} and no possessive quantifiers.
-    \\p{L} and \\p{N} become explicit classes of code-point ranges, from unicodedata (0.2 s); the
-    possessive quantifiers become greedy ones, which match the same here: what follows each can
-    never match what it would give back, so the backtracking they forbid would never succeed."""
-    cats = "".join(unicodedata.category(chr(c))[0] for c in range(0x110000))  # one letter per code point
-    L, N = ("".join(f"\\U{m.start():08x}-\\U{m.end() - 1:08x}" for m in re.finditer(k + "+", cats)) for k in "LN")
-    S = WHITE_SPACE
-    return re.compile(rf"'(?i:[sdmt]|ll|ve|re)|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}| ?[^{S}{L}{N}]+[\r\n]*"
-                      rf"|[{S}]*[\r\n]|[{S}]+(?![^{S}])|[{S}]+")
+def python_regex(pattern: str) -> re.Pattern:
+    """One of the patterns above for Python's `re`, which has no \\p{..} and no possessive
+    quantifiers. \\p{L} and \\p{N} become explicit classes of code-point ranges, from unicodedata
+    (0.2 s, once); \\s and \\S Oniguruma's white space; the possessive quantifiers (lmstack's) greedy
+    ones, which match the same there: what follows each can never match what it would give back,
+    so the backtracking they forbid would never succeed."""
+    if not _CLASSES:
+        cats = "".join(unicodedata.category(chr(c))[0] for c in range(0x110000))  # one letter per code point
+        for k in "LN":
+            _CLASSES[k] = "".join(f"\\U{m.start():08x}-\\U{m.end() - 1:08x}" for m in re.finditer(k + "+", cats))
+    out, in_class, i = [], False, 0
+    while i < len(pattern):
+        c, two = pattern[i], pattern[i:i + 2]
+        if pattern.startswith(("\\p{L}", "\\p{N}"), i):
+            r = _CLASSES[pattern[i + 3]]
+            out.append(r if in_class else f"[{r}]")
+            i += 5
+            continue
+        if two in ("\\s", "\\S"):
+            out.append(WHITE_SPACE if in_class else ("[^" if two == "\\S" else "[") + WHITE_SPACE + "]")
+            i += 2
+            continue
+        if c == "\\":
+            out.append(two)
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class:
+            in_class = False
+        elif c == "+" and not in_class and out and out[-1] in ("?", "+") and not (len(out) > 1 and out[-2] == "("):
+            i += 1  # possessive: dropped
+            continue
+        out.append(c)
+        i += 1
+    return re.compile("".join(out))
 
 
 def byte_alphabet() -> list[str]:
@@ -106,35 +146,99 @@ def byte_alphabet() -> list[str]:
     return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
+def pre_tokenizer(spec: dict) -> list[re.Pattern]:
+    """A tokenizer.json's pre-tokenizer as the regexes that split text, in turn, each keeping what
+    it matches and the gaps between (Hugging Face's "Isolated"); byte-level mapping last."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    stages = []
+    for i, st in enumerate(steps or [{}]):
+        kind, last = st.get("type"), i == len(steps) - 1
+        if kind == "ByteLevel" and last and not st.get("add_prefix_space"):
+            stages += [python_regex(GPT2_SPLIT)] if st.get("use_regex", True) else []
+        elif (kind == "Split" and (st.get("pattern") or {}).get("Regex") in SPLITS and st.get("behavior") == "Isolated"
+              and not st.get("invert") and not last):
+            stages.append(python_regex(st["pattern"]["Regex"]))
+        elif kind == "Digits" and not last:  # Rust's char::is_numeric: \p{N}
+            stages.append(python_regex(r"\p{N}" if st.get("individual_digits") else r"\p{N}+"))
+        else:
+            raise Fail(f"the embedded tokenizer's pre-tokenizer is not one run.py knows (step {i + 1}: "
+                       f"{json.dumps(st)[:200]})")
+    return stages
+
+
+def split_isolated(rx: re.Pattern, text: str) -> list[str]:
+    out, pos = [], 0
+    for m in rx.finditer(text):
+        if m.start() > pos:
+            out.append(text[pos:m.start()])
+        if m.end() > m.start():
+            out.append(m.group())
+        pos = max(pos, m.end())
+    return out + [text[pos:]] * (pos < len(text))
+
+
 class Tokenizer:
-    def __init__(self, tokenizer_json: str):
+    def __init__(self, tokenizer_json: str, fmt: dict | None = None):
+        """tokenizer_json: Hugging Face's tokenizer.json; fmt: an imported model's chat format
+        (chat_format.json; None: lmstack's, whose special tokens the tokenizer must hold)."""
         spec = json.loads(tokenizer_json)
         model = spec.get("model") or {}
-        pre = json.dumps(spec.get("pre_tokenizer"))
-        if model.get("type") != "BPE" or json.dumps(SPLIT_PATTERN)[1:-1] not in pre or spec.get("normalizer"):
-            raise Fail("the embedded tokenizer is not an lmstack byte-level BPE (unknown type or split pattern)")
+        odd = [k for k in ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback")
+               if model.get(k)]
+        if model.get("type") != "BPE" or odd or spec.get("normalizer"):
+            raise Fail("the embedded tokenizer is not a plain byte-level BPE (model "
+                       f"{model.get('type')}{', ' + ', '.join(odd) if odd else ''}"
+                       f"{', a normalizer' if spec.get('normalizer') else ''})")
+        self.stages = pre_tokenizer(spec)
+        self.ignore_merges = bool(model.get("ignore_merges"))  # a piece that is a token is not merged
         self.vocab: dict[str, int] = dict(model["vocab"])
         merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
         self.ranks = {(a, b): i for i, (a, b) in enumerate(merges)}
-        self.special = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-        if missing := [t for t in TURN_ENDS + ("<|tool_call|>", "<|/tool_call|>") if t not in self.special]:
-            raise Fail(f"the embedded tokenizer lacks lmstack's special tokens {' '.join(missing)}")
-        self.vocab.update(self.special)
-        self.bos, self.eos = self.special["<|bos|>"], self.special["<|eos|>"]
+        added = spec.get("added_tokens", [])
+        if odd := [t["content"] for t in added if t.get("lstrip") or t.get("rstrip") or t.get("single_word")]:
+            raise Fail(f"the embedded tokenizer's added token {odd[0]!r} strips spaces (lstrip/rstrip/single_word)")
+        self.special = {t["content"]: t["id"] for t in added if t.get("special")}
+        self.added = {t["content"]: t["id"] for t in added}  # special or not
+        self.fmt = fmt
+        if fmt is None:
+            if missing := [t for t in TURN_ENDS + ("<|tool_call|>", "<|/tool_call|>") if t not in self.special]:
+                raise Fail(f"the embedded tokenizer lacks lmstack's special tokens {' '.join(missing)}")
+            self.bos, self.eos = self.special["<|bos|>"], self.special["<|eos|>"]
+            self.prompt_head, self.chat_stops = [self.bos], {self.special[t] for t in TURN_ENDS}
+        else:
+            ids = {}
+            for t in [fmt.get("bos_token"), fmt.get("eos_token")] + list(fmt.get("stop_tokens") or []):
+                if t is not None and t not in self.added and t not in self.vocab:
+                    raise Fail(f"the chat format names {t!r}, which is not a token of the embedded tokenizer")
+                ids[t] = self.added.get(t, self.vocab.get(t))
+            self.bos, self.eos = ids.get(fmt.get("bos_token")), ids.get(fmt.get("eos_token"))
+            self.prompt_head = [self.bos] if fmt.get("add_bos") and self.bos is not None else []
+            self.chat_stops = {ids[t] for t in fmt.get("stop_tokens") or []} | ({self.eos} - {None})
+        self.text_stops = {self.eos, self.bos} - {None}  # a document boundary ends plain-text generation
+        self.vocab.update(self.added)
+        # Text that is an added token becomes it (as in Hugging Face's tokenizers: the longest
+        # first): plain added tokens always, special ones only in a chat template's own text.
+        by_length = sorted(self.added, key=len, reverse=True)
+        self.plain_rx = re.compile("|".join(map(re.escape, [t for t in by_length if t not in self.special]))
+                                   ) if len(self.special) < len(self.added) else None
+        self.all_rx = re.compile("|".join(map(re.escape, by_length))) if self.added else None
         self.byte_char = byte_alphabet()
         byte_of = {ch: b for b, ch in enumerate(self.byte_char)}
-        # The bytes each id stands for (a special token: its name), for decoding.
+        # The bytes each id stands for (an added token: its text), for decoding.
         self.token_bytes: list[bytes] = [b""] * (max(self.vocab.values()) + 1)
         for token, i in self.vocab.items():
-            self.token_bytes[i] = token.encode() if i in self.special.values() else bytes(byte_of[c] for c in token)
+            self.token_bytes[i] = token.encode() if token in self.added else bytes(byte_of[c] for c in token)
         self.special_ids = set(self.special.values())
-        self.split = split_regex()
         self.cache: dict[str, list[int]] = {}
 
     def bpe(self, piece: str) -> list[int]:
         """One pre-tokenized piece (byte-alphabet characters) -> ids, merging the lowest-ranked
         adjacent pair (all its occurrences, left to right) until no pair has a merge."""
         if piece in self.cache:
+            return self.cache[piece]
+        if self.ignore_merges and piece in self.vocab:
+            self.cache[piece] = [self.vocab[piece]]
             return self.cache[piece]
         parts = list(piece)
         while len(parts) > 1:
@@ -149,11 +253,19 @@ class Tokenizer:
         ids = self.cache[piece] = [self.vocab[p] for p in parts]
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        ids = []
-        for m in self.split.finditer(text):  # the pattern matches every character: no gaps
-            ids += self.bpe("".join(self.byte_char[b] for b in m.group().encode("utf-8")))
-        return ids
+    def encode_text(self, text: str) -> list[int]:
+        pieces = [text]
+        for rx in self.stages:
+            pieces = [p for piece in pieces for p in split_isolated(rx, piece)]
+        return [i for p in pieces for i in self.bpe("".join(self.byte_char[b] for b in p.encode("utf-8")))]
+
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Text -> ids. special=True (a chat template's own text): special-token text is the token."""
+        rx, ids, pos = self.all_rx if special else self.plain_rx, [], 0
+        for m in rx.finditer(text) if rx else ():
+            ids += self.encode_text(text[pos:m.start()]) + [self.added[m.group()]]
+            pos = m.end()
+        return ids + self.encode_text(text[pos:])
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return b"".join(b"" if skip_special and i in self.special_ids else self.token_bytes[i]
@@ -177,6 +289,70 @@ def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: boo
             body += [sp["<|tool_call|>"]] + tok.encode(call) + [sp["<|/tool_call|>"]]
         ids += [sp[f"<|{m['role']}|>"]] + body + [sp["<|end|>"]]
     return ids + [sp["<|assistant|>"]] * add_generation_prompt
+
+
+# --- an imported model's own chat template (Jinja, as transformers renders it) --------------------
+
+def jinja_template(source: str):
+    """The template compiled as transformers' apply_chat_template compiles it (a sandbox,
+    trim_blocks, lstrip_blocks, tojson keeping non-ASCII, raise_exception, strftime_now)."""
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise Fail("this model's chat template is Jinja, and --chat renders it with the jinja2 package, which is "
+                   "not installed here (pip install jinja2); a plain prompt (no --chat) needs numpy only") from None
+    import datetime
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.datetime.now().strftime(f))
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateError as e:
+        raise Fail(f"the model's chat template does not compile: {e}") from None
+
+
+def render_own(tok: Tokenizer, template, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The template's text -> ids as transformers tokenizes it (special-token text the template
+    writes becomes the token), except that message text never becomes a special token: the
+    template is rendered once more with a marker for each message's content to find where the
+    contents are. (A template that changes a content, e.g. trims it, cannot be mapped so; then the
+    whole text is tokenized as transformers and llama.cpp do, specials in messages included.)"""
+    fmt = tok.fmt
+    kw = {"add_generation_prompt": add_generation_prompt, "bos_token": fmt.get("bos_token") or "",
+          "eos_token": fmt.get("eos_token") or "", "pad_token": fmt.get("pad_token") or ""}
+    try:
+        text = template.render(messages=messages, **kw)
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters
+        marked = template.render(messages=[{**m, "content": k} for m, k in zip(messages, marks)], **kw)
+    except Exception as e:  # the template's raise_exception, a bad conversation for it
+        raise Fail(f"the chat template refused this conversation: {e}") from None
+    parts = re.split("(\ue000\\d+\ue001)", marked)  # template text, a mark, template text, ...
+    contents = [messages[int(x[1:-1])]["content"] if x in marks else None for x in parts]
+    if sorted(x for x in parts if x in marks) != sorted(marks) or "".join(
+            c if c is not None else x for x, c in zip(parts, contents)) != text:
+        return tok.encode(text, special=True)
+    ids, plain = [], ""  # text between the template's special tokens is tokenized as one run
+    for x, c in zip(parts, contents):
+        if c is not None:
+            plain += c
+            continue
+        pos = 0
+        for m in tok.all_rx.finditer(x) if tok.all_rx else ():
+            plain += x[pos:m.start()]
+            if m.group() in tok.special:  # a special token the template wrote
+                ids += tok.encode(plain) + [tok.special[m.group()]]
+                plain = ""
+            else:
+                plain += m.group()
+            pos = m.end()
+        plain += x[pos:]
+    return ids + tok.encode(plain)
 
 
 OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -360,7 +536,11 @@ def load(path: str) -> tuple[Model, Tokenizer]:
         cfg = json.loads(meta["config"])
     except json.JSONDecodeError:
         raise Fail(f"{path}: the config in its metadata is not valid JSON") from None
-    model, tok = Model(tensors, cfg), Tokenizer(meta["tokenizer"])
+    try:
+        fmt = json.loads(meta["chat_format"]) if "chat_format" in meta else None
+    except json.JSONDecodeError:
+        raise Fail(f"{path}: the chat format in its metadata is not valid JSON") from None
+    model, tok = Model(tensors, cfg), Tokenizer(meta["tokenizer"], fmt)
     tok.token_bytes += [b""] * (cfg["vocab_size"] - len(tok.token_bytes))  # ids past the tokenizer's: no text
     return model, tok
 
@@ -379,11 +559,11 @@ def stream_text(tok: Tokenizer, tokens) -> list[int]:
 
 
 def complete(model: Model, tok: Tokenizer, a) -> None:
-    ids = [tok.bos] + tok.encode(a.prompt)
+    ids = tok.prompt_head + tok.encode(a.prompt)
     if len(ids) >= model.ctx:  # before anything is printed
         raise Fail(f"prompt is {len(ids)} tokens; the model's context is {model.ctx}")
     rng = np.random.default_rng(a.seed)
-    tokens = generate(model, ids, a.n, a.temperature, a.top_k, a.top_p, rng, {tok.eos, tok.bos})
+    tokens = generate(model, ids, a.n, a.temperature, a.top_k, a.top_p, rng, tok.text_stops)
     if a.ids:  # for tests and scripts: the ids, no text
         print(json.dumps({"prompt_ids": ids, "ids": list(tokens)}))
         return
@@ -392,9 +572,24 @@ def complete(model: Model, tok: Tokenizer, a) -> None:
     print()
 
 
-def assistant_turn(model: Model, tok: Tokenizer, history: list[dict], a, rng) -> list[dict]:
+def render(tok: Tokenizer, messages: list[dict], template=None) -> list[int]:
+    """The ids of a conversation and the generation prompt: the model's own template, or lmstack's."""
+    return render_own(tok, template, messages) if tok.fmt else render_chat(tok, messages)
+
+
+def assistant_turn(model: Model, tok: Tokenizer, history: list[dict], a, rng, template=None) -> list[dict]:
     """One reply, printed as it comes. Its tool calls are run and the model goes on in a new
-    message (at most 4 tool rounds), as in `lmstack chat`. Returns the new messages."""
+    message (at most 4 tool rounds), as in `lmstack chat`. Returns the new messages. A model with
+    its own chat template has no tools here: its reply ends at one of its stop tokens."""
+    if tok.fmt:
+        ids = render_own(tok, template, history)
+        if len(ids) >= model.ctx:
+            print("[the conversation fills the context; /reset starts over]")
+            return []
+        gen = generate(model, ids, a.n, a.temperature, a.top_k, a.top_p, rng, tok.chat_stops)
+        text = tok.decode(stream_text(tok, gen), skip_special=True)
+        print("" if not text or text.endswith("\n") else "\n", end="")
+        return [{"role": "assistant", "content": text}]
     sp, new = tok.special, []
     for round_ in range(5):
         ids = render_chat(tok, history + new)
@@ -438,7 +633,13 @@ def chat(model: Model, tok: Tokenizer, a) -> None:
     """The terminal chat (as `lmstack chat`): /reset, /system TEXT, /quit."""
     history = [{"role": "system", "content": a.system}] if a.system else []
     rng = np.random.default_rng(a.seed)
-    print(f"run.py chat ({model.n_params / 1e6:.1f}M parameters, context {model.ctx}, tools: calculator); "
+    template = None
+    if tok.fmt:
+        if not tok.fmt.get("template"):
+            raise Fail("this model has no chat template of its own; use a plain prompt (no --chat)")
+        template = jinja_template(tok.fmt["template"])
+    print(f"run.py chat ({model.n_params / 1e6:.1f}M parameters, context {model.ctx}, "
+          f"{'its own chat template' if tok.fmt else 'tools: calculator'}); "
           "/reset, /system TEXT, /quit; Ctrl-C stops a reply, Ctrl-D exits", flush=True)
     while True:
         try:
@@ -459,7 +660,7 @@ def chat(model: Model, tok: Tokenizer, a) -> None:
         elif line:
             history.append({"role": "user", "content": line})
             # Too long: forget the oldest turns (never the system prompt or this message).
-            while len(ids := render_chat(tok, history)) + min(a.n, model.ctx // 2) > model.ctx:
+            while len(ids := render(tok, history, template)) + min(a.n, model.ctx // 2) > model.ctx:
                 first = 1 if history[0]["role"] == "system" else 0
                 nxt = next((i for i in range(first + 1, len(history)) if history[i]["role"] == "user"), None)
                 if nxt is None:
@@ -470,7 +671,7 @@ def chat(model: Model, tok: Tokenizer, a) -> None:
                 print(f"that message is too long for this model's context ({model.ctx} tokens)")
                 continue
             try:
-                new = assistant_turn(model, tok, history, a, rng)
+                new = assistant_turn(model, tok, history, a, rng, template)
             except KeyboardInterrupt:  # the turn is abandoned: the conversation goes on from before it
                 history.pop()
                 print("\n[interrupted]")

@@ -2,7 +2,8 @@
 
     OUT/
       model.safetensors   the weights in float32; the safetensors metadata carries
-                          {"format": "lmstack-twofile", "config": <config.json>, "tokenizer": <tokenizer.json>}
+                          {"format": "lmstack-twofile", "config": <config.json>, "tokenizer": <tokenizer.json>},
+                          and for an imported model with a format of its own, "chat_format": <chat_format.json>
       run.py              lmstack/export/run.py, copied as is: one program, numpy its only
                           dependency, that reads the file above, tokenizes, runs and samples
                           (`python run.py model.safetensors "prompt"`, or `--chat`)
@@ -19,11 +20,14 @@ import os
 import shutil
 from pathlib import Path
 
+from tokenizers import Tokenizer as HFTokenizer
+
 from lmstack.export import run as standalone
-from lmstack.modelio import load_model_and_tokenizer, save_safetensors
-from lmstack.utils import UserError, atomic_output_dir, check_output_dir, current_umask
+from lmstack.modelio import load_model, load_model_and_tokenizer, save_safetensors
+from lmstack.utils import UserError, atomic_output_dir, check_output_dir, current_umask, read_json
 
 RUN_PY = Path(__file__).with_name("run.py")
+CHAT_FORMAT = "chat_format.json"  # an imported model's own chat format
 FORMAT = "lmstack-twofile"
 
 
@@ -32,13 +36,29 @@ def export_twofile(model_dir: str | os.PathLike, out: str | os.PathLike, force: 
     check_output_dir(out, force)  # fail before loading anything
     if not RUN_PY.is_file():
         raise UserError(f"{RUN_PY} is missing from this lmstack installation")
-    model, tok = load_model_and_tokenizer(model_dir)
+    own = Path(model_dir) / CHAT_FORMAT
+    if own.is_file():  # an imported model: its own tokenizer (user text never becomes a special token)
+        model, fmt = load_model(model_dir), read_json(own)
+        if not isinstance(fmt, dict):
+            raise UserError(f"{own} is not a JSON object")
+        try:
+            hf = HFTokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        except Exception as e:
+            raise UserError(f"cannot read tokenizer {Path(model_dir) / 'tokenizer.json'}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'not found'}") from None
+        hf.encode_special_tokens = True
+        tok_json, encode = hf.to_str(), lambda text: hf.encode(text, add_special_tokens=False).ids
+    else:
+        model, tok = load_model_and_tokenizer(model_dir)
+        fmt, tok_json, encode = None, tok.to_str(), tok.encode
     cfg = model.cfg
-    check_run_py_tokenizer(tok, model_dir)
+    check_run_py_tokenizer(tok_json, fmt, encode, model_dir)
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    metadata = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(cfg)), "tokenizer": tok.to_str()}
+    metadata = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(cfg)), "tokenizer": tok_json}
+    if fmt is not None:
+        metadata["chat_format"] = json.dumps(fmt, ensure_ascii=False)
     with atomic_output_dir(out, force) as tmp:
         save_safetensors(tensors, tmp / "model.safetensors", metadata)
         shutil.copyfile(RUN_PY, tmp / "run.py")
@@ -55,14 +75,18 @@ def export_twofile(model_dir: str | os.PathLike, out: str | os.PathLike, force: 
 
 # Encoded by run.py and by lmstack at export time: a tokenizer run.py would get wrong is refused here.
 PROBE = "Hello, world! It's 2024: naïve café, 日本語 🙂\n\n  \t<|user|> don't  1234567 x "
+PROBES = [PROBE, "I'LL go, we've they're 'S x'sy", "a  b\r\n\r\n  c\t\t\n", "١٢٣ ½ 3.14159 1,000,000",
+          "Ελληνικά русский עברית 👨‍👩‍👧🇫🇷", "<|im_start|>user\nhi<|im_end|><|endoftext|> <|eot_id|>", "ſ 'ſ \u212a"]
 
 
-def check_run_py_tokenizer(tok, model_dir) -> None:
-    """run.py reimplements lmstack's tokenizer (one split pattern, byte-level BPE): refuse to
-    export one it does not reproduce, rather than write a run.py that tokenizes differently."""
+def check_run_py_tokenizer(tok_json: str, fmt: dict | None, encode, model_dir) -> None:
+    """run.py reimplements byte-level BPE with the common pre-tokenizers (lmstack's, GPT-2's,
+    Llama 3's, Qwen2's, SmolLM's): refuse to export a tokenizer it does not reproduce on PROBES
+    (encode: lmstack's reading of the same tokenizer), rather than write a run.py that tokenizes differently."""
     try:
-        ids = standalone.Tokenizer(tok.to_str()).encode(PROBE)
+        rtok = standalone.Tokenizer(tok_json, fmt)
+        mismatch = next((p for p in PROBES if rtok.encode(p) != encode(p)), None)
     except standalone.Fail as e:
         raise UserError(f"{model_dir}: run.py cannot run this tokenizer: {e}") from None
-    if ids != tok.encode(PROBE):
-        raise UserError(f"{model_dir}: run.py's tokenizer does not reproduce this tokenizer.json")
+    if mismatch is not None:
+        raise UserError(f"{model_dir}: run.py's tokenizer does not reproduce this tokenizer.json (on {mismatch!r})")
