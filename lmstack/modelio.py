@@ -178,7 +178,8 @@ def world_above(path) -> Path | None:
 
 
 def lineage(model_dir) -> dict:
-    """What a model folder says about its training: {"chat": trained on conversations,
+    """What a model folder says about its training: {"chat": trained on conversations (or
+    imported with a chat template of its own),
     "data": its pretraining token shards (if still there), "world": the synthetic world
     it was trained on (if any), "steps": the stages that made it from its root, newest first
     ({"stage", "data"}), "imported": the root's imported.json when it was brought in}. Paths
@@ -204,6 +205,9 @@ def lineage(model_dir) -> dict:
         d = Path(sft["base"])
     imported = read_json(d / "imported.json")
     info["imported"] = imported if isinstance(imported, dict) else None
+    own = read_json(d / FORMAT_FILE)
+    if isinstance(own, dict) and own.get("template"):  # an imported model with a chat template of its own chats
+        info["chat"] = True
     run = read_json(d / "run.json") or {}
     data = (run.get("data") or {}).get("dir")
     if data and (Path(data) / "manifest.json").is_file():

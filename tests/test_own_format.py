@@ -20,7 +20,7 @@ from lmstack.align.pairs import render_answers  # noqa: E402
 from lmstack.chat import chat_completion  # noqa: E402
 from lmstack.chatformat import ChatFormatError, TemplateFormat, chat_format  # noqa: E402
 from lmstack.export.hf import export_hf, import_hf  # noqa: E402
-from lmstack.modelio import load_model, save_weights  # noqa: E402
+from lmstack.modelio import lineage, load_model, save_weights  # noqa: E402
 from lmstack.serve.protocol import Limits  # noqa: E402
 from lmstack.serve.server import build  # noqa: E402
 from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
@@ -119,6 +119,7 @@ def test_the_import_keeps_its_own_tokens_template_and_no_bos(src, imported):
     fmt = chat_format(tok)
     assert isinstance(fmt, TemplateFormat) and fmt.stop_ids == {raw.token_to_id("<|im_end|>")}
     assert json.loads((imported / "imported.json").read_text())["license"] == "apache-2.0"
+    assert lineage(imported)["chat"] is True  # eval runs its chat tasks: it chats in its own format
 
 
 @pytest.mark.parametrize("gen", [True, False])
@@ -193,6 +194,17 @@ def test_chat_and_serve_stop_at_its_end_of_turn(imported):
         msgs = [{"role": "user", "content": "Hi"}]
         rendered = httpx.post(live.url + "/tokenize", json={"messages": msgs, "add_generation_prompt": True})
         assert rendered.json()["tokens"] == chat_format(tok).render(msgs, add_generation_prompt=True)[0]
+
+
+def test_eval_chat_task_in_its_own_format(imported, tmp_path):
+    from lmstack.eval.run import evaluate
+
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": q, "answer": a.rstrip(".")}) + "\n"
+                                               for q, a in QA))
+    (tmp_path / "qa.toml").write_text(f'[[task]]\nname = "qa"\ndata = "{tmp_path / "qa.jsonl"}"\n'
+                                      'kind = "generate"\nformat = "chat"\ncheck = "contains"\nmax_tokens = 30\n')
+    res = evaluate(imported, tasks=[str(tmp_path / "qa.toml")], out=tmp_path / "r.json", quiet=True)
+    assert res["chat"] is True and res["tasks"]["qa"]["acc"] == 1.0  # every answer, in its own format
 
 
 def test_sft_then_export_to_transformers_keeps_format_stops_and_licence(imported, hf_tok, tmp_path):
