@@ -18,6 +18,12 @@ What goes in (written with the `gguf` package, llama.cpp's own writer):
   byte-level token strings, the merges, CONTROL type for our 16 special tokens, BOS/EOS/PAD/EOT
   ids, add_bos_token, and the chat template (Jinja) in `tokenizer.chat_template`.
 
+An imported model (its folder has chat_format.json: `lmstack import hf|gguf`) keeps its own
+tokenizer and format: `tokenizer.ggml.pre` is the llama.cpp name of its pre-tokenizer
+(PRE_TOKENIZERS; another is refused, saying what was found), its special added tokens are
+CONTROL, its BOS/EOS/PAD, end-of-turn (the first stop token that is not EOS), add_bos and template
+come from chat_format.json, general.license and general.name from imported.json.
+
 The pre-tokenizer: llama.cpp does not read our split regex from the file; it picks a built-in
 one by the name in `tokenizer.ggml.pre`. Ours is GPT-4's (cl100k) split. "dbrx" (DBRX used
 cl100k) has that regex and plain BPE merging, like our Hugging Face BPE. "llama-bpe" (Llama 3)

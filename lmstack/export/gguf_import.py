@@ -9,12 +9,12 @@ Read with the `gguf` package (llama.cpp's own reader); the inverse of `lmstack e
   cannot represent (another architecture, RoPE scaling or frequency factors, partial RoPE,
   experts, biases) is refused by name.
 - tensors of the types in QUANT_TYPES, dequantized to float32 with gguf.quants.dequantize (the
-  weights are then exactly what llama.cpp computes with, in float32); q/k rows back from
-  llama.cpp's interleaved RoPE layout (gguf.unpermute).
+  weights are then exactly the values the file holds); q/k rows back from
+  llama.cpp's interleaved RoPE layout (`unpermute` in gguf.py).
 - the tokenizer from `tokenizer.ggml.*`: a byte-level BPE ("gpt2"): its tokens, merges, CONTROL
   tokens as special added tokens and USER_DEFINED ones as plain added tokens, and the Hugging
   Face pre-tokenizer that splits as the llama.cpp one named in `tokenizer.ggml.pre` does
-  (gguf.PRE_TOKENIZERS). A SentencePiece vocabulary ("llama": Llama 2, Mistral) is refused.
+  (PRE_TOKENIZERS in gguf.py). A SentencePiece vocabulary ("llama": Llama 2, Mistral) is refused.
 - its chat format into chat_format.json (template, BOS/EOS/PAD, add_bos, the end-of-turn and EOS
   tokens as stop tokens), its licence and name into imported.json. A file that holds lmstack's 16
   special tokens and lmstack's template (one `lmstack export gguf` wrote) is an lmstack model
