@@ -324,8 +324,8 @@ def render_own(tok: Tokenizer, template, messages: list[dict], add_generation_pr
     contents are. (A template that changes a content, e.g. trims it, cannot be mapped so; then the
     whole text is tokenized as transformers and llama.cpp do, specials in messages included.)"""
     fmt = tok.fmt
-    kw = {"add_generation_prompt": add_generation_prompt, "bos_token": fmt.get("bos_token") or "",
-          "eos_token": fmt.get("eos_token") or "", "pad_token": fmt.get("pad_token") or ""}
+    kw = {"add_generation_prompt": add_generation_prompt}  # a token the model lacks is undefined, as in transformers
+    kw.update({k: fmt[k] for k in ("bos_token", "eos_token", "pad_token") if fmt.get(k) is not None})
     try:
         text = template.render(messages=messages, **kw)
         marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters
