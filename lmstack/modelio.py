@@ -21,6 +21,7 @@ model, never a reward model; "reward": a reward model). Every problem is one Use
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -145,6 +146,33 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, device: str | torch.d
     return model, tok
 
 
+# --- an imported model's folder -----------------------------------------------------------------
+
+IMPORTED = "imported.json"
+
+
+def grow_vocab(state: dict[str, torch.Tensor], vocab: int) -> dict[str, torch.Tensor]:
+    """Embedding (and head) rows appended up to `vocab` for special tokens an import adds: at the
+    mean embedding, a neutral start that fine-tuning moves."""
+    for key in ("embed_tokens.weight", "lm_head.weight"):
+        if key in state and state[key].shape[0] < vocab:
+            w = state[key]
+            state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab - w.shape[0], -1)])
+    return state
+
+
+def save_imported(tmp: Path, model: GPT, tok: Tokenizer, info: dict) -> None:
+    """An imported model into the (temporary) folder `tmp`: model.safetensors, config.json,
+    run.json, imported.json (`info`: source, model_type, name, license, ...), tokenizer.json and
+    the model's own chat_format.json when it has one."""
+    cfg = dataclasses.asdict(model.cfg)
+    save_weights(model, tmp / WEIGHTS)
+    atomic_write_json(tmp / CONFIG, cfg)
+    atomic_write_json(tmp / "run.json", {"model": cfg, "imported": {k: info.get(k) for k in ("source", "model_type")}})
+    atomic_write_json(tmp / IMPORTED, info)
+    tok.save(tmp)
+
+
 # --- writing a run's description ----------------------------------------------------------
 
 def write_run_files(out: str | os.PathLike, run_config: dict, tokenizer_file: str | os.PathLike | None) -> None:
@@ -203,7 +231,7 @@ def lineage(model_dir) -> dict:
         if not sft.get("base"):
             break
         d = Path(sft["base"])
-    imported = read_json(d / "imported.json")
+    imported = read_json(d / IMPORTED)
     info["imported"] = imported if isinstance(imported, dict) else None
     own = read_json(d / FORMAT_FILE)
     if isinstance(own, dict) and own.get("template"):  # an imported model with a chat template of its own chats

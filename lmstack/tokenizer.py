@@ -220,6 +220,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def added_tokens(self) -> list:
+        """The added tokens (tokenizers' AddedToken: content, special, ...), in id order."""
+        return [t for _, t in sorted(self._tok.get_added_tokens_decoder().items())]
+
     def id_to_token(self, i: int) -> str:
         return self._tok.id_to_token(i)
 

@@ -73,7 +73,7 @@ def test_chat_format_travels_and_renders_as_transformers(chatml):
     pytest.importorskip("jinja2")
     hf, d, two = chatml
     model, tok = runpy_module.load(str(two / "model.safetensors"))
-    assert tok.fmt == json.loads((d / "chat_format.json").read_text())
+    assert tok.fmt == {"source": None, **json.loads((d / "chat_format.json").read_text())}  # OwnFormat's fields
     assert tok.prompt_head == [] and tok.text_stops == {hf.token_to_id("<|endoftext|>")}
     assert tok.chat_stops == {hf.token_to_id("<|im_end|>"), hf.token_to_id("<|endoftext|>")}
     template = runpy_module.jinja_template(CHATML)

@@ -52,14 +52,12 @@ import numpy as np
 import torch
 
 from lmstack.chatformat import chat_format
-from lmstack.modelio import load_model, load_model_and_tokenizer
+from lmstack.modelio import IMPORTED, load_model_and_tokenizer
 from lmstack.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
 from lmstack.utils import UserError, atomic_file, check_output_file, read_json
 
 DTYPES = ("f32", "f16", "bf16")
 PRE_TOKENIZER = "dbrx"  # llama.cpp's built-in GPT-4 (cl100k) split with plain BPE merging
-CHAT_FORMAT = "chat_format.json"  # an imported model's own chat format (absent for lmstack's)
-IMPORTED = "imported.json"
 
 # --- pre-tokenizers: llama.cpp's names <-> Hugging Face pre_tokenizer JSON -----------------------------
 # llama.cpp never reads a split regex from the file: `tokenizer.ggml.pre` names one of its built-in
@@ -209,61 +207,37 @@ def _merges(spec: dict) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
 
 
-def lmstack_vocab(model_dir: Path):
-    """An lmstack model: (the model, its Vocab) with lmstack's split, specials and template."""
-    model, tok = load_model_and_tokenizer(model_dir)  # UserError on a missing or broken folder
+def lmstack_vocab(model, tok, model_dir: Path) -> Vocab:
+    """An lmstack model's Vocab: lmstack's split, specials and template."""
     fmt = chat_format(tok)
     tokens, types, merges = read_vocab(tok, model.cfg.vocab_size, model_dir)
-    return model, Vocab(tokens, types, merges, PRE_TOKENIZER, tok.bos_id, tok.eos_id, tok.pad_id,
-                        fmt.end_id, True, fmt.jinja, model_dir.resolve().name)  # a chat turn ends with <|end|>
+    return Vocab(tokens, types, merges, PRE_TOKENIZER, tok.bos_id, tok.eos_id, tok.pad_id,
+                 fmt.end_id, True, fmt.jinja, model_dir.resolve().name)  # a chat turn ends with <|end|>
 
 
-def own_vocab(model_dir: Path):
-    """An imported model (a folder with chat_format.json): (the model, its Vocab) from its own
-    tokenizer.json, chat_format.json and imported.json."""
+def own_vocab(model, tok, model_dir: Path) -> Vocab:
+    """An imported model's Vocab (tok.own: its chat_format.json): its own tokenizer, pre-tokenizer
+    name, special tokens, BOS policy, stop tokens and template; its name and licence from imported.json."""
     import gguf
-    from tokenizers import Tokenizer as HFTokenizer
 
-    model = load_model(model_dir)  # UserError on a missing or broken folder
     file = model_dir / "tokenizer.json"
-    try:
-        hf = HFTokenizer.from_file(str(file))
-    except Exception as e:  # missing, or not a tokenizer
-        raise UserError(f"cannot read tokenizer {file}: {str(e).splitlines()[0] if str(e) else 'not found'}") from None
-    fmt = read_json(model_dir / CHAT_FORMAT)
-    if not isinstance(fmt, dict):
-        raise UserError(f"{model_dir / CHAT_FORMAT} is not a JSON object")
-    spec = json.loads(hf.to_str())
+    spec = json.loads(tok.to_str())
     pre = pre_tokenizer_name(spec, file)
-    n = hf.get_vocab_size(with_added_tokens=True)
+    n = tok.vocab_size
     if n > model.cfg.vocab_size:
         raise UserError(f"{file}: the tokenizer has {n} tokens, more than the model's {model.cfg.vocab_size} rows")
-    added = hf.get_added_tokens_decoder()
-    tokens = [hf.id_to_token(i) for i in range(n)]
+    tokens = [tok.id_to_token(i) for i in range(n)]
     if None in tokens:
         raise UserError(f"{file}: token ids are not contiguous (id {tokens.index(None)} has no token)")
     T = gguf.TokenType
-    types = [(T.CONTROL if added[i].special else T.USER_DEFINED) if i in added else T.NORMAL for i in range(n)]
+    added = {t: special for t, special in ((t.content, t.special) for t in tok.added_tokens())}
+    types = [(T.CONTROL if added[t] else T.USER_DEFINED) if t in added else T.NORMAL for t in tokens]
     _pad(tokens, types, model.cfg.vocab_size)
-
-    def tid(key):
-        text = fmt.get(key)
-        if text is None:
-            return None
-        if hf.token_to_id(text) is None:
-            raise UserError(f"{model_dir / CHAT_FORMAT}: {key} {text!r} is not a token of {file}")
-        return hf.token_to_id(text)
-
-    stops = [hf.token_to_id(t) for t in fmt.get("stop_tokens") or []]
-    if None in stops:
-        raise UserError(f"{model_dir / CHAT_FORMAT}: stop token {fmt['stop_tokens'][stops.index(None)]!r} "
-                        f"is not a token of {file}")
-    eos = tid("eos_token")
-    eot = next((i for i in stops if i != eos), None)  # the end of a turn, where it is not EOS
+    fmt = chat_format(tok)
+    eot = next((i for i in [fmt.end_id, *sorted(fmt.stop_ids)] if i != tok.eos_id), None)  # where it is not EOS
     info = read_json(model_dir / IMPORTED) or {}
-    return model, Vocab(tokens, types, _merges(spec), pre, tid("bos_token"), eos, tid("pad_token"), eot,
-                        bool(fmt.get("add_bos")), fmt.get("template"), info.get("name") or model_dir.resolve().name,
-                        info.get("license"))
+    return Vocab(tokens, types, _merges(spec), pre, tok.bos_id, tok.eos_id, tok.token_id(tok.own.pad_token), eot,
+                 tok.add_bos, fmt.jinja, info.get("name") or model_dir.resolve().name, info.get("license"))
 
 
 def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path:
@@ -280,7 +254,8 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
     model_dir, out = Path(model_dir), check_output_file(out, what=".gguf file")
     if out.exists() and not force:
         raise UserError(f"{out} exists (use --force to replace it)")
-    model, v = (own_vocab if (model_dir / CHAT_FORMAT).is_file() else lmstack_vocab)(model_dir)
+    model, tok = load_model_and_tokenizer(model_dir)  # UserError on a missing or broken folder
+    v = (own_vocab if tok.own is not None else lmstack_vocab)(model, tok, model_dir)
     cfg = model.cfg
     head_dim = cfg.d_model // cfg.n_head
 

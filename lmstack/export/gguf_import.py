@@ -33,12 +33,11 @@ import torch
 
 from lmstack.chatformat import CHAT_TEMPLATE_JINJA
 from lmstack.config import ModelConfig
-from lmstack.export.gguf import (CHAT_FORMAT, IMPORTED, PRE_ALIASES, PRE_TOKENIZERS, tensor_names,
-                                 unpermute)
+from lmstack.export.gguf import PRE_ALIASES, PRE_TOKENIZERS, tensor_names, unpermute
 from lmstack.model import GPT
-from lmstack.modelio import materialise, save_weights
-from lmstack.tokenizer import SPECIAL_TOKENS
-from lmstack.utils import UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir
+from lmstack.modelio import grow_vocab, materialise, save_imported
+from lmstack.tokenizer import SPECIAL_TOKENS, OwnFormat, Tokenizer
+from lmstack.utils import UserError, atomic_output_dir, check_output_dir
 
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # The llama.cpp names of end-of-turn tokens, for a file that does not set tokenizer.ggml.eot_token_id
@@ -221,10 +220,7 @@ def import_gguf(src, out, force: bool = False) -> Path:
     state = read_weights(tensors, cfg, src)
     if hf.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:  # lmstack's specials appended
         cfg = dataclasses.replace(cfg, vocab_size=hf.get_vocab_size(with_added_tokens=True))
-        for key in ("embed_tokens.weight", "lm_head.weight"):
-            if key in state:  # new rows at the mean embedding: a neutral start for fine-tuning
-                w = state[key]
-                state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(cfg.vocab_size - w.shape[0], -1)])
+        grow_vocab(state, cfg.vocab_size)
     with torch.device("meta"):  # shapes only: the weights are the file's
         model = GPT(cfg)
     want = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
@@ -240,15 +236,12 @@ def import_gguf(src, out, force: bool = False) -> Path:
     info = {"source": str(src.resolve()), "format": "gguf", "model_type": "llama",
             "license": m.get("general.license"), "name": m.get("general.name"),
             "pre_tokenizer": m.get("tokenizer.ggml.pre"), "tensor_types": types, "added_special_tokens": missing}
+    try:
+        tok = Tokenizer(hf, None if fmt is None else OwnFormat(**fmt))
+    except UserError as e:  # a stop, BOS or EOS token that is not in the vocabulary
+        _refuse(src, str(e))
     with atomic_output_dir(out, force) as tmp:
-        save_weights(model, tmp / "model.safetensors")
-        atomic_write_json(tmp / "config.json", dataclasses.asdict(cfg))
-        atomic_write_json(tmp / "run.json", {"model": dataclasses.asdict(cfg),
-                                             "imported": {"source": info["source"], "model_type": "llama"}})
-        atomic_write_json(tmp / IMPORTED, info)
-        atomic_write_text(tmp / "tokenizer.json", hf.to_str(pretty=True))
-        if fmt is not None:
-            atomic_write_json(tmp / CHAT_FORMAT, fmt)
+        save_imported(tmp, model, tok, info)
     quant = ", ".join(f"{n} {k}" for k, n in sorted(types.items()))
     print(f"imported {src} ({m.get('general.name') or 'llama'}, {model.num_params():,} params from {quant}; "
           f"{'its own chat format' if fmt else 'lmstack chat format'}) -> {out}")

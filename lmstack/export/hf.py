@@ -20,7 +20,6 @@ eval, chat and serve work unchanged. What does not match is named in one line.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from lmstack.chatformat import ChatFormatError, chat_format
 from lmstack.config import ModelConfig
 from lmstack.model import GPT
-from lmstack.modelio import lineage, load_model_and_tokenizer, materialise, save_safetensors, save_weights
+from lmstack.modelio import grow_vocab, lineage, load_model_and_tokenizer, materialise, save_imported, save_safetensors
 from lmstack.tokenizer import SPECIAL_TOKENS, OwnFormat, Tokenizer
 from lmstack.utils import (UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir,
                            read_json)
@@ -387,11 +386,7 @@ def import_hf(src, out, force: bool = False) -> Path:
         state[key] = t.to(torch.float32)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    # New special tokens: rows appended at the mean embedding (a neutral start for fine-tuning).
-    for key in ("embed_tokens.weight", "lm_head.weight"):
-        if key in state and state[key].shape[0] < vocab:
-            w = state[key]
-            state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab - w.shape[0], -1)])
+    grow_vocab(state, vocab)  # lmstack's specials, when they were appended
     with torch.device("meta"):  # shapes only: the weights are the file's
         model = GPT(cfg)
     want = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
@@ -400,18 +395,12 @@ def import_hf(src, out, force: bool = False) -> Path:
         raise UserError(f"{src}: the weights do not match a {c['model_type']} of this config "
                         f"({'unexpected ' + unknown[0] if unknown else 'missing ' + absent[0]})")
     model = materialise(model, state)
-    run = {"model": dataclasses.asdict(cfg), "imported": {"source": str(src), "model_type": c["model_type"]}}
+    name = c.get("_name_or_path") or ""
+    hub_id = name if name.count("/") == 1 and not Path(name).exists() else None
     with atomic_output_dir(out, force) as tmp:
-        save_weights(model, tmp / "model.safetensors")
-        atomic_write_json(tmp / "config.json", dataclasses.asdict(cfg))
-        atomic_write_json(tmp / "run.json", run)
-        name = c.get("_name_or_path") or ""
-        hub_id = name if name.count("/") == 1 and not Path(name).exists() else None
-        atomic_write_json(tmp / "imported.json", {"source": str(src.resolve()), "model_type": c["model_type"],
-                                                  "hub_id": hub_id, "name": hub_id or src.resolve().name,
-                                                  "license": _source_license(src),
-                                                  "added_special_tokens": missing, "hf_vocab_size": c["vocab_size"]})
-        tok.save(tmp)
+        save_imported(tmp, model, tok, {"source": str(src.resolve()), "model_type": c["model_type"], "hub_id": hub_id,
+                                        "name": hub_id or src.resolve().name, "license": _source_license(src),
+                                        "added_special_tokens": missing, "hf_vocab_size": c["vocab_size"]})
     how = (f"its own chat template, stops at {', '.join(own.stop_tokens) or 'nothing'}, "
            f"{'adds ' + own.bos_token if tok.add_bos else 'no BOS'}" if own.template is not None
            else f"no chat template of its own: lmstack's chat format, {len(missing)} lmstack special tokens added")

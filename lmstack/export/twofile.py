@@ -20,14 +20,12 @@ import os
 import shutil
 from pathlib import Path
 
-from tokenizers import Tokenizer as HFTokenizer
 
 from lmstack.export import run as standalone
-from lmstack.modelio import load_model, load_model_and_tokenizer, save_safetensors
-from lmstack.utils import UserError, atomic_output_dir, check_output_dir, current_umask, read_json
+from lmstack.modelio import load_model_and_tokenizer, save_safetensors
+from lmstack.utils import UserError, atomic_output_dir, check_output_dir, current_umask
 
 RUN_PY = Path(__file__).with_name("run.py")
-CHAT_FORMAT = "chat_format.json"  # an imported model's own chat format
 FORMAT = "lmstack-twofile"
 
 
@@ -36,23 +34,11 @@ def export_twofile(model_dir: str | os.PathLike, out: str | os.PathLike, force: 
     check_output_dir(out, force)  # fail before loading anything
     if not RUN_PY.is_file():
         raise UserError(f"{RUN_PY} is missing from this lmstack installation")
-    own = Path(model_dir) / CHAT_FORMAT
-    if own.is_file():  # an imported model: its own tokenizer (user text never becomes a special token)
-        model, fmt = load_model(model_dir), read_json(own)
-        if not isinstance(fmt, dict):
-            raise UserError(f"{own} is not a JSON object")
-        try:
-            hf = HFTokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-        except Exception as e:
-            raise UserError(f"cannot read tokenizer {Path(model_dir) / 'tokenizer.json'}: "
-                            f"{str(e).splitlines()[0] if str(e) else 'not found'}") from None
-        hf.encode_special_tokens = True
-        tok_json, encode = hf.to_str(), lambda text: hf.encode(text, add_special_tokens=False).ids
-    else:
-        model, tok = load_model_and_tokenizer(model_dir)
-        fmt, tok_json, encode = None, tok.to_str(), tok.encode
+    model, tok = load_model_and_tokenizer(model_dir)
+    # an imported model: its own tokenizer and chat format (chat_format.json) travel in the metadata
+    fmt, tok_json = None if tok.own is None else dataclasses.asdict(tok.own), tok.to_str()
     cfg = model.cfg
-    check_run_py_tokenizer(tok_json, fmt, encode, model_dir)
+    check_run_py_tokenizer(tok_json, fmt, tok.encode, model_dir)
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
