@@ -5,6 +5,9 @@ leak into every module collected after):
     pytestmark = pytest.mark.usefixtures("one_thread")
 """
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -28,3 +31,15 @@ def two_threads():
     """Two torch threads for a module that trains (what this 2-core machine has, and no more on
     a bigger one, so timings stay comparable)."""
     yield from _threads(2)
+
+
+@pytest.fixture(scope="session")
+def numpy_only(tmp_path_factory):
+    """PYTHONPATH for `python -S` (the standalone run.py's tests): links to numpy (and numpy.libs,
+    its bundled BLAS) only, so nothing else (torch, tokenizers, jinja2) can be imported there."""
+    d = tmp_path_factory.mktemp("numpy_only")
+    site = Path(np.__file__).resolve().parent.parent
+    for name in ("numpy", "numpy.libs"):
+        if (site / name).exists():
+            (d / name).symlink_to(site / name)
+    return d

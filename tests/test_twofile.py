@@ -99,17 +99,6 @@ def exported(model_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def numpy_only(tmp_path_factory):
-    """PYTHONPATH for `python -S`: links to numpy (and numpy.libs, its bundled BLAS) only."""
-    d = tmp_path_factory.mktemp("numpy_only")
-    site = Path(np.__file__).resolve().parent.parent
-    for name in ("numpy", "numpy.libs"):
-        if (site / name).exists():
-            (d / name).symlink_to(site / name)
-    return d
-
-
 def run_numpy_only(numpy_only, args, stdin=None, cwd=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(PYTHONPATH=str(numpy_only), PYTHONIOENCODING="utf-8", OPENBLAS_NUM_THREADS="1")

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,17 +123,6 @@ def test_a_reply_stops_at_the_models_end_of_turn(chatml, capsys):
     assert new == [{"role": "assistant", "content": "Hello there."}]
     assert capsys.readouterr().out == "Hello there.\n"
     assert model.prompts == [apply_chat_template(hf, history)]
-
-
-@pytest.fixture(scope="module")
-def numpy_only(tmp_path_factory):
-    """PYTHONPATH for `python -S`: links to numpy (and numpy.libs) only: no jinja2 there."""
-    d = tmp_path_factory.mktemp("numpy_only")
-    site = Path(np.__file__).resolve().parent.parent
-    for name in ("numpy", "numpy.libs"):
-        if (site / name).exists():
-            (d / name).symlink_to(site / name)
-    return d
 
 
 def run_numpy_only(numpy_only, args):
