@@ -307,7 +307,6 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"gguf: {n_params / 1e6:.1f}M params, {dtype.upper()} matrices, vocab {len(v.tokens)}, "
+    print(f"gguf: {model.num_params() / 1e6:.1f}M params, {dtype.upper()} matrices, vocab {len(v.tokens)}, "
           f"{out.stat().st_size / 1e6:.1f} MB -> {out}")
     return out
