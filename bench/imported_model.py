@@ -215,39 +215,57 @@ PROBE = r"""
 import json, sys, torch
 from lmstack.chatformat import chat_format
 from lmstack.modelio import load_model_and_tokenizer
-model_dir, messages, hf_ids, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+model_dir, path = sys.argv[1], sys.argv[2]
+job = json.load(open(path))
 model, tok = load_model_and_tokenizer(model_dir)
-ids = [int(i) for i in chat_format(tok).render(messages, add_generation_prompt=True)[0]]
+fmt = chat_format(tok)
+ids = [[int(i) for i in fmt.render(m, add_generation_prompt=True)[0]] for m in job["conversations"]]
 with torch.inference_mode():
-    logits = model.float()(torch.tensor([hf_ids]))[0]
-torch.save(logits, out + ".pt")
-json.dump({"ids": ids, "text": tok.decode(ids), "vocab": tok.vocab_size}, open(out, "w"))
+    logits = model.float()(torch.tensor([job["hf_ids"]]))[0]
+torch.save(logits, path + ".pt")
+json.dump({"ids": ids, "text": [tok.decode(i) for i in ids], "vocab": tok.vocab_size}, open(path, "w"))
 """
 
 
-def probe(model_dir: Path, hf_dir: Path, question: str, src: Path, threads: int, tmp: Path) -> dict:
-    """lmstack's prompt ids for one question against transformers'; lmstack's logits on
-    transformers' ids against transformers' (the first `vocab` columns: the old import appended
-    16 tokens after the model's own)."""
+def probe_conversations(facts: list[dict]) -> list[list[dict]]:
+    """The conversations whose prompt ids are compared: one question (the first is also the one
+    whose logits are compared), a system prompt, two turns, and text with accents, CJK, an
+    emoji, a tab and trailing spaces (no text that spells a special token: transformers turns
+    it into the token, lmstack keeps it text, a documented difference)."""
+    q = [f["question"] for f in facts]
+    return [[{"role": "user", "content": q[0]}],
+            [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": q[1]}],
+            [{"role": "user", "content": q[2]}, {"role": "assistant", "content": facts[2]["reply"]},
+             {"role": "user", "content": q[3]}],
+            [{"role": "user", "content": "Zoë from Łódź, 東京 🙂 don't\ttab  \n"}]]
+
+
+def probe(model_dir: Path, hf_dir: Path, facts: list[dict], src: Path, threads: int, tmp: Path) -> dict:
+    """lmstack's prompt ids against transformers' apply_chat_template(add_generation_prompt=True)
+    on a few conversations; lmstack's logits on transformers' ids of the first against
+    transformers' (the first `vocab` columns: the old import appended 16 tokens after the
+    model's own)."""
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    messages = [{"role": "user", "content": question}]
-    hf_ids = chat_ids(tok, messages, add_generation_prompt=True)
-    out = tmp / "probe.json"
-    p = subprocess.run([sys.executable, "-c", PROBE, str(model_dir), json.dumps(messages), json.dumps(hf_ids),
-                        str(out)], cwd=tmp, env=lmstack_env(src, threads), capture_output=True, text=True,
-                       timeout=120, check=False)
+    convs = probe_conversations(facts)
+    hf_ids = [chat_ids(tok, m, add_generation_prompt=True) for m in convs]
+    job = tmp / "probe.json"
+    job.write_text(json.dumps({"conversations": convs, "hf_ids": hf_ids[0]}))
+    p = subprocess.run([sys.executable, "-c", PROBE, str(model_dir), str(job)], cwd=tmp,
+                       env=lmstack_env(src, threads), capture_output=True, text=True, timeout=120, check=False)
     if p.returncode != 0:
         return {"probe_error": (p.stdout + p.stderr).strip().splitlines()[-1]}
-    got = json.loads(out.read_text())
+    got = json.loads(job.read_text())
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor([hf_ids])).logits[0]
-    ours = torch.load(str(out) + ".pt")
+        ref = model(input_ids=torch.tensor([hf_ids[0]])).logits[0]
+    ours = torch.load(str(job) + ".pt")
     V = ref.shape[-1]
-    return {"ids_equal": got["ids"] == hf_ids, "lmstack_prompt": got["text"],
-            "transformers_prompt": tok.decode(hf_ids), "lmstack_vocab": got["vocab"], "hf_vocab": V,
+    equal = [a == b for a, b in zip(got["ids"], hf_ids)]
+    return {"ids_equal": sum(equal), "conversations": len(convs), "lmstack_prompt": got["text"][0],
+            "transformers_prompt": tok.decode(hf_ids[0]),
+            "differ": [i for i, e in enumerate(equal) if not e], "lmstack_vocab": got["vocab"], "hf_vocab": V,
             "max_logit_diff": float((ours[:, :V] - ref).abs().max())}
 
 
@@ -342,7 +360,7 @@ def main() -> None:
         if rc == 0:
             fmt_file = imp / "chat_format.json"
             result["import"]["chat_format_json"] = fmt_file.is_file()
-            result["probe"] = probe(imp, hf_dir, facts[0]["question"], src, a.threads, tmp)
+            result["probe"] = probe(imp, hf_dir, facts, src, a.threads, tmp)
             print(f"probe: {json.dumps(result['probe'])}", flush=True)
             for dtype in ("fp32", "auto"):
                 r = lmstack_eval(imp, facts_file, dtype, src, a.threads, tmp, peer["replies"])
@@ -397,8 +415,9 @@ def print_table(r: dict) -> None:
         rows.append(("serve + openai", "", f"error: {s['error']}", ""))
     p = r.get("probe", {})
     if "ids_equal" in p:
-        rows.append(("prompt ids equal to apply_chat_template's", "", "yes" if p["ids_equal"] else
-                     f"no: {p['lmstack_prompt'][:60]!r}", ""))
+        same = f"{p['ids_equal']}/{p['conversations']} conversations"
+        rows.append(("prompt ids equal to apply_chat_template's", "", same if p["ids_equal"] == p["conversations"]
+                     else f"{same}; lmstack's first: {p['lmstack_prompt'][:60]!r}", ""))
         rows.append(("max abs logit difference (transformers' ids)", "", f"{p['max_logit_diff']:.1e}", ""))
     elif p:
         rows.append(("probe", "", f"error: {p['probe_error']}", ""))
