@@ -122,6 +122,20 @@ def test_the_import_keeps_its_own_tokens_template_and_no_bos(src, imported):
     assert lineage(imported)["chat"] is True  # eval runs its chat tasks: it chats in its own format
 
 
+def test_its_tokenizer_prepares_pretraining_shards_with_its_own_boundaries(imported, tmp_path):
+    from lmstack.data import prepare
+
+    docs = ["Ana was born.", "Bo works."] * 8
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    tok = Tokenizer.load(imported)
+    assert tok.document([5, 6]) == [5, 6, tok.eos_id]  # no BOS: a packed document ends with its EOS
+    manifest = prepare([tmp_path / "docs.jsonl"], imported, tmp_path / "shards", workers=2, docs_per_task=4,
+                       progress=False)
+    assert manifest["tokens"]["train"] + manifest["tokens"]["val"] == 8 * (len(tok.encode("Ana was born.")) + 1) \
+        + 8 * (len(tok.encode("Bo works.")) + 1)
+    assert (tmp_path / "shards" / "chat_format.json").is_file()  # the shards' tokenizer keeps its format
+
+
 @pytest.mark.parametrize("gen", [True, False])
 @pytest.mark.parametrize("k", range(len(CONVERSATIONS)))
 def test_renders_the_ids_and_assistant_mask_transformers_renders(imported, hf_tok, k, gen):
