@@ -330,8 +330,8 @@ def test_hermes_tool_calls_render_parse_and_loop_as_the_template_says(hermes):
     events = loop.add(0, reply, fmt.end_id, "stop")
     assert [e["type"] for e in events] == ["tool_call", "tool_result"] and events[1]["content"] == "81"
     call = loop.turns[0].messages[1]["tool_calls"][0]
-    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("calculator",
-                                                                                   {"expression": "23 + 58"})
+    fn = call["function"]
+    assert (fn["name"], json.loads(fn["arguments"])) == ("calculator", {"expression": "23 + 58"})
     assert loop.next_round() == [0]
     after = ask + loop.turns[0].new
     assert [m["role"] for m in after] == ["user", "assistant", "tool"]
