@@ -403,7 +403,9 @@ def tool_call(text: str) -> tuple[str, dict, str] | None:
         return None
     if name != "calculator":
         return name, args, f"error: unknown tool {name!r} (available: calculator)"
-    return name, args, calculator(args["expression"]) if set(args) == {"expression"} else "error: calculator takes expression"
+    if set(args) != {"expression"}:
+        return name, args, "error: calculator takes expression"
+    return name, args, calculator(args["expression"])
 
 
 # --- the transformer ----------------------------------------------------------------------------
