@@ -27,7 +27,7 @@ gguf = pytest.importorskip("gguf")
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
-from lmstack.chatformat import CHAT_TEMPLATE_JINJA  # noqa: E402
+from lmstack.chatformat import CHAT_TEMPLATE_JINJA, chat_format  # noqa: E402
 from lmstack.cli import main  # noqa: E402
 from lmstack.config import ModelConfig  # noqa: E402
 from lmstack.engine import generate  # noqa: E402
@@ -35,7 +35,7 @@ from lmstack.export.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, export_gguf, pre_toke
 from lmstack.export.gguf_import import import_gguf  # noqa: E402
 from lmstack.model import GPT  # noqa: E402
 from lmstack.modelio import load_model  # noqa: E402
-from lmstack.tokenizer import SPECIAL_TOKENS, train_tokenizer  # noqa: E402
+from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer  # noqa: E402
 from lmstack.utils import UserError, atomic_write_json  # noqa: E402
 from test_tokenizer import TRICKY as TOKENIZER_TRICKY  # noqa: E402  (tests/ is on sys.path under pytest)
 from tiny import fit_windows, save_model_dir  # noqa: E402
@@ -409,9 +409,10 @@ def test_lmstack_template_with_its_specials_is_an_lmstack_model(lm_gguf, tmp_pat
 
 # --- llama.cpp itself (skipped unless llama-cpp-python is installed) -------------------------------
 
-def test_llama_cpp_runs_the_export_of_an_imported_model_like_our_engine(corpus, tmp_path):
+@pytest.mark.parametrize("pre", ["llama-bpe", "smollm", "gpt-2", "qwen2"])
+def test_llama_cpp_runs_the_export_of_an_imported_model_like_our_engine(corpus, tmp_path, pre):
     llama_cpp = pytest.importorskip("llama_cpp")
-    hf = foreign_tokenizer("llama-bpe", corpus)
+    hf = foreign_tokenizer(pre, corpus)
     d = foreign_folder(tmp_path / "m", hf, train_steps=150)
     file = export_gguf(d, tmp_path / "m.gguf")
     llm = llama_cpp.Llama(model_path=str(file), n_ctx=CTX, n_threads=1, n_batch=CTX, verbose=False)
@@ -431,3 +432,12 @@ def test_llama_cpp_runs_the_export_of_an_imported_model_like_our_engine(corpus, 
         assert theirs == ours, prompt
     text = "<|im_start|>user\nhi<|im_end|>\n"
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == encode(hf, text, special=True)
+    # llama-cpp-python's chat completion renders the file's template: the ids lmstack's own format renders
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+                {"role": "assistant", "content": "5."}, {"role": "user", "content": "And 4 + 4?"}]
+    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|endoftext|>",
+                              bos_token="")(messages=messages)
+    theirs = llm.tokenize(fmt.prompt.encode(), add_bos=False, special=True)
+    assert theirs == chat_format(Tokenizer.load(d)).render(messages, add_generation_prompt=True)[0]
