@@ -112,7 +112,22 @@ def check_messages(messages) -> None:
 
 # --- the format -------------------------------------------------------------------------------
 
-class ChatFormat:
+class _Replies:
+    """What both formats do the same way with a reply: parse it (its text and tool calls)."""
+
+    def parser(self, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
+        return ReplyParser(self, call_id)
+
+    def parse(self, ids, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
+        """A whole reply at once; its text is the decoding of the ids outside tool calls."""
+        p = ReplyParser(self, call_id)
+        for t in ids:
+            p.push(t)
+        p.text = self.tok.decode(p.visible, skip_special=True)
+        return p
+
+
+class ChatFormat(_Replies):
     """lmstack's chat format for one tokenizer (its special tokens, found by name). Callers get
     it from the model they loaded (`chat_format(tok)`), never from a module-level constant, so a
     model may carry a format of its own."""
@@ -167,17 +182,6 @@ class ChatFormat:
         assistant's reply, closed by its end-of-turn id), then the generation prompt: what
         continues a sampled reply with, e.g., tool results. (Here messages render on their own.)"""
         return self.render(messages, add_generation_prompt=True)[0][1:]
-
-    def parser(self, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
-        return ReplyParser(self, call_id)
-
-    def parse(self, ids, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
-        """A whole reply at once; its text is the decoding of the ids outside tool calls."""
-        p = ReplyParser(self, call_id)
-        for t in ids:
-            p.push(t)
-        p.text = self.tok.decode(p.visible, skip_special=True)
-        return p
 
 
 # --- an imported model's own format ---------------------------------------------------------------
@@ -234,7 +238,7 @@ def _defused(x, specials: list[str]):
     return x
 
 
-class TemplateFormat:
+class TemplateFormat(_Replies):
     """An imported model's own chat format (tok.own: its chat_format.json): its Jinja template,
     special tokens and end-of-turn ids. The same surface as ChatFormat."""
 
@@ -250,14 +254,13 @@ class TemplateFormat:
         # Hermes-style tool calls (Qwen 2.5, Hermes, SmolLM3): <tool_call>{"name", "arguments"}</tool_call>,
         # when the template writes them and both markers are single tokens; otherwise the model has no
         # tool format lmstack can parse, and `tools` is False.
-        vocab = tok._tok
-        o, c = vocab.token_to_id("<tool_call>"), vocab.token_to_id("</tool_call>")
+        o, c = tok.find("<tool_call>"), tok.find("</tool_call>")
         self.tools = o is not None and c is not None and "<tool_call>" in own.template
         self.call_open, self.call_close = (o, c) if self.tools else (-1, -1)
         specials = sorted(tok.specials, key=len, reverse=True)
         self._specials = specials
         self._split = re.compile("|".join(map(re.escape, specials))) if specials else None
-        added = vocab.get_added_tokens_decoder().values()
+        added = tok.added_tokens()
         self._lstrip = {t.content for t in added if t.special and t.lstrip}
         self._rstrip = {t.content for t in added if t.special and t.rstrip}
 
@@ -345,12 +348,6 @@ class TemplateFormat:
             raise ChatFormatError("the model's chat template does not render the start of a conversation as "
                                   "the start of the whole, so a reply cannot be continued")
         return b[ends[-1] + 1:]
-
-    def parser(self, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
-        return ReplyParser(self, call_id)
-
-    def parse(self, ids, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
-        return ChatFormat.parse(self, ids, call_id)
 
 
 def chat_format(tok) -> ChatFormat | TemplateFormat:

@@ -141,8 +141,13 @@ class Tokenizer:
         self._token_bytes = None
         self._byte_of = None
 
+    def find(self, text: str) -> int | None:
+        """The id of the token whose text is `text` (None when there is none)."""
+        return self._tok.token_to_id(text)
+
     def token_id(self, text: str | None) -> int | None:
-        """The id of one whole token given by its text (None for None)."""
+        """The id of one whole token given by its text (None for None; UserError when the
+        tokenizer has no such token)."""
         i = None if text is None else self._tok.token_to_id(text)
         if text is not None and i is None:
             raise UserError(f"{FORMAT_FILE} names {text!r}, which is not a token of this tokenizer")
