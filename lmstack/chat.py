@@ -127,7 +127,9 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
     ctx = net.cfg.max_seq_len
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     turn = 0
-    print(dim(f"lmstack chat: {model} ({net.num_params() / 1e6:.1f}M parameters, context {ctx}, "
+    n = net.num_params()
+    size = f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
+    print(dim(f"lmstack chat: {model} ({size} parameters, context {ctx}, "
               f"tools: {', '.join(registry.names()) if registry else 'off'}"
               f"{'' if fmt.tools or not tools else ' (its chat template has no tool-call format)'})\n"
               f"{HELP}; Ctrl-C stops a reply, Ctrl-D or Ctrl-C at the prompt exits"), flush=True)
