@@ -173,6 +173,30 @@ def _cmd_reward(a):
         reward.reward_score(a.model, a.data, out=a.out)
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_scaling(a):
+    from lmstack.scaling import analyse, sweep
+
+    if a.action == "sweep":
+        sweep.sweep(a.data, a.out, [int(x) for x in _floats(a.depths, "--depths")], _floats(a.budgets, "--budgets"),
+                    seeds=a.seeds, preset=a.preset, overrides=a.set or [], aspect=a.aspect, head_dim=a.head_dim,
+                    only=a.only, allow_repeat=a.allow_repeat)
+    elif a.action == "fit":
+        analyse.fit_sweep(a.sweep, samples=a.bootstrap, out=a.out)
+    elif a.action == "predict":
+        analyse.predict(a.sweep, _floats(a.budget, "--budget")[0], seeds=a.seeds, n_key="N_ne" if a.non_embedding else "N",
+                        neighbours=not a.no_neighbours)
+    else:
+        for f in analyse.plot(a.sweep, a.out):
+            print(f)
+
+
 def _cmd_dpo(a):
     from lmstack.align.dpo import dpo
 
@@ -396,6 +420,38 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--data", required=True, help="jsonl of {prompt, answer} (or {prompt, chosen, rejected})")
     rs.add_argument("--out", help="write the rows with their scores here (default: print)")
     rs.set_defaults(func=_cmd_reward)
+
+    sc = sub.add_parser("scaling", help="scaling laws: sweep sizes x budgets, fit, predict a bigger run, plot")
+    scs = sc.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    sw = scs.add_parser("sweep", help="pretrain every (depth, budget, seed) of a grid not yet done; resumable")
+    sw.add_argument("--data", required=True, help="folder written by `lmstack data prepare` (one pass: no repeats)")
+    sw.add_argument("--out", required=True, help="the sweep folder (sweep.json, results.jsonl, runs/)")
+    sw.add_argument("--depths", default="2,3,4,5,6", help="the dial: n_layer = depth, d_model = aspect * depth")
+    sw.add_argument("--budgets", default="3e12,1e13,3e13", help="compute budgets in training FLOPs")
+    sw.add_argument("--seeds", type=int, default=1)
+    sw.add_argument("--preset", default="small", help="the rest of each run's config (lr, batch, context)")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE")
+    sw.add_argument("--aspect", type=int, default=32, help="d_model per layer")
+    sw.add_argument("--head-dim", type=int, default=32)
+    sw.add_argument("--only", help="train just this run (its name, e.g. d4-c1e13-s0): one run per torchrun launch")
+    sw.add_argument("--allow-repeat", action="store_true", help="let a run see its data more than once")
+    sw.set_defaults(func=_cmd_scaling)
+    sf = scs.add_parser("fit", help="Chinchilla approaches 3 and 2 on a sweep's runs (both N conventions)")
+    sf.add_argument("--sweep", required=True)
+    sf.add_argument("--bootstrap", type=int, default=200, help="resamples for the intervals (0: none)")
+    sf.add_argument("--out", help="where to write the fit (default: SWEEP/fit.json)")
+    sf.set_defaults(func=_cmd_scaling)
+    sp = scs.add_parser("predict", help="fit on budgets <= a third of BUDGET, predict its best size and loss, train it")
+    sp.add_argument("--sweep", required=True)
+    sp.add_argument("--budget", required=True, help="FLOPs, at least 3x the largest budget it fits on")
+    sp.add_argument("--seeds", type=int, default=2)
+    sp.add_argument("--non-embedding", action="store_true", help="fit with N counted without embeddings")
+    sp.add_argument("--no-neighbours", action="store_true", help="do not also train the depths beside the best")
+    sp.set_defaults(func=_cmd_scaling)
+    sq = scs.add_parser("plot", help="iso-FLOP curves, the frontier, predicted vs measured, and report.md")
+    sq.add_argument("--sweep", required=True)
+    sq.add_argument("--out", help="folder for the PNGs and report.md (default: the sweep folder)")
+    sq.set_defaults(func=_cmd_scaling)
 
     dp = sub.add_parser("dpo", help="direct preference optimisation on comparisons (frozen reference)")
     dp.add_argument("--model", required=True, help="the SFT model folder (policy and reference)")

@@ -16,7 +16,7 @@ LAYERS = [
     ["lmstack.__main__"],
     ["lmstack.cli"],
     ["lmstack.speedrun"],
-    ["lmstack.align"],
+    ["lmstack.align", "lmstack.scaling"],
     ["lmstack.train", "lmstack.eval", "lmstack.serve", "lmstack.export"],
     ["lmstack.chat"],
     ["lmstack.engine"],
