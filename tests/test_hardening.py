@@ -410,6 +410,10 @@ def test_an_unfinished_start_of_any_stage_is_not_a_dead_end(tmp_path):
     with pytest.raises(UserError, match="--resume starts it again"):
         output_folder(out, resume=False)
     assert output_folder(out, resume=True) == (out, False)  # resumes... from step 0
+    tmp = out / "state" / ".step_00000001.x1y2.tmp"  # killed while writing its first checkpoint
+    tmp.mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(b"half")
+    assert output_folder(out, resume=True) == (out, False)
     (out / "model.safetensors").write_bytes(b"")  # a finished (or checkpointed) run: not an unfinished start
     with pytest.raises(UserError, match="nothing to resume"):
         output_folder(out, resume=True)

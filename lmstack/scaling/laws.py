@@ -63,12 +63,12 @@ def _check_runs(n, d, loss, need: int = 5) -> tuple[np.ndarray, np.ndarray, np.n
     n, d, loss = (np.asarray(x, dtype=np.float64) for x in (n, d, loss))
     if not (len(n) == len(d) == len(loss)):
         raise ValueError("N, D and loss must have the same length")
+    if len(n) and (len(np.unique(n)) < 2 or len(np.unique(d)) < 2):
+        raise UserError("a scaling law needs runs of at least 2 model sizes and 2 token counts "
+                        f"(these runs have {len(np.unique(n))} size(s) and {len(np.unique(d))} token count(s))")
     if len(n) < need:
         raise UserError(f"a scaling law needs at least {need} finished runs to fit its 5 parameters; "
                         f"there are {len(n)}")
-    if len(np.unique(n)) < 2 or len(np.unique(d)) < 2:
-        raise UserError("a scaling law needs runs of at least 2 model sizes and 2 token counts "
-                        f"(these runs have {len(np.unique(n))} size(s) and {len(np.unique(d))} token count(s))")
     if np.any(n <= 0) or np.any(d <= 0) or np.any(loss <= 0) or not np.all(np.isfinite(loss)):
         raise UserError("every run needs N > 0, D > 0 and a finite loss > 0")
     return n, d, loss

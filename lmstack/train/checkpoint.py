@@ -69,11 +69,14 @@ def output_folder(out: str | os.PathLike, resume: bool) -> tuple[Path, bool]:
 
 def _unfinished_start(out_dir: Path) -> bool:
     """What a run writes before its first checkpoint, and nothing else: its description (run.json,
-    config.json, tokenizer.json, sft.json / stage.json), metrics, an empty state/, temporaries."""
+    config.json, tokenizer.json, sft.json / stage.json), metrics, a state/ holding no checkpoint (at
+    most the temporary of a first one that was being written when the run was killed), temporaries."""
     start = {"run.json", CONFIG, "tokenizer.json", FORMAT_FILE, "metrics.jsonl", SFT, STAGE, STATE}
     entries = [p for p in out_dir.iterdir() if not p.name.startswith(".")] if out_dir.is_dir() else []
-    return bool(entries) and all(p.name in start for p in entries) and not checkpoints(out_dir) \
-        and not any(p.is_file() for p in (out_dir / STATE).rglob("*"))
+    state = out_dir / STATE
+    kept = [p for p in state.rglob("*")
+            if p.is_file() and not any(x.startswith(".") for x in p.relative_to(state).parts)]
+    return bool(entries) and all(p.name in start for p in entries) and not checkpoints(out_dir) and not kept
 
 
 def check_resume(out_dir: Path, run: str, model_config: dict, record_file: str | None = None,
