@@ -15,7 +15,7 @@ import torch
 from lmstack.config import ModelConfig
 from lmstack.eval.lm import ModelLM, Reply
 from lmstack.stats import binom_two_sided, paired_compare, summarize, wilson
-from lmstack.eval.run import compare, lm_eval_data, lm_eval_text, resolve_tasks
+from lmstack.eval.run import compare, copy_eval, lm_eval_data, lm_eval_text, resolve_tasks
 from lmstack.eval.tasks import check, load_specs, make_spec, run_task
 from lmstack.eval.winrate import win_rate, world_prompts
 from lmstack.model import GPT
@@ -376,10 +376,14 @@ def test_eval_command_line(tmp_path, model_dir):
     proc = run_cli("eval", "--compare", str(out), str(next((model_dir / "eval").glob("*.json"))))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "A-B" in proc.stdout and "mine" in proc.stdout
+    # With no world and no data, the default still measures in-context copying.
+    proc = run_cli("eval", "--model", str(model_dir), "--out", str(tmp_path / "copy.json"))
+    assert proc.returncode == 0 and "in-context copying" in proc.stdout, proc.stderr[-2000:]
+    assert set(json.loads((tmp_path / "copy.json").read_text())["copy"]) >= {"ratio", "ci", "first", "second"}
     # User mistakes: one line, exit 2, no traceback.
     for args in (["--model", str(tmp_path / "nope")], ["--model", str(model_dir), "--tasks", "factz"],
                  ["--model", str(model_dir), "--tasks", "facts_qa"], ["--model", str(model_dir), "--limit", "-1"],
-                 ["--model", str(model_dir)], ["--compare", str(out), str(tmp_path / "t.txt")], []):
+                 ["--compare", str(out), str(tmp_path / "t.txt")], []):
         proc = run_cli("eval", *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
@@ -409,3 +413,34 @@ def test_task_data_nested_past_the_json_parser_is_one_clear_line(tmp_path, tok):
     spec = make_spec({"name": "x", "data": "d.jsonl"}, "spec.toml", tmp_path)
     with pytest.raises(UserError, match=r"d\.jsonl line 2 is not valid JSON \(nested too deeply\)"):
         run_task(OracleLM(tok, {}), spec)
+
+
+class Copier(torch.nn.Module):
+    """An induction head written by hand: at each position, the token that followed the last
+    earlier occurrence of the current token, with near certainty; uniform where there is none."""
+
+    def __init__(self, vocab_size: int, ctx: int = 256):
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=vocab_size, max_seq_len=ctx)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx):
+        out = torch.zeros(*idx.shape, self.cfg.vocab_size)
+        for b, row in enumerate(idx.tolist()):
+            last = {}
+            for t, tok in enumerate(row):
+                if tok in last and last[tok] + 1 < len(row):
+                    out[b, t, row[last[tok] + 1]] = 20.0
+                last[tok] = t
+        return out
+
+
+def test_copy_measures_in_context_copying(tok):
+    copier = copy_eval(ModelLM(Copier(tok.vocab_size), tok), sequences=16, length=32)
+    assert copier["ratio"] < 0.2 and copier["ci"][1] < 0.3  # it copies: the second occurrence is nearly free
+    assert copier["first"] == pytest.approx(math.log(tok.vocab_size), rel=0.1)
+    torch.manual_seed(0)
+    plain = copy_eval(ModelLM(GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, d_model=32, n_head=2)), tok),
+                      sequences=16, length=32)
+    assert 0.9 < plain["ratio"] < 1.1 and plain["ci"][0] < 1 < plain["ci"][1]  # a random model does not
+    assert resolve_tasks("copy,lm", None, True) == ([], {"copy", "lm"})

@@ -170,6 +170,10 @@ def task_rows(stages: list[dict]) -> list[list[str]]:
     if any("lm" in r for r in res):
         out.append(["**language modelling** (bits per byte, lower is better)", DASH,
                     *[f"{r['lm']['bpb']:.4f}" if "lm" in r else DASH for r in res]])
+    if any("copy" in r for r in res):
+        out.append(["**in-context copying** (loss on a random sequence's 2nd occurrence / 1st; 1 = none)", DASH,
+                    *[f"{r['copy']['ratio']:.3f} [{r['copy']['ci'][0]:.2f}, {r['copy']['ci'][1]:.2f}]"
+                      if "copy" in r else DASH for r in res]])
     return out
 
 

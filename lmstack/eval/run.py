@@ -19,6 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import lmstack
@@ -32,6 +33,7 @@ from lmstack.utils import UserError, atomic_write_json, read_json
 
 WORLD_SPEC = Path(__file__).with_name("world.toml")
 LM_TASK = "lm"  # the name of the language-modelling measurement in --tasks and in results
+COPY_TASK = "copy"  # in-context copying (the induction test), in --tasks and in results
 
 
 # --- language modelling ---------------------------------------------------------------------
@@ -73,18 +75,43 @@ def lm_eval_text(lm: ModelLM, inputs, text_field: str = "text", max_docs: int | 
             "loss": nats / ntok, "bpb": bits_per_byte(nats, nbytes)}
 
 
+# --- in-context copying -------------------------------------------------------------------------
+
+def copy_eval(lm: ModelLM, sequences: int = 64, length: int = 64, seed: int = 0) -> dict:
+    """Does the model copy from its context (what induction heads do, Olsson et al. 2022)? Random
+    sequences of `length` distinct ordinary tokens, each followed by itself: the loss per token on the
+    second copy relative to the first. About 1: it does not look back; near 0: it copies (every
+    later use of context, retrieval, tool results and long conversations, needs this). The ratio
+    of the means, with a 95% bootstrap interval over the sequences."""
+    length = min(length, (lm.ctx - len(lm.tok.scoring_head)) // 2)
+    rng = np.random.default_rng(seed)
+    normal = np.array([i for i in range(lm.tok.vocab_size) if i not in lm.tok.control_ids])
+    head = lm.tok.scoring_head
+    # distinct tokens: in the second copy every token then has one continuation to look up
+    seqs = [rng.choice(normal, length, replace=len(normal) < length).tolist() for _ in range(sequences)]
+    first = [-lp / length for lp, _ in lm.loglikelihood_ids([(head, s) for s in seqs])]
+    second = [-lp / length for lp, _ in lm.loglikelihood_ids([(head + s, s) for s in seqs])]
+    a, b = np.array(first), np.array(second)
+    boot = rng.integers(0, sequences, (1000, sequences))
+    ratios = b[boot].mean(1) / a[boot].mean(1)
+    return {"sequences": sequences, "length": length, "first": float(a.mean()), "second": float(b.mean()),
+            "ratio": float(b.mean() / a.mean()), "ci": [float(np.percentile(ratios, 2.5)),
+                                                        float(np.percentile(ratios, 97.5))]}
+
+
 # --- the run --------------------------------------------------------------------------------
 
-def resolve_tasks(tasks, world, chat: bool) -> tuple[list[TaskSpec], bool]:
-    """--tasks (None, or names of world tasks / "lm" / paths to .toml spec files) -> (specs, lm?)."""
+def resolve_tasks(tasks, world, chat: bool) -> tuple[list[TaskSpec], set[str]]:
+    """--tasks (None, or names of world tasks / "lm" / "copy" / paths to .toml spec files) ->
+    (specs, the built-in measurements asked for: "lm", "copy")."""
     if tasks is None:
         specs = load_specs(WORLD_SPEC, str(world)) if world else []
-        return [s for s in specs if chat or s.needs != "chat"], True
+        return [s for s in specs if chat or s.needs != "chat"], {LM_TASK, COPY_TASK}
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
-    specs, want_lm, world_specs = [], False, None
+    specs, builtin, world_specs = [], set(), None
     for name in names:
-        if name == LM_TASK:
-            want_lm = True
+        if name in (LM_TASK, COPY_TASK):
+            builtin.add(name)
         elif name.endswith(".toml") or Path(name).is_file():
             specs += load_specs(name, str(world) if world else None)
         elif name == "world":
@@ -97,7 +124,7 @@ def resolve_tasks(tasks, world, chat: bool) -> tuple[list[TaskSpec], bool]:
                 world_specs = {s.name: s for s in load_specs(WORLD_SPEC, str(world or "."))}
             if name not in world_specs:
                 raise UserError(f"unknown task {name!r} (world tasks: {', '.join(world_specs)}; "
-                                f"'{LM_TASK}'; or a .toml spec file)")
+                                f"'{LM_TASK}'; '{COPY_TASK}'; or a .toml spec file)")
             if not world:
                 raise UserError(f"task {name} reads the synthetic world: pass --world DIR")
             specs.append(world_specs[name])
@@ -106,7 +133,7 @@ def resolve_tasks(tasks, world, chat: bool) -> tuple[list[TaskSpec], bool]:
         if s.name in seen:
             raise UserError(f"task {s.name} is named twice")
         seen.add(s.name)
-    return specs, want_lm
+    return specs, builtin
 
 
 def environment() -> dict:
@@ -138,7 +165,8 @@ def evaluate(model, tasks=None, world=None, data=None, text=None, out=None, limi
     world = Path(world) if world else info["world"]
     if world is not None and not (Path(world) / "world.json").is_file():
         raise UserError(f"--world {world} is not a world folder (no world.json)")
-    specs, want_lm = resolve_tasks(tasks, world, info["chat"])
+    specs, builtin = resolve_tasks(tasks, world, info["chat"])
+    want_lm = LM_TASK in builtin
     if text is not None and data is not None:
         raise UserError("give --data (prepared token shards) or --text (files), not both")
     results = {"model": str(model_dir), "chat": info["chat"], "dtype": lm.dtype, "world": world and str(world),
@@ -155,7 +183,13 @@ def evaluate(model, tasks=None, world=None, data=None, text=None, out=None, limi
             r = results["lm"]
             print(f"language modelling on {r['source']}: loss {r['loss']:.4f}, {r['bpb']:.4f} bits per byte "
                   f"({r['tokens']:,} tokens)", flush=True)
-    if not specs and "lm" not in results:
+    if COPY_TASK in builtin:
+        results[COPY_TASK] = r = copy_eval(lm)
+        if not quiet:
+            print(f"in-context copying: loss on a random sequence's second occurrence / its first = {r['ratio']:.3f} "
+                  f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] ({r['first']:.3f} -> {r['second']:.3f} nats/token, "
+                  f"{r['sequences']} x {r['length']} tokens)", flush=True)
+    if not specs and "lm" not in results and COPY_TASK not in results:
         raise UserError(f"nothing to evaluate for {model_dir}: no world found (pass --world DIR), no data "
                         "(pass --data DIR or --text FILES) and no --tasks")
     for spec in specs:
@@ -209,6 +243,10 @@ def print_table(results: dict) -> None:
         f = results["format"]
         print(f"{'chat format':18s} {'replies closed with <|end|>':40s} {f['n']:5d} {_pct(f['acc'])}  "
               f"[{100 * f['ci'][0]:5.1f},{100 * f['ci'][1]:5.1f}]")
+    if COPY_TASK in results:
+        r = results[COPY_TASK]
+        print(f"{'copy':18s} {'2nd / 1st occurrence loss (1: none)':40s} {r['sequences']:5d} {r['ratio']:6.3f}  "
+              f"[{r['ci'][0]:5.3f},{r['ci'][1]:5.3f}]")
     if "lm" in results:
         r = results["lm"]
         print(f"{'lm':18s} {'bits per byte':40s} {'':5s} {r['bpb']:.4f}  (loss {r['loss']:.4f} per token, "
