@@ -444,3 +444,42 @@ def test_copy_measures_in_context_copying(tok):
                       sequences=16, length=32)
     assert 0.9 < plain["ratio"] < 1.1 and plain["ci"][0] < 1 < plain["ci"][1]  # a random model does not
     assert resolve_tasks("copy,lm", None, True) == ([], {"copy", "lm"})
+
+
+class TextScorer:
+    """Ranks options by a rule over the text alone (split_pair keeps strings): stands in for a
+    model's log-likelihoods where the test needs to know exactly what the model "knows"."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def split_pair(self, context, continuation, head=None):
+        return context, continuation
+
+    def loglikelihood_ids(self, pairs):
+        return [(self.rule(c, x.strip()), False) for c, x in pairs]
+
+
+def test_a_ranked_task_reports_the_score_with_its_subject_swapped(tmp_path):
+    people = {"Ana Lop": "Paris", "Bo Kim": "Rome", "Cy Ode": "Oslo", "Di Fen": "Paris", "Ed Ro": "Paris"}
+    cities = ["Paris", "Rome", "Oslo", "Lima"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(
+        {"cloze": f"{n} was born in", "name": n, "answer": c, "distractors": [x for x in cities if x != c]}) + "\n"
+        for n, c in people.items()) * 20)
+    spec = make_spec({"name": "born", "data": "p.jsonl", "kind": "choice", "prompt": "{cloze}",
+                      "distractors": "distractors", "subject": "name"}, "t.toml", tmp_path)
+
+    def knows(context, option):  # the true city of whoever the cloze names
+        return 0.0 if people[context.split(" was")[0]] == option else -5.0
+
+    def prior(context, option):  # the most common city, whoever it is about
+        return 0.0 if option == "Paris" else -5.0
+
+    k = run_task(TextScorer(knows), spec)
+    assert k["acc"] == 1.0 and k["swapped"]["acc"] < 0.5 and k["above_swapped"]
+    p = run_task(TextScorer(prior), spec)
+    assert p["acc"] == pytest.approx(0.6) and p["acc"] > p["chance"]  # "above chance" ...
+    assert p["swapped"]["acc"] == pytest.approx(0.6) and not p["above_swapped"]  # ... yet it knows nothing
+    assert all("swapped_hit" in it for it in p["items"])
+    plain = run_task(TextScorer(knows), make_spec({**vars(spec), "subject": "", "data": "p.jsonl"}, "t.toml", tmp_path))
+    assert "swapped" not in plain and [it["hit"] for it in plain["items"]] == [it["hit"] for it in k["items"]]

@@ -239,6 +239,11 @@ def print_table(results: dict) -> None:
         metric = "" if key else f"  [{results['tasks'][name]['metric']}]"
         print(f"{label:18s} {key or 'all':40s} {s['n']:5d} {_pct(s['acc'])}  "
               f"[{100 * lo:5.1f},{100 * hi:5.1f}]  {_pct(s.get('chance'))}  {verdict}{metric}")
+        if "swapped" in s:  # the answer's prior: the same ranking with someone else as the subject
+            w = s["swapped"]
+            print(f"{'':18s} {'  with the subject swapped':40s} {w['n']:5d} {_pct(w['acc'])}  "
+                  f"[{100 * w['ci'][0]:5.1f},{100 * w['ci'][1]:5.1f}]  {'':6s}  "
+                  f"{'knows: above it' if s['above_swapped'] else 'not above it'}")
     if "format" in results:
         f = results["format"]
         print(f"{'chat format':18s} {'replies closed with <|end|>':40s} {f['n']:5d} {_pct(f['acc'])}  "

@@ -61,6 +61,9 @@ class TaskSpec:
     choices: str = ""  # choice: field with all options (instead of answer + distractors)
     choice_prefix: str | None = None  # text joining prompt and option (default " " after a prompt)
     normalize: bool = False  # choice: rank by log-prob per byte of the option, not the total
+    subject: str = ""  # choice: field with the text of the prompt's subject (a name); the task is then also
+    #                    scored with it swapped for another row's subject: the answer's prior, which
+    #                    "knows" must beat (results: "swapped", "above_swapped")
     check: str = "contains"  # generate: one of CHECKS
     until: list = field(default_factory=lambda: ["\n"])  # text + generate: stop strings
     max_tokens: int = 32  # generate: tokens per reply (per tool round)
@@ -280,9 +283,9 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
     items = []
     if spec.kind == "choice":
         pairs, spans, chances = [], [], []
-        for line, row in rows:
-            opts, right = _options(row, spec, line)
-            prompt = _fill(spec.prompt, row, spec, line)
+        others = _swapped_subjects(rows, spec) if spec.subject else {}
+
+        def ranked(prompt: str, row, line: int, opts: list[str]) -> None:  # the pairs that rank opts after prompt
             if spec.format == "chat":
                 msgs = ([{"role": "system", "content": _fill(spec.system, row, spec, line)}] if spec.system else [])
                 msgs.append({"role": "user", "content": prompt})
@@ -291,18 +294,29 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
             else:
                 head, context = None, prompt
             sep = spec.choice_prefix if spec.choice_prefix is not None else (" " if context else "")
+            pairs.extend(lm.split_pair(context, sep + o, head) for o in opts)
+
+        for line, row in rows:
+            opts, right = _options(row, spec, line)
+            prompt = _fill(spec.prompt, row, spec, line)
+            if line in others:  # first the same options with someone else as the prompt's subject
+                ranked(prompt.replace(row[spec.subject], others[line]), row, line, opts)
             spans.append((len(pairs), len(opts), right, opts))
-            pairs += [lm.split_pair(context, sep + o, head) for o in opts]
+            ranked(prompt, row, line, opts)
             chances.append(1 / len(opts))
         scores = lm.loglikelihood_ids(pairs)
         for (line, row), (first, k, right, opts) in zip(rows, spans):
-            lps = [s[0] for s in scores[first:first + k]]
-            if spec.normalize:
-                lps = [lp / max(1, len(o.encode())) for lp, o in zip(lps, opts)]
-            pick = _pick(lps, f"{spec.name}:{line}")
-            rank = 1 + sum(lp > lps[right] for lp in lps)
-            items.append({"line": line, "hit": int(pick == right), "pick": opts[pick], "rank": rank,
-                          "slices": _slice_keys(row, spec)})
+            item = {"line": line}
+            for key, start in (("swapped_hit", first - k if line in others else None), ("hit", first)):
+                if start is None:
+                    continue
+                lps = [s[0] for s in scores[start:start + k]]
+                if spec.normalize:
+                    lps = [lp / max(1, len(o.encode())) for lp, o in zip(lps, opts)]
+                pick = _pick(lps, f"{spec.name}:{line}" + (":swapped" if key == "swapped_hit" else ""))
+                item[key] = int(pick == right)
+            item.update(pick=opts[pick], rank=1 + sum(lp > lps[right] for lp in lps), slices=_slice_keys(row, spec))
+            items.append(item)
         chance = spec.chance if isinstance(spec.chance, (int, float)) else sum(chances) / len(chances)
     else:
         answers = []
@@ -354,6 +368,7 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
               **summarize([it["hit"] for it in items], chance)}
     if spec.kind == "choice":
         result["mean_rank"] = sum(it["rank"] for it in items) / len(items)
+        _add_swapped(result, items, chance)
     if spec.samples:  # pass@1 estimated from the samples (the unbiased estimator for k = 1)
         result["samples"], result["temperature"] = spec.samples, spec.temperature
         result["pass@1"] = _pass1(items)
@@ -371,12 +386,38 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
         s = summarize([it["hit"] for it in its], _slice_chance(spec, rows, items, its, chance))
         if spec.kind == "choice":
             s["mean_rank"] = sum(it["rank"] for it in its) / len(its)
+            _add_swapped(s, its, s.get("chance"))
         if spec.samples:
             s["pass@1"] = _pass1(its)
         result["slices"][key] = s
     result["seconds"] = round(time.time() - t0, 2)
     result["items"] = items
     return result
+
+
+def _swapped_subjects(rows, spec: TaskSpec) -> dict:
+    """line -> the subject another row has (the next row, cyclically, whose subject differs), for
+    every row whose subject is a non-empty string that appears in its prompt."""
+    subjects = [(line, row.get(spec.subject)) for line, row in rows]
+    out = {}
+    for i, (line, mine) in enumerate(subjects):
+        if not isinstance(mine, str) or not mine or mine not in _fill(spec.prompt, rows[i][1], spec, line):
+            continue
+        for j in range(1, len(subjects)):
+            other = subjects[(i + j) % len(subjects)][1]
+            if isinstance(other, str) and other and other != mine:
+                out[line] = other
+                break
+    return out
+
+
+def _add_swapped(summary: dict, items, chance) -> None:
+    """The score with the subject swapped (the answer's prior) beside the real one, and whether the
+    real one's whole interval is above it ("knows", rather than "picks the likelier name")."""
+    hits = [it["swapped_hit"] for it in items if "swapped_hit" in it]
+    if hits:
+        summary["swapped"] = summarize(hits, chance)
+        summary["above_swapped"] = summary["ci"][0] > summary["swapped"]["acc"]
 
 
 def _pass1(items) -> float:

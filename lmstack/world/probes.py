@@ -128,6 +128,7 @@ def reversal_probes(world, rng, dis: Distractors, per_group: int) -> list[dict]:
                     "distractors": dis.names(gender, exclude),
                     "parent": parent["id"], "child": child["id"], "relation": "parent",
                     "group": group, "direction": direction, "split": child["split"],
+                    "subject": child["name"] if direction == "child_to_parent" else parent["name"],
                     "stated": direction == "child_to_parent" or group == "control",
                 })
     return rows
