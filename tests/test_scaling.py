@@ -168,3 +168,29 @@ def test_a_sweep_refuses_repeated_data_other_settings_and_unknown_runs(data, tmp
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "at least 2 model sizes" in r.stderr
     assert "Traceback" not in r.stderr
     assert os.listdir(tmp_path / "s" / "runs") == ["d1-c2e09-s0"]
+
+
+def test_fit_predict_and_plot_on_a_small_sweep(data, tmp_path):
+    from lmstack.scaling.analyse import fit_sweep, plot, predict
+
+    out = tmp_path / "sweep"
+    sets = ["train.batch_tokens=512", "train.micro_batch_size=8"]
+    sweep(data, out, [1, 2, 3], [2e9, 4e9], preset="tiny", overrides=sets)
+    fit = fit_sweep(out, samples=20, quiet=True)
+    assert set(fit["fits"]) == {"N", "N_ne"} and fit["runs"] == 6
+    assert (out / "fit.json").is_file() and fit["fits"]["N"]["starts_agreeing"] >= 1
+    res = predict(out, 1.2e10, seeds=2, quiet=True)
+    assert res["fitted_runs"] == 6 and res["budget"] / res["largest_fitted_budget"] == pytest.approx(3.0)
+    assert len(res["measured"]["losses"]) == 2 and res["measured"]["seed_std"] is not None
+    assert res["error"] == pytest.approx(res["predicted"]["loss"] - res["measured"]["mean"])
+    assert set(res["measured"]["by_depth"]) >= {res["predicted"]["depth"]}
+    assert res["baselines"]["chinchilla_exponents"]["law"]["alpha"] == laws.CHINCHILLA["alpha"]
+    trained = [r for r in read_results(out) if r["C_target"] == 1.2e10]
+    assert sorted(r["seed"] for r in trained if r["depth"] == res["predicted"]["depth"]) == [0, 1]
+    files = plot(out)
+    assert [f.name for f in files] == ["isoflop.png", "frontier.png", "predicted.png", "report.md"]
+    assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files[:3])
+    report = (out / "report.md").read_text()
+    assert "| the law fitted here (approach 3) |" in report and "Chinchilla (Hoffmann et al. 2022)" in report
+    with pytest.raises(UserError, match="at most a third"):
+        predict(out, 5e9, quiet=True)

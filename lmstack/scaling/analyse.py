@@ -65,7 +65,7 @@ def fit_sweep(sweep_dir, samples: int = 200, out=None, quiet: bool = False) -> d
 def fit_table(res: dict) -> str:
     """The fit as a markdown table: ours (both conventions) beside the published laws."""
     def ci(f, k):
-        iv = (f.get("intervals") or {}).get(k)
+        iv = (f.get("intervals") or {}).get(k)  # None: no resample gave a finite value
         return f" ({iv[0]:.3g}-{iv[1]:.3g})" if iv else ""
 
     lines = ["| law | alpha | beta | E | tokens per parameter at C | starts agreeing |", "|---|---|---|---|---|---|"]

@@ -150,9 +150,11 @@ def bootstrap(n, d, loss, fit: Fit, samples: int = 200, seed: int = 0, budget: f
         rows.append(row)
     if not rows:
         raise UserError("no bootstrap resample had two model sizes and two token counts")
-    keys = rows[0].keys()
-    return {"samples": len(rows),
-            **{k: [float(np.percentile([r[k] for r in rows if k in r], q)) for q in (2.5, 97.5)] for k in keys}}
+    out = {"samples": len(rows)}
+    for k in rows[0]:
+        vals = [r[k] for r in rows if k in r and math.isfinite(r[k])]  # an allocation can overflow
+        out[k] = [float(np.percentile(vals, q)) for q in (2.5, 97.5)] if vals else None
+    return out
 
 
 def isoflop_fits(runs: list[dict], n_key: str = "N") -> dict:
