@@ -40,7 +40,7 @@ def fit_runs(runs: list[dict], n_key: str = "N", samples: int = 200, budgets=())
     fit = laws.fit_law(n, d, loss)
     top = max(budgets) if budgets else max(r["C"] for r in runs)
     boot = laws.bootstrap(n, d, loss, fit, samples=samples, budget=top) if samples else None
-    iso = laws.isoflop_fits(runs, n_key)
+    iso = laws.isoflop_fits(runs, n_key, "C_target")
     return {"convention": CONVENTIONS[n_key], "n_key": n_key, "law": vars(fit.law), "objective": fit.objective,
             "starts": fit.starts, "starts_agreeing": fit.agree, "runs": fit.runs, "intervals": boot,
             "allocation": [laws.allocation(fit.law, c) for c in sorted(set(budgets) or {top})],
@@ -85,8 +85,9 @@ def fit_table(res: dict) -> str:
     for k, it in iso:
         pts = ", ".join(f"C {b['C']:.2g}: N* {b['N_opt']:.3g}" + ("" if b.get("inside") else " (outside the sizes)")
                         for b in it["budgets"] if b["N_opt"])
-        slope = f"; N* ~ C^{it['a']:.2f}" if it["a"] is not None else ""
-        lines.append(f"\nIso-FLOP parabolas, N = {CONVENTIONS[k]}: {pts or 'no budget with 3 sizes and a valley'}{slope}")
+        slope = f"; N* ~ C^{it['a']:.2f} (through the minima inside their sizes)" if it["a"] is not None else ""
+        pts = pts or "no budget with 3 sizes and a valley"
+        lines.append(f"\nIso-FLOP parabolas, N = {CONVENTIONS[k]}: {pts}{slope}")
     return "\n".join(lines)
 
 
@@ -201,7 +202,7 @@ def plot(sweep_dir, out=None, n_key: str = "N") -> list[Path]:
     held = pred["budget"] if isinstance(pred, dict) else None
     fitted = [r for r in runs if held is None or r["C_target"] * 3 <= held * (1 + 1e-9)]
     fit = laws.fit_law(*_columns(fitted, n_key))
-    law, iso = fit.law, laws.isoflop_fits(fitted, n_key)
+    law, iso = fit.law, laws.isoflop_fits(fitted, n_key, "C_target")
     files = []
     budgets = sorted({r["C_target"] for r in runs})
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))
@@ -250,7 +251,8 @@ def plot(sweep_dir, out=None, n_key: str = "N") -> list[Path]:
         files.append(_save(fig, out / "predicted.png"))
 
     res = read_json(sweep_dir / "fit.json")
-    md = [f"# Scaling sweep {sweep_dir}", "", f"{len(runs)} runs, budgets {', '.join(f'{c:.2g}' for c in budgets)}.", ""]
+    md = [f"# Scaling sweep {sweep_dir}", "", f"{len(runs)} runs, budgets {', '.join(f'{c:.2g}' for c in budgets)}.",
+          ""]
     if isinstance(res, dict):
         md += [fit_table(res), ""]
     if isinstance(pred, dict):

@@ -157,13 +157,15 @@ def bootstrap(n, d, loss, fit: Fit, samples: int = 200, seed: int = 0, budget: f
     return out
 
 
-def isoflop_fits(runs: list[dict], n_key: str = "N") -> dict:
-    """Approach 2: for each budget with runs of 3 or more sizes, the parabola L = p0 + p1 x + p2 x^2
-    (x = ln N) and its minimum N*; then ln N* = a ln C + k over the budgets. Returns {"budgets":
-    [{C, N_opt, loss_min, sizes}], "a": slope or None, "k": intercept or None}."""
+def isoflop_fits(runs: list[dict], n_key: str = "N", c_key: str = "C") -> dict:
+    """Approach 2: for each budget (runs grouped by `c_key`: a sweep's runs share the budget they
+    were asked for, not their exact FLOPs) with runs of 3 or more sizes, the parabola
+    L = p0 + p1 x + p2 x^2 (x = ln N) and its minimum N*; then ln N* = a ln C + k over the budgets
+    whose minimum lies inside their sizes (at least 2). Returns {"budgets": [{C, N_opt, loss_min,
+    sizes, inside, parabola}], "a": the slope or None, "k": the intercept or None}."""
     by_c: dict[float, list[dict]] = {}
     for r in runs:
-        by_c.setdefault(r["C"], []).append(r)
+        by_c.setdefault(r[c_key], []).append(r)
     out = []
     for c, rs in sorted(by_c.items()):
         sizes = sorted({r[n_key] for r in rs})
@@ -177,7 +179,7 @@ def isoflop_fits(runs: list[dict], n_key: str = "N") -> dict:
         x_opt = -p1 / (2 * p2)
         out.append({"C": c, "N_opt": float(np.exp(x_opt)), "loss_min": float(p0 + p1 * x_opt + p2 * x_opt ** 2),
                     "sizes": len(sizes), "inside": bool(x.min() <= x_opt <= x.max()), "parabola": [p0, p1, p2]})
-    good = [b for b in out if b["N_opt"] is not None]
+    good = [b for b in out if b["N_opt"] is not None and b["inside"]]  # a minimum past the sizes is a guess
     a = k = None
     if len(good) >= 2:
         a, k = np.polyfit(np.log([b["C"] for b in good]), np.log([b["N_opt"] for b in good]), 1)
