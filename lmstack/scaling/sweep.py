@@ -144,6 +144,7 @@ def sweep(data, out, depths, budgets, seeds: int = 1, preset: str = "small", ove
     done = {r["name"] for r in read_results(out)}
     todo = [(p, sets, run) for p, sets, run in plans if p.name not in done]
     main = int(os.environ.get("RANK", "0")) == 0
+    code = commit()  # the code that trains these runs (read now: a checkout can move while a sweep runs)
     if main:
         print(f"scaling sweep: {len(plans)} runs, {len(plans) - len(todo)} done, {len(todo)} to train -> {out}",
               flush=True)
@@ -160,7 +161,7 @@ def sweep(data, out, depths, budgets, seeds: int = 1, preset: str = "small", ove
             raise UserError(f"run {p.name} has no validation loss: {data} needs a validation split "
                             "(`lmstack data prepare --val-fraction`)")
         run.update(loss=record["val_loss"], train_loss=record.get("loss"), val_bpb=record.get("val_bpb"),
-                   time_s=round(time.time() - t0, 1), commit=commit(), folder=str(folder))
+                   time_s=round(time.time() - t0, 1), commit=code, folder=str(folder))
         with open(out / RESULTS, "a") as f:  # one whole line per finished run
             f.write(json.dumps(run) + "\n")
             f.flush()
