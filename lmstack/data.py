@@ -298,3 +298,27 @@ def target_bytes(batch, token_bytes: torch.Tensor) -> torch.Tensor:
     if len(batch) > 2:
         counted &= batch[2] != 0
     return (token_bytes[y.clamp_min(0)] * counted).sum()
+
+
+# ---------------------------------------------------------------------------- in-context copying
+
+def copy_probe(tok: Tokenizer, sequences: int = 64, length: int = 64, seed: int = 0) -> torch.Tensor:
+    """The in-context copying probe (what induction heads do): `sequences` rows, each the scoring
+    head (BOS, or EOS), `length` random distinct ordinary tokens, then the same tokens again.
+    Distinct, so that in the second copy every token has one continuation to look up."""
+    rng = np.random.default_rng(seed)
+    normal = np.array([i for i in range(tok.vocab_size) if i not in tok.control_ids])
+    rows = []
+    for _ in range(sequences):
+        seq = rng.choice(normal, length, replace=len(normal) < length).tolist()
+        rows.append(tok.scoring_head + seq + seq)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@torch.no_grad()
+def copy_losses(model, probe: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean loss (nats/token) on the first copy and on the second (a copy_probe batch)."""
+    x = probe.to(next(model.parameters()).device)
+    loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).float().transpose(1, 2), x[:, 1:], reduction="none")
+    start = x.shape[1] - 2 * length - 1  # the position that predicts the first copy's first token
+    return loss[:, start:start + length].mean(1).cpu(), loss[:, start + length:start + 2 * length].mean(1).cpu()

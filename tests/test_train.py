@@ -73,6 +73,9 @@ def test_loss_falls_and_model_folder(data_dir, tmp_path, capsys):
     assert m[0]["loss"] > 5.0  # ~ln(400) at init
     assert m[-1]["loss"] < 0.6 * m[0]["loss"]
     assert last["val_loss"] < 0.6 * m[0]["loss"] and 0 < last["val_bpb"] < 2
+    # in-context copying is measured with each validation (the measure of lmstack eval's copy task)
+    assert [r["step"] for r in m if "copy" in r] == [r["step"] for r in m if "val_loss" in r]
+    assert 0 < last["copy"] < 3
     for k in ["lr", "grad_norm", "tokens", "tok_per_s", "mfu"]:
         assert k in m[-1]
     for f in ["model.safetensors", "config.json", "tokenizer.json", "run.json", "metrics.jsonl"]:

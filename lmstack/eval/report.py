@@ -236,6 +236,12 @@ def plot_loss(stages: list[dict], path: Path) -> None:
             v = [r["val_loss"] for r in val]
             ax.plot([r["step"] for r in val], v, "o-", ms=4, lw=1.5, color="tab:orange",
                     label=f"validation (last {v[-1]:.3f})")
+        copy = [r for r in val if "copy" in r]
+        if copy:  # in-context copying over training: where induction heads form, this drops
+            ax2 = ax.twinx()
+            ax2.plot([r["step"] for r in copy], [r["copy"] for r in copy], "s--", ms=3, lw=1, color="tab:green")
+            ax2.set_ylim(0, max(1.1, max(r["copy"] for r in copy) * 1.05))
+            ax2.set_ylabel("copying: 2nd / 1st occurrence loss", color="tab:green")
         if tr or val:
             ax.set_yscale("log")
             _log_ticks(ax, ticker)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import lmstack
-from lmstack.data import iter_eval_windows, target_bytes
+from lmstack.data import copy_losses, copy_probe, iter_eval_windows, target_bytes
 from lmstack.eval.lm import ModelLM
 from lmstack.eval.tasks import TaskSpec, load_specs, run_task
 from lmstack.modelio import lineage
@@ -84,15 +84,15 @@ def copy_eval(lm: ModelLM, sequences: int = 64, length: int = 64, seed: int = 0)
     later use of context, retrieval, tool results and long conversations, needs this). The ratio
     of the means, with a 95% bootstrap interval over the sequences."""
     length = min(length, (lm.ctx - len(lm.tok.scoring_head)) // 2)
-    rng = np.random.default_rng(seed)
-    normal = np.array([i for i in range(lm.tok.vocab_size) if i not in lm.tok.control_ids])
-    head = lm.tok.scoring_head
-    # distinct tokens: in the second copy every token then has one continuation to look up
-    seqs = [rng.choice(normal, length, replace=len(normal) < length).tolist() for _ in range(sequences)]
-    first = [-lp / length for lp, _ in lm.loglikelihood_ids([(head, s) for s in seqs])]
-    second = [-lp / length for lp, _ in lm.loglikelihood_ids([(head + s, s) for s in seqs])]
-    a, b = np.array(first), np.array(second)
-    boot = rng.integers(0, sequences, (1000, sequences))
+    probe = copy_probe(lm.tok, sequences, length, seed)
+    firsts, seconds = [], []
+    for rows in probe.split(lm.batch_size):
+        with torch.inference_mode():
+            f, s = copy_losses(lm.model, rows, length)
+        firsts.append(f)
+        seconds.append(s)
+    a, b = torch.cat(firsts).double().numpy(), torch.cat(seconds).double().numpy()
+    boot = np.random.default_rng(seed).integers(0, sequences, (1000, sequences))
     ratios = b[boot].mean(1) / a[boot].mean(1)
     return {"sequences": sequences, "length": length, "first": float(a.mean()), "second": float(b.mean()),
             "ratio": float(b.mean() / a.mean()), "ci": [float(np.percentile(ratios, 2.5)),

@@ -155,11 +155,25 @@ def evaluate(model, eval_batches, objective, device, amp, token_bytes=None) -> d
     return out
 
 
+def run_probes(model, probes: dict, device, amp) -> dict:
+    """Each probe's number on the model in eval mode (no gradients), the model's mode restored."""
+    if not probes:
+        return {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = {name: round(float(fn(model)), 5) for name, fn in probes.items()}
+    model.train(was_training)
+    return out
+
+
 def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, eval_batches=None,
-          token_bytes: list[int] | None = None, tokenizer_file=None, resume: bool = False) -> dict:
+          token_bytes: list[int] | None = None, tokenizer_file=None, resume: bool = False, probes=None) -> dict:
     """Run the loop to cfg.train.max_steps; returns the last metrics record.
 
     eval_batches: a callable returning a fresh iterable of validation batches, or None.
+    probes: {name: fn(model) -> float}, measured beside the validation loss and logged under its
+    name (pretraining logs in-context copying, so its onset shows over training).
     token_bytes: UTF-8 bytes per token id, for val_bpb. tokenizer_file: copied into `out`.
     Call distributed.init() first when running under torchrun.
     """
@@ -282,6 +296,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
             last = step == tc.max_steps
             if eval_batches is not None and (last or (tc.eval_every and step % tc.eval_every == 0)):
                 record.update(evaluate(fwd_model, eval_batches, objective, device, amp, tb))
+                record.update(run_probes(fwd_model, probes or {}, device, amp))
             if main:
                 if step % tc.log_every == 0 or last or "val_loss" in record:
                     log(record)

@@ -13,7 +13,7 @@ import torch
 from lmstack import distributed
 from lmstack.config import load_config
 from lmstack.device import check_fits, pick_device
-from lmstack.data import TokenBatches, iter_eval_windows, load_manifest
+from lmstack.data import TokenBatches, copy_losses, copy_probe, iter_eval_windows, load_manifest
 from lmstack.model import GPT
 from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
@@ -55,8 +55,17 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
                                          rank=info.rank, world_size=info.world_size)
         elif distributed.is_main():
             print(f"pretrain: no {cfg.data.val_split} split big enough to evaluate on; skipping validation")
+        # In-context copying, logged at every evaluation: the loss on a random sequence's second
+        # occurrence over its first (`lmstack eval`'s copy task, on 16 sequences).
+        length = min(64, (tc.seq_len - len(tok.scoring_head)) // 2)
+        probe = copy_probe(tok, 16, length, seed=1)
+
+        def copy(m) -> float:
+            first, second = copy_losses(m, probe, length)
+            return float(second.mean() / first.mean())
+
         return train(cfg, model, batches, next_token_loss, out_dir, eval_batches=eval_batches,
                      token_bytes=tok.token_bytes(), tokenizer_file=Path(data) / "tokenizer.json",
-                     resume=resume)
+                     resume=resume, probes={"copy": copy} if eval_batches is not None and length >= 8 else None)
     finally:
         distributed.cleanup()
