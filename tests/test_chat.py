@@ -270,7 +270,11 @@ def test_chat_in_a_terminal_tools_history_and_ctrl_c(model_dir, tmp_path):
     # The interrupted turn was dropped: the model sees only "hi" (or nothing after a /reset).
     assert f"reply {3 if attempt == 0 else 1}." in t.read_until(PROMPT)
     t.type("\x03")  # Ctrl-C at the prompt: exits
-    rc, out = t.finish()
+    try:
+        t.proc.wait(15)
+    except subprocess.TimeoutExpired:  # under heavy load a key typed as the prompt appears can be lost
+        t.type("\x03")
+    rc, out = t.finish(120)
     assert rc == 0 and "Traceback" not in out and "KeyboardInterrupt" not in out, out
 
 
