@@ -124,6 +124,7 @@ GRID = ["--depths", "1,2", "--budgets", "2e9,4e9", "--preset", "tiny", "--set", 
         "--set", "train.micro_batch_size=8"]
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_redoing_finished_runs(data, tmp_path):
     out = tmp_path / "sweep"
     args = [sys.executable, "-m", "lmstack", "scaling", "sweep", "--data", str(data), "--out", str(out), *GRID]
@@ -170,6 +171,7 @@ def test_a_sweep_refuses_repeated_data_other_settings_and_unknown_runs(data, tmp
     assert os.listdir(tmp_path / "s" / "runs") == ["d1-c2e09-s0"]
 
 
+@pytest.mark.slow
 def test_fit_predict_and_plot_on_a_small_sweep(data, tmp_path):
     from lmstack.scaling.analyse import fit_sweep, plot, predict
 
