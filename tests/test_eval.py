@@ -483,3 +483,23 @@ def test_a_ranked_task_reports_the_score_with_its_subject_swapped(tmp_path):
     assert all("swapped_hit" in it for it in p["items"])
     plain = run_task(TextScorer(knows), make_spec({**vars(spec), "subject": "", "data": "p.jsonl"}, "t.toml", tmp_path))
     assert "swapped" not in plain and [it["hit"] for it in plain["items"]] == [it["hit"] for it in k["items"]]
+
+
+def test_a_swapped_subject_is_never_one_of_the_rows_options(tmp_path):
+    from lmstack.eval.tasks import _swapped_subjects, load_rows
+
+    names = [f"P{i}" for i in range(12)]
+    rows = []
+    for i in range(0, 12, 2):  # child -> parent then parent -> child, side by side, as the world writes them
+        child, parent = names[i], names[i + 1]
+        others = [n for n in names if n not in (child, parent)][:3]
+        rows += [{"cloze": f"{child}'s mother is", "subject": child, "answer": parent, "distractors": others},
+                 {"cloze": f"{parent}'s son is", "subject": parent, "answer": child, "distractors": others}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = make_spec({"name": "r", "data": "r.jsonl", "kind": "choice", "prompt": "{cloze}",
+                      "distractors": "distractors", "subject": "subject"}, "t.toml", tmp_path)
+    loaded = load_rows(spec, None)
+    swapped = _swapped_subjects(loaded, spec)
+    assert len(swapped) == len(rows)
+    for line, row in loaded:
+        assert swapped[line] not in {row["subject"], row["answer"], *row["distractors"]}

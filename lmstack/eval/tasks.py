@@ -396,16 +396,21 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
 
 
 def _swapped_subjects(rows, spec: TaskSpec) -> dict:
-    """line -> the subject another row has (the next row, cyclically, whose subject differs), for
-    every row whose subject is a non-empty string that appears in its prompt."""
+    """line -> another row's subject for every row whose subject is a non-empty string in its
+    prompt: the first, from half the file away onwards (away from rows about the same people, e.g.
+    a child's and its parent's probes, which sit side by side), that differs from the row's own and
+    is none of its options (a swapped subject that is the answer would test something else)."""
     subjects = [(line, row.get(spec.subject)) for line, row in rows]
     out = {}
+    n = len(subjects)
     for i, (line, mine) in enumerate(subjects):
-        if not isinstance(mine, str) or not mine or mine not in _fill(spec.prompt, rows[i][1], spec, line):
+        row = rows[i][1]
+        if not isinstance(mine, str) or not mine or mine not in _fill(spec.prompt, row, spec, line):
             continue
-        for j in range(1, len(subjects)):
-            other = subjects[(i + j) % len(subjects)][1]
-            if isinstance(other, str) and other and other != mine:
+        taken = {mine, *_options(row, spec, line)[0]}
+        for j in range(n):
+            other = subjects[(i + n // 2 + j) % n][1]
+            if isinstance(other, str) and other and other not in taken:
                 out[line] = other
                 break
     return out
