@@ -17,11 +17,12 @@ import signal
 import sys
 from typing import Iterator
 
-from lmstack.chatformat import ChatFormatError, ToolLoop, chat_format
+from lmstack.chatformat import ChatFormatError, chat_format
 from lmstack.device import pick_device
 from lmstack.engine import ContextLengthError, for_inference, generate, stream
 from lmstack.modelio import load_model_and_tokenizer
 from lmstack.tokenizer import Tokenizer
+from lmstack.toolloop import ToolLoop
 from lmstack.tools import ToolRegistry, default_registry
 from lmstack.utils import UserError
 

@@ -23,7 +23,7 @@ LAYERS = [
     ["lmstack.modelio", "lmstack.distributed"],
     ["lmstack.model", "lmstack.device"],
     ["lmstack.tokenizer", "lmstack.chatformat", "lmstack.data", "lmstack.sources", "lmstack.config",
-     "lmstack.world", "lmstack.stats", "lmstack.tools", "lmstack.utils", "lmstack"],
+     "lmstack.world", "lmstack.stats", "lmstack.tools", "lmstack.toolloop", "lmstack.utils", "lmstack"],
 ]
 
 

@@ -314,7 +314,7 @@ def hermes(src, tmp_path_factory):
 
 
 def test_hermes_tool_calls_render_parse_and_loop_as_the_template_says(hermes):
-    from lmstack.chatformat import ToolLoop
+    from lmstack.toolloop import ToolLoop
     from lmstack.tools import default_registry
 
     d, hf_tok = hermes

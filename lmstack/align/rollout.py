@@ -27,13 +27,14 @@ import torch
 
 from lmstack.align import reward as rm_lib
 from lmstack.align.rewards import BUILTIN, call_reward, load_reward
-from lmstack.chatformat import ChatFormatError, ToolLoop, chat_format, row_prompt
+from lmstack.chatformat import ChatFormatError, chat_format, row_prompt
 from lmstack.config import RunConfig
 from lmstack.device import autocast_dtype
 from lmstack.engine import generate_batch
 from lmstack.model import GPT
 from lmstack.modelio import load_model_and_tokenizer
 from lmstack.tokenizer import Tokenizer
+from lmstack.toolloop import ToolLoop
 from lmstack.tools import default_registry
 from lmstack.train.loop import freeze
 from lmstack.train.objectives import gae, group_advantages

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmstack.chatformat import ToolLoop, chat_format
+from lmstack.chatformat import chat_format
 from lmstack.device import pick_device
 from lmstack.engine import for_inference, generate_batch
 from lmstack.modelio import load_model_and_tokenizer
 from lmstack.tokenizer import Tokenizer
+from lmstack.toolloop import ToolLoop
 from lmstack.utils import UserError
 
 
