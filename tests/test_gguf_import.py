@@ -383,11 +383,16 @@ def test_a_gguf_with_no_template_gets_lmstacks_specials_appended(foreign, tmp_pa
     assert json.loads((out / "imported.json").read_text())["added_special_tokens"] == SPECIAL_TOKENS
 
 
-def test_export_refuses_a_pre_tokenizer_llama_cpp_has_no_name_for(corpus, tmp_path):
+def unknown_pre_tokenizer_folder(d, corpus):
+    """An imported model's folder whose pre-tokenizer (Whitespace, then ByteLevel) no exporter knows by name."""
     hf = foreign_tokenizer("gpt-2", corpus)
     hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    d = foreign_folder(tmp_path / "m", hf)
+    return foreign_folder(d, hf)
+
+
+def test_export_refuses_a_pre_tokenizer_llama_cpp_has_no_name_for(corpus, tmp_path):
+    d = unknown_pre_tokenizer_folder(tmp_path / "m", corpus)
     with pytest.raises(UserError, match="none that llama.cpp has by name.*Whitespace"):
         export_gguf(d, tmp_path / "m.gguf")
     spec = json.loads(foreign_tokenizer("smollm", corpus).to_str())

@@ -23,7 +23,8 @@ from lmstack.export import run as runpy_module
 from lmstack.export.twofile import export_twofile
 from lmstack.modelio import load_model
 from lmstack.utils import UserError
-from test_gguf_import import CHATML, FOREIGN, TABLE, TEXT, encode, foreign_folder, foreign_tokenizer  # noqa: E402
+from test_gguf_import import (CHATML, FOREIGN, TABLE, TEXT, encode, foreign_folder, foreign_tokenizer,  # noqa: E402
+                              unknown_pre_tokenizer_folder)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CORPUS = TEXT * 30 + "\n".join(t for t in TABLE if "\x00" not in t) * 5
@@ -145,12 +146,7 @@ def test_without_jinja2_chat_says_so_and_plain_prompts_work(chatml, numpy_only):
 
 
 def test_a_pre_tokenizer_run_py_does_not_know_is_refused(tmp_path):
-    from tokenizers import pre_tokenizers
-
-    hf = foreign_tokenizer("gpt-2", CORPUS)
-    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    d = foreign_folder(tmp_path / "m", hf)
+    d = unknown_pre_tokenizer_folder(tmp_path / "m", CORPUS)
     with pytest.raises(UserError, match="run.py cannot run this tokenizer.*Whitespace"):
         export_twofile(d, tmp_path / "two")
     assert not (tmp_path / "two").exists()
