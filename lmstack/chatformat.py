@@ -165,6 +165,10 @@ class ChatFormat(_Replies):
             mask.append(0)
         return ids, mask
 
+    def prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The ids a reply to `messages` continues: the conversation and the generation prompt."""
+        return self.render(messages, add_generation_prompt=True, tools=tools)[0]
+
     def render_replies(self, messages: list[dict], replies: list[str]) -> list[tuple[list[int], list[int]]]:
         """The conversation followed by each reply (an assistant message's content) -> [(ids,
         mask)], the mask 1 on that reply and its <|end|> only. Messages render on their own, so
@@ -281,8 +285,8 @@ class TemplateFormat(_Replies):
     def _ids(self, text: str) -> list[int]:
         """Rendered text -> ids: split at the special tokens (all of them the template's own: a
         message's were defused), each piece encoded with no special token recognised."""
-        if self._split is None:
-            return self.tok.encode(text.replace(DEFUSE, "")) if text else []
+        if self._split is None:  # no special tokens: nothing was defused
+            return self.tok.encode(text) if text else []
         ids, pos, pieces = [], 0, []
         for m in self._split.finditer(text):
             pieces.append(text[pos:m.start()])
@@ -306,36 +310,52 @@ class TemplateFormat(_Replies):
     def _encode(self, messages, add_generation_prompt: bool, tools=None) -> list[int]:
         return self._ids(self.text(_defused(messages, self._specials), add_generation_prompt, tools))
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools=None):
-        """messages -> (ids, mask), as ChatFormat.render. The mask covers what each assistant
-        message adds after the conversation before it (rendered with the generation prompt), up to
-        and including its first end-of-turn id: its content, its tool calls and its stop."""
+    def _checked_all(self, messages, add_generation_prompt: bool) -> None:
         if not isinstance(messages, list) or not (messages or add_generation_prompt):
             raise ChatFormatError("messages must be a non-empty list")
         for i, m in enumerate(messages):
             _checked(i, m)
+
+    def _reply(self, before: list[int], upto: list[int], whole: list[int]) -> range:
+        """Where an assistant message's own tokens are: what `upto` (the conversation through it)
+        adds after `before` (the conversation before it, with the generation prompt), up to and
+        including its first end-of-turn id; both must start `whole`."""
+        if upto[:len(before)] != before or whole[:len(upto)] != upto:
+            raise ChatFormatError("the model's chat template does not render the start of a conversation as "
+                                  "the start of the whole, so the assistant's tokens cannot be found")
+        end = next((k + 1 for k in range(len(before), len(upto)) if upto[k] in self.stop_ids), len(upto))
+        return range(len(before), end)
+
+    def prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The ids a reply to `messages` continues (no mask: the template runs once)."""
+        self._checked_all(messages, True)
+        return self._encode(messages, True, tools)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools=None):
+        """messages -> (ids, mask), as ChatFormat.render. The mask covers what each assistant
+        message adds after the conversation before it (rendered with the generation prompt), up to
+        and including its first end-of-turn id: its content, its tool calls and its stop."""
+        self._checked_all(messages, add_generation_prompt)
         ids = self._encode(messages, add_generation_prompt, tools)
         mask = [0] * len(ids)
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = self._encode(messages[:i], True, tools)
-            upto = self._encode(messages[:i + 1], False, tools)
-            if upto[:len(before)] != before or ids[:len(upto)] != upto:
-                raise ChatFormatError("the model's chat template does not render the start of a conversation as "
-                                      "the start of the whole, so the assistant's tokens cannot be found")
-            end = next((k + 1 for k in range(len(before), len(upto)) if upto[k] in self.stop_ids), len(upto))
-            mask[len(before):end] = [1] * (end - len(before))
+            if m["role"] == "assistant":
+                for k in self._reply(self._encode(messages[:i], True, tools),
+                                     self._encode(messages[:i + 1], False, tools), ids):
+                    mask[k] = 1
         return ids, mask
 
     def render_replies(self, messages: list[dict], replies: list[str]) -> list[tuple[list[int], list[int]]]:
         """The conversation followed by each reply -> [(ids, mask)], the mask on that reply only
-        (see ChatFormat.render_replies); each conversation rendered whole."""
-        n = len(self.render(messages, add_generation_prompt=True)[0])
+        (see ChatFormat.render_replies): the prompt rendered once, each conversation once."""
+        before = self.prompt(messages)
         out = []
         for a in replies:
-            ids, mask = self.render(messages + [{"role": "assistant", "content": a}])
-            out.append((ids, [0] * n + mask[n:]))
+            whole = messages + [{"role": "assistant", "content": a}]
+            self._checked_all(whole, False)
+            ids = self._encode(whole, False)
+            span = self._reply(before, ids, ids)
+            out.append((ids, [int(k in span) for k in range(len(ids))]))
         return out
 
     def render_more(self, before: list[dict], messages: list[dict], tools=None) -> list[int]:

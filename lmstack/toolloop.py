@@ -61,7 +61,7 @@ class ToolLoop:
                     raise ValueError("prompts given as ids need continuation=True")
                 msgs, ids = [], list(p)
             else:
-                msgs, ids = list(p), (fmt.render(p, True, self.specs)[0] if continuation else [])
+                msgs, ids = list(p), (fmt.prompt(p, self.specs) if continuation else [])
             self.turns.append(Turn(msgs, ids, len(ids)))
 
     def next_round(self) -> list[int]:
@@ -71,7 +71,7 @@ class ToolLoop:
 
     def prompt(self, i: int) -> list[int]:
         t = self.turns[i]
-        return list(t.ids) if self.continuation else self.fmt.render(t.messages, True, self.specs)[0]
+        return list(t.ids) if self.continuation else self.fmt.prompt(t.messages, self.specs)
 
     def budget(self, i: int) -> int:
         """The tokens turn i's next reply may have."""

@@ -82,7 +82,7 @@ def judging_conversation(constitution: str, prompt, first: str, second: str) -> 
 def sample_pairs(lm, prompts: list, seed: int, max_tokens: int = MAX_TOKENS) -> list[tuple[str, str]]:
     """Two sampled answers per prompt (temperature 1.0): rows 2i, 2i+1 use seeds seed+2i, seed+2i+1."""
     fmt = lm.fmt
-    rows = [ids for p in prompts for ids in [fmt.render(p, add_generation_prompt=True)[0]] * 2]
+    rows = [ids for p in prompts for ids in [fmt.prompt(p)] * 2]
     texts = []
     for s in range(0, len(rows), lm.batch_size):
         done = generate_batch(lm.model, rows[s:s + lm.batch_size], max_tokens, temperature=1.0, seed=seed + s,
@@ -97,14 +97,14 @@ def judging_prompt(lm, constitution: str, prompt, first: str, second: str) -> tu
     marked "...") so that the constitution and the request stay whole. Returns (ids, shortened)."""
     tok, fmt = lm.tok, lm.fmt
     room = lm.ctx - 2  # the reply token must fit after the prompt
-    ids = fmt.render(judging_conversation(constitution, prompt, first, second), add_generation_prompt=True)[0]
+    ids = fmt.prompt(judging_conversation(constitution, prompt, first, second))
     if len(ids) <= room:
         return ids, False
     fa, fb = tok.encode(first), tok.encode(second)
 
     def render(keep: int) -> list[int]:
         short = [tok.decode(t[:keep]) + ("..." if len(t) > keep else "") for t in (fa, fb)]
-        return fmt.render(judging_conversation(constitution, prompt, *short), add_generation_prompt=True)[0]
+        return fmt.prompt(judging_conversation(constitution, prompt, *short))
 
     lo, hi = 1, max(len(fa), len(fb)) - 1  # the most answer tokens that fit: bisect
     while lo < hi:

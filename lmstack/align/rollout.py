@@ -61,7 +61,7 @@ def load_prompts(path, tok: Tokenizer, max_len: int) -> tuple[list[Prompt], dict
     for _, row in read_jsonl(path, "prompts file", skipped):
         try:
             msgs = row_prompt(row)
-            ids, _ = fmt.render(msgs, add_generation_prompt=True)
+            ids = fmt.prompt(msgs)
         except ChatFormatError as e:
             skipped[str(e).split(": ", 1)[-1]] += 1
             continue

@@ -176,7 +176,7 @@ class LmstackLM(LM):
             # The assistant's reply is open (lm_eval's gen_prefix): no <|end|> after it.
             text = (messages[-1].get("content") or "") + text
             messages = messages[:-1]
-            ids = self.lm.fmt.render(messages, add_generation_prompt=True)[0]
+            ids = self.lm.fmt.prompt(messages)
         else:
             ids = self.lm.fmt.render(messages, add_generation_prompt=chat["add_generation_prompt"])[0]
         return ids, text

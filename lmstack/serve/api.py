@@ -321,8 +321,8 @@ def create_app(server: Server) -> FastAPI:
 def _tokenize(server: Server, body: TokenizeRequest) -> dict:
     if body.messages is not None:
         try:
-            ids = server.fmt.render([_content_text(m, i) for i, m in enumerate(body.messages)],
-                                    add_generation_prompt=body.add_generation_prompt)[0]
+            msgs = [_content_text(m, i) for i, m in enumerate(body.messages)]
+            ids = server.fmt.prompt(msgs) if body.add_generation_prompt else server.fmt.render(msgs)[0]
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
     elif body.prompt in server.tok.specials:

@@ -104,7 +104,7 @@ class Server:
         self.check_text_length(sum(len(m["content"]) for m in messages
                                    if isinstance(m, dict) and isinstance(m.get("content"), str)))
         try:
-            ids, _ = self.fmt.render(messages, add_generation_prompt=True, tools=tools)
+            ids = self.fmt.prompt(messages, tools)
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
         self.check_prompt(ids)
