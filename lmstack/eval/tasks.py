@@ -289,7 +289,7 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
             if spec.format == "chat":
                 msgs = ([{"role": "system", "content": _fill(spec.system, row, spec, line)}] if spec.system else [])
                 msgs.append({"role": "user", "content": prompt})
-                head = lm.fmt.render(msgs, add_generation_prompt=True)[0]
+                head = lm.fmt.prompt(msgs)
                 context = _fill(spec.reply_prefix, row, spec, line)
             else:
                 head, context = None, prompt
@@ -299,23 +299,27 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
         for line, row in rows:
             opts, right = _options(row, spec, line)
             prompt = _fill(spec.prompt, row, spec, line)
-            if line in others:  # first the same options with someone else as the prompt's subject
+            swapped = None
+            if line in others:  # the same options with someone else as the prompt's subject
+                swapped = len(pairs)
                 ranked(prompt.replace(row[spec.subject], others[line]), row, line, opts)
-            spans.append((len(pairs), len(opts), right, opts))
+            spans.append((len(pairs), swapped, right, opts))
             ranked(prompt, row, line, opts)
             chances.append(1 / len(opts))
         scores = lm.loglikelihood_ids(pairs)
-        for (line, row), (first, k, right, opts) in zip(rows, spans):
-            item = {"line": line}
-            for key, start in (("swapped_hit", first - k if line in others else None), ("hit", first)):
-                if start is None:
-                    continue
-                lps = [s[0] for s in scores[start:start + k]]
-                if spec.normalize:
-                    lps = [lp / max(1, len(o.encode())) for lp, o in zip(lps, opts)]
-                pick = _pick(lps, f"{spec.name}:{line}" + (":swapped" if key == "swapped_hit" else ""))
-                item[key] = int(pick == right)
-            item.update(pick=opts[pick], rank=1 + sum(lp > lps[right] for lp in lps), slices=_slice_keys(row, spec))
+
+        def choose(start: int, opts: list[str], key: str) -> tuple[int, list[float]]:  # the pick, the scores
+            lps = [s[0] for s in scores[start:start + len(opts)]]
+            if spec.normalize:
+                lps = [lp / max(1, len(o.encode())) for lp, o in zip(lps, opts)]
+            return _pick(lps, key), lps
+
+        for (line, row), (first, swapped, right, opts) in zip(rows, spans):
+            pick, lps = choose(first, opts, f"{spec.name}:{line}")
+            item = {"line": line, "hit": int(pick == right), "pick": opts[pick],
+                    "rank": 1 + sum(lp > lps[right] for lp in lps), "slices": _slice_keys(row, spec)}
+            if swapped is not None:
+                item["swapped_hit"] = int(choose(swapped, opts, f"{spec.name}:{line}:swapped")[0] == right)
             items.append(item)
         chance = spec.chance if isinstance(spec.chance, (int, float)) else sum(chances) / len(chances)
     else:
