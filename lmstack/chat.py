@@ -87,7 +87,7 @@ def _fit(fmt, history: list[dict], ctx: int, reserve: int) -> tuple[int, int]:
     tokens of what is left with the generation prompt): the caller checks that length without
     rendering the conversation again."""
     dropped = 0
-    while (n := len(fmt.render(history, add_generation_prompt=True)[0])) + reserve > ctx:
+    while (n := len(fmt.prompt(history))) + reserve > ctx:
         first = 1 if history[0]["role"] == "system" else 0
         # the oldest whole turn: up to (not including) the next user message
         nxt = next((i for i in range(first + 1, len(history)) if history[i]["role"] == "user"), None)
@@ -171,7 +171,12 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
             continue
 
         history.append({"role": "user", "content": line})
-        dropped, n = _fit(fmt, history, ctx, min(max_tokens, ctx // 2))
+        try:
+            dropped, n = _fit(fmt, history, ctx, min(max_tokens, ctx // 2))
+        except ChatFormatError as e:  # a model's own template can refuse a conversation (roles must alternate)
+            history.pop()
+            note(f"[{e}; /reset starts over]")
+            continue
         if dropped:
             print(dim(f"[forgot the {dropped} oldest messages to fit the context]"))
         if n >= ctx:
@@ -235,6 +240,8 @@ def sample(model: str, prompt: str = "", max_tokens: int = 100, temperature: flo
         raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 1")
     net, tok = load_model_and_tokenizer(model, pick_device("auto"))
     ids = tok.bos + tok.encode(prompt)
+    if not ids:
+        raise UserError("--prompt is empty and this model starts a text with no BOS: give it a prompt")
     if len(ids) >= net.cfg.max_seq_len:
         raise UserError(f"prompt is {len(ids)} tokens; the model's context is {net.cfg.max_seq_len}")
     texts = []

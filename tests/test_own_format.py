@@ -357,3 +357,25 @@ def test_a_template_with_no_tool_format_has_tools_off(imported):
         r = client.chat.completions.create(model="imp", messages=[{"role": "user", "content": "Hi"}],
                                            tools=default_registry().specs(), tool_choice="none", max_tokens=4)
         assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_prompt_needs_no_mask_so_a_template_that_cannot_be_masked_still_chats(imported):
+    """Qwen3-like: the last assistant turn renders differently (an empty think block), so the
+    conversation's start is not the start of the whole: training cannot mask it, but a prompt is fine."""
+    tok = Tokenizer.load(imported)
+    tok.own.template = TEMPLATE.replace("{% generation %}{{ message['content'] + '<|im_end|>' }}",
+                                        "{% generation %}{{ ('<think></think>' if loop.last else '') + "
+                                        "message['content'] + '<|im_end|>' }}")
+    fmt = TemplateFormat(tok)
+    chat = CONVERSATIONS[2][:3]
+    assert tok.decode(fmt.prompt(chat)) == fmt.text(chat, add_generation_prompt=True)  # chat, serve, eval: fine
+    with pytest.raises(ChatFormatError, match="cannot be found"):  # what only training needs: refused, one line
+        fmt.render(chat, add_generation_prompt=True)
+
+
+def test_plain_text_without_bos(imported):
+    tok = Tokenizer.load(imported)
+    ids, mask = render_row(tok, {"text": "Ana was born."})
+    assert ids == tok.encode("Ana was born.") + [tok.eos_id] and mask == [1] * len(ids)  # it learns to end
+    r = run_cli("sample", "--model", imported)  # an empty prompt and no BOS: nothing to continue
+    assert r.returncode == 2 and "--prompt is empty" in r.stderr and "Traceback" not in r.stderr

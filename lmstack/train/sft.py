@@ -71,8 +71,8 @@ def render_row(tok: Tokenizer, row, fmt: ChatFormat | None = None) -> tuple[list
         text = row["text"]
         if not isinstance(text, str) or not text.strip():
             raise ChatFormatError("empty content")
-        body = tok.encode(text)  # like pretraining: BOS (if the model adds one) + text, every token a target
-        return tok.bos + body, [0] * len(tok.bos) + [1] * len(body)
+        ids = tok.document(tok.encode(text))  # as pretraining packs it: BOS first, or EOS last; every token a target
+        return ids, [0] * len(tok.bos) + [1] * (len(ids) - len(tok.bos))
     prompt, answer = split_row(row)
     ids, mask = (fmt or chat_format(tok)).render(prompt + answer)
     if not any(mask):
