@@ -302,10 +302,12 @@ def target_bytes(batch, token_bytes: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- in-context copying
 
-def copy_probe(tok: Tokenizer, sequences: int = 64, length: int = 64, seed: int = 0) -> torch.Tensor:
+def copy_probe(tok: Tokenizer, ctx: int, sequences: int = 64, length: int = 64, seed: int = 0) -> torch.Tensor:
     """The in-context copying probe (what induction heads do): `sequences` rows, each the scoring
-    head (BOS, or EOS), `length` random distinct ordinary tokens, then the same tokens again.
-    Distinct, so that in the second copy every token has one continuation to look up."""
+    head (BOS, or EOS), `length` random distinct ordinary tokens (fewer when a row would not fit
+    a context of `ctx`), then the same tokens again. Distinct, so that in the second copy every
+    token has one continuation to look up."""
+    length = min(length, (ctx - len(tok.scoring_head)) // 2)
     rng = np.random.default_rng(seed)
     normal = np.array([i for i in range(tok.vocab_size) if i not in tok.control_ids])
     rows = []
@@ -316,9 +318,11 @@ def copy_probe(tok: Tokenizer, sequences: int = 64, length: int = 64, seed: int 
 
 
 @torch.no_grad()
-def copy_losses(model, probe: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's mean loss (nats/token) on the first copy and on the second (a copy_probe batch)."""
+def copy_losses(model, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean loss (nats/token) on the first copy and on the second (a copy_probe batch,
+    whose rows are one head token and two copies)."""
     x = probe.to(next(model.parameters()).device)
+    length = (x.shape[1] - 1) // 2
     loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).float().transpose(1, 2), x[:, 1:], reduction="none")
     start = x.shape[1] - 2 * length - 1  # the position that predicts the first copy's first token
     return loss[:, start:start + length].mean(1).cpu(), loss[:, start + length:start + 2 * length].mean(1).cpu()

@@ -83,12 +83,12 @@ def copy_eval(lm: ModelLM, sequences: int = 64, length: int = 64, seed: int = 0)
     second copy relative to the first. About 1: it does not look back; near 0: it copies (every
     later use of context, retrieval, tool results and long conversations, needs this). The ratio
     of the means, with a 95% bootstrap interval over the sequences."""
-    length = min(length, (lm.ctx - len(lm.tok.scoring_head)) // 2)
-    probe = copy_probe(lm.tok, sequences, length, seed)
+    probe = copy_probe(lm.tok, lm.ctx, sequences, length, seed)
+    length = (probe.shape[1] - 1) // 2
     firsts, seconds = [], []
     for rows in probe.split(lm.batch_size):
         with torch.inference_mode():
-            f, s = copy_losses(lm.model, rows, length)
+            f, s = copy_losses(lm.model, rows)
         firsts.append(f)
         seconds.append(s)
     a, b = torch.cat(firsts).double().numpy(), torch.cat(seconds).double().numpy()

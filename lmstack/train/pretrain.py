@@ -57,15 +57,15 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
             print(f"pretrain: no {cfg.data.val_split} split big enough to evaluate on; skipping validation")
         # In-context copying, logged at every evaluation: the loss on a random sequence's second
         # occurrence over its first (`lmstack eval`'s copy task, on 16 sequences).
-        length = min(64, (tc.seq_len - len(tok.scoring_head)) // 2)
-        probe = copy_probe(tok, 16, length, seed=1)
+        probe = copy_probe(tok, tc.seq_len, 16, seed=1)
+        copyable = (probe.shape[1] - 1) // 2 >= 8  # a context too short for 8 + 8 tokens measures nothing
 
         def copy(m) -> float:
-            first, second = copy_losses(m, probe, length)
+            first, second = copy_losses(m, probe)
             return float(second.mean() / first.mean())
 
         return train(cfg, model, batches, next_token_loss, out_dir, eval_batches=eval_batches,
                      token_bytes=tok.token_bytes(), tokenizer_file=Path(data) / "tokenizer.json",
-                     resume=resume, probes={"copy": copy} if eval_batches is not None and length >= 8 else None)
+                     resume=resume, probes={"copy": copy} if eval_batches is not None and copyable else None)
     finally:
         distributed.cleanup()
