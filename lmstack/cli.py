@@ -180,17 +180,24 @@ def _floats(text: str, what: str) -> list[float]:
         raise UserError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated whole numbers, got {text!r}") from None
+
+
 def _cmd_scaling(a):
     from lmstack.scaling import analyse, sweep
 
     if a.action == "sweep":
-        sweep.sweep(a.data, a.out, [int(x) for x in _floats(a.depths, "--depths")], _floats(a.budgets, "--budgets"),
+        sweep.sweep(a.data, a.out, _ints(a.depths, "--depths"), _floats(a.budgets, "--budgets"),
                     seeds=a.seeds, preset=a.preset, overrides=a.set or [], aspect=a.aspect, head_dim=a.head_dim,
                     only=a.only, allow_repeat=a.allow_repeat)
     elif a.action == "fit":
         analyse.fit_sweep(a.sweep, samples=a.bootstrap, out=a.out)
     elif a.action == "predict":
-        analyse.predict(a.sweep, _floats(a.budget, "--budget")[0], seeds=a.seeds, n_key="N_ne" if a.non_embedding else "N",
+        analyse.predict(a.sweep, a.budget, seeds=a.seeds, n_key="N_ne" if a.non_embedding else "N",
                         neighbours=not a.no_neighbours)
     else:
         for f in analyse.plot(a.sweep, a.out):
@@ -443,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     sf.set_defaults(func=_cmd_scaling)
     sp = scs.add_parser("predict", help="fit on budgets <= a third of BUDGET, predict its best size and loss, train it")
     sp.add_argument("--sweep", required=True)
-    sp.add_argument("--budget", required=True, help="FLOPs, at least 3x the largest budget it fits on")
+    sp.add_argument("--budget", required=True, type=float, help="FLOPs, at least 3x the largest budget it fits on")
     sp.add_argument("--seeds", type=int, default=2)
     sp.add_argument("--non-embedding", action="store_true", help="fit with N counted without embeddings")
     sp.add_argument("--no-neighbours", action="store_true", help="do not also train the depths beside the best")

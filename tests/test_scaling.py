@@ -196,3 +196,18 @@ def test_fit_predict_and_plot_on_a_small_sweep(data, tmp_path):
     assert "| the law fitted here (approach 3) |" in report and "Chinchilla (Hoffmann et al. 2022)" in report
     with pytest.raises(UserError, match="at most a third"):
         predict(out, 5e9, quiet=True)
+
+
+def test_grid_mistakes_are_refused_before_anything_trains(data, tmp_path):
+    assert Point(1, 1e9, 0).name != Point(1, 1.4e9, 0).name  # close budgets, distinct runs
+    with pytest.raises(UserError, match="one optimizer step of depth 2"):  # too small to be this budget
+        sweep(data, tmp_path / "s", [2], [1e8], preset="tiny")
+    with pytest.raises(UserError, match="--aspect and --head-dim"):
+        sweep(data, tmp_path / "s", [1], [2e9], preset="tiny", head_dim=0)
+    novals = tmp_path / "noval"
+    prepare([data.parent / "docs.jsonl"], data, novals, val_fraction=0.0, progress=False)
+    with pytest.raises(UserError, match="no validation split"):
+        sweep(novals, tmp_path / "s", [1], [2e9], preset="tiny")
+    assert not (tmp_path / "s").exists()
+    far = laws.Law(E=1.0, A=1e-300, B=1e300, alpha=0.01, beta=0.01)  # a resample's law can be this extreme
+    assert laws.allocation(far, 1e13)["N"] in (0.0, float("inf"))  # no ZeroDivisionError

@@ -23,8 +23,8 @@ import numpy as np
 
 from lmstack.data import load_manifest
 from lmstack.scaling import laws
-from lmstack.scaling.sweep import Point, plan_run, read_results, sweep
-from lmstack.utils import UserError, atomic_write_json, atomic_write_text, read_json
+from lmstack.scaling.sweep import SETTINGS, Point, plan_run, read_results, sweep
+from lmstack.utils import UserError, atomic_write_json, atomic_write_text, check_output_file, read_json
 
 NANOCHAT_TOKENS_PER_PARAM = (10.5, 12.0)  # nanochat's measured compute-optimal ratio
 CONVENTIONS = {"N": "all parameters", "N_ne": "without embeddings"}
@@ -50,6 +50,10 @@ def fit_runs(runs: list[dict], n_key: str = "N", samples: int = 200, budgets=())
 
 def fit_sweep(sweep_dir, samples: int = 200, out=None, quiet: bool = False) -> dict:
     """`lmstack scaling fit`: both conventions; prints a table, writes SWEEP/fit.json (or `out`)."""
+    if out is not None:
+        check_output_file(out, what="fit's .json file")
+    if samples < 0:
+        raise UserError("--bootstrap must be >= 0")
     runs = read_results(sweep_dir)
     budgets = sorted({r["C_target"] for r in runs})
     res = {"sweep": str(sweep_dir), "runs": len(runs), "budgets": budgets,
@@ -104,10 +108,12 @@ def _law_best(law, settings, budget, depths, vocab, n_key):
 
 
 def predict(sweep_dir, budget: float, seeds: int = 2, n_key: str = "N", neighbours: bool = True,
-            max_depth: int | None = None, quiet: bool = False) -> dict:
+            quiet: bool = False) -> dict:
     """`lmstack scaling predict`: fit on the budgets <= budget / 3, predict, train, compare."""
     sweep_dir = Path(sweep_dir)
-    settings = read_json(sweep_dir / "sweep.json")
+    if seeds < 1 or not (budget > 0 and math.isfinite(budget)):
+        raise UserError("--seeds must be >= 1 and --budget a positive FLOP count")
+    settings = read_json(sweep_dir / SETTINGS)
     if not isinstance(settings, dict):
         raise UserError(f"{sweep_dir} is not a sweep folder (no sweep.json)")
     runs = read_results(sweep_dir)
@@ -118,7 +124,7 @@ def predict(sweep_dir, budget: float, seeds: int = 2, n_key: str = "N", neighbou
     law = laws.fit_law(*_columns(fitted, n_key)).law
     vocab = load_manifest(settings["data"])["vocab_size"]
     swept = sorted({r["depth"] for r in runs})
-    depths = list(range(1, (max_depth or 2 * max(swept)) + 1))
+    depths = list(range(1, 2 * max(swept) + 1))
     best, loss_pred, preds = _law_best(law, settings, budget, depths, vocab, n_key)
     frontier = {}
     for r in fitted:
@@ -136,12 +142,10 @@ def predict(sweep_dir, budget: float, seeds: int = 2, n_key: str = "N", neighbou
               f"({budget / top:.1f}x) the law's best depth is {best}, loss {loss_pred:.4f}; training it with "
               f"{seeds} seed(s)" + (f" and depths {train_depths[1:]} with one" if len(train_depths) > 1 else ""),
               flush=True)
-    data = settings["data"]
-    sweep(data, sweep_dir, [best], [budget], seeds=seeds, preset=settings["preset"],
-          overrides=settings["overrides"], aspect=settings["aspect"], head_dim=settings["head_dim"])
+    kw = {k: settings[k] for k in ("preset", "overrides", "aspect", "head_dim")}
+    sweep(settings["data"], sweep_dir, [best], [budget], seeds=seeds, **kw)
     if len(train_depths) > 1:
-        sweep(data, sweep_dir, train_depths[1:], [budget], seeds=1, preset=settings["preset"],
-              overrides=settings["overrides"], aspect=settings["aspect"], head_dim=settings["head_dim"])
+        sweep(settings["data"], sweep_dir, train_depths[1:], [budget], seeds=1, **kw)
     at = [r for r in read_results(sweep_dir) if r["C_target"] == budget]
     mine = [r["loss"] for r in at if r["depth"] == best]
     measured = statistics.mean(mine)
@@ -195,14 +199,19 @@ def plot(sweep_dir, out=None, n_key: str = "N") -> list[Path]:
     import matplotlib.pyplot as plt
 
     sweep_dir = Path(sweep_dir)
+    runs = read_results(sweep_dir)  # before anything is written: a missing sweep is one line
     out = Path(out) if out else sweep_dir
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file (name a folder for the PNGs and report.md)")
     out.mkdir(parents=True, exist_ok=True)
-    runs = read_results(sweep_dir)
     pred = read_json(sweep_dir / "predict.json")
     held = pred["budget"] if isinstance(pred, dict) else None
     fitted = [r for r in runs if held is None or r["C_target"] * 3 <= held * (1 + 1e-9)]
-    fit = laws.fit_law(*_columns(fitted, n_key))
-    law, iso = fit.law, laws.isoflop_fits(fitted, n_key, "C_target")
+    if isinstance(pred, dict) and pred.get("n_key") == n_key:  # the law predict fitted on these very runs
+        law = laws.Law(**pred["law"])
+    else:
+        law = laws.fit_law(*_columns(fitted, n_key)).law
+    iso = laws.isoflop_fits(fitted, n_key, "C_target")
     files = []
     budgets = sorted({r["C_target"] for r in runs})
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))

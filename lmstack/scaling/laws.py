@@ -118,10 +118,13 @@ def fit_law(n, d, loss, delta: float = HUBER_DELTA, grid: dict | None = None) ->
 def allocation(law: Law, c: float) -> dict:
     """The compute-optimal N and D for C = 6 N D FLOPs under `law`, and tokens per parameter."""
     s = law.alpha + law.beta
-    g = (law.alpha * law.A / (law.beta * law.B)) ** (1 / s)
-    n = g * (c / 6) ** (law.beta / s)
-    d = (c / 6) / n
-    return {"C": c, "N": n, "D": d, "tokens_per_param": d / n, "loss": float(law.loss(n, d)),
+    # in logs: a resampled law's N* can under- or overflow (0 or inf then, never a ZeroDivisionError)
+    log_n = (math.log(law.alpha * law.A) - math.log(law.beta * law.B)) / s + law.beta / s * math.log(c / 6)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        n, d = float(np.exp(log_n)), float(np.exp(math.log(c / 6) - log_n))
+        loss = float(law.loss(n, d))
+        tpp = d / n if n else math.inf
+    return {"C": c, "N": n, "D": d, "tokens_per_param": tpp, "loss": loss,
             "a": law.beta / s, "b": law.alpha / s}
 
 

@@ -48,7 +48,7 @@ class Point:
 
     @property
     def name(self) -> str:
-        return f"d{self.depth}-c{self.budget:.0e}-s{self.seed}".replace("+", "")
+        return f"d{self.depth}-c{self.budget:g}-s{self.seed}".replace("+", "")  # 1e13 -> c1e13, 1.4e9 -> c1.4e09
 
 
 def shape(depth: int, aspect: int, head_dim: int) -> list[str]:
@@ -121,13 +121,23 @@ def sweep(data, out, depths, budgets, seeds: int = 1, preset: str = "small", ove
     from lmstack.train.pretrain import pretrain
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a sweep folder")
     manifest = load_manifest(data)
     if not depths or not budgets or seeds < 1:
         raise UserError("a sweep needs at least one depth, one budget and one seed")
     if any(d < 1 for d in depths) or any(not (c > 0 and math.isfinite(c)) for c in budgets):
         raise UserError("depths must be >= 1 and budgets positive FLOP counts (e.g. 1e13)")
+    if aspect < 1 or head_dim < 1:
+        raise UserError("--aspect and --head-dim must be >= 1")
+    if not manifest["tokens"].get("val"):
+        raise UserError(f"{data} has no validation split, and each run is scored on it: prepare it with "
+                        "`lmstack data prepare --val-fraction 0.01`")
     settings = _settings(data, out, preset, overrides, aspect, head_dim)
-    points = [Point(d, c, s) for c in sorted(budgets) for d in sorted(depths) for s in range(seeds)]
+    points = [Point(d, c, s) for c in sorted(set(budgets)) for d in sorted(set(depths)) for s in range(seeds)]
+    if len({p.name for p in points}) < len(points):
+        raise UserError("two budgets are too close to tell apart in a run's name (give them distinct values, "
+                        "e.g. 1e13 and 1.5e13)")
     if only is not None:
         points = [p for p in points if p.name == only]
         if not points:
@@ -135,6 +145,10 @@ def sweep(data, out, depths, budgets, seeds: int = 1, preset: str = "small", ove
     plans = [(p, *plan_run(settings, p, manifest["vocab_size"])) for p in points]
     have = manifest["tokens"].get("train", 0)
     for p, _, run in plans:
+        if abs(run["C"] / p.budget - 1) > 0.25:  # whole steps: a budget below a few steps is another budget
+            step = run["flops_per_token"] * run["batch_tokens"]
+            raise UserError(f"run {p.name}: one optimizer step of depth {p.depth} is {step:.3g} FLOPs, so a budget "
+                            f"of {p.budget:.3g} trains {run['C']:.3g}; raise the budget or lower train.batch_tokens")
         if run["D"] > have and not allow_repeat:
             raise UserError(f"run {p.name} needs {run['D']:,} training tokens; {data} holds {have:,}, so it would "
                             "repeat data (the laws assume one pass): prepare more (e.g. `lmstack world --people "
