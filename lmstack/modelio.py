@@ -161,6 +161,16 @@ def grow_vocab(state: dict[str, torch.Tensor], vocab: int) -> dict[str, torch.Te
     return state
 
 
+def imported_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> GPT:
+    """An imported checkpoint's tensors (our names) as a GPT of `cfg`: rows appended for the
+    special tokens the import added (`grow_vocab`), built on the meta device and materialised.
+    ValueError (or RuntimeError, a shape) naming the first tensor that is missing, unexpected or wrong."""
+    grow_vocab(state, cfg.vocab_size)
+    with torch.device("meta"):  # shapes only: the weights are the file's
+        model = GPT(cfg)
+    return materialise(model, state)
+
+
 def save_imported(tmp: Path, model: GPT, tok: Tokenizer, info: dict) -> None:
     """An imported model into the (temporary) folder `tmp`: model.safetensors, config.json,
     run.json, imported.json (`info`: source, model_type, name, license, ...), tokenizer.json and

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,7 @@ import torch
 from lmstack.chatformat import CHAT_TEMPLATE_JINJA
 from lmstack.config import ModelConfig
 from lmstack.export.gguf import PRE_ALIASES, PRE_TOKENIZERS, tensor_names, unpermute
-from lmstack.model import GPT
-from lmstack.modelio import grow_vocab, materialise, save_imported
+from lmstack.modelio import imported_model, save_imported
 from lmstack.tokenizer import SPECIAL_TOKENS, OwnFormat, Tokenizer
 from lmstack.utils import UserError, atomic_output_dir, check_output_dir
 
@@ -218,21 +218,15 @@ def import_gguf(src, out, force: bool = False) -> Path:
     cfg = read_config(m, tensors, src)
     hf, fmt, missing = build_tokenizer(m, src)
     state = read_weights(tensors, cfg, src)
-    if hf.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:  # lmstack's specials appended
-        cfg = dataclasses.replace(cfg, vocab_size=hf.get_vocab_size(with_added_tokens=True))
-        grow_vocab(state, cfg.vocab_size)
-    with torch.device("meta"):  # shapes only: the weights are the file's
-        model = GPT(cfg)
-    want = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    if want - set(state):
-        _refuse(src, f"no tensor {tensor_names(cfg.n_layer)[sorted(want - set(state))[0]]}")
+    cfg = dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, hf.get_vocab_size(with_added_tokens=True)))
     try:
-        model = materialise(model, state)
-    except Exception as e:  # a shape that does not match the metadata
-        _refuse(src, f"its tensors do not match its llama.* metadata ({str(e).splitlines()[0]})")
-    types = {}
-    for t in tensors.values():
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        model = imported_model(cfg, state)  # lmstack's specials' rows too, when they were appended
+    except (ValueError, RuntimeError) as e:  # a tensor missing, or a shape that does not match the metadata
+        why = str(e).splitlines()[0]
+        if why.startswith("missing "):
+            why = f"no tensor {tensor_names(cfg.n_layer).get(why[len('missing '):], why[len('missing '):])}"
+        _refuse(src, f"its tensors do not match its llama.* metadata ({why})")
+    types = Counter(t.tensor_type.name for t in tensors.values())
     info = {"source": str(src.resolve()), "format": "gguf", "model_type": "llama",
             "license": m.get("general.license"), "name": m.get("general.name"),
             "pre_tokenizer": m.get("tokenizer.ggml.pre"), "tensor_types": types, "added_special_tokens": missing}

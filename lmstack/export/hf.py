@@ -30,11 +30,22 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lmstack.chatformat import ChatFormatError, chat_format
 from lmstack.config import ModelConfig
-from lmstack.model import GPT
-from lmstack.modelio import grow_vocab, lineage, load_model_and_tokenizer, materialise, save_imported, save_safetensors
+from lmstack.modelio import (
+    imported_model,
+    lineage,
+    load_model_and_tokenizer,
+    save_imported,
+    save_safetensors,
+)
 from lmstack.tokenizer import SPECIAL_TOKENS, OwnFormat, Tokenizer
-from lmstack.utils import (UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir,
-                           read_json)
+from lmstack.utils import (
+    UserError,
+    atomic_output_dir,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    read_json,
+)
 
 MAX_SHARD_BYTES = 2 * 1024 ** 3
 
@@ -386,15 +397,11 @@ def import_hf(src, out, force: bool = False) -> Path:
         state[key] = t.to(torch.float32)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    grow_vocab(state, vocab)  # lmstack's specials, when they were appended
-    with torch.device("meta"):  # shapes only: the weights are the file's
-        model = GPT(cfg)
-    want = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    unknown, absent = sorted(set(state) - want), sorted(want - set(state))
-    if unknown or absent:
+    try:
+        model = imported_model(cfg, state)  # lmstack's specials' rows too, when they were appended
+    except (ValueError, RuntimeError) as e:
         raise UserError(f"{src}: the weights do not match a {c['model_type']} of this config "
-                        f"({'unexpected ' + unknown[0] if unknown else 'missing ' + absent[0]})")
-    model = materialise(model, state)
+                        f"({str(e).splitlines()[0]})") from None
     name = c.get("_name_or_path") or ""
     hub_id = name if name.count("/") == 1 and not Path(name).exists() else None
     with atomic_output_dir(out, force) as tmp:
