@@ -29,7 +29,8 @@ from lmstack.model import GPT
 from lmstack.train.loop import build_optimizer, duration
 from lmstack.train.objectives import next_token_loss
 
-SFT_TOKENS = 150 * 8192  # the sft preset: max_steps x batch_tokens
+_SFT = load_config("sft").train
+SFT_TOKENS = _SFT.max_steps * _SFT.batch_tokens  # what the sft preset trains on
 SMOL135M = dict(d_model=576, n_layer=30, n_head=9, n_kv_head=3, ffn_hidden=1536, vocab_size=49152,
                 tie_embeddings=True)
 CPU = torch.device("cpu")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import pytest
 import schemathesis
@@ -34,6 +35,7 @@ from lmstack.train import checkpoint
 from lmstack.train.checkpoint import output_folder
 from lmstack.utils import UserError, atomic_output_dir, atomic_write_text, check_output_dir
 from test_train import make_data  # noqa: E402  (tests/ is on sys.path under pytest)
+import tiny  # noqa: E402
 from tiny import LiveServer, random_gpt, save_model_dir, tokenizer_on  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -372,10 +374,7 @@ def dead_pid() -> int:
     return p.pid
 
 
-def run_cli(*args):
-    """`lmstack ARGS` in a process of its own; past 300 s it is killed and the test fails."""
-    return subprocess.run([sys.executable, "-m", "lmstack", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+run_cli = partial(tiny.run_cli, timeout=300)  # past 300 s the process is killed and the test fails
 
 
 @pytest.mark.slow

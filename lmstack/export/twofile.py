@@ -20,7 +20,6 @@ import os
 import shutil
 from pathlib import Path
 
-
 from lmstack.export import run as standalone
 from lmstack.modelio import load_model_and_tokenizer, save_safetensors
 from lmstack.utils import UserError, atomic_output_dir, check_output_dir, current_umask
