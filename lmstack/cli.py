@@ -29,7 +29,8 @@ def _cmd_world(a):
         raise UserError("lmstack world needs --out DIR (or: lmstack world stats DIR)")
     generate(
         a.out, people=a.people, seed=a.seed, bios_per_person=a.bios,
-        arithmetic=a.arithmetic, stories=a.stories, heldout_fraction=a.heldout,
+        arithmetic=a.arithmetic, stories=a.stories, heldout_fraction=a.heldout, qa_docs=a.qa_docs,
+        copy_docs=a.copy_docs, permute=not a.no_permute, full_names=a.full_names,
         force=a.force, progress=not a.quiet,
     )
 
@@ -264,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--stories", type=int, default=None, help="short stories (default people / 2)")
     w.add_argument("--heldout", type=float, default=0.3,
                    help="fraction of people whose facts appear only in prose (default 0.3)")
+    w.add_argument("--qa-docs", type=int, default=0,
+                   help="documents per train person holding their Q/A pairs as text (mixed training; default 0)")
+    w.add_argument("--copy-docs", type=int, default=0,
+                   help="documents that reward in-context copying: a random sequence, then again (default 0)")
+    w.add_argument("--no-permute", action="store_true", help="biography sentences in a fixed order")
+    w.add_argument("--full-names", action="store_true", help="biographies name the person in every sentence")
     w.add_argument("--out", help="output folder")
     w.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     w.add_argument("--quiet", action="store_true", help="no progress bar")

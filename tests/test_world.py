@@ -287,6 +287,35 @@ def test_cli_generates_and_reports_stats(tmp_path):
     assert "people 50" in stats.stdout and "pretrain.jsonl" in stats.stdout and "probes/facts.jsonl" in stats.stdout
 
 
+def test_text_knobs_qa_docs_copy_docs_fixed_order_and_full_names(tmp_path):
+    """The knobs of the knowledge and copying experiments: QA documents of train people only
+    (their facts, as text), copy documents whose second half repeats the first, a fixed
+    sentence order, and the person named in every sentence; recorded in world.json."""
+    out = generate(tmp_path / "knobs", people=60, seed=7, bios_per_person=2, qa_docs=2, copy_docs=30,
+                   permute=False, full_names=True, progress=False)
+    w = load_world(out)
+    assert {k: w["config"][k] for k in ("qa_docs", "copy_docs", "permute", "full_names", "bios_per_person")} == \
+        {"qa_docs": 2, "copy_docs": 30, "permute": False, "full_names": True, "bios_per_person": 2}
+    rows = read_jsonl(out / "pretrain.jsonl")
+    by_kind = {k: [r["text"] for r in rows if r["kind"] == k] for k in ("bio", "qa", "copy")}
+    assert len(by_kind["bio"]) == 2 * len(w["people"]) and len(by_kind["copy"]) == 30
+    assert len(by_kind["qa"]) == 2 * sum(p["split"] == "train" for p in w["people"])
+    for p in w["people"]:
+        qa = [t for t in by_kind["qa"] if p["name"] in t.split("\n")[0]]
+        assert len(qa) == (2 if p["split"] == "train" else 0), p["name"]  # held-out people stay prose-only
+        for t in qa:
+            assert t.startswith("Q: ") and p["university"] in t and p["employer"] in t
+        bios = [b for b in by_kind["bio"] if p["name"] in b.split(". ")[0]]
+        assert len(bios) == 2
+        for bio in bios:  # the templates' order (university before employer); named in every sentence
+            assert bio.index(p["university"]) < bio.index(p["employer"]), bio
+            sentences = re.split(r"(?<=\.) (?=[A-Z])", bio)
+            assert len(sentences) >= 6 and all(p["name"] in s for s in sentences), bio
+    for t in by_kind["copy"]:  # a run of 8 words comes back later in the document
+        words = re.findall(r"[\w-]+", t)
+        assert any(words[i:i + 8] == words[j:j + 8] for i in range(len(words)) for j in range(i + 8, len(words)))
+
+
 def test_cli_bad_arguments_give_one_line_errors(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -296,6 +325,8 @@ def test_cli_bad_arguments_give_one_line_errors(tmp_path):
     for args in (["--people", "-5", "--out", str(tmp_path / "a")],
                  ["--people", "many", "--out", str(tmp_path / "a")],
                  ["--bios", "0", "--out", str(tmp_path / "a")],
+                 ["--qa-docs", "-1", "--out", str(tmp_path / "a")],
+                 ["--copy-docs", "-2", "--out", str(tmp_path / "a")],
                  ["--people", "50", "--out", str(a_file)],
                  ["--people", "50", "--out", str(full)],
                  ["--people", "50"]):

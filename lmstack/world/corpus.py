@@ -52,7 +52,13 @@ def _share(total: int, i: int, n: int) -> int:
 def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
              arithmetic: int | None = None, stories: int | None = None,
              heldout_fraction: float = 0.3, force: bool = False, progress: bool = True,
-             probe_people: int = 300, probe_arith_per_cell: int = 30, probe_behaviour: int = 15) -> Path:
+             probe_people: int = 300, probe_arith_per_cell: int = 30, probe_behaviour: int = 15,
+             qa_docs: int = 0, copy_docs: int = 0, permute: bool = True, full_names: bool = False) -> Path:
+    """Write a world of `people` people to `out` (the module doc lists the files). The knobs of
+    the text: `bios_per_person` biographies each, sentence order permuted (`permute`), later
+    sentences naming the person 30% of the time (always with `full_names`); `qa_docs` documents
+    per *train* person holding their question-answer pairs as plain text (mixed training); and
+    `copy_docs` documents that reward in-context copying (a random sequence, then again)."""
     if people < 20:
         raise UserError(f"--people must be at least 20 (got {people})")
     if bios_per_person < 1:
@@ -61,17 +67,18 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
         raise UserError(f"--heldout must be in [0, 1) (got {heldout_fraction})")
     arithmetic = 2 * people if arithmetic is None else arithmetic
     stories = people // 2 if stories is None else stories
-    if arithmetic < 0 or stories < 0:
-        raise UserError("--arithmetic and --stories must not be negative")
+    if min(arithmetic, stories, qa_docs, copy_docs) < 0:
+        raise UserError("--arithmetic, --stories, --qa-docs and --copy-docs must not be negative")
     check_output_dir(out, force)  # fail before any work
-    _check_room(Path(out), people, bios_per_person, arithmetic, stories)
+    _check_room(Path(out), people, bios_per_person + qa_docs, arithmetic + copy_docs, stories)
 
     t0 = time.time()
     if progress and people >= 100_000:
         print(f"world: building {people:,} people, their families, cities and companies "
               f"(about {people / 60_000:.0f} s), then writing them out", flush=True)
     world = build_world(people, seed, heldout_fraction)
-    world["config"].update(seed=seed, bios_per_person=bios_per_person, arithmetic=arithmetic, stories=stories)
+    text = dict(bios_per_person=bios_per_person, permute=permute, full_names=full_names, qa_docs=qa_docs)
+    world["config"].update(seed=seed, arithmetic=arithmetic, stories=stories, copy_docs=copy_docs, **text)
     ix = index(world)
     rng = random.Random(f"lmstack-probes:{seed}")
     dis = pr.Distractors(world, rng)
@@ -103,8 +110,8 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
                 chunk = world["people"][i * CHUNK_PEOPLE:(i + 1) * CHUNK_PEOPLE]
                 crng = random.Random(f"lmstack-world:{seed}:chunk:{i}")
                 share = lambda total: _share(total, i, n_chunks)  # noqa: E731
-                for row in _pretrain_chunk(chunk, world, ix, related, ctx, crng, i, n_chunks,
-                                           bios_per_person, share(stories), share(arithmetic)):
+                for row in _pretrain_chunk(chunk, world, ix, related, ctx, crng, i, n_chunks, text,
+                                           share(stories), share(arithmetic), share(copy_docs)):
                     _dump(fp, row)
                 for msgs in _sft_chunk(chunk, world, ix, ctx, crng, share):
                     _dump(fs, {"messages": msgs})
@@ -168,10 +175,14 @@ def _related(world: dict) -> dict:
     return rel
 
 
-def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, bios, n_stories, n_arith):
+def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_stories, n_arith, n_copy):
     rows = []
     for person in chunk:
-        rows += [{"text": docs.biography(person, ix, rng), "kind": "bio"} for _ in range(bios)]
+        rows += [{"text": docs.biography(person, ix, rng, text["permute"], text["full_names"]), "kind": "bio"}
+                 for _ in range(text["bios_per_person"])]
+        if person["split"] == "train":
+            rows += [{"text": docs.qa_document(asst.person_conversations(person, ix, rng)), "kind": "qa"}
+                     for _ in range(text["qa_docs"])]
     # Entities are dealt round-robin to chunks so every chunk carries some of each kind.
     for kind, entities, fn in (("city", world["cities"], docs.city_entry),
                                ("company", world["companies"], docs.company_entry),
@@ -186,6 +197,7 @@ def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, bios, n_st
         rows.append({"text": docs.story(a, b, ix, rng), "kind": "story"})
     rows += [{"text": ar.document(rng, ctx["names"], ctx["exclude_arith"]), "kind": "arithmetic"}
              for _ in range(n_arith)]
+    rows += [{"text": docs.copy_document(rng, ctx["names"]), "kind": "copy"} for _ in range(n_copy)]
     rng.shuffle(rows)
     return rows
 

@@ -52,9 +52,11 @@ def fact_values(person: dict, rng: random.Random, companies: dict) -> dict:
     }
 
 
-def biography(person: dict, world_ix: dict, rng: random.Random) -> str:
-    """One biography: a sentence per attribute and per family tie, order permuted; the first
-    sentence names the person, later ones use the name (30%) or a pronoun."""
+def biography(person: dict, world_ix: dict, rng: random.Random, permute: bool = True,
+              full_names: bool = False) -> str:
+    """One biography: a sentence per attribute and per family tie, order permuted (or the fixed
+    order of the templates with permute=False); the first sentence names the person, later ones
+    use the name (30%, or always with full_names) or a pronoun."""
     people = world_ix["people"]
     sentences = []  # (template, extra values)
     for attr, pool in T.BIO.items():
@@ -72,15 +74,43 @@ def biography(person: dict, world_ix: dict, rng: random.Random) -> str:
         sentences.append((rng.choice(T.PARENT_TO_CHILD), {
             "child": child["name"], "role": ROLE[person["gender"]],
             "child_role": CHILD_ROLE[child["gender"]]}))
-    rng.shuffle(sentences)
+    if permute:
+        rng.shuffle(sentences)
     out = []
     for i, (tpl, extra) in enumerate(sentences):
         values = fact_values(person, rng, world_ix["companies"])
         values.update(extra)
-        by_name = i == 0 or rng.random() < 0.3
+        by_name = i == 0 or full_names or rng.random() < 0.3
         values.update(person_slots(person, by_name))
         out.append((name_first(tpl) if by_name else tpl).format(**values))
     return " ".join(out)
+
+
+def qa_document(conversations: list[list[dict]]) -> str:
+    """A person's question-answer pairs as one pretraining document (Allen-Zhu & Li's "mixed
+    training": the QA of some people seen in pretraining, beside everyone's biographies)."""
+    return "\n".join(f"Q: {m['content']}" if m["role"] == "user" else f"A: {m['content']}"
+                     for conv in conversations for m in conv)
+
+
+COPY_FRAMES = ["Sequence: {seq}. Again: {seq}.", "The code is {seq}. I repeat, the code is {seq}.",
+               "Guest list: {seq}. Read aloud in order: {seq}. Once more: {seq}.", "{seq}\n{seq}",
+               "Copy this line: {seq}\nCopy: {seq}\nCopy: {seq}"]
+
+
+def copy_document(rng: random.Random, names: list) -> str:
+    """A document only in-context copying can predict: a random sequence (names, made-up words,
+    codes of letters and digits; 8-48 items), then the same sequence again (once or twice), so
+    the second copy is free to a model that looks back and copies (what induction heads do)."""
+    def item() -> str:
+        r = rng.random()
+        if r < 0.35:
+            return rng.choice(names)[0]
+        if r < 0.7:
+            return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789-") for _ in range(rng.randint(3, 8)))
+    seq = " ".join(item() for _ in range(rng.randint(8, 48)))
+    return rng.choice(COPY_FRAMES).format(seq=seq)
 
 
 def _entry(pools: dict, values: dict, rng: random.Random) -> list[str]:
