@@ -326,3 +326,35 @@ def copy_losses(model, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).float().transpose(1, 2), x[:, 1:], reduction="none")
     start = x.shape[1] - 2 * length - 1  # the position that predicts the first copy's first token
     return loss[:, start:start + length].mean(1).cpu(), loss[:, start + length:start + 2 * length].mean(1).cpu()
+
+
+# Olsson et al.'s in-context learning score: the loss late in a context minus the loss early in
+# it (they compare the 500th token with the 50th), here as bands of the context: tokens
+# [ctx/16, ctx/8) and the last ctx/8. Negative = later tokens are easier: the model uses its context.
+ICL_EARLY, ICL_LATE = (1 / 16, 1 / 8), (7 / 8, 1.0)
+ICL_SCAN = 4_000_000  # tokens of a split searched for document starts
+
+
+def icl_probe(data_dir, split: str, tok: Tokenizer, ctx: int, windows: int = 64) -> torch.Tensor | None:
+    """Up to `windows` rows of ctx + 1 tokens of a split, each starting where a document starts
+    (at its BOS, or after the EOS that ends the one before), spread evenly over the split's first
+    ICL_SCAN tokens; None when no document start leaves a whole context after it."""
+    data = open_split(data_dir, split)
+    head = data[0:min(len(data), ICL_SCAN)]
+    starts = (np.flatnonzero(head == tok.bos[0]) if tok.bos else
+              np.flatnonzero(head == tok.eos_id) + 1 if tok.eos_id is not None else np.zeros(1, np.int64))
+    starts = starts[starts + ctx + 1 <= len(head)]
+    if len(starts) == 0:
+        return None
+    pick = np.unique(starts[np.linspace(0, len(starts) - 1, min(windows, len(starts))).astype(int)])
+    return torch.from_numpy(np.stack([head[s:s + ctx + 1] for s in pick]).astype(np.int64))
+
+
+@torch.no_grad()
+def icl_losses(model, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean loss (nats/token) early in its context and late in it (an icl_probe batch)."""
+    x = probe.to(next(model.parameters()).device)
+    loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).float().transpose(1, 2), x[:, 1:], reduction="none")
+    ctx = loss.shape[1]
+    (e0, e1), (l0, l1) = ([int(f * ctx) for f in band] for band in (ICL_EARLY, ICL_LATE))
+    return loss[:, e0:max(e1, e0 + 1)].mean(1).cpu(), loss[:, min(l0, l1 - 1):l1].mean(1).cpu()

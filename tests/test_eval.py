@@ -6,6 +6,8 @@ rounds in batched chat, comparisons, and `lmstack eval` through the command line
 import dataclasses
 import json
 import math
+import random
+import string
 from collections import Counter
 from types import SimpleNamespace
 
@@ -15,7 +17,7 @@ import torch
 from lmstack.config import ModelConfig
 from lmstack.eval.lm import ModelLM, Reply
 from lmstack.stats import binom_two_sided, paired_compare, summarize, wilson
-from lmstack.eval.run import compare, copy_eval, lm_eval_data, lm_eval_text, resolve_tasks
+from lmstack.eval.run import compare, copy_eval, icl_eval, lm_eval_data, lm_eval_text, resolve_tasks
 from lmstack.eval.tasks import check, load_specs, make_spec, run_task
 from lmstack.eval.winrate import win_rate, world_prompts
 from lmstack.model import GPT
@@ -444,6 +446,30 @@ def test_copy_measures_in_context_copying(tok):
                       sequences=16, length=32)
     assert 0.9 < plain["ratio"] < 1.1 and plain["ci"][0] < 1 < plain["ci"][1]  # a random model does not
     assert resolve_tasks("copy,lm", None, True) == ([], {"copy", "lm"})
+
+
+def test_icl_score_is_loss_late_in_a_context_minus_early(tmp_path, byte_tok):
+    """Documents of 32 distinct characters, then the same again (one token a byte): the hand-written
+    induction head finds the late tokens free (the score about -ln V); a random model is no better
+    late than early (about 0)."""
+    from lmstack.data import prepare
+
+    rng = random.Random(0)
+    chars = string.ascii_letters + string.digits
+    docs = [{"text": seq + seq} for seq in ("".join(rng.sample(chars, 32)) for _ in range(80))]
+    byte_tok.save(tmp_path / "tok")
+    prepare([write_jsonl(tmp_path / "docs.jsonl", docs)], tokenizer=tmp_path / "tok", out=tmp_path / "data",
+            val_fraction=0.5, progress=False)
+    copier = icl_eval(ModelLM(Copier(byte_tok.vocab_size, ctx=64), byte_tok), tmp_path / "data", windows=16)
+    assert copier["windows"] == 16 and copier["ctx"] == 64
+    assert copier["early"] == pytest.approx(math.log(byte_tok.vocab_size), rel=0.05)
+    assert copier["score"] < -5 and copier["ci"][1] < -5, copier
+    torch.manual_seed(0)
+    plain = icl_eval(ModelLM(GPT(ModelConfig(vocab_size=byte_tok.vocab_size, n_layer=1, d_model=32, n_head=2,
+                                             max_seq_len=64)), byte_tok), tmp_path / "data", windows=16)
+    assert abs(plain["score"]) < 0.1, plain
+    assert resolve_tasks("icl", None, True) == ([], {"icl"})
+    assert icl_eval(ModelLM(Copier(byte_tok.vocab_size, ctx=4096), byte_tok), tmp_path / "data") is None
 
 
 class TextScorer:

@@ -76,6 +76,9 @@ def test_loss_falls_and_model_folder(data_dir, tmp_path, capsys):
     # in-context copying is measured with each validation (the measure of lmstack eval's copy task)
     assert [r["step"] for r in m if "copy" in r] == [r["step"] for r in m if "val_loss" in r]
     assert 0 < last["copy"] < 3
+    # and so is Olsson et al.'s in-context learning score (lmstack eval's icl task)
+    assert [r["step"] for r in m if "icl" in r] == [r["step"] for r in m if "val_loss" in r]
+    assert -5 < last["icl"] < 5
     for k in ["lr", "grad_norm", "tokens", "tok_per_s", "mfu"]:
         assert k in m[-1]
     for f in ["model.safetensors", "config.json", "tokenizer.json", "run.json", "metrics.jsonl"]:

@@ -174,6 +174,10 @@ def task_rows(stages: list[dict]) -> list[list[str]]:
         out.append(["**in-context copying** (loss on a random sequence's 2nd occurrence / 1st; 1 = none)", DASH,
                     *[f"{r['copy']['ratio']:.3f} [{r['copy']['ci'][0]:.2f}, {r['copy']['ci'][1]:.2f}]"
                       if "copy" in r else DASH for r in res]])
+    if any("icl" in r for r in res):
+        out.append(["**in-context learning** (Olsson et al.: loss late in a context - early, nats; 0 = none)", DASH,
+                    *[f"{r['icl']['score']:+.3f} [{r['icl']['ci'][0]:+.2f}, {r['icl']['ci'][1]:+.2f}]"
+                      if "icl" in r else DASH for r in res]])
     return out
 
 
@@ -236,12 +240,17 @@ def plot_loss(stages: list[dict], path: Path) -> None:
             v = [r["val_loss"] for r in val]
             ax.plot([r["step"] for r in val], v, "o-", ms=4, lw=1.5, color="tab:orange",
                     label=f"validation (last {v[-1]:.3f})")
-        copy = [r for r in val if "copy" in r]
-        if copy:  # in-context copying over training: where induction heads form, this drops
-            ax2 = ax.twinx()
-            ax2.plot([r["step"] for r in copy], [r["copy"] for r in copy], "s--", ms=3, lw=1, color="tab:green")
-            ax2.set_ylim(0, max(1.1, max(r["copy"] for r in copy) * 1.05))
-            ax2.set_ylabel("copying: 2nd / 1st occurrence loss", color="tab:green")
+        probes = [(key, color, [r for r in val if key in r]) for key, color in (("copy", "tab:green"), ("icl", "tab:red"))]
+        if any(rows for _, _, rows in probes):  # use of the context over training: where induction heads form
+            ax2 = ax.twinx()  # these drop (copy ratio towards 0, the ICL score below 0)
+            for key, color, rows in probes:
+                if rows:
+                    ax2.plot([r["step"] for r in rows], [r[key] for r in rows], "s--", ms=3, lw=1, color=color,
+                             label={"copy": "copy: 2nd / 1st occurrence loss", "icl": "ICL: late - early loss"}[key])
+            values = [r[key] for key, _, rows in probes for r in rows]
+            ax2.set_ylim(min(0.0, min(values) * 1.05), max(1.1, max(values) * 1.05))
+            ax2.set_ylabel("use of context (copy ratio; ICL score, nats)")
+            ax2.legend(loc="lower left", fontsize="small")
         if tr or val:
             ax.set_yscale("log")
             _log_ticks(ax, ticker)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import lmstack
-from lmstack.data import copy_losses, copy_probe, iter_eval_windows, target_bytes
+from lmstack.data import copy_losses, copy_probe, icl_losses, icl_probe, iter_eval_windows, target_bytes
 from lmstack.eval.lm import ModelLM
 from lmstack.eval.tasks import TaskSpec, load_specs, run_task
 from lmstack.modelio import lineage
@@ -34,6 +34,8 @@ from lmstack.utils import UserError, atomic_write_json, read_json
 WORLD_SPEC = Path(__file__).with_name("world.toml")
 LM_TASK = "lm"  # the name of the language-modelling measurement in --tasks and in results
 COPY_TASK = "copy"  # in-context copying (the induction test), in --tasks and in results
+ICL_TASK = "icl"  # Olsson et al.'s in-context learning score on held-out text, in --tasks and in results
+BUILTIN = (LM_TASK, COPY_TASK, ICL_TASK)
 
 
 # --- language modelling ---------------------------------------------------------------------
@@ -92,25 +94,49 @@ def copy_eval(lm: ModelLM, sequences: int = 64, length: int = 64, seed: int = 0)
         firsts.append(f)
         seconds.append(s)
     a, b = torch.cat(firsts).double().numpy(), torch.cat(seconds).double().numpy()
-    boot = np.random.default_rng(seed).integers(0, sequences, (1000, sequences))
-    ratios = b[boot].mean(1) / a[boot].mean(1)
     return {"sequences": sequences, "length": length, "first": float(a.mean()), "second": float(b.mean()),
-            "ratio": float(b.mean() / a.mean()), "ci": [float(np.percentile(ratios, 2.5)),
-                                                        float(np.percentile(ratios, 97.5))]}
+            "ratio": float(b.mean() / a.mean()), "ci": _bootstrap(a, b, lambda x, y: y.mean(-1) / x.mean(-1), seed)}
+
+
+def icl_eval(lm: ModelLM, data_dir, windows: int = 64, seed: int = 0) -> dict | None:
+    """Olsson et al.'s in-context learning score on the validation split of `data_dir`: windows of
+    the model's context that start at a document's start, the loss on the last eighth of each
+    minus the loss on tokens ctx/16 .. ctx/8 (they compare the 500th token with the 50th). Near 0:
+    later tokens are no easier; clearly negative: the model uses its context. A 95% bootstrap
+    interval over the windows; None when the split has no document start a whole context before its end."""
+    probe = icl_probe(data_dir, "val", lm.tok, lm.ctx, windows)
+    if probe is None:
+        return None
+    early, late = [], []
+    for rows in probe.split(lm.batch_size):
+        with torch.inference_mode():
+            e, t = icl_losses(lm.model, rows)
+        early.append(e)
+        late.append(t)
+    a, b = torch.cat(early).double().numpy(), torch.cat(late).double().numpy()
+    return {"windows": len(a), "ctx": lm.ctx, "early": float(a.mean()), "late": float(b.mean()),
+            "score": float(b.mean() - a.mean()), "ci": _bootstrap(a, b, lambda x, y: y.mean(-1) - x.mean(-1), seed)}
+
+
+def _bootstrap(a: np.ndarray, b: np.ndarray, stat, seed: int) -> list[float]:
+    """95% percentile interval of stat(a, b) over 1000 resamples of the paired rows."""
+    boot = np.random.default_rng(seed).integers(0, len(a), (1000, len(a)))
+    values = stat(a[boot], b[boot])
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
 # --- the run --------------------------------------------------------------------------------
 
 def resolve_tasks(tasks, world, chat: bool) -> tuple[list[TaskSpec], set[str]]:
-    """--tasks (None, or names of world tasks / "lm" / "copy" / paths to .toml spec files) ->
-    (specs, the built-in measurements asked for: "lm", "copy")."""
+    """--tasks (None, or names of world tasks / "lm" / "copy" / "icl" / paths to .toml spec files)
+    -> (specs, the built-in measurements asked for: BUILTIN)."""
     if tasks is None:
         specs = load_specs(WORLD_SPEC, str(world)) if world else []
-        return [s for s in specs if chat or s.needs != "chat"], {LM_TASK, COPY_TASK}
+        return [s for s in specs if chat or s.needs != "chat"], set(BUILTIN)
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     specs, builtin, world_specs = [], set(), None
     for name in names:
-        if name in (LM_TASK, COPY_TASK):
+        if name in BUILTIN:
             builtin.add(name)
         elif name.endswith(".toml") or Path(name).is_file():
             specs += load_specs(name, str(world) if world else None)
@@ -124,7 +150,7 @@ def resolve_tasks(tasks, world, chat: bool) -> tuple[list[TaskSpec], set[str]]:
                 world_specs = {s.name: s for s in load_specs(WORLD_SPEC, str(world or "."))}
             if name not in world_specs:
                 raise UserError(f"unknown task {name!r} (world tasks: {', '.join(world_specs)}; "
-                                f"'{LM_TASK}'; '{COPY_TASK}'; or a .toml spec file)")
+                                f"{', '.join(repr(b) for b in BUILTIN)}; or a .toml spec file)")
             if not world:
                 raise UserError(f"task {name} reads the synthetic world: pass --world DIR")
             specs.append(world_specs[name])
@@ -189,6 +215,17 @@ def evaluate(model, tasks=None, world=None, data=None, text=None, out=None, limi
             print(f"in-context copying: loss on a random sequence's second occurrence / its first = {r['ratio']:.3f} "
                   f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] ({r['first']:.3f} -> {r['second']:.3f} nats/token, "
                   f"{r['sequences']} x {r['length']} tokens)", flush=True)
+    if ICL_TASK in builtin and (data is not None or info["data"] is not None):
+        results[ICL_TASK] = r = icl_eval(lm, data or info["data"])
+        if r is None:
+            del results[ICL_TASK]
+        elif not quiet:
+            print(f"in-context learning (Olsson et al.): loss late in a context - early = {r['score']:+.3f} nats "
+                  f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] ({r['early']:.3f} -> {r['late']:.3f}, "
+                  f"{r['windows']} windows)", flush=True)
+    elif ICL_TASK in builtin and tasks is not None:
+        raise UserError("task 'icl' needs --data DIR (prepared token shards; the model folder records none that "
+                        "still exists)")
     if not specs and "lm" not in results and COPY_TASK not in results:
         raise UserError(f"nothing to evaluate for {model_dir}: no world found (pass --world DIR), no data "
                         "(pass --data DIR or --text FILES) and no --tasks")
@@ -252,6 +289,10 @@ def print_table(results: dict) -> None:
         r = results[COPY_TASK]
         print(f"{'copy':18s} {'2nd / 1st occurrence loss (1: none)':40s} {r['sequences']:5d} {r['ratio']:6.3f}  "
               f"[{r['ci'][0]:5.3f},{r['ci'][1]:5.3f}]")
+    if ICL_TASK in results:
+        r = results[ICL_TASK]
+        print(f"{'icl':18s} {'loss late - early in context (0: none)':40s} {r['windows']:5d} {r['score']:+6.3f}  "
+              f"[{r['ci'][0]:+.3f},{r['ci'][1]:+.3f}]")
     if "lm" in results:
         r = results["lm"]
         print(f"{'lm':18s} {'bits per byte':40s} {'':5s} {r['bpb']:.4f}  (loss {r['loss']:.4f} per token, "

@@ -13,7 +13,7 @@ import torch
 from lmstack import distributed
 from lmstack.config import load_config
 from lmstack.device import check_fits, pick_device
-from lmstack.data import TokenBatches, copy_losses, copy_probe, iter_eval_windows, load_manifest
+from lmstack.data import TokenBatches, copy_losses, copy_probe, icl_losses, icl_probe, iter_eval_windows, load_manifest
 from lmstack.model import GPT
 from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
@@ -55,17 +55,27 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
                                          rank=info.rank, world_size=info.world_size)
         elif distributed.is_main():
             print(f"pretrain: no {cfg.data.val_split} split big enough to evaluate on; skipping validation")
-        # In-context copying, logged at every evaluation: the loss on a random sequence's second
-        # occurrence over its first (`lmstack eval`'s copy task, on 16 sequences).
+        # Logged at every evaluation, so their onset shows over training: in-context copying, the
+        # loss on a random sequence's second occurrence over its first (`lmstack eval`'s copy task,
+        # on 16 sequences), and Olsson et al.'s in-context learning score (its icl task, 16 windows).
         probe = copy_probe(tok, tc.seq_len, 16, seed=1)
-        copyable = (probe.shape[1] - 1) // 2 >= 8  # a context too short for 8 + 8 tokens measures nothing
+        windows = icl_probe(data, cfg.data.val_split, tok, tc.seq_len, 16) if eval_batches is not None else None
 
         def copy(m) -> float:
             first, second = copy_losses(m, probe)
             return float(second.mean() / first.mean())
 
+        def icl(m) -> float:
+            early, late = icl_losses(m, windows)
+            return float(late.mean() - early.mean())
+
+        probes = {}
+        if (probe.shape[1] - 1) // 2 >= 8:  # a context too short for 8 + 8 tokens measures nothing
+            probes["copy"] = copy
+        if windows is not None:
+            probes["icl"] = icl
         return train(cfg, model, batches, next_token_loss, out_dir, eval_batches=eval_batches,
                      token_bytes=tok.token_bytes(), tokenizer_file=Path(data) / "tokenizer.json",
-                     resume=resume, probes={"copy": copy} if eval_batches is not None and copyable else None)
+                     resume=resume, probes=probes if eval_batches is not None and probes else None)
     finally:
         distributed.cleanup()
