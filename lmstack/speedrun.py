@@ -13,8 +13,8 @@ reward model and DPO on the world's comparisons, PPO against the reward model on
 comparisons' prompts, GRPO on arithmetic problems that are not among the held-out probes.
 `--set KEY=VALUE` configures pretraining (train.dtype/device/compile/seed apply to every
 stage); `--set STAGE.KEY=VALUE` one later stage only, STAGE one of sft, rm, dpo, ppo, grpo
-(e.g. sft.train.max_steps=50, dpo.pref.beta=0.2, grpo.rl.group_size=4). Every --set is
-checked before any work starts.
+(e.g. sft.train.max_steps=50, dpo.pref.beta=0.2, grpo.rl.group_size=4); `--set world.KEY=VALUE`
+the world's text (WORLD_KEYS, e.g. world.qa_docs=0). Every --set is checked before any work starts.
 """
 
 from __future__ import annotations
@@ -70,6 +70,11 @@ GRPO_DIGITS = (1, 2, 3)  # operand sizes of GRPO's arithmetic prompts (lmstack.w
 GRPO_TOOLS = "calculator"  # rl.tools of the GRPO stage ("" = none): it learns to use the calculator
 WINRATE_N = {"tiny": 40}  # world prompts per win rate (default: win_rate's own, 200)
 EVAL_LIMIT = {"tiny": 20}  # rows per task (default: each task's own limit, lmstack/eval/world.toml)
+# The world's text knobs (lmstack.world.generate's arguments) --set world.KEY=VALUE may change, and
+# the preset's own choices (the README's "The default model learns its world" has the measurements).
+WORLD_KEYS = {"bios_per_person": int, "qa_docs": int, "copy_docs": int, "permute": bool, "full_names": bool,
+              "arithmetic": int, "stories": int, "heldout_fraction": float}
+WORLD_SET = {}
 SHARED = ("train.dtype", "train.device", "train.compile", "train.seed")  # --set keys every stage inherits
 MODELS = ("base", "chat", "dpo", "ppo", "grpo")  # the model folders `lmstack eval` scores
 MARKER = "speedrun.json"
@@ -88,10 +93,11 @@ def _prepare_run_folder(out: Path, force: bool) -> None:
 
 
 def split_overrides(name: str, overrides) -> dict[str, list[str]]:
-    """--set items -> {"pretrain", "sft", "rm", "dpo", "ppo", "grpo": its overrides}: `STAGE.KEY=V`
-    goes to that stage only, anything else to pretraining, the SHARED keys to every stage. The
+    """--set items -> {"pretrain", "world", "sft", "rm", "dpo", "ppo", "grpo": its overrides}: `STAGE.KEY=V`
+    goes to that stage only, anything else to pretraining, the SHARED keys to every training stage. The
     speedrun's own settings for the preset come first, so a --set wins over them."""
-    sets = {"pretrain": [], "sft": list(SFT_SET.get(name, [])),
+    sets = {"pretrain": [], "world": [f"{k}={v}" for k, v in WORLD_SET.get(name, {}).items()],
+            "sft": list(SFT_SET.get(name, [])),
             **{s: list(ALIGN_SET.get(name, {}).get(s, [])) for s in ALIGN}}
     sets["grpo"].append(f"rl.tools={GRPO_TOOLS}")
     for item in overrides:
@@ -103,9 +109,29 @@ def split_overrides(name: str, overrides) -> dict[str, list[str]]:
             sets["pretrain"].append(item)
             if key in SHARED:
                 for s in sets:
-                    if s != "pretrain":
+                    if s not in ("pretrain", "world"):
                         sets[s].append(item)
     return sets
+
+
+def world_settings(items: list[str]) -> dict:
+    """world.KEY=VALUE items (without the prefix) -> lmstack.world.generate's keyword arguments."""
+    out = {}
+    for item in items:
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if key not in WORLD_KEYS or not eq:
+            raise UserError(f"--set world.{item}: the world's keys are {', '.join(WORLD_KEYS)} (world.KEY=VALUE)")
+        kind = WORLD_KEYS[key]
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[key] = value.lower() in ("true", "1")
+            else:
+                out[key] = kind(value)
+        except ValueError:
+            raise UserError(f"--set world.{item}: {key} takes {'true or false' if kind is bool else kind.__name__}")
+    return out
 
 
 def check_settings(model_cfg, sets: dict, align: bool) -> None:
@@ -138,15 +164,17 @@ def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), for
     # Bad preset or --set: fail now, before any work.
     cfg = load_config(preset, sets["pretrain"], vocab_size=VOCAB.get(name, 4096))
     check_settings(model_config_from_dict(cfg.to_dict()["model"]), sets, align)
+    world_kw = world_settings(sets["world"])
     out = Path(out)
     _prepare_run_folder(out, force)
     people = people or PEOPLE.get(name, PEOPLE["small"])
-    summary = {"preset": preset, "people": people, "overrides": overrides, "align": align, "stages": {}}
+    summary = {"preset": preset, "people": people, "world": world_kw, "overrides": overrides, "align": align,
+               "stages": {}}
     atomic_write_json(out / MARKER, summary)
     world, chat = out / "world", out / "chat"
     comparisons = world / "comparisons.jsonl"
     stages = [
-        ("world", lambda: generate(world, people=people, seed=0)),
+        ("world", lambda: generate(world, people=people, seed=0, **world_kw)),
         ("tokenizer", lambda: train_tokenizer([world / "pretrain.jsonl"],
                                               vocab_size=VOCAB.get(name, 4096), out=out / "tokenizer")),
         ("data", lambda: prepare([world / "pretrain.jsonl"], tokenizer=out / "tokenizer",

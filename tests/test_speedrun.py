@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from lmstack.speedrun import ALIGN_SET, GRPO_TOOLS, split_overrides
+from lmstack.speedrun import ALIGN_SET, GRPO_TOOLS, split_overrides, world_settings
 from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ALIGNED = ("dpo", "ppo", "grpo")  # the aligned chat models (rm/ is the reward model)
@@ -104,6 +104,7 @@ def test_speedrun_bad_preset_or_key_fails_before_any_work(tmp_path):
     for args in (["--preset", "huge"], ["--set", "train.nope=1"], ["--set", "sft.train.nope=1"],
                  ["--set", "sft.model.n_layer=3"], ["--set", "dpo.train.nope=1"], ["--set", "rm.model.n_layer=3"],
                  ["--set", "grpo.rl.max_new_tokens=200"],  # longer than the tiny model's 128-token context
+                 ["--set", "world.nope=1"], ["--set", "world.qa_docs=many"], ["--set", "world.permute=maybe"],
                  ["--no-align", "--set", "ppo.train.max_steps=5"]):  # a stage that will not run
         proc = run_cli("speedrun", "--preset", "tiny", "--out", str(tmp_path / "r"), *args)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
@@ -115,9 +116,11 @@ def test_speedrun_bad_preset_or_key_fails_before_any_work(tmp_path):
 
 def test_split_overrides_routes_each_stage_its_keys():
     sets = split_overrides("tiny", ["train.lr=1", "train.seed=3", "dpo.pref.beta=0.5", "grpo.rl.group_size=2",
-                                    "rm.train.max_steps=9"])
+                                    "rm.train.max_steps=9", "world.qa_docs=2", "world.permute=false"])
     assert sets["pretrain"] == ["train.lr=1", "train.seed=3"]
-    assert all("train.seed=3" in v for v in sets.values())  # a shared key reaches every stage
+    assert sets["world"] == ["qa_docs=2", "permute=false"]  # the world's text: no training keys
+    assert world_settings(sets["world"]) == {"qa_docs": 2, "permute": False}
+    assert all("train.seed=3" in v for k, v in sets.items() if k != "world")  # a shared key reaches every stage
     assert sets["dpo"][-2:] == ["train.seed=3", "pref.beta=0.5"] and "pref.beta=0.5" not in sets["rm"]
     assert sets["grpo"][-1] == "rl.group_size=2" and f"rl.tools={GRPO_TOOLS}" in sets["grpo"]
     tiny_rm = ALIGN_SET["tiny"]["rm"]
