@@ -101,13 +101,15 @@ def test_checkers():
 # --- tasks on constructed models --------------------------------------------------------------
 
 class OracleLM:
-    """Knows every answer: the right option gets log-prob 0, the others -5; replies are the answer."""
+    """Knows every answer: the right option (or teacher-forced answer) gets log-prob 0, the others
+    -5; replies are the answer. Text stays text: a chat prompt is its question."""
 
     def __init__(self, tok, answers: dict):
         self.tok, self.answers = tok, answers  # question -> answer
+        self.fmt = SimpleNamespace(prompt=lambda messages: messages[-1]["content"])
 
     def split_pair(self, context, continuation, head=None):
-        return (context, continuation)
+        return ((head or "") + context, continuation)
 
     def loglikelihood_ids(self, pairs):
         return [(0.0 if cont.strip() == self.answers[ctx] else -5.0, True) for ctx, cont in pairs]
@@ -133,9 +135,11 @@ def test_oracle_scores_one(tmp_path, tok):
     gen = make_spec({"name": "g", "data": str(data), "kind": "generate", "format": "chat"}, "test")
     r = run_task(oracle, gen)
     assert r["acc"] == 1.0 and r["closed"]["acc"] == 1.0
+    assert r["answer_logprob"] == 0.0 and r["slices"] == {} and all(it["answer_lp"] == 0.0 for it in r["items"])
     # A wrong oracle (answers shifted by one) scores 0.
     wrong = OracleLM(tok, {r["question"]: r["distractors"][0] for r in rows})
     assert run_task(wrong, choice)["acc"] == 0.0 and run_task(wrong, gen)["acc"] == 0.0
+    assert run_task(wrong, choice)["answer_logprob"] == run_task(wrong, gen)["answer_logprob"] == -5.0
 
 
 class UniformModel(torch.nn.Module):

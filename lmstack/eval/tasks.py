@@ -10,6 +10,12 @@
             model instead writes k answers at `temperature` and the score is pass@k (any of
             the k is right); the results also hold pass@1 estimated from the k samples.
 
+Beside exact match, every task with a reference answer reports a continuous score (a capability
+that looks like it "emerges" under exact match is often smooth under one, Schaeffer et al. 2023):
+`answer_logprob`, the mean log-probability (nats) of the answer after the prompt (choice: the right
+option's, as ranked; generate: the answer teacher-forced as the reply's first words), and for the
+`number` check `digit_acc`, the share of the answer's digits the reply's number gets right.
+
 A spec is a TOML table (a file holds a list of them as [[task]]); no code needed:
 
     [[task]]
@@ -285,26 +291,15 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
         pairs, spans, chances = [], [], []
         others = _swapped_subjects(rows, spec) if spec.subject else {}
 
-        def ranked(prompt: str, row, line: int, opts: list[str]) -> None:  # the pairs that rank opts after prompt
-            if spec.format == "chat":
-                msgs = ([{"role": "system", "content": _fill(spec.system, row, spec, line)}] if spec.system else [])
-                msgs.append({"role": "user", "content": prompt})
-                head = lm.fmt.prompt(msgs)
-                context = _fill(spec.reply_prefix, row, spec, line)
-            else:
-                head, context = None, prompt
-            sep = spec.choice_prefix if spec.choice_prefix is not None else (" " if context else "")
-            pairs.extend(lm.split_pair(context, sep + o, head) for o in opts)
-
         for line, row in rows:
             opts, right = _options(row, spec, line)
             prompt = _fill(spec.prompt, row, spec, line)
             swapped = None
             if line in others:  # the same options with someone else as the prompt's subject
                 swapped = len(pairs)
-                ranked(prompt.replace(row[spec.subject], others[line]), row, line, opts)
+                pairs += _answer_pairs(lm, spec, row, line, prompt.replace(row[spec.subject], others[line]), opts)
             spans.append((len(pairs), swapped, right, opts))
-            ranked(prompt, row, line, opts)
+            pairs += _answer_pairs(lm, spec, row, line, prompt, opts)
             chances.append(1 / len(opts))
         scores = lm.loglikelihood_ids(pairs)
 
@@ -317,7 +312,8 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
         for (line, row), (first, swapped, right, opts) in zip(rows, spans):
             pick, lps = choose(first, opts, f"{spec.name}:{line}")
             item = {"line": line, "hit": int(pick == right), "pick": opts[pick],
-                    "rank": 1 + sum(lp > lps[right] for lp in lps), "slices": _slice_keys(row, spec)}
+                    "rank": 1 + sum(lp > lps[right] for lp in lps), "answer_lp": scores[first + right][0],
+                    "slices": _slice_keys(row, spec)}
             if swapped is not None:
                 item["swapped_hit"] = int(choose(swapped, opts, f"{spec.name}:{line}:swapped")[0] == right)
             items.append(item)
@@ -331,10 +327,7 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
                 ans += [str(a) for a in (extra if isinstance(extra, list) else [extra])]
             answers.append(ans)
         if spec.format == "chat":
-            convs = []
-            for line, row in rows:
-                msgs = ([{"role": "system", "content": _fill(spec.system, row, spec, line)}] if spec.system else [])
-                convs.append(msgs + [{"role": "user", "content": _fill(spec.prompt, row, spec, line)}])
+            convs = [_messages(spec, row, line, _fill(spec.prompt, row, spec, line)) for line, row in rows]
             registry = None
             if spec.tools:
                 registry = tools or default_registry()
@@ -353,10 +346,16 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
             prompts = [lm.tok.bos + lm.tok.encode(_fill(spec.prompt, row, spec, line)) for line, row in rows]
             done = lm.generate([p for p in prompts for _ in range(k)], spec.max_tokens, until=spec.until, **sampling)
             outs = [(c.text, None, 0) for c in done]
+        forced = _teacher_forced(lm, spec, rows, answers)
         for j, ((line, row), ans) in enumerate(zip(rows, answers)):
             mine = outs[j * k:(j + 1) * k]
             hits = [int(check(spec.check, text, ans)) for text, _, _ in mine]
             item = {"line": line, "hit": int(any(hits)), "slices": _slice_keys(row, spec)}
+            if forced:
+                item["answer_lp"] = forced[j]
+            if spec.check == "number":  # per-digit accuracy, averaged over the k samples
+                item["digit_acc"] = sum(digit_accuracy(labeller.final_number(text), ans[0])
+                                        for text, _, _ in mine) / len(mine)
             if spec.samples:  # pass@k: hit = any of the k; each sample kept
                 item.update(samples=[text for text, _, _ in mine], sample_hits=hits)
             else:
@@ -369,7 +368,7 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
         chance = _majority(spec, rows) if isinstance(spec.chance, str) else spec.chance
     result = {"kind": spec.kind, "format": spec.format, "metric": metric_name(spec), "better": spec.better,
               "data": spec.data, "description": spec.description,
-              **summarize([it["hit"] for it in items], chance)}
+              **summarize([it["hit"] for it in items], chance), **continuous(items)}
     if spec.kind == "choice":
         result["mean_rank"] = sum(it["rank"] for it in items) / len(items)
         _add_swapped(result, items, chance)
@@ -387,7 +386,7 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
     result["slices"] = {}
     for key in sorted(by):
         its = by[key]
-        s = summarize([it["hit"] for it in its], _slice_chance(spec, rows, items, its, chance))
+        s = {**summarize([it["hit"] for it in its], _slice_chance(spec, rows, items, its, chance)), **continuous(its)}
         if spec.kind == "choice":
             s["mean_rank"] = sum(it["rank"] for it in its) / len(its)
             _add_swapped(s, its, s.get("chance"))
@@ -397,6 +396,55 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
     result["seconds"] = round(time.time() - t0, 2)
     result["items"] = items
     return result
+
+
+def _messages(spec: TaskSpec, row: dict, line: int, prompt: str) -> list[dict]:
+    """A chat task's conversation: its system message (if any), then the prompt as the user's."""
+    system = [{"role": "system", "content": _fill(spec.system, row, spec, line)}] if spec.system else []
+    return system + [{"role": "user", "content": prompt}]
+
+
+def _answer_pairs(lm, spec: TaskSpec, row: dict, line: int, prompt: str, answers: list[str]) -> list:
+    """The (context ids, continuation ids) pairs that score each of `answers` after `prompt`: in
+    the chat format, as the start of the assistant's reply (after `reply_prefix`); in text, as
+    the prompt's continuation (joined by `choice_prefix`, default a space)."""
+    if spec.format == "chat":
+        head, context = lm.fmt.prompt(_messages(spec, row, line, prompt)), _fill(spec.reply_prefix, row, spec, line)
+    else:
+        head, context = None, prompt
+    sep = spec.choice_prefix if spec.choice_prefix is not None else (" " if context else "")
+    return [lm.split_pair(context, sep + a, head) for a in answers]
+
+
+def _teacher_forced(lm, spec: TaskSpec, rows, answers) -> list[float]:
+    """Each row's answer log-probability (nats) after its prompt, teacher-forced (one batched
+    scoring call); [] for checks with no reference answer (behaviour detectors, regex)."""
+    if spec.check not in ("contains", "exact", "number"):
+        return []
+    pairs = [pair for (line, row), ans in zip(rows, answers)
+             for pair in _answer_pairs(lm, spec, row, line, _fill(spec.prompt, row, spec, line), ans[:1])]
+    return [lp for lp, _ in lm.loglikelihood_ids(pairs)]
+
+
+def digit_accuracy(got: str | None, want: str) -> float:
+    """The share of digit positions the number `got` has right, aligned from the units digit: the
+    answer's positions plus any extra the reply wrote (each extra one wrong), a minus sign counting
+    as a position. No number at all scores 0. ("81", "81") -> 1; ("71", "81") -> 0.5; ("181", "81") -> 2/3."""
+    want = str(want).replace(",", "")
+    if got is None or not want:
+        return 0.0
+    width = max(len(got), len(want))
+    return sum(a == b for a, b in zip(got.rjust(width), want.rjust(width))) / width
+
+
+def continuous(items) -> dict:
+    """The continuous scores over items that have them: mean answer log-probability, mean per-digit accuracy."""
+    out = {}
+    for key, name in (("answer_lp", "answer_logprob"), ("digit_acc", "digit_acc")):
+        values = [it[key] for it in items if key in it]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
 
 
 def _swapped_subjects(rows, spec: TaskSpec) -> dict:
