@@ -87,6 +87,17 @@ def _cmd_chat(a):
                 max_tokens=a.max_tokens, seed=a.seed, tools=not a.no_tools)
 
 
+def _cmd_experiment(a):
+    from lmstack.experiments import run
+
+    if a.action == "run":
+        run.run_experiment(a.name, scale=a.scale, seeds=a.seeds, out=a.out, results=a.results, variants=a.variants)
+    elif a.action == "list":
+        run.list_experiments(a.results)
+    else:
+        run.show(a.name, a.results)
+
+
 def _cmd_speedrun(a):
     from lmstack.speedrun import speedrun
 
@@ -466,6 +477,25 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--sweep", required=True)
     sq.add_argument("--out", help="folder for the PNGs and report.md (default: the sweep folder)")
     sq.set_defaults(func=_cmd_scaling)
+
+    xp = sub.add_parser("experiment", help="named experiments (reversal, knowledge, icl, arithmetic): run, list, show")
+    xps = xp.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    xr = xps.add_parser("run", help="every variant x seed of an experiment not yet in the store; resumable")
+    xr.add_argument("name", help="a built-in experiment (lmstack experiment list) or a recipe .toml file")
+    xr.add_argument("--scale", default="small", help="the pretraining preset: tiny | small | gpt2 | a .toml "
+                    "(with the speedrun's world size, vocabulary and SFT settings for it)")
+    xr.add_argument("--seeds", type=int, default=1, help="run seeds 0..K-1 (world and training)")
+    xr.add_argument("--variants", help="comma-separated: only these variants (default: all)")
+    xr.add_argument("--out", help="the run folders (default: runs/experiments/NAME)")
+    xr.add_argument("--results", help="the results store (default: runs/results)")
+    xr.set_defaults(func=_cmd_experiment)
+    xl = xps.add_parser("list", help="the built-in experiments and how many runs the store holds")
+    xl.add_argument("--results", help="the results store (default: runs/results)")
+    xl.set_defaults(func=_cmd_experiment)
+    xs = xps.add_parser("show", help="an experiment's headline numbers per variant x scale (mean over seeds)")
+    xs.add_argument("name")
+    xs.add_argument("--results", help="the results store (default: runs/results)")
+    xs.set_defaults(func=_cmd_experiment)
 
     dp = sub.add_parser("dpo", help="direct preference optimisation on comparisons (frozen reference)")
     dp.add_argument("--model", required=True, help="the SFT model folder (policy and reference)")

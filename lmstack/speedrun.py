@@ -70,6 +70,7 @@ GRPO_DIGITS = (1, 2, 3)  # operand sizes of GRPO's arithmetic prompts (lmstack.w
 GRPO_TOOLS = "calculator"  # rl.tools of the GRPO stage ("" = none): it learns to use the calculator
 WINRATE_N = {"tiny": 40}  # world prompts per win rate (default: win_rate's own, 200)
 EVAL_LIMIT = {"tiny": 20}  # rows per task (default: each task's own limit, lmstack/eval/world.toml)
+VAL_FRACTION = 0.02  # of the world's documents held out as pretraining's validation split
 # The world's text knobs (lmstack.world.generate's arguments) --set world.KEY=VALUE may change, and
 # the preset's own choices (the README's "The default model learns its world" has the measurements).
 WORLD_KEYS = {"bios_per_person": int, "qa_docs": int, "copy_docs": int, "permute": bool, "full_names": bool,
@@ -178,7 +179,7 @@ def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), for
         ("tokenizer", lambda: train_tokenizer([world / "pretrain.jsonl"],
                                               vocab_size=VOCAB.get(name, 4096), out=out / "tokenizer")),
         ("data", lambda: prepare([world / "pretrain.jsonl"], tokenizer=out / "tokenizer",
-                                 out=out / "data", val_fraction=0.02)),
+                                 out=out / "data", val_fraction=VAL_FRACTION)),
         ("pretrain", lambda: pretrain(preset, out / "data", out / "base", overrides=sets["pretrain"])),
         ("sft", lambda: sft(out / "base", [world / "sft.jsonl"], chat, overrides=sets["sft"])),
     ]

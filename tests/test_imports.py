@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lmstack"
 LAYERS = [
     ["lmstack.__main__"],
     ["lmstack.cli"],
+    ["lmstack.experiments"],
     ["lmstack.speedrun"],
     ["lmstack.align", "lmstack.scaling"],
     ["lmstack.train", "lmstack.eval", "lmstack.serve", "lmstack.export"],

@@ -1,0 +1,258 @@
+"""An experiment's recipe: a TOML file of data, read and checked before any work.
+
+    description = "one line for `lmstack experiment list`"
+    stages = ["world", "tokenizer", "data", "pretrain", "sft"]   # or stop after "pretrain"
+    headline = ["base reversal_rank group+direction=reversal/parent_to_child", "chat arithmetic digits=*"]
+    world = { people = 40 }            # world knobs for every variant (default: the scale's world)
+    pretrain = ["train.max_steps=10"]  # --set overrides for every variant's pretraining
+    sft = []                           # ... and its SFT
+
+    [eval]                             # the model -> the tasks it is scored on
+    base = ["reversal_rank"]
+    chat = ["reversal_rank", "reversal_qa"]
+
+    [variants.single]                  # at least one; the same three keys, added to the shared ones
+    world = { bios_per_person = 1, permute = false }
+
+A headline is "MODEL TASK [SLICE]": SLICE is one of the task's slices as eval names them
+("split=heldout", "group+direction=reversal/parent_to_child"), or "FIELD=*" for each value of it.
+A count knob may be written "K per person" (K x the world's people). Tasks are the world's
+(lmstack/eval/world.toml) and eval's built-in measures (MEASURES in store.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmstack.config import load_config, model_config_from_dict, read_preset
+from lmstack.eval.run import WORLD_SPEC
+from lmstack.eval.tasks import load_specs
+from lmstack.experiments.store import MEASURES
+from lmstack.speedrun import PEOPLE, VOCAB, WORLD_KEYS, split_overrides, world_settings
+from lmstack.train.sft import PRESET as SFT_PRESET
+from lmstack.train.sft import sft_config
+from lmstack.utils import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+BUILTIN_DIR = Path(__file__).parent
+STAGES = ["world", "tokenizer", "data", "pretrain", "sft"]
+MODELS = {"base": "pretrain", "chat": "sft"}  # the model folder -> the stage that makes it
+# World knobs a recipe may set, with their types: the world's size, and the text knobs the speedrun's
+# --set world.KEY=VALUE takes (lmstack.world.generate's keywords).
+WORLD_KNOBS = {"people": int, **WORLD_KEYS}
+COUNTS = {"arithmetic", "stories", "copy_docs"}  # may be "K per person"
+TOP_KEYS = {"description", "stages", "headline", "eval", "world", "pretrain", "sft", "variants"}
+VARIANT_KEYS = {"world", "pretrain", "sft"}
+
+
+@dataclass
+class Variant:
+    name: str
+    world: dict  # world knobs (the shared ones, then this variant's)
+    pretrain: list[str]  # --set overrides of pretraining
+    sft: list[str]  # --set overrides of SFT
+
+
+@dataclass
+class Headline:
+    model: str  # "base" | "chat"
+    task: str
+    slice: str | None = None  # a slice key, or "FIELD=*"
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.task}" + (f" {self.slice}" if self.slice else "")
+
+    def keys(self, metric: dict) -> list[str | None]:
+        """The slice keys of a stored metric this headline names (None: the task's overall score)."""
+        if self.slice is None:
+            return [None]
+        if self.slice.endswith("=*"):
+            return sorted((k for k in metric.get("slices", {}) if k.startswith(self.slice[:-1])), key=_natural)
+        return [self.slice]
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path
+    description: str
+    stages: list[str]
+    eval: dict[str, list[str]]  # model -> tasks
+    headline: list[Headline]
+    variants: list[Variant] = field(default_factory=list)
+
+
+def _natural(key: str):
+    """Slice keys in reading order: digits=2 before digits=10."""
+    value = key.partition("=")[2]
+    return (0, int(value), key) if value.isdigit() else (1, 0, key)
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.toml"))
+
+
+def recipe_path(name: str) -> Path:
+    """NAME (a built-in experiment) or a path to a recipe .toml file."""
+    path = Path(name)
+    if path.suffix == ".toml" or path.is_file():
+        if not path.is_file():
+            raise UserError(f"experiment file {path} does not exist")
+        return path
+    path = BUILTIN_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(f"unknown experiment {name!r} (built in: {', '.join(builtin_names())}; or a path to a "
+                        ".toml recipe)")
+    return path
+
+
+def load_recipe(name: str) -> Recipe:
+    """Read and check a recipe (every problem a one-line UserError naming the file)."""
+    path = recipe_path(name)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"experiment {path}: not readable TOML: {e}") from None
+    where = f"experiment {path}"
+    _known_keys(doc, TOP_KEYS, where)
+    stages = doc.get("stages", STAGES)
+    if stages not in (STAGES, STAGES[:-1]):
+        raise UserError(f"{where}: stages must be {STAGES} or {STAGES[:-1]} (got {stages!r})")
+    evals = _eval_table(doc.get("eval"), stages, where)
+    tasks = _tasks()
+    for model, names in evals.items():
+        for t in names:
+            if t not in tasks:
+                raise UserError(f"{where}: [eval] {model}: unknown task {t!r} (tasks: {', '.join(tasks)})")
+            if model == "base" and tasks[t][0] == "chat":
+                raise UserError(f"{where}: [eval] base: task {t} needs a chat model (score it on chat)")
+    headline = [_headline(h, evals, tasks, where) for h in _list(doc.get("headline", []), "headline", where)]
+    if not isinstance(doc.get("variants"), dict) or not doc["variants"]:
+        raise UserError(f"{where}: no [variants.NAME] table (a recipe needs at least one variant)")
+    shared = _settings(doc, "", where)
+    variants = []
+    for vname, table in doc["variants"].items():
+        if not isinstance(table, dict):
+            raise UserError(f"{where}: variants.{vname} is not a table")
+        _known_keys(table, VARIANT_KEYS, f"{where}: variants.{vname}")
+        own = _settings(table, f"variants.{vname}.", where)
+        variants.append(Variant(vname, {**shared[0], **own[0]}, shared[1] + own[1], shared[2] + own[2]))
+    return Recipe(path.stem, path, str(doc.get("description", "")), stages, evals, headline, variants)
+
+
+def _known_keys(table: dict, allowed: set, where: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise UserError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(allowed))})")
+
+
+def _list(value, key: str, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where}: {key} must be a list of strings (got {value!r})")
+    return value
+
+
+def _tasks() -> dict[str, tuple[str, list]]:
+    """The tasks a recipe may name -> (what they need: "chat" or "", their slices)."""
+    return {**{s.name: (s.needs, s.slices) for s in load_specs(WORLD_SPEC, ".")}, **{m: ("", []) for m in MEASURES}}
+
+
+def _eval_table(table, stages: list[str], where: str) -> dict[str, list[str]]:
+    if not isinstance(table, dict) or not table:
+        raise UserError(f"{where}: needs an [eval] table (base = [TASKS], chat = [TASKS])")
+    _known_keys(table, set(MODELS), f"{where}: [eval]")
+    for model, names in table.items():
+        if MODELS[model] not in stages:
+            raise UserError(f"{where}: [eval] {model}: the {MODELS[model]} stage does not run (stages = {stages})")
+        if not _list(names, f"[eval] {model}", where):
+            raise UserError(f"{where}: [eval] {model} names no task")
+    return table
+
+
+def _headline(text: str, evals: dict, tasks: dict, where: str) -> Headline:
+    parts = text.split()
+    if len(parts) not in (2, 3):
+        raise UserError(f"{where}: headline {text!r} is not 'MODEL TASK [SLICE]'")
+    h = Headline(*parts)
+    if h.task not in evals.get(h.model, []):
+        raise UserError(f"{where}: headline {text!r}: {h.task} is not scored on {h.model} ([eval])")
+    slices = tasks[h.task][1]
+    key, eq, _ = (h.slice or "").partition("=")
+    if h.slice is not None and not (eq and key in slices):
+        raise UserError(f"{where}: headline {text!r}: the slice must be FIELD=VALUE or FIELD=*, FIELD one of "
+                        f"{h.task}'s slices ({', '.join(slices) or 'none'})")
+    return h
+
+
+def _settings(table: dict, prefix: str, where: str) -> tuple[dict, list[str], list[str]]:
+    """(world knobs, pretrain --set, sft --set) of a recipe's top level or a variant."""
+    world = table.get("world", {})
+    if not isinstance(world, dict):
+        raise UserError(f"{where}: {prefix}world must be a table of world knobs")
+    for k, v in world.items():
+        if k not in WORLD_KNOBS:
+            raise UserError(f"{where}: unknown world knob {prefix}world.{k} (knobs: {', '.join(WORLD_KNOBS)})")
+        if not _knob_ok(k, v):
+            raise UserError(f"{where}: {prefix}world.{k} must be {WORLD_KNOBS[k].__name__}"
+                            + (" or 'K per person'" if k in COUNTS else "") + f" (got {v!r})")
+    return (world, _list(table.get("pretrain", []), f"{prefix}pretrain", where),
+            _list(table.get("sft", []), f"{prefix}sft", where))
+
+
+def _knob_ok(knob: str, v) -> bool:
+    typ = WORLD_KNOBS[knob]
+    if isinstance(v, bool):  # (a bool is an int to Python, not to a recipe)
+        return typ is bool
+    if typ is float:
+        return isinstance(v, (int, float))
+    return isinstance(v, typ) or (knob in COUNTS and _per_person(v) is not None)
+
+
+def _per_person(v) -> float | None:
+    """"2 per person" -> 2.0; anything else -> None."""
+    if isinstance(v, str) and v.endswith(" per person"):
+        try:
+            return float(v[:-len(" per person")])
+        except ValueError:
+            return None
+    return None
+
+
+def run_settings(variant: Variant, scale: str, seed: int) -> dict:
+    """One run's settings: {"world": lmstack.world.generate's keywords, "pretrain", "sft": --set
+    overrides}. What the speedrun does at this scale comes first (its world size, its world and SFT
+    settings for the preset), then the variant's (a count "K per person" counted), then the seed (the
+    world's, and train.seed, which like the speedrun's shared keys reaches both training stages)."""
+    people = variant.world.get("people", PEOPLE.get(Path(scale).stem, PEOPLE["small"]))
+
+    def text(v) -> str:  # a knob as the speedrun's --set world.KEY=VALUE reads it
+        k = _per_person(v)
+        return str(v).lower() if isinstance(v, bool) else str(v if k is None else round(k * people))
+
+    items = [*(f"world.{k}={text(v)}" for k, v in variant.world.items() if k != "people"), *variant.pretrain,
+             *(f"sft.{s}" for s in variant.sft), f"train.seed={seed}"]
+    sets = split_overrides(Path(scale).stem, items)
+    return {"world": {"people": people, "seed": seed, **world_settings(sets["world"])},
+            "pretrain": sets["pretrain"], "sft": sets["sft"]}
+
+
+def check_scale(recipe: Recipe, scale: str) -> None:
+    """Build every variant's pretraining and SFT config at this scale (a bad --scale or --set
+    fails now, in one line, not after the first variant trained)."""
+    try:
+        read_preset(scale)
+    except UserError as e:
+        raise UserError(f"--scale {scale}: {e}") from None
+    for v in recipe.variants:
+        try:
+            sets = run_settings(v, scale, 0)
+            cfg = load_config(scale, sets["pretrain"], vocab_size=VOCAB.get(Path(scale).stem, 4096))
+            if "sft" in recipe.stages:
+                sft_config(SFT_PRESET, sets["sft"], model_config_from_dict(cfg.to_dict()["model"]))
+        except UserError as e:
+            raise UserError(f"experiment {recipe.name}, variant {v.name}: {e}") from None
