@@ -160,15 +160,16 @@ def test_a_stopped_run_goes_on(tmp_path, monkeypatch, capsys):
 
 def test_the_store_keeps_whole_lines(tmp_path, capsys):
     path = tmp_path / "x.jsonl"
-    append_records(path, [{"a": 1}, {"a": 2}])
+    rec = {"variant": "a", "scale": "tiny", "seed": 0, "stage": "base", "metrics": {}}
+    append_records(path, [rec, {**rec, "seed": 1}])
     with open(path, "a") as f:
-        f.write('{"a": 3, "b"')  # a line torn by a crash mid-write
-    append_records(path, [{"a": 4}])
-    assert path.read_text().splitlines()[-1] == '{"a": 4}'
-    assert [r["a"] for r in read_records(path)] == [1, 2, 4]
-    assert "passed over 1 line" in capsys.readouterr().out
+        f.write('{"variant": "a", "sc')  # a line torn by a crash mid-write
+    append_records(path, [{**rec, "seed": 2}, {"not": "a record"}])
+    assert json.loads(path.read_text().splitlines()[-2]) == {**rec, "seed": 2}
+    assert [r["seed"] for r in read_records(path)] == [0, 1, 2]
+    assert "passed over 2 line(s)" in capsys.readouterr().out
     with pytest.raises(ValueError):  # never NaN in the store: strict JSON
-        append_records(path, [{"a": float("nan")}])
+        append_records(path, [{**rec, "metrics": float("nan")}])
 
 
 def error(capsys, *args) -> str:

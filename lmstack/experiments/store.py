@@ -74,16 +74,18 @@ def store_path(results, name: str) -> Path:
 
 
 def read_records(path) -> list[dict]:
-    """The store's records (none when the file does not exist yet); a line that is not JSON (a
-    hand edit, a disk that filled) is passed over with a note."""
+    """The store's records (none when the file does not exist yet); a line that is not one (a hand
+    edit, a line torn by a crash) is passed over with a note."""
     path = Path(path)
     if not path.is_file():
         return []
     skipped = {}
-    rows = [row for _, row in read_jsonl(path, "results store", skipped) if isinstance(row, dict)]
-    if skipped:
-        print(f"{path}: passed over {skipped['bad JSON']} line(s) that are not JSON", flush=True)
-    return rows
+    rows = [row for _, row in read_jsonl(path, "results store", skipped)]
+    records = [r for r in rows if isinstance(r, dict) and KEYS <= r.keys()]
+    bad = skipped.get("bad JSON", 0) + len(rows) - len(records)
+    if bad:
+        print(f"{path}: passed over {bad} line(s) that are not records", flush=True)
+    return records
 
 
 def append_records(path, records: list[dict]) -> None:
@@ -100,6 +102,9 @@ def append_records(path, records: list[dict]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+KEYS = {"variant", "scale", "seed", "stage", "metrics"}  # what a line needs to count as a record
 
 
 def run_key(record: dict) -> tuple:
