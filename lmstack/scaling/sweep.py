@@ -81,7 +81,7 @@ def plan_run(settings: dict, p: Point, vocab: int) -> tuple[list[str], dict]:
 
 def commit() -> str | None:
     """The lmstack checkout's commit (with "+dirty" when it has uncommitted changes), if it is one."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the lmstack package: "+dirty" for a change anywhere in it
     try:
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10)
