@@ -220,8 +220,8 @@ def lineage(model_dir) -> dict:
     imported with a chat template of its own),
     "data": its pretraining token shards (if still there), "world": the synthetic world
     it was trained on (if any), "steps": the stages that made it from its root, newest first
-    ({"stage", "data"}), "imported": the root's imported.json when it was brought in}. Paths
-    are as recorded (relative to where training ran)."""
+    ({"stage", "data", "base": the folder it started from}), "imported": the root's imported.json
+    when it was brought in}. Paths are as recorded (relative to where training ran)."""
     d = Path(model_dir)
     info = {"chat": False, "data": None, "world": None, "steps": [], "imported": None}
     for _ in range(8):  # follow base -> base (SFT of an SFT, later stages)
@@ -230,12 +230,13 @@ def lineage(model_dir) -> dict:
             stage = _stage_record(d / STAGE)  # later stages (preference training, RL) record their base
             if stage and stage.get("base"):
                 info["chat"] = info["chat"] or bool(stage.get("chat", True))
-                info["steps"].append({"stage": str(stage.get("stage")), "data": stage.get("data") or []})
+                info["steps"].append({"stage": str(stage.get("stage")), "data": stage.get("data") or [],
+                                      "base": stage["base"]})
                 d = Path(stage["base"])
                 continue
             break
         info["chat"] = True
-        info["steps"].append({"stage": "sft", "data": sft.get("data") or []})
+        info["steps"].append({"stage": "sft", "data": sft.get("data") or [], "base": sft.get("base")})
         for f in sft.get("data") or []:
             info["world"] = info["world"] or world_above(f)
         if not sft.get("base"):

@@ -173,7 +173,7 @@ def test_a_malformed_stage_record_is_one_line(tmp_path, tok):
     assert not (tmp_path / "hf").exists()
     (src / "sft.json").write_text(json.dumps({"data": [str(tmp_path / "w" / "sft.jsonl")]}))  # no base: stops there
     assert lineage(src) == {"chat": True, "data": None, "world": None, "imported": None,
-                            "steps": [{"stage": "sft", "data": [str(tmp_path / "w" / "sft.jsonl")]}]}
+                            "steps": [{"stage": "sft", "data": [str(tmp_path / "w" / "sft.jsonl")], "base": None}]}
 
 
 @pytest.mark.slow
