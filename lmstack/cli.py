@@ -98,6 +98,15 @@ def _cmd_experiment(a):
         run.show(a.name, a.results)
 
 
+def _cmd_capabilities(a):
+    from lmstack.experiments.capabilities import capabilities
+
+    doc = capabilities(a.inputs, results=a.results, out=a.out, with_checkpoints=a.checkpoints, tasks=a.tasks,
+                       limit=a.limit, dtype=a.dtype, device=a.device)
+    print(f"{len(doc['columns'])} columns; {len(doc['fails'])} task(s) not emerged at the largest scale measured"
+          f" -> {Path(a.out) / 'capabilities.md'}")
+
+
 def _cmd_speedrun(a):
     from lmstack.speedrun import speedrun
 
@@ -496,6 +505,21 @@ def build_parser() -> argparse.ArgumentParser:
     xs.add_argument("name")
     xs.add_argument("--results", help="the results store (default: runs/results)")
     xs.set_defaults(func=_cmd_experiment)
+
+    cp = sub.add_parser("capabilities", help="every task per model and checkpoint against training compute: "
+                        "exact match, continuous scores, emerged or not, and what to re-run larger")
+    cp.add_argument("inputs", nargs="*", metavar="MODEL_OR_RUN_DIR",
+                    help="model folders, or run folders holding several (e.g. a speedrun folder)")
+    cp.add_argument("--results", help="the experiments' results store (a folder of *.jsonl, e.g. runs/results)")
+    cp.add_argument("--checkpoints", action="store_true",
+                    help="also evaluate each model's saved checkpoints (state/step_N; results kept in OUT/evals)")
+    cp.add_argument("--tasks", help="comma-separated task names (or a .toml spec) to show and to evaluate")
+    cp.add_argument("--limit", type=int, default=None, help="rows per task when evaluating (default: a checkpoint "
+                    "gets its model's own results' rows, a model each task's; 0: all)")
+    cp.add_argument("--out", required=True, help="folder for capabilities.md, capabilities.json and the plots")
+    cp.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto (when evaluating)")
+    cp.add_argument("--device", default="auto")
+    cp.set_defaults(func=_cmd_capabilities)
 
     dp = sub.add_parser("dpo", help="direct preference optimisation on comparisons (frozen reference)")
     dp.add_argument("--model", required=True, help="the SFT model folder (policy and reference)")
