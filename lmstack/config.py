@@ -116,9 +116,12 @@ class DataConfig:
     dir: str = ""  # folder written by `lmstack data prepare` (set by --data)
     train_split: str = "train"  # split the model trains on
     val_split: str = "val"  # split for validation loss / bits-per-byte
+    # Pretraining only: this fraction of the training rows is the copying task instead of text (a
+    # fresh random token sequence, repeated; loss on the repeats), which teaches in-context copying.
+    copy_fraction: float = 0.0
 
     def validate(self) -> None:
-        pass
+        _in_range(self, "data", "copy_fraction", 0.0, 1.0, hi_open=True)
 
 
 @dataclass

@@ -234,22 +234,34 @@ class TokenBatches:
     """
 
     def __init__(self, data_dir, split: str = "train", batch_size: int = 8, seq_len: int = 256,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, copy_fraction: float = 0.0,
+                 copy_ids: np.ndarray | None = None):
         assert 0 <= rank < world_size and batch_size > 0 and seq_len > 0
+        assert copy_fraction == 0 or (0 < copy_fraction < 1 and copy_ids is not None and len(copy_ids) > 1)
         self.data = open_split(data_dir, split)
         if len(self.data) < seq_len + 1:
             raise UserError(f"{split} split of {data_dir} has {len(self.data)} tokens, fewer than "
                             f"seq_len + 1 = {seq_len + 1}; use more data or a shorter sequence")
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
+        self.copy_fraction, self.copy_ids = copy_fraction, copy_ids
         self.step = 0
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, ...]:
+        """(x, y), or (x, y, mask) when some rows are the copying task (copy_fraction > 0)."""
         B, T = self.batch_size, self.seq_len
         rng = np.random.default_rng([self.seed, self.step])
         offsets = rng.integers(0, len(self.data) - T, size=self.world_size * B)  # last start: N-T-1
         self.step += 1
-        return _windows(self.data, offsets[self.rank * B:(self.rank + 1) * B], T)
+        x, y = _windows(self.data, offsets[self.rank * B:(self.rank + 1) * B], T)
+        if not self.copy_fraction:
+            return x, y
+        mask = torch.ones_like(y, dtype=torch.bool)
+        f = self.copy_fraction
+        for i, k in enumerate(range(self.rank * B, (self.rank + 1) * B)):  # k: the row in the global batch
+            if int((k + 1) * f) > int(k * f):  # exactly a fraction f of the rows, evenly spread
+                x[i], y[i], mask[i] = _copy_row(np.random.default_rng([self.seed, self.step, k]), self.copy_ids, T)
+        return x, y, mask
 
     __next__ = next
 
@@ -261,6 +273,19 @@ class TokenBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+
+
+def _copy_row(rng: np.random.Generator, ids: np.ndarray, seq_len: int):
+    """One row of the copying task (what induction heads do; TokenBatches' copy_fraction): a fresh
+    random sequence of 8 .. seq_len/2 distinct tokens from `ids`, repeated to fill the row, counted
+    in the loss only where looking back predicts it: from the repeat's second token on (the first
+    occurrence, fresh in every row, can be neither predicted nor memorised; nor can the token that
+    starts a repeat, which follows a token seen nowhere earlier). Returns (x, y, mask)."""
+    n = int(rng.integers(8, max(9, seq_len // 2 + 1)))
+    seq = rng.choice(ids, n, replace=len(ids) < n)
+    row = torch.from_numpy(np.tile(seq, -(-(seq_len + 1) // n))[:seq_len + 1].astype(np.int64))
+    mask = torch.arange(seq_len) >= n  # x[j] = row[j] occurred at j - n, followed by y[j] = row[j + 1]
+    return row[:-1], row[1:], mask
 
 
 def iter_eval_windows(data_dir, split: str = "val", batch_size: int = 8, seq_len: int = 256,
@@ -302,6 +327,11 @@ def target_bytes(batch, token_bytes: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- in-context copying
 
+def ordinary_ids(tok: Tokenizer) -> np.ndarray:
+    """Every id that is not a control token (what random sequences are drawn from: never a special)."""
+    return np.array([i for i in range(tok.vocab_size) if i not in tok.control_ids])
+
+
 def copy_probe(tok: Tokenizer, ctx: int, sequences: int = 64, length: int = 64, seed: int = 0) -> torch.Tensor:
     """The in-context copying probe (what induction heads do): `sequences` rows, each the scoring
     head (BOS, or EOS), `length` random distinct ordinary tokens (fewer when a row would not fit
@@ -309,7 +339,7 @@ def copy_probe(tok: Tokenizer, ctx: int, sequences: int = 64, length: int = 64, 
     token has one continuation to look up."""
     length = min(length, (ctx - len(tok.scoring_head)) // 2)
     rng = np.random.default_rng(seed)
-    normal = np.array([i for i in range(tok.vocab_size) if i not in tok.control_ids])
+    normal = ordinary_ids(tok)
     rows = []
     for _ in range(sequences):
         seq = rng.choice(normal, length, replace=len(normal) < length).tolist()

@@ -242,6 +242,42 @@ def test_token_batches_resume(data_dir):
         assert torch.equal(x, bx) and torch.equal(y, by)
 
 
+def test_token_batches_copy_rows(data_dir):
+    """copy_fraction: exactly that fraction of the global batch's rows, evenly spread, is the copying
+    task (a fresh sequence of distinct allowed tokens, repeated), counted only where a look back
+    predicts the token; the other rows are the text windows they would have been; resumable, and
+    2 ranks see what 1 rank of twice the batch sees."""
+    ids = np.arange(20, 120)
+    plain = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5)
+    tb = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.25, copy_ids=ids)
+    seen = set()
+    for _ in range(4):
+        px, py = plain.next()
+        x, y, mask = tb.next()
+        copied = [i for i in range(8) if not mask[i].all()]
+        assert copied == [3, 7]  # rows k with int((k + 1) / 4) > int(k / 4)
+        for i in range(8):
+            if i not in copied:
+                assert torch.equal(x[i], px[i]) and torch.equal(y[i], py[i]) and mask[i].all()
+                continue
+            row = torch.cat([x[i], y[i][-1:]]).tolist()
+            n = int((~mask[i]).sum())  # the sequence's length: nothing counted before its repeat
+            assert 8 <= n <= 16 and len(set(row[:n])) == n and set(row) <= set(ids.tolist())
+            assert row == (row[:n] * 10)[:33]
+            assert mask[i][n:].all() and torch.equal(x[i][1:], y[i][:-1])
+            seen.add(tuple(row[:n]))
+    assert len(seen) == 8  # fresh every row and step
+    again = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.25, copy_ids=ids)
+    again.load_state_dict({"step": 3})
+    ranks = [TokenBatches(data_dir, batch_size=4, seq_len=32, seed=5, rank=r, world_size=2, copy_fraction=0.25,
+                          copy_ids=ids) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict({"step": 3})
+    parts = [r.next() for r in ranks]
+    for a, b, c in zip((x, y, mask), again.next(), zip(*parts)):
+        assert torch.equal(a, b) and torch.equal(a, torch.cat(c))
+
+
 def test_token_batches_too_short(data_dir):
     n = len(open_split(data_dir, "val"))
     TokenBatches(data_dir, split="val", batch_size=1, seq_len=n - 1).next()  # exactly T+1 tokens

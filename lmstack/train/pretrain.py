@@ -13,7 +13,8 @@ import torch
 from lmstack import distributed
 from lmstack.config import load_config
 from lmstack.device import check_fits, pick_device
-from lmstack.data import TokenBatches, copy_losses, copy_probe, icl_losses, icl_probe, iter_eval_windows, load_manifest
+from lmstack.data import (TokenBatches, copy_losses, copy_probe, icl_losses, icl_probe, iter_eval_windows,
+                          load_manifest, ordinary_ids)
 from lmstack.model import GPT
 from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
@@ -46,7 +47,8 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
         model = GPT(cfg.model)
         tc = cfg.train
         batches = TokenBatches(data, cfg.data.train_split, batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
-                               seed=tc.seed, rank=info.rank, world_size=info.world_size)
+                               seed=tc.seed, rank=info.rank, world_size=info.world_size,
+                               copy_fraction=cfg.data.copy_fraction, copy_ids=ordinary_ids(tok))
         eval_batches = None
         if manifest["tokens"].get(cfg.data.val_split, 0) > tc.seq_len * info.world_size:
             def eval_batches():
