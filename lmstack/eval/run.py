@@ -87,13 +87,7 @@ def copy_eval(lm: ModelLM, sequences: int = 64, length: int = 64, seed: int = 0)
     of the means, with a 95% bootstrap interval over the sequences."""
     probe = copy_probe(lm.tok, lm.ctx, sequences, length, seed)
     length = (probe.shape[1] - 1) // 2
-    firsts, seconds = [], []
-    for rows in probe.split(lm.batch_size):
-        with torch.inference_mode():
-            f, s = copy_losses(lm.model, rows)
-        firsts.append(f)
-        seconds.append(s)
-    a, b = torch.cat(firsts).double().numpy(), torch.cat(seconds).double().numpy()
+    a, b = _paired_losses(lm, copy_losses, probe)
     return {"sequences": sequences, "length": length, "first": float(a.mean()), "second": float(b.mean()),
             "ratio": float(b.mean() / a.mean()), "ci": _bootstrap(a, b, lambda x, y: y.mean(-1) / x.mean(-1), seed)}
 
@@ -107,15 +101,16 @@ def icl_eval(lm: ModelLM, data_dir, windows: int = 64, seed: int = 0) -> dict | 
     probe = icl_probe(data_dir, "val", lm.tok, lm.ctx, windows)
     if probe is None:
         return None
-    early, late = [], []
-    for rows in probe.split(lm.batch_size):
-        with torch.inference_mode():
-            e, t = icl_losses(lm.model, rows)
-        early.append(e)
-        late.append(t)
-    a, b = torch.cat(early).double().numpy(), torch.cat(late).double().numpy()
+    a, b = _paired_losses(lm, icl_losses, probe)
     return {"windows": len(a), "ctx": lm.ctx, "early": float(a.mean()), "late": float(b.mean()),
             "score": float(b.mean() - a.mean()), "ci": _bootstrap(a, b, lambda x, y: y.mean(-1) - x.mean(-1), seed)}
+
+
+def _paired_losses(lm: ModelLM, losses, probe: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """losses(model, rows) -> two per-row losses, over the probe's rows a batch at a time."""
+    with torch.inference_mode():
+        pairs = [losses(lm.model, rows) for rows in probe.split(lm.batch_size)]
+    return tuple(torch.cat(side).double().numpy() for side in zip(*pairs))
 
 
 def _bootstrap(a: np.ndarray, b: np.ndarray, stat, seed: int) -> list[float]:
