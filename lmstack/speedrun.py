@@ -45,14 +45,23 @@ from lmstack.utils import UserError, atomic_write_json
 from lmstack.world import generate
 from lmstack.world.rl_prompts import arithmetic_prompts
 
-# Per preset: world size, tokenizer vocabulary, SFT settings and probe questions to score.
-PEOPLE = {"tiny": 200, "small": 1000, "gpt2": 50_000}
+# Per preset: world size, tokenizer vocabulary, the world's text, pretraining and SFT settings, and
+# probe questions to score. small is tuned so that the base learns its world within the CPU budget
+# (the README's "The default model learns its world" has the measurements behind each choice):
+# 300 people, each named in every sentence of their biographies, the train people's Q/A pairs
+# mixed into pretraining; 1,120 steps of 2,048 tokens at lr 1e-3 (4x the optimizer steps of the
+# preset's 280 x 8,192, the same tokens); a short SFT at lr 1e-3 with 30% pretraining windows mixed in.
+PEOPLE = {"tiny": 200, "small": 300, "gpt2": 50_000}
 VOCAB = {"tiny": 1024, "small": 4096, "gpt2": 32768}
-# small: the base knows few facts after its pretraining, so SFT has to teach them as well as the
-# format: a high lr and many epochs (the README has what lower rates and fewer steps did).
+WORLD_SET = {"small": {"qa_docs": 1, "full_names": True}}
+PRETRAIN_SET = {"small": ["train.batch_tokens=2048", "train.micro_batch_size=8", "train.max_steps=1120",
+                          "optim.warmup_steps=50", "optim.lr=1e-3", "train.eval_every=112", "train.save_every=112"]}
 SFT_SET = {"tiny": ["train.max_steps=20", "train.batch_tokens=2048", "train.eval_every=0",
                     "train.save_every=0", "optim.lr=3e-3"],
-           "small": ["train.max_steps=300", "optim.lr=2e-3", "train.eval_every=50"]}
+           "small": ["train.max_steps=150", "optim.lr=1e-3", "train.eval_every=50"]}
+# The fraction of SFT's sequences that are pretraining windows from the run's data/ (lmstack sft
+# --mix-fraction), so that fine-tuning does not wreck the base's prose.
+SFT_MIX = {"small": 0.3}
 # The alignment stages: --set prefix -> (preset, model folder). Each starts from chat/.
 ALIGN = {"rm": ("reward", "rm"), "dpo": ("dpo", "dpo"), "ppo": ("ppo", "ppo"), "grpo": ("grpo", "grpo")}
 # Their settings per preset; "small" (and gpt2) run the presets unchanged: they are the recipes
@@ -71,11 +80,9 @@ GRPO_TOOLS = "calculator"  # rl.tools of the GRPO stage ("" = none): it learns t
 WINRATE_N = {"tiny": 40}  # world prompts per win rate (default: win_rate's own, 200)
 EVAL_LIMIT = {"tiny": 20}  # rows per task (default: each task's own limit, lmstack/eval/world.toml)
 VAL_FRACTION = 0.02  # of the world's documents held out as pretraining's validation split
-# The world's text knobs (lmstack.world.generate's arguments) --set world.KEY=VALUE may change, and
-# the preset's own choices (the README's "The default model learns its world" has the measurements).
+# The world's text knobs (lmstack.world.generate's arguments) --set world.KEY=VALUE may change.
 WORLD_KEYS = {"bios_per_person": int, "qa_docs": int, "copy_docs": int, "permute": bool, "full_names": bool,
               "arithmetic": int, "stories": int, "heldout_fraction": float}
-WORLD_SET = {}
 SHARED = ("train.dtype", "train.device", "train.compile", "train.seed")  # --set keys every stage inherits
 MODELS = ("base", "chat", "dpo", "ppo", "grpo")  # the model folders `lmstack eval` scores
 MARKER = "speedrun.json"
@@ -97,7 +104,8 @@ def split_overrides(name: str, overrides) -> dict[str, list[str]]:
     """--set items -> {"pretrain", "world", "sft", "rm", "dpo", "ppo", "grpo": its overrides}: `STAGE.KEY=V`
     goes to that stage only, anything else to pretraining, the SHARED keys to every training stage. The
     speedrun's own settings for the preset come first, so a --set wins over them."""
-    sets = {"pretrain": [], "world": [f"{k}={v}" for k, v in WORLD_SET.get(name, {}).items()],
+    sets = {"pretrain": list(PRETRAIN_SET.get(name, [])),
+            "world": [f"{k}={v}" for k, v in WORLD_SET.get(name, {}).items()],
             "sft": list(SFT_SET.get(name, [])),
             **{s: list(ALIGN_SET.get(name, {}).get(s, [])) for s in ALIGN}}
     sets["grpo"].append(f"rl.tools={GRPO_TOOLS}")
@@ -113,6 +121,12 @@ def split_overrides(name: str, overrides) -> dict[str, list[str]]:
                     if s not in ("pretrain", "world"):
                         sets[s].append(item)
     return sets
+
+
+def sft_mix(name: str, data: Path) -> dict:
+    """lmstack.train.sft.sft's mixing arguments for a preset: SFT_MIX of pretraining windows from `data`."""
+    f = SFT_MIX.get(name, 0.0)
+    return {"mix_data": data, "mix_fraction": f} if f > 0 else {}
 
 
 def world_settings(items: list[str]) -> dict:
@@ -181,7 +195,8 @@ def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), for
         ("data", lambda: prepare([world / "pretrain.jsonl"], tokenizer=out / "tokenizer",
                                  out=out / "data", val_fraction=VAL_FRACTION)),
         ("pretrain", lambda: pretrain(preset, out / "data", out / "base", overrides=sets["pretrain"])),
-        ("sft", lambda: sft(out / "base", [world / "sft.jsonl"], chat, overrides=sets["sft"])),
+        ("sft", lambda: sft(out / "base", [world / "sft.jsonl"], chat, overrides=sets["sft"],
+                            **sft_mix(name, out / "data"))),
     ]
     if align:
         rl_prompts = out / "rl_prompts" / "arithmetic.jsonl"

@@ -59,7 +59,11 @@ def test_builtin_recipes_parse_and_fit_every_scale():
             check_scale(r, scale)
     knowledge = load_recipe("knowledge")
     assert [v.name for v in knowledge.variants] == ["single", "multi5_permute", "multi5_permute_fullname", "mixed_qa"]
-    assert knowledge.variants[0].world == {"heldout_fraction": 0.5, "bios_per_person": 1, "permute": False}
+    assert knowledge.variants[0].world == {"heldout_fraction": 0.5, "bios_per_person": 1, "permute": False,
+                                           "full_names": False, "qa_docs": 0}
+    # every knowledge variant names every text knob: the scale's own choices (WORLD_SET) never leak in
+    small = [run_settings(v, "small", 0)["world"] for v in knowledge.variants]
+    assert [(w["qa_docs"], w["full_names"]) for w in small] == [(0, False), (0, False), (0, True), (1, True)]
     # the speedrun's world size and SFT settings for the scale, the seed, and a count given per person
     sets = run_settings(load_recipe("icl").variants[1], "tiny", 3)
     assert sets["world"]["people"] == sets["world"]["copy_docs"] == PEOPLE["tiny"] and sets["world"]["seed"] == 3

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from lmstack.speedrun import ALIGN_SET, GRPO_TOOLS, split_overrides, world_settings
+from lmstack.config import load_config
+from lmstack.speedrun import ALIGN_SET, GRPO_TOOLS, PRETRAIN_SET, WORLD_SET, split_overrides, world_settings
 from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ALIGNED = ("dpo", "ppo", "grpo")  # the aligned chat models (rm/ is the reward model)
@@ -126,3 +127,8 @@ def test_split_overrides_routes_each_stage_its_keys():
     tiny_rm = ALIGN_SET["tiny"]["rm"]
     assert sets["rm"][:len(tiny_rm)] == tiny_rm and sets["rm"][-1] == "train.max_steps=9"
     assert split_overrides("small", [])["dpo"] == []  # small: the measured presets, unchanged
+    # small's own pretraining and world settings come first (a --set wins over them) and are valid
+    small = split_overrides("small", ["optim.lr=5e-4", "world.qa_docs=0"])
+    assert small["pretrain"] == [*PRETRAIN_SET["small"], "optim.lr=5e-4"]
+    assert world_settings(small["world"]) == {**WORLD_SET["small"], "qa_docs": 0}
+    assert load_config("small", small["pretrain"]).optim.lr == 5e-4

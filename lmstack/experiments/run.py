@@ -47,7 +47,7 @@ from lmstack.experiments.store import (
 from lmstack.model import GPT
 from lmstack.modelio import read_config
 from lmstack.scaling.sweep import commit
-from lmstack.speedrun import EVAL_LIMIT, VAL_FRACTION, VOCAB
+from lmstack.speedrun import EVAL_LIMIT, VAL_FRACTION, VOCAB, sft_mix
 from lmstack.tokenizer import train_tokenizer
 from lmstack.train.pretrain import pretrain
 from lmstack.train.sft import sft
@@ -86,7 +86,8 @@ def _stages(run: Path, scale: str, sets: dict) -> dict:
         "data": lambda: prepare([world / "pretrain.jsonl"], tokenizer=run / "tokenizer", out=run / "data",
                                 val_fraction=VAL_FRACTION, force=True),
         "pretrain": lambda: _final(pretrain(scale, run / "data", base, sets["pretrain"], resume=_started(base)), base),
-        "sft": lambda: _final(sft(base, [world / "sft.jsonl"], chat, sets["sft"], resume=_started(chat)), chat),
+        "sft": lambda: _final(sft(base, [world / "sft.jsonl"], chat, sets["sft"], resume=_started(chat),
+                                  **sft_mix(Path(scale).stem, run / "data")), chat),
     }
 
 
