@@ -21,7 +21,8 @@ def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The interval always holds p: in floating point, 0 of n gave a lower end of ~1e-18 > 0.
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def summarize(hits: list[float], chance: float | None = None) -> dict:

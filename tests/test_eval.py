@@ -70,6 +70,10 @@ def test_wilson_interval_on_known_counts():
     s = summarize([1] * 30 + [0] * 70, chance=0.1)
     assert s["acc"] == 0.3 and s["above_chance"]
     assert not summarize([1] * 2 + [0] * 8, chance=0.1)["above_chance"]  # 20% of 10: not enough
+    for n in range(1, 400):  # the interval holds the proportion, exactly at 0 and n (floating point)
+        for k in (0, n):
+            lo, hi = wilson(k, n)
+            assert lo <= k / n <= hi and 0.0 <= lo and hi <= 1.0
 
 
 def test_paired_comparison_and_mcnemar():

@@ -280,8 +280,9 @@ def plot_tasks(stages: list[dict], path: Path) -> bool:
             if _scored(s):
                 ys.append(i - 0.4 + h * (j + 0.5))
                 xs.append(100 * s["acc"])
-                err[0].append(100 * (s["acc"] - s["ci"][0]))
-                err[1].append(100 * (s["ci"][1] - s["acc"]))
+                # never negative: results written before stats.wilson held 0 of n exactly had ci[0] ~ 1e-18
+                err[0].append(100 * max(0.0, s["acc"] - s["ci"][0]))
+                err[1].append(100 * max(0.0, s["ci"][1] - s["acc"]))
         ax.barh(ys, xs, height=h * 0.9, xerr=err, capsize=2, label=st["name"], error_kw={"lw": 1})
         for y, x, e in zip(ys, xs, err[1]):  # the value, past the interval (a 0% bar is invisible)
             ax.text(x + e + 1, y, f"{x:.0f}%", va="center", fontsize=9)
