@@ -94,8 +94,20 @@ def tiny_run(tmp_path, steps):
     loop.train(cfg, GPT(cfg.model), RandomTokens(64, 2, 16), next_token_loss, tmp_path / "out")
 
 
+class StepClock:
+    """The loop's clock (its only use of `time`), every reading `tick` seconds after the last: a
+    step "takes" about 2 x tick, whatever the machine's speed, so what is printed does not depend on it."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
 def test_the_loop_prints_its_estimate_once_when_the_run_is_long(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loop, "ESTIMATE_ABOVE_S", 0.0)  # any run is "long"
+    monkeypatch.setattr(loop, "time", StepClock(tick=1000.0))  # 4 steps left of ~1,000 s: "long"
     tiny_run(tmp_path, steps=8)
     lines = [s for s in capsys.readouterr().out.splitlines() if "tok/s ->" in s]
     # after step 4 (steps 2-4 timed; the first is warm-up): 4 steps of 32 tokens left
@@ -103,6 +115,7 @@ def test_the_loop_prints_its_estimate_once_when_the_run_is_long(tmp_path, monkey
     assert lines[0].endswith("for the remaining 4 steps (128 tokens)")
 
 
-def test_a_short_run_prints_no_estimate(tmp_path, capsys):
+def test_a_short_run_prints_no_estimate(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "time", StepClock(tick=1.0))  # 4 steps left of ~1 s: well under the bar
     tiny_run(tmp_path, steps=8)
     assert "tok/s ->" not in capsys.readouterr().out
