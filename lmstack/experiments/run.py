@@ -46,12 +46,11 @@ from lmstack.experiments.store import (
 )
 from lmstack.model import GPT
 from lmstack.modelio import read_config
-from lmstack.scaling.sweep import commit
 from lmstack.speedrun import EVAL_LIMIT, VAL_FRACTION, VOCAB, sft_mix
 from lmstack.tokenizer import train_tokenizer
 from lmstack.train.pretrain import pretrain
 from lmstack.train.sft import sft
-from lmstack.utils import UserError, atomic_write_json, read_json, read_jsonl
+from lmstack.utils import UserError, atomic_write_json, commit, read_json, read_jsonl
 from lmstack.world import generate
 
 MARKER = "experiment.json"  # in a run folder: its settings and the stages done

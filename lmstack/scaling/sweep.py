@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from lmstack.config import load_config
 from lmstack.data import load_manifest
 from lmstack.model import GPT
-from lmstack.utils import UserError, atomic_write_json, read_json, read_jsonl
+from lmstack.utils import UserError, atomic_write_json, commit, read_json, read_jsonl
 
 SETTINGS = "sweep.json"
 RESULTS = "results.jsonl"
@@ -77,21 +76,6 @@ def plan_run(settings: dict, p: Point, vocab: int) -> tuple[list[str], dict]:
     sets = base + [f"train.max_steps={steps}", f"train.seed={p.seed}", f"optim.warmup_steps={warmup}",
                    f"train.eval_every={steps}", f"train.save_every={every}", "train.keep_last=1"]
     return sets, run
-
-
-def commit() -> str | None:
-    """The lmstack checkout's commit (with "+dirty" when it has uncommitted changes), if it is one."""
-    here = Path(__file__).resolve().parents[1]  # the lmstack package: "+dirty" for a change anywhere in it
-    try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode:
-            return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
 
 
 def read_results(sweep_dir) -> list[dict]:
