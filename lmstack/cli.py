@@ -102,7 +102,7 @@ def _cmd_capabilities(a):
     from lmstack.experiments.capabilities import capabilities
 
     doc = capabilities(a.inputs, results=a.results, out=a.out, with_checkpoints=a.checkpoints, tasks=a.tasks,
-                       limit=a.limit, dtype=a.dtype, device=a.device)
+                       limit=a.limit, dtype=a.dtype, device=a.device, world=a.world)
     print(f"{len(doc['columns'])} columns; {len(doc['fails'])} task(s) not emerged at the largest scale measured"
           f" -> {Path(a.out) / 'capabilities.md'}")
 
@@ -518,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "gets its model's own results' rows, a model each task's; 0: all)")
     cp.add_argument("--out", required=True, help="folder for capabilities.md, capabilities.json and the plots")
     cp.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto (when evaluating)")
+    cp.add_argument("--world", help="the synthetic world, when evaluating (default: found from each model's data)")
     cp.add_argument("--device", default="auto")
     cp.set_defaults(func=_cmd_capabilities)
 

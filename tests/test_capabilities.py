@@ -17,6 +17,7 @@ from lmstack.experiments.capabilities import capabilities, emerged, results_task
 from lmstack.model import GPT
 from lmstack.modelio import read_config, save_weights
 from lmstack.stats import summarize
+from lmstack.utils import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -239,3 +240,18 @@ def test_bad_input_is_one_line_and_a_store_alone_is_enough(tmp_path, capsys):
     assert ("| reversal_rank | reversal/plain base small seed 0 (1e+12 FLOPs) | 13.0% [9.0%–18.0%] ▽ · prior 12.0% "
             "| `lmstack experiment run reversal --scale gpt2 --seeds 2 --out 'runs/my exp'  (gpt2 wants a GPU)` "
             "|") in fails
+
+
+def test_a_world_the_lineage_does_not_name_is_given_with_world(run, tmp_path):
+    """A model trained on a copied data folder: its lineage finds no world, so evaluating a world
+    task asks for --world in one line, and --world scores it."""
+    from lmstack.world import generate
+
+    world = generate(tmp_path / "world", people=20, seed=1, progress=False)
+    out = tmp_path / "cap"
+    with pytest.raises(UserError, match="pass --world DIR"):
+        capabilities([run / "run"], out=out, with_checkpoints=True, tasks="facts_rank", limit=5, dtype="fp32")
+    doc = capabilities([run / "run"], out=out, with_checkpoints=True, tasks="facts_rank", limit=5, dtype="fp32",
+                       world=world)
+    at5 = next(c for c in doc["columns"] if c["label"] == "run/base @5")
+    assert at5["tasks"]["facts_rank"]["n"] == 5

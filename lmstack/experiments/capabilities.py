@@ -175,7 +175,7 @@ def _label(d: Path) -> str:
     return f"{d.parent.name}/{d.name}" if d.parent.name else d.name
 
 
-def checkpoint_results(d: Path, ckpt: Path, path: Path, tasks, limit, dtype: str, device: str) -> dict:
+def checkpoint_results(d: Path, ckpt: Path, path: Path, tasks, limit, dtype: str, device: str, world=None) -> dict:
     """A saved checkpoint's eval results: cached in `path`, or evaluated now (the model folder's
     network with the checkpoint's weights) and written there."""
     asked = {"checkpoint": str(ckpt), "tasks": tasks, "limit": limit}
@@ -185,14 +185,14 @@ def checkpoint_results(d: Path, ckpt: Path, path: Path, tasks, limit, dtype: str
     print(f"evaluating {ckpt}", flush=True)
     net, tok = load_model_and_tokenizer(d, pick_device(device))
     load_weights(net, ckpt / WEIGHTS)
-    results = evaluate(ModelLM(for_inference(net, dtype), tok, name=str(d)), tasks=tasks, limit=limit, out=path,
-                       quiet=True)
+    results = evaluate(ModelLM(for_inference(net, dtype), tok, name=str(d)), tasks=tasks, world=world, limit=limit,
+                       out=path, quiet=True)
     results["capabilities"] = asked
     atomic_write_json(path, results)
     return results
 
 
-def model_columns(st: dict, out: Path, with_checkpoints: bool, tasks, limit, dtype, device) -> list[dict]:
+def model_columns(st: dict, out: Path, with_checkpoints: bool, tasks, limit, dtype, device, world=None) -> list[dict]:
     """A model folder's column (evaluated now when it has no eval results) and, with
     `with_checkpoints`, one per checkpoint saved before its final weights (scored on the rows of
     the model's own results unless `limit` is given)."""
@@ -202,12 +202,12 @@ def model_columns(st: dict, out: Path, with_checkpoints: bool, tasks, limit, dty
     results = st["results"]
     if results is None:
         print(f"evaluating {d} (it has no eval results yet)", flush=True)
-        results = evaluate(d, tasks=tasks, limit=limit, dtype=dtype, device=device, quiet=True)
+        results = evaluate(d, tasks=tasks, world=world, limit=limit, dtype=dtype, device=device, quiet=True)
     columns = [model_column(st, results, final, "model")]
     limit = results.get("limit") if limit is None else limit  # the same rows as the model's own results
     for ckpt in saved[:-1] if with_checkpoints else []:
         path = out / "evals" / slug(_label(d)) / f"{ckpt.name}.json"
-        r = checkpoint_results(d, ckpt, path, tasks, limit, dtype, device)
+        r = checkpoint_results(d, ckpt, path, tasks, limit, dtype, device, world)
         columns.append(model_column(st, r, int(ckpt.name[5:]), "checkpoint"))
     return columns
 
@@ -255,8 +255,9 @@ def check_tasks(named: list[str], columns: list[dict], evaluating: bool) -> None
 # --- the command ----------------------------------------------------------------------------------
 
 def capabilities(inputs=(), results=None, out=None, with_checkpoints: bool = False, tasks=None,
-                 limit: int | None = None, dtype: str = "auto", device: str = "auto") -> dict:
-    """Gather every column, write OUT/capabilities.md, .json and the plots; returns the JSON."""
+                 limit: int | None = None, dtype: str = "auto", device: str = "auto", world=None) -> dict:
+    """Gather every column, write OUT/capabilities.md, .json and the plots; returns the JSON. `world`:
+    the synthetic world the models are scored on when evaluated now (default: each one's lineage's)."""
     if not inputs and not results:
         raise UserError("lmstack capabilities needs model or run folders and/or --results DIR (a results store)")
     if out is None:
@@ -272,7 +273,7 @@ def capabilities(inputs=(), results=None, out=None, with_checkpoints: bool = Fal
                     evaluating=with_checkpoints or any(st["results"] is None for st in stages))
     out.mkdir(parents=True, exist_ok=True)
     for st in stages:
-        columns += model_columns(st, out, with_checkpoints, tasks, limit, dtype, device)
+        columns += model_columns(st, out, with_checkpoints, tasks, limit, dtype, device, world)
     if asked is not None:
         for c in columns:
             c["tasks"] = {t: v for t, v in c["tasks"].items() if t in asked[0]}
