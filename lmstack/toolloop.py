@@ -2,7 +2,7 @@
 
 One loop for the terminal chat, evaluation and RL rollouts alike (`ToolLoop`); it renders through
 a model's chat format (lmstack/chatformat.py) and parses replies with its `ReplyParser`. The tools
-are a registry (lmstack/tools.py) whose `call(name, arguments)` returns text and never raises.
+are a registry (lmstack/tools/) whose `call(name, arguments)` returns text and never raises.
 """
 
 from __future__ import annotations

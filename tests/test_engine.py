@@ -12,7 +12,8 @@ from lmstack.engine import (ContextLengthError, PackedLinear, _full_mask, fit_pr
                             generate, generate_batch, prefill, stream)
 from lmstack.model import GPT
 from lmstack.tokenizer import train_tokenizer
-from lmstack.tools import ToolRegistry, calculator, default_registry
+from lmstack.tools import ToolRegistry, default_registry
+from lmstack.tools.calculator import calculator
 from lmstack.utils import UserError
 
 

@@ -31,7 +31,8 @@ from lmstack.model import GPT
 from lmstack.export import run as runpy_module
 from lmstack.chatformat import render_chat
 from lmstack.tokenizer import Tokenizer, train_tokenizer
-from lmstack.tools import calculator, default_registry
+from lmstack.tools import default_registry
+from lmstack.tools.calculator import calculator
 from lmstack.modelio import load_model
 from lmstack.export.twofile import export_twofile
 from tiny import fit_windows, save_model_dir  # noqa: E402  (tests/ is on sys.path)

@@ -1,0 +1,15 @@
+"""Tools the model may call: leaves that the chat, the engine, evaluation and RL call.
+
+  registry.py    Tool, ToolRegistry: name -> function + OpenAI `tools` spec; `call` never raises
+  calculator.py  arithmetic by walking an `ast` (no eval), bounded work and time
+"""
+
+from lmstack.tools.calculator import CALCULATOR
+from lmstack.tools.registry import Tool, ToolRegistry
+
+__all__ = ["Tool", "ToolRegistry", "default_registry"]
+
+
+def default_registry() -> ToolRegistry:
+    """The tools `lmstack chat` offers: the calculator."""
+    return ToolRegistry([CALCULATOR])
