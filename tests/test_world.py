@@ -1,8 +1,11 @@
 """The synthetic world: determinism, splits, ground-truth consistency, the reversal group,
 the labeller, and the command line."""
 
+import contextlib
+import io
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -193,7 +196,7 @@ def test_behaviour_probes(world_dir, world):
 
 def test_sft_conversations_are_well_formed(world_dir):
     rows = read_jsonl(world_dir / "sft.jsonl")
-    tool_convs = 0
+    tool_convs, scratchpads = Counter(), 0
     for r in rows:
         msgs = r["messages"]
         roles = [m["role"] for m in msgs]
@@ -202,17 +205,30 @@ def test_sft_conversations_are_well_formed(world_dir):
         for i, m in enumerate(msgs):
             assert "<|" not in (m["content"] or ""), "special-token strings never appear in data"
             if m.get("tool_calls"):
-                tool_convs += 1
                 call = m["tool_calls"][0]
-                assert call["function"]["name"] == "calculator"
-                expr = json.loads(call["function"]["arguments"])["expression"]
-                a, op, b = expr.split()
+                name, args = call["function"]["name"], json.loads(call["function"]["arguments"])
+                tool_convs[name] += 1
                 result = msgs[i + 1]
                 assert result["role"] == "tool" and result["tool_call_id"] == call["id"]
-                assert int(result["content"]) == eval(f"{int(a)}{op}{int(b)}")  # test-only check of ints
+                if name == "calculator":
+                    a, op, b = args["expression"].split()
+                    assert int(result["content"]) == eval(f"{int(a)}{op}{int(b)}")  # test-only check of ints
+                else:  # python: the code (the world's own, trusted here) prints what the tool message says
+                    assert name == "python"
+                    out = io.StringIO()
+                    with contextlib.redirect_stdout(out):
+                        exec(args["code"], {})
+                    assert out.getvalue().strip() == result["content"]
+                    assert result["content"] in msgs[i + 2]["content"]  # the answer quotes the result
             elif m["role"] in ("user", "assistant", "system"):
                 assert m["content"].strip()
-    assert tool_convs > 10
+            if m["role"] == "assistant" and "Answer:" in (m["content"] or ""):  # a scratchpad: every step right
+                scratchpads += 1
+                for left, c in re.findall(r"((?:\d+ [-+*] )+\d+) = (\d+)", m["content"]):
+                    assert eval(left) == int(c), m["content"]  # test-only: digits and + - * only
+                a, op, b, c = re.search(r"Answer: (\d+) ([-+*]) (\d+) = (\d+)$", m["content"]).groups()
+                assert f"{a} {op} {b}" in msgs[i - 1]["content"]
+    assert tool_convs["calculator"] > 10 and tool_convs["python"] > 10 and scratchpads > 10
     assert any(len([m for m in r["messages"] if m["role"] == "user"]) > 1 for r in rows)  # multi-turn
     contents = " ".join(m["content"] or "" for r in rows for m in r["messages"])
     assert "I don't know" in contents and "lmstack assistant" in contents

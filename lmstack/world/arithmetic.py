@@ -7,6 +7,7 @@ in as `exclude` so no training text ever contains them.
 from __future__ import annotations
 
 import json
+import math
 import random
 
 OPS = ("+", "-", "*")
@@ -47,8 +48,14 @@ def _digits(n: int, width: int) -> list[int]:
 
 
 def scratchpad(a: int, op: str, b: int) -> str:
-    """A worked solution, column by column (or by partial products for *)."""
-    lines = [f"Question: What is {expression(a, op, b)}?"]
+    """A worksheet's worked problem: the question, then `worked` steps."""
+    return f"Question: What is {expression(a, op, b)}?\n" + worked(a, op, b)
+
+
+def worked(a: int, op: str, b: int) -> str:
+    """A worked solution, column by column (or by partial products for *), ending in
+    "Answer: a op b = c": the scratchpad an assistant writes when asked to think step by step."""
+    lines = []
     if op == "*":
         partials = []
         for i, d in enumerate(_digits(b, len(str(b)))):
@@ -126,9 +133,35 @@ def document(rng: random.Random, names: list[tuple[str, str]], exclude) -> str:
     return f"Problem: {q}\nSolution: {s}\nAnswer: {compute(a, op, b)}"
 
 
-# ---- the calculator tool's argument format, shared with the assistant data ----
+# ---- tool calls (the calculator's and python's argument formats), shared with the assistant data ----
+
+def tool_call(name: str, arguments: dict, call_id: str) -> dict:
+    """An OpenAI-style tool call (arguments are a JSON string)."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
 
 def calculator_call(expr: str, call_id: str) -> dict:
-    """An OpenAI-style tool call of the calculator (arguments are a JSON string)."""
-    return {"id": call_id, "type": "function",
-            "function": {"name": "calculator", "arguments": json.dumps({"expression": expr})}}
+    return tool_call("calculator", {"expression": expr}, call_id)
+
+
+def python_call(code: str, call_id: str) -> dict:
+    return tool_call("python", {"code": code}, call_id)
+
+
+def python_problem(rng: random.Random) -> tuple[str, str, int, str]:
+    """A problem beyond the calculator, for the python tool: (question, code, value, answer)."""
+    k = rng.randrange(3)
+    if k == 0:
+        a = rng.randint(1, 500)
+        b = a + rng.randint(10, 5000)
+        v = (a + b) * (b - a + 1) // 2
+        return (f"What is the sum of the whole numbers from {a} to {b}?", f"print(sum(range({a}, {b} + 1)))", v,
+                f"The sum of the whole numbers from {a} to {b} is {v}.")
+    if k == 1:
+        n, d = rng.randint(100, 100_000), rng.randint(2, 99)
+        return (f"How many whole numbers from 1 to {n} are divisible by {d}?",
+                f"print(sum(1 for x in range(1, {n} + 1) if x % {d} == 0))", n // d,
+                f"{n // d} of the whole numbers from 1 to {n} are divisible by {d}.")
+    a = rng.randint(2, 25)
+    v = math.factorial(a)
+    return f"What is {a} factorial?", f"import math\nprint(math.factorial({a}))", v, f"{a} factorial is {v}."

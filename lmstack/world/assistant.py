@@ -216,6 +216,36 @@ def arithmetic_chat(rng: random.Random, call_id: str, exclude, names) -> list[di
     return msgs
 
 
+# Asked to think, the assistant writes the worked steps before its answer (a scratchpad); asked
+# to use Python, it calls the python tool. The asking phrase is what selects the method: an lmstack
+# model is not shown the list of tools.
+THINK = ["Think step by step.", "Show your working.", "Work it out step by step."]
+USE_PYTHON = ["Use Python.", "Use the python tool.", "Compute it with Python."]
+
+
+def scratchpad_chat(rng: random.Random, exclude) -> list[dict]:
+    op, digits = ar.random_op_digits(rng)
+    a, op, b = ar.sample_problem(rng, op, digits, exclude)
+    q = f"{rng.choice(ARITH_QUESTIONS).format(e=ar.expression(a, op, b))} {rng.choice(THINK)}"
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": ar.worked(a, op, b)}]
+
+
+def python_chat(rng: random.Random, call_id: str, exclude) -> list[dict]:
+    """Half plain arithmetic asked to be done in Python, half problems beyond the calculator."""
+    if rng.random() < 0.5:
+        op, digits = ar.random_op_digits(rng)
+        a, op, b = ar.sample_problem(rng, op, digits, exclude)
+        expr, value = ar.expression(a, op, b), ar.compute(a, op, b)
+        q = f"{rng.choice(ARITH_QUESTIONS).format(e=expr)} {rng.choice(USE_PYTHON)}"
+        code, answer = f"print({expr})", f"{expr} = {value}."
+    else:
+        q, code, value, answer = ar.python_problem(rng)
+    return [{"role": "user", "content": q},
+            {"role": "assistant", "content": None, "tool_calls": [ar.python_call(code, call_id)]},
+            {"role": "tool", "tool_call_id": call_id, "content": str(value)},
+            {"role": "assistant", "content": answer}]
+
+
 # ---------------------------------------------------------------- conversations
 def _reply(rng, pair) -> list[dict]:
     questions, answers = pair
@@ -228,6 +258,11 @@ def extra_conversation(kind: str, rng: random.Random, world: dict, ix: dict, ctx
     if kind == "arithmetic":
         ctx["calls"] += 1
         return arithmetic_chat(rng, f"call_{ctx['calls']}", ctx["exclude_arith"], ctx["names"])
+    if kind == "scratchpad":
+        return scratchpad_chat(rng, ctx["exclude_arith"])
+    if kind == "python":
+        ctx["calls"] += 1
+        return python_chat(rng, f"call_{ctx['calls']}", ctx["exclude_arith"])
     if kind == "greeting":
         msgs = _reply(rng, GREETINGS)
         if rng.random() < 0.5:  # a greeting, then a real question, then thanks

@@ -37,6 +37,11 @@ from lmstack.world.labeller import GUIDE
 CHUNK_PEOPLE = 1000
 ENTRIES_PER_ENTITY = 2
 COMPARISONS_PER_PERSON = 3
+# The conversations and comparisons that are not about one person (arithmetic, refusals, ...) and
+# the comparisons are sized as for a world of at least this many people: they teach skills, and
+# a small world must not starve them (a 300-person world once had 900 comparisons and 300
+# arithmetic conversations, too few for the reward model, PPO's refusals and GRPO's calculator).
+SIZED_FOR_PEOPLE = 1000
 COMPARISON_KINDS = ["fact", "fact", "fact", "arithmetic", "unknown_person", "harmful", "benign"]
 
 
@@ -103,6 +108,7 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
         ctx = _context(world, exclude_arith)
         n_chunks = math.ceil(people / CHUNK_PEOPLE)
         related = _related(world)
+        sized = max(people, SIZED_FOR_PEOPLE)
         with open(tmp / "pretrain.jsonl", "w", encoding="utf-8") as fp, \
              open(tmp / "sft.jsonl", "w", encoding="utf-8") as fs, \
              open(tmp / "comparisons.jsonl", "w", encoding="utf-8") as fc:
@@ -115,7 +121,7 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
                     _dump(fp, row)
                 for msgs in _sft_chunk(chunk, world, ix, ctx, crng, share):
                     _dump(fs, {"messages": msgs})
-                for row in _comparison_chunk(world, ix, ctx, crng, COMPARISONS_PER_PERSON * len(chunk)):
+                for row in _comparison_chunk(world, ix, ctx, crng, share(COMPARISONS_PER_PERSON * sized)):
                     _dump(fc, row)
     if progress:
         size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
@@ -202,8 +208,9 @@ def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_st
     return rows
 
 
-# How many of each non-person conversation per person in the world.
-SFT_MIX = {"arithmetic": 1.0, "greeting": 0.05, "identity": 0.05, "harmful": 0.1, "benign": 0.1, "unknown": 0.1}
+# How many of each non-person conversation per person in the world (SIZED_FOR_PEOPLE at least).
+SFT_MIX = {"arithmetic": 1.0, "scratchpad": 1.0, "python": 0.5, "greeting": 0.05, "identity": 0.05,
+           "harmful": 0.1, "benign": 0.1, "unknown": 0.1}
 
 
 def _sft_chunk(chunk, world, ix, ctx, rng, share):
@@ -211,9 +218,9 @@ def _sft_chunk(chunk, world, ix, ctx, rng, share):
     for person in chunk:
         if person["split"] == "train":
             convs += asst.person_conversations(person, ix, rng)
-    n = len(world["people"])
+    n = max(len(world["people"]), SIZED_FOR_PEOPLE)
     for kind, per_person in SFT_MIX.items():
-        total = max(20, int(per_person * n))
+        total = int(per_person * n)
         convs += [asst.extra_conversation(kind, rng, world, ix, ctx) for _ in range(share(total))]
     rng.shuffle(convs)
     return [asst.with_system(c, rng) for c in convs]
