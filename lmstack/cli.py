@@ -107,6 +107,18 @@ def _cmd_capabilities(a):
           f" -> {Path(a.out) / 'capabilities.md'}")
 
 
+def _cmd_think(a):
+    from lmstack.think import curve
+
+    digits = [int(d) for d in a.digits.split(",")] if a.digits else []
+    r = curve.think_curve(a.model, a.out, problems=a.problems, world=a.world, digits=digits, limit=a.limit, n=a.n,
+                          temperature=a.temperature, prompt=a.prompt, max_tokens=a.max_tokens, verifier=a.verifier,
+                          batch_size=a.batch_size, seed=a.seed, force=a.force)
+    print(curve.table(r), end="")
+    print(f"greedy {100 * r['greedy']['acc']:.1f}%, majority@{r['n']} "
+          f"{100 * r['points'][-1]['majority']['acc']:.1f}% (saturates at k={r['majority_saturates_at_k']}) "
+          f"-> {Path(a.out) / 'curve.md'}")
+
 def _cmd_speedrun(a):
     from lmstack.speedrun import speedrun
 
@@ -570,6 +582,27 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--exclude", nargs="+", metavar="FILE", help="comparisons jsonl whose prompts are left out")
     wr.add_argument("--out", help="results JSON (default: A/winrate/vs_<name of B>.json)")
     wr.set_defaults(func=_cmd_winrate)
+
+    tk = sub.add_parser("think", help="System 2: accuracy against thinking time (samples, votes, verifiers)")
+    tks = tk.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    tc = tks.add_parser("curve", help="sample n replies per problem: pass@k, majority@k, best-of-k by a "
+                        "verifier, greedy; for k = 1, 2, 4 .. n, with intervals")
+    tc.add_argument("--model", required=True, help="a chat model folder")
+    tc.add_argument("--world", help="problems: the world's held-out arithmetic probes (with --digits)")
+    tc.add_argument("--problems", help="problems: a jsonl of {question, answer} rows instead")
+    tc.add_argument("--digits", default="2,3", help="operand digits of the world's probes (default 2,3)")
+    tc.add_argument("--limit", type=int, default=0, help="at most this many problems (0: all)")
+    tc.add_argument("--n", type=int, default=16, help="samples per problem (default 16)")
+    tc.add_argument("--temperature", type=float, default=0.8)
+    tc.add_argument("--prompt", default="{question} Think step by step.", help="the user message, a template "
+                    "over the row's fields")
+    tc.add_argument("--max-tokens", type=int, default=192)
+    tc.add_argument("--verifier", help="a reward model folder that scores each sample (best-of-k)")
+    tc.add_argument("--batch-size", type=int, default=64)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--out", required=True, help="folder: curve.json, curve.md, curve.png, samples.jsonl")
+    tc.add_argument("--force", action="store_true")
+    tc.set_defaults(func=_cmd_think)
 
     sr = sub.add_parser("speedrun", help="the whole pipeline on the synthetic world")
     sr.add_argument("--out", default="runs/speedrun")

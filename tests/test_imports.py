@@ -17,6 +17,7 @@ LAYERS = [
     ["lmstack.cli"],
     ["lmstack.experiments"],
     ["lmstack.speedrun"],
+    ["lmstack.think"],
     ["lmstack.align", "lmstack.scaling"],
     ["lmstack.train", "lmstack.eval", "lmstack.serve", "lmstack.export"],
     ["lmstack.chat"],
