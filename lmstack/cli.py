@@ -163,6 +163,15 @@ def _cmd_serve(a):
           device=a.device, label_prompts=a.label_prompts, threads=a.threads)
 
 
+def _cmd_search(a):
+    from lmstack.tools import search
+
+    if a.action == "index":
+        search.index_folder(a.folder, a.index, progress=not a.quiet)
+    else:
+        search.print_search(a.index, a.query, a.k)
+
+
 def _cmd_feedback_export(a):
     from lmstack.serve.db import export
 
@@ -427,6 +436,19 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto")
     sv.add_argument("--threads", type=int, default=None, help="torch threads (default on a CPU: cores - 1)")
     sv.set_defaults(func=_cmd_serve)
+
+    se = sub.add_parser("search", help="retrieval over a folder of your files (BM25): index it, query it")
+    ses = se.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    si = ses.add_parser("index", help="index (or update: new, changed and deleted files only) a folder's "
+                                      ".txt/.md/.jsonl/.pdf files")
+    si.add_argument("folder")
+    si.add_argument("--index", required=True, help="the index file (SQLite; made if missing)")
+    si.add_argument("--quiet", action="store_true", help="no progress bar")
+    sq = ses.add_parser("query", help="the best passages for a query, with their source and BM25 score")
+    sq.add_argument("query")
+    sq.add_argument("--index", required=True, help="the index file")
+    sq.add_argument("-k", type=int, default=5, help="how many passages (default 5)")
+    se.set_defaults(func=_cmd_search)
 
     fb = sub.add_parser("feedback", help="the feedback database")
     fs = fb.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -2,6 +2,8 @@
 
   registry.py    Tool, ToolRegistry: name -> function + OpenAI `tools` spec; `call` never raises
   calculator.py  arithmetic by walking an `ast` (no eval), bounded work and time
+  search.py      retrieval over a folder of files (SQLite FTS5, BM25): SearchIndex, search_tool(index)
+                 (not in the default registry: it needs an index of the user's folder)
 """
 
 from lmstack.tools.calculator import CALCULATOR
