@@ -301,11 +301,14 @@ def test_cli_errors_are_one_line(docs, tmp_path, capsys):
     conn.close()
     built = tmp_path / "built.sqlite"
     assert main(["search", "index", str(docs), "--index", str(built), "--quiet"]) == 0
+    damaged = tmp_path / "damaged.sqlite"
+    damaged.write_bytes(built.read_bytes()[:3 * 4096])  # its first pages only
     cases = [
         (["search", "index", str(tmp_path / "missing"), "--index", str(tmp_path / "a.sqlite")], "not found"),
         (["search", "index", str(docs / "notes.md"), "--index", str(tmp_path / "a.sqlite")], "is not a folder"),
-        (["search", "index", str(docs), "--index", str(garbage)], "not an lmstack search index"),
-        (["search", "query", "x", "--index", str(garbage)], "not an lmstack search index"),
+        (["search", "index", str(docs), "--index", str(garbage)], "not a readable lmstack search index"),
+        (["search", "query", "x", "--index", str(garbage)], "not a readable lmstack search index"),
+        (["search", "query", "Brennock", "--index", str(damaged)], "malformed"),
         (["search", "index", str(docs), "--index", str(other)], "SQLite database but not an lmstack search index"),
         (["search", "query", "x", "--index", str(tmp_path / "none.sqlite")], "not found (build it"),
         (["search", "query", "x", "--index", str(tmp_path)], "is a folder"),

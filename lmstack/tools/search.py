@@ -288,7 +288,7 @@ class SearchIndex:
             self._open(create)
         except sqlite3.DatabaseError as e:
             self._conn.close()
-            raise UserError(f"{self.path} is not an lmstack search index ({e})") from None
+            raise UserError(f"{self.path} is not a readable lmstack search index ({e})") from None
         except BaseException:
             self._conn.close()
             raise
