@@ -107,17 +107,37 @@ def _cmd_capabilities(a):
           f" -> {Path(a.out) / 'capabilities.md'}")
 
 
-def _cmd_think(a):
-    from lmstack.think import curve
+def _digits(text: str) -> list[int]:
+    try:
+        return [int(d) for d in text.split(",") if d.strip()]
+    except ValueError:
+        raise UserError(f"--digits must be comma-separated whole numbers, like 2,3 (got {text!r})") from None
 
-    digits = [int(d) for d in a.digits.split(",")] if a.digits else []
-    r = curve.think_curve(a.model, a.out, problems=a.problems, world=a.world, digits=digits, limit=a.limit, n=a.n,
-                          temperature=a.temperature, prompt=a.prompt, max_tokens=a.max_tokens, verifier=a.verifier,
-                          batch_size=a.batch_size, seed=a.seed, force=a.force)
-    print(curve.table(r), end="")
-    print(f"greedy {100 * r['greedy']['acc']:.1f}%, majority@{r['n']} "
-          f"{100 * r['points'][-1]['majority']['acc']:.1f}% (saturates at k={r['majority_saturates_at_k']}) "
-          f"-> {Path(a.out) / 'curve.md'}")
+
+def _cmd_think(a):
+    from lmstack.think import beam, curve, verifier
+
+    if a.action == "verifier-data":
+        r = verifier.verifier_data(a.model, a.world, a.out, digits=_digits(a.digits), per_op=a.per_op, n=a.n,
+                                   temperature=a.temperature, prompt=a.prompt, max_tokens=a.max_tokens,
+                                   batch_size=a.batch_size, seed=a.seed, force=a.force)
+        print(f"{r['problems']} problems x {a.n} samples ({100 * r['sample_acc']:.1f}% right): "
+              f"{r['outcome_pairs']} outcome and {r['process_pairs']} process comparisons -> {a.out}\n"
+              f"train a verifier: lmstack reward train --model {a.model} --data {a.out}/outcome.jsonl --out VERIFIER")
+    elif a.action == "beam":
+        beam.think_beam(a.model, a.verifier, a.out, problems=a.problems, world=a.world, digits=_digits(a.digits),
+                        limit=a.limit, beam=a.beam, expand=a.expand, temperature=a.temperature, prompt=a.prompt,
+                        max_steps=a.max_steps, batch_size=a.batch_size, seed=a.seed)
+    else:
+        r = curve.think_curve(a.model, a.out, problems=a.problems, world=a.world, digits=_digits(a.digits),
+                              limit=a.limit, n=a.n, temperature=a.temperature, prompt=a.prompt,
+                              max_tokens=a.max_tokens, verifier=a.verifier, batch_size=a.batch_size, seed=a.seed,
+                              force=a.force)
+        print(curve.table(r), end="")
+        print(f"greedy {100 * r['greedy']['acc']:.1f}%, majority@{r['n']} "
+              f"{100 * r['points'][-1]['majority']['acc']:.1f}% (saturates at k={r['majority_saturates_at_k']}) "
+              f"-> {Path(a.out) / 'curve.md'}")
+
 
 def _cmd_speedrun(a):
     from lmstack.speedrun import speedrun
@@ -625,6 +645,37 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--out", required=True, help="folder: curve.json, curve.md, curve.png, samples.jsonl")
     tc.add_argument("--force", action="store_true")
     tc.set_defaults(func=_cmd_think)
+    tv = tks.add_parser("verifier-data", help="comparisons for an outcome and a process verifier, from the "
+                        "model's own samples on problems outside the probes (train with lmstack reward train)")
+    tv.add_argument("--model", required=True, help="a chat model folder (the generator)")
+    tv.add_argument("--world", required=True, help="the world folder (its probes are left out)")
+    tv.add_argument("--digits", default="1,2,3", help="operand digits (default 1,2,3)")
+    tv.add_argument("--per-op", type=int, default=100, help="problems per operation and digits (default 100)")
+    tv.add_argument("--n", type=int, default=8, help="samples per problem (default 8)")
+    tv.add_argument("--temperature", type=float, default=0.8)
+    tv.add_argument("--prompt", default="{question} Think step by step.")
+    tv.add_argument("--max-tokens", type=int, default=192)
+    tv.add_argument("--batch-size", type=int, default=64)
+    tv.add_argument("--seed", type=int, default=0)
+    tv.add_argument("--out", required=True, help="folder: outcome.jsonl, process.jsonl, samples.jsonl")
+    tv.add_argument("--force", action="store_true")
+    tv.set_defaults(func=_cmd_think)
+    tb = tks.add_parser("beam", help="step-level beam search over scratchpad lines, guided by a process verifier")
+    tb.add_argument("--model", required=True, help="a chat model folder")
+    tb.add_argument("--verifier", required=True, help="a process verifier (reward model folder)")
+    tb.add_argument("--world", help="problems: the world's held-out arithmetic probes (with --digits)")
+    tb.add_argument("--problems", help="problems: a jsonl of {question, answer} rows instead")
+    tb.add_argument("--digits", default="2,3")
+    tb.add_argument("--limit", type=int, default=0)
+    tb.add_argument("--beam", type=int, default=4, help="partial solutions kept per problem (default 4)")
+    tb.add_argument("--expand", type=int, default=4, help="next lines sampled per partial solution (default 4)")
+    tb.add_argument("--max-steps", type=int, default=12)
+    tb.add_argument("--temperature", type=float, default=0.8)
+    tb.add_argument("--prompt", default="{question} Think step by step.")
+    tb.add_argument("--batch-size", type=int, default=64)
+    tb.add_argument("--seed", type=int, default=0)
+    tb.add_argument("--out", required=True, help="a .json file: the accuracy, tokens, every problem's solution")
+    tb.set_defaults(func=_cmd_think)
 
     sr = sub.add_parser("speedrun", help="the whole pipeline on the synthetic world")
     sr.add_argument("--out", default="runs/speedrun")

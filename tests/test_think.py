@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import random
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -166,3 +167,97 @@ def test_think_curve_end_to_end(model_dir, tmp_path):
     again = run_cli("think", "curve", "--model", str(model_dir), "--problems", str(f), "--out", str(out))
     assert again.returncode == 2 and "Traceback" not in again.stderr  # an existing folder without --force
     assert math.isfinite(res["greedy"]["acc"])
+
+
+# --- verifiers and the step-level search ---------------------------------------------------------
+
+from lmstack.think import beam as B  # noqa: E402
+from lmstack.think import verifier as V  # noqa: E402
+from lmstack.world import arithmetic as ar  # noqa: E402
+
+
+def _rec(a, op, b, texts):
+    p = {"question": f"What is {a} {op} {b}?", "answer": str(ar.compute(a, op, b)), "a": a, "op": op, "b": b,
+         "digits": len(str(a))}
+    truth = str(ar.compute(a, op, b))
+    from lmstack.world.labeller import final_number
+    return {"problem": p, "truth": truth,
+            "samples": [{"text": t, "answer": final_number(t), "hit": int(final_number(t) == truth)} for t in texts]}
+
+
+def test_first_wrong_step_and_process_pairs():
+    right = ar.worked(47, "+", 38)
+    steps = right.split("\n")
+    wrong = right.replace("Tens: 4 + 3 + 1 = 8. Write 8", "Tens: 4 + 3 + 1 = 9. Write 9").replace("= 85", "= 95")
+    assert wrong.count("9") >= 2 and wrong != right
+    assert V.first_wrong_step(right, steps) is None
+    assert V.first_wrong_step(wrong, steps) == 2
+    assert V.first_wrong_step("\n".join(steps[:2]), steps) == 2  # stopped early
+    recs = [_rec(47, "+", 38, [right, wrong, wrong, "\n".join(steps[:2])])]
+    pp = V.process_pairs(recs)
+    assert len(pp) == 1  # the wrong sample once (deduplicated); stopping early is not a step error
+    assert pp[0]["chosen"] == "\n".join(steps[:3]) and pp[0]["rejected"] == "\n".join(wrong.split("\n")[:3])
+    assert pp[0]["meta"] == {"type": "process", "op": "+", "digits": 2, "step": 2}
+    op_ = V.outcome_pairs(recs)
+    assert all(p["chosen"] == right and p["rejected"] != right for p in op_) and len(op_) == 2
+    assert op_[0]["prompt"] == [{"role": "user", "content": "What is 47 + 38? Think step by step."}]
+
+
+def test_training_problems_never_include_the_probes(tmp_path):
+    from lmstack.world import generate
+    from lmstack.world.rl_prompts import held_out
+    w = generate(tmp_path / "w", people=40, progress=False, probe_arith_per_cell=20)
+    rows = V.training_problems(w, digits=(1, 2), per_op=30)
+    held = held_out(w)
+    assert rows and not {(r["a"], r["op"], r["b"]) for r in rows} & held
+    assert {r["digits"] for r in rows} == {1, 2} and all(str(ar.compute(r["a"], r["op"], r["b"])) == r["answer"] for r in rows)
+    with pytest.raises(Exception, match="digits"):
+        V.training_problems(w, digits=(9,))
+
+
+class StepLM:
+    """Writes the true solution line by line, each line right with probability p (else its last
+    number is one too big); ends its turn after the answer line."""
+
+    def __init__(self, problems, p):
+        self.p, self.by_prompt = p, {}
+        self.tok = SimpleNamespace(encode=lambda text: [ord(c) for c in text])
+        self.fmt = SimpleNamespace(prompt=lambda conv: [ord(c) for c in conv[-1]["content"]] + [0], stop_ids=[1])
+        for pr in problems:
+            self.by_prompt[pr["question"]] = ar.worked(pr["a"], pr["op"], pr["b"]).split("\n")
+
+    def generate(self, prompts, max_tokens, until=(), stop_ids=(), temperature=0.0, seed=0):
+        rng, out = random.Random(seed), []
+        for ids in prompts:
+            text = "".join(chr(i) for i in ids)
+            q, _, done = text.partition("\x00")
+            steps = self.by_prompt[q.removesuffix(" Think step by step.")]
+            i = done.count("\n")
+            line = steps[i] if rng.random() < self.p else re.sub(r"(\d+)(\D*)$", lambda m: f"{int(m[1]) + 1}{m[2]}", steps[i])
+            last = i == len(steps) - 1
+            out.append(SimpleNamespace(ids=[0] * 5, text=line, stop=1 if last else "\n"))
+        return out
+
+
+def test_beam_search_with_a_perfect_process_verifier_finds_the_solution(monkeypatch):
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b), "a": a, "op": "+", "b": b, "digits": 3}
+            for a, b in ((123, 456), (789, 211), (505, 495), (999, 1))]
+    truth = {f"What is {r['a']} + {r['b']}? Think step by step.": ar.worked(r["a"], "+", r["b"]) for r in rows}
+
+    def perfect(rm, tok, prompts, answers, batch_size=32):  # the number of right leading steps
+        out = []
+        for p, a in zip(prompts, answers):
+            steps = truth[p[-1]["content"]].split("\n")
+            got = a.split("\n")
+            wrong = V.first_wrong_step(a, steps)
+            out.append(float(len(got) if wrong is None else wrong) - (0 if wrong is None else 0.5))
+        return out
+
+    import lmstack.align.reward as R
+    monkeypatch.setattr(R, "score_answers", perfect)
+    lm = StepLM(rows, p=0.4)
+    res = B.beam_search(lm, (None, None), rows, beam=2, expand=6, seed=0)
+    assert res["acc"] == 1.0 and res["tokens"] > 0
+    assert all(r["text"] == truth[f"{r['problem']['question']} Think step by step."] for r in res["results"])
+    one = B.beam_search(lm, (None, None), rows, beam=1, expand=1, seed=0)  # a single sample: rarely all right
+    assert one["acc"] < 1.0 and one["tokens"] < res["tokens"]

@@ -55,7 +55,8 @@ def held_out(world_dir) -> set[tuple[int, str, int]]:
     return held
 
 
-def _pick(rng: random.Random, op: str, digits: int, per_op: int, held: set) -> list[tuple[int, str, int]]:
+def pick_problems(rng: random.Random, op: str, digits: int, per_op: int, held: set) -> list[tuple[int, str, int]]:
+    """`per_op` distinct problems of `digits` digits outside `held` (all of them when there are fewer)."""
     r = _operands(digits)
     left = problem_count(op, digits) - sum(1 for a, o, b in held if o == op and a in r and b in r
                                            and (op != "-" or a >= b))
@@ -93,7 +94,7 @@ def arithmetic_prompts(world_dir, out_file, digits=(1,), per_op: int = 200, seed
         for op in "+-*":
             if d > ar.MAX_DIGITS[op]:
                 continue
-            for a, op, b in _pick(rng, op, d, per_op, held):
+            for a, op, b in pick_problems(rng, op, d, per_op, held):
                 by_digits[d] += 1
                 e, answer = ar.expression(a, op, b), str(ar.compute(a, op, b))
                 rows += [{"question": q.format(e=e), "answer": answer, "a": a, "op": op, "b": b, "digits": d}
