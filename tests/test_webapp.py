@@ -294,7 +294,7 @@ def test_a_tool_round_the_way_the_page_does_it(client, model_dir, tmp_path):
     reply (index 3) exports an SFT row with the tool use."""
     c = client
     tools = ok(c.get("/api/info"))["tools"]
-    assert [t["function"]["name"] for t in tools] == ["calculator"]
+    assert [t["function"]["name"] for t in tools] == ["calculator", "python"]
     msgs = [{"role": "user", "content": "What is 23 + 58?"}]
     # Without tools the call is dropped: an empty reply.
     assert stream_turn(c, msgs, max_tokens=None) == ("", [], "stop")

@@ -6,7 +6,7 @@
     GET  /api/info           {model, max_model_len, database, label_max_tokens, tools}: what the
                              page needs to start (tools: the OpenAI specs of the tools it may send)
     POST /api/tools/{name}   {arguments: JSON string or object} -> {content}: run one of the
-                             server's tools (lmstack.tools.default_registry(), the calculator) for
+                             server's tools (lmstack.tools.default_registry(): calculator, python) for
                              a tool call the model wrote; a failing call is a result "error: ..."
     POST /api/conversations  {id?, system?, messages} -> {id}      save (or update) a chat; the
                              messages as OpenAI has them, tool rounds included (assistant
