@@ -50,7 +50,8 @@ def _cmd_world_prompts(a):
 def _cmd_tokenizer_train(a):
     from lmstack.tokenizer import train_tokenizer
 
-    train_tokenizer(a.input, vocab_size=a.vocab_size, out=a.out, text_field=a.text_field, force=a.force)
+    train_tokenizer(a.input, vocab_size=a.vocab_size, out=a.out, text_field=a.text_field, force=a.force,
+                    digits_per_token=a.digits_per_token)
 
 
 def _cmd_data_prepare(a):
@@ -357,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--input", nargs="+", required=True, help="files, folders or globs")
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.add_argument("--text-field", default="text", help="jsonl field holding the text")
+    tt.add_argument("--digits-per-token", type=int, default=3, help="numbers split into groups of at most "
+                    "this many digits (default 3, GPT-4's; 1: every digit its own token, as Llama 2 and Gemma)")
     tt.add_argument("--out", required=True)
     tt.add_argument("--force", action="store_true")
     tt.set_defaults(func=_cmd_tokenizer_train)

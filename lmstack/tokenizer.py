@@ -57,13 +57,24 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
+MAX_DIGITS_PER_TOKEN = 3
 
 
-def _empty_bpe() -> HFTokenizer:
+def split_pattern(digits_per_token: int = MAX_DIGITS_PER_TOKEN) -> str:
+    """SPLIT_PATTERN with numbers in groups of at most `digits_per_token` digits: 3 is GPT-4's
+    (and the default), 1 gives every digit its own token, as Llama 2 and Gemma do, so that a model
+    can work on numbers digit by digit. The pattern is saved in tokenizer.json."""
+    if not 1 <= digits_per_token <= MAX_DIGITS_PER_TOKEN:
+        raise UserError(f"--digits-per-token must be 1 to {MAX_DIGITS_PER_TOKEN} (got {digits_per_token})")
+    digits = r"\p{N}" if digits_per_token == 1 else rf"\p{{N}}{{1,{digits_per_token}}}"
+    return SPLIT_PATTERN.replace(r"\p{N}{1,3}", digits)
+
+
+def _empty_bpe(digits_per_token: int = MAX_DIGITS_PER_TOKEN) -> HFTokenizer:
     tok = HFTokenizer(models.BPE())
     # use_regex=False: the Split above already did the splitting; ByteLevel only maps bytes.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(split_pattern(digits_per_token)), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -251,13 +262,16 @@ class Tokenizer:
 
 
 def train_tokenizer(inputs, vocab_size: int, out, text_field: str = "text", force: bool = False,
-                    holdout_every: int = 50, progress: bool = True) -> Tokenizer:
+                    holdout_every: int = 50, progress: bool = True,
+                    digits_per_token: int = MAX_DIGITS_PER_TOKEN) -> Tokenizer:
     """Train a byte-level BPE on files/folders/globs and write OUT/tokenizer.json.
 
     Documents stream from disk into the trainer (the corpus is never held in memory);
     every `holdout_every`-th document is kept out of training to measure compression.
+    Numbers split into groups of at most `digits_per_token` digits (split_pattern).
     """
     inputs = as_list(inputs)
+    split_pattern(digits_per_token)  # a bad value fails before anything is read
     check_output_dir(out, force)  # fail before the (possibly long) training, not after
     n_min = 256 + len(SPECIAL_TOKENS)
     if vocab_size < n_min:
@@ -285,7 +299,7 @@ def train_tokenizer(inputs, vocab_size: int, out, text_field: str = "text", forc
             yield text
 
     t0 = time.time()
-    hf = _empty_bpe()
+    hf = _empty_bpe(digits_per_token)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
         show_progress=progress and sys.stdout.isatty(),  # else it prints stray blank lines

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from lmstack.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, split_pattern, train_tokenizer
 from lmstack.utils import UserError
 
 WORDS = ("the cat sat on a mat with its hat ; über café naïve 東京 🙂 42 1999 don't "
@@ -138,6 +138,47 @@ def test_train_errors(tmp_path):
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["tokenizer.json"]
 
 
+def _numbers_corpus(folder):
+    rng = random.Random(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "sums.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(300):
+            a, b = rng.randint(0, 99_999), rng.randint(0, 999)
+            f.write(json.dumps({"text": f"What is {a} + {b}? It is {a + b}. Then 345 and 2024."}) + "\n")
+    return folder
+
+
+def _split_regex(tok_dir):
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    return [s["pattern"]["Regex"] for s in spec["pre_tokenizer"]["pretokenizers"] if s["type"] == "Split"]
+
+
+@pytest.mark.parametrize("per_token", [1, 2, 3])
+def test_digits_per_token(tmp_path, per_token):
+    corpus = _numbers_corpus(tmp_path / "c")
+    tok = train_tokenizer([corpus], vocab_size=400, out=tmp_path / "t", progress=False, digits_per_token=per_token)
+    ids = tok.encode("What is 1234567 + 345? 2024")
+    digit_runs = [tok.decode([i]) for i in ids if any(c.isdigit() for c in tok.decode([i]))]
+    assert "".join(digit_runs) == "12345673452024"  # digits never share a token with anything else
+    assert max(len(t) for t in digit_runs) == per_token  # the corpus repeats "345" and "2024": learned as far as allowed
+    # the split is saved in tokenizer.json: loading needs no option and encodes the same
+    assert Tokenizer.load(tmp_path / "t").encode("What is 1234567 + 345? 2024") == ids
+    assert _split_regex(tmp_path / "t") == [split_pattern(per_token)]
+
+
+def test_digits_per_token_default_is_unchanged(tmp_path):
+    assert split_pattern() == SPLIT_PATTERN and r"\p{N}{1,3}" in SPLIT_PATTERN
+    corpus = _numbers_corpus(tmp_path / "c")
+    train_tokenizer([corpus], vocab_size=400, out=tmp_path / "a", progress=False)
+    train_tokenizer([corpus], vocab_size=400, out=tmp_path / "b", progress=False, digits_per_token=3)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert _split_regex(tmp_path / "a") == [SPLIT_PATTERN]
+    for bad in (0, 4, -1):
+        with pytest.raises(UserError, match="--digits-per-token must be 1 to 3"):
+            train_tokenizer([corpus], vocab_size=400, out=tmp_path / f"bad{bad}", progress=False, digits_per_token=bad)
+        assert not (tmp_path / f"bad{bad}").exists()
+
+
 @pytest.mark.slow
 def test_cli_tokenizer_train(tmp_path):
     corpus = make_corpus(tmp_path / "c", n_docs=20)
@@ -151,3 +192,11 @@ def test_cli_tokenizer_train(tmp_path):
     assert bad.returncode != 0
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     assert not (tmp_path / "t2").exists()
+    one = subprocess.run(cmd + ["--input", str(corpus), "--out", str(tmp_path / "t1"), "--digits-per-token", "1"],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    assert [len(Tokenizer.load(tmp_path / "t1").encode(n)) for n in ("42", "1999")] == [2, 4]
+    bad = subprocess.run(cmd + ["--input", str(corpus), "--out", str(tmp_path / "t5"), "--digits-per-token", "5"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().endswith("--digits-per-token must be 1 to 3 (got 5)")
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "t5").exists()
