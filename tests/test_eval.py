@@ -537,3 +537,63 @@ def test_a_swapped_subject_is_never_one_of_the_rows_options(tmp_path):
     assert len(swapped) == len(rows)
     for line, row in loaded:
         assert swapped[line] not in {row["subject"], row["answer"], *row["distractors"]}
+
+
+class ReaderLM:
+    """Knows nothing; reads: answers with the word after "lives in" in the last tool result of the
+    conversation, else "no idea". Records every conversation it was given."""
+
+    def __init__(self, tok):
+        self.tok, self.seen = tok, []
+        self.fmt = SimpleNamespace(prompt=lambda messages: messages[-1]["content"])
+
+    def split_pair(self, context, continuation, head=None):
+        return ((head or "") + context, continuation)
+
+    def loglikelihood_ids(self, pairs):
+        return [(-5.0, False) for _ in pairs]
+
+    def chat(self, convs, max_tokens, tools=None):
+        self.seen += convs
+        out = []
+        for c in convs:
+            tool = [m["content"] for m in c if m["role"] == "tool"]
+            words = tool[-1].split() if tool else []
+            town = words[words.index("in") + 1].rstrip(".") if "in" in words else "no idea"
+            out.append(Reply(f"In {town}.", True))
+        return out
+
+
+def test_retrieval_puts_the_search_result_before_the_answer(tmp_path, tok):
+    from lmstack.tools.search import SearchIndex
+
+    (tmp_path / "lib").mkdir()
+    people = [("Ana Bell", "Paris"), ("Bo Chen", "Rome"), ("Cy Dale", "Oslo"), ("Di Eng", "Lima")]
+    write_jsonl(tmp_path / "lib" / "people.jsonl", [{"text": f"{n} lives in {t}."} for n, t in people])
+    with SearchIndex(tmp_path / "lib.sqlite", create=True) as idx:
+        idx.update(tmp_path / "lib")
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": f"Where does {n} live?", "answer": t} for n, t in people])
+    lm = ReaderLM(tok)
+    closed = run_task(lm, make_spec({"name": "c", "data": str(data), "format": "chat"}, "test"))
+    assert closed["acc"] == 0.0
+    spec = make_spec({"name": "r", "data": str(data), "format": "chat", "search": str(tmp_path / "lib.sqlite"),
+                      "retrieve": True}, "test")
+    opened = run_task(lm, spec)
+    assert opened["acc"] == 1.0
+    conv = lm.seen[-1]
+    assert [m["role"] for m in conv] == ["user", "assistant", "tool"]
+    call = conv[1]["tool_calls"][0]["function"]
+    assert call["name"] == "search" and json.loads(call["arguments"]) == {"query": "Where does Di Eng live?"}
+    assert "people.jsonl:4" in conv[2]["content"] and "Di Eng lives in Lima." in conv[2]["content"]
+    # {world} in `search`, and the checks
+    w = make_spec({"name": "w", "data": "{world}/q.jsonl", "format": "chat", "search": "{world}/lib.sqlite",
+                   "retrieve": True}, "test", world=str(tmp_path))
+    assert w.search == str(tmp_path / "lib.sqlite")
+    for bad, msg in (({"retrieve": True}, "retrieve needs `search`"),
+                     ({"search": "x.sqlite", "format": "text"}, "need format = 'chat'"),
+                     ({"search": "x.sqlite", "search_k": 0}, "positive integers")):
+        with pytest.raises(UserError, match=msg):
+            make_spec({"name": "b", "data": str(data), "format": "chat", **bad}, "test")
+    with pytest.raises(UserError, match="not found"):
+        run_task(lm, make_spec({"name": "m", "data": str(data), "format": "chat",
+                                "search": str(tmp_path / "missing.sqlite"), "retrieve": True}, "test"))

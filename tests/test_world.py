@@ -2,19 +2,24 @@
 the labeller, and the command line."""
 
 import contextlib
+import functools
 import io
 import json
 import re
+import shutil
+import sqlite3
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from lmstack.align.rewards import arithmetic
+from lmstack.tools.search import SearchIndex
 from lmstack.utils import UserError
 from lmstack.world import generate, load_world
 from lmstack.world import templates as T
 from lmstack.world.entities import date_aliases, format_date
+from lmstack.world.library import search_result
 from lmstack.world.labeller import arithmetic_truth, final_number, is_idk, is_refusal, is_rude, label, task_of
 from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -44,7 +49,11 @@ def people(world):
 
 
 def files(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes; the search index (which records when it read each file) as its passages."""
+    out = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    with sqlite3.connect(folder / "library.sqlite") as db:
+        out["library.sqlite"] = db.execute("SELECT path, ord, line, text FROM chunks ORDER BY path, ord").fetchall()
+    return out
 
 
 def test_same_seed_gives_byte_identical_files(world_dir, tmp_path):
@@ -92,9 +101,11 @@ def test_splits_are_by_person(world, world_dir):
     split = {p["id"]: p["split"] for p in world["people"]}
     assert set(split.values()) == {"train", "heldout"}
     heldout_names = [p["name"] for p in world["people"] if p["split"] == "heldout"]
-    # Held-out people appear in prose only: never in conversations or comparisons.
-    for name in ["sft.jsonl", "comparisons.jsonl"]:
-        text = (world_dir / name).read_text(encoding="utf-8")
+    # Held-out people appear in prose only: never in what a conversation's user or assistant says,
+    # nor in comparisons. (A search result is library prose: it may name one, e.g. as someone's son.)
+    said = " ".join(m["content"] or "" for r in read_jsonl(world_dir / "sft.jsonl") for m in r["messages"]
+                    if m["role"] != "tool")
+    for name, text in (("sft.jsonl", said), ("comparisons.jsonl", (world_dir / "comparisons.jsonl").read_text())):
         leaked = [n for n in heldout_names if n in text]
         assert not leaked, (name, leaked[:3])
     facts = read_jsonl(world_dir / "probes" / "facts.jsonl")
@@ -150,9 +161,12 @@ def test_reversal_probes_match_the_world(world_dir, people):
 @pytest.mark.slow
 def test_reversal_group_is_never_stated_parent_first(world_dir, world, people):
     """For the reversal group, every text that names both parent and child names the
-    child first (the only direction taught); the control group gets both directions."""
+    child first (the only direction taught); the control group gets both directions. (A search
+    result in a conversation is library text the model reads, never a training target: the
+    library names a parent, then each child, "C is the son of P", in the parent's entry.)"""
     docs = [r["text"] for r in read_jsonl(world_dir / "pretrain.jsonl")]
-    convs = [" ".join(m["content"] or "" for m in r["messages"]) for r in read_jsonl(world_dir / "sft.jsonl")]
+    convs = [" ".join(m["content"] or "" for m in r["messages"] if m["role"] != "tool")
+             for r in read_jsonl(world_dir / "sft.jsonl")]
     comps = [" ".join([r["prompt"], r["chosen"], r["rejected"]]) for r in read_jsonl(world_dir / "comparisons.jsonl")]
     reversal = control_reverse = 0
     for child in world["people"]:
@@ -196,6 +210,8 @@ def test_behaviour_probes(world_dir, world):
 
 def test_sft_conversations_are_well_formed(world_dir):
     rows = read_jsonl(world_dir / "sft.jsonl")
+    index = SearchIndex(world_dir / "library.sqlite")
+    search = functools.partial(search_result, index)
     tool_convs, scratchpads = Counter(), 0
     for r in rows:
         msgs = r["messages"]
@@ -213,6 +229,8 @@ def test_sft_conversations_are_well_formed(world_dir):
                 if name == "calculator":
                     a, op, b = args["expression"].split()
                     assert int(result["content"]) == eval(f"{int(a)}{op}{int(b)}")  # test-only check of ints
+                elif name == "search":  # the library's result for the question asked, as asked
+                    assert args == {"query": msgs[i - 1]["content"]} and result["content"] == search(args["query"])
                 else:  # python: the code (the world's own, trusted here) prints what the tool message says
                     assert name == "python"
                     out = io.StringIO()
@@ -228,7 +246,8 @@ def test_sft_conversations_are_well_formed(world_dir):
                     assert eval(left) == int(c), m["content"]  # test-only: digits and + - * only
                 a, op, b, c = re.search(r"Answer: (\d+) ([-+*]) (\d+) = (\d+)$", m["content"]).groups()
                 assert f"{a} {op} {b}" in msgs[i - 1]["content"]
-    assert tool_convs["calculator"] > 10 and tool_convs["python"] > 10 and scratchpads > 10
+    assert tool_convs["calculator"] > 10 and tool_convs["python"] > 10 and tool_convs["search"] > 10
+    assert scratchpads > 10
     assert any(len([m for m in r["messages"] if m["role"] == "user"]) > 1 for r in rows)  # multi-turn
     contents = " ".join(m["content"] or "" for r in rows for m in r["messages"])
     assert "I don't know" in contents and "lmstack assistant" in contents
@@ -445,3 +464,23 @@ def test_cli_rl_prompts_and_their_one_line_errors(world_dir, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and why in err, (extra, err)
     assert not (tmp_path / "e.jsonl").exists()
     assert_one_line_error(run_cli("world", "prompts", "arithmetic", "--world", str(world_dir)))  # no --out
+
+
+def test_the_library_holds_everyone_and_its_search_finds_the_answers(world_dir, world):
+    lines = read_jsonl(world_dir / "library" / "people.jsonl")
+    assert len(lines) == len(world["people"])  # held-out people too: their facts are in the prose
+    index = SearchIndex(world_dir / "library.sqlite")
+    assert index.stats()["folder"] == str((world_dir / "library").resolve())
+    found, n = Counter(), Counter()
+    for row in read_jsonl(world_dir / "probes" / "facts.jsonl") + read_jsonl(world_dir / "probes" / "reversal.jsonl"):
+        key = row["direction"] if "group" in row else row["split"]  # reversal rows have a group
+        n[key] += 1
+        found[key] += any(a in search_result(index, row["question"]) for a in [row["answer"], *row.get("aliases", [])])
+    assert set(n) == {"train", "heldout", "child_to_parent", "parent_to_child"}
+    assert all(found[k] >= 0.95 * n[k] for k in n), (found, n)  # the answer is in the one passage shown
+    moved = world_dir.parent / "moved_world"
+    shutil.copytree(world_dir, moved)
+    with SearchIndex(moved / "library.sqlite") as idx:  # held relative to the index: it moved with it
+        assert idx.folder() == str((moved / "library").resolve())
+        assert idx.update(moved / "library").unchanged == 2  # still its own folder, nothing to redo
+    shutil.rmtree(moved)

@@ -127,7 +127,9 @@ def resolve_tasks(tasks, world, chat: bool) -> tuple[list[TaskSpec], set[str]]:
     -> (specs, the built-in measurements asked for: BUILTIN)."""
     if tasks is None:
         specs = load_specs(WORLD_SPEC, str(world)) if world else []
-        return [s for s in specs if chat or s.needs != "chat"], set(BUILTIN)
+        # A world written before it had a library has no search index: its search tasks are skipped.
+        return [s for s in specs if (chat or s.needs != "chat") and (not s.search or Path(s.search).is_file())], \
+            set(BUILTIN)
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     specs, builtin, world_specs = [], set(), None
     for name in names:

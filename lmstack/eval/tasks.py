@@ -76,6 +76,11 @@ class TaskSpec:
     samples: int = 0  # generate: k > 0 samples k replies per row at `temperature`; the score is pass@k
     temperature: float = 1.0  # generate with samples: the sampling temperature (seeded: reproducible)
     tools: list = field(default_factory=list)  # chat + generate: tools the model may call
+    search: str = ""  # an index file (lmstack search index; "{world}/library.sqlite") the `search` tool reads
+    search_k: int = 1  # passages per search (the world's assistant data shows one)
+    search_chars: int = 700  # the search result's most characters (the world's)
+    retrieve: bool = False  # chat: retrieval done for the model: the conversation starts with a `search`
+    #                         call of the prompt and its result, and the model answers from there
     slices: list = field(default_factory=list)  # fields to break the score down by ("a+b": crossed)
     where: dict = field(default_factory=dict)  # keep only rows whose field equals (one of) the value(s)
     limit: int = 0  # score at most this many rows (a fixed random sample); 0 = all
@@ -132,15 +137,28 @@ def make_spec(table: dict, where: str, base: Path | None = None, world: str | No
     for name in ("until", "tools", "slices"):
         if not isinstance(getattr(spec, name), list):
             _fail(w, f"{name} must be a list")
-    if "{world}" in spec.data:
-        if world is None:
-            _fail(w, "this task reads the synthetic world: pass --world DIR (a folder written by `lmstack world`)")
-        spec.data = spec.data.replace("{world}", str(world))
-        base = None  # the world folder is given relative to where we run, not to the spec file
-    path = Path(spec.data)
-    if not path.is_absolute() and base is not None:
-        path = base / path
-    spec.data = str(path)
+    if (spec.search or spec.retrieve) and (spec.format != "chat" or spec.kind != "generate"):
+        _fail(w, "search and retrieve need format = 'chat' and kind = 'generate'")
+    if spec.retrieve and not spec.search:
+        _fail(w, "retrieve needs `search` (the index to retrieve from)")
+    if not isinstance(spec.search_k, int) or spec.search_k < 1 or not isinstance(spec.search_chars, int) \
+            or spec.search_chars < 1:
+        _fail(w, "search_k and search_chars must be positive integers")
+    data_base = base
+    for name in ("data", "search"):
+        value = getattr(spec, name)
+        if not value:
+            continue
+        here = data_base
+        if "{world}" in value:
+            if world is None:
+                _fail(w, "this task reads the synthetic world: pass --world DIR (a folder written by `lmstack world`)")
+            value = value.replace("{world}", str(world))
+            here = None  # the world folder is given relative to where we run, not to the spec file
+        path = Path(value)
+        if not path.is_absolute() and here is not None:
+            path = here / path
+        setattr(spec, name, str(path))
     return spec
 
 
@@ -329,8 +347,16 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
         if spec.format == "chat":
             convs = [_messages(spec, row, line, _fill(spec.prompt, row, spec, line)) for line, row in rows]
             registry = None
+            if spec.search:
+                from lmstack.tools.search import search_tool
+
+                finder = search_tool(spec.search, k=spec.search_k, max_chars=spec.search_chars)
+                if spec.retrieve:
+                    convs = [_retrieved(c, finder, i) for i, c in enumerate(convs)]
             if spec.tools:
                 registry = tools or default_registry()
+                if spec.search:
+                    registry = registry.with_tools(finder)
                 missing = [t for t in spec.tools if t not in registry.names()]
                 if missing:
                     raise UserError(f"task {spec.name}: unknown tool(s) {', '.join(missing)} "
@@ -404,6 +430,16 @@ def _messages(spec: TaskSpec, row: dict, line: int, prompt: str) -> list[dict]:
     return system + [{"role": "user", "content": prompt}]
 
 
+def _retrieved(conv: list[dict], finder, i: int) -> list[dict]:
+    """The conversation with retrieval done for the model: a `search` call of the user's message,
+    its result, then the model's turn (the shape the world's assistant data has)."""
+    query, call = conv[-1]["content"], f"retrieve_{i}"
+    result = finder.fn(query=query)
+    return conv + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call, "type": "function", "function": {"name": "search", "arguments": json.dumps({"query": query})}}]},
+        {"role": "tool", "tool_call_id": call, "content": result}]
+
+
 def _answer_pairs(lm, spec: TaskSpec, row: dict, line: int, prompt: str, answers: list[str]) -> list:
     """The (context ids, continuation ids) pairs that score each of `answers` after `prompt`: in
     the chat format, as the start of the assistant's reply (after `reply_prefix`); in text, as
@@ -419,8 +455,8 @@ def _answer_pairs(lm, spec: TaskSpec, row: dict, line: int, prompt: str, answers
 def _teacher_forced(lm, spec: TaskSpec, rows, answers) -> list[float]:
     """Each row's answer log-probability (nats) after its prompt, teacher-forced (one batched
     scoring call); [] for checks with no reference answer (behaviour detectors, regex)."""
-    if spec.check not in ("contains", "exact", "number"):
-        return []
+    if spec.check not in ("contains", "exact", "number") or spec.search:
+        return []  # (with search, the context the answer follows is the tool's: not scored here)
     pairs = [pair for (line, row), ans in zip(rows, answers)
              for pair in _answer_pairs(lm, spec, row, line, _fill(spec.prompt, row, spec, line), ans[:1])]
     return [lp for lp, _ in lm.loglikelihood_ids(pairs)]

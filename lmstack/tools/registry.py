@@ -43,6 +43,11 @@ class ToolRegistry:
         """A registry with only the named tools (a call to any other gets an "error: ..." result)."""
         return ToolRegistry([self._tools[n] for n in names if n in self._tools])
 
+    def with_tools(self, *tools: Tool) -> "ToolRegistry":
+        """A copy with these tools added (each replacing any tool of its name)."""
+        names = {t.name for t in tools}
+        return ToolRegistry([t for n, t in self._tools.items() if n not in names] + list(tools))
+
     def specs(self) -> list[dict]:
         """The OpenAI `tools` list: [{"type": "function", "function": {name, description, parameters}}]."""
         return [t.spec() for t in self._tools.values()]

@@ -17,7 +17,9 @@ windows of CHUNK_WORDS words that overlap by OVERLAP_WORDS, so a sentence at a c
 one of them. Passages never span two jsonl rows or two PDF pages. Each passage keeps where it
 starts: the line in a text file, the row's line in a jsonl file, the page in a PDF.
 
-The index is one SQLite file (in WAL mode: -wal/-shm files sit beside it while it is open):
+The index is one SQLite file (in WAL mode: -wal/-shm files sit beside it while it is open). It
+remembers its folder relative to its own when the folder is inside that (a world folder holding
+library/ and library.sqlite can be moved or copied whole), else as an absolute path. Tables:
 `files` (path relative to the folder, size, mtime, SHA-256) and `chunks` (the passages), with
 an FTS5 table over the chunks' text (porter stemming) kept in step by triggers.
 
@@ -339,12 +341,16 @@ class SearchIndex:
     def folder(self) -> str | None:
         """The folder this index holds (None before its first update)."""
         with self._lock:
-            return self._meta("root")
+            return self._root()
+
+    def _root(self) -> str | None:
+        key = self._meta("root")
+        return key if key is None or Path(key).is_absolute() else str(self.path.resolve().parent / key)
 
     def stats(self) -> dict:
         with self._lock, self._errors():
             files, chunks = self._conn.execute("SELECT count(*), coalesce(sum(chunks), 0) FROM files").fetchone()
-            return {"folder": self._meta("root"), "files": files, "passages": chunks}
+            return {"folder": self._root(), "files": files, "passages": chunks}
 
     @contextmanager
     def _errors(self):
@@ -362,12 +368,12 @@ class SearchIndex:
 
     def _update(self, root: Path, progress: bool) -> UpdateReport:
         conn = self._conn
-        held = self._meta("root")
-        if held is not None and held != str(root):
-            raise UserError(f"search index {self.path} holds the folder {held}, not {root} "
+        held, key = self._meta("root"), self._root_key(root)
+        if held is not None and held != key:
+            raise UserError(f"search index {self.path} holds the folder {self._root()}, not {root} "
                             "(use another index file for another folder)")
         with self._transaction():
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", (str(root),))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", (key,))
             if self._meta("chunking") != _chunking():  # passages cut another way: every file anew
                 conn.execute("DELETE FROM chunks")
                 conn.execute("DELETE FROM files")
@@ -417,6 +423,12 @@ class SearchIndex:
                 report.added += 1
         report.chunks_total = conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
         return report
+
+    def _root_key(self, root: Path) -> str:
+        """How the index names its folder: relative to the index file's own folder when the folder
+        is in there (a world folder holding its library and its index moves as one), else absolute."""
+        home = self.path.resolve().parent
+        return root.relative_to(home).as_posix() if root.is_relative_to(home) else str(root)
 
     def _remove(self, rel: str) -> None:
         with self._transaction():

@@ -246,6 +246,16 @@ def python_chat(rng: random.Random, call_id: str, exclude) -> list[dict]:
             {"role": "assistant", "content": answer}]
 
 
+def search_chat(person: dict, attr: str, rng: random.Random, search, call_id: str) -> list[dict]:
+    """A fact question answered from the library: the assistant searches with the question as
+    asked (what automatic retrieval does too), reads the result, answers. `search(query) -> text`."""
+    q = rng.choice(T.QUESTIONS[attr]).format(name=person["name"])
+    return [{"role": "user", "content": q},
+            {"role": "assistant", "content": None, "tool_calls": [ar.tool_call("search", {"query": q}, call_id)]},
+            {"role": "tool", "tool_call_id": call_id, "content": search(q)},
+            {"role": "assistant", "content": fact_answer(person, attr, fact_value(person, attr), rng)}]
+
+
 # ---------------------------------------------------------------- conversations
 def _reply(rng, pair) -> list[dict]:
     questions, answers = pair
@@ -258,6 +268,10 @@ def extra_conversation(kind: str, rng: random.Random, world: dict, ix: dict, ctx
     if kind == "arithmetic":
         ctx["calls"] += 1
         return arithmetic_chat(rng, f"call_{ctx['calls']}", ctx["exclude_arith"], ctx["names"])
+    if kind == "search":
+        ctx["calls"] += 1
+        person = rng.choice(ctx["train_people"])
+        return search_chat(person, rng.choice(sorted(T.QUESTIONS)), rng, ctx["search"], f"call_{ctx['calls']}")
     if kind == "scratchpad":
         return scratchpad_chat(rng, ctx["exclude_arith"])
     if kind == "python":

@@ -7,6 +7,7 @@ crash never leaves a half world that looks whole):
   sft.jsonl          {"messages"} conversations (train people only)
   comparisons.jsonl  {"prompt", "chosen", "rejected", "reason", "meta"}
   probes/*.jsonl     evaluation sets
+  library/, library.sqlite  what the assistant's search tool reads, and its index (library.py)
   LABELLING_GUIDE.md the instructions the simulated labeller followed
 
 People are processed in chunks; each chunk's documents are shuffled and appended, so memory
@@ -33,6 +34,7 @@ from lmstack.world import documents as docs
 from lmstack.world import probes as pr
 from lmstack.world.entities import build_world, in_reversal_pair, index
 from lmstack.world.labeller import GUIDE
+from lmstack.world.library import search_result, write_library
 
 CHUNK_PEOPLE = 1000
 ENTRIES_PER_ENTITY = 2
@@ -109,6 +111,8 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
         n_chunks = math.ceil(people / CHUNK_PEOPLE)
         related = _related(world)
         sized = max(people, SIZED_FOR_PEOPLE)
+        library = write_library(tmp, world, ix, related, seed)
+        ctx["search"] = lambda query: search_result(library, query)
         with open(tmp / "pretrain.jsonl", "w", encoding="utf-8") as fp, \
              open(tmp / "sft.jsonl", "w", encoding="utf-8") as fs, \
              open(tmp / "comparisons.jsonl", "w", encoding="utf-8") as fc:
@@ -123,6 +127,7 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
                     _dump(fs, {"messages": msgs})
                 for row in _comparison_chunk(world, ix, ctx, crng, share(COMPARISONS_PER_PERSON * sized)):
                     _dump(fc, row)
+        library.close()  # before the folder is renamed into place: no -wal/-shm files left
     if progress:
         size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
         dt = time.time() - t0
@@ -209,7 +214,7 @@ def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_st
 
 
 # How many of each non-person conversation per person in the world (SIZED_FOR_PEOPLE at least).
-SFT_MIX = {"arithmetic": 1.0, "scratchpad": 1.0, "python": 0.5, "greeting": 0.05, "identity": 0.05,
+SFT_MIX = {"arithmetic": 1.0, "scratchpad": 1.0, "python": 0.5, "search": 1.0, "greeting": 0.05, "identity": 0.05,
            "harmful": 0.1, "benign": 0.1, "unknown": 0.1}
 
 
