@@ -17,6 +17,7 @@ import signal
 import sys
 from typing import Iterator
 
+from lmstack.assistant import retrieved
 from lmstack.chatformat import ChatFormatError, chat_format
 from lmstack.device import pick_device
 from lmstack.engine import ContextLengthError, for_inference, generate, stream
@@ -78,14 +79,15 @@ def chat_completion(model, tok: Tokenizer, messages: list[dict], **kw) -> dict:
 
 # --- the terminal chat --------------------------------------------------------------------------
 
-HELP = "commands: /reset (forget the conversation), /system TEXT, /temp X, /quit"
+HELP = "commands: /reset (forget the conversation and its memory), /system TEXT, /temp X, /quit"
 
 
-def _fit(fmt, history: list[dict], ctx: int, reserve: int) -> tuple[int, int]:
+def fit(fmt, history: list[dict], ctx: int, reserve: int, memory=None) -> tuple[int, int]:
     """Drop the oldest turns (never the system prompt, never the last user message) until the
-    conversation leaves `reserve` positions for the reply. Returns (how many messages went, the
-    tokens of what is left with the generation prompt): the caller checks that length without
-    rendering the conversation again."""
+    conversation leaves `reserve` positions for the reply; with a `memory`
+    (lmstack/tools/memory.py) each dropped turn is paged out to it instead of forgotten. Returns
+    (how many messages went, the tokens of what is left with the generation prompt): the caller
+    checks that length without rendering the conversation again."""
     dropped = 0
     while (n := len(fmt.prompt(history))) + reserve > ctx:
         first = 1 if history[0]["role"] == "system" else 0
@@ -93,23 +95,58 @@ def _fit(fmt, history: list[dict], ctx: int, reserve: int) -> tuple[int, int]:
         nxt = next((i for i in range(first + 1, len(history)) if history[i]["role"] == "user"), None)
         if nxt is None:
             break
+        if memory is not None:
+            memory.page_out(history[first:nxt])
         dropped += nxt - first
         del history[first:nxt]
     return dropped, n
 
 
+def recall(history: list[dict], memory, knowledge=None) -> list[dict]:
+    """Before a reply to the last (user) message: its lookup in the conversation's paged-out
+    memory, then in the assistant's knowledge, each as a `search` call and result when it finds
+    something (lmstack.assistant.retrieved)."""
+    if memory is not None and memory.pages:
+        history = retrieved(history, memory.tool(), f"recall_{len(history)}")
+    if knowledge is not None:
+        history = retrieved(history, knowledge, f"knowledge_{len(history)}")
+    return history
+
+
 def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p: float | None = 0.95,
-         max_tokens: int = 256, seed: int | None = None, tools: bool = True, dtype: str = "auto") -> int:
+         max_tokens: int = 256, seed: int | None = None, tools: bool = True, dtype: str = "auto",
+         memory: str | bool | None = True) -> int:
     """The interactive chat: streamed replies, history across turns, tool calls shown as they run.
-    Ctrl-C during a reply stops the reply; Ctrl-C or Ctrl-D at the prompt exits."""
+    `model` is a chat model folder or an assistant folder (lmstack/assistant.py: its instructions,
+    knowledge and tools). `memory`: turns that outgrow the context are paged out and recalled
+    (True: for this session; a folder: kept there, so a later chat with the same folder still
+    remembers; False: forgotten). Ctrl-C during a reply stops the reply; Ctrl-C or Ctrl-D at the
+    prompt exits."""
+    from lmstack.assistant import is_assistant, load
+    from lmstack.tools.memory import ConversationMemory
+
     # A process started in the background by a non-interactive shell inherits SIGINT ignored;
     # at a terminal the user still expects Ctrl-C to work, so take it back explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if temperature < 0 or max_tokens < 1 or (top_p is not None and not 0 < top_p <= 1):
         raise UserError("need --temperature >= 0, --max-tokens >= 1 and 0 < --top-p <= 1")
-    net, tok = load_model_and_tokenizer(model, pick_device("auto"), kind="chat")
+    assistant = load(model) if is_assistant(model) else None
+    net, tok = load_model_and_tokenizer(assistant.model if assistant else model, pick_device("auto"), kind="chat")
     net, fmt = for_inference(net, dtype), chat_format(tok)
-    registry = default_registry() if tools and fmt.tools else None
+    registry = (assistant.registry() if assistant else default_registry()) if tools and fmt.tools else None
+    knowledge = assistant.search_tool() if assistant and assistant.retrieve and assistant.has_knowledge else None
+    if assistant and assistant.instructions and not system:
+        system = assistant.instructions
+    pages = None if not memory else ConversationMemory(None if memory is True else memory)
+    try:
+        return _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, seed, registry, knowledge,
+                          pages)
+    finally:
+        if pages is not None:
+            pages.close()
+
+
+def _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, seed, registry, knowledge, memory):
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -132,7 +169,8 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
     size = f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
     print(dim(f"lmstack chat: {model} ({size} parameters, context {ctx}, "
               f"tools: {', '.join(registry.names()) if registry else 'off'}"
-              f"{'' if fmt.tools or not tools else ' (its chat template has no tool-call format)'})\n"
+              f"{'' if fmt.tools else ' (its chat template has no tool-call format)'}; memory: "
+              f"{'off' if memory is None else memory.folder})\n"
               f"{HELP}; Ctrl-C stops a reply, Ctrl-D or Ctrl-C at the prompt exits"), flush=True)
     while True:
         try:
@@ -150,6 +188,8 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
                 return 0
             elif cmd == "/reset":
                 history = [m for m in history if m["role"] == "system"]
+                if memory is not None:
+                    memory.clear()
                 print(dim("conversation reset"))
             elif cmd == "/system":
                 history = [m for m in history if m["role"] != "system"]
@@ -170,17 +210,23 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
                 print(dim(f"unknown command {cmd}; {HELP}"))
             continue
 
+        before = len(history)
         history.append({"role": "user", "content": line})
+        history = recall(history, memory, knowledge)
+        for m in history[before + 1:]:
+            if m["role"] == "tool":
+                note(f"[{'recalled' if m['tool_call_id'].startswith('recall') else 'knowledge'}] {m['content'][:200]}")
         try:
-            dropped, n = _fit(fmt, history, ctx, min(max_tokens, ctx // 2))
+            dropped, n = fit(fmt, history, ctx, min(max_tokens, ctx // 2), memory)
         except ChatFormatError as e:  # a model's own template can refuse a conversation (roles must alternate)
-            history.pop()
+            history = _before_last_user(history)
             note(f"[{e}; /reset starts over]")
             continue
         if dropped:
-            print(dim(f"[forgot the {dropped} oldest messages to fit the context]"))
+            print(dim(f"[{'paged out' if memory is not None else 'forgot'} the {dropped} oldest messages to fit "
+                      "the context]"))
         if n >= ctx:
-            history.pop()
+            history = _before_last_user(history)
             print(dim(f"that message is too long for this model's context ({ctx} tokens)"))
             continue
         col0[0] = True
@@ -206,14 +252,20 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
                     elif ev["finish_reason"] == "tool_calls":
                         note("[tool calls not run]")
         except KeyboardInterrupt:
-            history.pop()  # the turn is abandoned: the conversation goes on from before it
+            history = _before_last_user(history)  # the turn is abandoned: the conversation goes on from before it
             note("[interrupted]")
         except (ContextLengthError, ChatFormatError) as e:  # e.g. tool rounds outgrew the context
-            history.pop()
+            history = _before_last_user(history)
             note(f"[{e}; /reset starts over]")
         if not col0[0]:
             print(flush=True)
         turn += 1
+
+
+def _before_last_user(history: list[dict]) -> list[dict]:
+    """The conversation before its last user message (and what retrieval added after it)."""
+    last = max((i for i, m in enumerate(history) if m["role"] == "user"), default=len(history))
+    return history[:last]
 
 
 def _show_args(arguments: str) -> str:

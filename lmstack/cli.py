@@ -8,6 +8,7 @@ non-zero exit, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def _cmd_chat(a):
     from lmstack.chat import chat
 
     return chat(a.model, system=a.system, temperature=a.temperature, top_p=a.top_p,
-                max_tokens=a.max_tokens, seed=a.seed, tools=not a.no_tools)
+                max_tokens=a.max_tokens, seed=a.seed, tools=not a.no_tools,
+                memory=False if a.no_memory else (a.memory or True))
 
 
 def _cmd_experiment(a):
@@ -139,6 +141,31 @@ def _cmd_think(a):
               f"{100 * r['points'][-1]['majority']['acc']:.1f}% (saturates at k={r['majority_saturates_at_k']}) "
               f"-> {Path(a.out) / 'curve.md'}")
 
+
+def _cmd_assistant(a):
+    from lmstack import assistant
+
+    if a.action == "create":
+        x = assistant.create(a.model, a.out, name=a.name, instructions=a.instructions, knowledge=a.knowledge,
+                             tools=a.tools, retrieve=not a.no_retrieve, force=a.force)
+        print(f"assistant {x.name} -> {a.out} (model {x.model}; tools: {', '.join(x.tools) or 'none'}; "
+              f"knowledge: {'indexed, looked up before every reply' if x.retrieve else 'none'})")
+    elif a.action == "show":
+        x = assistant.load(a.folder)
+        print(json.dumps({"name": x.name, "model": str(x.model), "tools": x.tools, "retrieve": x.retrieve,
+                          "instructions": x.instructions,
+                          "knowledge": assistant.knowledge_stats(x)},
+                         indent=1))
+    else:
+        from lmstack.eval.assistant import assistant_eval
+
+        r = assistant_eval(a.folder, a.questions, limit=a.limit)
+        for k in ("bare_model", "assistant_acc"):
+            s = r[k]
+            print(f"{k:14s} {100 * s['acc']:5.1f}% [{100 * s['ci'][0]:.1f}, {100 * s['ci'][1]:.1f}] of {s['n']}")
+        d = r["difference"]
+        print(f"difference     {100 * d['diff']:+.1f} points [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}], "
+              f"McNemar p = {d['p_value']:.2g}")
 
 def _cmd_speedrun(a):
     from lmstack.speedrun import speedrun
@@ -409,13 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=_cmd_sft)
 
     ch = sub.add_parser("chat", help="talk to a model in the terminal")
-    ch.add_argument("--model", required=True)
+    ch.add_argument("--model", required=True, help="a chat model folder, or an assistant folder (lmstack assistant create)")
     ch.add_argument("--system", default=None, help="a system prompt")
     ch.add_argument("--temperature", type=float, default=0.7)
     ch.add_argument("--top-p", type=float, default=0.95)
     ch.add_argument("--max-tokens", type=int, default=256)
     ch.add_argument("--seed", type=int, default=None)
     ch.add_argument("--no-tools", action="store_true", help="do not run tool calls (calculator)")
+    ch.add_argument("--memory", help="keep the turns that outgrow the context in this folder (recalled in a later "
+                    "chat with the same folder; default: for this session only)")
+    ch.add_argument("--no-memory", action="store_true", help="forget turns that outgrow the context")
     ch.set_defaults(func=_cmd_chat)
 
     ev = sub.add_parser("eval", help="evaluate a model: world tasks, your tasks, bits per byte; compare two")
@@ -627,6 +657,30 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--exclude", nargs="+", metavar="FILE", help="comparisons jsonl whose prompts are left out")
     wr.add_argument("--out", help="results JSON (default: A/winrate/vs_<name of B>.json)")
     wr.set_defaults(func=_cmd_winrate)
+
+    asp = sub.add_parser("assistant", help="assistants: a chat model + instructions + knowledge files + tools, "
+                         "run by chat, serve and the web app")
+    asps = asp.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ac = asps.add_parser("create", help="write an assistant folder (its knowledge copied and indexed)")
+    ac.add_argument("--model", required=True, help="a chat model folder")
+    ac.add_argument("--out", required=True, help="the assistant folder")
+    ac.add_argument("--name", help="its name and model id when served (default: the folder's name)")
+    ac.add_argument("--instructions", help="a text file: the system message")
+    ac.add_argument("--knowledge", help="a folder of .txt/.md/.jsonl/.pdf files it can search")
+    ac.add_argument("--tools", default="calculator,search", help="from calculator, python, search "
+                    "(default calculator,search)")
+    ac.add_argument("--no-retrieve", action="store_true", help="do not look up every user message in the "
+                    "knowledge (the model must call search itself)")
+    ac.add_argument("--force", action="store_true")
+    ac.set_defaults(func=_cmd_assistant)
+    ash = asps.add_parser("show", help="an assistant's settings and its knowledge index")
+    ash.add_argument("folder", type=Path)
+    ash.set_defaults(func=_cmd_assistant)
+    ae = asps.add_parser("eval", help="the same questions to the bare model and to the assistant: accuracy of each")
+    ae.add_argument("folder", type=Path)
+    ae.add_argument("--questions", required=True, help="jsonl rows {question, answer, aliases?}")
+    ae.add_argument("--limit", type=int, default=0)
+    ae.set_defaults(func=_cmd_assistant)
 
     tk = sub.add_parser("think", help="System 2: accuracy against thinking time (samples, votes, verifiers)")
     tks = tk.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lmstack.chat import _fit, chat_completion, stream_chat
+from lmstack.chat import chat_completion, fit, stream_chat
 from lmstack.chatformat import chat_format, render_chat
 from lmstack.tools import default_registry
 from test_engine import ScriptedModel  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -129,13 +129,13 @@ def test_fit_drops_the_oldest_turns_and_returns_the_length_left(tok):
         history += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i}"}]
     history.append({"role": "user", "content": "the last question"})
     full = len(render_chat(tok, history, add_generation_prompt=True)[0])
-    assert _fit(fmt, list(history), full + 8, 8) == (0, full)  # it fits: nothing goes
+    assert fit(fmt, list(history), full + 8, 8) == (0, full)  # it fits: nothing goes
     kept = list(history)
-    dropped, n = _fit(fmt, kept, full, 8)
+    dropped, n = fit(fmt, kept, full, 8)
     assert dropped % 2 == 0 and dropped > 0 and kept[0] == history[0] and kept[1:] == history[1 + dropped:]
     assert n == len(render_chat(tok, kept, add_generation_prompt=True)[0]) and n + 8 <= full
     alone = [history[0], history[-1]]  # nothing left to drop: the length is what is left
-    assert _fit(fmt, alone, 4, 8) == (0, len(render_chat(tok, alone, add_generation_prompt=True)[0]))
+    assert fit(fmt, alone, 4, 8) == (0, len(render_chat(tok, alone, add_generation_prompt=True)[0]))
 
 
 # --- the terminal chat through a pseudo-terminal --------------------------------------------------

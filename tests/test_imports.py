@@ -21,6 +21,7 @@ LAYERS = [
     ["lmstack.align", "lmstack.scaling"],
     ["lmstack.train", "lmstack.eval", "lmstack.serve", "lmstack.export"],
     ["lmstack.chat"],
+    ["lmstack.assistant"],
     ["lmstack.engine"],
     ["lmstack.modelio", "lmstack.distributed"],
     ["lmstack.model", "lmstack.device"],

@@ -36,6 +36,7 @@ LM_TASK = "lm"  # the name of the language-modelling measurement in --tasks and 
 COPY_TASK = "copy"  # in-context copying (the induction test), in --tasks and in results
 ICL_TASK = "icl"  # Olsson et al.'s in-context learning score on held-out text, in --tasks and in results
 BUILTIN = (LM_TASK, COPY_TASK, ICL_TASK)
+MEMORY_TASK = "memory"  # a first-turn fact after a conversation 3x the context (eval/memory.py); only when named
 
 
 # --- language modelling ---------------------------------------------------------------------
@@ -133,7 +134,7 @@ def resolve_tasks(tasks, world, chat: bool) -> tuple[list[TaskSpec], set[str]]:
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     specs, builtin, world_specs = [], set(), None
     for name in names:
-        if name in BUILTIN:
+        if name in BUILTIN or name == MEMORY_TASK:
             builtin.add(name)
         elif name.endswith(".toml") or Path(name).is_file():
             specs += load_specs(name, str(world) if world else None)
@@ -223,7 +224,17 @@ def evaluate(model, tasks=None, world=None, data=None, text=None, out=None, limi
     elif ICL_TASK in builtin and tasks is not None:
         raise UserError("task 'icl' needs --data DIR (prepared token shards; the model folder records none that "
                         "still exists)")
-    if not specs and "lm" not in results and COPY_TASK not in results:
+    if MEMORY_TASK in builtin:
+        if world is None or not info["chat"]:
+            raise UserError("task 'memory' needs a chat model and its world (--world DIR)")
+        from lmstack.eval.memory import memory_eval
+
+        results[MEMORY_TASK] = r = memory_eval(lm, world)
+        if not quiet:
+            print(f"memory (a first-turn fact after {r['mean_tokens']:.0f} tokens, context {r['context']}): "
+                  + ", ".join(f"{k} {_pct(r[k]['acc'])}" for k in ("in_context", "forgotten", "paged"))
+                  + f" of {r['conversations']}", flush=True)
+    if not specs and "lm" not in results and COPY_TASK not in results and MEMORY_TASK not in results:
         raise UserError(f"nothing to evaluate for {model_dir}: no world found (pass --world DIR), no data "
                         "(pass --data DIR or --text FILES) and no --tasks")
     for spec in specs:

@@ -43,6 +43,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from lmstack.assistant import retrieved
 from lmstack.config import tomllib
 from lmstack.stats import summarize
 from lmstack.tools import default_registry
@@ -352,7 +353,7 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
 
                 finder = search_tool(spec.search, k=spec.search_k, max_chars=spec.search_chars)
                 if spec.retrieve:
-                    convs = [_retrieved(c, finder, i) for i, c in enumerate(convs)]
+                    convs = [retrieved(c, finder, f"retrieve_{i}") for i, c in enumerate(convs)]
             if spec.tools:
                 registry = tools or default_registry()
                 if spec.search:
@@ -428,16 +429,6 @@ def _messages(spec: TaskSpec, row: dict, line: int, prompt: str) -> list[dict]:
     """A chat task's conversation: its system message (if any), then the prompt as the user's."""
     system = [{"role": "system", "content": _fill(spec.system, row, spec, line)}] if spec.system else []
     return system + [{"role": "user", "content": prompt}]
-
-
-def _retrieved(conv: list[dict], finder, i: int) -> list[dict]:
-    """The conversation with retrieval done for the model: a `search` call of the user's message,
-    its result, then the model's turn (the shape the world's assistant data has)."""
-    query, call = conv[-1]["content"], f"retrieve_{i}"
-    result = finder.fn(query=query)
-    return conv + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": call, "type": "function", "function": {"name": "search", "arguments": json.dumps({"query": query})}}]},
-        {"role": "tool", "tool_call_id": call, "content": result}]
 
 
 def _answer_pairs(lm, spec: TaskSpec, row: dict, line: int, prompt: str, answers: list[str]) -> list:
