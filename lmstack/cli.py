@@ -127,6 +127,13 @@ def _cmd_think(a):
         print(f"{r['problems']} problems x {a.n} samples ({100 * r['sample_acc']:.1f}% right): "
               f"{r['outcome_pairs']} outcome and {r['process_pairs']} process comparisons -> {a.out}\n"
               f"train a verifier: lmstack reward train --model {a.model} --data {a.out}/outcome.jsonl --out VERIFIER")
+    elif a.action == "ask":
+        r = curve.ask(a.model, a.question, k=a.k, temperature=a.temperature, max_tokens=a.max_tokens,
+                      verifier=a.verifier, seed=a.seed)
+        votes = ", ".join(f"{ans} x{n}" for ans, n in r["votes"].items()) or "no numbers in the replies"
+        print(f"majority of {r['k']}: {r['answer']}  (votes: {votes})")
+        if "verifier_answer" in r:
+            print(f"verifier's pick: {r['verifier_answer']}\n{r['verifier_reply']}")
     elif a.action == "beam":
         beam.think_beam(a.model, a.verifier, a.out, problems=a.problems, world=a.world, digits=_digits(a.digits),
                         limit=a.limit, beam=a.beam, expand=a.expand, temperature=a.temperature, prompt=a.prompt,
@@ -702,6 +709,16 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--out", required=True, help="folder: curve.json, curve.md, curve.png, samples.jsonl")
     tc.add_argument("--force", action="store_true")
     tc.set_defaults(func=_cmd_think)
+    tq = tks.add_parser("ask", help="self-consistency for one question: k sampled replies, the majority's final "
+                        "number (and a verifier's pick)")
+    tq.add_argument("question", help='e.g. "What is 345 + 789? Think step by step."')
+    tq.add_argument("--model", required=True, help="a chat model folder")
+    tq.add_argument("--k", type=int, default=16)
+    tq.add_argument("--temperature", type=float, default=0.8)
+    tq.add_argument("--max-tokens", type=int, default=192)
+    tq.add_argument("--verifier", help="a reward model folder: also show the reply it scores highest")
+    tq.add_argument("--seed", type=int, default=0)
+    tq.set_defaults(func=_cmd_think)
     tv = tks.add_parser("verifier-data", help="comparisons for an outcome and a process verifier, from the "
                         "model's own samples on problems outside the probes (train with lmstack reward train)")
     tv.add_argument("--model", required=True, help="a chat model folder (the generator)")

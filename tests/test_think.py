@@ -261,3 +261,11 @@ def test_beam_search_with_a_perfect_process_verifier_finds_the_solution(monkeypa
     assert all(r["text"] == truth[f"{r['problem']['question']} Think step by step."] for r in res["results"])
     one = B.beam_search(lm, (None, None), rows, beam=1, expand=1, seed=0)  # a single sample: rarely all right
     assert one["acc"] < 1.0 and one["tokens"] < res["tokens"]
+
+
+def test_think_ask_votes(model_dir):
+    r = run_cli("think", "ask", "What is 23 + 58? Think step by step.", "--model", str(model_dir), "--k", "3",
+                "--max-tokens", "6")
+    assert r.returncode == 0 and r.stdout.startswith("majority of 3: "), r.stderr
+    bad = run_cli("think", "ask", "x", "--model", str(model_dir), "--k", "0")
+    assert bad.returncode == 2 and "--k must be at least 1" in bad.stderr

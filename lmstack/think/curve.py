@@ -72,6 +72,32 @@ def sample(lm, problems: list[dict], prompt: str = PROMPT, n: int = 16, temperat
     return out
 
 
+def ask(model, question: str, k: int = 16, temperature: float = 0.8, max_tokens: int = 192, verifier=None,
+        seed: int = 0) -> dict:
+    """`lmstack think ask`: one question, k sampled replies, the answer by majority vote (and by
+    the verifier's best reply when given): self-consistency for a user, not a benchmark."""
+    from collections import Counter
+
+    from lmstack.eval.lm import ModelLM
+    from lmstack.modelio import load_model_and_tokenizer
+
+    if k < 1:
+        raise UserError(f"--k must be at least 1 (got {k})")
+    lm = ModelLM.load(model)
+    rm = load_model_and_tokenizer(verifier, kind="reward") if verifier else None
+    records = sample(lm, [{"question": question, "answer": ""}], "{question}", k, temperature, max_tokens, seed)
+    replies = records[0]["samples"]
+    votes = Counter(r["answer"] for r in replies if r["answer"] is not None)
+    out = {"question": question, "k": k, "votes": dict(votes.most_common()),
+           "answer": votes.most_common(1)[0][0] if votes else None,
+           "replies": [r["text"] for r in replies]}
+    if rm is not None:
+        score_with_verifier(records, rm, "{question}")
+        best = max(replies, key=lambda r: r["score"])
+        out.update(verifier_answer=best["answer"], verifier_reply=best["text"])
+    return out
+
+
 def _reply(lm, reply, truth: str) -> dict:
     answer = final_number(reply.text)
     return {"text": reply.text, "answer": answer, "hit": int(answer == truth), "tokens": len(lm.tok.encode(reply.text))}
