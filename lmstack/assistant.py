@@ -1,6 +1,6 @@
 """An assistant: a chat model plus instructions, knowledge files and tools, in one folder (the
-"GPTs" idea). `lmstack chat --assistant DIR`, `lmstack serve --assistant DIR` (served as its own
-model id) and the web app run it.
+"GPTs" idea). `lmstack chat --model DIR`, `lmstack serve --model DIR` or `--assistant DIR` (served
+as its own model id, its tools run by the server) and the web app run it.
 
     lmstack assistant create --model runs/speedrun/chat --name helper --instructions rules.md \\
         --knowledge ~/notes --tools calculator,python,search --out assistants/helper
@@ -10,12 +10,15 @@ The folder (it travels whole: the index holds its knowledge folder relative to i
     knowledge/        a copy of the knowledge files (.txt, .md, .jsonl, .pdf)
     knowledge.sqlite  the search index over knowledge/ (lmstack/tools/search.py, BM25)
 
-How it answers: the instructions are the conversation's system message (before any the client
-sends); with knowledge and `retrieve` (the default), every user message is looked up in the
-knowledge before the model replies, and the best passage is put in the conversation as a
-`search` call of the message and its result (`retrieved`: the shape in which the world's
-assistant learned to read search results); the `search` tool is also there for the model to
-call. A small model that cannot write a query (copy a name) still gets its knowledge this way.
+How it answers: the instructions are the conversation's system message (a system message the
+conversation itself starts with, a client's or the web app's, is added after them in the same
+message: the caller's words extend the instructions, never replace them, and a chat template
+that takes one system message takes it); with knowledge and `retrieve` (the default), every user
+message is looked up in the knowledge before the model replies, and the best passage is put in
+the conversation as a `search` call of the message and its result (`retrieved`: the shape in
+which the world's assistant learned to read search results); the `search` tool is also there for
+the model to call. A small model that cannot write a query (copy a name) still gets its
+knowledge this way.
 """
 
 from __future__ import annotations
@@ -56,15 +59,22 @@ class Assistant:
             reg = reg.with_tools(self.search_tool())
         return reg
 
+    def system(self, extra: str | None = None) -> str | None:
+        """The system message: the instructions, then a blank line and the caller's own (`extra`)."""
+        return "\n\n".join(t for t in (self.instructions, (extra or "").strip()) if t) or None
+
     def search_tool(self):
         return search_tool(self.folder / INDEX, k=SEARCH_K, max_chars=SEARCH_CHARS)
 
     def prepare(self, messages: list[dict], finder=None) -> list[dict]:
-        """The conversation the model sees: the instructions first, then (retrieving) the last
-        user message's lookup in the knowledge, when the conversation ends with a user message."""
+        """The conversation the model sees: the instructions first (joined with the system
+        message the conversation starts with, if any: `system`), then (retrieving) the last user
+        message's lookup in the knowledge, when the conversation ends with a user message."""
         out = list(messages)
-        if self.instructions:
-            out = [{"role": "system", "content": self.instructions}] + out
+        if self.instructions and out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": self.system(out[0]["content"])}
+        elif self.instructions:
+            out.insert(0, {"role": "system", "content": self.instructions})
         if self.retrieve and self.has_knowledge and out and out[-1]["role"] == "user":
             out = retrieved(out, finder or self.search_tool(), f"knowledge_{len(out)}")
         return out

@@ -215,7 +215,8 @@ def _cmd_serve(a):
     from lmstack.serve.server import serve
 
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, db_path=a.db, slots=a.slots, dtype=a.dtype,
-          device=a.device, label_prompts=a.label_prompts, threads=a.threads)
+          device=a.device, label_prompts=a.label_prompts, threads=a.threads, assistants=a.assistant or (),
+          tools=a.tools)
 
 
 def _cmd_search(a):
@@ -483,7 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     hn.set_defaults(func=_cmd_harness)
 
     sv = sub.add_parser("serve", help="serve a model: OpenAI-compatible API + web app (chat, label, monitor)")
-    sv.add_argument("--model", required=True)
+    sv.add_argument("--model", required=True, help="a chat model folder, or an assistant folder (lmstack assistant "
+                    "create: served as its own model id, beside its model)")
+    sv.add_argument("--assistant", action="append", metavar="DIR", help="an assistant folder on the same model, "
+                    "served as its own model id (repeatable)")
+    sv.add_argument("--tools", default=None, help="the tools the server may run, comma-separated: the web app's and "
+                    "each assistant's (from calculator, python, search; default all; '' none)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set LMSTACK_API_KEY)")

@@ -119,7 +119,9 @@ def test_chat_feedback_label_monitor_and_export(client, model_dir, tmp_path):
         assert c.get(f"/static/{f}").status_code == 200
     assert ok(c.get("/api/guide"))["guide"] == GUIDE
     assert ok(c.get("/api/info")) == {"model": "chat", "max_model_len": 96, "database": True, "label_max_tokens": 128,
-                                      "tools": default_registry().specs()}
+                                      "tools": default_registry().specs(),
+                                      "models": [{"id": "chat", "assistant": False, "tools": ["calculator", "python"]}],
+                                      "default": "chat"}
     assert ok(c.get("/api/label/next")) == {"item": None, "answers": None, "guide": GUIDE, "remaining": 0}
 
     # A chat of two turns, saved after each reply (the second save updates the first).

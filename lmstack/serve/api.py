@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI), over the continuous batcher.
 
-    GET  /v1/models                 the one model served
+    GET  /v1/models                 the model served, and each assistant served on it (its own id)
     POST /v1/chat/completions       messages -> reply (the model's chat format); stream (SSE), n, stop,
-                                    seed, logprobs, tools -> tool_calls
+                                    seed, logprobs, tools -> tool_calls; for an assistant's id, the
+                                    assistant answers and runs its own tools (`_assistant_reply`)
     POST /v1/completions            text or token-id prompts -> continuation; echo + logprobs
                                     (what `lm_eval --model local-completions` needs)
     POST /tokenize, /detokenize, GET /tokenizer_info   (lm_eval's remote tokenizer)
@@ -35,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmstack.chatformat import ChatFormatError
 from lmstack.serve.db import DatabaseUnavailable
-from lmstack.serve.generation import Batch, Choice, Server
+from lmstack.serve.generation import AssistantTurns, Batch, Choice, Server, ServedAssistant
 from lmstack.serve.protocol import (APIError, BodyLimit, ChatRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest, error_body, errors)
 
@@ -62,6 +63,12 @@ def _content_text(msg: dict, i: int) -> dict:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _chunk(cid: str, created: int, model: str, i: int, delta: dict, finish=None, logprobs=None, **extra) -> str:
+    """One chat.completion.chunk event for choice i (`extra`: fields of the choice beside OpenAI's)."""
+    c = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **extra}
+    return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [c]})
 
 
 def create_app(server: Server) -> FastAPI:
@@ -152,18 +159,19 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models", responses=errors(401, 500))
     async def models():
-        return {"object": "list", "data": [_model_card(server)]}
+        return {"object": "list", "data": [_model_card(server, a) for a in [None, *server.assistants.values()]]}
 
     @app.get("/v1/models/{name}", responses=errors(401, 404, 500))
     async def model(name: str):
-        server.check_model(name)
-        return _model_card(server)
+        return _model_card(server, server.check_model(name))
 
     @app.post("/v1/chat/completions", responses=errors(400, 401, 404, 408, 413, 500))
     async def chat_completions(body: ChatRequest, request: Request):
-        server.check_model(body.model)
+        served = server.check_model(body.model)
         stops = server.check_common(body)
         server.check_messages(body.messages)
+        if served is not None:
+            return await _assistant_reply(server, served, body, stops, request)
         tools = bool(body.tools) and body.tool_choice != "none"
         ids = await run_in_threadpool(server.chat_prompt, [_content_text(m, i) for i, m in enumerate(body.messages)],
                                       body.tools if tools else None)
@@ -178,9 +186,7 @@ def create_app(server: Server) -> FastAPI:
         request.state.usage = usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
 
         def chunk(i, delta, finish=None, logprobs=None):
-            c = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.name,
-                         "choices": [c]})
+            return _chunk(cid, created, server.name, i, delta, finish, logprobs)
 
         if body.stream:
             async def gen():
@@ -223,7 +229,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/completions", responses=errors(400, 401, 404, 408, 413, 500))
     async def completions(body: CompletionRequest, request: Request):
-        server.check_model(body.model)
+        if server.check_model(body.model) is not None:
+            raise APIError(400, f"`{body.model}` is an assistant: it answers chat completions "
+                           "(/v1/chat/completions), not text completions", param="model")
         stops = server.check_common(body)
         if body.stream and body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported when streaming", param="echo")
@@ -356,9 +364,83 @@ def _logged(server: Server, request: Request, stream) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _model_card(server: Server) -> dict:
-    return {"id": server.name, "object": "model", "created": server.created, "owned_by": "lmstack",
-            "max_model_len": server.ctx}
+def _model_card(server: Server, a: ServedAssistant | None = None) -> dict:
+    """The model's card, or an assistant's: its id, the model it runs on (`parent`) and the tools
+    the server runs for it."""
+    card = {"id": server.name if a is None else a.name, "object": "model", "created": server.created,
+            "owned_by": "lmstack", "max_model_len": server.ctx}
+    if a is not None:
+        card.update(parent=server.name, tools=a.tools.names() if a.tools else [], knowledge=a.finder is not None)
+    return card
+
+
+async def _assistant_reply(server: Server, served: ServedAssistant, body: ChatRequest, stops: list[str],
+                           request: Request):
+    """A chat completion whose `model` is an assistant's id: the assistant answers the client's
+    messages (its instructions first, its knowledge looked up for the last user message) and runs
+    its own tools here, through THE tool loop (AssistantTurns); the reply is the final message.
+    Each choice also carries `messages`: what the reply added to the conversation, in order (the
+    knowledge lookup as a `search` call and its `tool` message, each tool round's assistant
+    message with tool_calls and its tool messages, and the final message), for a client to keep.
+    Streamed, the text of every round comes as content, each call and result as a chunk whose
+    choice has `tool_event` ({type: tool_call | tool_result, id, name, arguments[, content]}),
+    and the finishing chunk has `messages`. Tools of the client's own, tool_choice other than
+    "auto", and logprobs are refused (400)."""
+    if body.tools:
+        names = ", ".join(served.tools.names()) if served.tools else "none"
+        raise APIError(400, f"`{served.name}` is an assistant: it runs its own tools ({names}) on the server; send "
+                       "the request without tools", param="tools")
+    if body.tool_choice not in (None, "auto"):
+        raise APIError(400, f"`{served.name}` is an assistant: tool_choice may only be \"auto\"", param="tool_choice")
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported for an assistant (its reply may span tool rounds)",
+                       param="logprobs")
+    turns = AssistantTurns(server, served, n=body.n, max_tokens=body.max_completion_tokens or body.max_tokens,
+                           temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stops)
+    await turns.start([_content_text(m, i) for i, m in enumerate(body.messages)])
+    cid, created = _now_id("chatcmpl"), int(time.time())
+    request.state.usage = turns.usage
+
+    def final(messages: list[dict]) -> dict:
+        msg = dict(messages[-1])
+        if msg.get("tool_calls"):  # calls not run (out of rounds): OpenAI's shape, null content beside them
+            msg["content"] = msg["content"] or None
+        return msg
+
+    if body.stream:
+        async def gen():
+            try:
+                for i in range(body.n):
+                    yield _chunk(cid, created, served.name, i, {"role": "assistant", "content": ""})
+                async for i, ev in turns.events(request.is_disconnected):
+                    if ev["type"] == "text":
+                        yield _chunk(cid, created, served.name, i, {"content": ev["text"]})
+                    elif ev["type"] == "done":
+                        calls = final(ev["messages"]).get("tool_calls")
+                        if calls:
+                            yield _chunk(cid, created, served.name, i,
+                                         {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]})
+                        yield _chunk(cid, created, served.name, i, {}, ev["finish_reason"], messages=ev["messages"])
+                    else:
+                        yield _chunk(cid, created, served.name, i, {}, tool_event=ev)
+                if body.stream_options and body.stream_options.include_usage:
+                    yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": served.name,
+                                "choices": [], "usage": _usage(turns.usage)})
+            except APIError as e:
+                yield _sse(error_body(e.message, e.type, e.param, e.code))
+            yield "data: [DONE]\n\n"
+        return _logged(server, request, gen())
+
+    done = {}
+    async for i, ev in turns.events(request.is_disconnected):
+        if ev["type"] == "done":
+            done[i] = ev
+    if len(done) < body.n:
+        raise APIError(499, "the client went away", code="client_closed_request")  # nobody reads this
+    out = [{"index": i, "message": final(done[i]["messages"]), "finish_reason": done[i]["finish_reason"],
+            "logprobs": None, "messages": done[i]["messages"]} for i in range(body.n)]
+    return {"id": cid, "object": "chat.completion", "created": created, "model": served.name, "choices": out,
+            "usage": _usage(turns.usage)}
 
 
 def _usage(u: dict) -> dict:

@@ -4,8 +4,11 @@ The API (api.py) and the web app (webapp.py) both go through here and never thro
 other: `Server` holds the model, its tokenizer and chat format, the limits and the batcher, and
 checks what a request may ask for; `Batch` submits one HTTP request's generations (its
 choices) to the batcher and yields their events as they come; `Choice` collects one
-generation's output (text, tool calls, log-probs). Every failure a client can cause is an
-`APIError` (a 4xx in OpenAI's shape), never a traceback.
+generation's output (text, tool calls, log-probs); `AssistantTurns` runs an assistant's reply
+(lmstack/assistant.py, served as its own model id): its conversation prepared, then THE tool
+loop (lmstack/toolloop.py) with every round's generations through the batcher and the tools run
+here. Every failure a client can cause is an `APIError` (a 4xx in OpenAI's shape), never a
+traceback.
 """
 
 from __future__ import annotations
@@ -14,24 +17,55 @@ import asyncio
 import random
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from lmstack.chatformat import ChatFormatError, chat_format
+from lmstack.assistant import Assistant
+from lmstack.chatformat import ChatFormatError, chat_format, check_messages
 from lmstack.serve.batcher import Batcher, GenRequest
 from lmstack.serve.db import RequestLog
 from lmstack.serve.protocol import APIError, Limits
+from lmstack.toolloop import ToolLoop
+from lmstack.tools import Tool, ToolRegistry, default_registry
+
+MAX_TOOL_ROUNDS = 4  # an assistant's tool rounds per reply, after the first (as `lmstack chat`)
+
+
+@dataclass
+class ServedAssistant:
+    """An assistant served as its own model id, on the server's model."""
+    assistant: Assistant
+    tools: ToolRegistry | None  # what its tool loop runs: its tools within the server's --tools (None: none)
+    finder: Tool | None  # its knowledge lookup before each reply (None: it does not retrieve)
+
+    @property
+    def name(self) -> str:
+        return self.assistant.name
+
+    @classmethod
+    def of(cls, a: Assistant, allowed, fmt) -> "ServedAssistant":
+        """`a` served where only the tools named in `allowed` may run (and none when the model's
+        chat format has no tool calls)."""
+        reg = a.registry()
+        reg = reg.subset([t for t in reg.names() if t in allowed]) if fmt.tools else None
+        return cls(a, reg if reg is not None and reg.names() else None,
+                   a.search_tool() if a.retrieve and a.has_knowledge else None)
 
 
 class Server:
     """The model behind the API: tokenizer and chat format, batcher, limits, optional API key
-    and feedback database."""
+    and feedback database; the tools the web app may run (`tools`, default: the default
+    registry's) and the assistants served on the model (each its own model id)."""
 
     def __init__(self, model, tok, name: str, api_key: str | None = None, db=None, limits: Limits | None = None,
-                 slots: int = 16):
+                 slots: int = 16, tools: ToolRegistry | None = None, assistants=(), default: str | None = None):
         self.model, self.tok, self.fmt, self.name = model, tok, chat_format(tok), name
         self.api_key, self.db = api_key, db
+        self.tools = default_registry() if tools is None else tools
+        self.assistants: dict[str, ServedAssistant] = {a.name: a for a in assistants}
+        self.default = default or name  # the id the web app starts with
         self.limits = limits or Limits()
         self.ctx = model.cfg.max_seq_len
         self.max_prompt = min(self.limits.max_prompt_tokens or self.ctx - 1, self.ctx - 1)
@@ -57,10 +91,19 @@ class Server:
 
     # --- checks ----------------------------------------------------------------------------
 
-    def check_model(self, name: str) -> None:
-        if name != self.name:
-            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.name}`)",
-                           "invalid_request_error", "model", "model_not_found")
+    @property
+    def ids(self) -> list[str]:
+        """The model ids served: the model's own, then each assistant's."""
+        return [self.name, *self.assistants]
+
+    def check_model(self, name: str) -> ServedAssistant | None:
+        """The assistant a request's `model` names (None: the model itself); 404 for any other."""
+        if name == self.name:
+            return None
+        if name in self.assistants:
+            return self.assistants[name]
+        raise APIError(404, f"The model `{name}` does not exist (this server serves "
+                       f"{', '.join(f'`{i}`' for i in self.ids)})", "invalid_request_error", "model", "model_not_found")
 
     def check_common(self, body) -> list[str]:
         """n, the unsupported penalties and the stop strings of a completions request."""
@@ -159,22 +202,26 @@ class Batch:
     """One HTTP request's generations, submitted to the batcher together; their events come back
     on one queue (the batcher's thread hands them to this event loop)."""
 
-    def __init__(self, server: Server):
+    def __init__(self, server: Server, deadline: float | None = None):
         self.server = server
         self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         self.reqs: list[GenRequest] = []
+        # when its generations time out (time.monotonic()): the request's time limit from now,
+        # or a deadline set before (an assistant's tool rounds share their request's)
+        self.deadline = deadline if deadline is not None else time.monotonic() + server.limits.request_timeout
 
     def add(self, prompt: list[int], max_tokens: int, *, chat: bool, temperature: float = 1.0, top_p: float = 1.0,
             seed: int | None = None, stop=(), logprobs: bool = False, top: int = 0,
-            prompt_logprobs: int | None = None) -> GenRequest:
+            prompt_logprobs: int | None = None, seed_offset: int | None = None) -> GenRequest:
         """Submit one generation; its events carry its index (the order of `add` calls). With a
-        seed, generation i samples with seed + i."""
+        seed, generation i samples with seed + i (or seed + seed_offset)."""
         i, s = len(self.reqs), self.server
+        offset = i if seed_offset is None else seed_offset
         req = GenRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-                         top_p=top_p if top_p < 1 else None, seed=None if seed is None else seed + i,
+                         top_p=top_p if top_p < 1 else None, seed=None if seed is None else seed + offset,
                          stop_ids=s.fmt.stop_ids if chat else s.text_stops, stop_strings=tuple(stop),
                          logprobs=logprobs, top_logprobs=top, prompt_logprobs=prompt_logprobs,
-                         deadline=time.monotonic() + s.limits.request_timeout,
+                         deadline=self.deadline,
                          on_event=lambda ev: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev)))
         s.batcher.submit(req)
         self.reqs.append(req)
@@ -222,3 +269,99 @@ async def sample_answers(server: Server, messages: list[dict], *, max_tokens: in
     async for i, d in batch.events(disconnected):
         choices[i].push(d)
     return [c.content.strip() for c in choices]
+
+
+class AssistantTurns:
+    """An assistant's reply (n of them) with its tools run here, as OpenAI's Assistants API runs
+    them: `start(messages)` prepares the conversation (the instructions, the knowledge lookup of
+    the last user message: `Assistant.prepare`) and checks it (a 4xx before anything is sent);
+    `events()` runs THE tool loop: every round, each unfinished turn's next reply is generated
+    through the batcher (continuous batching, beside every other request), and the tool calls it
+    wrote are run by the assistant's registry in a worker thread; at most MAX_TOOL_ROUNDS rounds
+    after the first, all within the request's time limit. `usage`: the first prompt once (as for
+    any request), every later round's prompt (each is prefilled again) and every token generated."""
+
+    def __init__(self, server: Server, served: ServedAssistant, *, n: int = 1, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, stop=()):
+        self.server, self.served, self.n, self.asked, self.seed = server, served, n, max_tokens, seed
+        self.sampling = {"temperature": temperature, "top_p": top_p, "stop": tuple(stop)}
+        self.deadline = time.monotonic() + server.limits.request_timeout
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        self.lookup: list[dict] = []  # the knowledge lookup: a search call and its result, or nothing
+        self.loop: ToolLoop | None = None
+        self.first: list[int] = []
+
+    async def start(self, messages: list[dict]) -> None:
+        s, a = self.server, self.served
+        try:
+            check_messages(messages)
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="messages") from None
+        s.check_text_length(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)))
+        conv = await run_in_threadpool(a.assistant.prepare, messages, a.finder)
+        if messages[-1]["role"] == "user" and conv[-1]["role"] == "tool":
+            self.lookup = conv[-2:]
+        self.loop = ToolLoop(s.fmt, [conv] * self.n, a.tools, MAX_TOOL_ROUNDS, self.asked or s.limits.max_tokens)
+        self.first = await run_in_threadpool(s.chat_prompt, conv, self.loop.specs)
+        s.room(self.first, self.asked)  # a max_tokens over the limit: 400 now
+        self.usage["prompt_tokens"] = len(self.first)
+
+    def _prompt(self, i: int) -> list[int]:
+        """Turn i's prompt after a tool round; 400 when the tool results left no room to answer."""
+        try:
+            ids = self.loop.prompt(i)
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="messages") from None
+        self.server.check_prompt(ids)
+        return ids
+
+    async def events(self, disconnected: Callable[[], Awaitable[bool]] | None = None):
+        """Yield (choice, event), `lmstack.chat.stream_chat`'s events: the knowledge lookup as a
+        "tool_call" and a "tool_result" event first; {"type": "text", "text"} as replies stream;
+        {"type": "bad_tool_call", "text"}; {"type": "tool_call" | "tool_result", "id", "name",
+        "arguments"[, "content"]} for each call run; and last, per choice, {"type": "done",
+        "messages": what the reply added (the lookup, each tool round, the final message),
+        "finish_reason"}. A client that went away ends it early (no "done")."""
+        s, loop = self.server, self.loop
+        for i in range(self.n):
+            for ev in _lookup_events(self.lookup):
+                yield i, ev
+        while todo := loop.next_round():
+            batch, replies = Batch(s, self.deadline), []
+            for i in todo:
+                ids = self.first if loop.round == 0 else self._prompt(i)
+                if loop.round:
+                    self.usage["prompt_tokens"] += len(ids)
+                batch.add(ids, s.room(ids, self.asked), chat=True, seed=self.seed,
+                          seed_offset=i + loop.round * self.n, **self.sampling)
+                replies.append({"parser": loop.parser(i), "stop": None, "finish": None})
+            async for k, d in batch.events(disconnected):
+                r, i = replies[k], todo[k]
+                self.usage["completion_tokens"] += d.token is not None
+                bad = len(r["parser"].bad)
+                text = r["parser"].push(d.token, d.text)
+                if len(r["parser"].bad) > bad:
+                    yield i, {"type": "bad_tool_call", "text": r["parser"].bad[-1]}
+                if text:
+                    yield i, {"type": "text", "text": text}
+                if d.finish_reason is not None:
+                    r["stop"], r["finish"] = d.stop, d.finish_reason
+            if any(r["finish"] is None for r in replies):
+                return  # the client went away (its generations are cancelled)
+            for i, r in zip(todo, replies):
+                for ev in await run_in_threadpool(loop.add, i, r["parser"], r["stop"], r["finish"]):
+                    yield i, ev
+        for i, t in enumerate(loop.turns):
+            # calls left in the last message were not run (out of rounds, or no tools to run them)
+            yield i, {"type": "done", "messages": self.lookup + t.new,
+                      "finish_reason": "tool_calls" if t.new[-1].get("tool_calls") else t.finish}
+
+
+def _lookup_events(lookup: list[dict]) -> list[dict]:
+    """The knowledge lookup (a search call and its tool message) as the tool loop's events."""
+    if not lookup:
+        return []
+    call = lookup[0]["tool_calls"][0]
+    ev = {"type": "tool_call", "id": call["id"], "name": call["function"]["name"],
+          "arguments": call["function"]["arguments"]}
+    return [ev, {**ev, "type": "tool_result", "content": lookup[1]["content"]}]

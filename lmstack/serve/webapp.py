@@ -3,14 +3,20 @@
     GET  /                   -> redirect to /app
     GET  /app                the single page (lmstack/serve/static/index.html; no build step, no CDN)
     GET  /static/...         its script and style sheet
-    GET  /api/info           {model, max_model_len, database, label_max_tokens, tools}: what the
-                             page needs to start (tools: the OpenAI specs of the tools it may send)
+    GET  /api/info           {model, models, default, max_model_len, database, label_max_tokens,
+                             tools}: what the page needs to start (tools: the OpenAI specs of the
+                             tools it may send with the model; models: [{id, assistant, tools}],
+                             the model and each assistant served on it, for the picker; default:
+                             the id it starts with, the assistant of `serve --model ASSISTANT`)
     POST /api/tools/{name}   {arguments: JSON string or object} -> {content}: run one of the
-                             server's tools (lmstack.tools.default_registry(): calculator, python) for
-                             a tool call the model wrote; a failing call is a result "error: ..."
-    POST /api/conversations  {id?, system?, messages} -> {id}      save (or update) a chat; the
-                             messages as OpenAI has them, tool rounds included (assistant
-                             messages with tool_calls, tool messages with tool_call_id)
+                             server's tools (`lmstack serve --tools`; default calculator, python)
+                             for a tool call the model wrote; a failing call is a result "error: ..."
+                             (an assistant's tools are run by the server itself, not through here)
+    POST /api/conversations  {id?, model?, system?, messages} -> {id}   save (or update) a chat;
+                             the messages as OpenAI has them, tool rounds included (assistant
+                             messages with tool_calls, tool messages with tool_call_id); model: the
+                             id it was held with (an assistant's: its instructions are saved as
+                             the system message, with the page's after them, as the model saw it)
     POST /api/feedback       {conversation_id, message_index, rating: 1 | -1, comment?} -> {id}
                              thumbs down flags the conversation and queues its prompt for labelling
     GET  /api/label/next     [?after=ID: the next item after ID (skip)] -> {item: null} or
@@ -44,7 +50,6 @@ from starlette.concurrency import run_in_threadpool
 from lmstack.serve.generation import Server, sample_answers
 from lmstack.serve.protocol import INT64_MAX, APIError, Nested, errors
 from lmstack.serve.protocol import Body as _Body
-from lmstack.tools import default_registry
 from lmstack.world.labeller import GUIDE
 
 STATIC = Path(__file__).parent / "static"
@@ -91,6 +96,7 @@ class ToolBody(_Body):
 
 class ConversationBody(_Body):
     id: INT64 | None = Field(None, ge=1)
+    model: str | None = Field(None, max_length=200)  # the id the chat was held with (default: the model's)
     system: str | None = Field(None, max_length=MAX_SYSTEM)
     messages: list[Message] = Field(min_length=1)
 
@@ -172,7 +178,7 @@ def _clean(text: str | None) -> str | None:
 
 def add_webapp(app: FastAPI, server: Server) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    tools = default_registry()  # the tools the page may run (one registry per app)
+    tools = server.tools  # the tools the page may run (`lmstack serve --tools`)
 
     @app.get("/", include_in_schema=False)
     async def root():
@@ -187,8 +193,11 @@ def add_webapp(app: FastAPI, server: Server) -> None:
 
     @app.get("/api/info", responses=errors(401, 500))
     async def info():
-        return {"model": server.name, "max_model_len": server.ctx, "database": server.db is not None,
-                "label_max_tokens": LABEL_MAX_TOKENS, "tools": tools.specs()}
+        models = [{"id": server.name, "assistant": False, "tools": tools.names()}]
+        models += [{"id": a.name, "assistant": True, "tools": a.tools.names() if a.tools else []}
+                   for a in server.assistants.values()]
+        return {"model": server.name, "models": models, "default": server.default, "max_model_len": server.ctx,
+                "database": server.db is not None, "label_max_tokens": LABEL_MAX_TOKENS, "tools": tools.specs()}
 
     @app.post("/api/tools/{name}", responses=errors(400, 401, 404, 413, 500))
     async def run_tool(name: str, body: ToolBody):
@@ -210,8 +219,10 @@ def add_webapp(app: FastAPI, server: Server) -> None:
     @app.post("/api/conversations", responses=errors(400, 401, 404, 413, 500, 503))
     async def save_conversation(body: ConversationBody):
         db = _db(server)
+        served = server.check_model(body.model or server.name)
         msgs = _messages(server, body.messages)
-        cid = await _call(db.save_conversation, msgs, server.name, _clean(body.system), body.id)
+        system = _clean(body.system) if served is None else served.assistant.system(body.system)
+        cid = await _call(db.save_conversation, msgs, body.model or server.name, system, body.id)
         return {"id": cid}
 
     @app.post("/api/feedback", responses=errors(400, 401, 404, 413, 500, 503))

@@ -1,0 +1,301 @@
+"""Assistants served as their own model ids (`lmstack serve --model ASSISTANT`, `--assistant DIR`):
+listed in /v1/models, answering with their instructions and knowledge, their tool calls run by the
+server through THE tool loop and the batcher (plain and streamed), what `--tools` lets run, the
+plain model's requests unchanged, the web app's picker data and saved conversations, one-line
+errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from lmstack import assistant as A
+from lmstack.serve.generation import MAX_TOOL_ROUNDS
+from lmstack.serve.server import app_for, build, make_server
+from lmstack.tools.python import isolation
+from lmstack.utils import UserError
+from test_engine import ScriptedModel  # noqa: E402  (tests/ is on sys.path under pytest)
+from tiny import random_gpt, run_cli, save_model_dir, tokenizer_on  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+INSTRUCTIONS = "Answer from the notes."
+CALC = '{"name": "calculator", "arguments": {"expression": "23 + 58"}}'
+PY = '{"name": "python", "arguments": {"code": "print(6 * 7)"}}'
+
+
+class SlotScript(ScriptedModel):
+    """ScriptedModel with the batcher's KV-cache slots: a prompt prefilled into its slot, a
+    decode step feeding one token to each live row, a row moved when a slot frees."""
+
+    def forward(self, idx, start_pos=None, attn_mask=None, slot: int = 0):
+        if not torch.is_tensor(start_pos):  # a prefill into `slot`
+            self.rows[slot] = idx[0].tolist()
+            logits = torch.full((1, idx.shape[1], self.cfg.vocab_size), -30.0)
+            logits[0, -1, self.next_token(self.rows[slot])] = 30.0
+            return logits
+        logits = torch.full((idx.shape[0], 1, self.cfg.vocab_size), -30.0)
+        for b, t in enumerate(idx[:, 0].tolist()):
+            self.rows[b].append(t)
+            logits[b, -1, self.next_token(self.rows[b])] = 30.0
+        return logits
+
+    def move_cache_row(self, src: int, dst: int) -> None:
+        self.rows[dst] = list(self.rows[src])
+
+
+def scripted(tok) -> SlotScript:
+    """A model that says what it sees: asked "23 + 58" it calls the calculator and then answers
+    "sum: RESULT."; asked for "python" it calls python, then "python says RESULT."; asked to call
+    "forever" it calls the calculator every round; anything else gets "system=S; tool=T." with S
+    its system message and T the last tool result after the question ("none" for either)."""
+    sid = tok.special_ids
+    end = sid["<|end|>"]
+
+    def call(text):
+        return [sid["<|tool_call|>"]] + tok.encode(text) + [sid["<|/tool_call|>"], end]
+
+    def between(ctx, start):
+        return tok.decode(ctx[start + 1:ctx.index(end, start)])
+
+    def next_token(ctx):
+        a = len(ctx) - 1 - ctx[::-1].index(sid["<|assistant|>"])
+        u = len(ctx) - 1 - ctx[::-1].index(sid["<|user|>"])
+        user = between(ctx, u)
+        tools = [i for i in range(u, a) if ctx[i] == sid["<|tool|>"]]
+        result = between(ctx, tools[-1]) if tools else None
+        if "forever" in user:
+            reply = call(CALC)
+        elif "23 + 58" in user:
+            reply = tok.encode(f"sum: {result}.") + [end] if result else call(CALC)
+        elif "python" in user:
+            reply = tok.encode(f"python says {result.strip()}.") + [end] if result else call(PY)
+        else:
+            system = between(ctx, ctx.index(sid["<|system|>"])) if sid["<|system|>"] in ctx else "none"
+            reply = tok.encode(f"system={system}; tool={result or 'none'}.") + [end]
+        return reply[min(len(ctx) - a - 1, len(reply) - 1)]
+
+    return SlotScript(tok.vocab_size, next_token, max_seq_len=1024)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A chat model folder (random tiny weights), the knowledge, and two assistants on the model
+    (helper: instructions, knowledge, calculator + python + search; plain: no knowledge)."""
+    d = tmp_path_factory.mktemp("assistants")
+    tok = tokenizer_on(d, "What is 23 + 58? Where was Ada Lind born? Ada Lind was born in Oslo. system tool none "
+                       "sum python says print reply.\n" * 40)
+    model = save_model_dir(d / "chat", random_gpt(tok, n_layer=1, n_head=2, d_model=32, ffn_hidden=64,
+                                                  max_seq_len=128), tok)
+    (model / "sft.json").write_text(json.dumps({"base": None, "data": []}))  # a chat model by its lineage
+    (d / "notes").mkdir()
+    (d / "notes" / "people.md").write_text("Ada Lind was born in Oslo.\n")
+    (d / "rules.md").write_text(INSTRUCTIONS + "\n")
+    A.create(model, d / "helper", instructions=d / "rules.md", knowledge=d / "notes", tools="calculator,python,search")
+    A.create(model, d / "plain", tools="calculator")
+    return {"dir": d, "tok": tok, "model": model, "helper": d / "helper", "plain": d / "plain"}
+
+
+def scripted_app(folders, tools=None, db=None):
+    """The app build() makes, on the scripted model (the assistants loaded from their folders)."""
+    tok = folders["tok"]
+    server = make_server(scripted(tok), tok, "chat", [A.load(folders["helper"]), A.load(folders["plain"])], tools,
+                         db=db, slots=4)
+    return app_for(server)
+
+
+@pytest.fixture(scope="module")
+def client(folders):
+    with TestClient(scripted_app(folders)) as c:
+        yield c
+
+
+def ok(r) -> dict:
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def chat(c, model, messages, **kw) -> dict:
+    return ok(c.post("/v1/chat/completions", json={"model": model, "messages": messages, "temperature": 0, **kw}))
+
+
+def stream(c, model, messages, **kw) -> list[dict]:
+    """The streamed chunks' choices (the [DONE] checked)."""
+    body = {"model": model, "messages": messages, "temperature": 0, "stream": True, **kw}
+    out, done = [], False
+    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                obj = json.loads(data)
+                assert "error" not in obj, obj
+                out += obj["choices"]
+    assert done
+    return out
+
+
+# --- the API ---------------------------------------------------------------------------------------
+
+def test_an_assistant_sees_its_instructions_and_knowledge_and_the_plain_model_does_not(client):
+    ask = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where was Ada Lind born?"}]
+    r = chat(client, "helper", ask)
+    assert r["model"] == "helper"
+    (choice,) = r["choices"]
+    lookup = "[1] people.md:1\nAda Lind was born in Oslo."
+    # the instructions first, the client's system message after them in the same message; the passage
+    assert choice["message"] == {"role": "assistant",
+                                 "content": f"system={INSTRUCTIONS}\n\nBe brief.; tool={lookup}."}
+    assert choice["finish_reason"] == "stop"
+    search, result, final = choice["messages"]
+    assert search["tool_calls"][0]["function"] == {"name": "search",
+                                                   "arguments": json.dumps({"query": "Where was Ada Lind born?"})}
+    assert result == {"role": "tool", "tool_call_id": search["tool_calls"][0]["id"], "content": lookup}
+    assert final == choice["message"]
+    # The same request to the plain model: as before, no instructions, no lookup, no extra field.
+    plain = chat(client, "chat", ask)
+    assert plain["model"] == "chat" and plain["choices"][0]["message"] == {"role": "assistant",
+                                                                          "content": "system=Be brief.; tool=none."}
+    assert "messages" not in plain["choices"][0]
+    # An assistant without instructions or knowledge adds nothing.
+    assert chat(client, "plain", ask[1:])["choices"][0]["message"]["content"] == "system=none; tool=none."
+
+
+def test_an_assistants_tool_calls_run_on_the_server(client):
+    ask = [{"role": "user", "content": "What is 23 + 58?"}]
+    r = chat(client, "helper", ask)
+    (choice,) = r["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "sum: 81."} and choice["finish_reason"] == "stop"
+    call, result, final = choice["messages"]  # no lookup: the notes have nothing on it
+    assert call["role"] == "assistant" and call["tool_calls"][0]["function"]["name"] == "calculator"
+    assert result == {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": "81"}
+    assert final == choice["message"]
+    # every round's prompt counted (the second holds the call and its result)
+    assert r["usage"]["prompt_tokens"] > 2 * len(client.post("/tokenize", json={"messages": ask}).json()["tokens"])
+    # The plain model hands the call to the client, as OpenAI does.
+    calc = ok(client.get("/api/info"))["tools"][:1]
+    plain = chat(client, "chat", ask, tools=calc)["choices"][0]
+    assert plain["finish_reason"] == "tool_calls" and plain["message"]["tool_calls"][0]["function"]["name"] == \
+        "calculator" and "messages" not in plain
+
+    # Streamed: the call and its result as tool events, then the answer; the last chunk has the messages.
+    chunks = stream(client, "helper", ask, stream_options={"include_usage": True})
+    events = [c["tool_event"] for c in chunks if "tool_event" in c]
+    assert [e["type"] for e in events] == ["tool_call", "tool_result"]
+    assert events[1]["name"] == "calculator" and events[1]["content"] == "81"
+    assert json.loads(events[1]["arguments"]) == {"expression": "23 + 58"}
+    assert "".join(c["delta"].get("content") or "" for c in chunks) == "sum: 81."
+    assert chunks[-1]["finish_reason"] == "stop" and chunks[-1]["messages"] == choice["messages"]
+    # The knowledge lookup streams as a search call and its result.
+    chunks = stream(client, "helper", [{"role": "user", "content": "Where was Ada Lind born?"}])
+    events = [c["tool_event"] for c in chunks if "tool_event" in c]
+    assert [(e["type"], e["name"]) for e in events] == [("tool_call", "search"), ("tool_result", "search")]
+    assert "Oslo" in events[1]["content"]
+
+
+def test_out_of_rounds_n_choices_and_what_an_assistant_refuses(client):
+    (choice,) = chat(client, "helper", [{"role": "user", "content": "call forever"}])["choices"]
+    assert choice["finish_reason"] == "tool_calls"  # the last reply's calls were not run
+    assert choice["message"]["content"] is None and choice["message"]["tool_calls"]
+    assert [m["role"] for m in choice["messages"]] == ["assistant", "tool"] * MAX_TOOL_ROUNDS + ["assistant"]
+    r = chat(client, "helper", [{"role": "user", "content": "What is 23 + 58?"}], n=2)
+    assert [c["message"]["content"] for c in r["choices"]] == ["sum: 81."] * 2
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    ask = {"model": "helper", "messages": [{"role": "user", "content": "hi"}]}
+    for extra, param in (({"tools": [{"type": "function", "function": {"name": "x"}}]}, "tools"),
+                         ({"tool_choice": "none"}, "tool_choice"), ({"logprobs": True}, "logprobs"),
+                         ({"messages": [{"role": "user"}]}, "messages")):
+        r = client.post("/v1/chat/completions", json={**ask, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = client.post("/v1/completions", json={"model": "helper", "prompt": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_unknown_ids_get_404(client):
+    for r in (client.post("/v1/chat/completions", json={"model": "nobody", "messages": [{"role": "user", "content": "hi"}]}),
+              client.get("/v1/models/nobody")):
+        err = r.json()["error"]
+        assert r.status_code == 404 and err["code"] == "model_not_found" and "`helper`" in err["message"]
+    assert ok(client.get("/v1/models/helper"))["parent"] == "chat"
+
+
+def test_tools_limits_what_the_server_runs(folders):
+    with TestClient(scripted_app(folders, tools=["calculator", "search"])) as c:
+        info = ok(c.get("/api/info"))
+        assert [t["function"]["name"] for t in info["tools"]] == ["calculator"]
+        assert info["models"] == [{"id": "chat", "assistant": False, "tools": ["calculator"]},
+                                  {"id": "helper", "assistant": True, "tools": ["calculator", "search"]},
+                                  {"id": "plain", "assistant": True, "tools": ["calculator"]}]
+        r = c.post("/api/tools/python", json={"arguments": '{"code": "print(1)"}'})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "tool_not_found"
+        (choice,) = chat(c, "helper", [{"role": "user", "content": "run python"}])["choices"]
+        assert choice["messages"][1]["content"].startswith("error: unknown tool 'python'")  # not run
+        assert chat(c, "helper", [{"role": "user", "content": "What is 23 + 58?"}])["choices"][0]["message"][
+            "content"] == "sum: 81."
+    with TestClient(scripted_app(folders, tools=[])) as c:  # --tools '': nothing runs; the lookup still does
+        assert ok(c.get("/api/info"))["tools"] == []
+        (choice,) = chat(c, "helper", [{"role": "user", "content": "What is 23 + 58?"}])["choices"]
+        assert choice["finish_reason"] == "tool_calls" and len(choice["messages"]) == 1
+        assert "Oslo" in chat(c, "helper", [{"role": "user", "content": "Where was Ada Lind born?"}])["choices"][0][
+            "message"]["content"]
+
+
+def test_by_default_python_runs_in_its_sandbox(client):
+    if isolation()[0] is None:
+        pytest.skip(f"no sandbox on this machine ({isolation()[1]}): the python tool refuses to run")
+    (choice,) = chat(client, "helper", [{"role": "user", "content": "run python"}])["choices"]
+    assert choice["messages"][1]["content"] == "42" and choice["message"]["content"] == "python says 42."
+
+
+def test_the_web_app_saves_an_assistant_chat_as_the_model_saw_it(folders, tmp_path):
+    with TestClient(scripted_app(folders, db=None)) as c:
+        assert c.post("/api/conversations", json={"messages": [{"role": "user", "content": "hi"}]}).status_code == 503
+    from lmstack.serve.db import FeedbackDB
+
+    db = FeedbackDB(tmp_path / "f.sqlite")
+    with TestClient(scripted_app(folders, db=db)) as c:
+        ask = [{"role": "user", "content": "Where was Ada Lind born?"}]
+        msgs = ask + chat(c, "helper", ask)["choices"][0]["messages"]
+        cid = ok(c.post("/api/conversations", json={"model": "helper", "system": "Be brief.", "messages": msgs}))["id"]
+        saved = db.conversation(cid)
+        assert saved["model"] == "helper" and saved["system"] == f"{INSTRUCTIONS}\n\nBe brief."
+        assert saved["messages"] == [{**m, "content": m["content"] or ""} for m in msgs]
+        r = c.post("/api/conversations", json={"model": "nobody", "messages": ask})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+# --- lmstack serve on the folders ----------------------------------------------------------------------
+
+def test_serve_an_assistant_folder_and_more_beside_it(folders, tmp_path):
+    with TestClient(build(folders["helper"], db_path=None, device="cpu", dtype="fp32",
+                          assistants=[folders["plain"]])) as c:
+        models = ok(c.get("/v1/models"))["data"]
+        assert [m["id"] for m in models] == ["chat", "helper", "plain"]
+        assert models[1]["parent"] == "chat" and models[1]["tools"] == ["calculator", "python", "search"]
+        assert models[1]["knowledge"] is True and models[2]["knowledge"] is False
+        assert ok(c.get("/api/info"))["default"] == "helper"  # the web app opens with the assistant
+        r = c.post("/v1/chat/completions", json={"model": "helper", "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.json()["model"] == "helper"  # a real model through the batcher
+    other = save_model_dir(tmp_path / "other", random_gpt(folders["tok"], n_layer=1, n_head=2, d_model=32,
+                                                          ffn_hidden=64, max_seq_len=64), folders["tok"])
+    (other / "sft.json").write_text("{}")
+    A.create(other, tmp_path / "elsewhere", tools="calculator")
+    shutil.copytree(folders["plain"], tmp_path / "twin")  # the same name twice
+    for model, extra, tools, msg in (
+            (folders["model"], [tmp_path / "elsewhere"], None, "runs on the model"),
+            (folders["plain"], [tmp_path / "twin"], None, "'plain' is served twice"),
+            (folders["model"], [tmp_path], None, "not an assistant folder"),
+            (folders["model"], [], "calculator,shell", "--tools: unknown shell")):
+        with pytest.raises(UserError, match=msg) as e:
+            build(model, db_path=None, assistants=extra, tools=tools)
+        assert "\n" not in str(e.value)
+    r = run_cli("serve", "--model", str(folders["model"]), "--assistant", str(tmp_path / "elsewhere"), "--db", "")
+    assert r.returncode == 2 and "runs on the model" in r.stderr and "Traceback" not in r.stderr
+
