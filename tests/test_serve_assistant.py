@@ -2,7 +2,7 @@
 listed in /v1/models, answering with their instructions and knowledge, their tool calls run by the
 server through THE tool loop and the batcher (plain and streamed), what `--tools` lets run, the
 plain model's requests unchanged, the web app's picker data and saved conversations, one-line
-errors."""
+errors; and the page in headless Chromium with an assistant picked."""
 
 import json
 import shutil
@@ -18,7 +18,7 @@ from lmstack.serve.server import app_for, build, make_server
 from lmstack.tools.python import isolation
 from lmstack.utils import UserError
 from test_engine import ScriptedModel  # noqa: E402  (tests/ is on sys.path under pytest)
-from tiny import random_gpt, run_cli, save_model_dir, tokenizer_on  # noqa: E402
+from tiny import LiveServer, random_gpt, run_cli, save_model_dir, tokenizer_on  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -299,3 +299,77 @@ def test_serve_an_assistant_folder_and_more_beside_it(folders, tmp_path):
     r = run_cli("serve", "--model", str(folders["model"]), "--assistant", str(tmp_path / "elsewhere"), "--db", "")
     assert r.returncode == 2 and "runs on the model" in r.stderr and "Traceback" not in r.stderr
 
+
+# --- the page in a real browser ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_page_picks_an_assistant_and_shows_its_tool_calls(folders, tmp_path):
+    """The picker lists the model and the assistants; with helper picked, a question its notes
+    answer shows the knowledge lookup as a [search] line, a calculator question its call and
+    result, and the saved conversation holds every message with the assistant's id."""
+    from test_webapp import CHROMEDRIVER, CHROMIUM, rows
+
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    if missing:
+        pytest.skip(f"no headless browser: {', '.join(missing)} not installed")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from lmstack.serve.db import FeedbackDB
+
+    db_path = tmp_path / "feedback.sqlite"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
+              "--disable-gpu", "--no-first-run"):
+        opts.add_argument(a)
+    with LiveServer(scripted_app(folders, db=FeedbackDB(db_path))) as live:
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+        wait = WebDriverWait(driver, 30)
+
+        def el(i):
+            return driver.find_element(By.ID, i)
+
+        def ask(text, index):
+            el("message").send_keys(text)
+            el("send").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#msg-{index}.assistant.done"))
+            return [e.text for e in driver.find_elements(By.CSS_SELECTOR, f"#msg-{index} .tool-call")]
+
+        try:
+            driver.get(live.url + "/app")
+            wait.until(lambda d: el("model-name").text.startswith("chat"))
+            picker = Select(el("model"))
+            assert [o.text for o in picker.options] == ["chat", "helper (assistant)", "plain (assistant)"]
+            picker.select_by_value("helper")
+            assert el("model-name").text.startswith("helper (assistant)")
+            assert el("tools-names").text == "calculator, python, search" and not el("tools").is_enabled()
+
+            # The lookup and the reply: message 0 the question, 1-2 the search call and result, 3 the reply.
+            lines = ask("Where was Ada Lind born?", 3)
+            assert lines == ["[search] Where was Ada Lind born? -> [1] people.md:1\nAda Lind was born in Oslo."]
+            assert driver.find_element(By.CSS_SELECTOR, "#msg-3 .content").text.endswith(
+                f"system={INSTRUCTIONS}; tool=[1] people.md:1\nAda Lind was born in Oslo..")
+            # A tool round run by the server: 4 the question, 5-6 the call and its result, 7 the answer.
+            lines = ask("What is 23 + 58?", 7)
+            assert lines == ["[calculator] 23 + 58 -> 81"]
+            assert driver.find_element(By.CSS_SELECTOR, "#msg-7 .content").text == "[calculator] 23 + 58 -> 81\nsum: 81."
+            wait.until(lambda d: rows(db_path, "SELECT count(*) FROM conversations") == [(1,)] and len(json.loads(
+                rows(db_path, "SELECT messages FROM conversations")[0][0])) == 8)
+            ((model, system, msgs),) = rows(db_path, "SELECT model, system, messages FROM conversations")
+            msgs = json.loads(msgs)
+            assert model == "helper" and system == INSTRUCTIONS
+            assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "assistant"] * 2
+            assert msgs[5]["tool_calls"][0]["function"]["name"] == "calculator" and msgs[6]["content"] == "81"
+            assert msgs[7] == {"role": "assistant", "content": "sum: 81."}
+
+            # Back to the model: a new chat, where the page runs the calculator itself (no lookup).
+            picker.select_by_value("chat")
+            assert not driver.find_elements(By.CSS_SELECTOR, "#messages .msg") and el("tools").is_enabled()
+            assert ask("What is 23 + 58?", 3) == ["[calculator] 23 + 58 -> 81"]
+            errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert not errors, errors
+        finally:
+            driver.quit()

@@ -4,14 +4,17 @@
 
 const KEY_STORE = "lmstack.apiKey";
 const NAME_STORE = "lmstack.labeller";
+const MODEL_STORE = "lmstack.model";
 const $ = (id) => document.getElementById(id);
 
 const MAX_TOOL_ROUNDS = 4; // tool rounds per reply (as `lmstack chat`); a call after that is not run
 
 const state = {
-  model: null,
+  model: null, // the id the chat talks to: the model, or an assistant served on it (the picker)
+  models: [], // [{id, assistant, tools}] from /api/info
+  maxModelLen: 0,
   database: true,
-  tools: [], // the OpenAI specs of the server's tools (from /api/info), sent with each chat request
+  tools: [], // the OpenAI specs of the server's tools (from /api/info), sent with the model's chat requests
   tab: null,
   chat: { id: null, messages: [], rated: new Set(), busy: false, controller: null, saving: null },
   label: { item: null, answers: null, choice: null, busy: false, loaded: false },
@@ -161,6 +164,43 @@ function toolCallLine(call, result) {
   return "[" + f.name + "] " + showArgs(f.arguments) + (result === undefined ? "" : " -> " + result);
 }
 
+// A tool event the server streams for an assistant ({type: tool_call | tool_result, id, name,
+// arguments, content?}), shown as a line in the reply: "running" until its result comes.
+function showToolEvent(content, lines, ev) {
+  const call = { function: { name: ev.name, arguments: ev.arguments } };
+  let line = lines.get(ev.id);
+  if (!line) {
+    line = h("div", { class: "tool-call running" });
+    lines.set(ev.id, line);
+    content.append(line);
+  }
+  if (ev.type === "tool_result") {
+    line.textContent = toolCallLine(call, ev.content || "(empty)");
+    line.classList.remove("running");
+    line.classList.toggle("failed", (ev.content || "").startsWith("error:"));
+  } else {
+    line.textContent = toolCallLine(call, "\u2026");
+  }
+}
+
+function currentModel() {
+  return state.models.find((m) => m.id === state.model) || { id: state.model, assistant: false, tools: [] };
+}
+
+// The picked model: the header, and the tools line (an assistant's tools are run by the server;
+// the model's by this page, when the box is ticked).
+function applyModel() {
+  const m = currentModel();
+  const names = state.tools.map((t) => t.function && t.function.name).filter(Boolean);
+  $("model-name").textContent = m.id + (m.assistant ? " (assistant)" : "") + " \u00b7 " + state.maxModelLen + " tokens";
+  $("tools").disabled = m.assistant || !names.length;
+  $("tools-names").textContent = m.assistant ? (m.tools.length ? m.tools.join(", ") : "none")
+                                             : (names.length ? names.join(", ") : "none on this server");
+  $("tools-hint").textContent = m.assistant
+    ? "This assistant's instructions and knowledge are added on the server, which runs its tools and shows each call and result."
+    : "The model may call a tool; the server runs it and the model goes on with its result.";
+}
+
 function transcript(messages, highlight) {
   return h("div", { class: "transcript" }, ...messages.map((m, i) => {
     const calls = m.tool_calls || [];
@@ -201,13 +241,18 @@ function hideKeyDialog() {
 async function loadInfo() {
   try {
     const info = await apiJSON("/api/info");
-    state.model = info.model;
     state.database = info.database;
     state.tools = info.tools || [];
-    const names = state.tools.map((t) => t.function && t.function.name).filter(Boolean);
-    $("tools").disabled = !names.length;
-    $("tools-names").textContent = names.length ? names.join(", ") : "none on this server";
-    $("model-name").textContent = info.model + " \u00b7 " + info.max_model_len + " tokens";
+    state.maxModelLen = info.max_model_len;
+    state.models = info.models || [{ id: info.model, assistant: false, tools: [] }];
+    const ids = state.models.map((m) => m.id);
+    const stored = localStorage.getItem(MODEL_STORE);
+    if (!ids.includes(state.model)) state.model = ids.includes(stored) ? stored : (info.default || info.model);
+    $("model").replaceChildren(...state.models.map((m) =>
+      h("option", { value: m.id, text: m.id + (m.assistant ? " (assistant)" : "") })));
+    $("model").value = state.model;
+    $("model-box").hidden = state.models.length < 2;
+    applyModel();
     showError($("banner"), info.database ? null : "No feedback database on this server: the chat works, but feedback, labelling and monitoring are off (start it with --db FILE).");
     for (const id of ["queue-box", "label-reload", "monitor-refresh"]) $(id).hidden = !info.database;
     if (!$("guide").innerHTML) loadGuide();
@@ -255,6 +300,13 @@ function setupChat() {
   $("regenerate").addEventListener("click", regenerate);
   $("stop").addEventListener("click", () => state.chat.controller && state.chat.controller.abort());
   $("new-chat").addEventListener("click", newChat);
+  $("model").addEventListener("change", () => {
+    if (state.chat.busy) { $("model").value = state.model; return; }
+    state.model = $("model").value;
+    localStorage.setItem(MODEL_STORE, state.model);
+    applyModel();
+    if (state.chat.messages.length) newChat(); // one conversation, one model
+  });
 }
 
 function setBusy(busy) {
@@ -262,6 +314,7 @@ function setBusy(busy) {
   $("send").disabled = busy;
   $("stop").hidden = !busy;
   $("new-chat").disabled = busy;
+  $("model").disabled = busy;
   $("regenerate").disabled = busy || !state.chat.messages.some((m) => m.role === "user");
 }
 
@@ -309,7 +362,7 @@ function promptMessages(extra = []) {
   if (system) msgs.push({ role: "system", content: system });
   for (const m of state.chat.messages.concat(extra)) {
     const calls = m.tool_calls && m.tool_calls.length ? m.tool_calls : null;
-    if (!m.content.trim() && !calls) continue;
+    if (!(m.content || "").trim() && !calls) continue;
     const out = { role: m.role, content: m.content };
     if (calls) out.tool_calls = calls;
     if (m.tool_call_id) out.tool_call_id = m.tool_call_id;
@@ -358,8 +411,10 @@ async function regenerate() {
 }
 
 // One streamed chat completion. `acc` collects its text, tool calls and finish reason as they
-// come (so a stopped stream keeps what arrived); onText(text so far) after each piece of text.
-async function streamCompletion(body, signal, acc, onText) {
+// come (so a stopped stream keeps what arrived); onText(text so far) after each piece of text;
+// onTool(event) for each tool event an assistant's reply streams, and acc.messages gets what the
+// reply added to the conversation (an assistant's finishing chunk has them).
+async function streamCompletion(body, signal, acc, onText, onTool = () => {}) {
   const r = await api("/v1/chat/completions", { method: "POST", body, signal });
   const reader = r.body.getReader();
   const decoder = new TextDecoder();
@@ -393,6 +448,8 @@ async function streamCompletion(body, signal, acc, onText) {
           if (f.name) call.function.name += f.name;
           if (f.arguments) call.function.arguments += f.arguments;
         }
+        if (ch.tool_event) onTool(ch.tool_event);
+        if (ch.messages) acc.messages = ch.messages;
         if (ch.finish_reason) acc.finish = ch.finish_reason;
       }
     }
@@ -414,11 +471,13 @@ async function runTool(call) {
 
 // The next assistant reply, streamed into one bubble. With tools on, a reply that ends with tool
 // calls has them run (each shown as a line: [calculator] 23 + 58 -> 81), their results added
-// as tool messages, and the model asked again, at most MAX_TOOL_ROUNDS times. The conversation
-// gets every message (assistant messages with tool_calls, tool messages, the final reply); the
-// bubble, its id and its thumbs belong to the final reply. fresh: the last user message was
-// just sent; if a request fails, the whole reply is dropped and that message goes back into the
-// message box (to edit or send again).
+// as tool messages, and the model asked again, at most MAX_TOOL_ROUNDS times. An assistant
+// (picked in the model list) does all that on the server: one request, whose tool events
+// (its knowledge lookup, each call and result) come as lines, and whose last chunk says what the
+// reply added. The conversation gets every message (assistant messages with tool_calls, tool
+// messages, the final reply); the bubble, its id and its thumbs belong to the final reply.
+// fresh: the last user message was just sent; if a request fails, the whole reply is dropped
+// and that message goes back into the message box (to edit or send again).
 async function reply(fresh = false) {
   const c = state.chat;
   const start = c.messages.length;
@@ -429,24 +488,46 @@ async function reply(fresh = false) {
   setBusy(true);
   c.controller = new AbortController();
   const signal = c.controller.signal;
-  const useTools = $("tools").checked && state.tools.length > 0;
+  const assistant = currentModel().assistant;
+  const useTools = !assistant && $("tools").checked && state.tools.length > 0;
   const rounds = []; // this reply's tool rounds: assistant messages with tool_calls, tool messages
   let acc = { text: "", calls: [], finish: null }, stopped = false, unrun = false;
   try {
     for (let round = 0; ; round++) {
-      const seg = h("span", { class: "seg" });
+      let seg = h("span", { class: "seg" });
       content.append(seg);
-      acc = { text: "", calls: [], finish: null };
+      acc = { text: "", calls: [], finish: null, messages: null };
       const body = { model: state.model, messages: promptMessages(rounds), stream: true,
                      temperature: Number($("temperature").value) };
       if (useTools) body.tools = state.tools;
       const maxTokens = parseInt($("max-tokens").value, 10);
       if (maxTokens > 0) body.max_tokens = maxTokens;
+      const lines = new Map();
+      let shown = 0; // how much of acc.text the segments show (an assistant's rounds stream in one go)
       await streamCompletion(body, signal, acc, (text) => {
-        seg.textContent = text;
+        seg.textContent += text.slice(shown);
+        shown = text.length;
+        content.classList.remove("empty");
+        scrollDown();
+      }, (ev) => {
+        showToolEvent(content, lines, ev);
+        seg = h("span", { class: "seg" }); // the next round's text goes after the line
+        content.append(seg);
         content.classList.remove("empty");
         scrollDown();
       });
+      if (assistant) { // the server ran the tool rounds: keep what it says the reply added
+        const added = acc.messages || [];
+        rounds.push(...added.slice(0, -1));
+        const last = added[added.length - 1];
+        if (last) acc.text = last.content || "";
+        if (acc.finish === "tool_calls") {
+          unrun = true;
+          acc.calls = (last && last.tool_calls) || [];
+          for (const call of acc.calls) content.append(h("div", { class: "tool-call unrun", text: toolCallLine(call, "not run") }));
+        }
+        break;
+      }
       const calls = acc.calls.filter((x) => x && x.function.name)
         .map((x, k) => ({ id: x.id || `call_${start + rounds.length}_${k}`, type: "function",
                           function: { name: x.function.name, arguments: x.function.arguments || "{}" } }));
@@ -512,7 +593,8 @@ async function reply(fresh = false) {
     content.append(h("span", { class: "seg empty", text: "(no text after the tool result)" }));
   }
   if (stopped) el.append(h("div", { class: "note", text: "Stopped." }));
-  else if (unrun) el.append(h("div", { class: "note", text: `Tool calls not run: at most ${MAX_TOOL_ROUNDS} tool rounds per reply.` }));
+  else if (unrun) el.append(h("div", { class: "note", text: assistant && !currentModel().tools.length ? "Tool calls not run: this assistant has no tools on this server."
+                                                                    : `Tool calls not run: at most ${MAX_TOOL_ROUNDS} tool rounds per reply.` }));
   else if (acc.finish === "length") el.append(h("div", { class: "note", text: "Cut off: the reply reached the token limit (or the end of the context)." }));
   el.append(feedbackControls(index));
   setBusy(false);
@@ -523,7 +605,7 @@ async function reply(fresh = false) {
 async function saveConversation() {
   const c = state.chat;
   if (!state.database) return;
-  const body = { messages: c.messages, system: $("system").value.trim() || null };
+  const body = { messages: c.messages, model: state.model, system: $("system").value.trim() || null };
   if (c.id) body.id = c.id;
   try {
     let r;
