@@ -135,8 +135,8 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
     net, fmt = for_inference(net, dtype), chat_format(tok)
     registry = (assistant.registry() if assistant else default_registry()) if tools and fmt.tools else None
     knowledge = assistant.search_tool() if assistant and assistant.retrieve and assistant.has_knowledge else None
-    if assistant and assistant.instructions and not system:
-        system = assistant.instructions
+    if assistant:
+        system = assistant.system(system)  # the instructions, then --system (as a served assistant joins them)
     pages = None if not memory else ConversationMemory(None if memory is True else memory)
     try:
         return _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, seed, registry, knowledge,
