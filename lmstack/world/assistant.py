@@ -217,8 +217,8 @@ def arithmetic_chat(rng: random.Random, call_id: str, exclude, names) -> list[di
 
 
 # Asked to think, the assistant writes the worked steps before its answer (a scratchpad); asked
-# to use Python, it calls the python tool. The asking phrase is what selects the method: an lmstack
-# model is not shown the list of tools.
+# to use Python, it calls the python tool; asked to look a fact up, it calls search. The asking
+# phrase is what selects the method: an lmstack model is not shown the list of tools.
 THINK = ["Think step by step.", "Show your working.", "Work it out step by step."]
 USE_PYTHON = ["Use Python.", "Use the python tool.", "Compute it with Python."]
 
@@ -246,13 +246,18 @@ def python_chat(rng: random.Random, call_id: str, exclude) -> list[dict]:
             {"role": "assistant", "content": answer}]
 
 
+LOOK_UP = ["Look it up.", "Search the library.", "Check the library."]
+
+
 def search_chat(person: dict, attr: str, rng: random.Random, search, call_id: str) -> list[dict]:
-    """A fact question answered from the library: the assistant searches with the question as
-    asked (what automatic retrieval does too), reads the result, answers. `search(query) -> text`."""
-    q = rng.choice(T.QUESTIONS[attr]).format(name=person["name"])
+    """A fact question asked to be looked up (a plain question is still answered from memory, so
+    a model with no tools still answers): the assistant searches with the question (what
+    automatic retrieval does too), reads the result, answers. `search(query) -> text`."""
+    question = rng.choice(T.QUESTIONS[attr]).format(name=person["name"])
+    q = f"{question} {rng.choice(LOOK_UP)}"
     return [{"role": "user", "content": q},
-            {"role": "assistant", "content": None, "tool_calls": [ar.tool_call("search", {"query": q}, call_id)]},
-            {"role": "tool", "tool_call_id": call_id, "content": search(q)},
+            {"role": "assistant", "content": None, "tool_calls": [ar.tool_call("search", {"query": question}, call_id)]},
+            {"role": "tool", "tool_call_id": call_id, "content": search(question)},
             {"role": "assistant", "content": fact_answer(person, attr, fact_value(person, attr), rng)}]
 
 
