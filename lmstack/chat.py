@@ -138,6 +138,8 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
     if assistant:
         system = assistant.system(system)  # the instructions, then --system (as a served assistant joins them)
     pages = None if not memory else ConversationMemory(None if memory is True else memory)
+    if pages is not None and registry is not None:
+        registry = registry.with_tools(pages.tool())  # a model may look a page up itself
     try:
         return _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, seed, registry, knowledge,
                           pages)
