@@ -56,6 +56,9 @@ def test_majority_vote_counts_ties_and_abstentions():
     subsets = list(itertools.combinations(answers, 3))
     exact = sum(majority_at_k(list(s), "5", 3) for s in subsets) / len(subsets)
     assert majority_at_k(answers, "5", 3, draws=4000) == pytest.approx(exact, abs=0.03)
+    # a vote of one is exact, so it never exceeds pass@1 (256 sampled draws gave 0.043 here, over 1/32)
+    rare = ["7"] + ["8"] * 20 + [None] * 11
+    assert majority_at_k(rare, "7", 1, draws=256, seed=0) == pass_at_k(32, 1, 1) == 1 / 32
 
 
 def test_bootstrap_and_ks():

@@ -8,7 +8,7 @@ percentile bootstrap over problems (problems are the unit that varies, not sampl
                 estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), c = right samples.
   majority@k    the most frequent final answer of the k is right (self-consistency, Wang et
                 al. 2022). Samples with no answer do not vote; a tie counts 1/t (a uniform
-                tie-break). Averaged over `draws` random k-subsets (seeded; exact at k = n).
+                tie-break). Averaged over `draws` random k-subsets (seeded; exact at k = 1 and k = n).
   best-of-k     the sample a verifier scores highest among the k is right. Exact: sample i is the
                 subset's best when it is in the subset and the other k-1 come from the m_i
                 samples scored below it, so P = C(m_i, k-1) / C(n, k). Ties of score are broken
@@ -34,6 +34,8 @@ def majority_at_k(answers: list, truth: str, k: int, draws: int = 256, seed: int
     """Expected accuracy of a majority vote over k of `answers` (None = no answer: no vote)."""
     if k >= len(answers):
         return _vote(answers, truth)
+    if k == 1:  # exact: a vote of one is that sample's answer (a sampled estimate could exceed pass@1)
+        return sum(a == truth for a in answers) / len(answers)
     rng = random.Random(seed)
     return sum(_vote(rng.sample(answers, k), truth) for _ in range(draws)) / draws
 
