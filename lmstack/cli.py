@@ -110,18 +110,11 @@ def _cmd_capabilities(a):
           f" -> {Path(a.out) / 'capabilities.md'}")
 
 
-def _digits(text: str) -> list[int]:
-    try:
-        return [int(d) for d in text.split(",") if d.strip()]
-    except ValueError:
-        raise UserError(f"--digits must be comma-separated whole numbers, like 2,3 (got {text!r})") from None
-
-
 def _cmd_think(a):
     from lmstack.think import beam, curve, verifier
 
     if a.action == "verifier-data":
-        r = verifier.verifier_data(a.model, a.world, a.out, digits=_digits(a.digits), per_op=a.per_op, n=a.n,
+        r = verifier.verifier_data(a.model, a.world, a.out, digits=_ints(a.digits, "--digits"), per_op=a.per_op, n=a.n,
                                    temperature=a.temperature, prompt=a.prompt, max_tokens=a.max_tokens,
                                    batch_size=a.batch_size, seed=a.seed, force=a.force)
         print(f"{r['problems']} problems x {a.n} samples ({100 * r['sample_acc']:.1f}% right): "
@@ -135,11 +128,11 @@ def _cmd_think(a):
         if "verifier_answer" in r:
             print(f"verifier's pick: {r['verifier_answer']}\n{r['verifier_reply']}")
     elif a.action == "beam":
-        beam.think_beam(a.model, a.verifier, a.out, problems=a.problems, world=a.world, digits=_digits(a.digits),
+        beam.think_beam(a.model, a.verifier, a.out, problems=a.problems, world=a.world, digits=_ints(a.digits, "--digits"),
                         limit=a.limit, beam=a.beam, expand=a.expand, temperature=a.temperature, prompt=a.prompt,
                         max_steps=a.max_steps, batch_size=a.batch_size, seed=a.seed)
     else:
-        r = curve.think_curve(a.model, a.out, problems=a.problems, world=a.world, digits=_digits(a.digits),
+        r = curve.think_curve(a.model, a.out, problems=a.problems, world=a.world, digits=_ints(a.digits, "--digits"),
                               limit=a.limit, n=a.n, temperature=a.temperature, prompt=a.prompt,
                               max_tokens=a.max_tokens, verifier=a.verifier, batch_size=a.batch_size, seed=a.seed,
                               force=a.force)

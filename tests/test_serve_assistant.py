@@ -6,7 +6,6 @@ errors; and the page in headless Chromium with an assistant picked."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -307,26 +306,17 @@ def test_the_page_picks_an_assistant_and_shows_its_tool_calls(folders, tmp_path)
     """The picker lists the model and the assistants; with helper picked, a question its notes
     answer shows the knowledge lookup as a [search] line, a calculator question its call and
     result, and the saved conversation holds every message with the assistant's id."""
-    from test_webapp import CHROMEDRIVER, CHROMIUM, rows
+    from test_webapp import headless_chrome, rows
 
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
-    if missing:
-        pytest.skip(f"no headless browser: {', '.join(missing)} not installed")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    from selenium.webdriver.chrome.service import Service
+    chrome = headless_chrome()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from lmstack.serve.db import FeedbackDB
 
     db_path = tmp_path / "feedback.sqlite"
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
-              "--disable-gpu", "--no-first-run"):
-        opts.add_argument(a)
     with LiveServer(scripted_app(folders, db=FeedbackDB(db_path))) as live:
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+        driver = chrome()
         wait = WebDriverWait(driver, 30)
 
         def el(i):

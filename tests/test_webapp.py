@@ -407,25 +407,33 @@ def rows(db_path, sql):
         con.close()
 
 
-@pytest.mark.slow
-def test_the_page_in_headless_chromium(model_dir, tmp_path):
+def headless_chrome():
+    """A function that starts headless Chromium through selenium (the test is skipped when either
+    is not installed)."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
     if missing:
         pytest.skip(f"no headless browser: {', '.join(missing)} not installed "
                     "(apt-get install chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    db_path = tmp_path / "feedback.sqlite"
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
               "--disable-gpu", "--no-first-run"):
         opts.add_argument(a)
+    return lambda: webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+@pytest.mark.slow
+def test_the_page_in_headless_chromium(model_dir, tmp_path):
+    chrome = headless_chrome()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    db_path = tmp_path / "feedback.sqlite"
     with LiveServer(make_app(model_dir, db_path, api_key=KEY)) as live:
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+        driver = chrome()
         wait = WebDriverWait(driver, 30)
 
         def el(i):
