@@ -196,13 +196,14 @@ def test_first_wrong_step_and_process_pairs():
     assert V.first_wrong_step(right, steps) is None
     assert V.first_wrong_step(wrong, steps) == 2
     assert V.first_wrong_step("\n".join(steps[:2]), steps) == 2  # stopped early
-    recs = [_rec(47, "+", 38, [right, wrong, wrong, "\n".join(steps[:2])])]
+    recs = [_rec(47, "+", 38, [right, wrong, wrong, "\n".join(steps[:2]), "", " \n"])]  # + two empty replies
     pp = V.process_pairs(recs)
     assert len(pp) == 1  # the wrong sample once (deduplicated); stopping early is not a step error
     assert pp[0]["chosen"] == "\n".join(steps[:3]) and pp[0]["rejected"] == "\n".join(wrong.split("\n")[:3])
     assert pp[0]["meta"] == {"type": "process", "op": "+", "digits": 2, "step": 2}
     op_ = V.outcome_pairs(recs)
     assert all(p["chosen"] == right and p["rejected"] != right for p in op_) and len(op_) == 2
+    assert all(p["rejected"].strip() for p in op_ + pp)  # empty replies make no comparison (reward train refuses them)
     assert op_[0]["prompt"] == [{"role": "user", "content": "What is 47 + 38? Think step by step."}]
 
 

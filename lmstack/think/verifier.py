@@ -42,11 +42,13 @@ def training_problems(world, digits=(1, 2, 3), per_op: int = 100, seed: int = 0)
 
 
 def outcome_pairs(records: list[dict], prompt: str = PROMPT, per_problem: int = 4, seed: int = 0) -> list[dict]:
-    """Comparisons: a right sample over a wrong one, same problem (distinct texts)."""
+    """Comparisons: a right sample over a wrong one, same problem (distinct texts). An empty reply
+    (the model ended its turn at once) is wrong but is no text to compare: a comparison's answers
+    are non-empty (`lmstack reward train` refuses the file otherwise)."""
     rng, rows = random.Random(seed), []
     for rec in records:
         right = sorted({s["text"] for s in rec["samples"] if s["hit"]})
-        wrong = sorted({s["text"] for s in rec["samples"] if not s["hit"]})
+        wrong = sorted({s["text"] for s in rec["samples"] if not s["hit"] and s["text"].strip()})
         pairs = [(r, w) for r in right for w in wrong]
         for chosen, rejected in rng.sample(pairs, min(per_problem, len(pairs))):
             rows.append(_row(rec, prompt, chosen, rejected, "outcome"))
