@@ -267,6 +267,44 @@ def test_beam_search_with_a_perfect_process_verifier_finds_the_solution(monkeypa
     assert one["acc"] < 1.0 and one["tokens"] < res["tokens"]
 
 
+class EmptyFirstLM(StepLM):
+    """StepLM that, a third of the time, ends its turn at once (an empty reply)."""
+
+    def generate(self, prompts, max_tokens, until=(), stop_ids=(), temperature=0.0, seed=0):
+        out, rng = super().generate(prompts, max_tokens, until, stop_ids, temperature, seed), random.Random(seed + 1)
+        for ids, c in zip(prompts, out):
+            if "\n" not in "".join(chr(i) for i in ids).partition("\x00")[2] and rng.random() < 0.3:
+                c.text, c.stop = "", 1
+        return out
+
+
+def test_empty_replies_are_scored_lowest_without_being_read(monkeypatch, model_dir):
+    """The chat format refuses an empty assistant message, which a verifier would be asked to read
+    when the model ends its turn at once: the curve's scoring and the beam search crashed on it."""
+    from lmstack.model import RewardModel
+    from lmstack.modelio import load_model_and_tokenizer
+
+    gpt, tok = load_model_and_tokenizer(model_dir)
+    recs = [{"problem": {"question": "What is 1 + 2?", "answer": "3"},
+             "samples": [{"text": ""}, {"text": " \n"}, {"text": "Answer: 1 + 2 = 3"}]}]
+    C.score_with_verifier(recs, (RewardModel.from_gpt(gpt), tok))  # a real reward model and chat format
+    assert [s["score"] for s in recs[0]["samples"]][:2] == [float("-inf")] * 2
+    assert math.isfinite(recs[0]["samples"][2]["score"])
+
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b), "a": a, "op": "+", "b": b, "digits": 2}
+            for a, b in ((12, 45), (78, 21), (55, 49))]
+    truth = {f"What is {r['a']} + {r['b']}? Think step by step.": ar.worked(r["a"], "+", r["b"]) for r in rows}
+
+    def strict(rm, tok, prompts, answers, batch_size=32):  # as the real one: no empty answer
+        assert all(a.strip() for a in answers), "asked to score an empty reply"
+        return [float(V.first_wrong_step(a, truth[p[-1]["content"]].split("\n")) is None) for p, a in zip(prompts, answers)]
+
+    import lmstack.align.reward as R
+    monkeypatch.setattr(R, "score_answers", strict)
+    res = B.beam_search(EmptyFirstLM(rows, p=0.7), (None, None), rows, beam=2, expand=4, seed=0)
+    assert res["problems"] == 3 and res["tokens"] > 0
+
+
 def test_think_ask_votes(model_dir):
     r = run_cli("think", "ask", "What is 23 + 58? Think step by step.", "--model", str(model_dir), "--k", "3",
                 "--max-tokens", "6")

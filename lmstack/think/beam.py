@@ -48,10 +48,14 @@ def beam_search(lm, prm, problems: list[dict], prompt: str = PROMPT, beam: int =
                 line = c.text.strip("\n")
                 new = f"{text}\n{line}" if text else line
                 cands[i][new] = c.stop != "\n" or line.startswith("Answer:")
+        # an empty candidate (the model ended its turn at once) is no message to render: it scores lowest
         flat = [(i, t, d) for i in sorted(cands) for t, d in cands[i].items()]
-        scores = score_answers(rm, rm_tok, [convs[i] for i, _, _ in flat], [t or " " for _, t, _ in flat])
+        read = [x for x in flat if x[1].strip()]
+        scores = dict(zip(((i, t) for i, t, _ in read),
+                          score_answers(rm, rm_tok, [convs[i] for i, _, _ in read], [t for _, t, _ in read])))
         best = defaultdict(list)
-        for (i, t, d), s in zip(flat, scores):
+        for i, t, d in flat:
+            s = scores.get((i, t))
             best[i].append((t, float("-inf") if s is None else s, d))
         for i, b in best.items():
             beams[i] = sorted(b, key=lambda x: -x[1])[:beam]

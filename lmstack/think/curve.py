@@ -104,15 +104,20 @@ def _reply(lm, reply, truth: str) -> dict:
 
 
 def score_with_verifier(records: list[dict], verifier, prompt: str = PROMPT) -> None:
-    """Add each sample's verifier score (a reward model: `lmstack.align.reward` folder)."""
+    """Add each sample's verifier score (a reward model: `lmstack.align.reward` folder). An empty
+    reply (the model ended its turn at once) has no answer and is no message to render: it
+    scores lowest without being read."""
     from lmstack.align.reward import score_answers
     rm, tok = verifier
     prompts, answers, where = [], [], []
     for i, rec in enumerate(records):
         msgs = [{"role": "user", "content": prompt.format(**rec["problem"])}]
         for j, s in enumerate(rec["samples"]):
+            if not s["text"].strip():
+                s["score"] = float("-inf")
+                continue
             prompts.append(msgs)
-            answers.append(s["text"] or " ")
+            answers.append(s["text"])
             where.append((i, j))
     for (i, j), v in zip(where, score_answers(rm, tok, prompts, answers)):
         records[i]["samples"][j]["score"] = float("-inf") if v is None else v
