@@ -31,7 +31,8 @@ def _cmd_world(a):
     generate(
         a.out, people=a.people, seed=a.seed, bios_per_person=a.bios,
         arithmetic=a.arithmetic, stories=a.stories, heldout_fraction=a.heldout, qa_docs=a.qa_docs,
-        copy_docs=a.copy_docs, permute=not a.no_permute, full_names=a.full_names,
+        copy_docs=a.copy_docs, permute=not a.no_permute, full_names=a.full_names, skill_people=a.skill_people,
+        basic_skills=a.basic_skills,
         force=a.force, progress=not a.quiet,
     )
 
@@ -357,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of people whose facts appear only in prose (default 0.3)")
     w.add_argument("--qa-docs", type=int, default=0,
                    help="documents per train person holding their Q/A pairs as text (mixed training; default 0)")
+    w.add_argument("--skill-people", type=int, default=1000,
+                   help="size the skill conversations (arithmetic, tools, refusals) and the comparisons as for "
+                        "at least this many people (default 1000; 0: by --people)")
+    w.add_argument("--basic-skills", action="store_true",
+                   help="leave out the thinking, python and search conversations (for very small models)")
     w.add_argument("--copy-docs", type=int, default=0,
                    help="documents that reward in-context copying: a random sequence, then again (default 0)")
     w.add_argument("--no-permute", action="store_true", help="biography sentences in a fixed order")

@@ -51,9 +51,11 @@ from lmstack.world.rl_prompts import arithmetic_prompts
 # 300 people, each named in every sentence of their biographies, the train people's Q/A pairs
 # mixed into pretraining; 1,120 steps of 2,048 tokens at lr 1e-3 (4x the optimizer steps of the
 # preset's 280 x 8,192, the same tokens); a short SFT at lr 1e-3 with 30% pretraining windows mixed in.
+# tiny's world keeps the old skill data (sized by its 200 people, no thinking/python/search
+# conversations): a plumbing check whose 20-step chat model must still learn to end its turn.
 PEOPLE = {"tiny": 200, "small": 300, "gpt2": 50_000}
 VOCAB = {"tiny": 1024, "small": 4096, "gpt2": 32768}
-WORLD_SET = {"small": {"qa_docs": 1, "full_names": True}}
+WORLD_SET = {"tiny": {"skill_people": 0, "basic_skills": True}, "small": {"qa_docs": 1, "full_names": True}}
 PRETRAIN_SET = {"small": ["train.batch_tokens=2048", "train.micro_batch_size=8", "train.max_steps=1120",
                           "optim.warmup_steps=50", "optim.lr=1e-3", "train.eval_every=112", "train.save_every=112"]}
 SFT_SET = {"tiny": ["train.max_steps=20", "train.batch_tokens=2048", "train.eval_every=0",
@@ -82,6 +84,7 @@ EVAL_LIMIT = {"tiny": 20}  # rows per task (default: each task's own limit, lmst
 VAL_FRACTION = 0.02  # of the world's documents held out as pretraining's validation split
 # The world's text knobs (lmstack.world.generate's arguments) --set world.KEY=VALUE may change.
 WORLD_KEYS = {"bios_per_person": int, "qa_docs": int, "copy_docs": int, "permute": bool, "full_names": bool,
+              "skill_people": int, "basic_skills": bool,
               "arithmetic": int, "stories": int, "heldout_fraction": float}
 SHARED = ("train.dtype", "train.device", "train.compile", "train.seed")  # --set keys every stage inherits
 MODELS = ("base", "chat", "dpo", "ppo", "grpo")  # the model folders `lmstack eval` scores

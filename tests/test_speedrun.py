@@ -42,8 +42,14 @@ def test_speedrun_tiny_end_to_end(tmp_path):
         lm = results["lm"]
         assert ev[stage]["val_bpb"] == round(lm["bpb"], 4) and lm["bpb"] < 0.8 * 10 * lm["tokens"] / lm["bytes"]
     for stage in ("chat", *ALIGNED):  # the aligned models are chat models: every task
-        # SFT taught the format: most replies end their turn (a model that never learnt it: ~0)
-        assert set(ev[stage]["tasks"]) == set(ev["chat"]["tasks"]) and ev[stage]["format"] >= 0.5
+        assert set(ev[stage]["tasks"]) == set(ev["chat"]["tasks"]) and 0 <= ev[stage]["format"] <= 1
+        # SFT taught the format: most replies to questions end their turn (a model that never learnt
+        # it: ~0). Arithmetic is left out: the tiny model's replies to it are digit loops that never
+        # close (the world's worked scratchpads are long), whatever the format it learnt.
+        results = json.loads(open(ev[stage]["results"]).read())
+        closed = [it["closed"] for name, task in results["tasks"].items() if not name.startswith("arithmetic")
+                  for it in task["items"] if "closed" in it]
+        assert len(closed) >= 100 and sum(closed) / len(closed) >= 0.5, (stage, sum(closed) / len(closed))
     st = summary["stages"]
     assert st["rl_prompts"]["rows"] > 0 and st["dpo"]["final"]["step"] == 4  # dpo.KEY reached the DPO stage only
     assert st["ppo"]["final"]["step"] > 0 and st["grpo"]["final"]["step"] > 0
@@ -119,8 +125,9 @@ def test_split_overrides_routes_each_stage_its_keys():
     sets = split_overrides("tiny", ["train.lr=1", "train.seed=3", "dpo.pref.beta=0.5", "grpo.rl.group_size=2",
                                     "rm.train.max_steps=9", "world.qa_docs=2", "world.permute=false"])
     assert sets["pretrain"] == ["train.lr=1", "train.seed=3"]
-    assert sets["world"] == ["qa_docs=2", "permute=false"]  # the world's text: no training keys
-    assert world_settings(sets["world"]) == {"qa_docs": 2, "permute": False}
+    # the world's text (tiny's own settings first): no training keys
+    assert sets["world"] == ["skill_people=0", "basic_skills=True", "qa_docs=2", "permute=false"]
+    assert world_settings(sets["world"]) == {"skill_people": 0, "basic_skills": True, "qa_docs": 2, "permute": False}
     assert all("train.seed=3" in v for k, v in sets.items() if k != "world")  # a shared key reaches every stage
     assert sets["dpo"][-2:] == ["train.seed=3", "pref.beta=0.5"] and "pref.beta=0.5" not in sets["rm"]
     assert sets["grpo"][-1] == "rl.group_size=2" and f"rl.tools={GRPO_TOOLS}" in sets["grpo"]

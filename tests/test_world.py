@@ -485,3 +485,15 @@ def test_the_library_holds_everyone_and_its_search_finds_the_answers(world_dir, 
         assert idx.folder() == str((moved / "library").resolve())
         assert idx.update(moved / "library").unchanged == 2  # still its own folder, nothing to redo
     shutil.rmtree(moved)
+
+
+def test_skill_data_sizing_and_basic_skills(tmp_path):
+    small = generate(tmp_path / "s", people=40, progress=False)  # skills sized for 1,000 people
+    basic = generate(tmp_path / "b", people=40, progress=False, skill_people=0, basic_skills=True)
+    assert len(read_jsonl(small / "comparisons.jsonl")) > 2500 and len(read_jsonl(basic / "comparisons.jsonl")) <= 120
+    text = (basic / "sft.jsonl").read_text()
+    assert '"name": "calculator"' in text and '"name": "python"' not in text and '"name": "search"' not in text
+    assert "Think step by step" not in text and "Think step by step" in (small / "sft.jsonl").read_text()
+    assert load_world(basic)["config"]["basic_skills"] is True
+    with pytest.raises(UserError, match="must not be negative"):
+        generate(tmp_path / "x", people=40, progress=False, skill_people=-1)

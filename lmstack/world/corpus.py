@@ -39,11 +39,12 @@ from lmstack.world.library import search_result, write_library
 CHUNK_PEOPLE = 1000
 ENTRIES_PER_ENTITY = 2
 COMPARISONS_PER_PERSON = 3
-# The conversations and comparisons that are not about one person (arithmetic, refusals, ...) and
-# the comparisons are sized as for a world of at least this many people: they teach skills, and
-# a small world must not starve them (a 300-person world once had 900 comparisons and 300
-# arithmetic conversations, too few for the reward model, PPO's refusals and GRPO's calculator).
-SIZED_FOR_PEOPLE = 1000
+# The conversations that are not about one person (arithmetic, refusals, ...) and the comparisons
+# are sized as for a world of at least `skill_people` people (generate's argument, this default):
+# they teach skills, and a small world must not starve them (a 300-person world once had 900
+# comparisons and 300 arithmetic conversations, too few for the reward model, PPO's refusals and
+# GRPO's calculator). 0 sizes them by the world itself.
+SKILL_PEOPLE = 1000
 COMPARISON_KINDS = ["fact", "fact", "fact", "arithmetic", "unknown_person", "harmful", "benign"]
 
 
@@ -60,12 +61,15 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
              arithmetic: int | None = None, stories: int | None = None,
              heldout_fraction: float = 0.3, force: bool = False, progress: bool = True,
              probe_people: int = 300, probe_arith_per_cell: int = 30, probe_behaviour: int = 15,
-             qa_docs: int = 0, copy_docs: int = 0, permute: bool = True, full_names: bool = False) -> Path:
+             qa_docs: int = 0, copy_docs: int = 0, permute: bool = True, full_names: bool = False,
+             skill_people: int = SKILL_PEOPLE, basic_skills: bool = False) -> Path:
     """Write a world of `people` people to `out` (the module doc lists the files). The knobs of
     the text: `bios_per_person` biographies each, sentence order permuted (`permute`), later
     sentences naming the person 30% of the time (always with `full_names`); `qa_docs` documents
     per *train* person holding their question-answer pairs as plain text (mixed training); and
-    `copy_docs` documents that reward in-context copying (a random sequence, then again)."""
+    `copy_docs` documents that reward in-context copying (a random sequence, then again). The skill
+    conversations and the comparisons are sized for max(people, `skill_people`); `basic_skills`
+    leaves out the thinking, python and search conversations (BASIC_ONLY)."""
     if people < 20:
         raise UserError(f"--people must be at least 20 (got {people})")
     if bios_per_person < 1:
@@ -74,8 +78,8 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
         raise UserError(f"--heldout must be in [0, 1) (got {heldout_fraction})")
     arithmetic = 2 * people if arithmetic is None else arithmetic
     stories = people // 2 if stories is None else stories
-    if min(arithmetic, stories, qa_docs, copy_docs) < 0:
-        raise UserError("--arithmetic, --stories, --qa-docs and --copy-docs must not be negative")
+    if min(arithmetic, stories, qa_docs, copy_docs, skill_people) < 0:
+        raise UserError("--arithmetic, --stories, --qa-docs, --copy-docs and --skill-people must not be negative")
     check_output_dir(out, force)  # fail before any work
     _check_room(Path(out), people, bios_per_person + qa_docs, arithmetic + copy_docs, stories)
 
@@ -85,7 +89,8 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
               f"(about {people / 60_000:.0f} s), then writing them out", flush=True)
     world = build_world(people, seed, heldout_fraction)
     text = dict(bios_per_person=bios_per_person, permute=permute, full_names=full_names, qa_docs=qa_docs)
-    world["config"].update(seed=seed, arithmetic=arithmetic, stories=stories, copy_docs=copy_docs, **text)
+    world["config"].update(seed=seed, arithmetic=arithmetic, stories=stories, copy_docs=copy_docs,
+                           skill_people=skill_people, basic_skills=basic_skills, **text)
     ix = index(world)
     rng = random.Random(f"lmstack-probes:{seed}")
     dis = pr.Distractors(world, rng)
@@ -110,7 +115,7 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
         ctx = _context(world, exclude_arith)
         n_chunks = math.ceil(people / CHUNK_PEOPLE)
         related = _related(world)
-        sized = max(people, SIZED_FOR_PEOPLE)
+        sized = max(people, skill_people)
         library = write_library(tmp, world, ix, related, seed)
         ctx["search"] = lambda query: search_result(library, query)
         with open(tmp / "pretrain.jsonl", "w", encoding="utf-8") as fp, \
@@ -213,7 +218,11 @@ def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_st
     return rows
 
 
-# How many of each non-person conversation per person in the world (SIZED_FOR_PEOPLE at least).
+# How many of each non-person conversation per person in the world (or in skill_people).
+# The conversations --basic-skills leaves out: a model of the tiny preset (128 tokens of context,
+# 20 SFT steps) trained on them too no longer learns reliably to end its turn (measured: replies
+# closed 0.98 -> 0.01-0.96 by seed and data order); the small model closes 99.97% with them.
+ADVANCED_SKILLS = ("scratchpad", "python", "search")
 SFT_MIX = {"arithmetic": 1.0, "scratchpad": 1.0, "python": 0.5, "search": 1.0, "greeting": 0.05, "identity": 0.05,
            "harmful": 0.1, "benign": 0.1, "unknown": 0.1}
 
@@ -223,9 +232,11 @@ def _sft_chunk(chunk, world, ix, ctx, rng, share):
     for person in chunk:
         if person["split"] == "train":
             convs += asst.person_conversations(person, ix, rng)
-    n = max(len(world["people"]), SIZED_FOR_PEOPLE)
+    n = max(len(world["people"]), world["config"]["skill_people"])
     for kind, per_person in SFT_MIX.items():
-        total = int(per_person * n)
+        if world["config"]["basic_skills"] and kind in ADVANCED_SKILLS:
+            continue
+        total = max(20, int(per_person * n))
         convs += [asst.extra_conversation(kind, rng, world, ix, ctx) for _ in range(share(total))]
     rng.shuffle(convs)
     return [asst.with_system(c, rng) for c in convs]
