@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lmstack"
 LAYERS = [
     ["lmstack.__main__"],
     ["lmstack.cli"],
+    ["lmstack.cli_research"],
     ["lmstack.experiments"],
     ["lmstack.speedrun"],
     ["lmstack.think"],
