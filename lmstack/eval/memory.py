@@ -18,7 +18,6 @@ paired test of paged against forgotten.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from lmstack.chat import fit, recall
 from lmstack.eval.tasks import check
 from lmstack.stats import paired_compare, summarize
 from lmstack.tools.memory import ConversationMemory
-from lmstack.utils import UserError
+from lmstack.utils import UserError, read_jsonl
 from lmstack.world import load_world
 from lmstack.world import templates as T
 from lmstack.world.assistant import fact_answer, fact_qa, fact_value
@@ -38,7 +37,7 @@ def probe_conversations(world_dir, ctx: int, fmt, n: int = 100, length: float = 
     """n conversations (module doc): {"messages" (the whole, unfitted), "answers", "short"}."""
     world = load_world(world_dir)
     people = {p["id"]: p for p in world["people"]}
-    rows = [json.loads(line) for line in open(Path(world_dir) / "probes" / "facts.jsonl", encoding="utf-8")]
+    rows = [row for _, row in read_jsonl(Path(world_dir) / "probes" / "facts.jsonl", "fact probes file")]
     held = [r for r in rows if r["split"] == "heldout" and r["relation"] in T.QUESTIONS]
     train = [p for p in world["people"] if p["split"] == "train"]
     if not held or not train:
