@@ -15,7 +15,7 @@ import json
 from collections import defaultdict
 
 from lmstack.stats import summarize
-from lmstack.think.curve import PROMPT, load_problems
+from lmstack.think.curve import PROMPT, command_problems
 from lmstack.utils import UserError, atomic_write_json, check_output_file
 from lmstack.world.labeller import final_number
 
@@ -79,13 +79,7 @@ def think_beam(model, prm, out, problems=None, world=None, digits=(2, 3), limit:
 
     if beam < 1 or expand < 1:
         raise UserError("--beam and --expand must be at least 1")
-    if problems is None:
-        if world is None:
-            raise UserError("give --problems FILE (rows with question and answer) or --world DIR")
-        path, where = f"{world}/probes/arithmetic.jsonl", {"digits": list(digits)}
-    else:
-        path, where = problems, None
-    rows = load_problems(path, where, limit, seed)
+    rows = command_problems(problems, world, digits, limit, seed)
     out = check_output_file(out, what=".json file")
     lm = ModelLM.load(model, batch_size=batch_size)
     rm = load_model_and_tokenizer(prm, kind="reward")

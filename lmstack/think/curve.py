@@ -50,6 +50,16 @@ def load_problems(path, where: dict | None = None, limit: int = 0, seed: int = 0
     return rows
 
 
+def command_problems(problems, world, digits, limit: int, seed: int) -> list[dict]:
+    """A think command's problems: --problems FILE, or --world's arithmetic probes of --digits."""
+    if problems is not None:
+        return load_problems(problems, None, limit, seed)
+    if world is None:
+        raise UserError("give --problems FILE (rows with question and answer) or --world DIR")
+    return load_problems(Path(world) / "probes" / "arithmetic.jsonl", {"digits": list(digits)} if digits else None,
+                         limit, seed)
+
+
 def sample(lm, problems: list[dict], prompt: str = PROMPT, n: int = 16, temperature: float = 0.8,
            max_tokens: int = 192, seed: int = 0, tools=None) -> list[dict]:
     """Each problem's greedy reply and n sampled ones, with their final answers, hits and
@@ -220,14 +230,8 @@ def think_curve(model, out, problems=None, world=None, digits=(2, 3), limit: int
 
     if n < 1:
         raise UserError(f"--n must be at least 1 (got {n})")
-    if problems is None:
-        if world is None:
-            raise UserError("give --problems FILE (rows with question and answer) or --world DIR")
-        problems = Path(world) / "probes" / "arithmetic.jsonl"
-        where = {"digits": list(digits)} if digits else None
-    else:
-        where = None
-    rows = load_problems(problems, where, limit, seed)
+    rows = command_problems(problems, world, digits, limit, seed)
+    problems = problems or Path(world) / "probes" / "arithmetic.jsonl"
     check_output_dir(out, force)
     lm = ModelLM.load(model, batch_size=batch_size)
     rm = load_model_and_tokenizer(verifier, kind="reward") if verifier else None  # fail before sampling
