@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmstack import cli_research
+from lmstack import cli_research, cli_security
 from lmstack.utils import UserError
 
 
@@ -473,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.set_defaults(func=_cmd_reward)
 
     cli_research.add_parsers(sub, _Parser)  # scaling, experiment, capabilities, think
+    cli_security.add_parsers(sub, _Parser)  # redteam, poison
 
     dp = sub.add_parser("dpo", help="direct preference optimisation on comparisons (frozen reference)")
     dp.add_argument("--model", required=True, help="the SFT model folder (policy and reference)")
