@@ -15,10 +15,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lmstack"
 LAYERS = [
     ["lmstack.__main__"],
     ["lmstack.cli"],
-    ["lmstack.cli_research"],
+    ["lmstack.cli_research", "lmstack.cli_security"],
     ["lmstack.experiments"],
     ["lmstack.speedrun"],
-    ["lmstack.think"],
+    ["lmstack.think", "lmstack.security"],
     ["lmstack.align", "lmstack.scaling"],
     ["lmstack.train", "lmstack.eval", "lmstack.serve", "lmstack.export"],
     ["lmstack.chat"],
