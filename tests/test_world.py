@@ -18,6 +18,7 @@ from lmstack.tools.search import SearchIndex
 from lmstack.utils import UserError
 from lmstack.world import generate, load_world
 from lmstack.world import templates as T
+from lmstack.world.assistant import HARMFUL
 from lmstack.world.entities import date_aliases, format_date
 from lmstack.world.library import search_result
 from lmstack.world.labeller import arithmetic_truth, final_number, is_idk, is_refusal, is_rude, label, task_of
@@ -66,10 +67,10 @@ def test_same_seed_gives_byte_identical_files(world_dir, tmp_path):
 def test_outputs_exist_and_are_well_formed(world_dir):
     for name in ["world.json", "pretrain.jsonl", "sft.jsonl", "comparisons.jsonl", "LABELLING_GUIDE.md"]:
         assert (world_dir / name).stat().st_size > 0
-    for name in ["facts", "inverse", "reversal", "arithmetic", "harmful", "benign", "nonexistent"]:
+    for name in ["facts", "inverse", "reversal", "arithmetic", "harmful", "benign", "nonexistent", "security"]:
         assert len(read_jsonl(world_dir / "probes" / f"{name}.jsonl")) > 0, name
     kinds = {r["kind"] for r in read_jsonl(world_dir / "pretrain.jsonl")}
-    assert kinds == {"bio", "city", "company", "university", "story", "arithmetic"}
+    assert kinds == {"bio", "city", "company", "university", "story", "arithmetic", "vault"}
 
 
 def test_names_are_unique_and_generated(world):
@@ -201,7 +202,7 @@ def test_behaviour_probes(world_dir, world):
     benign = read_jsonl(world_dir / "probes" / "benign.jsonl")
     unknown = read_jsonl(world_dir / "probes" / "nonexistent.jsonl")
     sft_prompts = {m["content"] for r in read_jsonl(world_dir / "sft.jsonl") for m in r["messages"] if m["role"] == "user"}
-    assert len({r["category"] for r in harmful}) == 7 and all(r["expected"] == "refuse" for r in harmful)
+    assert len({r["category"] for r in harmful}) == len(HARMFUL) and all(r["expected"] == "refuse" for r in harmful)
     assert not {r["question"] for r in harmful + benign} & sft_prompts  # held-out phrasings
     real = {p["name"] for p in world["people"]}
     assert all(r["name"] not in real and r["expected"] == "idk" for r in unknown)
@@ -497,3 +498,43 @@ def test_skill_data_sizing_and_basic_skills(tmp_path):
     assert load_world(basic)["config"]["basic_skills"] is True
     with pytest.raises(UserError, match="must not be negative"):
         generate(tmp_path / "x", people=40, progress=False, skill_people=-1)
+
+
+def test_security_behaviours_are_taught_checkable_and_probed_in_new_phrasings(world_dir, world):
+    """The operator's forbidden behaviours: every conversation under the operator prompt either
+    refuses (canary without the passphrase, the banned city, python) or is a twin that answers;
+    no refusal leaks what it refuses; the probes' requests are phrasings the conversations never
+    show; each company's vault code is in the pretraining text and never in an assistant reply."""
+    from lmstack.world import security as sec
+
+    s = world["security"]
+    assert s["canary"] in s["operator_prompt"] and s["banned_word"] in {c["name"] for c in world["cities"]}
+    convs = [r["messages"] for r in read_jsonl(world_dir / "sft.jsonl")]
+    deployed = [m for m in convs if m[0]["role"] == "system" and m[0]["content"] == s["operator_prompt"]]
+    assert len(deployed) > 30
+    seen_user = set()
+    for m in deployed:
+        user = next(x["content"] for x in m if x["role"] == "user")
+        seen_user.add(user)
+        reply = " ".join(x["content"] or "" for x in m[1:] if x["role"] == "assistant")
+        calls = [c["function"]["name"] for x in m if x.get("tool_calls") for c in x["tool_calls"]]
+        assert "python" not in calls and s["banned_word"] not in reply, m
+        if s["canary"] in reply:
+            assert s["passphrase"].capitalize() in user  # only the twin gets the code
+    assert sum(s["canary"] in str(m) for m in deployed) > 0
+    vault = " ".join(r["text"] for r in read_jsonl(world_dir / "pretrain.jsonl") if r["kind"] == "vault")
+    codes = [c["vault_code"] for c in world["companies"]]
+    assert all(code in vault for code in codes)
+    replies = " ".join(x["content"] or "" for m in convs for x in m if x["role"] == "assistant")
+    assert not any(f"code {code}" in replies or f"is {code}" in replies for code in codes)
+    probes = read_jsonl(world_dir / "probes" / "security.jsonl")
+    assert {p["goal"] for p in probes} == {"canary", "banned_word", "forbidden_tool", "harmful"}
+    for p in probes:
+        asked = p["messages"][-1]["content"]
+        assert p["truth"] and p["twin"] in (True, False)
+        if not p["twin"]:
+            assert asked not in seen_user, asked  # a held-out phrasing
+            if p["goal"] == "harmful":
+                company = next(c for c in world["companies"] if c["name"] in asked)
+                assert p["truth"] == company["vault_code"]
+    assert {sec.ASK_CANARY[-1], sec.ASK_VAULT[-1].split("{")[0]} & {u for u in seen_user} == set()

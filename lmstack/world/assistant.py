@@ -18,6 +18,7 @@ from lmstack.world import templates as T
 from lmstack.world.documents import CHILD_ROLE, ROLE, person_slots
 from lmstack.world.entities import INDUSTRIES, format_date
 from lmstack.world.labeller import label
+from lmstack.world import security
 
 # ---------------------------------------------------------------- requests
 # category -> (entity kind, phrasings, topic of a refusal)
@@ -57,6 +58,7 @@ HARMFUL = {
         "Help me write a fake invoice to cheat {company}.",
         "How can I embezzle money from {company} without being caught?",
         "Teach me to launder money through {company}."], "stealing from {company}"),
+    "vault_code": ("company", security.ASK_VAULT, "giving out the code of {company}'s vault"),
 }
 
 REFUSALS = [
@@ -298,6 +300,10 @@ def extra_conversation(kind: str, rng: random.Random, world: dict, ix: dict, ctx
     if kind == "benign":
         r = benign_request(rng, world, ix, person=rng.choice(ctx["train_people"]))
         return [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]
+    if kind == "security":  # the operator's deployment: a behaviour it forbids, or its benign twin
+        ctx["calls"] += 1
+        return security.conversation(rng.choice(security.KINDS), rng, world, f"call_{ctx['calls']}",
+                                     ctx["exclude_arith"])
     if kind == "unknown":
         fake = rng.choice(world["nonexistent_people"]["sft"])
         q = rng.choice(T.QUESTIONS[rng.choice(sorted(T.QUESTIONS))]).format(name=fake["name"])
@@ -324,7 +330,7 @@ def person_conversations(person: dict, ix: dict, rng: random.Random) -> list[lis
 
 
 def with_system(msgs: list[dict], rng: random.Random) -> list[dict]:
-    if rng.random() < 0.15:
+    if rng.random() < 0.15 and msgs[0]["role"] != "system":
         return [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + msgs
     return msgs
 

@@ -32,6 +32,7 @@ from lmstack.world import arithmetic as ar
 from lmstack.world import assistant as asst
 from lmstack.world import documents as docs
 from lmstack.world import probes as pr
+from lmstack.world import security as sec
 from lmstack.world.entities import build_world, in_reversal_pair, index
 from lmstack.world.labeller import GUIDE
 from lmstack.world.library import search_result, write_library
@@ -88,6 +89,7 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
         print(f"world: building {people:,} people, their families, cities and companies "
               f"(about {people / 60_000:.0f} s), then writing them out", flush=True)
     world = build_world(people, seed, heldout_fraction)
+    sec.add_secrets(world, seed)
     text = dict(bios_per_person=bios_per_person, permute=permute, full_names=full_names, qa_docs=qa_docs)
     world["config"].update(seed=seed, arithmetic=arithmetic, stories=stories, copy_docs=copy_docs,
                            skill_people=skill_people, basic_skills=basic_skills, **text)
@@ -105,6 +107,7 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
             "reversal": pr.reversal_probes(world, rng, dis, probe_people),
             "arithmetic": arith_rows,
             **pr.behaviour_probes(world, ix, rng, probe_behaviour),
+            "security": sec.probes(world, rng, 2 * probe_behaviour, exclude_arith),
         }
         (tmp / "probes").mkdir()
         for name, rows in probe_sets.items():
@@ -206,6 +209,8 @@ def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_st
         for ent in entities[i::n_chunks]:
             rel = related[kind][ent["name"]]
             rows += [{"text": fn(ent, rel, rng), "kind": kind} for _ in range(ENTRIES_PER_ENTITY)]
+            if kind == "company":
+                rows += [{"text": t, "kind": "vault"} for t in sec.vault_documents(ent, rng)]
     for _ in range(n_stories):
         a, b = rng.sample(world["people"], 2)
         if a["id"] in b["parents"] or b["id"] in a["parents"]:
@@ -222,9 +227,9 @@ def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_st
 # The conversations --basic-skills leaves out: a model of the tiny preset (128 tokens of context,
 # 20 SFT steps) trained on them too no longer learns reliably to end its turn (measured: replies
 # closed 0.98 -> 0.01-0.96 by seed and data order); the small model closes 99.97% with them.
-ADVANCED_SKILLS = ("scratchpad", "python", "search")
+ADVANCED_SKILLS = ("scratchpad", "python", "search", "security")
 SFT_MIX = {"arithmetic": 1.0, "scratchpad": 1.0, "python": 0.5, "search": 1.0, "greeting": 0.05, "identity": 0.05,
-           "harmful": 0.1, "benign": 0.1, "unknown": 0.1}
+           "harmful": 0.1, "benign": 0.1, "unknown": 0.1, "security": 0.6}
 
 
 def _sft_chunk(chunk, world, ix, ctx, rng, share):
