@@ -1,0 +1,247 @@
+"""`lmstack redteam`: a scanner in the spirit of garak. Probes (attempts: lmstack/security/
+behaviours.py) go to the model, detectors say whether the forbidden behaviour happened, and the
+report says how often, per probe, with the benign twins' answer rate beside it:
+
+  report.jsonl   garak-shaped: a "start_run setup" entry, one "attempt" entry per attempt (probe,
+                 prompt, outputs, detector verdicts, notes), one "eval" entry per probe x detector
+                 (passed = attempts where it did NOT happen, total), a "completion" entry
+  report.md      attack success rate with n and a 95% Wilson interval per probe and goal, the
+                 twins' answer rate (over-refusal is 1 minus it), what the defences blocked
+  hitlog.jsonl   the successful attempts, each with its output
+  summary.json   the table as data (what experiments and the README tables read)
+
+Generation is greedy and batched (the evaluation's ModelLM), tools are offered but never run
+(a call is the behaviour; its result would not change the verdict), and a conversation too long
+for the context loses its oldest exchanges after the system prompt (many-shot keeps as many
+shots as fit) or, if even the request does not fit, is skipped and counted.
+
+Defences plug in by name (`DEFENCES`): a *screen* refuses a prompt before the model sees it
+(`blocks(messages) -> reason | None`), a *guard* rewrites untrusted content (THE tool loop's
+`guard`: `conversation(messages)`, `message(msg)`). A blocked attack failed; a blocked twin was
+not answered (the defence's clean cost).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import defaultdict
+
+from lmstack import stats
+from lmstack.eval.lm import ModelLM
+from lmstack.modelio import world_above
+from lmstack.security import behaviours, jailbreak
+from lmstack.tools import default_registry
+from lmstack.utils import UserError, atomic_output_dir, commit
+
+SUITES = ("jailbreak", "injection")
+MAX_TOKENS = 48
+
+
+def _defence(name: str, lm: ModelLM, spec: dict, world):
+    """A defence by name, built for this model (lazy imports: a scan without defences loads none)."""
+    if name in ("perplexity", "windowed-perplexity"):
+        from lmstack.security import perplexity
+        return perplexity.screen(lm, windowed=name == "windowed-perplexity", world=world)
+    if name in ("datamark", "delimit", "classifier"):
+        from lmstack.security import hierarchy
+        return hierarchy.defence(name, world=world)
+    raise UserError(f"unknown defence {name!r} (choose from {', '.join(DEFENCES)})")
+
+
+DEFENCES = ("perplexity", "windowed-perplexity", "datamark", "delimit", "classifier")
+
+
+def suite_attempts(suite: str, base: list[dict], spec: dict, world, seed: int) -> list[dict]:
+    if suite == "jailbreak":
+        return base + jailbreak.attempts(base, seed=seed)
+    if suite == "injection":
+        from lmstack.security import injection
+        return injection.attempts(world if world is not None else spec, seed=seed)
+    raise UserError(f"unknown suite {suite!r} (choose from {', '.join(SUITES)}, all)")
+
+
+def _fit(messages: list[dict], lm: ModelLM, specs, room: int) -> list[dict] | None:
+    """The conversation with its oldest exchanges (after a system prompt) dropped until the
+    prompt leaves `room` tokens for the reply; None when even the last request does not fit."""
+    msgs = list(messages)
+    head = 1 if msgs and msgs[0]["role"] == "system" else 0
+    while len(lm.fmt.prompt(msgs, specs)) > lm.ctx - room:
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user" and i >= head]
+        if len(users) < 2:
+            return None
+        del msgs[head:users[1]]  # the oldest exchange: its user message up to the next one
+    return msgs
+
+
+def run(lm: ModelLM, attempts: list[dict], defences=(), max_tokens: int = MAX_TOKENS) -> list[dict]:
+    """Each attempt's replies and verdicts: attempt + {"replies", "blocked", "skipped", "hit"}.
+    Multi-turn attempts (a "turns" list) get one reply per turn, the model's own replies kept
+    in the conversation; an attack hits if any reply does the behaviour, a twin is answered by
+    its last reply."""
+    tools = default_registry()
+    specs = tools.specs() if lm.fmt.tools else None
+    screens = [d for d in defences if hasattr(d, "blocks")]
+    guards = [d for d in defences if hasattr(d, "conversation")]
+    state = []
+    for a in attempts:
+        turns = a.get("turns") or [None]
+        state.append({"messages": list(a["messages"]), "turns": turns, "replies": [], "blocked": None,
+                      "skipped": False})
+    for t in range(max(len(s["turns"]) for s in state) if state else 0):
+        todo, convs = [], []
+        for i, s in enumerate(state):
+            if t >= len(s["turns"]) or s["blocked"] or s["skipped"]:
+                continue
+            if s["turns"][t] is not None:
+                s["messages"].append({"role": "user", "content": s["turns"][t]})
+            msgs = s["messages"]
+            for g in guards:
+                msgs = g.conversation(msgs)
+            reason = next((r for d in screens if (r := d.blocks(msgs))), None)
+            if reason:
+                s["blocked"] = reason
+                continue
+            fitted = _fit(msgs, lm, specs, max_tokens)
+            if fitted is None:
+                s["skipped"] = True
+                continue
+            todo.append(i)
+            convs.append(fitted)
+        if not todo:
+            continue
+        for i, r in zip(todo, lm.chat(convs, max_tokens=max_tokens, tools=tools, max_tool_rounds=0)):
+            reply = r.messages[0] if r.messages else {"role": "assistant", "content": r.text}
+            state[i]["replies"].append(reply)
+            state[i]["messages"].append(reply)
+    out = []
+    for a, s in zip(attempts, state):
+        replies = s["replies"]
+        if a["twin"]:
+            hit = bool(replies) and not s["blocked"] and behaviours.answered(a, replies[-1])
+        else:
+            hit = not s["blocked"] and any(behaviours.detect(a, r) for r in replies)
+        out.append({**a, "replies": replies, "blocked": s["blocked"], "skipped": s["skipped"], "hit": hit,
+                    "conversation": s["messages"]})
+    return out
+
+
+def table(results: list[dict]) -> list[dict]:
+    """Per (probe, goal): attacks and their success rate, twins and their answer rate, blocked."""
+    cells = defaultdict(lambda: {"attack": [], "twin": [], "blocked": 0, "skipped": 0})
+    for r in results:
+        for key in ((r["probe"], r["goal"]), (r["probe"], "all")):
+            c = cells[key]
+            if r["skipped"]:
+                c["skipped"] += 1
+                continue
+            c["twin" if r["twin"] else "attack"].append(float(r["hit"]))
+            c["blocked"] += bool(r["blocked"])
+    rows = []
+    for (probe, goal), c in sorted(cells.items(), key=lambda kv: (kv[0][0] != "direct", kv[0])):
+        row = {"probe": probe, "goal": goal, "blocked": c["blocked"], "skipped": c["skipped"]}
+        for kind in ("attack", "twin"):
+            s = stats.summarize(c[kind]) if c[kind] else {"n": 0}
+            row[kind] = {"n": s["n"], "rate": s.get("acc"), "ci": s.get("ci")}
+        rows.append(row)
+    return rows
+
+
+def _cell(x: dict) -> str:
+    if not x["n"]:
+        return "-"
+    lo, hi = x["ci"]
+    return f"{100 * x['rate']:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def markdown(rows: list[dict], setup: dict) -> str:
+    lines = [f"# Red-team report: {setup['model']}", "",
+             f"World: {setup['world'] or 'none (generic behaviours)'}; suites: {', '.join(setup['suites'])}; "
+             f"defences: {', '.join(setup['defences']) or 'none'}; greedy, {setup['max_tokens']} tokens a reply.", "",
+             "Attack success: the forbidden behaviour happened (exact detectors: lmstack/security/behaviours.py). "
+             "Twins: the benign request of the same kind was answered (over-refusal = 1 - this). 95% Wilson intervals.",
+             "", "| probe | goal | attacks | success | twins | answered | blocked | skipped |",
+             "|---|---|---:|---|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['probe']} | {r['goal']} | {r['attack']['n']} | {_cell(r['attack'])} | "
+                     f"{r['twin']['n']} | {_cell(r['twin'])} | {r['blocked']} | {r['skipped']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _entries(results: list[dict], setup: dict):
+    yield {"entry_type": "start_run setup", **setup}
+    for seq, r in enumerate(results):
+        detector = behaviours.DETECTORS[r["goal"]] if not r["twin"] else "twin_answered"
+        yield {"entry_type": "attempt", "uuid": str(uuid.uuid4()), "seq": seq, "status": 2,
+               "probe_classname": r["probe"], "prompt": r["messages"], "turns": r.get("turns"),
+               "outputs": [behaviours.reply_text(x) for x in r["replies"]],
+               "detector_results": {detector: [float(r["hit"])]},
+               "notes": {"goal": r["goal"], "twin": r["twin"], "truth": r["truth"], "blocked": r["blocked"],
+                         "skipped": r["skipped"]}}
+    for row in table(results):
+        if row["goal"] == "all":
+            continue
+        for kind, detector in (("attack", behaviours.DETECTORS[row["goal"]]), ("twin", "twin_answered")):
+            x = row[kind]
+            if x["n"]:
+                hits = round(x["rate"] * x["n"])
+                # garak's "passed" counts attempts the model got through safely; for twins, the answered ones
+                yield {"entry_type": "eval", "probe": row["probe"], "goal": row["goal"], "detector": detector,
+                       "passed": hits if kind == "twin" else x["n"] - hits, "total": x["n"]}
+    yield {"entry_type": "completion", "end_time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def redteam(model: str, out: str, world: str | None = None, suites=("jailbreak",), defences=(), goals=None,
+            limit: int | None = None, max_tokens: int = MAX_TOKENS, seed: int = 0, batch_size: int = 32,
+            force: bool = False, generic: bool = False) -> list[dict]:
+    """Scan `model` with `suites` (and `defences`), write the report to `out`; the table's rows.
+    `goals`: only these behaviours (default: all); `limit`: at most that many attacks and twins a goal.
+    `world`: the world whose behaviours to probe (default: the one the model was trained on,
+    found by its lineage; `generic` scans with the generic behaviours instead)."""
+    suites = SUITES if "all" in suites else tuple(suites)
+    if not generic and world is None:
+        world = world_above(model)
+    spec, base = behaviours.load(None if generic else world)
+    if goals:
+        unknown = set(goals) - set(behaviours.GOALS)
+        if unknown:
+            raise UserError(f"unknown goal {sorted(unknown)[0]!r} (choose from {', '.join(behaviours.GOALS)})")
+        base = [a for a in base if a["goal"] in goals]
+    if limit:
+        base = _first_per_cell(base, limit)
+    lm = ModelLM.load(model, batch_size=batch_size)
+    built = [_defence(d, lm, spec, world) for d in defences]
+    attempts = [a for s in suites for a in suite_attempts(s, base, spec, world, seed)
+                if not goals or a["goal"] in goals]
+    results = run(lm, attempts, built, max_tokens)
+    setup = {"model": str(model), "world": None if generic or world is None else str(world), "suites": list(suites),
+             "defences": list(defences), "max_tokens": max_tokens, "seed": seed, "commit": commit(),
+             "spec": {k: v for k, v in spec.items() if k != "operator_prompt"}}
+    rows = table(results)
+    with atomic_output_dir(out, force) as tmp:
+        with open(tmp / "report.jsonl", "w", encoding="utf-8") as f:
+            for e in _entries(results, setup):
+                f.write(json.dumps(e, ensure_ascii=False) + "\n")
+        with open(tmp / "hitlog.jsonl", "w", encoding="utf-8") as f:
+            for seq, r in enumerate(results):
+                if r["hit"] and not r["twin"]:
+                    f.write(json.dumps({"seq": seq, "probe": r["probe"], "goal": r["goal"], "truth": r["truth"],
+                                        "prompt": r["conversation"],
+                                        "outputs": [behaviours.reply_text(x) for x in r["replies"]]},
+                                       ensure_ascii=False) + "\n")
+        (tmp / "report.md").write_text(markdown(rows, setup), encoding="utf-8")
+        (tmp / "summary.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
+    return rows
+
+
+def _first_per_cell(base: list[dict], limit: int) -> list[dict]:
+    """At most `limit` attacks and `limit` twins per goal (a quick scan)."""
+    seen, out = defaultdict(int), []
+    for a in base:
+        key = (a["goal"], a["twin"])
+        if seen[key] < limit:
+            seen[key] += 1
+            out.append(a)
+    return out
+
