@@ -31,7 +31,7 @@ from lmstack.utils import UserError
 def stream_chat(model, tok: Tokenizer, messages: list[dict], tools: ToolRegistry | None = None,
                 max_tokens: int = 256, temperature: float = 0.7, top_k: int | None = None,
                 top_p: float | None = None, seed: int | None = None, max_tool_rounds: int = 4,
-                ) -> Iterator[dict]:
+                guard=None) -> Iterator[dict]:
     """One assistant turn (with tool rounds) as events:
       {"type": "text", "text": ...}                            reply text, as it is generated
       {"type": "tool_call", "id", "name", "arguments"}         the model called a tool
@@ -40,9 +40,11 @@ def stream_chat(model, tok: Tokenizer, messages: list[dict], tools: ToolRegistry
       {"type": "done", "messages": [...], "finish_reason", "usage"}
     `messages` in "done" are the new ones (assistant messages with tool_calls, tool messages,
     the final assistant message); the input list is not modified. max_tokens is per round.
+    `guard`: a defence of untrusted text (tool results, pasted documents) applied by the tool loop
+    (lmstack/toolloop.py; off by default).
     """
     fmt = chat_format(tok)
-    loop = ToolLoop(fmt, [messages], tools, max_tool_rounds, max_tokens)
+    loop = ToolLoop(fmt, [messages], tools, max_tool_rounds, max_tokens, guard=guard)
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     while loop.next_round():
         ids = loop.prompt(0)

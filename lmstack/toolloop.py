@@ -46,12 +46,17 @@ class ToolLoop:
         `max_tokens` bounds the whole turn (tool results included), and the results' positions
         are kept in `Turn.env` (context the model did not write).
     Prompts are conversations (lists of messages), or in continuation mode rendered ids.
+    `guard` (off by default): the one place untrusted text is defended before the model reads it,
+    an object with `conversation(messages)` (applied to each prompt conversation) and
+    `message(msg)` (to each tool result the loop adds), both returning new messages and both
+    idempotent, e.g. lmstack/security/hierarchy.py's datamarking or injection classifier.
     Drive it with: `while todo := loop.next_round(): ... loop.add(i, reply, stop, finish)`.
     """
 
     def __init__(self, fmt: ChatFormat | TemplateFormat, prompts: list, tools=None, max_rounds: int = 2, max_tokens: int = 256,
-                 continuation: bool = False):
+                 continuation: bool = False, guard=None):
         self.fmt, self.tools, self.max_rounds, self.max_tokens = fmt, tools, max_rounds, max_tokens
+        self.guard = guard
         self.specs = tools.specs() if tools is not None and fmt.tools else None  # for a template that lists them
         self.continuation, self.round = continuation, -1
         self.turns = []
@@ -61,7 +66,8 @@ class ToolLoop:
                     raise ValueError("prompts given as ids need continuation=True")
                 msgs, ids = [], list(p)
             else:
-                msgs, ids = list(p), (fmt.prompt(p, self.specs) if continuation else [])
+                msgs = guard.conversation(list(p)) if guard is not None else list(p)
+                ids = fmt.prompt(msgs, self.specs) if continuation else []
             self.turns.append(Turn(msgs, ids, len(ids)))
 
     def next_round(self) -> list[int]:
@@ -115,7 +121,8 @@ class ToolLoop:
             event = {"type": "tool_call", "id": call["id"], "name": fn["name"], "arguments": fn["arguments"]}
             content = self.tools.call(fn["name"], fn["arguments"])
             events += [event, {**event, "type": "tool_result", "content": content}]
-            results.append({"role": "tool", "tool_call_id": call["id"], "content": content or "(empty)"})
+            result = {"role": "tool", "tool_call_id": call["id"], "content": content or "(empty)"}
+            results.append(self.guard.message(result) if self.guard is not None else result)
         if self.continuation:
             more = fmt.render_more(t.messages, results, self.specs)
             used = len(t.ids) - t.start
