@@ -193,11 +193,13 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor, start_pos=None, attn_mask=None, slot: int = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor | None, start_pos=None, attn_mask=None, slot: int = 0,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """idx [B, T] token ids -> logits [B, T, vocab_size] (the arguments: see `hidden`)."""
-        return self.lm_head(self.hidden(idx, start_pos, attn_mask, slot))
+        return self.lm_head(self.hidden(idx, start_pos, attn_mask, slot, embeds))
 
-    def hidden(self, idx: torch.Tensor, start_pos=None, attn_mask=None, slot: int = 0) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor | None, start_pos=None, attn_mask=None, slot: int = 0,
+               embeds: torch.Tensor | None = None) -> torch.Tensor:
         """The trunk: idx [B, T] token ids -> the final normed hidden states [B, T, d_model]
         (what the LM head reads, and what a reward or value head reads instead).
 
@@ -206,10 +208,12 @@ class GPT(nn.Module):
         rows slot..slot+B-1. start_pos=a LongTensor [B] (with T == 1): each row's token at its
         own position (continuous batching: rows that started at different times); attn_mask
         must then say which cached keys each row sees.
+        embeds: [B, T, d_model] input vectors instead of idx (idx None): gradients with respect to
+        the input (GCG's token gradients, soft prompts; lmstack/security/gcg.py).
         attn_mask: optional bool [B, 1, T, keys] (True = may attend) replacing the plain causal
         mask, e.g. `doc_causal_mask` for packed sequences or a mask hiding left padding.
         """
-        B, T = idx.shape
+        B, T = (idx if embeds is None else embeds).shape[:2]
         cache = self.layers[0].self_attn.cache_k
         if start_pos is not None and (cache is None or slot + B > cache.shape[0]):
             raise ValueError("KV cache missing or too small: call setup_cache(batch, max_len) first")
@@ -227,7 +231,7 @@ class GPT(nn.Module):
             if start_pos is not None and pos + T > cache.shape[2]:
                 raise ValueError("KV cache missing or too small: call setup_cache(batch, max_len) first")
             cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
-        x = self.embed_tokens(idx)
+        x = self.embed_tokens(idx) if embeds is None else embeds
         for layer in self.layers:
             x = layer(x, cos, sin, start_pos, attn_mask, slot)
         return self.norm(x)
