@@ -38,6 +38,55 @@ def _redteam_parser(sub, parser_class) -> None:
     p.set_defaults(func=_cmd_redteam, suite=None)
 
 
+def _cmd_gcg(a):
+    from lmstack.security.gcg import world_cases
+    from lmstack.security.suffix import suffix_suite
+
+    if not a.cases and not a.world:
+        raise UserError("lmstack gcg needs --cases FILE (jsonl of {messages, target}) or --world DIR")
+    if a.cases:
+        train, heldout = a.cases, a.heldout or []
+    else:  # the world's harmful requests: train phrasings to attack, the probes' held-out ones to measure
+        train = world_cases(a.world, "train" if a.universal else "heldout", a.n_train, seed=a.seed)
+        heldout = world_cases(a.world, "heldout", a.n_heldout, seed=a.seed) if a.universal else []
+    r = suffix_suite(a.model, train, heldout, a.out, universal=a.universal, steps=a.steps, k=a.suffix_len,
+                     top_k=a.top_k, batch=a.batch, transfer=a.transfer or [], ppl_weight=a.ppl_weight, world=a.world,
+                     soft_steps=a.soft_steps, seed=a.seed, max_tokens=a.max_tokens, progressive=a.progressive,
+                     force=a.force)
+    for name, s in r["success"].items():
+        print(f"GCG success on {name}: {s['k']}/{s['n']} (baseline {r['baseline'][name]['k']}/{r['baseline'][name]['n']})")
+    print(f"-> {a.out}/report.md")
+
+
+def _gcg_parser(sub, parser_class) -> None:
+    """`lmstack gcg`: adversarial suffixes (GCG), the soft prompt, the perplexity filter."""
+    p = sub.add_parser("gcg", help="adversarial suffixes (GCG, Zou et al. 2023): attack, transfer, soft prompt, "
+                                   "perplexity filter and the adaptive attack")
+    p.add_argument("--model", required=True, help="the chat model folder to attack")
+    p.add_argument("--cases", help="jsonl of {messages, target}: the conversations to attack and the reply wanted")
+    p.add_argument("--heldout", help="jsonl of held-out cases (universal: the suffix's success is measured there)")
+    p.add_argument("--world", help="a world folder: its benign prompts fit the perplexity filter; without --cases, "
+                                   "its harmful requests are the cases")
+    p.add_argument("--n-train", type=int, default=12, help="--world cases to attack (default 12)")
+    p.add_argument("--n-heldout", type=int, default=30, help="--world held-out cases (default 30)")
+    p.add_argument("--out", required=True, help="output folder: suffix.json, losses.jsonl, loss.png, report.md")
+    p.add_argument("--universal", action="store_true", help="one suffix for all cases (default: one per case)")
+    p.add_argument("--progressive", action="store_true", help="universal: add cases one at a time (Zou et al.)")
+    p.add_argument("--steps", type=int, default=100, help="GCG steps at most (stops early once every case is hit)")
+    p.add_argument("--suffix-len", type=int, default=20, help="suffix tokens (default 20)")
+    p.add_argument("--top-k", type=int, default=64, help="candidate tokens per position (default 64)")
+    p.add_argument("--batch", type=int, default=64, help="candidates evaluated per step (default 64)")
+    p.add_argument("--transfer", nargs="+", metavar="MODEL", help="other chat models to try the suffix string on")
+    p.add_argument("--ppl-weight", type=float, default=0.0,
+                   help="> 0: also run the adaptive attack, the filter's score x W in the loss (needs --world)")
+    p.add_argument("--soft-steps", type=int, default=100, help="Adam steps of the soft prompt (0: none)")
+    p.add_argument("--max-tokens", type=int, default=48, help="reply tokens generated to judge success")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_gcg)
+
+
 def add_parsers(sub, parser_class) -> None:
     """The security subcommands, on the command map `sub`."""
     _redteam_parser(sub, parser_class)
+    _gcg_parser(sub, parser_class)
