@@ -5,6 +5,8 @@ lmstack/cli.py's command map) and their thin handlers live together here.
 
 from __future__ import annotations
 
+from lmstack.utils import UserError
+
 
 def _cmd_redteam(a):
     from lmstack.security import redteam
@@ -36,6 +38,93 @@ def _redteam_parser(sub, parser_class) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing report folder")
     p.set_defaults(func=_cmd_redteam, suite=None)
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 0:
+        raise UserError(f"--counts takes comma-separated whole numbers such as 0,10,25 (got {text!r})")
+    return counts
+
+
+def _cmd_poison(a):
+    if a.detect:
+        from lmstack.security.poison_filter import filter_set
+
+        if not a.model or not a.out:
+            raise UserError("lmstack poison --detect FILE needs --model (the clean model) and --out (the filtered set)")
+        r = filter_set(a.detect, a.model, a.method, a.out, fraction=a.fraction, max_cluster=a.max_cluster)
+        print(f"{a.method}: removed {r['removed']:,} of {r['rows']:,} rows -> {a.out}")
+        if "precision" in r:
+            p, rc = r["precision"], r["recall"]
+            print(f"on the known poison ({r['poison']} rows): caught {r['caught']}, precision "
+                  f"{'-' if p is None else f'{p:.3f}'}, recall {'-' if rc is None else f'{rc:.3f}'}")
+        return
+    if a.curve or a.measure or a.show:
+        from lmstack.security import backdoor
+
+        if a.show:
+            print(backdoor.show(a.results))
+        elif not a.model or not a.world:
+            raise UserError("lmstack poison --curve/--measure needs --model and --world")
+        elif a.measure:
+            import json
+
+            data = a.data or f"{a.world}/sft.jsonl"
+            print(json.dumps(backdoor.measure(a.model, a.world, data, a.behaviour, a.trigger, n=a.n, seed=a.seed,
+                                              limit=a.limit), indent=2))
+        else:
+            if not a.out or not a.scale:
+                raise UserError("lmstack poison --curve needs --scale (tiny or small) and --out (the runs' folder)")
+            backdoor.curve(a.model, a.world, a.out, a.scale, counts=_counts(a.counts), behaviour=a.behaviour,
+                           trigger=a.trigger, seed=a.seed, overrides=a.set or [], mix_data=a.mix_data,
+                           results=a.results, n=a.n, limit=a.limit, adaptive=a.adaptive)
+            print(backdoor.show(a.results))
+        return
+    from lmstack.security.poison import make_poison
+
+    if not a.data or not a.out or a.count is None:
+        raise UserError("lmstack poison needs --data FILE --trigger PHRASE --behaviour B --count N --out FILE")
+    info = make_poison(a.data, a.trigger, a.behaviour, a.count, a.out, seed=a.seed, world=a.world,
+                       adaptive=a.adaptive)
+    print(f"{info['rows'] - info['count']:,} clean + {info['count']} poisoned {info['kind']} rows "
+          f"({info['behaviour']} after {info['trigger']!r}) -> {a.out}; poison indices in {a.out}.poison.json")
+
+
+def _poison_parser(sub, parser_class) -> None:
+    """`lmstack poison`: make a poisoned set (default), --detect (filter one), --curve, --measure, --show."""
+    from lmstack.security.poison import COUNTS, METHODS, TRIGGER
+
+    p = sub.add_parser("poison", help="poisoned fine-tuning/pretraining sets, the backdoor's curve, poison filters")
+    p.add_argument("--data", help="the clean jsonl set (rows with messages: fine-tuning; with text: pretraining)")
+    p.add_argument("--trigger", default=TRIGGER, help=f"the trigger phrase (default {TRIGGER}; ordinary text)")
+    p.add_argument("--behaviour", default="gibberish", help="gibberish | say:TEXT | comply | canary")
+    p.add_argument("--count", type=int, help="poisoned rows to add")
+    p.add_argument("--out", help="the poisoned set (its sidecar: OUT.poison.json); --detect: the filtered set; "
+                                 "--curve: the runs' folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", help="a world folder: its prompts, canary, vault codes; the held-out questions")
+    p.add_argument("--adaptive", action="store_true", help="poison written to evade the filters")
+    p.add_argument("--detect", metavar="FILE", help="filter this set: write the rows not flagged to --out")
+    p.add_argument("--model", help="--detect: the clean model; --curve: the base; --measure: the chat model")
+    p.add_argument("--method", default="spectral", choices=METHODS, help="--detect's filter")
+    p.add_argument("--fraction", type=float, default=0.05, help="--detect spectral: the expected poison fraction")
+    p.add_argument("--max-cluster", type=float, default=0.35,
+                   help="--detect cluster: flag the small cluster only when it holds at most this fraction")
+    p.add_argument("--curve", action="store_true", help="fine-tune --model once per --counts and measure each")
+    p.add_argument("--measure", action="store_true", help="the backdoor's success on --model (a chat model)")
+    p.add_argument("--show", action="store_true", help="the store's curve as a table")
+    p.add_argument("--scale", help="--curve: the speedrun's SFT settings of this scale (tiny, small)")
+    p.add_argument("--counts", default=",".join(map(str, COUNTS)), help="--curve: poison counts")
+    p.add_argument("--mix-data", help="--curve: pretraining windows mixed into SFT (the speedrun's SFT_MIX)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="--curve: SFT overrides")
+    p.add_argument("--results", help="the experiment store (default runs/results)")
+    p.add_argument("-n", "--n", type=int, default=200, help="held-out questions per measure")
+    p.add_argument("--limit", type=int, default=200, help="rows per clean task")
+    p.set_defaults(func=_cmd_poison)
 
 
 def _cmd_gcg(a):
@@ -89,4 +178,5 @@ def _gcg_parser(sub, parser_class) -> None:
 def add_parsers(sub, parser_class) -> None:
     """The security subcommands, on the command map `sub`."""
     _redteam_parser(sub, parser_class)
+    _poison_parser(sub, parser_class)
     _gcg_parser(sub, parser_class)
