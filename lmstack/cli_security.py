@@ -175,8 +175,53 @@ def _gcg_parser(sub, parser_class) -> None:
     p.set_defaults(func=_cmd_gcg)
 
 
+def _cmd_injection(a):
+    from lmstack.security import hierarchy
+    from lmstack.security.behaviours import generic_spec
+    from lmstack.utils import atomic_file, atomic_write_json, atomic_write_text
+
+    source = a.world if a.world else generic_spec()  # no world: the generic facts, for a model without one
+    if a.action == "data":
+        import json
+
+        rows = hierarchy.training_conversations(source, a.n or 2000, seed=a.seed)
+        with atomic_file(a.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        print(f"{len(rows):,} spotlighted conversations (half with a planted instruction the assistant ignores) "
+              f"-> {a.out}\nmix them into a fine-tune: lmstack sft --model CHAT --data {a.out} WORLD/sft.jsonl --out DIR")
+        return
+    from pathlib import Path
+
+    clf = hierarchy.train_classifier(source, n=a.n or 60, seed=a.seed)
+    clf.save(a.out)
+    report = hierarchy.classifier_report(clf, source, n=a.eval_n, seed=a.seed + 1)
+    atomic_write_json(Path(a.out) / "report.json", report)
+    table = hierarchy.report_table(report)
+    atomic_write_text(Path(a.out) / "report.md", table)
+    print(table, end="")
+    print(f"-> {a.out} (lmstack redteam --defence classifier trains this same classifier from the world)")
+
+
+def _injection_parser(sub, parser_class) -> None:
+    """`lmstack injection data | classifier`: the instruction-hierarchy defences' data."""
+    p = sub.add_parser("injection", help="prompt-injection defences: SFT data that teaches marked text is data, "
+                                         "the injection classifier")
+    p.add_argument("action", choices=["data", "classifier"],
+                   help="data: spotlighted SFT conversations with planted instructions ignored; "
+                        "classifier: train the injection classifier, report it on held-out phrasings and adaptive attacks")
+    p.add_argument("--world", help="the world folder (default: the generic facts, for a model without a world)")
+    p.add_argument("--out", required=True, help="data: the jsonl file; classifier: its folder")
+    p.add_argument("-n", "--n", type=int, default=None,
+                   help="data: rows (default 2000); classifier: training documents per probe and goal (default 60)")
+    p.add_argument("--eval-n", type=int, default=20, help="classifier: held-out documents per probe and goal")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_injection)
+
+
 def add_parsers(sub, parser_class) -> None:
     """The security subcommands, on the command map `sub`."""
     _redteam_parser(sub, parser_class)
+    _injection_parser(sub, parser_class)
     _poison_parser(sub, parser_class)
     _gcg_parser(sub, parser_class)

@@ -3,6 +3,7 @@
 hidden carriers really hide, datamarking, the classifier, and the tool loop's hook."""
 
 import inspect
+import json
 import re
 
 import pytest
@@ -44,9 +45,12 @@ def planted(a: dict, b: dict) -> str:
 
 def test_attempts_have_the_scanners_shape_goals_and_twins(world):
     sec = world["security"]
-    a = inj.attempts(world, n=2, seed=3)
+    everything = inj.attempts(world, n=2, seed=3)
+    a = inj.attempts(world, n=2, seed=3, adaptive=False)
     assert len(a) == len(inj.PROBES) * len(inj.GOALS) * 2 * 2
-    assert a == inj.attempts(world, n=2, seed=3)  # deterministic
+    assert everything[:len(a)] == a and everything == inj.attempts(world, n=2, seed=3)  # deterministic
+    rewrites = everything[len(a):]  # then the adaptive rewrites' attacks (their twins would repeat these)
+    assert len(rewrites) == len(inj.ADAPTIVE_PROBES) * len(inj.GOALS) * 2 and not any(x["twin"] for x in rewrites)
     for attack, twin in zip(a[::2], a[1::2]):
         for x in (attack, twin):
             assert set(x) == {"probe", "goal", "twin", "messages", "truth", "tools"}
@@ -72,7 +76,7 @@ def test_a_model_without_a_world_gets_generic_documents_and_the_defences_by_name
     from lmstack.security.behaviours import generic_spec
 
     spec = generic_spec()
-    a = inj.attempts(spec, n=1, seed=0)
+    a = inj.attempts(spec, n=1, seed=0, adaptive=False)
     assert {x["probe"] for x in a} == {f"injection.{p}" for p in inj.PROBES}
     for attack, twin in zip(a[::2], a[1::2]):
         bad, clean = planted(attack, twin)
@@ -86,13 +90,14 @@ def test_a_model_without_a_world_gets_generic_documents_and_the_defences_by_name
 
 def test_the_wrappers_split_into_train_and_heldout_phrasings(world):
     def wrappers(split):
-        texts = [t for x in inj.attempts(world, n=3, seed=0, split=split) if not x["twin"]
+        texts = [t for x in inj.attempts(world, n=3, seed=0, split=split, adaptive=False) if not x["twin"]
                  for t in untrusted_texts(x["messages"])]
         return {w for w in inj.WRAPPERS["train"] + inj.WRAPPERS["heldout"] if any(w.split("{")[0] in t for t in texts)}
     train, held = wrappers("train"), wrappers("heldout")
     assert train and held and train <= set(inj.WRAPPERS["train"]) and held <= set(inj.WRAPPERS["heldout"])
     adaptive = inj.attempts(world, n=1, seed=0, split="adaptive")
     assert {x["probe"] for x in adaptive} == {f"injection.{p}" for p in inj.ADAPTIVE_PROBES}
+    assert len(adaptive) == len(inj.ADAPTIVE_PROBES) * len(inj.GOALS)
 
 
 def test_hidden_carriers_hide_the_instruction_from_a_reader(world):
@@ -202,3 +207,15 @@ def test_the_tool_loops_guard_is_off_by_default_and_marks_new_results(tok):
     plain, marked = results[True], results[False]
     assert plain[0] == ask[0] and plain[-1]["content"] == planted  # off: the conversation as given
     assert marked[0] == {"role": "system", "content": SYSTEM_NOTE} and marked[-1]["content"] == datamark(planted)
+
+
+def test_the_injection_command_writes_the_data_and_the_classifier(tmp_path, capsys):
+    from lmstack.cli import main
+
+    main(["injection", "data", "--out", str(tmp_path / "inj.jsonl"), "-n", "12"])  # no world: the generic facts
+    rows = [json.loads(line) for line in (tmp_path / "inj.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    main(["injection", "classifier", "--out", str(tmp_path / "clf"), "-n", "4", "--eval-n", "2"])
+    report = json.loads((tmp_path / "clf" / "report.json").read_text())
+    assert set(report) == {"heldout", "adaptive"} and "| heldout | all |" in capsys.readouterr().out
+    assert isinstance(defence("classifier", classifier_dir=tmp_path / "clf"), Filter)

@@ -296,18 +296,23 @@ def pairs(world, n: int, seed: int, split: str, people: str, probes=None):
                 yield (probe, goal) + got
 
 
-def attempts(world, n: int = 10, seed: int = 0, split: str = "heldout", probes=None) -> list[dict]:
+def attempts(world, n: int = 10, seed: int = 0, split: str = "heldout", probes=None, adaptive: bool = True) -> list[dict]:
     """The injection suite for the scanner: for every probe and goal, `n` attacks each followed by
-    its benign twin. `world`: a world folder or its world.json as a dict (with a security
-    block), or a bare security spec (a model without a world; the documents: GENERIC_FACTS); `split`: "heldout" (the measure), "train" (the phrasings the defences learn from) or
-    "adaptive"; the people asked about are the world's held-out people (their facts only in the
-    document the assistant is given). Deterministic in (world, n, seed, split)."""
+    its benign twin; with split="heldout" and `adaptive`, then the adaptive rewrites of the
+    held-out phrasings (attacks only: their twins would be the same clean documents again).
+    `world`: a world folder or its world.json as a dict (with a security block), or a bare
+    security spec (a model without a world; the documents: GENERIC_FACTS). `split`: "heldout"
+    (the measure), "train" (the phrasings the defences learn from) or "adaptive". The people
+    asked about are the world's held-out people (their facts only in the document the assistant
+    is given). Deterministic in (world, n, seed, split)."""
     world = _world(world)
     sec, out = security(world), []
     for probe, goal, attack, twin, truth, _ in pairs(world, n, seed, split, "heldout", probes):
-        tools = list(TOOLS)
         out.append({"probe": f"injection.{probe}", "goal": goal, "twin": False, "messages": attack,
-                    "truth": target(goal, sec), "tools": tools})
-        out.append({"probe": f"injection.{probe}", "goal": goal, "twin": True, "messages": twin,
-                    "truth": truth, "tools": tools})
+                    "truth": target(goal, sec), "tools": list(TOOLS)})
+        if split != "adaptive":
+            out.append({"probe": f"injection.{probe}", "goal": goal, "twin": True, "messages": twin,
+                        "truth": truth, "tools": list(TOOLS)})
+    if split == "heldout" and adaptive and probes is None:
+        out += attempts(world, n, seed, "adaptive")
     return out
