@@ -58,6 +58,8 @@ def test_cached_and_uncached_candidate_losses_are_equal(chat):
     a, ha = G.candidate_losses(model, slot, cands, cache=True)
     b, hb = G.candidate_losses(model, slot, cands, cache=False)
     assert torch.allclose(a, b, atol=1e-5) and torch.equal(ha, hb)
+    sp = G.cache_speedup(model, tok, cases[0], k=6, batch=4, repeats=1)
+    assert sp["prefix_tokens"] == len(slot.prefix) and sp["cached_s"] > 0 and sp["uncached_s"] > 0
     assert torch.allclose(G.filter_scores(model, slot, cands, 4), G.filter_scores(model, slot, cands, 4, cache=False),
                           atol=1e-5)
     # and the filter's batched score is the perplexity module's, for the typed text

@@ -327,6 +327,24 @@ def gcg(model, tok, cases: list[Case], steps: int = 100, k: int = 20, top_k: int
             "steps": rows, "seconds": round(time.time() - t0, 2)}
 
 
+def cache_speedup(model, tok, case: Case, k: int = 20, batch: int = 64, repeats: int = 3, seed: int = 0) -> dict:
+    """Seconds per batch of candidate losses with the prefix KV cache and without (the median of
+    `repeats`, interleaved so a changing machine load hits both alike), for one case."""
+    slot = Slot(tok, case, init_suffix(tok, k))
+    allowed = allowed_tokens(tok, model.cfg.vocab_size).nonzero()[:, 0]
+    cands = allowed[torch.randint(0, len(allowed), (batch, k), generator=torch.Generator().manual_seed(seed))]
+    slot.prefix_state(model)  # computed once per case in an attack: not part of a step
+    times = {True: [], False: []}
+    for _ in range(repeats):
+        for cache in (True, False):
+            t = time.perf_counter()
+            candidate_losses(model, slot, cands.to(model.embed_tokens.weight.device), cache)
+            times[cache].append(time.perf_counter() - t)
+    med = {c: sorted(v)[len(v) // 2] for c, v in times.items()}
+    return {"prefix_tokens": len(slot.prefix), "rest_tokens": k + len(slot.tail) + len(slot.target) - 1,
+            "batch": batch, "cached_s": med[True], "uncached_s": med[False], "speedup": med[False] / med[True]}
+
+
 # --- measuring a suffix ---------------------------------------------------------------------------
 
 def replies(model, tok, conversations: list[list[dict]], max_tokens: int = 48, batch: int = 32) -> list[str]:

@@ -81,6 +81,7 @@ def suffix_suite(model_dir, cases_train, cases_heldout, out, *, universal: bool 
         r = G.gcg(model, tok, cases, steps=steps, k=k, top_k=top_k, batch=batch, seed=seed, log=note, **kw)
         return {kk: v for kk, v in r.items() if kk != "steps"} | {"n_steps": len(r["steps"])}
 
+    res["cache_speedup"] = G.cache_speedup(model, tok, train[0], k=k, batch=batch)
     sets = {"train": train, "heldout": heldout} if universal else {"train": train}
     res["baseline"] = {s: _rate(G.success(model, tok, c, "", detector, max_tokens)) for s, c in sets.items() if c}
 
@@ -210,6 +211,13 @@ def _cell(r: dict | None) -> str:
     return f"{100 * r['rate']:.0f}% ({r['k']}/{r['n']}, {100 * lo:.0f}-{100 * hi:.0f})"
 
 
+def _speedup_line(c: dict | None) -> str:
+    if not c:
+        return ""
+    return (f"Prefix KV cache: {c['batch']} candidates x ({c['prefix_tokens']} prefix + {c['rest_tokens']} "
+            f"tokens) in {c['cached_s']:.2f} s cached, {c['uncached_s']:.2f} s recomputed ({c['speedup']:.2f}x).")
+
+
 def report(res: dict) -> str:
     """The markdown report: success per set with n and a 95% Wilson interval."""
     mode = "universal" if res["universal"] else "individual"
@@ -217,6 +225,7 @@ def report(res: dict) -> str:
     lines = [f"# Adversarial suffixes on {res['model']}", "",
              f"GCG ({mode}): {s['steps']} steps max, suffix {s['suffix_len']} tokens, top-k {s['top_k']}, "
              f"batch {s['batch']}; greedy replies of up to {s['max_tokens']} tokens; {res['seconds']:.0f} s.", "",
+             _speedup_line(res.get("cache_speedup")), "",
              "| attack | set | success (k/n, 95% CI) |", "|---|---|---|"]
     for name, r in res["baseline"].items():
         lines.append(f"| no suffix | {name} | {_cell(r)} |")
