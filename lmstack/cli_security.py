@@ -196,6 +196,13 @@ def _cmd_injection(a):
     clf = hierarchy.train_classifier(source, n=a.n or 60, seed=a.seed)
     clf.save(a.out)
     report = hierarchy.classifier_report(clf, source, n=a.eval_n, seed=a.seed + 1)
+    if a.world:
+        from lmstack.stats import wilson
+
+        texts = hierarchy.world_clean_texts(a.world)
+        fp = sum(clf.flag(t) for t in texts)
+        report["world"] = {"fp": fp, "negatives": len(texts), "false_positive_rate": fp / len(texts) if texts else None,
+                           "false_positive_ci": wilson(fp, len(texts)) if texts else None}
     atomic_write_json(Path(a.out) / "report.json", report)
     table = hierarchy.report_table(report)
     atomic_write_text(Path(a.out) / "report.md", table)

@@ -219,3 +219,12 @@ def test_the_injection_command_writes_the_data_and_the_classifier(tmp_path, caps
     report = json.loads((tmp_path / "clf" / "report.json").read_text())
     assert set(report) == {"heldout", "adaptive"} and "| heldout | all |" in capsys.readouterr().out
     assert isinstance(defence("classifier", classifier_dir=tmp_path / "clf"), Filter)
+
+
+def test_the_worlds_clean_texts_are_its_tool_results_and_library(tmp_path):
+    (tmp_path / "library").mkdir()
+    (tmp_path / "library" / "people.jsonl").write_text(json.dumps({"text": "Ada Lind was born in Oslo."}) + "\n")
+    conv = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "tool", "tool_call_id": "c", "content": "5"},
+            {"role": "assistant", "content": "5."}]
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": conv}) + "\n")
+    assert H.world_clean_texts(tmp_path) == ["5", "Ada Lind was born in Oslo."]

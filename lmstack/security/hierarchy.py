@@ -154,14 +154,34 @@ def classifier_report(clf, world, n: int = 20, seed: int = 1) -> dict:
     return out
 
 
+def world_clean_texts(world_dir) -> list[str]:
+    """Clean untrusted text of a world folder, for the classifier's false positives: every tool
+    result in its assistant data (sft.jsonl: calculator, python, search) and every entry of its
+    library (what the search tool returns)."""
+    from pathlib import Path
+
+    from lmstack.utils import read_jsonl
+
+    folder = Path(world_dir)
+    texts = [m["content"] for _, row in read_jsonl(folder / "sft.jsonl", "assistant data")
+             for m in row.get("messages", []) if m.get("role") == "tool" and m.get("content")]
+    for f in sorted((folder / "library").glob("*.jsonl")):
+        texts += [row["text"] for _, row in read_jsonl(f, "library") if row.get("text")]
+    return texts
+
+
 def report_table(report: dict) -> str:
     """A markdown table of `classifier_report`: recall on planted texts, false positives on their
     clean twins, by probe."""
     def pct(k, n, ci):
-        return "-" if not n else f"{100 * k / n:.0f}% [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}] of {n}"
+        return "-" if not n else f"{100 * k / n:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] of {n}"
 
     lines = ["| split | probe | recall (planted flagged) | false positives (clean flagged) |", "|---|---|---|---|"]
     for split, probes in report.items():
+        if split == "world":  # the world's own clean texts: false positives only
+            lines.append(f"| world | its tool results and library | - | "
+                         f"{pct(probes['fp'], probes['negatives'], probes['false_positive_ci'])} |")
+            continue
         for probe, c in probes.items():
             lines.append(f"| {split} | {probe} | {pct(c['tp'], c['positives'], c['recall_ci'])} | "
                          f"{pct(c['fp'], c['negatives'], c['false_positive_ci'])} |")
