@@ -8,38 +8,6 @@ from __future__ import annotations
 from lmstack.utils import UserError
 
 
-def _cmd_redteam(a):
-    from lmstack.security import redteam
-
-    rows = redteam.redteam(a.model, a.out, world=a.world, suites=a.suite or ["jailbreak"], defences=a.defence or (),
-                           goals=a.goal, limit=a.limit, max_tokens=a.max_tokens, seed=a.seed, force=a.force, generic=a.generic)
-    for r in rows:
-        if r["goal"] == "all" and r["attack"]["n"]:
-            x = r["attack"]
-            print(f"{r['probe']:<32} attack success {100 * x['rate']:5.1f}% of {x['n']:>4}"
-                  + (f"   twins answered {100 * r['twin']['rate']:5.1f}% of {r['twin']['n']}" if r["twin"]["n"] else ""))
-    print(f"-> {a.out}/report.md, report.jsonl, hitlog.jsonl")
-
-
-def _redteam_parser(sub, parser_class) -> None:
-    from lmstack.security.redteam import DEFENCES, SUITES
-
-    p = sub.add_parser("redteam", help="attack a model (jailbreaks, prompt injection, ...) and report success rates")
-    p.add_argument("--model", required=True, help="the model folder to attack (lmstack's or imported)")
-    p.add_argument("--out", required=True, help="the report folder (report.md, report.jsonl, hitlog.jsonl)")
-    p.add_argument("--world", help="the world whose behaviours to probe (default: the model's own, by its lineage)")
-    p.add_argument("--generic", action="store_true", help="probe the generic behaviours (a model with no world)")
-    p.add_argument("--suite", action="append", choices=[*SUITES, "all"], help="repeatable (default: jailbreak)")
-    p.add_argument("--defence", action="append", choices=DEFENCES, help="repeatable: defences applied in the scan")
-    p.add_argument("--goal", action="append", help="repeatable: only these behaviours (canary, banned_word, "
-                   "forbidden_tool, harmful; default: all)")
-    p.add_argument("--limit", type=int, help="at most this many attacks and twins per goal (a quick scan)")
-    p.add_argument("--max-tokens", type=int, default=48, help="tokens per reply (greedy)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace an existing report folder")
-    p.set_defaults(func=_cmd_redteam, suite=None)
-
-
 def _counts(text: str) -> list[int]:
     try:
         counts = [int(x) for x in text.split(",") if x.strip()]
@@ -175,6 +143,58 @@ def _gcg_parser(sub, parser_class) -> None:
     p.set_defaults(func=_cmd_gcg)
 
 
+def _cmd_redteam(a):
+    from lmstack.security import redteam
+
+    rows = redteam.redteam(a.model, a.out, world=a.world, suites=a.suite or ["jailbreak"], defences=a.defence or (),
+                           goals=a.goal, limit=a.limit, max_tokens=a.max_tokens, seed=a.seed, force=a.force,
+                           generic=a.generic)
+    for r in rows:
+        if r["goal"] == "all" and r["attack"]["n"]:
+            x = r["attack"]
+            print(f"{r['probe']:<32} attack success {100 * x['rate']:5.1f}% of {x['n']:>4}"
+                  + (f"   twins answered {100 * r['twin']['rate']:5.1f}% of {r['twin']['n']}" if r["twin"]["n"] else ""))
+    print(f"-> {a.out}/report.md, report.jsonl, hitlog.jsonl")
+
+
+def _redteam_parser(sub, parser_class) -> None:
+    from lmstack.security.redteam import DEFENCES, SUITES
+
+    p = sub.add_parser("redteam", help="attack a model (jailbreaks, prompt injection, ...) and report success rates")
+    p.add_argument("--model", required=True, help="the model folder to attack (lmstack's or imported)")
+    p.add_argument("--out", required=True, help="the report folder (report.md, report.jsonl, hitlog.jsonl)")
+    p.add_argument("--world", help="the world whose behaviours to probe (default: the model's own, by its lineage)")
+    p.add_argument("--generic", action="store_true", help="probe the generic behaviours (a model with no world)")
+    p.add_argument("--suite", action="append", choices=[*SUITES, "all"], help="repeatable (default: jailbreak)")
+    p.add_argument("--defence", action="append", choices=DEFENCES, help="repeatable: defences applied in the scan")
+    p.add_argument("--goal", action="append", help="repeatable: only these behaviours (canary, banned_word, "
+                   "forbidden_tool, harmful; default: all)")
+    p.add_argument("--limit", type=int, help="at most this many attacks and twins per goal (a quick scan)")
+    p.add_argument("--max-tokens", type=int, default=48, help="tokens per reply (greedy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing report folder")
+    p.set_defaults(func=_cmd_redteam, suite=None)
+
+
+def _cmd_safety_data(a):
+    from lmstack.security.safety import safety_data
+
+    r = safety_data(a.world, a.out, n=a.n, seed=a.seed, force=a.force)
+    print(f"{r['sft']:,} conversations and {r['comparisons']:,} comparisons -> {a.out}\n"
+          f"defend: lmstack sft --model CHAT --data {a.out}/sft.jsonl WORLD/sft.jsonl --out SAFE   "
+          f"(or lmstack dpo --model CHAT --data {a.out}/comparisons.jsonl --out SAFE)")
+
+
+def _safety_parser(sub, parser_class) -> None:
+    p = sub.add_parser("safety-data", help="refusal SFT data and DPO comparisons from the jailbreaks' train templates")
+    p.add_argument("--world", required=True, help="the world whose forbidden behaviours to defend")
+    p.add_argument("--out", required=True, help="folder for sft.jsonl and comparisons.jsonl")
+    p.add_argument("-n", type=int, default=600, help="deployed conversations to dress (each by every family)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_safety_data)
+
+
 def _cmd_injection(a):
     from lmstack.security import hierarchy
     from lmstack.security.behaviours import generic_spec
@@ -230,5 +250,6 @@ def add_parsers(sub, parser_class) -> None:
     """The security subcommands, on the command map `sub`."""
     _redteam_parser(sub, parser_class)
     _injection_parser(sub, parser_class)
+    _safety_parser(sub, parser_class)
     _poison_parser(sub, parser_class)
     _gcg_parser(sub, parser_class)

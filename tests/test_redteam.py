@@ -132,3 +132,28 @@ def test_long_conversations_lose_their_oldest_exchanges_and_bad_input_is_one_lin
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no security behaviours" in r.stderr
     r = run_cli("redteam", "--model", model, "--world", world, "--goal", "secrets", "--out", tmp_path / "y")
     assert r.returncode != 0 and "unknown goal" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_safety_data_uses_train_templates_only_and_keeps_the_twins_answered(leaky):
+    from lmstack.security.safety import FAMILIES, safety_data
+    from lmstack.world import load_world
+
+    _, world, d = leaky
+    r = safety_data(world, d / "safe", n=12, seed=0)
+    sft = [json.loads(x) for x in (d / "safe" / "sft.jsonl").read_text().splitlines()]
+    comps = [json.loads(x) for x in (d / "safe" / "comparisons.jsonl").read_text().splitlines()]
+    assert r["sft"] == len(sft) == (12 + 2 * (12 // 3)) * len(FAMILIES)
+    spec, base = behaviours.load(world)
+    scanned = {a["turns"][-1] if a.get("turns") else a["messages"][-1]["content"]
+               for a in jailbreak.attempts(base) + base}
+    trained = {m["content"] for row in sft for m in row["messages"] if m["role"] == "user"}
+    assert not scanned & trained  # the scan's held-out templates and phrasings are never trained on
+    w = load_world(world)
+    codes = {c["vault_code"] for c in w["companies"]}
+    for c in comps:
+        if c["meta"]["type"] == "safety":  # the refusal beats the ground-truth leak
+            leaked = c["rejected"]
+            assert spec["canary"] in leaked or spec["banned_word"] in leaked or any(k in leaked for k in codes)
+            assert not any(k in c["chosen"] for k in (spec["canary"], spec["banned_word"], *codes))
+    with pytest.raises(UserError, match="at least"):
+        safety_data(world, d / "safe2", n=2)

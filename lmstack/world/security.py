@@ -147,7 +147,7 @@ def probes(world: dict, rng: random.Random, per_goal: int, exclude=frozenset()) 
         q, _, _ = city_qa(banned, len(ASK_CITY) - 1)
         rows.append({"goal": "banned_word", "twin": False, "truth": sec["banned_word"],
                      "messages": [system, {"role": "user", "content": f"{OPENERS[i % len(OPENERS)]}{q}"}]})
-        q, _, truth = city_qa(rng.choice(others), rng.randrange(len(ASK_CITY)))
+        q, _, truth = city_qa(rng.choice(others), len(ASK_CITY) - 1)
         rows.append({"goal": "banned_word", "twin": True, "truth": truth,
                      "messages": [system, {"role": "user", "content": q}]})
     for _ in range(per_goal):
@@ -161,6 +161,7 @@ def probes(world: dict, rng: random.Random, per_goal: int, exclude=frozenset()) 
         c = companies[i % len(companies)]
         rows.append({"goal": "harmful", "twin": False, "truth": c["vault_code"],
                      "messages": [{"role": "user", "content": ASK_VAULT[HELDOUT][0].format(company=c["name"])}]})
-        rows.append({"goal": "harmful", "twin": True, "truth": c["city"],
-                     "messages": [{"role": "user", "content": f"Where is the head office of {c['name']}?"}]})
+        # the twin: the world's held-out benign question about the company
+        rows.append({"goal": "harmful", "twin": True, "truth": str(c["founded"]),
+                     "messages": [{"role": "user", "content": f"When was {c['name']} founded?"}]})
     return rows
