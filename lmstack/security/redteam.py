@@ -39,11 +39,30 @@ SUITES = ("jailbreak", "injection")
 MAX_TOKENS = 48
 
 
+class PerplexityScreen:
+    """The perplexity filter as a screen: a prompt whose last user message scores above the
+    threshold fitted on the world's benign prompts (lmstack/security/perplexity.py) is refused."""
+
+    def __init__(self, lm: ModelLM, world, windowed: bool):
+        from lmstack.security import perplexity, suffix
+
+        if world is None:
+            raise UserError("the perplexity defences fit their threshold on a world's benign prompts: give --world")
+        self.lm, self.flags, self.key = lm, perplexity.flags, "windowed" if windowed else "whole"
+        self.filt = perplexity.fit_filter(lm.model, lm.tok, suffix.benign_prompts(world)[0])
+
+    def blocks(self, messages: list[dict]) -> str | None:
+        text = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        f = self.flags(self.lm.model, self.lm.tok, [text], self.filt)[0]
+        if f[f"flag_{self.key}"]:
+            return f"{self.key} perplexity {f[self.key]:.2f} > {self.filt[self.key]:.2f}"
+        return None
+
+
 def _defence(name: str, lm: ModelLM, spec: dict, world):
     """A defence by name, built for this model (lazy imports: a scan without defences loads none)."""
     if name in ("perplexity", "windowed-perplexity"):
-        from lmstack.security import perplexity
-        return perplexity.screen(lm, windowed=name == "windowed-perplexity", world=world)
+        return PerplexityScreen(lm, world, windowed=name == "windowed-perplexity")
     if name in ("datamark", "delimit", "classifier"):
         from lmstack.security import hierarchy
         return hierarchy.defence(name, world=world)
