@@ -49,7 +49,9 @@ def _cmd_poison(a):
                 raise UserError("lmstack poison --curve needs --scale (tiny or small) and --out (the runs' folder)")
             backdoor.curve(a.model, a.world, a.out, a.scale, counts=_counts(a.counts), behaviour=a.behaviour,
                            trigger=a.trigger, seed=a.seed, overrides=a.set or [], mix_data=a.mix_data,
-                           results=a.results, n=a.n, limit=a.limit, adaptive=a.adaptive)
+                           results=a.results, n=a.n, limit=a.limit, adaptive=a.adaptive,
+                           filters=[m.strip() for m in (a.filters or "").split(",") if m.strip()],
+                           filter_model=a.filter_model, fraction=a.fraction)
             print(backdoor.show(a.results))
         return
     from lmstack.security.poison import make_poison
@@ -79,7 +81,7 @@ def _poison_parser(sub, parser_class) -> None:
     p.add_argument("--detect", metavar="FILE", help="filter this set: write the rows not flagged to --out")
     p.add_argument("--model", help="--detect: the clean model; --curve: the base; --measure: the chat model")
     p.add_argument("--method", default="spectral", choices=METHODS, help="--detect's filter")
-    p.add_argument("--fraction", type=float, default=0.05, help="--detect spectral: the expected poison fraction")
+    p.add_argument("--fraction", type=float, default=0.05, help="spectral: the expected poison fraction")
     p.add_argument("--max-cluster", type=float, default=0.35,
                    help="--detect cluster: flag the small cluster only when it holds at most this fraction")
     p.add_argument("--curve", action="store_true", help="fine-tune --model once per --counts and measure each")
@@ -89,6 +91,8 @@ def _poison_parser(sub, parser_class) -> None:
     p.add_argument("--counts", default=",".join(map(str, COUNTS)), help="--curve: poison counts")
     p.add_argument("--mix-data", help="--curve: pretraining windows mixed into SFT (the speedrun's SFT_MIX)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="--curve: SFT overrides")
+    p.add_argument("--filters", help=f"--curve: also filter each poisoned set ({','.join(METHODS)}) and train on the rest")
+    p.add_argument("--filter-model", help="--curve --filters: the clean assistant the filters read")
     p.add_argument("--results", help="the experiment store (default runs/results)")
     p.add_argument("-n", "--n", type=int, default=200, help="held-out questions per measure")
     p.add_argument("--limit", type=int, default=200, help="rows per clean task")

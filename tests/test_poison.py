@@ -22,6 +22,7 @@ from lmstack.security.poison import (
     insert_trigger,
     make_poison,
     parse_behaviour,
+    read_set,
     read_sidecar,
 )
 from lmstack.tokenizer import Tokenizer, train_tokenizer
@@ -161,10 +162,13 @@ def test_filters_find_planted_poison(clean_chat, tmp_path):
     assert spectral["recall"] == 1 and spectral["flagged"] == 12  # 1.5 x the expected fraction
     cluster = poison_filter.score(poison_filter.detect(rows_g, "cluster", feats=feats), truth)
     assert cluster["recall"] == 1 and cluster["precision"] == 1
+    assert poison_filter.score(poison_filter.detect(rows_g, "dedupe"), truth)["caught"] == 0  # all different
     # identical replies: the duplicate filter alone, no model
     rows_s = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     dup = poison_filter.score(poison_filter.detect(rows_s, "dedupe"), set(say["indices"]))
     assert dup["recall"] == 1 and dup["precision"] == 1
+    outlier = poison_filter.score(poison_filter.detect(rows_g, "outlier", feats=feats), truth)
+    assert outlier["recall"] == 1  # gibberish is a loss outlier under the clean model
     # the CLI writes the filtered set and a sidecar of the poison left
     r = run_cli("poison", "--detect", tmp_path / "s.jsonl", "--model", clean_chat, "--method", "dedupe",
                 "--out", tmp_path / "f.jsonl")
@@ -205,17 +209,23 @@ def test_a_tiny_fine_tune_learns_the_backdoor(world, tmp_path):
     assert success(tmp_path / "chat", plain) <= 0.25  # a backdoor: without the trigger it mostly does not fire
 
 
-def test_the_curve_smoke_run_records_and_skips(world, tmp_path, capsys):
+def test_the_curve_smoke_run_records_and_skips(world, clean_chat, tmp_path, capsys):
     results = tmp_path / "results"
-    kw = dict(counts=(40,), overrides=FAST, results=results, n=10, limit=4)
+    kw = dict(counts=(40,), overrides=FAST, results=results, n=10, limit=4, filters=("dedupe", "outlier"),
+              filter_model=clean_chat)
     added = backdoor.curve(world / "base", world / "world", tmp_path / "runs", "tiny", **kw)
-    assert len(added) == 1
+    assert [r["variant"] for r in added] == ["poison40", "poison40-dedupe", "poison40-outlier"]
     r = read_records(store_path(results, "backdoor"))[0]
     assert r["variant"] == "poison40" and r["poison_count"] == 40 and r["scale"] == "tiny" and r["seed"] == 0
     assert r["N"] > 0 and r["D"] > 0 and r["flops"] > 0 and r["sft_steps"] == 4
     assert r["metrics"]["backdoor_success"]["n"] == 10 and set(r["metrics"]) >= {"without_trigger", "facts_qa"}
-    side = read_sidecar(tmp_path / "runs" / "tiny" / "poison40" / "seed0" / "sft_poisoned.jsonl")
-    assert side["count"] == 40
+    run = tmp_path / "runs" / "tiny" / "poison40" / "seed0"
+    assert read_sidecar(run / "sft_poisoned.jsonl")["count"] == 40
+    for f in added[1:]:  # each filter: its scores on the known poison; retrained on what it kept when it caught any
+        s = f["filter_scores"]
+        assert s["removed"] == len(read_set(run / "sft_poisoned.jsonl")[0]) - len(read_set(run / f"filtered_{f['filter']}.jsonl")[0])
+        assert f["retrained"] == (s["caught"] > 0) and ("backdoor_success" in f["metrics"]) == f["retrained"]
+        assert read_sidecar(run / f"filtered_{f['filter']}.jsonl")["count"] == 40 - s["caught"]
     assert backdoor.curve(world / "base", world / "world", tmp_path / "runs", "tiny", **kw) == []  # in the store
     assert "| tiny |" in backdoor.show(results)
 

@@ -28,9 +28,10 @@ from lmstack.eval.lm import ModelLM
 from lmstack.eval.run import evaluate
 from lmstack.experiments.store import append_records, read_records, rounded, store_path
 from lmstack.model import GPT
-from lmstack.modelio import read_config
+from lmstack.modelio import load_model_and_tokenizer, read_config
 from lmstack.security.poison import (
     COUNTS,
+    METHODS,
     TRIGGER,
     Judge,
     insert_trigger,
@@ -38,9 +39,11 @@ from lmstack.security.poison import (
     parse_behaviour,
     probe_questions,
     read_set,
+    read_sidecar,
     row_text,
     single_turn,
 )
+from lmstack.security.poison_filter import detect, features, write_filtered
 from lmstack.speedrun import SFT_SET, sft_mix
 from lmstack.stats import summarize
 from lmstack.train.sft import sft
@@ -115,51 +118,93 @@ def size(base) -> dict:
             "flops": net.flops_per_token(train["seq_len"]) * d}
 
 
+def _train_and_measure(base, data, chat, scale, world, clean, behaviour, trigger, seed, overrides, mix, n, limit):
+    """THE SFT loop on `data` into `chat` (resumed when a checkpoint is there), then `measure`."""
+    print(f"\n== backdoor: sft on {data} ==", flush=True)
+    final = sft(base, [data], chat, overrides=[*SFT_SET[scale], *overrides, f"train.seed={seed}"],
+                resume=chat.is_dir() and (chat / "state").is_dir(), **mix) or {}
+    m = measure(chat, world, clean, behaviour, trigger, n=n, seed=seed, limit=limit)
+    return {"model": str(chat), "sft_steps": final.get("step"), "sft_val_loss": rounded(final.get("val_loss")),
+            "metrics": {"backdoor_success": m["success"], "without_trigger": m["without_trigger"], **m.get("clean", {})},
+            "examples": m["examples"]}
+
+
 def curve(base, world, out, scale: str, counts=COUNTS, behaviour: str = "gibberish", trigger: str = TRIGGER,
           seed: int = 0, overrides=(), mix_data=None, results=None, n: int = 200, limit: int | None = 200,
-          adaptive: bool = False) -> list[dict]:
+          adaptive: bool = False, filters=(), filter_model=None, fraction: float = 0.05) -> list[dict]:
     """Fine-tune `base` once per poison count (the world's sft.jsonl + N poison rows), measure each,
-    append the store records the store does not hold yet; returns the records added."""
+    append the store records the store does not hold yet; returns the records added. `filters`: for
+    each count, also filter the poisoned set with each method (poison_filter.py, reading the clean
+    model `filter_model`), score it on the known poison, and fine-tune and measure on what is left
+    (a filter that removed no poison is not retrained: its set holds all the poison, its record
+    only the scores)."""
     base, world, out = Path(base), Path(world), Path(out)
     if scale not in SFT_SET:
         raise UserError(f"--scale {scale}: one of {', '.join(SFT_SET)} (the speedrun's SFT settings)")
+    bad = [m for m in filters if m not in METHODS]
+    if bad:
+        raise UserError(f"--filters {','.join(filters)}: each one of {', '.join(METHODS)}")
+    if any(m != "dedupe" for m in filters) and not filter_model:
+        raise UserError("--filters spectral, cluster and outlier need --filter-model (the clean assistant)")
     clean = world / "sft.jsonl"
     read_set(clean)
     about = size(base)
     mix = sft_mix(scale, Path(mix_data)) if mix_data else {}
     variant = "adaptive" if adaptive else "poison"
     store = store_path(results or RESULTS, EXPERIMENT)
-    have = {(r["variant"], r["scale"], r["seed"]) for r in read_records(store)}
     command = shlex.join(["lmstack", "poison", "--curve", "--model", str(base), "--world", str(world), "--scale", scale,
                           "--out", str(out), "--counts", ",".join(map(str, counts)), "--behaviour", behaviour,
                           "--trigger", trigger, "--seed", str(seed)]
                          + (["--mix-data", str(mix_data)] if mix_data else [])
                          + [a for o in overrides for a in ("--set", o)] + (["--adaptive"] if adaptive else [])
+                         + (["--filters", ",".join(filters), "--filter-model", str(filter_model),
+                             "--fraction", str(fraction)] if filters else [])
                          + (["--results", str(results)] if results else []))
     sha, added = commit(), []
+    common = (scale, world, clean, behaviour, trigger, seed, overrides, mix, n, limit)
+
+    def record(name: str, count: int, **fields) -> dict:
+        r = {"experiment": EXPERIMENT, "variant": name, "scale": scale, "seed": seed, "commit": sha,
+             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stage": "chat", **about,
+             "poison_count": count, "behaviour": behaviour, "trigger": trigger, "adaptive": adaptive,
+             "metrics": {}, **fields, "command": command}
+        append_records(store, [r])
+        added.append(r)
+        print(table([r]), flush=True)
+        return r
+
     for count in counts:
         name = f"{variant}{count}"
-        if (name, scale, seed) in have:
+        # Read before each count: another run of the same command (another count list) may have stored it.
+        have = {(r["variant"], r["scale"], r["seed"]) for r in read_records(store)}
+        todo = [m for m in filters if (f"{name}-{m}", scale, seed) not in have]
+        if (name, scale, seed) in have and not todo:
             print(f"{name} @ {scale} seed {seed}: in the store, skipped", flush=True)
             continue
         run = out / scale / name / f"seed{seed}"
         data = run / "sft_poisoned.jsonl"
-        make_poison(clean, trigger, behaviour, count, data, seed=seed, adaptive=adaptive)
-        chat = run / "chat"
-        print(f"\n== backdoor {name} @ {scale} seed {seed}: sft ==", flush=True)
-        final = sft(base, [data], chat, overrides=[*SFT_SET[scale], *overrides, f"train.seed={seed}"],
-                    resume=chat.is_dir() and (chat / "state").is_dir(), **mix) or {}
-        m = measure(chat, world, clean, behaviour, trigger, n=n, seed=seed, limit=limit)
-        record = {"experiment": EXPERIMENT, "variant": name, "scale": scale, "seed": seed, "commit": sha,
-                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": str(chat),
-                  "stage": "chat", **about, "poison_count": count, "behaviour": behaviour, "trigger": trigger,
-                  "sft_steps": final.get("step"), "sft_val_loss": rounded(final.get("val_loss")),
-                  "metrics": {"backdoor_success": m["success"], "without_trigger": m["without_trigger"],
-                              **m.get("clean", {})},
-                  "examples": m["examples"], "command": command}
-        append_records(store, [record])
-        added.append(record)
-        print(table([record]), flush=True)
+        make_poison(clean, trigger, behaviour, count, data, seed=seed, adaptive=adaptive)  # the same bytes each time
+        if (name, scale, seed) not in have:
+            record(name, count, **_train_and_measure(base, data, run / "chat", *common))
+        if not todo:
+            continue
+        rows, poison = read_set(data)[0], set(read_sidecar(data)["indices"])
+        feats = None
+        if any(m != "dedupe" for m in todo):
+            net, tok = load_model_and_tokenizer(filter_model)
+            print(f"\n== backdoor: {filter_model}'s features of {len(rows):,} rows ==", flush=True)
+            feats = features(net, tok, rows)
+        for m in todo:
+            flags = detect(rows, m, fraction=fraction, feats=feats)
+            kept = run / f"filtered_{m}.jsonl"
+            got = write_filtered(data, rows, flags, m, filter_model, kept)
+            scores = {k: got[k] for k in ("removed", "caught", "precision", "recall")}
+            print(f"{name} {m}: removed {got['removed']:,}, caught {got['caught']} of {len(poison)} poison", flush=True)
+            if got["caught"] == 0:
+                record(f"{name}-{m}", count, filter=m, filter_scores=scores, retrained=False)
+            else:
+                record(f"{name}-{m}", count, filter=m, filter_scores=scores, retrained=True,
+                       **_train_and_measure(base, kept, run / f"chat_{m}", *common))
     return added
 
 
@@ -169,14 +214,23 @@ def _cell(m: dict | None) -> str:
     return f"{100 * m['acc']:.1f}% [{100 * m['ci'][0]:.1f}, {100 * m['ci'][1]:.1f}]"
 
 
+def _frac(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def table(records: list[dict]) -> str:
     """The curve as a markdown table: one line per record."""
     tasks = sorted({t for r in records for t in r["metrics"]} - {"backdoor_success", "without_trigger"})
-    head = ["scale", "N", "poison rows", "success with trigger", "without trigger", *tasks]
+    head = ["scale", "N", "poison rows", "filter (precision, recall)", "success with trigger", "without trigger",
+            *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         m = r["metrics"]
-        lines.append("| " + " | ".join([r["scale"], f"{r['N']:,}", str(r.get("poison_count")),
+        f = r.get("filter_scores")
+        filt = "-" if not f else (f"{r['filter']} ({_frac(f['precision'])}, {_frac(f['recall'])})"
+                                  + ("" if r.get("retrained") else ": kept all the poison, not retrained"))
+        count = f"{r.get('poison_count')}" + (" adaptive" if r.get("adaptive") else "")
+        lines.append("| " + " | ".join([r["scale"], f"{r['N']:,}", count, filt,
                                         _cell(m.get("backdoor_success")), _cell(m.get("without_trigger")),
                                         *[_cell(m.get(t)) for t in tasks]]) + " |")
     return "\n".join(lines)
@@ -187,5 +241,6 @@ def show(results=None) -> str:
     records = read_records(store_path(results or RESULTS, EXPERIMENT))
     if not records:
         return f"no backdoor runs in {store_path(results or RESULTS, EXPERIMENT)} yet"
-    records.sort(key=lambda r: (r["N"], r["variant"].rstrip("0123456789"), r.get("poison_count") or 0, r["seed"]))
+    records.sort(key=lambda r: (r["N"], bool(r.get("adaptive")), r.get("poison_count") or 0, r.get("filter") or "",
+                                r["seed"]))
     return table(records)

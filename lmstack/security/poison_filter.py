@@ -11,10 +11,11 @@ flags are scored by precision and recall on the known poison.
   cluster    Chen et al. 2018 (activation clustering): the representations reduced by PCA to
              CLUSTER_DIMS dimensions, 2-means; the smaller cluster is flagged when it holds at most
              `max_cluster` of the rows (otherwise nothing: two big clusters are two kinds of data).
-  dedupe     outliers and duplicates: rows whose reply is an exact or near duplicate of another's
-             (word 3-gram Jaccard >= NEAR) when DUP_MIN or more rows share it, and rows whose reply's
-             mean token loss under the clean model, or its length in tokens, is a robust outlier
-             (more than ROBUST_Z robust z-scores, by median and MAD, above the median).
+  dedupe     duplicates: rows whose reply is an exact or near duplicate (word 3-gram Jaccard >= NEAR)
+             of the replies of DUP_MIN or more rows (no model needed).
+  outlier    rows whose reply's mean token loss under the clean model (its perplexity), or its length
+             in tokens, is a robust outlier: more than ROBUST_Z robust z-scores (by median and MAD)
+             above the median.
 """
 
 from __future__ import annotations
@@ -166,14 +167,14 @@ def detect(rows: list[dict], method: str, model=None, tok=None, fraction: float 
         raise UserError(f"--method {method}: one of {', '.join(METHODS)}")
     if not 0 < fraction < 1:
         raise UserError(f"--fraction must be in (0, 1), got {fraction}")
-    if method == "dedupe" and model is None and feats is None:
+    if method == "dedupe":
         return duplicate_flags(rows)
     reps, loss, count = feats if feats is not None else features(model, tok, rows)
     if method == "spectral":
         return spectral_flags(reps, fraction)
     if method == "cluster":
         return cluster_flags(reps, max_cluster)
-    return duplicate_flags(rows) | robust_high(loss) | robust_high(count)
+    return robust_high(loss) | robust_high(count)
 
 
 def score(flags: np.ndarray, poison: set[int]) -> dict:
@@ -188,8 +189,13 @@ def filter_set(data, model, method: str, out, fraction: float = 0.05, max_cluste
     """Write `out`: the rows of `data` that `method` does not flag, in order (with a sidecar of the
     poison that is left, when `data` has one); returns {"kept", "removed", and the score when known}."""
     rows, _ = read_set(data)
-    net, tok = load_model_and_tokenizer(model)
+    net, tok = load_model_and_tokenizer(model) if method != "dedupe" else (None, None)
     flags = detect(rows, method, net, tok, fraction, max_cluster)
+    return write_filtered(data, rows, flags, method, model, out)
+
+
+def write_filtered(data, rows: list[dict], flags: np.ndarray, method: str, model, out) -> dict:
+    """`filter_set`'s output for flags already computed."""
     side = read_sidecar(data)
     result = {"method": method, "data": str(data), "model": str(model), "rows": len(rows),
               "removed": int(flags.sum()), "kept": int((~flags).sum())}
