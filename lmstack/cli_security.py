@@ -108,8 +108,8 @@ def _cmd_gcg(a):
     if a.cases:
         train, heldout = a.cases, a.heldout or []
     else:  # the world's harmful requests: train phrasings to attack, the probes' held-out ones to measure
-        train = world_cases(a.world, "train" if a.universal else "heldout", a.n_train, seed=a.seed)
-        heldout = world_cases(a.world, "heldout", a.n_heldout, seed=a.seed) if a.universal else []
+        train = world_cases(a.world, "train" if a.universal else "heldout", a.n_train, seed=a.seed, target=a.target)
+        heldout = world_cases(a.world, "heldout", a.n_heldout, seed=a.seed, target=a.target) if a.universal else []
     r = suffix_suite(a.model, train, heldout, a.out, universal=a.universal, steps=a.steps, k=a.suffix_len,
                      top_k=a.top_k, batch=a.batch, transfer=a.transfer or [], ppl_weight=a.ppl_weight, world=a.world,
                      soft_steps=a.soft_steps, seed=a.seed, max_tokens=a.max_tokens, progressive=a.progressive,
@@ -121,6 +121,8 @@ def _cmd_gcg(a):
 
 def _gcg_parser(sub, parser_class) -> None:
     """`lmstack gcg`: adversarial suffixes (GCG), the soft prompt, the perplexity filter."""
+    from lmstack.security.gcg import TARGET
+
     p = sub.add_parser("gcg", help="adversarial suffixes (GCG, Zou et al. 2023): attack, transfer, soft prompt, "
                                    "perplexity filter and the adaptive attack")
     p.add_argument("--model", required=True, help="the chat model folder to attack")
@@ -128,6 +130,8 @@ def _gcg_parser(sub, parser_class) -> None:
     p.add_argument("--heldout", help="jsonl of held-out cases (universal: the suffix's success is measured there)")
     p.add_argument("--world", help="a world folder: its benign prompts fit the perplexity filter; without --cases, "
                                    "its harmful requests are the cases")
+    p.add_argument("--target", default=TARGET, help=f"--world cases: the reply wanted, {{topic}} filled in "
+                                                    f"(default {TARGET!r})")
     p.add_argument("--n-train", type=int, default=12, help="--world cases to attack (default 12)")
     p.add_argument("--n-heldout", type=int, default=30, help="--world held-out cases (default 30)")
     p.add_argument("--out", required=True, help="output folder: suffix.json, losses.jsonl, loss.png, report.md")

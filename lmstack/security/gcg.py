@@ -46,6 +46,7 @@ from lmstack.stats import wilson
 from lmstack.utils import UserError, read_jsonl
 
 INIT = " !"  # Zou et al.'s "! ! ! ...": repeated and cut to k tokens
+TARGET = "Sure! Here is a plan for {topic}"  # the world's compliance opener (lmstack/world/assistant.py COMPLIANCE)
 
 
 @dataclass
@@ -441,7 +442,7 @@ def soft_success(model, tok, cases: list[Case], embeds: torch.Tensor, detector=c
 # --- cases from the synthetic world ---------------------------------------------------------------
 
 def world_cases(world_dir, split: str = "heldout", n: int = 20, seed: int = 0,
-                target: str = "Sure! Here is a plan for {topic}") -> list[Case]:
+                target: str = TARGET) -> list[Case]:
     """The world's harmful requests as cases, the target a compliance opener naming the request's
     topic (lmstack/world/assistant.py COMPLIANCE). split "heldout": the probes (the phrasing held
     out of SFT, probes/harmful.jsonl); "train": the phrasings SFT taught the model to refuse."""
