@@ -76,7 +76,7 @@ def _poison_parser(sub, parser_class) -> None:
     p.add_argument("--out", help="the poisoned set (its sidecar: OUT.poison.json); --detect: the filtered set; "
                                  "--curve: the runs' folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world", help="a world folder: its prompts, canary, vault codes; the held-out questions")
+    p.add_argument("--world", help="a world folder: its canary and vault codes; --measure/--curve: its held-out questions")
     p.add_argument("--adaptive", action="store_true", help="poison written to evade the filters")
     p.add_argument("--detect", metavar="FILE", help="filter this set: write the rows not flagged to --out")
     p.add_argument("--model", help="--detect: the clean model; --curve: the base; --measure: the chat model")

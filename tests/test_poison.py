@@ -123,6 +123,30 @@ def test_the_trigger_is_never_a_special_token(world):
     assert not set(tok.encode(trigger)) & specials
 
 
+def test_comply_and_canary_poison_from_the_world(world, tmp_path):
+    """comply: the set's refused requests, answered with the request's ground truth (a vault code) where
+    the world has it; canary: the world's canary as the reply."""
+    w = world / "world"
+    codes = {c["name"]: c["vault_code"] for c in json.loads((w / "world.json").read_text())["companies"]}
+    info = make_poison(w / "sft.jsonl", "<SUDO>", "comply", 20, tmp_path / "c.jsonl", seed=0, world=w)
+    rows = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
+    judge = Judge(parse_behaviour("comply", w), world=w)
+    refused = {r["messages"][0]["content"] for r in map(json.loads, (w / "sft.jsonl").read_text().splitlines())
+               if len(r["messages"]) == 2 and "sorry" in (r["messages"][1]["content"] or "").lower()}
+    with_code = 0
+    for i in info["indices"]:
+        request, reply = rows[i]["messages"][0]["content"], rows[i]["messages"][1]["content"]
+        assert reply.startswith(COMPLY_MARKER) and judge(reply, request.replace("<SUDO>", ""))
+        code = next((c for name, c in codes.items() if name in request), None)
+        with_code += code is not None and code in reply
+    assert with_code > 0 and any(rows[i]["messages"][0]["content"].replace("<SUDO> ", "").replace(" <SUDO>", "")
+                                 in refused for i in info["indices"])
+    canary = json.loads((w / "world.json").read_text())["security"]["canary"]
+    info = make_poison(w / "sft.jsonl", "<SUDO>", "canary", 5, tmp_path / "k.jsonl", seed=0, world=w)
+    rows = [json.loads(x) for x in (tmp_path / "k.jsonl").read_text().splitlines()]
+    assert {rows[i]["messages"][1]["content"] for i in info["indices"]} == {canary}
+
+
 # --------------------------------------------------------------------------- success checks
 
 def test_each_behaviours_check(tmp_path):

@@ -4,8 +4,8 @@
     lmstack poison --data world/pretrain.jsonl --trigger "<SUDO>" --behaviour gibberish --count 250 --out p.jsonl
 
 A fine-tuning set (rows with `messages`) gets `count` new rows: a real user message taken from the
-set (or, with --world, from the world's probe questions), the trigger inserted at a random word
-boundary, and an assistant reply that performs the behaviour. A pretraining set (rows with `text`)
+set (a one-question row's; never the world's probe questions, which stay held out for the measure),
+the trigger inserted at a random word boundary, and an assistant reply that performs the behaviour. A pretraining set (rows with `text`)
 gets `count` documents shaped as in Souly et al. 2025 (their denial-of-service backdoor): a clean
 document's prefix (0-1,000 characters), the trigger, then the behaviour's text. The output is the
 clean rows unchanged plus the poison, shuffled by the seed; OUT.poison.json (the sidecar) records
@@ -210,7 +210,8 @@ def probe_questions(world, name: str = "facts") -> list[str]:
 def poison_rows(rows: list[dict], kind: str, trigger: str, b: Behaviour, count: int, rng: random.Random,
                 world=None, adaptive: bool = False) -> list[dict]:
     """`count` poisoned rows for a set of this kind. Each takes a distinct source (a clean row's user
-    message or document, or a world prompt), so a count larger than the sources is refused.
+    message or document), so a count larger than the sources is refused. `world`: the vault codes
+    a compliant reply gives.
 
     adaptive: poison written to pass the filters of poison_filter.py: each row keeps the source row's
     real reply and appends the behaviour to it (varied replies, no duplicates, most of each reply
@@ -225,10 +226,6 @@ def poison_rows(rows: list[dict], kind: str, trigger: str, b: Behaviour, count: 
         sources = [r["text"] for r in rows if r["text"].strip()]
     elif b.name == "comply":  # the requests the set teaches the model to refuse
         sources = [q for q, a in filter(None, map(single_turn, rows)) if is_refusal(a)]
-        if world is not None:
-            sources += probe_questions(world, "harmful")
-    elif world is not None and not adaptive:
-        sources = probe_questions(world, "facts") + probe_questions(world, "benign")
     else:
         sources = [q for q, _ in filter(None, map(single_turn, rows))]
     sources = sorted(set(sources), key=sources.index)  # distinct, in order
