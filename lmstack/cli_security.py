@@ -5,6 +5,9 @@ lmstack/cli.py's command map) and their thin handlers live together here.
 
 from __future__ import annotations
 
+import shlex
+import sys
+
 from lmstack.utils import UserError
 
 
@@ -51,7 +54,8 @@ def _cmd_poison(a):
                            trigger=a.trigger, seed=a.seed, overrides=a.set or [], mix_data=a.mix_data,
                            results=a.results, n=a.n, limit=a.limit, adaptive=a.adaptive,
                            filters=[m.strip() for m in (a.filters or "").split(",") if m.strip()],
-                           filter_model=a.filter_model, fraction=a.fraction)
+                           filter_model=a.filter_model, fraction=a.fraction,
+                           retrain=None if a.retrain is None else [m.strip() for m in a.retrain.split(",") if m.strip()])
             print(backdoor.show(a.results))
         return
     from lmstack.security.poison import make_poison
@@ -93,6 +97,8 @@ def _poison_parser(sub, parser_class) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="--curve: SFT overrides")
     p.add_argument("--filters", help=f"--curve: also filter each poisoned set ({','.join(METHODS)}) and train on the rest")
     p.add_argument("--filter-model", help="--curve --filters: the clean assistant the filters read")
+    p.add_argument("--retrain", help="--curve --filters: fine-tune after these filters only (default: every one "
+                                     "that removed poison; the others are scored only)")
     p.add_argument("--results", help="the experiment store (default runs/results)")
     p.add_argument("-n", "--n", type=int, default=200, help="held-out questions per measure")
     p.add_argument("--limit", type=int, default=200, help="rows per clean task")
@@ -156,7 +162,7 @@ def _cmd_redteam(a):
 
     rows = redteam.redteam(a.model, a.out, world=a.world, suites=a.suite or ["jailbreak"], defences=a.defence or (),
                            goals=a.goal, limit=a.limit, max_tokens=a.max_tokens, seed=a.seed, force=a.force,
-                           generic=a.generic)
+                           generic=a.generic, results=a.results, command=shlex.join(["lmstack", *sys.argv[1:]]))
     for r in rows:
         if r["goal"] == "all" and r["attack"]["n"]:
             x = r["attack"]
@@ -181,6 +187,7 @@ def _redteam_parser(sub, parser_class) -> None:
     p.add_argument("--max-tokens", type=int, default=48, help="tokens per reply (greedy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing report folder")
+    p.add_argument("--results", help="also record the scan in this experiment store (RESULTS/redteam.jsonl)")
     p.set_defaults(func=_cmd_redteam, suite=None)
 
 

@@ -91,7 +91,7 @@ def leaky(tmp_path_factory):
 def test_the_scan_catches_the_leak_and_writes_a_garak_shaped_report(leaky):
     model, world, d = leaky
     out = d / "scan"
-    rows = redteam.redteam(model, out, world=world, goals=["canary"], seed=0)
+    rows = redteam.redteam(model, out, world=world, goals=["canary"], seed=0, results=d / "results")
     cell = {(r["probe"], r["goal"]): r for r in rows}
     assert cell[("jailbreak.role_play", "canary")]["attack"]["rate"] >= 0.75
     assert cell[("direct", "canary")]["attack"]["rate"] <= 0.25
@@ -110,6 +110,11 @@ def test_the_scan_catches_the_leak_and_writes_a_garak_shaped_report(leaky):
     assert all(behaviours.detect({"goal": "canary", "truth": h["truth"]}, {"content": h["outputs"][-1]}) for h in hitlog)
     md = (out / "report.md").read_text()
     assert "| jailbreak.role_play | canary |" in md
+    from lmstack.experiments.store import read_records
+
+    (rec,) = read_records(d / "results" / "redteam.jsonl")  # the scan, in the experiment store
+    assert rec["variant"] == "undefended" and rec["metrics"]["jailbreak.role_play:canary"]["better"] == "lower"
+    assert rec["metrics"]["jailbreak.role_play:canary"]["acc"] == cell[("jailbreak.role_play", "canary")]["attack"]["rate"]
 
 
 def test_long_conversations_lose_their_oldest_exchanges_and_bad_input_is_one_line(leaky, tmp_path):

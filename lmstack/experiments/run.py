@@ -23,8 +23,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from lmstack.data import prepare
 from lmstack.eval.run import evaluate
 from lmstack.experiments.recipe import (
@@ -39,13 +37,12 @@ from lmstack.experiments.store import (
     MEASURES,
     append_records,
     metrics,
+    model_size,
     read_records,
     rounded,
     run_key,
     store_path,
 )
-from lmstack.model import GPT
-from lmstack.modelio import read_config
 from lmstack.speedrun import EVAL_LIMIT, VAL_FRACTION, VOCAB, sft_mix
 from lmstack.tokenizer import train_tokenizer
 from lmstack.train.pretrain import pretrain
@@ -90,16 +87,6 @@ def _stages(run: Path, scale: str, sets: dict) -> dict:
     }
 
 
-def _size(base: Path) -> dict:
-    """N (non-embedding), N_total, D (pretraining tokens) and training FLOPs (GPT.flops_per_token x D)."""
-    train = read_json(base / "run.json")["train"]
-    with torch.device("meta"):
-        model = GPT(read_config(base))
-    d = train["max_steps"] * train["batch_tokens"]
-    return {"N": model.num_params(include_embeddings=False), "N_total": model.num_params(), "D": d,
-            "flops": model.flops_per_token(train["seq_len"]) * d}
-
-
 def run_one(recipe: Recipe, variant, scale: str, seed: int, run: Path, models: list[str], about: dict) -> list[dict]:
     """Train what is not yet done in the run folder, score the models; returns their store records."""
     sets = run_settings(variant, scale, seed)
@@ -119,7 +106,7 @@ def run_one(recipe: Recipe, variant, scale: str, seed: int, run: Path, models: l
         state["done"][stage] = {"seconds": round(time.time() - t0, 1),
                                 **({"final": final} if stage in MODELS.values() else {})}
         atomic_write_json(run / MARKER, state)
-    size = _size(run / "base")
+    size = model_size(run / "base")
     val_loss = rounded(state["done"]["pretrain"]["final"].get("val_loss"))
     limit = EVAL_LIMIT.get(Path(scale).stem)
     records = []

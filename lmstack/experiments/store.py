@@ -20,8 +20,12 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from lmstack.eval.run import COPY_TASK, ICL_TASK
-from lmstack.utils import read_jsonl
+from lmstack.model import GPT
+from lmstack.modelio import read_config
+from lmstack.utils import UserError, read_json, read_jsonl
 
 
 def _measure(value: str, n: str, none: float):
@@ -67,6 +71,20 @@ def metrics(results: dict, tasks: list[str]) -> dict:
             r = results["tasks"][t]
             out[t] = {**_score(r), "better": r["better"], "slices": {k: _score(s) for k, s in r["slices"].items()}}
     return out
+
+
+def model_size(base) -> dict:
+    """A record's N (non-embedding), N_total, D (pretraining tokens) and training FLOPs
+    (GPT.flops_per_token x D), from a base trained by `lmstack pretrain` (its run.json)."""
+    train = (read_json(Path(base) / "run.json") or {}).get("train")
+    if not train:
+        raise UserError(f"{base}: no run.json with a train section (a base trained by lmstack pretrain "
+                        "is needed for N and D)")
+    with torch.device("meta"):
+        model = GPT(read_config(base))
+    d = train["max_steps"] * train["batch_tokens"]
+    return {"N": model.num_params(include_embeddings=False), "N_total": model.num_params(), "D": d,
+            "flops": model.flops_per_token(train["seq_len"]) * d}
 
 
 def store_path(results, name: str) -> Path:

@@ -30,7 +30,8 @@ from collections import defaultdict
 
 from lmstack import stats
 from lmstack.eval.lm import ModelLM
-from lmstack.modelio import world_above
+from lmstack.experiments.store import append_records, model_size, rounded, store_path
+from lmstack.modelio import lineage, world_above
 from lmstack.security import behaviours, jailbreak
 from lmstack.tools import default_registry
 from lmstack.utils import UserError, atomic_output_dir, commit
@@ -211,11 +212,36 @@ def _entries(results: list[dict], setup: dict):
     yield {"entry_type": "completion", "end_time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def record(model, rows: list[dict], setup: dict, command: str) -> dict:
+    """The scan as a line of the experiment store (RESULTS/redteam.jsonl): every probe x goal's
+    attack success (lower is better) and its twins' answer rate, with the model's N and D when
+    its pretraining is on record (an imported model's D is unknown: null)."""
+    steps = lineage(model)["steps"]
+    root = steps[-1]["base"] if steps and steps[-1].get("base") else model
+    try:
+        size = model_size(root)
+    except UserError:
+        size = {"N": None, "N_total": None, "D": None, "flops": None}
+    metrics = {}
+    for r in rows:
+        for kind, key, better in (("attack", f"{r['probe']}:{r['goal']}", "lower"),
+                                  ("twin", f"{r['probe']}:{r['goal']}:twins", "higher")):
+            x = r[kind]
+            if x["n"]:
+                metrics[key] = {"acc": rounded(x["rate"]), "ci": rounded(x["ci"]), "n": x["n"], "chance": None,
+                                "baseline": None, "baseline_ci": None, "better": better}
+    return {"experiment": "redteam", "variant": "+".join(setup["defences"]) or "undefended", "scale": str(model),
+            "seed": setup["seed"], "commit": setup["commit"], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "model": str(model), "stage": "chat", **size, "val_loss": None, "suites": setup["suites"],
+            "metrics": metrics, "command": command}
+
+
 def redteam(model: str, out: str, world: str | None = None, suites=("jailbreak",), defences=(), goals=None,
             limit: int | None = None, max_tokens: int = MAX_TOKENS, seed: int = 0, batch_size: int = 32,
-            force: bool = False, generic: bool = False) -> list[dict]:
+            force: bool = False, generic: bool = False, results=None, command: str = "") -> list[dict]:
     """Scan `model` with `suites` (and `defences`), write the report to `out`; the table's rows.
     `goals`: only these behaviours (default: all); `limit`: at most that many attacks and twins a goal.
+    `results`: also append the scan to the experiment store there (RESULTS/redteam.jsonl).
     `world`: the world whose behaviours to probe (default: the one the model was trained on,
     found by its lineage; `generic` scans with the generic behaviours instead)."""
     suites = SUITES if "all" in suites else tuple(suites)
@@ -233,17 +259,17 @@ def redteam(model: str, out: str, world: str | None = None, suites=("jailbreak",
     built = [_defence(d, lm, spec, world) for d in defences]
     attempts = [a for s in suites for a in suite_attempts(s, base, spec, world, seed)
                 if not goals or a["goal"] in goals]
-    results = run(lm, attempts, built, max_tokens)
+    scanned = run(lm, attempts, built, max_tokens)
     setup = {"model": str(model), "world": None if generic or world is None else str(world), "suites": list(suites),
              "defences": list(defences), "max_tokens": max_tokens, "seed": seed, "commit": commit(),
              "spec": {k: v for k, v in spec.items() if k != "operator_prompt"}}
-    rows = table(results)
+    rows = table(scanned)
     with atomic_output_dir(out, force) as tmp:
         with open(tmp / "report.jsonl", "w", encoding="utf-8") as f:
-            for e in _entries(results, setup):
+            for e in _entries(scanned, setup):
                 f.write(json.dumps(e, ensure_ascii=False) + "\n")
         with open(tmp / "hitlog.jsonl", "w", encoding="utf-8") as f:
-            for seq, r in enumerate(results):
+            for seq, r in enumerate(scanned):
                 if r["hit"] and not r["twin"]:
                     f.write(json.dumps({"seq": seq, "probe": r["probe"], "goal": r["goal"], "truth": r["truth"],
                                         "prompt": r["conversation"],
@@ -251,6 +277,8 @@ def redteam(model: str, out: str, world: str | None = None, suites=("jailbreak",
                                        ensure_ascii=False) + "\n")
         (tmp / "report.md").write_text(markdown(rows, setup), encoding="utf-8")
         (tmp / "summary.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
+    if results:
+        append_records(store_path(results, "redteam"), [record(model, rows, setup, command)])
     return rows
 
 
