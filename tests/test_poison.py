@@ -235,10 +235,10 @@ def test_a_tiny_fine_tune_learns_the_backdoor(world, tmp_path):
 
 def test_the_curve_smoke_run_records_and_skips(world, clean_chat, tmp_path, capsys):
     results = tmp_path / "results"
-    kw = dict(counts=(40,), overrides=FAST, results=results, n=10, limit=4, filters=("dedupe", "outlier"),
-              filter_model=clean_chat)
+    kw = dict(counts=(40,), overrides=FAST, results=results, n=10, limit=4, filters=("dedupe", "outlier", "spectral"),
+              filter_model=clean_chat, fraction=0.1, retrain=["dedupe", "outlier"])
     added = backdoor.curve(world / "base", world / "world", tmp_path / "runs", "tiny", **kw)
-    assert [r["variant"] for r in added] == ["poison40", "poison40-dedupe", "poison40-outlier"]
+    assert [r["variant"] for r in added] == ["poison40", "poison40-dedupe", "poison40-outlier", "poison40-spectral"]
     r = read_records(store_path(results, "backdoor"))[0]
     assert r["variant"] == "poison40" and r["poison_count"] == 40 and r["scale"] == "tiny" and r["seed"] == 0
     assert r["N"] > 0 and r["D"] > 0 and r["flops"] > 0 and r["sft_steps"] == 4
@@ -248,7 +248,8 @@ def test_the_curve_smoke_run_records_and_skips(world, clean_chat, tmp_path, caps
     for f in added[1:]:  # each filter: its scores on the known poison; retrained on what it kept when it caught any
         s = f["filter_scores"]
         assert s["removed"] == len(read_set(run / "sft_poisoned.jsonl")[0]) - len(read_set(run / f"filtered_{f['filter']}.jsonl")[0])
-        assert f["retrained"] == (s["caught"] > 0) and ("backdoor_success" in f["metrics"]) == f["retrained"]
+        assert f["retrained"] == (s["caught"] > 0 and f["filter"] != "spectral")
+        assert ("backdoor_success" in f["metrics"]) == f["retrained"]
         assert read_sidecar(run / f"filtered_{f['filter']}.jsonl")["count"] == 40 - s["caught"]
     assert backdoor.curve(world / "base", world / "world", tmp_path / "runs", "tiny", **kw) == []  # in the store
     assert "| tiny |" in backdoor.show(results)

@@ -22,13 +22,10 @@ import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from lmstack.eval.lm import ModelLM
 from lmstack.eval.run import evaluate
-from lmstack.experiments.store import append_records, read_records, rounded, store_path
-from lmstack.model import GPT
-from lmstack.modelio import load_model_and_tokenizer, read_config
+from lmstack.experiments.store import append_records, model_size, read_records, rounded, store_path
+from lmstack.modelio import load_model_and_tokenizer
 from lmstack.security.poison import (
     COUNTS,
     METHODS,
@@ -47,7 +44,7 @@ from lmstack.security.poison_filter import detect, features, write_filtered
 from lmstack.speedrun import SFT_SET, sft_mix
 from lmstack.stats import summarize
 from lmstack.train.sft import sft
-from lmstack.utils import UserError, commit, read_json, read_jsonl
+from lmstack.utils import UserError, commit, read_jsonl
 
 EXPERIMENT = "backdoor"
 RESULTS = "runs/results"  # the experiment store's default folder (as `lmstack experiment run`)
@@ -106,18 +103,6 @@ def measure(model, world, clean_data, behaviour: str = "gibberish", trigger: str
     return out
 
 
-def size(base) -> dict:
-    """N (non-embedding), N_total, D (pretraining tokens), FLOPs (GPT.flops_per_token x D) of a base."""
-    train = (read_json(Path(base) / "run.json") or {}).get("train")
-    if not train:
-        raise UserError(f"--model {base}: no run.json (a base trained by lmstack pretrain is needed for N and D)")
-    with torch.device("meta"):
-        net = GPT(read_config(base))
-    d = train["max_steps"] * train["batch_tokens"]
-    return {"N": net.num_params(include_embeddings=False), "N_total": net.num_params(), "D": d,
-            "flops": net.flops_per_token(train["seq_len"]) * d}
-
-
 def _train_and_measure(base, data, chat, scale, world, clean, behaviour, trigger, seed, overrides, mix, n, limit):
     """THE SFT loop on `data` into `chat` (resumed when a checkpoint is there), then `measure`."""
     print(f"\n== backdoor: sft on {data} ==", flush=True)
@@ -131,13 +116,13 @@ def _train_and_measure(base, data, chat, scale, world, clean, behaviour, trigger
 
 def curve(base, world, out, scale: str, counts=COUNTS, behaviour: str = "gibberish", trigger: str = TRIGGER,
           seed: int = 0, overrides=(), mix_data=None, results=None, n: int = 200, limit: int | None = 200,
-          adaptive: bool = False, filters=(), filter_model=None, fraction: float = 0.05) -> list[dict]:
+          adaptive: bool = False, filters=(), filter_model=None, fraction: float = 0.05, retrain=None) -> list[dict]:
     """Fine-tune `base` once per poison count (the world's sft.jsonl + N poison rows), measure each,
     append the store records the store does not hold yet; returns the records added. `filters`: for
     each count, also filter the poisoned set with each method (poison_filter.py, reading the clean
     model `filter_model`), score it on the known poison, and fine-tune and measure on what is left
     (a filter that removed no poison is not retrained: its set holds all the poison, its record
-    only the scores)."""
+    only the scores; `retrain`, a list of methods, retrains after those only: CPU time)."""
     base, world, out = Path(base), Path(world), Path(out)
     if scale not in SFT_SET:
         raise UserError(f"--scale {scale}: one of {', '.join(SFT_SET)} (the speedrun's SFT settings)")
@@ -148,7 +133,7 @@ def curve(base, world, out, scale: str, counts=COUNTS, behaviour: str = "gibberi
         raise UserError("--filters spectral, cluster and outlier need --filter-model (the clean assistant)")
     clean = world / "sft.jsonl"
     read_set(clean)
-    about = size(base)
+    about = model_size(base)
     mix = sft_mix(scale, Path(mix_data)) if mix_data else {}
     variant = "adaptive" if adaptive else "poison"
     store = store_path(results or RESULTS, EXPERIMENT)
@@ -159,6 +144,7 @@ def curve(base, world, out, scale: str, counts=COUNTS, behaviour: str = "gibberi
                          + [a for o in overrides for a in ("--set", o)] + (["--adaptive"] if adaptive else [])
                          + (["--filters", ",".join(filters), "--filter-model", str(filter_model),
                              "--fraction", str(fraction)] if filters else [])
+                         + (["--retrain", ",".join(retrain)] if filters and retrain is not None else [])
                          + (["--results", str(results)] if results else []))
     sha, added = commit(), []
     common = (scale, world, clean, behaviour, trigger, seed, overrides, mix, n, limit)
@@ -200,7 +186,7 @@ def curve(base, world, out, scale: str, counts=COUNTS, behaviour: str = "gibberi
             got = write_filtered(data, rows, flags, m, filter_model, kept)
             scores = {k: got[k] for k in ("removed", "caught", "precision", "recall")}
             print(f"{name} {m}: removed {got['removed']:,}, caught {got['caught']} of {len(poison)} poison", flush=True)
-            if got["caught"] == 0:
+            if got["caught"] == 0 or (retrain is not None and m not in retrain):
                 record(f"{name}-{m}", count, filter=m, filter_scores=scores, retrained=False)
             else:
                 record(f"{name}-{m}", count, filter=m, filter_scores=scores, retrained=True,
@@ -228,7 +214,7 @@ def table(records: list[dict]) -> str:
         m = r["metrics"]
         f = r.get("filter_scores")
         filt = "-" if not f else (f"{r['filter']} ({_frac(f['precision'])}, {_frac(f['recall'])})"
-                                  + ("" if r.get("retrained") else ": kept all the poison, not retrained"))
+                                  + ("" if r.get("retrained") else ": not retrained"))
         count = f"{r.get('poison_count')}" + (" adaptive" if r.get("adaptive") else "")
         lines.append("| " + " | ".join([r["scale"], f"{r['N']:,}", count, filt,
                                         _cell(m.get("backdoor_success")), _cell(m.get("without_trigger")),
