@@ -118,7 +118,7 @@ def _cmd_gcg(a):
         heldout = world_cases(a.world, "heldout", a.n_heldout, seed=a.seed, target=a.target) if a.universal else []
     r = suffix_suite(a.model, train, heldout, a.out, universal=a.universal, steps=a.steps, k=a.suffix_len,
                      top_k=a.top_k, batch=a.batch, transfer=a.transfer or [], ppl_weight=a.ppl_weight, world=a.world,
-                     soft_steps=a.soft_steps, seed=a.seed, max_tokens=a.max_tokens, progressive=a.progressive,
+                     soft_steps=a.soft_steps, soft_lr=a.soft_lr, seed=a.seed, max_tokens=a.max_tokens, progressive=a.progressive,
                      force=a.force)
     for name, s in r["success"].items():
         print(f"GCG success on {name}: {s['k']}/{s['n']} (baseline {r['baseline'][name]['k']}/{r['baseline'][name]['n']})")
@@ -151,6 +151,7 @@ def _gcg_parser(sub, parser_class) -> None:
     p.add_argument("--ppl-weight", type=float, default=0.0,
                    help="> 0: also run the adaptive attack, the filter's score x W in the loss (needs --world)")
     p.add_argument("--soft-steps", type=int, default=100, help="Adam steps of the soft prompt (0: none)")
+    p.add_argument("--soft-lr", type=float, default=0.05, help="the soft prompt's Adam learning rate")
     p.add_argument("--max-tokens", type=int, default=48, help="reply tokens generated to judge success")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")

@@ -374,7 +374,7 @@ def success(model, tok, cases: list[Case], suffix: str | list[str] = "", detecto
 
 # --- the soft prompt ------------------------------------------------------------------------------
 
-def soft_prompt(model, tok, cases: list[Case], k: int = 20, steps: int = 100, lr: float = 0.01, init: str = INIT,
+def soft_prompt(model, tok, cases: list[Case], k: int = 20, steps: int = 100, lr: float = 0.05, init: str = INIT,
                 log=None) -> dict:
     """k free input vectors in place of the suffix, optimised with Adam on the loss summed over
     the cases. Returns {"embeds": [k, d] tensor, "steps": [{step, loss}], "seconds"}."""

@@ -52,7 +52,7 @@ def _rate(r: dict) -> dict:
 
 def suffix_suite(model_dir, cases_train, cases_heldout, out, *, universal: bool = True, steps: int = 100,
                  k: int = 20, top_k: int = 64, batch: int = 64, transfer=(), ppl_weight: float = 0.0,
-                 world=None, soft_steps: int = 100, soft_lr: float = 0.01, seed: int = 0, max_tokens: int = 48,
+                 world=None, soft_steps: int = 100, soft_lr: float = 0.05, seed: int = 0, max_tokens: int = 48,
                  detector=G.contains_target, progressive: bool = False, force: bool = False, log=print) -> dict:
     """Run the suite (see the module's docstring). cases_*: a cases file or a list of Case.
     Individual mode (universal False): every train case gets its own suffix and soft prompt,
@@ -68,7 +68,7 @@ def suffix_suite(model_dir, cases_train, cases_heldout, out, *, universal: bool 
     model, tok = load_model_and_tokenizer(model_dir, kind="chat")
     say = log or (lambda *_: None)
     curves, res = [], {"model": str(model_dir), "universal": universal, "settings": {
-        "steps": steps, "suffix_len": k, "top_k": top_k, "batch": batch, "soft_steps": soft_steps,
+        "steps": steps, "suffix_len": k, "top_k": top_k, "batch": batch, "soft_steps": soft_steps, "soft_lr": soft_lr,
         "seed": seed, "max_tokens": max_tokens, "ppl_weight": ppl_weight, "progressive": progressive}}
     t0 = time.time()
 
