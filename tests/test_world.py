@@ -67,7 +67,7 @@ def test_same_seed_gives_byte_identical_files(world_dir, tmp_path):
 def test_outputs_exist_and_are_well_formed(world_dir):
     for name in ["world.json", "pretrain.jsonl", "sft.jsonl", "comparisons.jsonl", "LABELLING_GUIDE.md"]:
         assert (world_dir / name).stat().st_size > 0
-    for name in ["facts", "inverse", "reversal", "arithmetic", "harmful", "benign", "nonexistent", "security"]:
+    for name in ["facts", "inverse", "reversal", "arithmetic", "harmful", "benign", "nonexistent", "security", "vault"]:
         assert len(read_jsonl(world_dir / "probes" / f"{name}.jsonl")) > 0, name
     kinds = {r["kind"] for r in read_jsonl(world_dir / "pretrain.jsonl")}
     assert kinds == {"bio", "city", "company", "university", "story", "arithmetic", "vault"}
@@ -538,3 +538,7 @@ def test_security_behaviours_are_taught_checkable_and_probed_in_new_phrasings(wo
                 company = next(c for c in world["companies"] if c["name"] in asked)
                 assert p["truth"] == company["vault_code"]
     assert {sec.ASK_CANARY[-1], sec.ASK_VAULT[-1].split("{")[0]} & {u for u in seen_user} == set()
+    vault_probes = read_jsonl(world_dir / "probes" / "vault.jsonl")  # what the base knows of it: vault_rank
+    assert len(vault_probes) == len(codes)
+    for p, c in zip(vault_probes, world["companies"]):
+        assert p["answer"] == c["vault_code"] and c["vault_code"] not in p["distractors"] and p["cloze"] not in vault

@@ -108,6 +108,7 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
             "arithmetic": arith_rows,
             **pr.behaviour_probes(world, ix, rng, probe_behaviour),
             "security": sec.probes(world, rng, 2 * probe_behaviour, exclude_arith),
+            "vault": sec.knowledge_probes(world, rng),
         }
         (tmp / "probes").mkdir()
         for name, rows in probe_sets.items():
