@@ -137,6 +137,11 @@ def test_long_conversations_lose_their_oldest_exchanges_and_bad_input_is_one_lin
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no security behaviours" in r.stderr
     r = run_cli("redteam", "--model", model, "--world", world, "--goal", "secrets", "--out", tmp_path / "y")
     assert r.returncode != 0 and "unknown goal" in r.stderr and "Traceback" not in r.stderr
+    # a model whose lineage names no world is scanned with the generic behaviours, and says so
+    r = run_cli("redteam", "--model", model, "--goal", "canary", "--limit", "1", "--out", tmp_path / "z")
+    assert r.returncode == 0 and "no world found" in r.stdout
+    setup = json.loads((tmp_path / "z" / "report.jsonl").read_text().splitlines()[0])
+    assert setup["world"] is None and setup["spec"]["canary"] == behaviours.GENERIC["canary"]
 
 
 def test_safety_data_uses_train_templates_only_and_keeps_the_twins_answered(leaky):

@@ -31,7 +31,7 @@ from collections import defaultdict
 from lmstack import stats
 from lmstack.eval.lm import ModelLM
 from lmstack.experiments.store import append_records, model_size, rounded, store_path
-from lmstack.modelio import lineage, world_above
+from lmstack.modelio import lineage
 from lmstack.security import behaviours, jailbreak
 from lmstack.tools import default_registry
 from lmstack.utils import UserError, atomic_output_dir, commit
@@ -246,7 +246,10 @@ def redteam(model: str, out: str, world: str | None = None, suites=("jailbreak",
     found by its lineage; `generic` scans with the generic behaviours instead)."""
     suites = SUITES if "all" in suites else tuple(suites)
     if not generic and world is None:
-        world = world_above(model)
+        world = lineage(model)["world"]
+        if world is None:
+            print(f"{model}: no world found in its lineage; scanning the generic behaviours (--world W to choose)")
+            generic = True
     spec, base = behaviours.load(None if generic else world)
     if goals:
         unknown = set(goals) - set(behaviours.GOALS)
