@@ -191,9 +191,9 @@ def plot_losses(curves: list[dict], path) -> None:
         runs.setdefault(r["run"], []).append((r["step"], r["loss"]))
     for name, pts in runs.items():
         kind = name.split("-")[0]
-        style = {"gcg": "-", "adaptive": "--", "soft": ":"}.get(kind, "-")
-        label = name if "-" not in name or name.endswith("-0") else None
-        ax.plot(*zip(*pts), style, label=label and kind, alpha=0.8)
+        style, color = {"gcg": ("-", "C0"), "adaptive": ("--", "C1"), "soft": (":", "C2")}.get(kind, ("-", "C3"))
+        label = kind if "-" not in name or name.endswith("-0") else None  # one legend entry per kind
+        ax.plot(*zip(*pts), style, color=color, label=label, alpha=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("target cross-entropy (nats/token)")
     ax.set_title("adversarial suffix: loss per step")
