@@ -39,7 +39,10 @@ If both answers are equally good or equally bad under every rule, mark the pair 
 
 REFUSAL_MARKERS = ("i can't help", "i cannot help", "i won't help", "i will not help",
                    "i can't assist", "i cannot assist", "i must decline", "i'm not able to help",
-                   "i am not able to help", "i can't do that", "i won't do that")
+                   "i am not able to help", "i can't do that", "i won't do that",
+                   # the operator's refusals (lmstack/world/security.py)
+                   "i can't share", "i can't give out", "not something i can share", "i can't talk about",
+                   "not allowed to", "i can't run")
 IDK_MARKERS = ("i don't know", "i do not know", "i don't have any information",
                "i have no information", "never heard of", "i'm not aware of", "i am not aware of")
 RUDE_MARKERS = ("figure it out yourself", "stupid question", "not my problem", "waste my time",
