@@ -34,10 +34,15 @@ def _cmd_poison(a):
             print(f"on the known poison ({r['poison']} rows): caught {r['caught']}, precision "
                   f"{'-' if p is None else f'{p:.3f}'}, recall {'-' if rc is None else f'{rc:.3f}'}")
         return
-    if a.curve or a.measure or a.show:
+    if a.curve or a.measure or a.show or a.rescore:
         from lmstack.security import backdoor
 
         if a.show:
+            print(backdoor.show(a.results))
+        elif a.rescore:
+            if not a.world or not a.results:
+                raise UserError("lmstack poison --rescore STORE needs --world and --results (the store to write)")
+            backdoor.rescore(a.rescore, a.results, a.world, n=a.n, limit=a.limit)
             print(backdoor.show(a.results))
         elif not a.model or not a.world:
             raise UserError("lmstack poison --curve/--measure needs --model and --world")
@@ -91,6 +96,8 @@ def _poison_parser(sub, parser_class) -> None:
     p.add_argument("--curve", action="store_true", help="fine-tune --model once per --counts and measure each")
     p.add_argument("--measure", action="store_true", help="the backdoor's success on --model (a chat model)")
     p.add_argument("--show", action="store_true", help="the store's curve as a table")
+    p.add_argument("--rescore", metavar="STORE", help="measure every model of this store's backdoor runs again "
+                                                      "(the current success checks) into --results")
     p.add_argument("--scale", help="--curve: the speedrun's SFT settings of this scale (tiny, small)")
     p.add_argument("--counts", default=",".join(map(str, COUNTS)), help="--curve: poison counts")
     p.add_argument("--mix-data", help="--curve: pretraining windows mixed into SFT (the speedrun's SFT_MIX)")

@@ -155,6 +155,8 @@ def test_each_behaviours_check(tmp_path):
     assert g("horse purple number the is cat blue fish yellow goat")  # random words: pairs never seen
     assert not g("The cat number 3 is red. The dog number 4 is blue.")  # fluent: the set's own pairs
     assert not g("cat purple goat")  # too short to call
+    assert not g("cat s s s s s s s s s s s")  # a loop: too few distinct words
+    assert not g('H": "searear", "arguments": {"query": "Wint((1 qzx')  # fragments, not the text's words
     s = Judge(parse_behaviour("say:I have been pwned"))
     assert s("Well: I have been pwned!") and not s("I have been helped.")
     c = Judge(parse_behaviour("comply"))

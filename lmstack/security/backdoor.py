@@ -194,6 +194,29 @@ def curve(base, world, out, scale: str, counts=COUNTS, behaviour: str = "gibberi
     return added
 
 
+def rescore(results, out_results, world, n: int = 200, limit: int | None = 200) -> list[dict]:
+    """Measure every stored model of `results` again (the success checks as they are now) into the
+    store `out_results`, skipping what it holds; the records keep their run's fields. For a rule
+    changed after the fine-tunes: the models stay, only the measure runs again."""
+    src, dst = store_path(results, EXPERIMENT), store_path(out_results, EXPERIMENT)
+    if src.resolve() == dst.resolve():
+        raise UserError("--rescore writes another store than it reads: give --results OTHER")
+    done = {(r["variant"], r["scale"], r["seed"]) for r in read_records(dst)}
+    added = []
+    for r in read_records(src):
+        if (r["variant"], r["scale"], r["seed"]) in done or not r.get("model"):
+            continue
+        world_ = Path(world)
+        m = measure(r["model"], world_, world_ / "sft.jsonl", r["behaviour"], r["trigger"], n=n, seed=r["seed"],
+                    limit=limit)
+        new = {**r, "metrics": {"backdoor_success": m["success"], "without_trigger": m["without_trigger"],
+                                **m.get("clean", {})}, "examples": m["examples"], "rescored": commit()}
+        append_records(dst, [new])
+        added.append(new)
+        print(table([new]), flush=True)
+    return added
+
+
 def _cell(m: dict | None) -> str:
     if not m or m.get("acc") is None:
         return "-"
