@@ -116,14 +116,16 @@ def suffix_suite(model_dir, cases_train, cases_heldout, out, *, universal: bool 
             return r
         if universal:
             sp = soft("soft", train)
-            res["soft"] = {s: _rate(G.soft_success(model, tok, c, sp["embeds"], detector, max_tokens))
-                           for s, c in sets.items() if c}
+            got = {s: G.soft_success(model, tok, c, sp["embeds"], detector, max_tokens) for s, c in sets.items() if c}
+            res["soft"] = {s: _rate(r) for s, r in got.items()}
+            res["replies"].update({f"soft_{s}": r["rows"] for s, r in got.items()})
             res["soft"]["final_loss"] = sp["steps"][-1]["loss"]
         else:
             hits = []
             for i, c in enumerate(train):
                 sp = soft(f"soft-{i}", [c])
                 hits += G.soft_success(model, tok, [c], sp["embeds"], detector, max_tokens)["rows"]
+            res["replies"]["soft_train"] = hits
             kk = sum(h["hit"] for h in hits)
             res["soft"] = {"train": {"n": len(hits), "k": kk, "rate": kk / len(hits), "ci": list(wilson(kk, len(hits)))}}
 
