@@ -255,6 +255,13 @@ def test_the_curve_smoke_run_records_and_skips(world, clean_chat, tmp_path, caps
         assert read_sidecar(run / f"filtered_{f['filter']}.jsonl")["count"] == 40 - s["caught"]
     assert backdoor.curve(world / "base", world / "world", tmp_path / "runs", "tiny", **kw) == []  # in the store
     assert "| tiny |" in backdoor.show(results)
+    # --rescore: the same models measured again into another store; the filter scores copied
+    again = backdoor.rescore(results, tmp_path / "again", world / "world", n=10, limit=4)
+    assert [r["variant"] for r in again] == [r["variant"] for r in added]
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in added]  # greedy: the same replies
+    assert backdoor.rescore(results, tmp_path / "again", world / "world", n=10, limit=4) == []
+    with pytest.raises(UserError, match="another store"):
+        backdoor.rescore(results, results, world / "world")
 
 
 def test_heldout_prompts_are_never_training_prompts(world):

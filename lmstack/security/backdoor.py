@@ -204,7 +204,11 @@ def rescore(results, out_results, world, n: int = 200, limit: int | None = 200) 
     done = {(r["variant"], r["scale"], r["seed"]) for r in read_records(dst)}
     added = []
     for r in read_records(src):
-        if (r["variant"], r["scale"], r["seed"]) in done or not r.get("model"):
+        if (r["variant"], r["scale"], r["seed"]) in done:
+            continue
+        if not r.get("model"):  # a filter's scores only (nothing was trained): nothing to measure
+            append_records(dst, [r])
+            added.append(r)
             continue
         world_ = Path(world)
         m = measure(r["model"], world_, world_ / "sft.jsonl", r["behaviour"], r["trigger"], n=n, seed=r["seed"],
