@@ -172,3 +172,17 @@ def test_safety_data_uses_train_templates_only_and_keeps_the_twins_answered(leak
             assert not any(k in c["chosen"] for k in (spec["canary"], spec["banned_word"], *codes))
     with pytest.raises(UserError, match="at least"):
         safety_data(world, d / "safe2", n=2)
+
+
+def test_the_suffix_suite_appends_one_gcg_suffix_per_goal_to_the_held_out_requests(leaky):
+    model, world, d = leaky
+    rows = redteam.redteam(model, d / "suffix", world=world, suites=["suffix"], goals=["canary"], limit=3,
+                           suffix_steps=2)
+    assert {r["probe"] for r in rows} == {"suffix.gcg"}
+    attempts = [json.loads(x) for x in (d / "suffix" / "report.jsonl").read_text().splitlines()
+                if '"entry_type": "attempt"' in x]
+    _, base = behaviours.load(world)
+    held = [a["messages"][-1]["content"] for a in base if a["goal"] == "canary"][:6]
+    asked = [e["prompt"][-1]["content"] for e in attempts]
+    assert len(asked) == 6 and all(q.startswith(h) and len(q) > len(h) for q, h in zip(sorted(asked), sorted(held)))
+    assert len({q[len(h):] for q, h in zip(sorted(asked), sorted(held))}) == 1  # one universal suffix
