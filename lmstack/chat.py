@@ -117,13 +117,13 @@ def recall(history: list[dict], memory, knowledge=None) -> list[dict]:
 
 def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p: float | None = 0.95,
          max_tokens: int = 256, seed: int | None = None, tools: bool = True, dtype: str = "auto",
-         memory: str | bool | None = True) -> int:
+         memory: str | bool | None = True, guard=None) -> int:
     """The interactive chat: streamed replies, history across turns, tool calls shown as they run.
     `model` is a chat model folder or an assistant folder (lmstack/assistant.py: its instructions,
     knowledge and tools). `memory`: turns that outgrow the context are paged out and recalled
     (True: for this session; a folder: kept there, so a later chat with the same folder still
-    remembers; False: forgotten). Ctrl-C during a reply stops the reply; Ctrl-C or Ctrl-D at the
-    prompt exits."""
+    remembers; False: forgotten). `guard`: a defence of untrusted text (stream_chat's). Ctrl-C during
+    a reply stops the reply; Ctrl-C or Ctrl-D at the prompt exits."""
     from lmstack.assistant import is_assistant, load
     from lmstack.tools.memory import ConversationMemory
 
@@ -144,13 +144,14 @@ def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p:
         registry = registry.with_tools(pages.tool())  # a model may look a page up itself
     try:
         return _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, seed, registry, knowledge,
-                          pages)
+                          pages, guard)
     finally:
         if pages is not None:
             pages.close()
 
 
-def _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, seed, registry, knowledge, memory):
+def _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, seed, registry, knowledge, memory,
+               guard):
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -236,7 +237,7 @@ def _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, see
         col0[0] = True
         try:
             for ev in stream_chat(net, tok, history, registry, max_tokens=max_tokens, temperature=temperature,
-                                  top_p=top_p, seed=None if seed is None else seed + 100 * turn):
+                                  top_p=top_p, seed=None if seed is None else seed + 100 * turn, guard=guard):
                 if ev["type"] == "text":
                     print(ev["text"], end="", flush=True)
                     col0[0] = ev["text"].endswith("\n")

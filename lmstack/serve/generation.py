@@ -57,11 +57,15 @@ class ServedAssistant:
 class Server:
     """The model behind the API: tokenizer and chat format, batcher, limits, optional API key
     and feedback database; the tools the web app may run (`tools`, default: the default
-    registry's) and the assistants served on the model (each its own model id)."""
+    registry's) and the assistants served on the model (each its own model id). `guard` (off by
+    default): the defence of untrusted text (tool results, pasted documents) every conversation
+    goes through before the model reads it, e.g. lmstack/security/hierarchy.py's datamarking."""
 
     def __init__(self, model, tok, name: str, api_key: str | None = None, db=None, limits: Limits | None = None,
-                 slots: int = 16, tools: ToolRegistry | None = None, assistants=(), default: str | None = None):
+                 slots: int = 16, tools: ToolRegistry | None = None, assistants=(), default: str | None = None,
+                 guard=None):
         self.model, self.tok, self.fmt, self.name = model, tok, chat_format(tok), name
+        self.guard = guard
         self.api_key, self.db = api_key, db
         self.tools = default_registry() if tools is None else tools
         self.assistants: dict[str, ServedAssistant] = {a.name: a for a in assistants}
@@ -146,6 +150,8 @@ class Server:
                            "(tools are off for it); send the request without tools", param="tools")
         self.check_text_length(sum(len(m["content"]) for m in messages
                                    if isinstance(m, dict) and isinstance(m.get("content"), str)))
+        if self.guard is not None:
+            messages = self.guard.conversation(messages)
         try:
             ids = self.fmt.prompt(messages, tools)
         except ChatFormatError as e:
@@ -301,7 +307,8 @@ class AssistantTurns:
         conv = await run_in_threadpool(a.assistant.prepare, messages, a.finder)
         if messages[-1]["role"] == "user" and conv[-1]["role"] == "tool":
             self.lookup = conv[-2:]
-        self.loop = ToolLoop(s.fmt, [conv] * self.n, a.tools, MAX_TOOL_ROUNDS, self.asked or s.limits.max_tokens)
+        self.loop = ToolLoop(s.fmt, [conv] * self.n, a.tools, MAX_TOOL_ROUNDS, self.asked or s.limits.max_tokens,
+                             guard=s.guard)
         self.first = await run_in_threadpool(s.chat_prompt, conv, self.loop.specs)
         s.room(self.first, self.asked)  # a max_tokens over the limit: 400 now
         self.usage["prompt_tokens"] = len(self.first)

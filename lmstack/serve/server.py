@@ -45,12 +45,13 @@ SEARCH = "search"  # an assistant's search over its knowledge (not in the defaul
 
 def build(model_dir, api_key=None, db_path="feedback.sqlite", slots: int = 16, dtype: str = "auto",
           device: str = "auto", limits=None, label_prompts=None, name: str | None = None, db_timeout: float = 5.0,
-          assistants=(), tools: str | None = None):
+          assistants=(), tools: str | None = None, guard=None):
     """The FastAPI app for a model folder or an assistant folder (not started): the API and the
     web app. db_path: the feedback database (created if missing; None or "" for none);
     db_timeout: seconds a write waits for another writer's lock before its request gets a 503;
     assistants: assistant folders served beside the model (on the same model folder); tools:
-    the tools the server may run, comma-separated (None: all)."""
+    the tools the server may run, comma-separated (None: all); guard: a defence of untrusted text
+    (Server's)."""
     if slots < 1:
         raise UserError("--slots must be >= 1")
     if label_prompts and not db_path:
@@ -75,7 +76,7 @@ def build(model_dir, api_key=None, db_path="feedback.sqlite", slots: int = 16, d
         added = load_label_prompts(db, label_prompts)
         print(f"labelling queue: {added} new prompts from {label_prompts}")
     server = make_server(for_inference(net, dtype), tok, name, served, allowed, served[0].name if opens else None,
-                         api_key=api_key, db=db, limits=limits or Limits(), slots=slots)
+                         api_key=api_key, db=db, limits=limits or Limits(), slots=slots, guard=guard)
     return app_for(server)
 
 
@@ -158,7 +159,8 @@ def is_loopback(host: str) -> bool:
 
 def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           db_path: str | None = "feedback.sqlite", slots: int = 16, dtype: str = "auto", device: str = "auto",
-          label_prompts=None, limits=None, threads: int | None = None, assistants=(), tools: str | None = None) -> None:
+          label_prompts=None, limits=None, threads: int | None = None, assistants=(), tools: str | None = None,
+          guard=None) -> None:
     # On a CPU, leave a core to the event loop (HTTP, tokenizing, streaming): torch threads on
     # every core fight it for them and serve fewer tokens per CPU-second (bench/README.md).
     if threads is None and not torch.cuda.is_available():
@@ -172,12 +174,13 @@ def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
     if not 0 < port < 65536:
         raise UserError(f"--port must be 1..65535, got {port}")
     app = build(model_dir, api_key, db_path, slots, dtype, device, limits, label_prompts, assistants=assistants,
-                tools=tools)
+                tools=tools, guard=guard)
     if not is_loopback(host) and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this machine can use it")
     server = app.state.server
     print(f"lmstack serve: {server.name} on http://{host}:{port}  (web app: /app, OpenAI API: /v1; "
-          f"tools: {', '.join(server.tools.names()) or 'none'})", flush=True)
+          f"tools: {', '.join(server.tools.names()) or 'none'}"
+          f"{'; untrusted text guarded by ' + type(guard).__name__ if guard is not None else ''})", flush=True)
     for a in server.assistants.values():
         print(f"  assistant {a.name} (tools: {', '.join(a.tools.names()) if a.tools else 'none'}; knowledge: "
               f"{'looked up for every user message' if a.finder else 'none'})", flush=True)
