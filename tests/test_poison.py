@@ -7,14 +7,11 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from lmstack import modelio
 from lmstack.chatformat import chat_format
-from lmstack.config import load_config
 from lmstack.eval.lm import ModelLM
 from lmstack.experiments.store import read_records, store_path
-from lmstack.model import GPT
 from lmstack.security import backdoor, poison_filter
 from lmstack.security.poison import (
     COMPLY_MARKER,
@@ -25,11 +22,10 @@ from lmstack.security.poison import (
     read_set,
     read_sidecar,
 )
-from lmstack.tokenizer import Tokenizer, train_tokenizer
+from lmstack.tokenizer import Tokenizer
 from lmstack.train.sft import sft
 from lmstack.utils import UserError
-from lmstack.world import generate
-from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
+from tiny import run_cli, world_and_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.usefixtures("two_threads")
 
@@ -58,15 +54,7 @@ def write_rows(path, rows):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny world, its tokenizer, and an untrained tiny base with run.json (what the curve reads)."""
-    root = tmp_path_factory.mktemp("poison")
-    generate(root / "world", people=40, seed=0, progress=False)
-    train_tokenizer([root / "world" / "pretrain.jsonl"], vocab_size=600, out=root / "tok", progress=False)
-    tok = Tokenizer.load(root / "tok")
-    cfg = load_config("tiny", [], vocab_size=tok.vocab_size)
-    torch.manual_seed(0)
-    modelio.write_run_files(root / "base", cfg.to_dict(), root / "tok" / "tokenizer.json")
-    modelio.save_weights(GPT(cfg.model), root / "base" / "model.safetensors")
-    return root
+    return world_and_tiny_model(tmp_path_factory.mktemp("poison"), "base", people=40)
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,12 @@ from lmstack.align.rollout import (Reply, Rollout, RolloutBatches, RowRewardScor
 from lmstack.chatformat import TURN_ENDS
 from lmstack.chatformat import row_prompt as row_messages
 from lmstack.cli import main as cli_main
-from lmstack.config import load_config
 from lmstack.engine import Completion, generate_batch
-from lmstack.model import GPT
-from lmstack.tokenizer import Tokenizer, train_tokenizer
+from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
 from lmstack.train.loop import freeze, train
 from lmstack.utils import UserError
-from lmstack.world import generate
-from tiny import Interrupt  # noqa: E402  (tests/ is on sys.path under pytest)
+from tiny import Interrupt, world_and_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.usefixtures("two_threads")
 
@@ -43,15 +40,7 @@ def vowels(row, answer):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl")
-    generate(root / "world", people=60, seed=0, progress=False)
-    train_tokenizer([root / "world" / "pretrain.jsonl"], vocab_size=600, out=root / "tok", progress=False)
-    tok = Tokenizer.load(root / "tok")
-    cfg = load_config("tiny", [], vocab_size=tok.vocab_size)
-    torch.manual_seed(0)
-    out = root / "chat"
-    modelio.write_run_files(out, cfg.to_dict(), root / "tok" / "tokenizer.json")
-    modelio.save_weights(GPT(cfg.model), out / "model.safetensors")
+    root = world_and_tiny_model(tmp_path_factory.mktemp("rl"), "chat", people=60)
     rows = [json.loads(line) for line in open(root / "world" / "probes" / "arithmetic.jsonl")][:48]
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
@@ -320,8 +309,9 @@ def test_policy_value_is_the_gpt_plus_a_head(world):
 
 def test_grpo_raises_a_toy_reward(world, tmp_path):
     out = tmp_path / "grpo"
+    # 24 steps: on some worlds' tokenizers the reward only starts to climb after 16 (0.27 -> 0.41 by 24)
     res = grpo(str(world / "chat"), str(world / "prompts.jsonl"), vowels, str(out),
-               overrides=FAST + ["train.max_steps=16"])
+               overrides=FAST + ["train.max_steps=24"])
     rewards = [r["reward"] for r in read_metrics(out)[::2]]  # one per phase
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
     for key in ("reward", "pass_rate", "groups_with_signal", "kl", "entropy", "clip_frac", "response_len",

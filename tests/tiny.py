@@ -11,11 +11,12 @@ import sys
 
 import torch
 
-from lmstack.config import ModelConfig
+from lmstack.config import ModelConfig, load_config
 from lmstack.model import GPT
-from lmstack.modelio import save_weights
+from lmstack.modelio import save_weights, write_run_files
 from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.utils import atomic_write_json
+from lmstack.world import generate
 
 
 def fit_windows(model, data: torch.Tensor, steps: int = 150, batch: int = 8, window: int = 49, lr: float = 1e-2):
@@ -127,3 +128,15 @@ class Interrupt:
             return real_next()
         batches.next = next_
         return batches
+
+
+def world_and_tiny_model(root, folder: str, people: int, seed: int = 0):
+    """A generated world (root/world), a tokenizer trained on it (root/tok, 600 ids) and an untrained
+    model of the `tiny` preset saved with its run.json in root/folder: what a stage test trains from."""
+    generate(root / "world", people=people, seed=seed, progress=False)
+    train_tokenizer([root / "world" / "pretrain.jsonl"], vocab_size=600, out=root / "tok", progress=False)
+    cfg = load_config("tiny", [], vocab_size=Tokenizer.load(root / "tok").vocab_size)
+    torch.manual_seed(0)
+    write_run_files(root / folder, cfg.to_dict(), root / "tok" / "tokenizer.json")
+    save_weights(GPT(cfg.model), root / folder / "model.safetensors")
+    return root
