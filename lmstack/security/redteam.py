@@ -306,6 +306,10 @@ def redteam(model: str, out: str, world: str | None = None, suites=("jailbreak",
     `world`: the world whose behaviours to probe (default: the one the model was trained on,
     found by its lineage; `generic` scans with the generic behaviours instead)."""
     suites = SUITES if "all" in suites else tuple(suites)
+    unknown = set(goals or ()) - set(behaviours.GOALS)
+    if unknown:
+        raise UserError(f"unknown goal {sorted(unknown)[0]!r} (choose from {', '.join(behaviours.GOALS)})")
+    lm = ModelLM.load(model, batch_size=batch_size)  # first: a wrong --model is the first thing said
     if not generic and world is None:
         world = lineage(model)["world"]
         if world is None:
@@ -313,13 +317,9 @@ def redteam(model: str, out: str, world: str | None = None, suites=("jailbreak",
             generic = True
     spec, base = behaviours.load(None if generic else world)
     if goals:
-        unknown = set(goals) - set(behaviours.GOALS)
-        if unknown:
-            raise UserError(f"unknown goal {sorted(unknown)[0]!r} (choose from {', '.join(behaviours.GOALS)})")
         base = [a for a in base if a["goal"] in goals]
     if limit:
         base = _first_per_cell(base, limit)
-    lm = ModelLM.load(model, batch_size=batch_size)
     built = [_defence(d, lm, spec, world) for d in defences]
     attempts = [a for s in suites for a in suite_attempts(s, base, spec, world, seed, model, suffix_steps)
                 if not goals or a["goal"] in goals]
