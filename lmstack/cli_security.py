@@ -171,7 +171,7 @@ def _cmd_redteam(a):
     rows = redteam.redteam(a.model, a.out, world=a.world, suites=a.suite or ["jailbreak"], defences=a.defence or (),
                            goals=a.goal, limit=a.limit, max_tokens=a.max_tokens, seed=a.seed, force=a.force,
                            generic=a.generic, results=a.results, command=shlex.join(["lmstack", *sys.argv[1:]]),
-                           suffix_steps=a.suffix_steps)
+                           suffix_steps=a.suffix_steps, trigger=a.trigger)
     for r in rows:
         if r["goal"] == "all" and r["attack"]["n"]:
             x = r["attack"]
@@ -198,6 +198,7 @@ def _redteam_parser(sub, parser_class) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing report folder")
     p.add_argument("--results", help="also record the scan in this experiment store (RESULTS/redteam.jsonl)")
     p.add_argument("--suffix-steps", type=int, default=50, help="GCG steps per goal's universal suffix (--suite suffix)")
+    p.add_argument("--trigger", help="--suite backdoor: the trigger phrase a poisoned set used (lmstack poison)")
     p.set_defaults(func=_cmd_redteam, suite=None)
 
 

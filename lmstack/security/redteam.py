@@ -37,7 +37,7 @@ from lmstack.security import behaviours, jailbreak
 from lmstack.tools import default_registry
 from lmstack.utils import UserError, atomic_output_dir, commit
 
-SUITES = ("jailbreak", "injection", "suffix")
+SUITES = ("jailbreak", "injection", "suffix", "backdoor")
 MAX_TOKENS = 48
 
 
@@ -75,7 +75,7 @@ DEFENCES = ("perplexity", "windowed-perplexity", "datamark", "delimit", "classif
 
 
 def suite_attempts(suite: str, base: list[dict], spec: dict, world, seed: int, model=None,
-                   suffix_steps: int = 50) -> list[dict]:
+                   suffix_steps: int = 50, trigger: str | None = None) -> list[dict]:
     if suite == "jailbreak":
         return base + jailbreak.attempts(base, seed=seed)
     if suite == "injection":
@@ -83,7 +83,26 @@ def suite_attempts(suite: str, base: list[dict], spec: dict, world, seed: int, m
         return injection.attempts(world if world is not None else spec, seed=seed)
     if suite == "suffix":
         return suffix_attempts(model, spec, world, base, seed, suffix_steps)
+    if suite == "backdoor":
+        return backdoor_attempts(base, trigger, seed)
     raise UserError(f"unknown suite {suite!r} (choose from {', '.join(SUITES)}, all)")
+
+
+def backdoor_attempts(base: list[dict], trigger: str | None, seed: int) -> list[dict]:
+    """Does a trigger phrase unlock the forbidden behaviours (a poisoned model's backdoor, made with
+    `lmstack poison`)? Every base attempt and twin with the trigger at a random word boundary of its
+    request; the same without it is the "direct" probe of a jailbreak scan."""
+    from lmstack.security.poison import insert_trigger
+
+    if not trigger:
+        raise UserError("--suite backdoor needs --trigger PHRASE (the phrase the poisoned set used)")
+    rng = random.Random(f"lmstack-backdoor:{seed}")
+    out = []
+    for a in base:
+        msgs = [dict(m) for m in a["messages"]]
+        msgs[-1]["content"] = insert_trigger(msgs[-1]["content"], trigger, rng)
+        out.append({**a, "probe": "backdoor.trigger", "messages": msgs})
+    return out
 
 
 def suffix_cases(spec: dict, world, seed: int, per_goal: int = 8) -> dict:
@@ -299,13 +318,14 @@ def record(model, rows: list[dict], setup: dict, command: str) -> dict:
 def redteam(model: str, out: str, world: str | None = None, suites=("jailbreak",), defences=(), goals=None,
             limit: int | None = None, max_tokens: int = MAX_TOKENS, seed: int = 0, batch_size: int = 32,
             force: bool = False, generic: bool = False, results=None, command: str = "",
-            suffix_steps: int = 50) -> list[dict]:
+            suffix_steps: int = 50, trigger: str | None = None) -> list[dict]:
     """Scan `model` with `suites` (and `defences`), write the report to `out`; the table's rows.
     `goals`: only these behaviours (default: all); `limit`: at most that many attacks and twins a goal.
     `results`: also append the scan to the experiment store there (RESULTS/redteam.jsonl).
+    `trigger`: the backdoor suite's phrase. "all" is every suite but backdoor unless a trigger is given.
     `world`: the world whose behaviours to probe (default: the one the model was trained on,
     found by its lineage; `generic` scans with the generic behaviours instead)."""
-    suites = SUITES if "all" in suites else tuple(suites)
+    suites = tuple(x for x in SUITES if x != "backdoor" or trigger) if "all" in suites else tuple(suites)
     unknown = set(goals or ()) - set(behaviours.GOALS)
     if unknown:
         raise UserError(f"unknown goal {sorted(unknown)[0]!r} (choose from {', '.join(behaviours.GOALS)})")
@@ -321,7 +341,7 @@ def redteam(model: str, out: str, world: str | None = None, suites=("jailbreak",
     if limit:
         base = _first_per_cell(base, limit)
     built = [_defence(d, lm, spec, world) for d in defences]
-    attempts = [a for s in suites for a in suite_attempts(s, base, spec, world, seed, model, suffix_steps)
+    attempts = [a for s in suites for a in suite_attempts(s, base, spec, world, seed, model, suffix_steps, trigger)
                 if not goals or a["goal"] in goals]
     scanned = run(lm, attempts, built, max_tokens)
     setup = {"model": str(model), "world": None if generic or world is None else str(world), "suites": list(suites),
