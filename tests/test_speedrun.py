@@ -31,7 +31,7 @@ def test_speedrun_tiny_end_to_end(tmp_path):
     assert summary["stages"]["sft"]["final"]["step"] > 0
     ev = summary["stages"]["eval"]
     # The base model gets the text tasks, the assistant every task; both bits per byte.
-    assert set(ev["base"]["tasks"]) == {"facts_rank", "inverse_rank", "reversal_rank", "arithmetic_text"}
+    assert set(ev["base"]["tasks"]) == {"facts_rank", "vault_rank", "inverse_rank", "reversal_rank", "arithmetic_text"}
     assert {"facts_qa", "refusal", "hallucination", "arithmetic_tool"} <= set(ev["chat"]["tasks"])
     for stage in ("base", "chat", *ALIGNED):
         results = json.loads(open(ev[stage]["results"]).read())
