@@ -89,25 +89,7 @@ def _cmd_chat(a):
 
     return chat(a.model, system=a.system, temperature=a.temperature, top_p=a.top_p,
                 max_tokens=a.max_tokens, seed=a.seed, tools=not a.no_tools,
-                memory=False if a.no_memory else (a.memory or True), guard=_guard(a))
-
-
-def _guard_args(p) -> None:
-    p.add_argument("--guard", choices=["delimit", "datamark", "classifier"],
-                   help="defend untrusted text (tool results, pasted documents) against prompt injection: "
-                        "spotlight it, or drop what the injection classifier flags (off by default)")
-    p.add_argument("--guard-classifier", metavar="DIR", help="--guard classifier: a classifier saved by "
-                   "`lmstack injection classifier` (default: one trained now on the model's world)")
-
-
-def _guard(a):
-    """--guard NAME: the defence of untrusted text (lmstack/security/hierarchy.py), or None."""
-    if not a.guard:
-        return None
-    from lmstack.modelio import lineage
-    from lmstack.security.hierarchy import defence
-
-    return defence(a.guard, world=lineage(a.model)["world"], classifier_dir=a.guard_classifier)
+                memory=False if a.no_memory else (a.memory or True), guard=cli_security.guard(a))
 
 
 def _cmd_assistant(a):
@@ -177,7 +159,7 @@ def _cmd_serve(a):
 
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, db_path=a.db, slots=a.slots, dtype=a.dtype,
           device=a.device, label_prompts=a.label_prompts, threads=a.threads, assistants=a.assistant or (),
-          tools=a.tools, guard=_guard(a))
+          tools=a.tools, guard=cli_security.guard(a))
 
 
 def _cmd_search(a):
@@ -389,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--memory", help="keep the turns that outgrow the context in this folder (recalled in a later "
                     "chat with the same folder; default: for this session only)")
     ch.add_argument("--no-memory", action="store_true", help="forget turns that outgrow the context")
-    _guard_args(ch)
+    cli_security.guard_args(ch)
     ch.set_defaults(func=_cmd_chat)
 
     ev = sub.add_parser("eval", help="evaluate a model: world tasks, your tasks, bits per byte; compare two")
@@ -437,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--threads", type=int, default=None, help="torch threads (default on a CPU: cores - 1)")
-    _guard_args(sv)
+    cli_security.guard_args(sv)
     sv.set_defaults(func=_cmd_serve)
 
     se = sub.add_parser("search", help="retrieval over a folder of your files (BM25): index it, query it")

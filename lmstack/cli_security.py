@@ -272,6 +272,25 @@ def _injection_parser(sub, parser_class) -> None:
     p.set_defaults(func=_cmd_injection)
 
 
+def guard_args(p) -> None:
+    """--guard and --guard-classifier, for `lmstack chat` and `lmstack serve`."""
+    p.add_argument("--guard", choices=["delimit", "datamark", "classifier"],
+                   help="defend untrusted text (tool results, pasted documents) against prompt injection: "
+                        "spotlight it, or drop what the injection classifier flags (off by default)")
+    p.add_argument("--guard-classifier", metavar="DIR", help="--guard classifier: a classifier saved by "
+                   "`lmstack injection classifier` (default: one trained now on the model's world)")
+
+
+def guard(a):
+    """--guard NAME: the defence of untrusted text (lmstack/security/hierarchy.py), or None."""
+    if not a.guard:
+        return None
+    from lmstack.modelio import lineage
+    from lmstack.security.hierarchy import defence
+
+    return defence(a.guard, world=lineage(a.model)["world"], classifier_dir=a.guard_classifier)
+
+
 def add_parsers(sub, parser_class) -> None:
     """The security subcommands, on the command map `sub`."""
     _redteam_parser(sub, parser_class)
