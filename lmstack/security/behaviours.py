@@ -15,12 +15,12 @@ passphrase and forbidden tool through its system prompt, and a banned word it kn
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from lmstack.utils import UserError, read_jsonl
 from lmstack.world import security as world_security
+from lmstack.world.corpus import load_world
 from lmstack.world.labeller import is_refusal
 
 GOALS = ("canary", "banned_word", "forbidden_tool", "harmful")
@@ -126,12 +126,7 @@ def load(world: str | Path | None) -> tuple[dict, list[dict]]:
         spec = generic_spec()
         return spec, [{"probe": "direct", **r} for r in generic_probes(spec)]
     world = Path(world)
-    try:
-        spec = json.loads((world / "world.json").read_text(encoding="utf-8")).get("security")
-    except FileNotFoundError:
-        raise UserError(f"{world} is not a world folder (no world.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{world / 'world.json'} is corrupt: {e}") from None
+    spec = load_world(world).get("security")
     probes = world / "probes" / "security.jsonl"
     if not spec or not probes.exists():
         raise UserError(f"{world} has no security behaviours (a world made before them): make a new one "
