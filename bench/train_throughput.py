@@ -1,7 +1,7 @@
 """Training throughput: our GPT against Hugging Face LlamaForCausalLM of the identical shape.
 
     .venv/bin/python bench/train_throughput.py [--shape small|gpt2|both] [--dtype fp32|bf16|both]
-        [--steps N] [--threads N] [--compile] [--json FILE]
+        [--steps N] [--threads N] [--compile] [--device cpu|cuda] [--json FILE]
 
 Both models get the same weights (ours copied into HF by a pure rename, logits checked equal
 in fp32), the same batch, the same AdamW (lmstack's build_optimizer: same groups, same
@@ -10,7 +10,9 @@ forward + loss + backward + grad clip + AdamW step. The models' steps alternate,
 of load elsewhere on the machine hits all of them; warm-up steps are excluded and the median
 step is reported. MFU is against the matmul peak measured here, in the precision used.
 --compile adds both models under torch.compile (ours the way the loop does it with
-train.compile=true), compared with each other.
+train.compile=true), compared with each other. --device cuda runs both on the GPU (SDPA's flash
+kernels, fused AdamW; steps timed between CUDA synchronisations) and gives MFU against the GPU's
+datasheet bf16/tf32 peak (lmstack.device.peak_flops) as well as against its measured matmul peak.
 
 This is a benchmark, not a test: it prints figures and ratios and asserts nothing about time.
 On a small machine anything else running skews the figures, the more so with as many threads
@@ -32,7 +34,7 @@ import torch
 from common import emit, load  # bench/common.py (scripts run from bench/)
 from lmstack.config import load_config
 from lmstack.model import GPT
-from lmstack.device import autocast_dtype
+from lmstack.device import autocast_dtype, peak_flops, pick_device
 from lmstack.train.loop import build_optimizer
 from lmstack.train.objectives import next_token_loss
 
@@ -41,7 +43,12 @@ SHAPES = {
     "small": dict(preset="small", vocab_size=4096, batch=16, seq_len=256),
     "gpt2": dict(preset="gpt2", vocab_size=50304, batch=8, seq_len=256),
 }
-CPU = torch.device("cpu")
+DEVICE = torch.device("cpu")  # --device
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class OtherLoad:
@@ -82,13 +89,17 @@ def matmul_peak(dtype: torch.dtype, precision: str = "highest", n: int = 2048, r
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        if DEVICE.type == "cuda":
+            n = 8192  # a GPU needs a larger product to reach its peak
+        a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
         for _ in range(2):  # warm-up: thread pool, kernel selection
             a @ b
         best = float("inf")
         for _ in range(reps):
+            sync()
             t0 = time.perf_counter()
             a @ b
+            sync()
             best = min(best, time.perf_counter() - t0)
         return 2 * n**3 / best / 1e9
     finally:
@@ -131,7 +142,7 @@ def check_logits(ours, hf, x) -> float:
 def our_step(model, opt, batch, amp, grad_clip):
     """One step of lmstack.train.loop.train (one micro-batch, one rank), with its functions:
     the loss SUM from next_token_loss, gradients scaled by 1/tokens, clip, AdamW."""
-    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+    with torch.autocast(DEVICE.type, dtype=amp or torch.float32, enabled=amp is not None):
         loss_sum, n = next_token_loss(model, batch)
     loss_sum.backward()
     scale = 1.0 / max(float(n), 1.0)
@@ -147,7 +158,7 @@ def our_step(model, opt, batch, amp, grad_clip):
 def hf_step(model, opt, batch, amp, grad_clip):
     """The usual HF way: labels in, mean loss out (shift_labels: y is already shifted)."""
     x, y = batch
-    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+    with torch.autocast(DEVICE.type, dtype=amp or torch.float32, enabled=amp is not None):
         loss = model(input_ids=x, labels=y, shift_labels=y).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -161,7 +172,10 @@ def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dic
     s = SHAPES[shape]
     tokens = torch.randint(0, s["vocab_size"], (s["batch"], s["seq_len"] + 1),
                            generator=torch.Generator().manual_seed(1))
-    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    batch = (tokens[:, :-1].contiguous().to(DEVICE), tokens[:, 1:].contiguous().to(DEVICE))
+    ours, hf = ours.to(DEVICE), hf.to(DEVICE)
+    if cfg.model.tie_embeddings:  # .to() on a GPU keeps the tie; say so rather than time an untied copy
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     err = check_logits(ours, hf, batch[0])
     flops_tok = ours.flops_per_token(s["seq_len"])
     ntok = s["batch"] * s["seq_len"]
@@ -170,10 +184,10 @@ def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dic
           f"fp32 logits match HF (max |diff| {err:.1e})", flush=True)
     rows = []
     for dt in dtypes:
-        amp = autocast_dtype(dt, CPU)
+        amp = autocast_dtype(dt, DEVICE)
         # Fresh optimizers per dtype. A compiled model shares its module and optimizer with the
         # eager one: the weights drift with training either way, which does not change the work.
-        opt_ours, opt_hf = build_optimizer(ours, cfg.optim, CPU), build_optimizer(hf, cfg.optim, CPU)
+        opt_ours, opt_hf = build_optimizer(ours, cfg.optim, DEVICE), build_optimizer(hf, cfg.optim, DEVICE)
         runs = {"ours": (our_step, ours, opt_ours), "HF": (hf_step, hf, opt_hf)}
         if compile:
             runs["ours+compile"] = (our_step, torch.compile(ours), opt_ours)
@@ -183,18 +197,21 @@ def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dic
             if i == warmup:
                 other = OtherLoad()
             for name, (step, model, opt) in runs.items():
+                sync()
                 f0, t0 = _faults(), time.perf_counter()
                 step(model, opt, batch, amp, cfg.optim.grad_clip)
+                sync()
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t0)
                     faults[name].append(_faults() - f0)
         tok_s = {name: ntok / statistics.median(t) for name, t in times.items()}
         peak = peaks["bf16" if amp is not None else "fp32"]
+        sheet = peaks.get("datasheet_bf16") if amp is not None else None
         row = dict(shape=shape, dtype=dt, threads=torch.get_num_threads(), batch=s["batch"],
                    seq_len=s["seq_len"], steps=steps, peak_gflops=round(peak, 1),
                    tok_s={k: round(v, 1) for k, v in tok_s.items()},
                    mfu={k: round(flops_tok * v / (peak * 1e9), 4) for k, v in tok_s.items()},
-                   ratio=round(tok_s["ours"] / tok_s["HF"], 3), loadavg=load(), other_cores=round(other.cores(), 2),
+                   ratio=round(tok_s["ours"] / tok_s["HF"], 3), loadavg=load(), device=str(DEVICE), other_cores=round(other.cores(), 2),
                    page_faults_per_step={k: int(statistics.median(v)) for k, v in faults.items()})
         line = (f"{shape:5s} {dt:4s} ours {tok_s['ours']:7.0f} tok/s  HF {tok_s['HF']:7.0f} tok/s  "
                 f"ours/HF {row['ratio']:.2f}x  MFU ours {row['mfu']['ours']:.1%} HF {row['mfu']['HF']:.1%}")
@@ -203,6 +220,9 @@ def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dic
             line += (f" | compiled: ours {tok_s['ours+compile']:7.0f}  HF {tok_s['HF+compile']:7.0f}  "
                      f"ours/HF {row['ratio_compiled']:.2f}x  MFU ours {row['mfu']['ours+compile']:.1%}")
         pf = row["page_faults_per_step"]
+        if sheet:
+            row["mfu_datasheet"] = {k: round(flops_tok * v / (sheet * 1e9), 4) for k, v in tok_s.items()}
+            line += f" | of the datasheet's {sheet / 1e3:.0f} TFLOP/s: ours {row['mfu_datasheet']['ours']:.1%} HF {row['mfu_datasheet']['HF']:.1%}"
         print(f"{line} (of {peak:.0f} GFLOP/s) | page faults/step ours {pf['ours'] / 1e3:.0f}k HF "
               f"{pf['HF'] / 1e3:.0f}k | load {row['loadavg']}, other {row['other_cores']:.2f} cores", flush=True)
         rows.append(row)
@@ -217,10 +237,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens there)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", default="", help="append the results as one JSON line to this file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = pick_device(args.device)
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} "
@@ -228,6 +251,8 @@ def main():
     other = OtherLoad()
     peaks = {"fp32": matmul_peak(torch.float32), "fp32_medium": matmul_peak(torch.float32, "medium"),
              "bf16": matmul_peak(torch.bfloat16)}
+    if DEVICE.type == "cuda" and peak_flops(DEVICE, bf16=True):  # the dense bf16 peak, GFLOP/s as above
+        peaks["datasheet_bf16"] = peak_flops(DEVICE, bf16=True) / 1e9
     print("matmul peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
           + f" | load {load()}, other {other.cores():.2f} cores", flush=True)
     shapes = ["small", "gpt2"] if args.shape == "both" else [args.shape]
@@ -236,7 +261,9 @@ def main():
     for shape in shapes:
         rows += run_shape(shape, dtypes, args.steps, args.warmup, peaks, args.compile)
     result = dict(torch=torch.__version__, transformers=transformers.__version__,
-                  threads=torch.get_num_threads(), peaks_gflops={k: round(v, 1) for k, v in peaks.items()},
+                  threads=torch.get_num_threads(), device=str(DEVICE),
+                  gpu=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
+                  peaks_gflops={k: round(v, 1) for k, v in peaks.items() if v},
                   rows=rows)
     emit(result, args.json)
 
