@@ -43,3 +43,13 @@ def numpy_only(tmp_path_factory):
         if (site / name).exists():
             (d / name).symlink_to(site / name)
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests run only where CUDA is: skipped (with the reason) elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
