@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -33,8 +34,11 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
                         f"vocabulary ({manifest['vocab_size']})")
     with torch.device("meta"):  # the shape alone: how much memory training it takes, before allocating any
         n_params = GPT(cfg.model).num_params()
-    check_fits(16 * n_params, pick_device(cfg.train.device),
-               f"training a {n_params:,}-parameter model (fp32 weights, gradients and AdamW's two moments)")
+    # FSDP keeps 1/world of the weights, gradients and AdamW state on each device.
+    shards = int(os.environ.get("WORLD_SIZE", 1)) if cfg.train.parallel == "fsdp" else 1
+    check_fits(16 * n_params // shards, pick_device(cfg.train.device),
+               f"training a {n_params:,}-parameter model (fp32 weights, gradients and AdamW's two moments"
+               + (f", sharded over {shards} ranks)" if shards > 1 else ")"))
     out_dir, resume = checkpoint.output_folder(out, resume)
     if resume:
         checkpoint.check_resume(out_dir, "pretraining", cfg.to_dict()["model"],
