@@ -250,7 +250,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
     # A sharded save is a collective, so every rank must save at the same step: with FSDP under
     # torchrun, Ctrl-C / SIGTERM only raise a flag, which rides in each step's all-reduce; when any
     # rank has it, all of them finish the step, save, and stop together.
-    stop_flag = _stop_flag() if sharded and world > 1 else None
+    stop_flag = _StopFlag() if sharded and world > 1 else None
     old_sigterm = _sigterm_as_ctrl_c() if stop_flag is None else None
     try:
         while step < tc.max_steps:
@@ -330,7 +330,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
                           f"lr {lr:.2e} {tok_s:,.0f} tok/s{eta}", flush=True)
             if (main or sharded) and (last or (tc.save_every and step % tc.save_every == 0)):
                 save()
-            if stopping:
+            if stopping and step < tc.max_steps:  # (at the last step the run ends anyway)
                 if step > saved_step:
                     save()
                 raise KeyboardInterrupt
@@ -369,7 +369,7 @@ def _sigterm_as_ctrl_c():
     return signal.signal(signal.SIGTERM, handler)
 
 
-class _stop_flag:
+class _StopFlag:
     """SIGINT and SIGTERM set a flag instead of raising (restore() puts the old handlers back).
     Outside the main thread no handler can be set: the flag is then never set."""
 
