@@ -107,7 +107,10 @@ def parallelize(model: torch.nn.Module, parallel: str = "ddp", activation_checkp
             block = checkpoint_wrapper(block, preserve_rng_state=False)
             model.layers.register_module(name, block)
         if compile:
-            block.compile()
+            # Static shapes: a recompile per shape (training's micro-batch, evaluation's, the
+            # probes') rather than dynamic shapes, under which SDPA's is_causal turns symbolic
+            # and breaks the graph.
+            block.compile(dynamic=False)
     if not fsdp:
         return model, wrap(model)
     mesh = init_device_mesh(_info.device.type, (_info.world_size,))

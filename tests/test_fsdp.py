@@ -178,6 +178,21 @@ def test_sigterm_under_fsdp_saves_on_every_rank_and_resumes(data, reference, tmp
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), y["step"]
 
 
+@pytest.mark.slow
+def test_fsdp_bf16_mixed_precision_follows_fp32(data, reference, tmp_path):
+    """train.dtype=bf16 under FSDP: bf16 compute copies of the parameters (MixedPrecisionPolicy),
+    gradients reduced in fp32, fp32 master shards. Close to the fp32 run, and not equal to it (so
+    the bf16 path did run); gloo on CPU, where the machine has no GPU."""
+    out = tmp_path / "bf16"
+    torchrun(data, out, COMMON + TWO + ["train.max_steps=4", "train.dtype=bf16"])
+    a, b = read_metrics(reference)[:4], read_metrics(out)
+    assert [x["step"] for x in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=2e-3)
+    assert any(x["loss"] != y["loss"] for x, y in zip(a, b))
+    assert all(v.dtype == torch.float32 for v in load_file(out / "model.safetensors").values())
+
+
 def test_activation_checkpointing_changes_no_number(data, reference, tmp_path):
     """Recomputing each block's activations in backward gives the same gradients."""
     out = tmp_path / "ac"
