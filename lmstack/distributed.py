@@ -137,15 +137,12 @@ def no_sync(model: torch.nn.Module, skip: bool):
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ that also takes FSDP's sharded (DTensor) gradients: the norm
-    of the shards is a partial sum across ranks, made whole (full_tensor, an all-reduce) before the
-    gradients are scaled by it, as torchtitan's clip_grad_norm_ does. Returns the total norm."""
-    parameters = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
-    return total
+    """torch.nn.utils.clip_grad_norm_, its total norm as a plain tensor. With FSDP's sharded
+    (DTensor) gradients, torch 2.13 reduces the shards' norms across ranks itself (checked: the
+    norm and the clipped gradients equal the unsharded ones) and returns a replicated DTensor,
+    made a local tensor here for logging (torchtitan's clip_grad_norm_ does the same)."""
+    total = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return total.full_tensor() if isinstance(total, DTensor) else total
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
