@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -113,6 +113,9 @@ def parallelize(model: torch.nn.Module, parallel: str = "ddp", activation_checkp
             block.compile(dynamic=False)
     if not fsdp:
         return model, wrap(model)
+    # Rank 0's values, taken before sharding (the other ranks may have built the shapes alone, on
+    # the meta device: then only one process holds the whole model in host memory).
+    full = model.state_dict() if _info.rank == 0 else {}
     mesh = init_device_mesh(_info.device.type, (_info.world_size,))
     # bf16 compute copies of the parameters, gradients reduced in fp32 (torchtitan's default
     # mixed_precision_param / mixed_precision_reduce); the sharded master weights stay fp32.
@@ -120,6 +123,12 @@ def parallelize(model: torch.nn.Module, parallel: str = "ddp", activation_checkp
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    # Storage for each rank's shards on its device, filled from rank 0's values (torchtitan's
+    # meta-device init, with rank 0's initialisation instead of one per shard, so the run starts
+    # from the weights one process would), then the RoPE table, which is no parameter.
+    model.to_empty(device=_info.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.init_buffers()
     return model, model
 
 

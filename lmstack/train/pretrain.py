@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -48,7 +49,11 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
     info = distributed.init(cfg.train.device)
     try:
         seed_everything(cfg.train.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-        model = GPT(cfg.model)
+        # Under FSDP the other ranks build the shapes alone (the meta device) and take rank 0's
+        # values as they shard (distributed.parallelize): one copy of the model in host memory.
+        shapes_only = cfg.train.parallel == "fsdp" and info.world_size > 1 and info.rank > 0
+        with torch.device("meta") if shapes_only else contextlib.nullcontext():
+            model = GPT(cfg.model)
         tc = cfg.train
         batches = TokenBatches(data, cfg.data.train_split, batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                seed=tc.seed, rank=info.rank, world_size=info.world_size,
