@@ -10,6 +10,7 @@ last micro-step only (set_requires_gradient_sync) is exercised."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,22 @@ def test_one_process_sharded_checkpoint_resumes_on_two(data, reference, tmp_path
     assert_same_losses(reference, out, range(1, 9))
     assert_same_weights(reference, out)
     assert json.loads((out / "state/step_00000008/trainer.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_ddp_checkpoint_is_not_resumed_sharded(data, reference, tmp_path):
+    """A checkpoint of the whole model (one process or DDP) resumed by 2 FSDP ranks: one line from
+    each rank, nothing changed in the run's folder."""
+    out = tmp_path / "plain"
+    shutil.copytree(reference, out)
+    before = (out / "metrics.jsonl").read_text()
+    cmd = lmstack_cmd(["--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+                       "--rdzv-id=refuse-test"], data, out, COMMON + TWO + ["train.max_steps=10"], resume=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode != 0
+    assert r.stderr.count("is not sharded (written with train.parallel=ddp): resume it with train.parallel=ddp") == 2
+    assert str(ROOT / "lmstack") not in r.stderr  # no traceback from lmstack (torchrun prints its own report)
+    assert (out / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.slow
