@@ -98,6 +98,11 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" (bf16 autocast where the GPU/CPU does bf16 natively, else fp32), "fp32" or "bf16"
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = a table for known GPUs, an estimate on CPU
+    # Under torchrun: "ddp" keeps a whole copy of the model per rank; "fsdp" (FSDP2) shards the
+    # parameters, gradients and optimizer state over the ranks. "fsdp" checkpoints are sharded
+    # (torch.distributed.checkpoint), in one process too, so they resume on any number of ranks.
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1/3 more compute)
 
     def validate(self) -> None:
         _positive(self, "train", ["max_steps", "batch_tokens", "micro_batch_size", "seq_len",
@@ -105,6 +110,7 @@ class TrainConfig:
         _non_negative(self, "train", ["eval_every", "save_every", "peak_flops"])
         _choice(self, "train", "dtype", ["auto", "fp32", "bf16"])
         _choice(self, "train", "device", ["auto", "cpu", "cuda"])
+        _choice(self, "train", "parallel", ["ddp", "fsdp"])
         micro_tokens = self.micro_batch_size * self.seq_len
         if self.batch_tokens % micro_tokens:
             raise UserError(f"train.batch_tokens ({self.batch_tokens}) must be a multiple of "

@@ -175,6 +175,8 @@ def test_split_is_by_prompt_and_batches_resume_exactly(tmp_path, tok):
 
 def test_reward_model_learns_an_easy_preference_and_scores(root, sft_dir, tmp_path, capsys):
     out = tmp_path / "rm"
+    with pytest.raises(UserError, match="train.parallel=ddp"):  # its report scores on rank 0 alone
+        reward_train(sft_dir, [root / "pairs.jsonl"], out, overrides=FAST + ["train.parallel=fsdp"])
     rec = reward_train(sft_dir, [root / "pairs.jsonl"], out, overrides=FAST + ["optim.lr=3e-3"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)  # zero-initialised head: r_c = r_r

@@ -108,6 +108,10 @@ def test_reward_spec_errors_are_one_line(world, capsys):
     assert not (world / "never").exists()
     with pytest.raises(UserError, match="reward model"):
         ppo(str(world / "chat"), str(world / "chat"), str(world / "prompts.jsonl"), str(world / "never"))
+    with pytest.raises(UserError, match="train.parallel=ddp"):  # rollouts need the whole policy
+        grpo(str(world / "chat"), str(world / "prompts.jsonl"), "arithmetic", str(world / "never"),
+             overrides=["train.parallel=fsdp"])
+    assert not (world / "never").exists()
     with pytest.raises(UserError, match="not a reward model folder"):
         ppo(str(world / "chat"), str(world / "no_such_rm"), str(world / "prompts.jsonl"), str(world / "never"))
 

@@ -136,6 +136,8 @@ def reward_train(model, data, out, overrides=(), resume: bool = False, preset: s
     `out`; returns the last metrics record with the held-out report under "reward_eval"."""
     run = prepare("reward", model, data, out, overrides, resume, preset)
     cfg, tc = run.cfg, run.cfg.train
+    if tc.parallel == "fsdp":  # rank 0 alone scores the held-out pairs afterwards, with the whole model
+        raise UserError("the reward model trains with train.parallel=ddp (its report runs on rank 0 alone)")
     pad = run.tok.pad_id
     dist = distributed.init(tc.device)
     try:

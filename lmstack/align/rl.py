@@ -134,6 +134,8 @@ def rl_config(preset: str, overrides, base_model, world_size: int = 1) -> RunCon
     rl, tc = cfg.rl, cfg.train
     if rl.temperature <= 0:
         raise UserError("rl.temperature must be > 0 (rollouts are sampled; 0 would be greedy)")
+    if tc.parallel == "fsdp":  # the engine decodes with whole weights, not FSDP's shards
+        raise UserError("RL's rollouts generate with the whole policy on each rank: use train.parallel=ddp")
     if rl.max_new_tokens >= tc.seq_len:
         raise UserError(f"rl.max_new_tokens ({rl.max_new_tokens}) must be < train.seq_len ({tc.seq_len}): "
                         "a rollout is prompt + reply")

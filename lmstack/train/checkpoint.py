@@ -9,6 +9,13 @@ A checkpoint folder is written under a temporary name and renamed into place, an
 top-level weights are replaced with one os.replace, so a kill mid-save leaves the previous
 checkpoint whole: a `state/step_*` folder exists only if it is complete.
 Torch state (optimizer, RNG) is written with torch.save and read with weights_only=True.
+
+A sharded checkpoint (train.parallel = "fsdp") holds `sharded/` (torch.distributed.checkpoint:
+each rank's shards of the model and optimizer, and the metadata that lets any number of ranks,
+or one process, load them) instead of optimizer.pt; its model.safetensors is still the whole
+model (gathered), which every later stage reads. Every rank writes its shards into the same
+temporary folder (on a file system all nodes share), DCP's metadata is written last, and rank 0
+renames the folder into place after a barrier: the same commit point as above.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmstack.modelio import CONFIG, SFT, STAGE, WEIGHTS, load_weights, save_weights
+from lmstack import distributed
+from lmstack.modelio import CONFIG, SFT, STAGE, WEIGHTS, load_weights, save_safetensors, save_weights
 from lmstack.tokenizer import FORMAT_FILE
 from lmstack.utils import UserError, atomic_file, atomic_write_text, current_umask, fsync, read_json
 
 STATE = "state"
+SHARDED = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint folder
 
 
 # --- checkpoints for resume ---------------------------------------------------------------
@@ -103,8 +112,11 @@ def check_resume(out_dir: Path, run: str, model_config: dict, record_file: str |
 
 
 def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer_state: dict,
-                    keep_last: int = 2) -> Path:
-    """Write state/step_{step} atomically, point the top-level weights at it, prune old ones."""
+                    keep_last: int = 2, sharded: bool = False) -> Path:
+    """Write state/step_{step} atomically, point the top-level weights at it, prune old ones.
+    sharded: every rank calls this (the model may be FSDP's); otherwise rank 0 alone does."""
+    if sharded:
+        return _save_sharded_checkpoint(Path(out), step, model, optimizer, trainer_state, keep_last)
     out = Path(out)
     state = out / STATE
     state.mkdir(parents=True, exist_ok=True)
@@ -125,6 +137,12 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    _publish(out, final, keep_last)
+    return final
+
+
+def _publish(out: Path, final: Path, keep_last: int) -> None:
+    """Point the top-level weights at checkpoint `final`, delete all but the last keep_last."""
     with atomic_file(out / WEIGHTS) as tmp_file:  # the top-level weights: copied beside, then replaced
         shutil.copyfile(final / WEIGHTS, tmp_file)
     for old in checkpoints(out)[:-keep_last]:
@@ -133,15 +151,66 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, trainer
         doomed = old.with_name(f".{old.name}.deleting")
         os.rename(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _save_sharded_checkpoint(out: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int) -> Path:
+    """save_checkpoint for FSDP: every rank writes its shards (torch.distributed.checkpoint) into one
+    temporary folder, the whole model is gathered to rank 0 and written beside them, and rank 0
+    renames the folder into place once every rank is done."""
+    main = distributed.is_main()
+    state = out / STATE
+    final = state / f"step_{step:08d}"
+    tmp = state / f".step_{step:08d}.tmp"  # one name every rank knows (mkdtemp's would differ per rank)
+    if main and not final.exists():
+        state.mkdir(parents=True, exist_ok=True)
+        for stale in state.glob(".step_*"):  # leftovers of an earlier crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(mode=0o777 & ~current_umask())
+    distributed.barrier()
+    exists = final.exists()  # checked by every rank after rank 0 looked: they all agree
+    if not exists:
+        distributed.save_sharded(tmp / SHARDED, model, optimizer)
+    full = distributed.full_state_dict(model)  # a collective: every rank, every time
+    if main:
+        try:
+            if not exists:
+                _save_full_weights(model, full, tmp / WEIGHTS)
+                _save_torch(_rng_state(), tmp / "rng.pt")
+                atomic_write_text(tmp / "trainer.json", json.dumps({"step": step, **trainer_state}, indent=2,
+                                                                   default=_jsonable))
+                os.rename(tmp, final)  # the commit point
+                fsync(state)
+            _publish(out, final, keep_last)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    distributed.barrier()
     return final
 
 
+def _save_full_weights(model, sd: dict, path: Path) -> None:
+    """The gathered whole model as the model folder's weights file (what modelio.save_weights
+    writes: a tied head is left out)."""
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_safetensors(sd, path)
+
+
 def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
-    """Restore weights, optimizer and RNG states from a checkpoint folder; returns trainer.json."""
+    """Restore weights, optimizer and RNG states from a checkpoint folder; returns trainer.json.
+    A sharded checkpoint loads on any number of ranks (every rank calls this); one written by
+    a single process or DDP loads into a model that is not sharded."""
     path = Path(path)
+    if not (path / SHARDED).is_dir() and distributed.is_sharded(model):
+        raise UserError(f"checkpoint {path} is not sharded (written with train.parallel=ddp): "
+                        "resume it with train.parallel=ddp")
     try:
-        load_weights(model, path / WEIGHTS)
-        if optimizer is not None:
+        if (path / SHARDED).is_dir():
+            distributed.load_sharded(path / SHARDED, model, optimizer)
+        else:
+            load_weights(model, path / WEIGHTS)
+        if optimizer is not None and not (path / SHARDED).is_dir():
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         rng = torch.load(path / "rng.pt", weights_only=True)
         trainer_state = json.loads((path / "trainer.json").read_text())

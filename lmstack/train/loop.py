@@ -192,17 +192,24 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
 
     if device.type == "cuda":  # TF32 matmuls for whatever runs in fp32 (~free speed on Ampere+)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model.to(device)
+    if not (tc.parallel == "fsdp" and world > 1):
+        # (FSDP moves each block to the device as it shards it, so the device never holds the
+        # whole model: one that fits only sharded trains.)
+        model.to(device)
+    amp = autocast_dtype(tc.dtype, device)
+    # Compile, activation checkpointing, DDP or FSDP: composed in distributed.parallelize. FSDP
+    # replaces the parameters with shards, so the optimizer is built after it.
+    fwd_model, train_model = distributed.parallelize(model, tc.parallel, tc.activation_checkpointing,
+                                                     tc.compile, bf16=amp == torch.bfloat16)
+    # FSDP runs save sharded checkpoints (every rank writes its shards; a collective).
+    sharded = tc.parallel == "fsdp"
     optimizer = build_optimizer(model, oc, device)
     step, tokens_seen = 0, 0
     if ckpt is not None:
         state = checkpoint.load_checkpoint(ckpt, model, optimizer)
         step, tokens_seen = state["step"], state["tokens"]
         batches.load_state_dict(state["data"])
-    amp = autocast_dtype(tc.dtype, device)
     tb = torch.tensor(token_bytes, dtype=torch.int64, device=device) if token_bytes is not None else None
-    fwd_model = torch.compile(model) if tc.compile else model
-    train_model = distributed.wrap(fwd_model)
     metrics_path = out / "metrics.jsonl"
     if main:
         write_run_files(out, cfg.to_dict(), tokenizer_file)
@@ -231,7 +238,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
         nonlocal saved_step
         checkpoint.save_checkpoint(out, step, model, optimizer,
                                    {"tokens": tokens_seen, "data": data_state, "world_size": world},
-                                   keep_last=tc.keep_last)
+                                   keep_last=tc.keep_last, sharded=sharded)
         saved_step = step
 
     def log(rec):
@@ -240,7 +247,11 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
         metrics_file.flush()
         logged_step = rec["step"]
 
-    old_sigterm = _sigterm_as_ctrl_c()
+    # A sharded save is a collective, so every rank must save at the same step: with FSDP under
+    # torchrun, Ctrl-C / SIGTERM only raise a flag, which rides in each step's all-reduce; when any
+    # rank has it, all of them finish the step, save, and stop together.
+    stop_flag = _StopFlag() if sharded and world > 1 else None
+    old_sigterm = _sigterm_as_ctrl_c() if stop_flag is None else None
     try:
         while step < tc.max_steps:
             t0 = time.perf_counter()
@@ -264,15 +275,18 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
                 for k, v in (more[0] if more else {}).items():
                     extra_sums[k] = extra_sums.get(k, 0) + torch.as_tensor(v, device=device).detach().double()
             names = sorted(extra_sums)
-            totals = distributed.all_reduce_sum(torch.stack([loss_sum, n_tokens, *[extra_sums[k] for k in names]]))
+            stop = [torch.tensor(float(stop_flag.is_set()), dtype=torch.float64, device=device)] if stop_flag else []
+            totals = distributed.all_reduce_sum(torch.stack([loss_sum, n_tokens, *[extra_sums[k] for k in names],
+                                                             *stop]))
             global_loss, global_n, *extra_totals = totals.tolist()
+            stopping = bool(stop) and extra_totals.pop() > 0
             # DDP averaged the gradients over ranks: x world / global_n turns the sum of
             # per-token gradients into their mean over the whole global batch.
             scale = world / max(global_n, 1.0)
             for p in model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip or float("inf"))
+            grad_norm = distributed.clip_grad_norm_(model.parameters(), oc.grad_clip or float("inf"))
             with _hold_ctrl_c():  # the update is all or nothing, so Ctrl-C can save what it leaves
                 consistent = False
                 optimizer.step()
@@ -314,13 +328,17 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
                     eta = f", ~{duration(timed_s / timed_n * (tc.max_steps - step))} left" if timed_n and not last else ""
                     print(f"step {step}/{tc.max_steps} loss {record['loss']:.4f}{val}{bpb} "
                           f"lr {lr:.2e} {tok_s:,.0f} tok/s{eta}", flush=True)
-                if last or (tc.save_every and step % tc.save_every == 0):
+            if (main or sharded) and (last or (tc.save_every and step % tc.save_every == 0)):
+                save()
+            if stopping and step < tc.max_steps:  # (at the last step the run ends anyway)
+                if step > saved_step:
                     save()
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         if main:
             if record.get("step") == step and logged_step < step:
                 log(record)  # Ctrl-C during the evaluation: keep the step's training metrics
-            if consistent and step > saved_step:
+            if consistent and step > saved_step and not (sharded and world > 1):  # (saved above)
                 save()
             last_saved = checkpoint.latest_checkpoint(out)
             print(f"\ninterrupted at step {step}; "
@@ -330,6 +348,8 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
     finally:
         if old_sigterm is not None:
             signal.signal(signal.SIGTERM, old_sigterm)
+        if stop_flag is not None:
+            stop_flag.restore()
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
@@ -347,6 +367,27 @@ def _sigterm_as_ctrl_c():
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+class _StopFlag:
+    """SIGINT and SIGTERM set a flag instead of raising (restore() puts the old handlers back).
+    Outside the main thread no handler can be set: the flag is then never set."""
+
+    def __init__(self):
+        self._set, self._old = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -33,8 +35,11 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
                         f"vocabulary ({manifest['vocab_size']})")
     with torch.device("meta"):  # the shape alone: how much memory training it takes, before allocating any
         n_params = GPT(cfg.model).num_params()
-    check_fits(16 * n_params, pick_device(cfg.train.device),
-               f"training a {n_params:,}-parameter model (fp32 weights, gradients and AdamW's two moments)")
+    # FSDP keeps 1/world of the weights, gradients and AdamW state on each device.
+    shards = int(os.environ.get("WORLD_SIZE", 1)) if cfg.train.parallel == "fsdp" else 1
+    check_fits(16 * n_params // shards, pick_device(cfg.train.device),
+               f"training a {n_params:,}-parameter model (fp32 weights, gradients and AdamW's two moments"
+               + (f", sharded over {shards} ranks)" if shards > 1 else ")"))
     out_dir, resume = checkpoint.output_folder(out, resume)
     if resume:
         checkpoint.check_resume(out_dir, "pretraining", cfg.to_dict()["model"],
@@ -44,7 +49,11 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
     info = distributed.init(cfg.train.device)
     try:
         seed_everything(cfg.train.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-        model = GPT(cfg.model)
+        # Under FSDP the other ranks build the shapes alone (the meta device) and take rank 0's
+        # values as they shard (distributed.parallelize): one copy of the model in host memory.
+        shapes_only = cfg.train.parallel == "fsdp" and info.world_size > 1 and info.rank > 0
+        with torch.device("meta") if shapes_only else contextlib.nullcontext():
+            model = GPT(cfg.model)
         tc = cfg.train
         batches = TokenBatches(data, cfg.data.train_split, batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                seed=tc.seed, rank=info.rank, world_size=info.world_size,
