@@ -1,0 +1,56 @@
+"""The batcher's sampling: every live row's next token in a few vectorised calls.
+
+`engine.sample_logits` takes one setting for a whole batch and, with one generator per row,
+calls torch.multinomial once per row. Here the rows are grouped by their settings (temperature,
+top-k, top-p: most requests share the defaults) and each group is sampled at once with the
+exponential race that torch.multinomial itself runs for one sample: token = argmax(p / q), q ~
+Exp(1). A seeded row draws its q from its own generator, exactly as multinomial would draw it,
+so a request with a seed gets the same tokens alone, in a batch, and as with `sample_logits`
+(tests/test_serve_scale.py checks all three); unseeded rows share one draw from torch's RNG.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_rows(logits: torch.Tensor, settings: list[tuple], generators: list) -> list[int]:
+    """logits [B, V]; settings[b] = (temperature, top_k, top_p) of row b (temperature <= 0:
+    greedy); generators[b]: row b's torch.Generator or None. Returns B token ids."""
+    out = [0] * len(settings)
+    groups: dict[tuple, list[int]] = {}
+    for b, s in enumerate(settings):
+        groups.setdefault(s, []).append(b)
+    for (temperature, top_k, top_p), rows in groups.items():
+        x = logits[rows] if len(rows) < logits.shape[0] else logits
+        for b, t in zip(rows, _sample_group(x, temperature, top_k, top_p, [generators[b] for b in rows])):
+            out[b] = t
+    return out
+
+
+def _sample_group(logits: torch.Tensor, temperature: float, top_k, top_p, generators: list) -> list[int]:
+    """One setting's rows: `engine.sample_logits`'s filtering, then the exponential race."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1).tolist()
+    logits = logits.float() / temperature
+    index = None
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        logits, index = torch.topk(logits, top_k, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and 0 < top_p < 1:
+        if index is None:
+            probs, index = probs.sort(dim=-1, descending=True)
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)
+    q = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if len(unseeded) == len(generators):
+        q.exponential_(1)
+    else:
+        for i, g in enumerate(generators):
+            if g is not None:
+                q[i].exponential_(1, generator=g)  # what multinomial(probs[i], 1, generator=g) draws
+        if unseeded:
+            q[unseeded] = torch.empty(len(unseeded), q.shape[-1], device=q.device).exponential_(1)
+    choice = (probs / q).argmax(dim=-1)
+    return (choice if index is None else index.gather(-1, choice[:, None])[:, 0]).tolist()
