@@ -261,6 +261,8 @@ async def server_run(base: str, pid: int, endpoint: str, bodies: list[dict], con
     if isinstance(h0.get("steps"), int) and isinstance(h1.get("tokens"), int):
         # Where /health reports the batcher's counters: decode steps and tokens in this run.
         seen["steps"], seen["step_tokens"] = h1["steps"] - h0["steps"], h1["tokens"] - h0["tokens"]
+        if "prefill_forwards" in h1:  # batched prefill: forwards per prompt
+            seen["prefill_forwards"] = h1["prefill_forwards"] - h0["prefill_forwards"]
     return dict(results=res, **meter, **seen)
 
 
@@ -376,6 +378,8 @@ def summarize(runs: list[dict]) -> dict:
                max_waiting=max(r["max_waiting"] for r in runs))
     if med.get("steps"):
         out.update(decode_steps=med["steps"], mean_rows_per_step=round(med["step_tokens"] / med["steps"], 2))
+        if "prefill_forwards" in med:
+            out["prefill_forwards"] = med["prefill_forwards"]
     if ttft:
         out.update(ttft_p50_ms=round(pct(ttft, 50) * 1e3, 1), ttft_p99_ms=round(pct(ttft, 99) * 1e3, 1))
     return out
@@ -473,7 +477,9 @@ def _bench_endpoint(servers, endpoint, args, prompts, modes, peer, ids) -> dict:
     steps = {k: r for k, r in res.items() if "decode_steps" in r}
     if steps:
         print("batcher (/health counters): " + "; ".join(
-            f"{k} {r['decode_steps']} steps, {r['mean_rows_per_step']} rows/step" for k, r in steps.items()))
+            f"{k} {r['decode_steps']} steps, {r['mean_rows_per_step']} rows/step"
+            + (f", {r['prefill_forwards']} prefill forwards" if "prefill_forwards" in r else "")
+            for k, r in steps.items()))
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
     for sv in servers:
         pc = httpx.get(sv["url"] + "/health", timeout=10).json().get("prefix_cache")
