@@ -127,6 +127,33 @@ def test_prefix_cache_hit_gives_the_tokens_of_a_full_prefill(tok):
         assert o.logprobs == pytest.approx(a.logprobs, abs=1e-4)
 
 
+def test_rows_at_the_same_cached_offset_are_prefilled_together(tok):
+    """Requests admitted together take their slots by cached length, so two with the cached head
+    and two without go through two prefill forwards (not four), each row's last logits equal to
+    a lone full prefill's."""
+    head = prompts_of(tok, 1, lo=50, hi=51, seed=1)[0]
+    fresh = prompts_of(tok, 2, lo=20, hi=30, seed=7)
+    prompts = [fresh[0], head + [5, 6, 7], fresh[1], head + [8, 9]]
+    ref = model_of(tok)
+    ref.setup_cache(1, 128)
+    with torch.inference_mode():
+        want = [ref(torch.tensor([p]), start_pos=0)[0, -1] for p in prompts]
+    b = Batcher(model_of(tok), tok, slots=8)  # driven by hand, step by step (no thread)
+    b.model.setup_cache(9, 128)
+    with torch.inference_mode():
+        b._admit([GenRequest(prompt=head + [3], max_tokens=4)])
+        b._prefill()
+        assert b.decoding == 1 and b.prefix.stats["stored_blocks"] == 3
+        b._admit([GenRequest(prompt=p, max_tokens=4) for p in prompts])
+        assert [r.filled for r in b.live[1:]] == [0, 0, 48, 48]
+        forwards = b.stats["prefill_forwards"]
+        b._prefill()
+    assert b.stats["prefill_forwards"] == forwards + 2 and b.decoding == 5
+    got = {tuple(r.req.prompt): r.logits for r in b.live[1:]}
+    for p, w in zip(prompts, want):
+        assert torch.allclose(got[tuple(p)], w, atol=1e-4)
+
+
 def test_prefix_cache_evicts_the_least_recent_tails_within_its_bytes(tok):
     model = model_of(tok)
     model.setup_cache(3, 128)

@@ -135,17 +135,18 @@ class Batcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                new = []
                 if not self.live:  # idle: sleep until a request comes
                     try:
-                        req = self.pending.get(timeout=0.2)
+                        new.append(self.pending.get(timeout=0.2))
                     except queue.Empty:
                         continue
-                    self._admit(req)
-                while len(self.live) < self.slots:  # fill free slots between two steps
+                while len(self.live) + len(new) < self.slots:  # fill free slots between two steps
                     try:
-                        self._admit(self.pending.get_nowait())
+                        new.append(self.pending.get_nowait())
                     except queue.Empty:
                         break
+                self._admit(new)
                 if self.decoding < len(self.live):
                     self._prefill()
                 if self.decoding:
@@ -156,21 +157,33 @@ class Batcher:
                 self.live, self.decoding = [], 0
 
     @torch.inference_mode()
-    def _admit(self, req: GenRequest) -> None:
-        """A waiting request into the next free slot, its cached prefix (if any) copied in."""
-        if req.cancelled:
-            return
-        if req.deadline is not None and time.monotonic() > req.deadline:  # timed out while waiting
-            req.on_event(RowOutput(0, len(req.prompt), 0, self.tok, ()).finish("timeout"))
-            return
-        try:  # everything about this one request: its failure (a bad seed) is its own
-            row = _Live(req, self.tok, min(req.max_tokens, self.ctx - len(req.prompt)), self.device)
-            if self.prefix is not None and req.prompt_logprobs is None:  # an echo needs every prompt logit
-                row.filled = self.prefix.load(self.model, req.prompt, len(self.live))
-        except Exception as e:
-            _fail(req, e)
-            return
-        self.live.append(row)
+    def _admit(self, reqs: list[GenRequest]) -> None:
+        """Waiting requests into the next free slots, each one's cached prefix (if any) copied in.
+        They take their slots in the order of their cached lengths, so that rows at the same
+        offset sit side by side and are prefilled in one forward."""
+        rows = []
+        for req in reqs:
+            if req.cancelled:
+                continue
+            if req.deadline is not None and time.monotonic() > req.deadline:  # timed out while waiting
+                req.on_event(RowOutput(0, len(req.prompt), 0, self.tok, ()).finish("timeout"))
+                continue
+            try:  # everything about this one request: its failure (a bad seed) is its own
+                row = _Live(req, self.tok, min(req.max_tokens, self.ctx - len(req.prompt)), self.device)
+                # an echo needs every prompt logit: no cached prefix for it
+                found = self.prefix.match(req.prompt) if self.prefix is not None and req.prompt_logprobs is None else []
+            except Exception as e:
+                _fail(req, e)
+                continue
+            rows.append((len(found), row, found))
+        for _, row, found in sorted(rows, key=lambda x: x[0]):
+            try:
+                if self.prefix is not None and row.prompt_logits is None:
+                    row.filled = self.prefix.load(self.model, row.req.prompt, len(self.live), found)
+            except Exception as e:
+                _fail(row.req, e)
+                continue
+            self.live.append(row)
         self.stats["max_live"] = max(self.stats["max_live"], len(self.live))
 
     @torch.inference_mode()

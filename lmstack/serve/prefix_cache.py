@@ -43,13 +43,22 @@ class PrefixCache:
             h = hashlib.blake2b(h + b"".join(t.to_bytes(4, "little") for t in chunk), digest_size=16).digest()
             yield h
 
-    def load(self, model, prompt: list[int], slot: int) -> int:
-        """Copy the longest cached prefix of `prompt` into KV-cache row `slot`; its length in tokens."""
+    def match(self, prompt: list[int]) -> list[bytes]:
+        """The names of the cached blocks that start `prompt` (its longest cached prefix)."""
         found = []
         for name in self._names(prompt, (len(prompt) - 1) // self.block):
             if name not in self.blocks:
                 break
             found.append(name)
+        return found
+
+    def load(self, model, prompt: list[int], slot: int, found: list[bytes] | None = None) -> int:
+        """Copy the longest cached prefix of `prompt` (or the blocks `found` by `match`) into
+        KV-cache row `slot`; its length in tokens."""
+        if found is None:
+            found = self.match(prompt)
+        else:  # found earlier: what is still cached of it, up to the first block gone
+            found = found[:next((i for i, n in enumerate(found) if n not in self.blocks), len(found))]
         self.stats["lookups"] += 1
         if not found:
             return 0
