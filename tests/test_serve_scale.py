@@ -198,6 +198,22 @@ def test_seeded_rows_sample_as_alone_and_as_the_engine_does():
                 assert got[b] == int(want[0])
 
 
+def test_unseeded_rows_sample_from_their_distribution():
+    """Unseeded rows (inverse-CDF): frequencies follow the softmax, and what top-k / top-p cut
+    is never drawn."""
+    torch.manual_seed(1)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    got = torch.tensor(sample_rows(logits, [(1.0, None, None)] * 4000, [None] * 4000))
+    freq = torch.bincount(got, minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    settings = [(1.0, 2, None), (1.0, None, 0.7)] * 500  # top-2; top-p 0.7 keeps 0.5 and 0.3
+    got = sample_rows(logits[:1000], settings, [None] * 1000)
+    assert set(got) == {0, 1}
+    mixed = sample_rows(logits[:6], [(1.0, None, 0.7)] * 6, [torch.Generator().manual_seed(i) if i % 2 else None
+                                                               for i in range(6)])
+    assert set(mixed) <= {0, 1}
+
+
 def test_a_seeded_request_samples_the_same_alone_or_in_a_batch(tok):
     p = prompts_of(tok, 1, seed=9)[0]
     ref = model_of(tok)

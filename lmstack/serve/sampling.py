@@ -6,7 +6,9 @@ top-k, top-p: most requests share the defaults) and each group is sampled at onc
 exponential race that torch.multinomial itself runs for one sample: token = argmax(p / q), q ~
 Exp(1). A seeded row draws its q from its own generator, exactly as multinomial would draw it,
 so a request with a seed gets the same tokens alone, in a batch, and as with `sample_logits`
-(tests/test_serve_scale.py checks all three); unseeded rows share one draw from torch's RNG.
+(tests/test_serve_scale.py checks all three). Unseeded rows owe no particular draw: they take
+one uniform number each against the cumulative probabilities (inverse-CDF sampling), since
+the race's one random number per vocabulary entry is most of its cost.
 """
 
 from __future__ import annotations
@@ -42,15 +44,21 @@ def _sample_group(logits: torch.Tensor, temperature: float, top_k, top_p, genera
             probs, index = probs.sort(dim=-1, descending=True)
         mass_before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(mass_before >= top_p, 0.0)
-    q = torch.empty_like(probs)
+    choice = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
     unseeded = [i for i, g in enumerate(generators) if g is None]
-    if len(unseeded) == len(generators):
-        q.exponential_(1)
-    else:
-        for i, g in enumerate(generators):
-            if g is not None:
-                q[i].exponential_(1, generator=g)  # what multinomial(probs[i], 1, generator=g) draws
-        if unseeded:
-            q[unseeded] = torch.empty(len(unseeded), q.shape[-1], device=q.device).exponential_(1)
-    choice = (probs / q).argmax(dim=-1)
+    if seeded:  # the exponential race, one draw of q per row from its own generator
+        p = probs[seeded] if unseeded else probs
+        q = torch.empty_like(p)
+        for j, i in enumerate(seeded):
+            q[j].exponential_(1, generator=generators[i])  # what multinomial(probs[i], 1, generator=g) draws
+        choice[seeded] = (p / q).argmax(dim=-1)
+    if unseeded:
+        # Rows without a seed owe no particular draw: one uniform number per row against the
+        # cumulative mass (the race draws one per vocabulary entry, most of its cost).
+        p = probs[unseeded] if seeded else probs
+        mass = p.cumsum(dim=-1)
+        u = torch.rand(len(unseeded), 1, device=p.device) * mass[:, -1:]
+        # right=True: a token of zero probability (cut by top-p) adds no width, so it is never hit
+        choice[unseeded] = torch.searchsorted(mass, u, right=True)[:, 0].clamp_(max=p.shape[-1] - 1)
     return (choice if index is None else index.gather(-1, choice[:, None])[:, 0]).tolist()
