@@ -10,7 +10,9 @@ chat after a shared long system prompt), and prints when their first tokens came
 last) and the scheduler thread's CPU time (`time.thread_time`) in each of its methods until the
 last first token: admission (with the prefix cache's copies), prefill (`_prefill_group`: its
 forwards, within `_prefill`), promotion, sampling, text (the decode step itself ends after the
-first tokens are out, so it is not in these sums). Then one forward of each prompt shape, alone and batched, timed directly. The
+first tokens are out, so it is not in these sums). Then one forward of each prompt shape,
+alone and batched, timed directly, and the sampling of 16 rows, the old way and the new.
+The
 first round warms up (and fills the prefix cache). A benchmark: it prints, asserts nothing.
 """
 
@@ -109,6 +111,27 @@ def main():
             for _ in range(10):
                 net.hidden(x, start_pos=0)
             print(f"forward {list(shape)}: {(time.process_time() - c) / 10 * 1e3:.1f} ms CPU")
+
+    # Sampling 16 rows: each alone with engine.sample_logits (the batcher before) against
+    # serve/sampling.py's sample_rows, seeded rows and unseeded ones.
+    from lmstack.engine import sample_logits
+    from lmstack.serve.sampling import sample_rows
+
+    logits = torch.randn(len(ids), net.cfg.vocab_size).to(next(net.parameters()).dtype)
+    for seeded in (True, False):
+        gens = [torch.Generator().manual_seed(i) if seeded else None for i in range(len(ids))]
+        runs = {"sample_logits row by row": lambda: [sample_logits(logits[b][None], 1.0, None, None,
+                                                                   None if g is None else [g])
+                                                     for b, g in enumerate(gens)],
+                "sample_rows": lambda: sample_rows(logits, [(1.0, None, None)] * len(ids), gens)}
+        for name, run in runs.items():
+            for _ in range(20):
+                run()
+            c = time.process_time()
+            for _ in range(200):
+                run()
+            print(f"sampling {len(ids)} {'seeded' if seeded else 'unseeded'} rows, {name}: "
+                  f"{(time.process_time() - c) / 200 * 1e3:.2f} ms CPU")
 
 
 if __name__ == "__main__":
