@@ -11,8 +11,7 @@ last) and the scheduler thread's CPU time (`time.thread_time`) in each of its me
 last first token: admission (with the prefix cache's copies), prefill (`_prefill_group`: its
 forwards, within `_prefill`), promotion, sampling, text (the decode step itself ends after the
 first tokens are out, so it is not in these sums). Then one forward of each prompt shape,
-alone and batched, timed directly, and the sampling of 16 rows, the old way and the new.
-The
+alone and batched, timed directly, and the sampling of 16 rows, the old way and the new. The
 first round warms up (and fills the prefix cache). A benchmark: it prints, asserts nothing.
 """
 
