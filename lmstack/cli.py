@@ -155,11 +155,15 @@ def _cmd_harness(a):
 
 
 def _cmd_serve(a):
+    from lmstack.serve.protocol import Limits
     from lmstack.serve.server import serve
 
+    if a.max_waiting < 1 or a.prefix_cache_mb < 0:
+        raise UserError("--max-waiting must be >= 1 and --prefix-cache-mb >= 0")
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, db_path=a.db, slots=a.slots, dtype=a.dtype,
           device=a.device, label_prompts=a.label_prompts, threads=a.threads, assistants=a.assistant or (),
-          tools=a.tools, guard=cli_security.guard(a))
+          tools=a.tools, guard=cli_security.guard(a), prefix_cache_mb=a.prefix_cache_mb,
+          limits=Limits(max_waiting=a.max_waiting))
 
 
 def _cmd_search(a):
@@ -416,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "current folder, printed at start-up; '' for none)")
     sv.add_argument("--label-prompts", help="jsonl of prompts to queue for labelling ({prompt} or {messages})")
     sv.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
+    sv.add_argument("--max-waiting", type=int, default=256,
+                    help="generations that may wait for a slot; more are answered 503 (default 256)")
+    sv.add_argument("--prefix-cache-mb", type=float, default=64,
+                    help="memory for the keys/values of shared prompt prefixes (0: no prefix cache; default 64)")
     sv.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--threads", type=int, default=None, help="torch threads (default on a CPU: cores - 1)")

@@ -27,18 +27,32 @@ PY = '{"name": "python", "arguments": {"code": "print(6 * 7)"}}'
 
 
 class SlotScript(ScriptedModel):
-    """ScriptedModel with the batcher's KV-cache slots: a prompt prefilled into its slot, a
-    decode step feeding one token to each live row, a row moved when a slot frees."""
+    """ScriptedModel with the batcher's KV-cache slots: prompts prefilled (in chunks, right-padded)
+    into rows slot.. from a position on, a decode step feeding one token to each decoding row at
+    its own position, a row moved when a slot frees. Like a real KV cache, a write at position p
+    replaces what was there from p on (a row's padding is overwritten by its next tokens)."""
+
+    def hidden(self, idx, start_pos=0, attn_mask=None, slot: int = 0):
+        """The logits as "hidden states" (lm_head is the identity): every position's next token."""
+        out = torch.full((*idx.shape, self.cfg.vocab_size), -30.0)
+        for b, ids in enumerate(idx.tolist()):
+            row = self.rows[slot + b] = self.rows[slot + b][:start_pos] + ids
+            for j in range(len(ids)):
+                try:
+                    out[b, j, self.next_token(row[:start_pos + j + 1])] = 30.0
+                except ValueError:  # a context the script cannot read (part of a prompt): no logit matters
+                    pass
+        return out
+
+    def lm_head(self, h):
+        return h
 
     def forward(self, idx, start_pos=None, attn_mask=None, slot: int = 0):
         if not torch.is_tensor(start_pos):  # a prefill into `slot`
-            self.rows[slot] = idx[0].tolist()
-            logits = torch.full((1, idx.shape[1], self.cfg.vocab_size), -30.0)
-            logits[0, -1, self.next_token(self.rows[slot])] = 30.0
-            return logits
+            return self.hidden(idx, start_pos, attn_mask, slot)
         logits = torch.full((idx.shape[0], 1, self.cfg.vocab_size), -30.0)
-        for b, t in enumerate(idx[:, 0].tolist()):
-            self.rows[b].append(t)
+        for b, (t, p) in enumerate(zip(idx[:, 0].tolist(), start_pos.tolist())):
+            self.rows[b] = self.rows[b][:p] + [t]
             logits[b, -1, self.next_token(self.rows[b])] = 30.0
         return logits
 
@@ -102,7 +116,7 @@ def scripted_app(folders, tools=None, db=None):
     """The app build() makes, on the scripted model (the assistants loaded from their folders)."""
     tok = folders["tok"]
     server = make_server(scripted(tok), tok, "chat", [A.load(folders["helper"]), A.load(folders["plain"])], tools,
-                         db=db, slots=4)
+                         db=db, slots=4, prefix_cache_mb=0)  # the script has no keys/values to cache
     return app_for(server)
 
 

@@ -165,7 +165,7 @@ def create_app(server: Server) -> FastAPI:
     async def model(name: str):
         return _model_card(server, server.check_model(name))
 
-    @app.post("/v1/chat/completions", responses=errors(400, 401, 404, 408, 413, 500))
+    @app.post("/v1/chat/completions", responses=errors(400, 401, 404, 408, 413, 500, 503))
     async def chat_completions(body: ChatRequest, request: Request):
         served = server.check_model(body.model)
         stops = server.check_common(body)
@@ -227,7 +227,7 @@ def create_app(server: Server) -> FastAPI:
         return {"id": cid, "object": "chat.completion", "created": created, "model": server.name,
                 "choices": out, "usage": _usage(usage)}
 
-    @app.post("/v1/completions", responses=errors(400, 401, 404, 408, 413, 500))
+    @app.post("/v1/completions", responses=errors(400, 401, 404, 408, 413, 500, 503))
     async def completions(body: CompletionRequest, request: Request):
         if server.check_model(body.model) is not None:
             raise APIError(400, f"`{body.model}` is an assistant: it answers chat completions "

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lmstack.assistant import Assistant
 from lmstack.chatformat import ChatFormatError, chat_format, check_messages
-from lmstack.serve.batcher import Batcher, GenRequest
+from lmstack.serve.batcher import Batcher, GenRequest, QueueFull
 from lmstack.serve.db import RequestLog
 from lmstack.serve.protocol import APIError, Limits
 from lmstack.toolloop import ToolLoop
@@ -59,11 +59,12 @@ class Server:
     and feedback database; the tools the web app may run (`tools`, default: the default
     registry's) and the assistants served on the model (each its own model id). `guard` (off by
     default): the defence of untrusted text (tool results, pasted documents) every conversation
-    goes through before the model reads it, e.g. lmstack/security/hierarchy.py's datamarking."""
+    goes through before the model reads it, e.g. lmstack/security/hierarchy.py's datamarking.
+    `prefix_cache_mb`: the bound of the batcher's prefix cache (0: none)."""
 
     def __init__(self, model, tok, name: str, api_key: str | None = None, db=None, limits: Limits | None = None,
                  slots: int = 16, tools: ToolRegistry | None = None, assistants=(), default: str | None = None,
-                 guard=None):
+                 guard=None, prefix_cache_mb: float = 64):
         self.model, self.tok, self.fmt, self.name = model, tok, chat_format(tok), name
         self.guard = guard
         self.api_key, self.db = api_key, db
@@ -73,7 +74,8 @@ class Server:
         self.limits = limits or Limits()
         self.ctx = model.cfg.max_seq_len
         self.max_prompt = min(self.limits.max_prompt_tokens or self.ctx - 1, self.ctx - 1)
-        self.batcher = Batcher(model, tok, slots)
+        self.batcher = Batcher(model, tok, slots, max_waiting=self.limits.max_waiting,
+                               prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)))
         self.request_log = RequestLog(db) if db is not None else None
         self.text_stops = tok.text_stop_ids  # plain text ends at a document boundary
         # No token stands for more characters than the longest one, so a text of c characters
@@ -229,7 +231,12 @@ class Batch:
                          logprobs=logprobs, top_logprobs=top, prompt_logprobs=prompt_logprobs,
                          deadline=self.deadline,
                          on_event=lambda ev: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev)))
-        s.batcher.submit(req)
+        try:
+            s.batcher.submit(req)
+        except QueueFull as e:  # this request's earlier generations leave with it
+            for r in self.reqs:
+                r.cancelled = True
+            raise APIError(503, f"{e}; retry later", "server_error", code="overloaded") from None
         self.reqs.append(req)
         return req
 

@@ -25,6 +25,7 @@ class Limits:
     max_n: int = 8  # choices per request
     max_prompts: int = 64  # prompts in one completions request
     request_timeout: float = 120.0  # seconds from arrival to the last token
+    max_waiting: int = 256  # generations waiting for a KV-cache slot; more get 503 `overloaded`
 
 
 class APIError(Exception):
@@ -91,7 +92,8 @@ def errors(*statuses: int) -> dict:
     what = {400: "malformed request (the message says what)", 401: "missing or wrong API key",
             404: "no such model, route or item", 408: "the request took longer than its time limit",
             413: "request body too large", 500: "unexpected server error (logged)",
-            503: "the feedback database cannot answer (locked or broken), or there is none"}
+            503: "the feedback database cannot answer (locked or broken), or there is none; or the server is "
+                 "overloaded (its queue of waiting generations is full: retry later)"}
     return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
 
 

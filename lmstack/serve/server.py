@@ -45,13 +45,13 @@ SEARCH = "search"  # an assistant's search over its knowledge (not in the defaul
 
 def build(model_dir, api_key=None, db_path="feedback.sqlite", slots: int = 16, dtype: str = "auto",
           device: str = "auto", limits=None, label_prompts=None, name: str | None = None, db_timeout: float = 5.0,
-          assistants=(), tools: str | None = None, guard=None):
+          assistants=(), tools: str | None = None, guard=None, prefix_cache_mb: float = 64):
     """The FastAPI app for a model folder or an assistant folder (not started): the API and the
     web app. db_path: the feedback database (created if missing; None or "" for none);
     db_timeout: seconds a write waits for another writer's lock before its request gets a 503;
     assistants: assistant folders served beside the model (on the same model folder); tools:
     the tools the server may run, comma-separated (None: all); guard: a defence of untrusted text
-    (Server's)."""
+    (Server's); prefix_cache_mb: the bound of the prefix cache (0: none)."""
     if slots < 1:
         raise UserError("--slots must be >= 1")
     if label_prompts and not db_path:
@@ -76,7 +76,8 @@ def build(model_dir, api_key=None, db_path="feedback.sqlite", slots: int = 16, d
         added = load_label_prompts(db, label_prompts)
         print(f"labelling queue: {added} new prompts from {label_prompts}")
     server = make_server(for_inference(net, dtype), tok, name, served, allowed, served[0].name if opens else None,
-                         api_key=api_key, db=db, limits=limits or Limits(), slots=slots, guard=guard)
+                         api_key=api_key, db=db, limits=limits or Limits(), slots=slots, guard=guard,
+                         prefix_cache_mb=prefix_cache_mb)
     return app_for(server)
 
 
@@ -160,7 +161,7 @@ def is_loopback(host: str) -> bool:
 def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           db_path: str | None = "feedback.sqlite", slots: int = 16, dtype: str = "auto", device: str = "auto",
           label_prompts=None, limits=None, threads: int | None = None, assistants=(), tools: str | None = None,
-          guard=None) -> None:
+          guard=None, prefix_cache_mb: float = 64) -> None:
     # On a CPU, leave a core to the event loop (HTTP, tokenizing, streaming): torch threads on
     # every core fight it for them and serve fewer tokens per CPU-second (bench/README.md).
     if threads is None and not torch.cuda.is_available():
@@ -174,7 +175,7 @@ def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
     if not 0 < port < 65536:
         raise UserError(f"--port must be 1..65535, got {port}")
     app = build(model_dir, api_key, db_path, slots, dtype, device, limits, label_prompts, assistants=assistants,
-                tools=tools, guard=guard)
+                tools=tools, guard=guard, prefix_cache_mb=prefix_cache_mb)
     if not is_loopback(host) and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this machine can use it")
     server = app.state.server
