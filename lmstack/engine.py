@@ -69,12 +69,15 @@ class Completion:
     prompt_tokens: int = 0  # after truncation
 
 
-def for_inference(model: GPT, dtype: str | torch.dtype = "fp32", pack: bool | None = None) -> GPT:
+def for_inference(model: GPT, dtype: str | torch.dtype = "fp32", pack: bool | None = None,
+                  fuse: bool = True) -> GPT:
     """Eval mode and the weights in `dtype` ("fp32" | "bf16" | "auto" | a torch dtype), in place.
     bf16 halves the bytes read per decoded token; RMSNorm still normalises in fp32.
     "auto" = bf16 where the hardware does bf16 natively (a CUDA GPU with bf16, AVX512-BF16/AMX).
-    pack (default: on a CPU with oneDNN): swap the Linear layers for `PackedLinear`. A packed
-    model is for inference only: it no longer trains or saves."""
+    pack (default: on a CPU with oneDNN): swap the Linear layers for `PackedLinear`.
+    fuse (default on): q/k/v and gate/up of each block as one matrix each (`GPT.fuse`: fewer,
+    larger products per token). A packed or fused model is for inference only: it no longer
+    trains or saves."""
     device = next(model.parameters()).device
     if dtype == "auto":
         dtype = autocast_dtype("auto", device) or torch.float32
@@ -82,6 +85,8 @@ def for_inference(model: GPT, dtype: str | torch.dtype = "fp32", pack: bool | No
     if not isinstance(dt, torch.dtype):
         raise UserError(f"unknown dtype {dtype!r} (fp32 | bf16)")
     model = model.to(dt).eval()
+    if fuse and isinstance(model, GPT):
+        model.fuse()
     if pack is None:
         pack = PackedLinear.supported(device, dt)
     if pack:
@@ -164,7 +169,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 def prefill(model: GPT, idx: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompts [B, T] from position 0, filling the cache; returns the last logits [B, V]."""
-    return model(idx, start_pos=0, attn_mask=attn_mask)[:, -1]
+    return model(idx, start_pos=0, attn_mask=attn_mask, last_only=True)[:, -1]
 
 
 def decode_one_token(model: GPT, token: torch.Tensor, pos: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

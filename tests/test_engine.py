@@ -59,7 +59,7 @@ class ScriptedModel(torch.nn.Module):
     def clear_cache(self):
         self.rows = None
 
-    def forward(self, idx, start_pos=None, attn_mask=None):
+    def forward(self, idx, start_pos=None, attn_mask=None, last_only=False):  # all positions: allowed
         B, T = idx.shape
         if start_pos is None:  # no cache: the whole context is here
             self.rows = [[] for _ in range(B)]
@@ -187,10 +187,11 @@ def test_packed_linears_give_the_same_tokens(dtype):
     if not PackedLinear.supported("cpu", {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]):
         pytest.skip("no oneDNN (or no native bf16) on this CPU")
     torch.manual_seed(0)
-    plain = for_inference(GPT(tiny()), dtype, pack=False)
+    plain = for_inference(GPT(tiny()), dtype, pack=False, fuse=False)
     torch.manual_seed(0)
-    packed = for_inference(GPT(tiny()), dtype)
-    assert isinstance(packed.layers[0].mlp.up_proj, PackedLinear) and isinstance(packed.lm_head, PackedLinear)
+    packed = for_inference(GPT(tiny()), dtype)  # packed and fused (q/k/v and gate/up in one matrix each)
+    assert isinstance(packed.layers[0].mlp.gate_up_proj, PackedLinear) and isinstance(packed.lm_head, PackedLinear)
+    assert isinstance(packed.layers[0].self_attn.qkv_proj, PackedLinear)
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
     a = generate_batch(plain, prompts, max_tokens=12, temperature=0, logprobs=True)
     b = generate_batch(packed, prompts, max_tokens=12, temperature=0, logprobs=True)
