@@ -177,6 +177,13 @@ def decode_one_token(model: GPT, token: torch.Tensor, pos: int, attn_mask: torch
     return model(token[:, None], start_pos=pos, attn_mask=attn_mask)[:, -1]
 
 
+def decode_one_token_static(model: GPT, token: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`decode_one_token` with static shapes, for a compiler that captures the step once (a CUDA
+    graph: torch.compile(..., mode="reduce-overhead")): positions as a tensor [B] and the mask
+    [B, 1, 1, cache length] over the whole cache, so no shape changes from step to step."""
+    return model(token[:, None], start_pos=pos, attn_mask=mask)[:, -1]
+
+
 def _full_mask(key_ok: torch.Tensor, T: int) -> torch.Tensor:
     """[B, 1, T, T]: causal, pad keys hidden. A pad query still sees itself: a row of all-False
     would make softmax NaN, and the NaN would reach real rows through the cached values."""

@@ -73,20 +73,6 @@ def rope(x, cos, ssin):
     return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, -1) * ssin.to(x.dtype)
 
 
-def decode_attention(q, k, v, mask=None):
-    """Attention of one new query per row ([B, H, 1, D]) over the cached keys/values ([B, Hkv, L, D]),
-    written out: on a CPU in bf16, SDPA's kernel takes 3-10x longer for a single query
-    (bench/README.md). Scores in the cache's dtype, softmax in fp32 (HF Llama's eager numerics);
-    grouped queries read their shared key/value head through a view, without copies."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    scores = q.view(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2) * D ** -0.5  # [B, Hkv, H/Hkv, L]
-    if mask is not None:  # [B, 1, 1, L]: True = may attend
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    return (probs @ v).view(B, H, 1, D)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -148,18 +134,19 @@ class Attention(nn.Module):
                     mask = torch.arange(end, device=x.device) <= torch.arange(start_pos, end, device=x.device)[:, None]
         if attn_mask is not None:  # the caller's mask (packed documents, left padding) includes causality
             mask, causal = attn_mask, False
-        if T == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
-            y = decode_attention(q, k, v, mask)
-        else:
-            # GQA: each group of n_head/n_kv_head query heads shares one key/value head. Without a
-            # mask SDPA groups them itself (enable_gqa: no copy of k/v, nor of the whole cache for
-            # each decoded token); with one, k/v are repeated, as CUDA's kernels that take a mask
-            # cannot group.
-            if Hkv != H and mask is not None:
-                k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-                                               enable_gqa=k.shape[1] != q.shape[1])
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        dtype = q.dtype
+        if T == 1 and dtype == torch.bfloat16 and q.device.type == "cpu":
+            # One new query (decode): SDPA's bf16 CPU kernel takes 2-6x longer than its fp32 one
+            # on the cast copies, casts included (bench/README.md), and fp32 is no less exact.
+            q, k, v = q.float(), k.float(), v.float()
+        # GQA: each group of n_head/n_kv_head query heads shares one key/value head. Without a
+        # mask SDPA groups them itself (enable_gqa: no copy of k/v, nor of the whole cache for each
+        # decoded token); with one, k/v are repeated, as CUDA's kernels that take a mask cannot group.
+        if Hkv != H and mask is not None:
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+        return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
