@@ -1,14 +1,16 @@
 """Where a batch-1 decode step's time goes: CPU time per step and the torch profiler's table.
 
     .venv/bin/python bench/decode_profile.py [--shape small 110m] [--dtype fp32|bf16|both]
-        [--steps N] [--top N] [--threads N] [--json FILE]
+        [--steps N] [--rounds N] [--top N] [--threads N] [--compile] [--json FILE]
 
 `small` is runs/small/chat (bench/llamacpp_decode.py's trained model); `110m` is the stories110M
 shape with random weights (as there). The model goes through `for_inference(model, dtype)`, then
 `prefill` of a 16-token random prompt and `--steps` calls of `engine.decode_one_token` with the
-argmax fed back (no sampling, no deltas: the model's step alone). Printed per shape and dtype:
-ms per step (wall and CPU; the fastest of `--rounds` rounds), the profiler's operator count per step, the time inside the matrix
-products (oneDNN / addmm / mm / linear kernels) against everything else, and the `--top`
+argmax fed back (no sampling, no deltas: the model's step alone; the prefill's cost is spread
+over the steps). `--compile`: the same through `torch.compile(decode_one_token)` (inductor,
+dynamic shapes) on the unpacked model, its compilation in the printed warm-up time. Printed
+per shape and dtype: ms per step (wall and CPU; the fastest of `--rounds` rounds), the
+profiler's operator count per step, the time inside the matrix products (oneDNN / addmm / mm / linear kernels) against everything else, and the `--top`
 operators by self CPU time. A benchmark, not a test: it asserts nothing about time.
 """
 
@@ -39,40 +41,45 @@ def build(shape: str) -> GPT:
     return GPT(ModelConfig(**SHAPES[shape]))
 
 
-def steps(model, prompt, n: int) -> None:
+def steps(model, prompt, n: int, step=decode_one_token) -> None:
     model.setup_cache(1, prompt.shape[1] + n + 1)
     logits = prefill(model, prompt)
     for i in range(n):
-        logits = decode_one_token(model, logits.argmax(-1), prompt.shape[1] + i)
+        logits = step(model, logits.argmax(-1), prompt.shape[1] + i)
     model.clear_cache()
 
 
-def run(shape: str, dt: str, n: int, top: int, rounds: int) -> dict:
-    model = for_inference(build(shape), dt)
+def run(shape: str, dt: str, n: int, top: int, rounds: int, compile: bool = False) -> dict:
+    # compiled: inductor cannot trace the opaque packed oneDNN weights, so the model is unpacked
+    model = for_inference(build(shape), dt, pack=False if compile else None)
+    step = torch.compile(decode_one_token, dynamic=True, fullgraph=True) if compile else decode_one_token
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(16, model.cfg.vocab_size, (1, 16), generator=g)
     with torch.inference_mode():
-        steps(model, prompt, 8)  # warm-up
+        t0 = time.perf_counter()
+        steps(model, prompt, 8, step)  # warm-up (and the compilation)
+        steps(model, prompt, 8, step)
+        warm = time.perf_counter() - t0
         walls, cpus = [], []
         for _ in range(rounds):  # the fastest round: the least disturbed by other jobs
             w, c = time.perf_counter(), time.process_time()
-            steps(model, prompt, n)
+            steps(model, prompt, n, step)
             walls.append((time.perf_counter() - w) / n)
             cpus.append((time.process_time() - c) / n)
         wall, cpu = min(walls), min(cpus)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            steps(model, prompt, n)
+            steps(model, prompt, n, step)
     events = prof.key_averages()
-    # Top-level operators only (a call's children are counted inside it): the count of dispatches.
+    # Operator calls, the ones nested inside others included (e.g. rms_norm's parts).
     ops = [e for e in events if e.key.startswith(("aten::", "mkldnn::", "inductor", "Torch-Compiled"))]
     total_self = sum(e.self_cpu_time_total for e in events) / n / 1e3  # ms per step
     mm = sum(e.self_cpu_time_total for e in events if e.key in MATMULS
              or e.key.startswith(("aten::_mkl", "mkldnn"))) / n / 1e3
     count = sum(e.count for e in ops) / n
-    row = dict(shape=shape, dtype=dt, ms_per_step=round(wall * 1e3, 3), cpu_ms_per_step=round(cpu * 1e3, 3),
+    row = dict(shape=shape, dtype=dt, compiled=compile, warmup_s=round(warm, 1), ms_per_step=round(wall * 1e3, 3), cpu_ms_per_step=round(cpu * 1e3, 3),
                ops_per_step=round(count, 1), profiled_ms=round(total_self, 3), matmul_ms=round(mm, 3),
                tok_per_cpu_s=round(1 / cpu, 1), loadavg=load())
-    print(f"\n== {shape} {dt}: {wall * 1e3:.3f} ms/step wall, {cpu * 1e3:.3f} ms CPU ({1 / cpu:.0f} tok per CPU-s); "
+    print(f"\n== {shape} {dt}{' compiled' if compile else ''} (warm-up {warm:.1f} s): {wall * 1e3:.3f} ms/step wall, {cpu * 1e3:.3f} ms CPU ({1 / cpu:.0f} tok per CPU-s); "
           f"profiled {total_self:.3f} ms/step of which matrix products {mm:.3f} ms "
           f"({mm / max(total_self, 1e-9):.0%}); {count:.0f} operator calls per step | load {load()}")
     print(f"{'operator':40s} {'calls/step':>10s} {'self ms/step':>12s}")
@@ -89,11 +96,13 @@ def main():
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds of --steps (the fastest is kept)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile decode_one_token (inductor, dynamic shapes; the model unpacked)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, python {sys.version.split()[0]}, load {load()}")
-    rows = [run(s, dt, args.steps, args.top, args.rounds) for s in args.shape
+    rows = [run(s, dt, args.steps, args.top, args.rounds, args.compile) for s in args.shape
             for dt in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype])]
     emit(dict(torch=torch.__version__, threads=args.threads, rows=rows), args.json)
 

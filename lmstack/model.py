@@ -39,12 +39,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 (bf16 sums of squares lose precision), then cast back and scale, as
-        # HF Llama does. F.rms_norm is one fused op (in fp32 bit-identical to the written-out
-        # x * rsqrt(mean(x^2) + eps) * w, which was seven).
+        # Normalise in fp32 (bf16 sums of squares lose precision), cast back, then scale, as HF
+        # Llama does. F.rms_norm is one op that does just that (it computes a bf16 input in fp32
+        # and rounds once), bit-identical to the written-out x * rsqrt(mean(x^2) + eps) * w.
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x)
+        return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
 
 
 def rope_table(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
