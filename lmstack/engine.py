@@ -21,8 +21,9 @@ gets its max_tokens unless that would leave the prompt less than half the contex
 
 Speed: batch-1 decode reads every weight once per token, so it is bound by memory bandwidth.
 The engine decodes in the dtype of the model's weights, with the cache in the same dtype;
-`for_inference(model, "bf16")` casts a model to bf16 (half the bytes per token) and, on a CPU,
-packs its Linear weights for oneDNN (`PackedLinear`: faster matrix-vector products).
+`for_inference(model, "bf16")` casts a model to bf16 (half the bytes per token), fuses each
+block's q/k/v and gate/up into one matrix each (`GPT.fuse`: fewer, larger products) and, on a
+CPU, packs its Linear weights for oneDNN (`PackedLinear`: faster matrix-vector products).
 bench/decode_throughput.py measures it against Hugging Face `generate`.
 
 One generation at a time per model: the KV cache lives in the model.

@@ -16,6 +16,9 @@ put their own heads on it instead.
 Inference uses a static KV cache (gpt-fast style): `setup_cache(batch, max_len)` preallocates
 it, then `forward(idx, start_pos=p)` writes positions p..p+T-1 and attends to 0..p+T-1.
 `forward(idx)` without start_pos is the plain training path (no cache, causal attention).
+For inference, `fuse()` merges each block's q/k/v and gate/up weights into one matrix each (a
+fused model computes the same function but no longer has the on-disk names), and
+`forward(..., last_only=True)` puts the head on the last position only (a prefill).
 This file knows nothing of distribution, checkpoints or data.
 """
 
