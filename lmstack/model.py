@@ -275,7 +275,8 @@ class GPT(nn.Module):
         if isinstance(start_pos, torch.Tensor):
             if T != 1 or attn_mask is None or start_pos.shape != (B,):
                 raise ValueError("per-row positions take one token per row and an attn_mask")
-            if int(start_pos.max()) >= min(cache.shape[2], attn_mask.shape[-1]):
+            # (checked in eager mode only: a compiled step must not wait for the positions' values)
+            if not torch.compiler.is_compiling() and int(start_pos.max()) >= min(cache.shape[2], attn_mask.shape[-1]):
                 raise ValueError(f"a position reaches past the KV cache ({cache.shape[2]}) or the mask")
             # [B, 1, 1, head_dim]: broadcast over heads and the one position
             cos, sin = self.rope_cos[start_pos][:, None, None], self.rope_sin_signed[start_pos][:, None, None]

@@ -293,6 +293,17 @@ def test_static_decode_step_equals_decode_one_token():
     assert ids == generate(m, prompt[0].tolist(), max_tokens=12, temperature=0)
 
 
+def test_static_decode_step_traces_as_one_graph():
+    """torch.compile(fullgraph=True) takes the static step whole (no graph break: what a CUDA
+    graph capture needs); the eager backend runs the traced graph without compiling kernels."""
+    torch.manual_seed(0)
+    m = GPT(tiny()).eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    traced = torch.compile(decode_one_token_static, backend="eager", fullgraph=True)
+    with torch.inference_mode():
+        assert _static_steps(m, traced, prompt, 6)[0] == _static_steps(m, decode_one_token_static, prompt, 6)[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
