@@ -90,8 +90,9 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """Inference only: q/k/v as one Linear (one matrix-vector product instead of three; the
-        names on disk are the unfused ones, so a fused model is not saved)."""
-        if self.qkv_proj is None:
+        names on disk are the unfused ones, so a fused model is not saved). Only plain Linear
+        layers: packed or quantized ones (a second `for_inference`) stay as they are."""
+        if self.qkv_proj is None and all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj)):
             w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
             self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
             self.qkv_proj.weight = nn.Parameter(w, requires_grad=False)
@@ -164,7 +165,7 @@ class MLP(nn.Module):
 
     def fuse(self) -> None:
         """Inference only: gate/up as one Linear (as `Attention.fuse`)."""
-        if self.gate_up_proj is None:
+        if self.gate_up_proj is None and type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
             w = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
             self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
             self.gate_up_proj.weight = nn.Parameter(w, requires_grad=False)

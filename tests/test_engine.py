@@ -239,6 +239,13 @@ def test_fused_model_computes_the_same_logits(dtype):
         torch.testing.assert_close(a[:, -1], plain(x[:2, :7])[:, -1], **tol)  # == no cache at all
 
 
+def test_for_inference_twice_is_harmless():
+    torch.manual_seed(0)
+    m = for_inference(GPT(tiny()), "fp32", fuse=False)
+    want = generate(m, [1, 2, 3], max_tokens=6, temperature=0)
+    assert generate(for_inference(for_inference(m, "fp32"), "fp32"), [1, 2, 3], max_tokens=6, temperature=0) == want
+
+
 def test_last_only_is_the_last_position_of_all():
     torch.manual_seed(0)
     m = GPT(tiny()).eval()
