@@ -140,8 +140,8 @@ class Attention(nn.Module):
             mask, causal = attn_mask, False
         dtype = q.dtype
         if T == 1 and dtype == torch.bfloat16 and q.device.type == "cpu":
-            # One new query (decode): SDPA's bf16 CPU kernel takes 2-6x longer than its fp32 one
-            # on the cast copies, casts included (bench/README.md), and fp32 is no less exact.
+            # One new query (decode): SDPA's bf16 CPU kernel takes several times longer than its
+            # fp32 one on cast copies, casts included, and fp32 is no less exact.
             q, k, v = q.float(), k.float(), v.float()
         # GQA: each group of n_head/n_kv_head query heads shares one key/value head. Without a
         # mask SDPA groups them itself (enable_gqa: no copy of k/v, nor of the whole cache for each
