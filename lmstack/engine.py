@@ -281,7 +281,8 @@ class RowOutput:
 def stream(model: GPT, prompts: list[list[int]], max_tokens: int | list[int] = 256, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            stop_ids=(), stop_strings=(), tokenizer=None, logprobs: bool = False, top_logprobs: int = 0,
-           truncate: str | None = None, use_cache: bool = True, _results: list | None = None,
+           truncate: str | None = None, use_cache: bool = True, decode_step=decode_one_token,
+           _results: list | None = None,
            ) -> Iterator[list[Delta]]:
     """Generate for a batch of prompts (lists of token ids), yielding at every step the list of
     `Delta`s of the rows still running (a row's last delta carries its finish_reason).
@@ -297,6 +298,10 @@ def stream(model: GPT, prompts: list[list[int]], max_tokens: int | list[int] = 2
     (log-softmax of the raw logits: before temperature, top-k and top-p, as OpenAI reports it);
     top_logprobs=n adds the n most likely (id, logprob) at each step.
     use_cache=False recomputes everything each step (the reference the cache is tested against).
+    decode_step: the function that runs one step (`decode_one_token`'s signature), e.g.
+    `torch.compile(decode_one_token, dynamic=True)` on an unpacked model
+    (`for_inference(model, dtype, pack=False)`: inductor cannot trace packed weights). On a CPU
+    that pays for small models only, after the first call's compilation (bench/README.md).
     """
     if not isinstance(prompts, (list, tuple)) or not prompts or isinstance(prompts[0], int):
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -361,7 +366,7 @@ def stream(model: GPT, prompts: list[list[int]], max_tokens: int | list[int] = 2
             with torch.inference_mode():
                 if use_cache:
                     mask = None if key_ok is None else key_ok[:, None, None, :pos + 1]
-                    logits = decode_one_token(model, token, pos, mask)
+                    logits = decode_step(model, token, pos, mask)
                 else:
                     idx = torch.cat([idx, token[:, None]], dim=1)
                     mask = None if key_ok is None else _full_mask(key_ok, pos + 1)
@@ -383,7 +388,7 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_tokens: int | list[
 
 def generate(model: GPT, prompt_ids: list[int], max_tokens: int = 100, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_ids=(), use_cache: bool = True) -> list[int]:
+             stop_ids=(), use_cache: bool = True, decode_step=decode_one_token) -> list[int]:
     """Continue one prompt; returns the new token ids. Unlike `stream`, a stop token that ended
     the sequence is included (the caller sees why it stopped). Generation also stops when the
     context (model.cfg.max_seq_len) is full."""
@@ -391,5 +396,5 @@ def generate(model: GPT, prompt_ids: list[int], max_tokens: int = 100, temperatu
     if max_tokens <= 0:
         return []
     c = generate_batch(model, [prompt_ids], max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, stop_ids=stop_ids, use_cache=use_cache)[0]
+                       seed=seed, stop_ids=stop_ids, use_cache=use_cache, decode_step=decode_step)[0]
     return c.ids + ([c.stop] if isinstance(c.stop, int) else [])

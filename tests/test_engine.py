@@ -300,6 +300,18 @@ def test_static_decode_step_equals_decode_one_token():
     assert ids == generate(m, prompt[0].tolist(), max_tokens=12, temperature=0)
 
 
+def test_a_compiled_decode_step_gives_the_same_tokens():
+    """stream's decode_step option with a torch.compile'd step (the eager backend: the trace,
+    without inductor's minutes of kernel compilation here) on an unpacked model."""
+    torch.manual_seed(0)
+    m = for_inference(GPT(tiny()), "fp32", pack=False)
+    step = torch.compile(decode_one_token, backend="eager", dynamic=True)
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]  # left padding: the masked step too
+    want = [c.ids for c in generate_batch(m, prompts, max_tokens=8, temperature=0)]
+    assert [c.ids for c in generate_batch(m, prompts, max_tokens=8, temperature=0, decode_step=step)] == want
+    assert generate(m, prompts[0], 8, temperature=0, decode_step=step) == want[0]
+
+
 def test_static_decode_step_traces_as_one_graph():
     """torch.compile(fullgraph=True) takes the static step whole (no graph break: what a CUDA
     graph capture needs); the eager backend runs the traced graph without compiling kernels."""
