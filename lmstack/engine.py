@@ -21,8 +21,9 @@ gets its max_tokens unless that would leave the prompt less than half the contex
 
 Speed: batch-1 decode reads every weight once per token, so it is bound by memory bandwidth.
 The engine decodes in the dtype of the model's weights, with the cache in the same dtype;
-`for_inference(model, "bf16")` casts a model to bf16 (half the bytes per token) and, on a CPU,
-packs its Linear weights for oneDNN (`PackedLinear`: faster matrix-vector products).
+`for_inference(model, "bf16")` casts a model to bf16 (half the bytes per token), fuses each
+block's q/k/v and gate/up into one matrix each (`GPT.fuse`: fewer, larger products) and, on a
+CPU, packs its Linear weights for oneDNN (`PackedLinear`: faster matrix-vector products).
 bench/decode_throughput.py measures it against Hugging Face `generate`.
 
 One generation at a time per model: the KV cache lives in the model.
@@ -69,12 +70,15 @@ class Completion:
     prompt_tokens: int = 0  # after truncation
 
 
-def for_inference(model: GPT, dtype: str | torch.dtype = "fp32", pack: bool | None = None) -> GPT:
+def for_inference(model: GPT, dtype: str | torch.dtype = "fp32", pack: bool | None = None,
+                  fuse: bool = True) -> GPT:
     """Eval mode and the weights in `dtype` ("fp32" | "bf16" | "auto" | a torch dtype), in place.
     bf16 halves the bytes read per decoded token; RMSNorm still normalises in fp32.
     "auto" = bf16 where the hardware does bf16 natively (a CUDA GPU with bf16, AVX512-BF16/AMX).
-    pack (default: on a CPU with oneDNN): swap the Linear layers for `PackedLinear`. A packed
-    model is for inference only: it no longer trains or saves."""
+    pack (default: on a CPU with oneDNN): swap the Linear layers for `PackedLinear`.
+    fuse (default on): q/k/v and gate/up of each block as one matrix each (`GPT.fuse`: fewer,
+    larger products per token). A packed or fused model is for inference only: it no longer
+    trains or saves."""
     device = next(model.parameters()).device
     if dtype == "auto":
         dtype = autocast_dtype("auto", device) or torch.float32
@@ -82,6 +86,8 @@ def for_inference(model: GPT, dtype: str | torch.dtype = "fp32", pack: bool | No
     if not isinstance(dt, torch.dtype):
         raise UserError(f"unknown dtype {dtype!r} (fp32 | bf16)")
     model = model.to(dt).eval()
+    if fuse and isinstance(model, GPT):
+        model.fuse()
     if pack is None:
         pack = PackedLinear.supported(device, dt)
     if pack:
@@ -164,12 +170,19 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 def prefill(model: GPT, idx: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompts [B, T] from position 0, filling the cache; returns the last logits [B, V]."""
-    return model(idx, start_pos=0, attn_mask=attn_mask)[:, -1]
+    return model(idx, start_pos=0, attn_mask=attn_mask, last_only=True)[:, -1]
 
 
 def decode_one_token(model: GPT, token: torch.Tensor, pos: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Feed tokens [B] at position `pos`; returns the next logits [B, V]."""
     return model(token[:, None], start_pos=pos, attn_mask=attn_mask)[:, -1]
+
+
+def decode_one_token_static(model: GPT, token: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`decode_one_token` with static shapes, for a compiler that captures the step once (a CUDA
+    graph: torch.compile(..., mode="reduce-overhead")): positions as a tensor [B] and the mask
+    [B, 1, 1, cache length] over the whole cache, so no shape changes from step to step."""
+    return model(token[:, None], start_pos=pos, attn_mask=mask)[:, -1]
 
 
 def _full_mask(key_ok: torch.Tensor, T: int) -> torch.Tensor:
@@ -268,7 +281,8 @@ class RowOutput:
 def stream(model: GPT, prompts: list[list[int]], max_tokens: int | list[int] = 256, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            stop_ids=(), stop_strings=(), tokenizer=None, logprobs: bool = False, top_logprobs: int = 0,
-           truncate: str | None = None, use_cache: bool = True, _results: list | None = None,
+           truncate: str | None = None, use_cache: bool = True, decode_step=decode_one_token,
+           _results: list | None = None,
            ) -> Iterator[list[Delta]]:
     """Generate for a batch of prompts (lists of token ids), yielding at every step the list of
     `Delta`s of the rows still running (a row's last delta carries its finish_reason).
@@ -284,6 +298,10 @@ def stream(model: GPT, prompts: list[list[int]], max_tokens: int | list[int] = 2
     (log-softmax of the raw logits: before temperature, top-k and top-p, as OpenAI reports it);
     top_logprobs=n adds the n most likely (id, logprob) at each step.
     use_cache=False recomputes everything each step (the reference the cache is tested against).
+    decode_step: the function that runs one step (`decode_one_token`'s signature), e.g.
+    `torch.compile(decode_one_token, dynamic=True)` on an unpacked model
+    (`for_inference(model, dtype, pack=False)`: inductor cannot trace packed weights). On a CPU
+    that pays for small models only, after the first call's compilation (bench/README.md).
     """
     if not isinstance(prompts, (list, tuple)) or not prompts or isinstance(prompts[0], int):
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -348,7 +366,7 @@ def stream(model: GPT, prompts: list[list[int]], max_tokens: int | list[int] = 2
             with torch.inference_mode():
                 if use_cache:
                     mask = None if key_ok is None else key_ok[:, None, None, :pos + 1]
-                    logits = decode_one_token(model, token, pos, mask)
+                    logits = decode_step(model, token, pos, mask)
                 else:
                     idx = torch.cat([idx, token[:, None]], dim=1)
                     mask = None if key_ok is None else _full_mask(key_ok, pos + 1)
@@ -370,7 +388,7 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_tokens: int | list[
 
 def generate(model: GPT, prompt_ids: list[int], max_tokens: int = 100, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_ids=(), use_cache: bool = True) -> list[int]:
+             stop_ids=(), use_cache: bool = True, decode_step=decode_one_token) -> list[int]:
     """Continue one prompt; returns the new token ids. Unlike `stream`, a stop token that ended
     the sequence is included (the caller sees why it stopped). Generation also stops when the
     context (model.cfg.max_seq_len) is full."""
@@ -378,5 +396,5 @@ def generate(model: GPT, prompt_ids: list[int], max_tokens: int = 100, temperatu
     if max_tokens <= 0:
         return []
     c = generate_batch(model, [prompt_ids], max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, stop_ids=stop_ids, use_cache=use_cache)[0]
+                       seed=seed, stop_ids=stop_ids, use_cache=use_cache, decode_step=decode_step)[0]
     return c.ids + ([c.stop] if isinstance(c.stop, int) else [])

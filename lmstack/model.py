@@ -16,6 +16,9 @@ put their own heads on it instead.
 Inference uses a static KV cache (gpt-fast style): `setup_cache(batch, max_len)` preallocates
 it, then `forward(idx, start_pos=p)` writes positions p..p+T-1 and attends to 0..p+T-1.
 `forward(idx)` without start_pos is the plain training path (no cache, causal attention).
+For inference, `fuse()` merges each block's q/k/v and gate/up weights into one matrix each (a
+fused model computes the same function but no longer has the on-disk names), and
+`forward(..., last_only=True)` puts the head on the last position only (a prefill).
 This file knows nothing of distribution, checkpoints or data.
 """
 
@@ -39,10 +42,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 (bf16 sums of squares lose precision), as HF Llama does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        # Normalise in fp32 (bf16 sums of squares lose precision), cast back, then scale, as HF
+        # Llama does. F.rms_norm is one op that does just that (it computes a bf16 input in fp32
+        # and rounds once), bit-identical to the written-out x * rsqrt(mean(x^2) + eps) * w.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
 
 
 def rope_table(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +59,21 @@ def rope_table(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, H, T, D]; cos/sin: [T, D]. Rotates the pairs (x_i, x_{i+D/2})."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """x: [B, H, T, D]; cos/sin: [T, D]. Rotates the pairs (x_i, x_{i+D/2}):
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] (HF's form; the reference)."""
+    return rope(x, cos, signed_sin(sin))
+
+
+def signed_sin(sin):
+    """sin with its first half negated: rotate_half(x) * sin == x.roll(D/2) * signed_sin(sin)."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def rope(x, cos, ssin):
+    """apply_rope with the sign of rotate_half folded into the table (`signed_sin`): one roll
+    instead of chunk, neg and cat, bit-identical (negation is exact)."""
+    return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, -1) * ssin.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -69,47 +85,72 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
+        self.qkv_proj = None  # q/k/v in one matrix once `fuse()` ran (inference)
         self.cache_k = self.cache_v = None  # [B, n_kv_head, max_len, head_dim] once setup_cache ran
 
+    def fuse(self) -> None:
+        """Inference only: q/k/v as one Linear (one matrix-vector product instead of three; the
+        names on disk are the unfused ones, so a fused model is not saved). Only plain Linear
+        layers: packed or quantized ones (a second `for_inference`) stay as they are."""
+        if self.qkv_proj is None and all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj)):
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+            self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+            self.qkv_proj.weight = nn.Parameter(w, requires_grad=False)
+            del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x, cos, sin, start_pos=None, attn_mask=None, slot: int = 0):
+        """cos: [T, D] or [B, 1, 1, D]; sin: the same, as `signed_sin` makes it."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        if self.qkv_proj is None:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+        else:  # one product, and RoPE on q and k at once
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)
+            qk = rope(qkv[:, :, :H + Hkv].transpose(1, 2), cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, :, H + Hkv:].transpose(1, 2)
 
         mask, causal = None, True
-        rows = slice(slot, slot + B)  # the cache rows this batch owns
+        if start_pos is not None:  # the cache rows this batch owns (all of them: no slicing)
+            ck, cv = self.cache_k, self.cache_v
+            if slot or B != ck.shape[0]:
+                ck, cv = ck[slot:slot + B], cv[slot:slot + B]
         if isinstance(start_pos, torch.Tensor):
             # One token per row, each at its own position (continuous batching): write each row's
             # key/value at its position; the caller's mask says which cached keys each row sees.
-            at = torch.arange(slot, slot + B, device=x.device)
-            self.cache_k[at, :, start_pos] = k[:, :, 0]
-            self.cache_v[at, :, start_pos] = v[:, :, 0]
+            at = torch.arange(B, device=x.device)
+            ck[at, :, start_pos] = k[:, :, 0]
+            cv[at, :, start_pos] = v[:, :, 0]
             n = attn_mask.shape[-1]  # keys up to the furthest row: not the whole cache
-            k, v = self.cache_k[rows, :, :n], self.cache_v[rows, :, :n]
+            k, v = ck[:, :, :n], cv[:, :, :n]
             causal = False
         elif start_pos is not None:
             # Write this chunk into the static cache, then attend to everything up to it.
             end = start_pos + T
-            self.cache_k[rows, :, start_pos:end] = k
-            self.cache_v[rows, :, start_pos:end] = v
-            k, v = self.cache_k[rows, :, :end], self.cache_v[rows, :, :end]
+            ck[:, :, start_pos:end] = k
+            cv[:, :, start_pos:end] = v
+            k, v = ck[:, :, :end], cv[:, :, :end]
             if start_pos > 0:
                 causal = False  # query i sits at absolute position start_pos+i: it sees keys <= that
                 if T > 1:
                     mask = torch.arange(end, device=x.device) <= torch.arange(start_pos, end, device=x.device)[:, None]
         if attn_mask is not None:  # the caller's mask (packed documents, left padding) includes causality
             mask, causal = attn_mask, False
+        dtype = q.dtype
+        if T == 1 and dtype == torch.bfloat16 and q.device.type == "cpu":
+            # One new query (decode): SDPA's bf16 CPU kernel takes several times longer than its
+            # fp32 one on cast copies, casts included, and fp32 is no less exact.
+            q, k, v = q.float(), k.float(), v.float()
         # GQA: each group of n_head/n_kv_head query heads shares one key/value head. Without a
         # mask SDPA groups them itself (enable_gqa: no copy of k/v, nor of the whole cache for each
         # decoded token); with one, k/v are repeated, as CUDA's kernels that take a mask cannot group.
-        if self.n_kv_head != self.n_head and mask is not None:
-            rep = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if Hkv != H and mask is not None:
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
                                            enable_gqa=k.shape[1] != q.shape[1])
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -120,9 +161,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        self.gate_up_proj = None  # gate/up in one matrix once `fuse()` ran (inference)
+
+    def fuse(self) -> None:
+        """Inference only: gate/up as one Linear (as `Attention.fuse`)."""
+        if self.gate_up_proj is None and type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
+            w = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
+            self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+            self.gate_up_proj.weight = nn.Parameter(w, requires_grad=False)
+            del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -168,7 +221,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # Not persistent: derived from the config, so never saved in the weights file.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin_signed", torch.empty(0), persistent=False)  # see `signed_sin`
         if not meta:
             self.init_buffers()
             self.reset_parameters()
@@ -178,7 +231,7 @@ class GPT(nn.Module):
         on the meta device, which holds shapes only, the model folder's loader calls this)."""
         device = self.embed_tokens.weight.device
         cos, sin = rope_table(self.cfg.d_model // self.cfg.n_head, self.cfg.max_seq_len, self.cfg.rope_theta)
-        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        self.rope_cos, self.rope_sin_signed = cos.to(device), signed_sin(sin).to(device)
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; the two projections that write into the residual
@@ -194,9 +247,12 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor | None, start_pos=None, attn_mask=None, slot: int = 0,
-                embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """idx [B, T] token ids -> logits [B, T, vocab_size] (the arguments: see `hidden`)."""
-        return self.lm_head(self.hidden(idx, start_pos, attn_mask, slot, embeds))
+                embeds: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """idx [B, T] token ids -> logits [B, T, vocab_size] (the arguments: see `hidden`).
+        last_only: logits [B, 1, vocab_size] of the last position only (a prefill needs no more;
+        the head is the largest matrix of a small model, so computing it T times is waste)."""
+        h = self.hidden(idx, start_pos, attn_mask, slot, embeds)
+        return self.lm_head(h[:, -1:] if last_only else h)
 
     def hidden(self, idx: torch.Tensor | None, start_pos=None, attn_mask=None, slot: int = 0,
                embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,23 +276,32 @@ class GPT(nn.Module):
         if isinstance(start_pos, torch.Tensor):
             if T != 1 or attn_mask is None or start_pos.shape != (B,):
                 raise ValueError("per-row positions take one token per row and an attn_mask")
-            if int(start_pos.max()) >= min(cache.shape[2], attn_mask.shape[-1]):
+            # (checked in eager mode only: a compiled step must not wait for the positions' values)
+            if not torch.compiler.is_compiling() and int(start_pos.max()) >= min(cache.shape[2], attn_mask.shape[-1]):
                 raise ValueError(f"a position reaches past the KV cache ({cache.shape[2]}) or the mask")
             # [B, 1, 1, head_dim]: broadcast over heads and the one position
-            cos, sin = self.rope_cos[start_pos][:, None, None], self.rope_sin[start_pos][:, None, None]
+            cos, sin = self.rope_cos[start_pos][:, None, None], self.rope_sin_signed[start_pos][:, None, None]
         else:
             pos = 0 if start_pos is None else start_pos
             if pos + T > self.cfg.max_seq_len:  # the RoPE table ends there
                 raise ValueError(f"positions up to {pos + T} exceed max_seq_len {self.cfg.max_seq_len}")
             if start_pos is not None and pos + T > cache.shape[2]:
                 raise ValueError("KV cache missing or too small: call setup_cache(batch, max_len) first")
-            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin_signed[pos:pos + T]
         x = self.embed_tokens(idx) if embeds is None else embeds
         for layer in self.layers:
             x = layer(x, cos, sin, start_pos, attn_mask, slot)
         return self.norm(x)
 
-    # --- inference cache ------------------------------------------------------------------
+    # --- inference ------------------------------------------------------------------------
+
+    def fuse(self) -> None:
+        """Inference only: q/k/v and gate/up of every block as one matrix each (two products
+        per block fewer). Same function; the weights on disk keep their own names, so a fused
+        model is not saved (engine.for_inference fuses)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def setup_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> None:
         """Preallocate a static KV cache for `batch_size` rows of up to `max_len` positions."""

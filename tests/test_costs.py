@@ -34,8 +34,9 @@ def test_a_packed_model_counts_the_parameters_it_had(cls, tie):
     before = model.num_params(), model.num_params(include_embeddings=False)
     assert before[0] == sum(p.numel() for p in model.parameters())
     packed = for_inference(model, "fp32", pack=True)
-    # every Linear is packed: 7 per layer, the head (and the reward model's score head)
-    assert packed_count(packed) == 2 * 7 + 1 + (cls is RewardModel)
+    # every Linear is packed: 4 per layer once fused (qkv, o, gate_up, down), the head (and the
+    # reward model's score head)
+    assert packed_count(packed) == 2 * 4 + 1 + (cls is RewardModel)
     assert sum(p.numel() for p in packed.parameters()) < before[1]  # what the count used to be
     assert (packed.num_params(), packed.num_params(include_embeddings=False)) == before
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lmstack.config import ModelConfig
-from lmstack.engine import (ContextLengthError, PackedLinear, _full_mask, fit_prompt, for_inference,
-                            generate, generate_batch, prefill, stream)
-from lmstack.model import GPT
+from lmstack.engine import (ContextLengthError, PackedLinear, _full_mask, decode_one_token, decode_one_token_static,
+                            fit_prompt, for_inference, generate, generate_batch, prefill, stream)
+from lmstack.model import GPT, apply_rope, rope, rope_table, signed_sin
 from lmstack.tokenizer import train_tokenizer
 from lmstack.tools import ToolRegistry, default_registry
 from lmstack.tools.calculator import calculator
@@ -59,7 +59,7 @@ class ScriptedModel(torch.nn.Module):
     def clear_cache(self):
         self.rows = None
 
-    def forward(self, idx, start_pos=None, attn_mask=None):
+    def forward(self, idx, start_pos=None, attn_mask=None, last_only=False):  # all positions: allowed
         B, T = idx.shape
         if start_pos is None:  # no cache: the whole context is here
             self.rows = [[] for _ in range(B)]
@@ -187,10 +187,11 @@ def test_packed_linears_give_the_same_tokens(dtype):
     if not PackedLinear.supported("cpu", {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]):
         pytest.skip("no oneDNN (or no native bf16) on this CPU")
     torch.manual_seed(0)
-    plain = for_inference(GPT(tiny()), dtype, pack=False)
+    plain = for_inference(GPT(tiny()), dtype, pack=False, fuse=False)
     torch.manual_seed(0)
-    packed = for_inference(GPT(tiny()), dtype)
-    assert isinstance(packed.layers[0].mlp.up_proj, PackedLinear) and isinstance(packed.lm_head, PackedLinear)
+    packed = for_inference(GPT(tiny()), dtype)  # packed and fused (q/k/v and gate/up in one matrix each)
+    assert isinstance(packed.layers[0].mlp.gate_up_proj, PackedLinear) and isinstance(packed.lm_head, PackedLinear)
+    assert isinstance(packed.layers[0].self_attn.qkv_proj, PackedLinear)
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
     a = generate_batch(plain, prompts, max_tokens=12, temperature=0, logprobs=True)
     b = generate_batch(packed, prompts, max_tokens=12, temperature=0, logprobs=True)
@@ -198,6 +199,157 @@ def test_packed_linears_give_the_same_tokens(dtype):
     torch.testing.assert_close(torch.tensor([c.logprobs for c in a]), torch.tensor([c.logprobs for c in b]),
                                atol=0.02 if dtype == "bf16" else 1e-4, rtol=0)
     assert [c.ids for c in b] == [generate_batch(packed, [p], max_tokens=12, temperature=0)[0].ids for p in prompts]
+
+
+# --- the decode step's fast paths: each the same function as the plain one ------------------------
+
+def test_rope_roll_is_rotate_half_bit_for_bit():
+    cos, sin = rope_table(16, 9, 10000.0)
+    x = torch.randn(2, 3, 9, 16)
+    x1, x2 = x.chunk(2, dim=-1)
+    assert torch.equal(rope(x, cos, signed_sin(sin)), x * cos + torch.cat([-x2, x1], dim=-1) * sin)
+    assert torch.equal(apply_rope(x, cos, sin), rope(x, cos, signed_sin(sin)))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fused_model_computes_the_same_logits(dtype):
+    """q/k/v and gate/up fused (for_inference's default): the same logits in every path: training
+    (no cache), prefill + decode at an int position, per-row positions in cache slots 1..2."""
+    torch.manual_seed(0)
+    plain = for_inference(GPT(tiny()), dtype, pack=False, fuse=False)
+    torch.manual_seed(0)
+    fused = for_inference(GPT(tiny()), dtype, pack=False)
+    assert fused.layers[0].self_attn.qkv_proj is not None and not hasattr(fused.layers[0].mlp, "up_proj")
+    tol = dict(atol=0.05, rtol=0.02) if dtype == "bf16" else dict(atol=1e-5, rtol=1e-5)
+    x = torch.randint(0, 97, (3, 10))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), plain(x), **tol)
+        for m in (plain, fused):
+            m.setup_cache(3, 16)
+        want = [plain(x, start_pos=0)[:, -1], plain(x[:, :1], start_pos=10)[:, -1]]
+        got = [fused(x, start_pos=0, last_only=True)[:, -1], fused(x[:, :1], start_pos=10)[:, -1]]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **tol)
+        for m in (plain, fused):  # rows 1..2 of the cache, each at its own position
+            m.setup_cache(3, 16)
+            m(x[:2, :6], start_pos=0, slot=1)
+        pos, mask = torch.tensor([6, 6]), torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        a = fused(x[:2, 6:7], start_pos=pos, attn_mask=mask, slot=1)
+        torch.testing.assert_close(a, plain(x[:2, 6:7], start_pos=pos, attn_mask=mask, slot=1), **tol)
+        torch.testing.assert_close(a[:, -1], plain(x[:2, :7])[:, -1], **tol)  # == no cache at all
+
+
+def test_for_inference_twice_is_harmless():
+    torch.manual_seed(0)
+    m = for_inference(GPT(tiny()), "fp32", fuse=False)
+    want = generate(m, [1, 2, 3], max_tokens=6, temperature=0)
+    assert generate(for_inference(for_inference(m, "fp32"), "fp32"), [1, 2, 3], max_tokens=6, temperature=0) == want
+
+
+def test_last_only_is_the_last_position_of_all():
+    torch.manual_seed(0)
+    m = GPT(tiny()).eval()
+    x = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        last = m(x, last_only=True)  # one row through the head instead of seven: rounding may differ
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, m(x)[:, -1:], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_decode_step_equals_the_full_recompute():
+    """A decode step in bf16 (its single-query attention in fp32 on a CPU) gives the logits of
+    running the whole sequence again, within bf16 rounding."""
+    torch.manual_seed(0)
+    m = for_inference(GPT(tiny()), "bf16")
+    x = torch.randint(0, 97, (1, 12))
+    with torch.inference_mode():
+        m.setup_cache(1, 12)
+        prefill(m, x[:, :11])
+        step = decode_one_token(m, x[:, 11], 11)
+        full = m(x)[:, -1]
+    torch.testing.assert_close(step.float(), full.float(), atol=0.05, rtol=0.02)
+
+
+def _static_steps(model, step_fn, prompt: torch.Tensor, n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decode through `decode_one_token_static` (or a compiled copy): the positions as a
+    tensor, the mask over the whole cache."""
+    L, device = prompt.shape[1], prompt.device
+    model.setup_cache(1, L + n)
+    logits = prefill(model, prompt)
+    key_ok = torch.zeros(1, 1, 1, L + n, dtype=torch.bool, device=device)
+    key_ok[..., :L] = True
+    pos = torch.tensor([L], device=device)
+    ids, outs = [], []
+    for _ in range(n):
+        token = logits.argmax(-1)
+        ids.append(int(token))
+        key_ok[..., pos] = True
+        logits = step_fn(model, token, pos, key_ok)
+        outs.append(logits.float().clone())
+        pos += 1
+    model.clear_cache()
+    return ids, outs
+
+
+def test_static_decode_step_equals_decode_one_token():
+    torch.manual_seed(0)
+    m = GPT(tiny()).eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    with torch.inference_mode():
+        ids, _ = _static_steps(m, decode_one_token_static, prompt, 12)
+    assert ids == generate(m, prompt[0].tolist(), max_tokens=12, temperature=0)
+
+
+def test_a_compiled_decode_step_gives_the_same_tokens():
+    """stream's decode_step option with a torch.compile'd step (the eager backend: the trace,
+    without inductor's minutes of kernel compilation here) on an unpacked model."""
+    torch.manual_seed(0)
+    m = for_inference(GPT(tiny()), "fp32", pack=False)
+    step = torch.compile(decode_one_token, backend="eager", dynamic=True)
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]  # left padding: the masked step too
+    want = [c.ids for c in generate_batch(m, prompts, max_tokens=8, temperature=0)]
+    assert [c.ids for c in generate_batch(m, prompts, max_tokens=8, temperature=0, decode_step=step)] == want
+    assert generate(m, prompts[0], 8, temperature=0, decode_step=step) == want[0]
+
+
+def test_static_decode_step_traces_as_one_graph():
+    """torch.compile(fullgraph=True) takes the static step whole (no graph break: what a CUDA
+    graph capture needs); the eager backend runs the traced graph without compiling kernels."""
+    torch.manual_seed(0)
+    m = GPT(tiny()).eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    traced = torch.compile(decode_one_token_static, backend="eager", fullgraph=True)
+    with torch.inference_mode():
+        assert _static_steps(m, traced, prompt, 6)[0] == _static_steps(m, decode_one_token_static, prompt, 6)[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cuda_graph_decode_step_gives_the_same_tokens(dtype):
+    """The static decode step captured as a CUDA graph (torch.compile mode="reduce-overhead")
+    decodes what the eager step decodes; the per-token times go to stdout (pytest -s)."""
+    import time
+
+    torch.manual_seed(0)
+    m = for_inference(GPT(tiny(n_layer=4, d_model=128, n_head=4, n_kv_head=2, ffn_hidden=384, max_seq_len=128)).cuda(), dtype)
+    prompt = torch.randint(0, 97, (1, 8), device="cuda")
+    graphed = torch.compile(decode_one_token_static, mode="reduce-overhead", fullgraph=True)
+    with torch.inference_mode():
+        want, eager_logits = _static_steps(m, decode_one_token_static, prompt, 32)
+        _static_steps(m, graphed, prompt, 32)  # capture (and warm-up)
+        times = {}
+        for name, fn in (("eager", decode_one_token_static), ("cuda graph", graphed)):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            got, logits = _static_steps(m, fn, prompt, 32)
+            torch.cuda.synchronize()
+            times[name] = (time.perf_counter() - t0) / 32
+            assert got == want, name
+    for a, b in zip(logits, eager_logits):
+        torch.testing.assert_close(a, b, atol=0.05 if dtype == "bf16" else 1e-4, rtol=0.02 if dtype == "bf16" else 1e-4)
+    print(f"\n{dtype}: eager {times['eager'] * 1e3:.3f} ms/token, cuda graph {times['cuda graph'] * 1e3:.3f} ms/token "
+          f"(prefill included)")
 
 
 # --- text: streaming, UTF-8, stop strings ------------------------------------------------------------

@@ -204,3 +204,17 @@ def test_unknown_preset_and_bad_toml(tmp_path):
     bad.write_text("[model\n")
     with pytest.raises(UserError, match="invalid TOML"):
         load_config(str(bad), [], vocab_size=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_the_written_out_formula_bit_for_bit(dtype):
+    """RMSNorm through F.rms_norm equals HF Llama's fp32 normalise, cast back, then scale."""
+    from lmstack.model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(48, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(48).to(dtype)
+    x = (torch.randn(2, 5, 48) * 3).to(dtype)
+    xf = x.float()
+    want = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x)
+    assert torch.equal(norm(x), want)

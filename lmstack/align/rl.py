@@ -57,9 +57,10 @@ class PolicyValue(GPT):
         assert not unexpected and all(k.startswith("value_head.") for k in missing), (missing, unexpected)
         return pv
 
-    def forward(self, idx, start_pos=None, attn_mask=None, slot: int = 0, values: bool = False):
+    def forward(self, idx, start_pos=None, attn_mask=None, slot: int = 0, values: bool = False,
+                last_only: bool = False):
         if not values:
-            return super().forward(idx, start_pos, attn_mask, slot)
+            return super().forward(idx, start_pos, attn_mask, slot, last_only=last_only)
         h = self.hidden(idx)
         return self.lm_head(h), self.value_head(h).squeeze(-1)
 
