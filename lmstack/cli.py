@@ -74,7 +74,7 @@ def _cmd_sample(a):
     from lmstack.chat import sample
 
     sample(a.model, a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
-           top_k=a.top_k, top_p=a.top_p, seed=a.seed, num_samples=a.num_samples)
+           top_k=a.top_k, top_p=a.top_p, seed=a.seed, num_samples=a.num_samples, dtype=a.dtype)
 
 
 def _cmd_sft(a):
@@ -88,7 +88,7 @@ def _cmd_chat(a):
     from lmstack.chat import chat
 
     return chat(a.model, system=a.system, temperature=a.temperature, top_p=a.top_p,
-                max_tokens=a.max_tokens, seed=a.seed, tools=not a.no_tools,
+                max_tokens=a.max_tokens, seed=a.seed, tools=not a.no_tools, dtype=a.dtype,
                 memory=False if a.no_memory else (a.memory or True), guard=cli_security.guard(a))
 
 
@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--top-p", type=float, default=None)
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--num-samples", type=int, default=1)
+    sa.add_argument("--dtype", default=None, help="fp32 | bf16 | int8 | int4 | auto (default: the weights as saved)")
     sa.set_defaults(func=_cmd_sample)
 
     ft = sub.add_parser("sft", help="supervised fine-tuning on conversations (the same training loop)")
@@ -368,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-tokens", type=int, default=256)
     ch.add_argument("--seed", type=int, default=None)
     ch.add_argument("--no-tools", action="store_true", help="do not run tool calls (calculator)")
+    ch.add_argument("--dtype", default="auto", help="fp32 | bf16 | int8 | int4 | auto (bf16 where native)")
     ch.add_argument("--memory", help="keep the turns that outgrow the context in this folder (recalled in a later "
                     "chat with the same folder; default: for this session only)")
     ch.add_argument("--no-memory", action="store_true", help="forget turns that outgrow the context")
@@ -386,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", nargs=2, metavar=("A", "B"),
                     help="two model folders or results files: side by side, with paired significance")
     ev.add_argument("--out", help="results JSON file (default: MODEL/eval/<time>.json)")
-    ev.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto (bf16 where native)")
+    ev.add_argument("--dtype", default="auto", help="fp32 | bf16 | int8 | int4 | auto (bf16 where native)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=32, help="rows per forward pass / decode batch")
     ev.set_defaults(func=_cmd_eval)
@@ -416,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "current folder, printed at start-up; '' for none)")
     sv.add_argument("--label-prompts", help="jsonl of prompts to queue for labelling ({prompt} or {messages})")
     sv.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
-    sv.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto")
+    sv.add_argument("--dtype", default="auto", help="fp32 | bf16 | int8 | int4 | auto")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--threads", type=int, default=None, help="torch threads (default on a CPU: cores - 1)")
     cli_security.guard_args(sv)

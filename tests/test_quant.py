@@ -1,0 +1,121 @@
+"""Weight-only int8 / int4 (lmstack/quant.py): the rounding is bounded, the layers compute what their
+dequantised weights do, a quantized model decodes close to fp32, and it refuses to train or save."""
+
+import pytest
+import torch
+
+from lmstack.chat import sample
+from lmstack.config import ModelConfig
+from lmstack.engine import for_inference, generate_batch
+from lmstack.eval.lm import ModelLM
+from lmstack.model import GPT
+from lmstack.modelio import save_weights
+from lmstack.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantized_kind
+from lmstack.utils import UserError
+
+from tiny import random_gpt, save_model_dir, tokenizer_on
+
+
+def cfg(**kw) -> ModelConfig:
+    # widths that int4's kernel takes (multiples of 32 in, 16 out); vocab 97 does not (its head falls back to int8)
+    base = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=64, ffn_hidden=128, max_seq_len=64)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_int8_rounding_is_half_a_step_per_row():
+    torch.manual_seed(0)
+    w = torch.randn(48, 64) * torch.logspace(-2, 1, 48)[:, None]  # rows of very different sizes
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (48,) and q.abs().max() == 127
+    err = (q.float() * s[:, None] - w).abs()
+    assert (err <= s[:, None] / 2 + 1e-7).all()
+
+
+def test_int4_rounding_is_half_a_step_per_group():
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    q, s, z = quantize_int4(w, 32)
+    assert q.min() >= 0 and q.max() <= 15 and s.shape == z.shape == (32, 4)
+    deq = ((q.float().view(32, 4, 32) - 8) * s[..., None] + z[..., None]).view(32, 128)
+    assert ((deq - w).abs().view(32, 4, 32) <= s[..., None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_layers_compute_their_dequantised_weight(kind):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48, bias=False)
+    x = torch.randn(2, 3, 128)
+    if kind == "int8":
+        q, s = quantize_int8(lin.weight)
+        deq, layer = q.float() * s[:, None], Int8Linear(lin)
+    else:
+        q, s, z = quantize_int4(lin.weight, 32)
+        deq = ((q.float().view(48, 4, 32) - 8) * s[..., None] + z[..., None]).view(48, 128)
+        layer = Int4Linear(lin)
+    y = layer(x.bfloat16())
+    assert y.shape == (2, 3, 48) and y.dtype == torch.bfloat16
+    ref = x @ deq.t()
+    torch.testing.assert_close(y.float(), ref, atol=0.03 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_quantized_model_decodes_close_to_fp32(kind):
+    torch.manual_seed(0)
+    ref = for_inference(GPT(cfg()), "fp32", pack=False)
+    torch.manual_seed(0)
+    m = for_inference(GPT(cfg()), kind)
+    assert quantized_kind(m) == kind and quantized_kind(ref) is None
+    layer = Int4Linear if kind == "int4" else Int8Linear
+    assert isinstance(m.layers[0].mlp.up_proj, layer) and isinstance(m.layers[1].self_attn.q_proj, layer)
+    assert isinstance(m.lm_head, Int8Linear)  # 97 rows: int4's kernel wants multiples of 16, so int8
+    assert m.embed_tokens.weight.dtype == torch.bfloat16  # the lookup keeps a bf16 table
+    assert m.num_params() == ref.num_params()
+    x = torch.randint(0, 97, (2, 20))
+    with torch.inference_mode():
+        a, b = ref(x), m(x).float()
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    outs = generate_batch(m, prompts, max_tokens=8, temperature=0)
+    assert [len(c.ids) for c in outs] == [8, 8]
+    # a padded batch row computes what it computes alone
+    assert [c.ids for c in outs] == [generate_batch(m, [p], max_tokens=8, temperature=0)[0].ids for p in prompts]
+
+
+def test_a_quantized_model_is_inference_only(tmp_path):
+    m = for_inference(GPT(cfg()), "int8")
+    with pytest.raises(UserError, match="inference only"):
+        m.train()
+    with pytest.raises(UserError, match="cannot be trained or saved"):
+        save_weights(m, tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()
+    m.eval()  # still allowed
+
+
+def test_unknown_dtype_names_the_choices():
+    with pytest.raises(UserError, match="int8 | int4"):
+        for_inference(GPT(cfg()), "int3")
+
+
+def test_sample_and_eval_take_int8(tmp_path, capsys):
+    tok = tokenizer_on(tmp_path, "the cat sat on the mat. " * 50, vocab_size=300)
+    d = save_model_dir(tmp_path / "m", random_gpt(tok, n_layer=1, n_head=2, d_model=32, ffn_hidden=64,
+                                                  max_seq_len=32), tok)
+    texts = sample(str(d), "the cat", max_tokens=5, temperature=0, dtype="int8")
+    assert len(texts) == 1 and texts[0].startswith("the cat")
+    assert ModelLM.load(d, dtype="int8", device="cpu").dtype == "int8"
+    assert ModelLM.load(d, dtype="fp32", device="cpu").dtype == "float32"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_on_a_gpu_matches_the_cpu():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=False)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    cpu = Int8Linear(lin)
+    gpu = Int8Linear(lin).cuda()
+    torch.testing.assert_close(gpu(x.cuda()).cpu().float(), cpu(x).float(), atol=0.05, rtol=0.02)
+    torch.manual_seed(0)
+    m = for_inference(GPT(cfg()).cuda(), "int8")
+    assert m.lm_head.packed.device.type == "cuda"
+    assert len(generate_batch(m, [[1, 2, 3]], max_tokens=4, temperature=0)[0].ids) == 4
