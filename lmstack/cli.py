@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("format", choices=["twofile", "hf", "gguf"])
     ex.add_argument("--model", required=True, help="model folder")
     ex.add_argument("--out", required=True, help="output folder (twofile, hf) or .gguf file (gguf)")
-    ex.add_argument("--dtype", default="f32", help="gguf: f32 | f16 | bf16 (default f32)")
+    ex.add_argument("--dtype", default="f32", help="gguf: f32 | f16 | bf16 | q8_0 | q4_0 (default f32)")
     ex.add_argument("--force", action="store_true", help="replace an existing output")
     ex.set_defaults(func=_cmd_export)
 
