@@ -6,10 +6,11 @@ at bf16 / int8 / int4 (`for_inference`), compared token by token.
 
 Prompts: the world's fact questions (probes/facts.jsonl of the model's world, from its lineage)
 as a chat turn for a chat model, as the cloze text for a base model. Each prompt is
-decoded alone (batch 1, as a user's request is) for --new-tokens tokens, no stop token. Printed per
-dtype: the share of continuations identical to fp32's over all N tokens, the mean number of tokens
-before the first difference, and the share of positions that agree (after a difference the two
-texts go their own ways, so that last one counts what happens to come back into step too).
+decoded alone (batch 1, as a user's request is) up to --new-tokens tokens or the model's stop token
+(the end of a chat turn; EOS for a base model). Printed per dtype: the share of replies identical to
+fp32's, the mean number of tokens before the first difference, and the share of fp32's positions
+where the same token came (after a difference the two texts go their own ways, so that last one
+also counts what happens to come back into step).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from common import emit, load  # bench/common.py (scripts run from bench/)
-from lmstack.chatformat import render_chat
+from lmstack.chatformat import chat_format, render_chat
 from lmstack.engine import for_inference, generate
 from lmstack.modelio import lineage, load_model_and_tokenizer
 
@@ -56,23 +57,30 @@ def main():
     prompts = prompts_for(d, tok, lineage(d).get("chat", False), args.prompts, args.world)
     n = args.new_tokens
 
+    chat = lineage(d).get("chat", False)
+    stops = chat_format(tok).stop_ids if chat else tok.text_stop_ids
+
     def decode(model):
-        return [generate(model, p, max_tokens=min(n, model.cfg.max_seq_len - len(p)), temperature=0.0) for p in prompts]
+        return [generate(model, p, max_tokens=min(n, model.cfg.max_seq_len - len(p)), temperature=0.0,
+                         stop_ids=stops) for p in prompts]
 
     t0 = time.time()
     ref = decode(for_inference(copy.deepcopy(net), "fp32"))
     print(f"{d}: {len(prompts)} prompts x {n} greedy tokens, fp32 reference in {time.time() - t0:.0f}s, load {load()}")
+    mean_len = statistics.mean(len(r) for r in ref)
     rows = []
     for dt in args.dtype:
         out = decode(for_inference(copy.deepcopy(net), dt))
-        first = [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), len(r)) for r, o in zip(ref, out)]
+        first = [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), min(len(r), len(o)))
+                 for r, o in zip(ref, out)]
         same = sum(r == o for r, o in zip(ref, out)) / len(ref)
         pos = sum(a == b for r, o in zip(ref, out) for a, b in zip(r, o)) / sum(len(r) for r in ref)
         row = dict(model=str(d), dtype=dt, prompts=len(prompts), new_tokens=n, identical=round(same, 3),
                    tokens_before_first_difference=round(statistics.mean(first), 1), positions_agree=round(pos, 3))
         rows.append(row)
         print(f"{dt:5s} identical to fp32 {same:6.1%} | mean tokens before the first difference "
-              f"{row['tokens_before_first_difference']:5.1f} of {n} | positions that agree {pos:6.1%}", flush=True)
+              f"{row['tokens_before_first_difference']:5.1f} (fp32's replies: {mean_len:.1f}) | positions that agree "
+              f"{pos:6.1%}", flush=True)
     emit(dict(rows=rows, loadavg=load()), args.json)
 
 

@@ -98,7 +98,11 @@ class Int8Linear(_Quantized):
         if x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.packed, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.packed.to(x.dtype)) * self.scales  # dequantise in the matmul
+        return self.dequantised_matmul(x)
+
+    def dequantised_matmul(self, x):
+        """The GPU path (any device): the int8 weight in x's dtype, the product, the per-channel scales."""
+        return F.linear(x, self.packed.to(x.dtype)) * self.scales
 
 
 class Int4Linear(_Quantized):
