@@ -1,19 +1,24 @@
 """Weight-only int8 / int4 (lmstack/quant.py): the rounding is bounded, the layers compute what their
 dequantised weights do, a quantized model decodes close to fp32, and it refuses to train or save."""
 
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import pytest
 import torch
 
 from lmstack.chat import sample
 from lmstack.config import ModelConfig
-from lmstack.engine import for_inference, generate_batch
+from lmstack.chatformat import chat_format, render_chat
+from lmstack.engine import for_inference, generate, generate_batch
 from lmstack.eval.lm import ModelLM
 from lmstack.model import GPT
-from lmstack.modelio import save_weights
+from lmstack.modelio import load_model, save_weights
+from lmstack.serve.server import build
 from lmstack.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantized_kind
 from lmstack.utils import UserError
 
-from tiny import random_gpt, save_model_dir, tokenizer_on
+from tiny import LiveServer, fit_sequences, random_gpt, save_model_dir, tokenizer_on
 
 
 def cfg(**kw) -> ModelConfig:
@@ -107,6 +112,30 @@ def test_sample_and_eval_take_int8(tmp_path, capsys):
     assert len(texts) == 1 and texts[0].startswith("the cat")
     assert ModelLM.load(d, dtype="int8", device="cpu").dtype == "int8"
     assert ModelLM.load(d, dtype="fp32", device="cpu").dtype == "float32"
+
+
+def test_the_server_batches_an_int8_model(tmp_path):
+    """Several requests at once through the batcher (slot moves, padding) on an int8 model."""
+    tok = tokenizer_on(tmp_path, "Ana was born in Paris. Hi there. " * 50, vocab_size=300)
+    model = random_gpt(tok, n_layer=1, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=64)
+    seqs = [render_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": "Ana was born in Paris."}])[0]
+            for q in ("Hi", "Where was Ana born?")]
+    d = save_model_dir(tmp_path / "m", fit_sequences(model, seqs, steps=100), tok)  # replies of a few words
+    app = build(d, api_key=None, db_path=None, slots=3, dtype="int8", device="cpu", name="m")
+    assert quantized_kind(app.state.server.batcher.model) == "int8"
+    with LiveServer(app) as s, ThreadPoolExecutor(3) as pool:
+        def ask(q):
+            return httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
+                "model": "m", "messages": [{"role": "user", "content": q}], "max_tokens": 6, "temperature": 0})
+        replies = list(pool.map(ask, ["Hi", "Where was Ana born?", "Hi there, who is Ana?"]))
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    # each batched reply is what the int8 engine says to that prompt alone
+    alone = for_inference(load_model(d), "int8")
+    for q, r in zip(["Hi", "Where was Ana born?", "Hi there, who is Ana?"], replies):
+        ids = render_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
+        new = generate(alone, ids, max_tokens=6, temperature=0, stop_ids=chat_format(tok).stop_ids)
+        text = r.json()["choices"][0]["message"]["content"]
+        assert text and text == tok.decode(new, skip_special=True)
 
 
 @pytest.mark.gpu
