@@ -14,14 +14,15 @@ would have delivered the bf16 ones.
 - int4 (`Int4Linear`): asymmetric, groups of `group_size` inputs with a bf16 scale and offset each
   (gpt-fast's int4 weight-only), through `aten._weight_int4pack_mm_for_cpu` (CPU only).
 
-The head: a tied head gets its own quantized copy of the embedding (the head is the largest
-matrix of a small-vocabulary-heavy model, and every token reads it whole); the embedding lookup
-keeps its bf16 table, since a lookup reads one row per token (llama.cpp's Q8_0 quantizes
+The head: a tied head gets its own quantized copy of the embedding (the head is often the
+largest matrix, 32000 x 768 at the 110M shape, and every token reads all of it); the embedding
+lookup keeps its bf16 table, since a lookup reads one row per token (llama.cpp's Q8_0 quantizes
 token_embd too, so a Q8_0 file also rounds the input embeddings; ours do not).
 
-On a GPU, `Int8Linear` dequantises inside the matmul (the int8 weight is turned into the
-activation's dtype, multiplied, and scaled per channel): the memory holds int8, and torch.compile
-fuses the conversion into the matmul. `Int4Linear` is CPU only.
+On a GPU, `Int8Linear` dequantises in the matmul (the int8 weight turned into the activation's
+dtype, multiplied, scaled per channel): the memory holds int8; eagerly the conversion is its own
+kernel per call, which torch.compile can fuse into the product (what gpt-fast does). `Int4Linear`
+is CPU only.
 
 A quantized model is for inference only: `train()` and `state_dict()` (what training and saving
 call) raise a one-line UserError; load the original weights again to train or save.
