@@ -123,6 +123,10 @@ class Int4Linear(_Quantized):
         self.register_buffer("scales_zeros", torch.stack([scales.t(), zeros.t()], -1).to(torch.bfloat16).contiguous())
 
     @staticmethod
+    def available() -> bool:
+        return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+    @staticmethod
     def fits(linear: nn.Linear, group_size: int = 32) -> bool:
         """The kernel's shapes: output rows in tiles of 16, inputs in whole groups."""
         return linear.out_features % 16 == 0 and linear.in_features % group_size == 0
@@ -139,6 +143,8 @@ def quantize(model: nn.Module, kind: str, dtype: torch.dtype = torch.bfloat16) -
     should already be in `dtype` (bf16)."""
     if kind == "int4" and next(model.parameters()).device.type != "cpu":
         raise UserError("int4 runs on a CPU only (torch's int4 CPU kernel); use int8 on a GPU")
+    if kind == "int4" and not Int4Linear.available():
+        raise UserError(f"int4 needs torch's int4 CPU kernel (torch >= 2.6; this is {torch.__version__}); use int8")
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is nn.Linear and child.bias is None:
