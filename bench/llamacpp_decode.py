@@ -1,21 +1,24 @@
 """Batch-1 decode throughput: lmstack's engine against llama.cpp (llama-cpp-python) on the same
 weights at the same precision, through our GGUF export.
 
-    .venv/bin/python bench/llamacpp_decode.py [--shape small 15m 110m] [--dtype fp32|bf16|both]
-        [--new-tokens N] [--prompt-len N] [--repeats N] [--threads N] [--json FILE]
+    .venv/bin/python bench/llamacpp_decode.py [--shape small 15m 110m] [--dtype fp32 bf16 int8 int4 | both]
+        [--new-tokens N] [--prompt-len N] [--repeats N] [--threads N] [--trained DIR] [--json FILE]
 
 Needs `pip install gguf llama-cpp-python` (the latter compiles llama.cpp; with
 CMAKE_ARGS="-DGGML_NATIVE=ON" it uses this CPU's instructions, AVX512-BF16 included).
 
-Shapes: `small` is the trained runs/small/chat (5.9M params, 6 x 256, vocab 4096, context 256);
+Shapes: `small` is the trained runs/small/chat (5.9M params, 6 x 256, vocab 4096, context 256;
+`--trained DIR` names another trained model folder, e.g. a speedrun's chat model);
 `15m` and `110m` are llama2.c's stories15M (6 layers, d 288, 6 heads, vocab 32000, context 256)
 and stories110M (12 layers, d 768, 12 heads, vocab 32000, context 1024) shapes with random
 weights (speed does not depend on the weights), tied embeddings, the tokenizer of runs/small/chat
 (or a tiny one trained here) padded to 32000 entries in the GGUF.
 
 Each model is exported with `lmstack.export.gguf.export_gguf` into a temporary folder: F32 for our
-fp32, BF16 for our bf16 (norms F32 in both). Ours: `lmstack.engine.generate` (greedy) on
-`for_inference(model, dtype)`. llama.cpp: `Llama.eval` on the same prompt ids, then one token
+fp32, BF16 for our bf16, Q8_0 for our int8, Q4_0 for our int4 (norms F32 in all): the same
+precision class, not the same rounding (lmstack/quant.py: per-row int8 scales and bf16 activations
+against llama.cpp's blocks of 32 that also round the activations to 8 bits). Ours:
+`lmstack.engine.generate` (greedy) on `for_inference(model, dtype)`. llama.cpp: `Llama.eval` on the same prompt ids, then one token
 at a time, each the argmax of llama.cpp's logits (what our greedy does; no sampler chain, no
 stop token). Both decode `--new-tokens` tokens after the same `--prompt-len` random prompt;
 tok/s counts new tokens over the whole call (the short prefill included, the same work on both
@@ -59,11 +62,11 @@ SHAPES = {
     "15m": dict(n_layer=6, n_head=6, d_model=288, vocab_size=32000, max_seq_len=256),
     "110m": dict(n_layer=12, n_head=12, d_model=768, vocab_size=32000, max_seq_len=1024),
 }
-GGUF_DTYPE = {"fp32": "f32", "bf16": "bf16"}
+GGUF_DTYPE = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 
 
 def model_folder(shape: str, tmp: Path) -> Path:
-    """runs/small/chat as is, or a random-weight model folder of a named shape."""
+    """runs/small/chat (or --trained) as is, or a random-weight model folder of a named shape."""
     if shape == "small":
         if not (TRAINED / "model.safetensors").is_file():
             raise SystemExit(f"{TRAINED} not found (train it, or leave 'small' out of --shape)")
@@ -154,15 +157,19 @@ def run(shape: str, dt: str, tmp: Path, new_tokens: int, prompt_len: int, repeat
 
 
 def main():
+    global TRAINED
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", nargs="+", choices=["small", *SHAPES], default=["small", *SHAPES])
-    ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    ap.add_argument("--dtype", nargs="+", choices=[*GGUF_DTYPE, "both"], default=["both"],
+                    help="ours (GGUF): fp32 (F32), bf16 (BF16), int8 (Q8_0), int4 (Q4_0); both = fp32 bf16")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (median reported)")
     ap.add_argument("--threads", type=int, default=2, help="threads on both sides (torch and llama.cpp)")
+    ap.add_argument("--trained", default=str(TRAINED), help="the trained model folder of the 'small' shape")
     ap.add_argument("--json", default="", help="append the results as one JSON line to this file")
     args = ap.parse_args()
+    TRAINED = Path(args.trained)
     torch.set_num_threads(args.threads)
     import llama_cpp
 
@@ -172,7 +179,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory(prefix="llamacpp-bench-") as tmp:
         for shape in args.shape:
-            for dt in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
+            for dt in [d for x in args.dtype for d in (["fp32", "bf16"] if x == "both" else [x])]:
                 rows.append(run(shape, dt, Path(tmp), args.new_tokens, args.prompt_len, args.repeats, args.threads))
     print("\n| shape | params | dtype (GGUF) | threads | ours tok/s | llama.cpp tok/s | ours/llama.cpp | load |")
     print("|---|---|---|---|---|---|---|---|")

@@ -288,14 +288,16 @@ def _show_args(arguments: str) -> str:
 
 def sample(model: str, prompt: str = "", max_tokens: int = 100, temperature: float = 0.8,
            top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-           num_samples: int = 1) -> list[str]:
+           num_samples: int = 1, dtype: str | None = None) -> list[str]:
     """`lmstack sample`: print `num_samples` continuations of `prompt` (after BOS where the model
-    adds one); returns them."""
+    adds one); returns them. dtype: `for_inference`'s (None: the weights as saved)."""
     if max_tokens < 1 or num_samples < 1:
         raise UserError("--max-tokens and --num-samples must be >= 1")
     if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
         raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 1")
     net, tok = load_model_and_tokenizer(model, pick_device("auto"))
+    if dtype is not None:
+        net = for_inference(net, dtype)
     ids = tok.bos + tok.encode(prompt)
     if not ids:
         raise UserError("--prompt is empty and this model starts a text with no BOS: give it a prompt")

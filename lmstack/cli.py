@@ -74,7 +74,7 @@ def _cmd_sample(a):
     from lmstack.chat import sample
 
     sample(a.model, a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
-           top_k=a.top_k, top_p=a.top_p, seed=a.seed, num_samples=a.num_samples)
+           top_k=a.top_k, top_p=a.top_p, seed=a.seed, num_samples=a.num_samples, dtype=a.dtype)
 
 
 def _cmd_sft(a):
@@ -88,7 +88,7 @@ def _cmd_chat(a):
     from lmstack.chat import chat
 
     return chat(a.model, system=a.system, temperature=a.temperature, top_p=a.top_p,
-                max_tokens=a.max_tokens, seed=a.seed, tools=not a.no_tools,
+                max_tokens=a.max_tokens, seed=a.seed, tools=not a.no_tools, dtype=a.dtype,
                 memory=False if a.no_memory else (a.memory or True), guard=cli_security.guard(a))
 
 
@@ -350,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--top-p", type=float, default=None)
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--num-samples", type=int, default=1)
+    sa.add_argument("--dtype", default=None, help="fp32 | bf16 | int8 | int4 | auto (default: the weights as saved)")
     sa.set_defaults(func=_cmd_sample)
 
     ft = sub.add_parser("sft", help="supervised fine-tuning on conversations (the same training loop)")
@@ -372,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-tokens", type=int, default=256)
     ch.add_argument("--seed", type=int, default=None)
     ch.add_argument("--no-tools", action="store_true", help="do not run tool calls (calculator)")
+    ch.add_argument("--dtype", default="auto", help="fp32 | bf16 | int8 | int4 | auto (bf16 where native)")
     ch.add_argument("--memory", help="keep the turns that outgrow the context in this folder (recalled in a later "
                     "chat with the same folder; default: for this session only)")
     ch.add_argument("--no-memory", action="store_true", help="forget turns that outgrow the context")
@@ -390,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", nargs=2, metavar=("A", "B"),
                     help="two model folders or results files: side by side, with paired significance")
     ev.add_argument("--out", help="results JSON file (default: MODEL/eval/<time>.json)")
-    ev.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto (bf16 where native)")
+    ev.add_argument("--dtype", default="auto", help="fp32 | bf16 | int8 | int4 | auto (bf16 where native)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=32, help="rows per forward pass / decode batch")
     ev.set_defaults(func=_cmd_eval)
@@ -424,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="generations that may wait for a slot; more are answered 503 (default 256)")
     sv.add_argument("--prefix-cache-mb", type=float, default=64,
                     help="memory for the keys/values of shared prompt prefixes (0: no prefix cache; default 64)")
-    sv.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto")
+    sv.add_argument("--dtype", default="auto", help="fp32 | bf16 | int8 | int4 | auto")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--threads", type=int, default=None, help="torch threads (default on a CPU: cores - 1)")
     cli_security.guard_args(sv)
@@ -454,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("format", choices=["twofile", "hf", "gguf"])
     ex.add_argument("--model", required=True, help="model folder")
     ex.add_argument("--out", required=True, help="output folder (twofile, hf) or .gguf file (gguf)")
-    ex.add_argument("--dtype", default="f32", help="gguf: f32 | f16 | bf16 (default f32)")
+    ex.add_argument("--dtype", default="f32", help="gguf: f32 | f16 | bf16 | q8_0 | q4_0 (default f32)")
     ex.add_argument("--force", action="store_true", help="replace an existing output")
     ex.set_defaults(func=_cmd_export)
 

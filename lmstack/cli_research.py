@@ -159,7 +159,7 @@ def add_parsers(sub, parser_class) -> None:
     cp.add_argument("--limit", type=int, default=None, help="rows per task when evaluating (default: a checkpoint "
                     "gets its model's own results' rows, a model each task's; 0: all)")
     cp.add_argument("--out", required=True, help="folder for capabilities.md, capabilities.json and the plots")
-    cp.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto (when evaluating)")
+    cp.add_argument("--dtype", default="auto", help="fp32 | bf16 | int8 | int4 | auto (when evaluating)")
     cp.add_argument("--world", help="the synthetic world, when evaluating (default: found from each model's data)")
     cp.add_argument("--device", default="auto")
     cp.set_defaults(func=_cmd_capabilities)

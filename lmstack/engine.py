@@ -38,6 +38,7 @@ import torch
 
 from lmstack.device import autocast_dtype
 from lmstack.model import GPT
+from lmstack.quant import QUANTIZED, quantize
 from lmstack.utils import UserError
 
 
@@ -72,19 +73,24 @@ class Completion:
 
 def for_inference(model: GPT, dtype: str | torch.dtype = "fp32", pack: bool | None = None,
                   fuse: bool = True) -> GPT:
-    """Eval mode and the weights in `dtype` ("fp32" | "bf16" | "auto" | a torch dtype), in place.
-    bf16 halves the bytes read per decoded token; RMSNorm still normalises in fp32.
+    """Eval mode and the weights in `dtype` ("fp32" | "bf16" | "int8" | "int4" | "auto" | a torch
+    dtype), in place. bf16 halves the bytes read per decoded token; RMSNorm still normalises in fp32.
     "auto" = bf16 where the hardware does bf16 natively (a CUDA GPU with bf16, AVX512-BF16/AMX).
+    "int8" / "int4": weight-only quantized Linear layers (lmstack/quant.py), the rest in bf16.
     pack (default: on a CPU with oneDNN): swap the Linear layers for `PackedLinear`.
     fuse (default on): q/k/v and gate/up of each block as one matrix each (`GPT.fuse`: fewer,
-    larger products per token). A packed or fused model is for inference only: it no longer
-    trains or saves."""
+    larger products per token). A packed, fused or quantized model is for inference only: it no
+    longer trains or saves."""
     device = next(model.parameters()).device
+    if dtype in QUANTIZED:
+        if fuse and isinstance(model, GPT):
+            model.fuse()
+        return quantize(model.eval(), dtype).to(torch.bfloat16)  # scales from the fp32 weights
     if dtype == "auto":
         dtype = autocast_dtype("auto", device) or torch.float32
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype, dtype)
     if not isinstance(dt, torch.dtype):
-        raise UserError(f"unknown dtype {dtype!r} (fp32 | bf16)")
+        raise UserError(f"unknown dtype {dtype!r} (fp32 | bf16 | int8 | int4 | auto)")
     model = model.to(dt).eval()
     if fuse and isinstance(model, GPT):
         model.fuse()

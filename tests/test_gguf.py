@@ -78,7 +78,7 @@ def exported(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     out = {}
     for kind, d in models.items():
-        for dtype in ("f32", "f16", "bf16"):
+        for dtype in ("f32", "f16", "bf16", "q8_0", "q4_0"):
             out[kind, dtype] = export_gguf(d, root / f"{kind}-{dtype}.gguf", dtype=dtype)
     return out
 
@@ -145,6 +145,48 @@ def test_tensors_names_shapes_types_values(models, exported, kind, dtype):
             got = unpermute(got, cfg.n_kv_head)
         want = w if w.dim() == 1 else w.to(cast)
         assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("kind", ["tied", "gqa"])
+def test_quantized_files_read_back_close_to_the_weights(models, exported, kind, dtype):
+    """Q8_0 / Q4_0: every matrix (token_embd too) in blocks of 32 along a row with one scale each,
+    norms F32; dequantised, each weight is within half a step of its block's grid."""
+    model = load_model(models[kind])
+    cfg = model.cfg
+    r = gguf.GGUFReader(exported[kind, dtype])
+    qtype = getattr(gguf.GGMLQuantizationType, dtype.upper())
+    assert field(r, "general.file_type") == getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}")
+    names = tensor_names(cfg.n_layer)
+    ours = {names[k]: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}
+    for t in r.tensors:
+        w = ours[t.name]
+        assert t.tensor_type == (gguf.GGMLQuantizationType.F32 if w.dim() == 1 else qtype), t.name
+        if w.dim() == 1:
+            continue
+        got = torch.from_numpy(gguf.quants.dequantize(np.array(t.data), t.tensor_type)).reshape(w.shape)
+        if t.name.endswith("attn_q.weight"):
+            got = unpermute(got, cfg.n_head)
+        elif t.name.endswith("attn_k.weight"):
+            got = unpermute(got, cfg.n_kv_head)
+        blocks = w.reshape(-1, 32)
+        # Q8_0: a step of max|x| / 127, half a step off at most; Q4_0: max|x| / 8 on a grid of -8..7
+        # steps signed so the largest is -8, so a value of the other sign near +8 steps clips to 7 (a
+        # step off). Plus the scale's own fp16 rounding (2^-11 relative) at the grid's end.
+        levels, off = (127, 0.5) if dtype == "q8_0" else (8, 1.0)
+        step = blocks.abs().amax(-1, keepdim=True) / levels
+        assert ((got.reshape(-1, 32) - blocks).abs() <= step * (off + levels / 2048) + 1e-7).all(), t.name
+
+
+def test_q8_0_keeps_rows_that_do_not_split_into_blocks_f16(tok, tmp_path, capsys):
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, ffn_hidden=48, max_seq_len=CTX)
+    d = make_model_dir(tmp_path / "m", tok, cfg)
+    r = gguf.GGUFReader(export_gguf(d, tmp_path / "m.gguf", dtype="q8_0"))
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16  # rows of 48
+    assert types["blk.0.ffn_up.weight"] == types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert "kept F16 (rows not a multiple of 32 long, so no Q8_0 blocks): blk.0.ffn_down.weight (32 x 48)" \
+        in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kind", ["tied", "gqa"])
@@ -336,6 +378,25 @@ def test_llama_cpp_half_precision_files_load_and_agree(models, exported, tok, dt
     agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
     assert agree >= 0.9, agree
     assert (theirs - ours).abs().max() < 0.1 * ours.abs().max()
+
+
+def test_llama_cpp_q8_0_agrees_with_our_int8(models, exported, tok):
+    """Q8_0 in llama.cpp (blocks of 32, activations rounded to 8 bits too) against our int8 (one
+    scale per row, bf16 activations): different roundings of the same weights, so top-1 agreement at
+    most prompt positions and the same first greedy tokens."""
+    llm = llama(exported["tied", "q8_0"], logits_all=True)
+    ids = [tok.bos_id] + tok.encode(TEXT)[:60]
+    ref = load_model(models["tied"])
+    with torch.inference_mode():
+        fp32 = ref(torch.tensor([ids]))[0]
+    theirs = llama_logits(llm, ids)
+    assert (theirs.argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.9
+    assert (theirs - fp32).abs().max() < 0.1 * fp32.abs().max()
+    ours = for_inference(load_model(models["tied"]), "int8")
+    llm = llama(exported["tied", "q8_0"])
+    for prompt in ["The calculator says", "Paris is in"]:
+        p = [tok.bos_id] + tok.encode(prompt)
+        assert llama_greedy(llm, p, 8) == generate(ours, p, max_tokens=8, temperature=0.0), prompt
 
 
 TOKENIZER_TEXTS = [

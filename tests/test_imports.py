@@ -26,7 +26,7 @@ LAYERS = [
     ["lmstack.assistant"],
     ["lmstack.engine"],
     ["lmstack.modelio", "lmstack.distributed"],
-    ["lmstack.model", "lmstack.device"],
+    ["lmstack.model", "lmstack.device", "lmstack.quant"],
     ["lmstack.tokenizer", "lmstack.chatformat", "lmstack.data", "lmstack.sources", "lmstack.config",
      "lmstack.world", "lmstack.stats", "lmstack.tools", "lmstack.toolloop", "lmstack.utils", "lmstack"],
 ]

@@ -19,7 +19,7 @@ How it works: `LmstackLM` is lm_eval's `LM` interface (registered as model "lmst
   generate_until(context, gen_kwargs) -> the engine's batched decode, stopped at the `until`
       strings or any special token (EOS, <|end|>, ...), long prompts cut on the left.
 `--batch_size` (or model_args batch_size, which wins) is the rows per forward pass; lm_eval's
-CLI default is 1, so pass one. model_args: model (the folder), dtype (auto | fp32 | bf16),
+CLI default is 1, so pass one. model_args: model (the folder), dtype (auto | fp32 | bf16 | int8 | int4),
 device (auto | cpu | cuda | cuda:N), batch_size, max_gen_toks (default 256).
 
 Chat templates (`--apply_chat_template`): lm_eval builds a prompt string from the messages, but
@@ -65,7 +65,7 @@ EleutherAI lm-evaluation-harness on an lmstack model folder, e.g.
 
   lmstack harness run --model lmstack --model_args model=runs/speedrun/chat --tasks hellaswag,arc_easy --batch_size 32
 
-model_args: model=DIR (required), dtype=auto|fp32|bf16, device=auto|cpu|cuda|cuda:N, batch_size=N, max_gen_toks=N
+model_args: model=DIR (required), dtype=auto|fp32|bf16|int8|int4, device=auto|cpu|cuda|cuda:N, batch_size=N, max_gen_toks=N
 useful options: --limit N, --output_path DIR, --include_path DIR (your own task YAMLs),
   --num_fewshot K, --apply_chat_template, --device cpu
 all of lm_eval's options: lmstack harness run --help    list tasks: lmstack harness ls tasks

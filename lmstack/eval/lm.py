@@ -21,6 +21,7 @@ from lmstack.chatformat import chat_format
 from lmstack.device import pick_device
 from lmstack.engine import for_inference, generate_batch
 from lmstack.modelio import load_model_and_tokenizer
+from lmstack.quant import quantized_kind
 from lmstack.tokenizer import Tokenizer
 from lmstack.toolloop import ToolLoop
 from lmstack.utils import UserError
@@ -51,7 +52,7 @@ class ModelLM:
 
     @property
     def dtype(self) -> str:
-        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return quantized_kind(self.model) or str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     # --- scoring ------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """GGUF export: an lmstack model folder -> one .gguf file that llama.cpp (and everything built on
 it: llama-cpp-python, llama-server, Ollama, LM Studio) loads as a plain Llama.
 
-    lmstack export gguf --model runs/small/chat --out small.gguf [--dtype f32|f16|bf16] [--force]
+    lmstack export gguf --model runs/small/chat --out small.gguf [--dtype f32|f16|bf16|q8_0|q4_0] [--force]
 
 What goes in (written with the `gguf` package, llama.cpp's own writer):
 - architecture metadata under `llama.*`: context, width, depth, SwiGLU width, heads, key/value
@@ -9,7 +9,11 @@ What goes in (written with the `gguf` package, llama.cpp's own writer):
   architecture, file type.
 - the tensors under llama.cpp's names (`token_embd`, `blk.N.attn_q`, ..., `output_norm`,
   `output`). A tied head is not written: llama.cpp uses `token_embd` when `output` is absent.
-  Norm weights are always F32, the matrices F32, F16 or BF16 (`--dtype`).
+  Norm weights are always F32, the matrices F32, F16 or BF16, or quantized by the gguf package
+  (llama.cpp's reference rounding): Q8_0 (blocks of 32 weights along a row, one fp16 scale each)
+  or Q4_0 (blocks of 32, 4 bits, one fp16 scale). token_embd is quantized too, as llama.cpp's
+  converter does. A matrix whose rows are not a multiple of 32 long cannot be cut into blocks: it
+  is written F16 instead, and the export says which (llama.cpp's converter does the same).
 - q_proj / k_proj rows permuted: our RoPE rotates the pairs (x_i, x_{i+D/2}) of each head (Hugging
   Face's rotate-half layout); llama.cpp's Llama graph rotates adjacent pairs (x_2i, x_2i+1).
   `permute` reorders each head's rows so that the two agree, exactly as llama.cpp's
@@ -56,7 +60,8 @@ from lmstack.modelio import IMPORTED, load_model_and_tokenizer
 from lmstack.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
 from lmstack.utils import UserError, atomic_file, check_output_file, read_json
 
-DTYPES = ("f32", "f16", "bf16")
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+BLOCK = 32  # the weights per Q8_0 / Q4_0 block (along a row)
 PRE_TOKENIZER = "dbrx"  # llama.cpp's built-in GPT-4 (cl100k) split with plain BPE merging
 
 # --- pre-tokenizers: llama.cpp's names <-> Hugging Face pre_tokenizer JSON -----------------------------
@@ -150,10 +155,14 @@ def tensor_names(n_layer: int) -> dict[str, str]:
 
 def _array(t: torch.Tensor, dtype: str):
     """A tensor -> (numpy array, raw GGML type or None). numpy has no bfloat16: BF16 goes in as
-    the raw 16-bit patterns (uint16) with the type named explicitly."""
+    the raw 16-bit patterns (uint16) with the type named explicitly; Q8_0 / Q4_0 as the blocks'
+    bytes (uint8) from gguf.quants.quantize (rows must be a multiple of BLOCK long)."""
     import gguf
 
     t = t.detach().cpu()
+    if dtype in ("q8_0", "q4_0"):
+        qtype = getattr(gguf.GGMLQuantizationType, dtype.upper())
+        return gguf.quants.quantize(t.float().contiguous().numpy(), qtype), qtype
     if dtype == "bf16":
         bits = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
         return bits, gguf.GGMLQuantizationType.BF16
@@ -242,7 +251,7 @@ def own_vocab(model, tok, model_dir: Path) -> Vocab:
 
 def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path:
     """Write the model folder `model_dir` as the GGUF file `out` (atomically; an existing file
-    is replaced only with force). dtype: the matrices' type, f32 | f16 | bf16. A model with a
+    is replaced only with force). dtype: the matrices' type, f32 | f16 | bf16 | q8_0 | q4_0. A model with a
     chat format of its own (chat_format.json: an imported one) keeps its tokenizer and format."""
     try:
         import gguf
@@ -260,7 +269,9 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
     head_dim = cfg.d_model // cfg.n_head
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
+    unblocked = []  # quantized matrices whose rows do not split into blocks: written F16
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")  # writes general.architecture = "llama"
         w.add_name(v.name)
@@ -300,13 +311,20 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
                 t = permute(t, cfg.n_head)
             elif name.endswith("k_proj.weight"):
                 t = permute(t, cfg.n_kv_head)
-            arr, raw = _array(t, "f32" if t.dim() == 1 else dtype)  # norms stay F32
+            kind = "f32" if t.dim() == 1 else dtype  # norms stay F32
+            if kind in ("q8_0", "q4_0") and t.shape[-1] % BLOCK:
+                kind = "f16"
+                unblocked.append(f"{names[name]} ({t.shape[0]} x {t.shape[1]})")
+            arr, raw = _array(t, kind)
             w.add_tensor(names[name], arr, raw_dtype=raw)
 
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+    if unblocked:
+        print(f"gguf: kept F16 (rows not a multiple of {BLOCK} long, so no {dtype.upper()} blocks): "
+              + ", ".join(unblocked))
     print(f"gguf: {model.num_params() / 1e6:.1f}M params, {dtype.upper()} matrices, vocab {len(v.tokens)}, "
           f"{out.stat().st_size / 1e6:.1f} MB -> {out}")
     return out
