@@ -1,7 +1,7 @@
 """Training throughput: our GPT against Hugging Face LlamaForCausalLM of the identical shape.
 
     .venv/bin/python bench/train_throughput.py [--shape small|gpt2|both] [--dtype fp32|bf16|both]
-        [--steps N] [--threads N] [--compile] [--device cpu|cuda] [--clock wall|cpu] [--json FILE]
+        [--steps N] [--threads N] [--compile] [--device auto|cpu|cuda] [--clock wall|cpu] [--json FILE]
 
 Both models get the same weights (ours copied into HF by a pure rename, logits checked equal
 in fp32), the same batch, the same AdamW (lmstack's build_optimizer: same groups, same
@@ -10,9 +10,10 @@ forward + loss + backward + grad clip + AdamW step. The models' steps alternate,
 of load elsewhere on the machine hits all of them; warm-up steps are excluded and the median
 step is reported. MFU is against the matmul peak measured here, in the precision used.
 --compile adds both models under torch.compile (ours the way the loop does it with
-train.compile=true), compared with each other. --device cuda runs both on the GPU (SDPA's flash
-kernels, fused AdamW; steps timed between CUDA synchronisations) and gives MFU against the GPU's
-datasheet bf16 peak (lmstack.device.peak_flops) as well as against its measured matmul peak.
+train.compile=true), compared with each other. Where there is a GPU (--device auto, the default,
+finds it) both run there (SDPA's flash kernels, fused AdamW; steps timed between CUDA
+synchronisations) and MFU is given against the GPU's datasheet bf16 peak
+(lmstack.device.peak_flops) as well as against its measured matmul peak.
 --clock cpu times every step and the matmul peak in CPU seconds of this process instead of wall
 seconds (with --threads 1 on a busy CPU: what the work costs, whoever else runs; MFU is then
 against the CPU-time peak).
@@ -241,7 +242,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens there)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: the GPU when there is one (MFU against its datasheet peak too), else the CPU")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="time steps in wall seconds or in this process's CPU seconds (per CPU-second rates)")
     ap.add_argument("--json", default="", help="append the results as one JSON line to this file")
@@ -252,7 +254,7 @@ def main():
     DEVICE = pick_device(args.device)
     if args.clock == "cpu":
         if DEVICE.type == "cuda":
-            raise SystemExit("--clock cpu times the CPU's work: not for --device cuda")
+            raise SystemExit("--clock cpu times the CPU's work: add --device cpu on a machine with a GPU")
         CLOCK = time.process_time
     import transformers
 
