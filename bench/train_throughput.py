@@ -10,7 +10,8 @@ forward + loss + backward + grad clip + AdamW step. The models' steps alternate,
 of load elsewhere on the machine hits all of them; warm-up steps are excluded and the median
 step is reported. MFU is against the matmul peak measured here, in the precision used.
 --compile adds both models under torch.compile (ours the way the loop does it with
-train.compile=true), compared with each other. Where there is a GPU (--device auto, the default,
+train.compile=true), compared with each other, and ours with each block compiled on its own (what
+train.compile does with FSDP or activation checkpointing). Where there is a GPU (--device auto, the default,
 finds it) both run there (SDPA's flash kernels, fused AdamW; steps timed between CUDA
 synchronisations) and MFU is given against the GPU's datasheet bf16 peak
 (lmstack.device.peak_flops) as well as against its measured matmul peak.
@@ -27,6 +28,7 @@ processes used while it was measured (measure again when that is not ~0).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import resource
@@ -197,6 +199,12 @@ def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dic
         if compile:
             runs["ours+compile"] = (our_step, torch.compile(ours), opt_ours)
             runs["HF+compile"] = (hf_step, torch.compile(hf), opt_hf)
+            # What train.parallel=fsdp / activation checkpointing compile: each block on its own
+            # (distributed.parallelize), on a copy, since compiling a block changes it in place.
+            blocks = copy.deepcopy(ours)
+            for block in blocks.layers:
+                block.compile(dynamic=False)
+            runs["ours+compile-blocks"] = (our_step, blocks, build_optimizer(blocks, cfg.optim, DEVICE))
         times, faults = {name: [] for name in runs}, {name: [] for name in runs}
         for i in range(warmup + steps):
             if i == warmup:
@@ -223,7 +231,8 @@ def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dic
         if compile:
             row["ratio_compiled"] = round(tok_s["ours+compile"] / tok_s["HF+compile"], 3)
             line += (f" | compiled: ours {tok_s['ours+compile']:7.0f}  HF {tok_s['HF+compile']:7.0f}  "
-                     f"ours/HF {row['ratio_compiled']:.2f}x  MFU ours {row['mfu']['ours+compile']:.1%}")
+                     f"ours/HF {row['ratio_compiled']:.2f}x  MFU ours {row['mfu']['ours+compile']:.1%}"
+                     f" | ours, blocks compiled {tok_s['ours+compile-blocks']:7.0f}")
         pf = row["page_faults_per_step"]
         if sheet:
             row["mfu_datasheet"] = {k: round(flops_tok * v / (sheet * 1e9), 4) for k, v in tok_s.items()}
