@@ -52,10 +52,12 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
         save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
 
 
-def save_weights(model, path: str | os.PathLike) -> None:
+def save_weights(model, path: str | os.PathLike, state_dict: dict | None = None) -> None:
     """Weights to safetensors. A tied lm_head is the embedding itself, so it is left out
-    (as Hugging Face does with tie_word_embeddings); loading puts it back."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    (as Hugging Face does with tie_word_embeddings); loading puts it back. state_dict: the tensors
+    to write instead of model.state_dict() (FSDP's whole model, gathered from the shards)."""
+    sd = model.state_dict() if state_dict is None else state_dict
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     save_safetensors(sd, path)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lmstack import distributed
-from lmstack.modelio import CONFIG, SFT, STAGE, WEIGHTS, load_weights, save_safetensors, save_weights
+from lmstack.modelio import CONFIG, SFT, STAGE, WEIGHTS, load_weights, save_weights
 from lmstack.tokenizer import FORMAT_FILE
 from lmstack.utils import UserError, atomic_file, atomic_write_text, current_umask, fsync, read_json
 
@@ -168,13 +168,13 @@ def _save_sharded_checkpoint(out: Path, step: int, model, optimizer, trainer_sta
         tmp.mkdir(mode=0o777 & ~current_umask())
     distributed.barrier()
     exists = final.exists()  # checked by every rank after rank 0 looked: they all agree
-    if not exists:
+    if not exists:  # (so every rank takes part in both collectives, or none does)
         distributed.save_sharded(tmp / SHARDED, model, optimizer)
-    full = distributed.full_state_dict(model)  # a collective: every rank, every time
+        full = distributed.full_state_dict(model)  # gathered on rank 0
     if main:
         try:
             if not exists:
-                _save_full_weights(model, full, tmp / WEIGHTS)
+                save_weights(model, tmp / WEIGHTS, state_dict=full)
                 _save_torch(_rng_state(), tmp / "rng.pt")
                 atomic_write_text(tmp / "trainer.json", json.dumps({"step": step, **trainer_state}, indent=2,
                                                                    default=_jsonable))
@@ -188,29 +188,21 @@ def _save_sharded_checkpoint(out: Path, step: int, model, optimizer, trainer_sta
     return final
 
 
-def _save_full_weights(model, sd: dict, path: Path) -> None:
-    """The gathered whole model as the model folder's weights file (what modelio.save_weights
-    writes: a tied head is left out)."""
-    sd = {k: v.detach().contiguous() for k, v in sd.items()}
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    save_safetensors(sd, path)
-
-
 def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
     """Restore weights, optimizer and RNG states from a checkpoint folder; returns trainer.json.
     A sharded checkpoint loads on any number of ranks (every rank calls this); one written by
     a single process or DDP loads into a model that is not sharded."""
     path = Path(path)
-    if not (path / SHARDED).is_dir() and distributed.is_sharded(model):
+    sharded = (path / SHARDED).is_dir()
+    if not sharded and distributed.is_sharded(model):
         raise UserError(f"checkpoint {path} is not sharded (written with train.parallel=ddp): "
                         "resume it with train.parallel=ddp")
     try:
-        if (path / SHARDED).is_dir():
+        if sharded:
             distributed.load_sharded(path / SHARDED, model, optimizer)
         else:
             load_weights(model, path / WEIGHTS)
-        if optimizer is not None and not (path / SHARDED).is_dir():
+        if optimizer is not None and not sharded:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         rng = torch.load(path / "rng.pt", weights_only=True)
         trainer_state = json.loads((path / "trainer.json").read_text())
