@@ -76,6 +76,18 @@ def rope(x, cos, ssin):
     return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, -1) * ssin.to(x.dtype)
 
 
+def fused_linear(*linears: nn.Linear) -> nn.Linear | None:
+    """One bias-free Linear whose output is the given layers' outputs side by side (their weights
+    stacked by rows), for inference; None unless every layer is a plain nn.Linear (packed or
+    quantized ones stay as they are)."""
+    if not all(type(m) is nn.Linear for m in linears):
+        return None
+    w = torch.cat([m.weight for m in linears]).detach()
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # shapes only: w is the weight
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -92,11 +104,10 @@ class Attention(nn.Module):
         """Inference only: q/k/v as one Linear (one matrix-vector product instead of three; the
         names on disk are the unfused ones, so a fused model is not saved). Only plain Linear
         layers: packed or quantized ones (a second `for_inference`) stay as they are."""
-        if self.qkv_proj is None and all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj)):
-            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
-            self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-            self.qkv_proj.weight = nn.Parameter(w, requires_grad=False)
-            del self.q_proj, self.k_proj, self.v_proj
+        if self.qkv_proj is None:
+            self.qkv_proj = fused_linear(self.q_proj, self.k_proj, self.v_proj)
+            if self.qkv_proj is not None:
+                del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, start_pos=None, attn_mask=None, slot: int = 0):
         """cos: [T, D] or [B, 1, 1, D]; sin: the same, as `signed_sin` makes it."""
@@ -165,11 +176,10 @@ class MLP(nn.Module):
 
     def fuse(self) -> None:
         """Inference only: gate/up as one Linear (as `Attention.fuse`)."""
-        if self.gate_up_proj is None and type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
-            w = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
-            self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-            self.gate_up_proj.weight = nn.Parameter(w, requires_grad=False)
-            del self.gate_proj, self.up_proj
+        if self.gate_up_proj is None:
+            self.gate_up_proj = fused_linear(self.gate_proj, self.up_proj)
+            if self.gate_up_proj is not None:
+                del self.gate_proj, self.up_proj
 
     def forward(self, x):
         if self.gate_up_proj is None:
