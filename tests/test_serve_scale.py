@@ -69,6 +69,13 @@ def prompts_of(tok, n, lo=3, hi=70, seed=0):
                                          generator=g).tolist() for _ in range(n)]
 
 
+def assert_as_alone(outs, alone):
+    """Each request's tokens and log-probs through the batcher are the engine's for it alone."""
+    for o, a in zip(outs, alone):
+        assert o.ids == a.ids
+        assert o.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+
+
 @pytest.mark.parametrize("budget", [512, 100, 16])  # one forward for all / padded groups in chunks / one row a chunk
 def test_batched_chunked_prefill_equals_each_prompt_alone(tok, budget):
     """Prompts of different lengths arriving together are prefilled together (right-padded, in
@@ -85,9 +92,7 @@ def test_batched_chunked_prefill_equals_each_prompt_alone(tok, budget):
             assert b.stats["prefill_forwards"] > len(prompts)  # a 70-token prompt took several chunks
     finally:
         b.close()
-    for o, a in zip(outs, alone):
-        assert o.ids == a.ids
-        assert o.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+    assert_as_alone(outs, alone)
 
 
 def test_prompt_logprobs_through_chunks_equal_a_forward_pass(tok):
@@ -122,9 +127,7 @@ def test_prefix_cache_hit_gives_the_tokens_of_a_full_prefill(tok):
         assert b.stats["prefill_tokens"] == len(prompts[0]) + sum(len(p) - 48 for p in prompts[1:])
     finally:
         b.close()
-    for o, a in zip(outs, alone):
-        assert o.ids == a.ids
-        assert o.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+    assert_as_alone(outs, alone)
 
 
 def test_rows_at_the_same_cached_offset_are_prefilled_together(tok):
