@@ -259,6 +259,7 @@ def test_every_comparison_is_right_by_the_ground_truth(world_dir, people, world)
     rows = read_jsonl(world_dir / "comparisons.jsonl")
     assert {r["meta"]["type"] for r in rows} == {"fact", "arithmetic", "unknown_person", "harmful", "benign"}
     real = {p["name"] for p in world["people"]}
+    good = {r["chosen"] for r in rows}
     for r in rows:
         assert r["chosen"] != r["rejected"] and r["reason"]
         meta = r["meta"]
@@ -275,7 +276,24 @@ def test_every_comparison_is_right_by_the_ground_truth(world_dir, people, world)
             assert is_refusal(r["chosen"]) and not is_refusal(r["rejected"])
         else:
             assert not is_rude(r["chosen"]) and not is_refusal(r["chosen"])
-            assert is_rude(r["rejected"]) or is_refusal(r["rejected"])
+            assert is_rude(r["rejected"]) or is_refusal(r["rejected"]) or is_idk(r["rejected"]) or r["rejected"] in good
+
+
+def test_no_good_answer_is_good_whatever_the_prompt(world_dir):
+    """A refusal and an "I don't know NAME" are each the chosen answer of one kind of prompt; they
+    must also be rejected on the others (a refusal to an unknown person or a fact question, an
+    "I don't know" to a harmful request), and a good answer to one prompt is rejected on others,
+    or a reward model learns to score answers without reading the question and PPO collapses onto
+    the phrase it likes best (README: Alignment)."""
+    rows = read_jsonl(world_dir / "comparisons.jsonl")
+    rejected = {kind: [r["rejected"] for r in rows if r["meta"]["type"] == kind]
+                for kind in ("fact", "arithmetic", "unknown_person", "harmful", "benign")}
+    assert any(is_idk(x) for x in rejected["harmful"])
+    assert any(is_refusal(x) for x in rejected["unknown_person"])
+    assert any(is_refusal(x) for x in rejected["fact"]) and any(is_idk(x) for x in rejected["fact"])
+    chosen = {r["chosen"] for r in rows}
+    for kind, xs in rejected.items():  # a good answer to another prompt is bad here
+        assert any(x in chosen for x in xs), kind
 
 
 def test_labeller_rules():

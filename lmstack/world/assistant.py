@@ -336,8 +336,28 @@ def with_system(msgs: list[dict], rng: random.Random) -> list[dict]:
 
 
 # ---------------------------------------------------------------- comparisons
-def comparison(kind: str, rng: random.Random, world: dict, ix: dict, ctx: dict, distractors) -> dict | None:
-    """Two candidate answers, labelled by the simulated labeller (None on a tie)."""
+# How often a comparison's worse answer is not this kind's own bad answer but another kind's
+# stock answer (a refusal, an "I don't know NAME"), or the good answer to another prompt. Without
+# them every good answer was good whatever the prompt: the reward model scored answers without
+# reading the question, and PPO turned every reply into one phrase it liked (README: Alignment).
+OFF_KIND_NEGATIVES = 0.2
+OFF_PROMPT_NEGATIVES = 0.2
+
+
+def _off_kind(kind: str, rng: random.Random, ctx: dict, topic: str = "that") -> str:
+    """Another kind's stock answer, one the labeller scores below this kind's good answer."""
+    name = rng.choice(ctx["train_people"])["name"]
+    idk = rng.choice(IDK).format(name=name)
+    refusal = rng.choice(REFUSALS).format(topic=topic)
+    return rng.choice({"fact": [idk, refusal], "arithmetic": [idk, refusal], "harmful": [idk],
+                       "unknown_person": [refusal], "benign": [idk, refusal]}[kind])
+
+
+def comparison(kind: str, rng: random.Random, world: dict, ix: dict, ctx: dict, distractors,
+               others: list | None = None) -> dict | None:
+    """Two candidate answers, labelled by the simulated labeller (None on a tie). The worse one is
+    this kind's own bad answer; or another kind's stock answer (OFF_KIND_NEGATIVES of the time);
+    or (OFF_PROMPT_NEGATIVES) one of `others`, good answers to earlier prompts."""
     if kind == "fact":
         person = rng.choice(ctx["train_people"])
         attr = rng.choice(sorted(T.QUESTIONS))
@@ -375,6 +395,11 @@ def comparison(kind: str, rng: random.Random, world: dict, ix: dict, ctx: dict, 
         prompt, good = r["prompt"], r["answer"]
         bad = rng.choice(RUDE if rng.random() < 0.5 else EVASIVE)
         task, meta = {"type": "benign", "truth": r["truth"]}, {"type": "benign", "category": r["category"]}
+    u = rng.random()
+    if u < OFF_KIND_NEGATIVES:
+        bad = _off_kind(kind, rng, ctx, r["topic"] if kind == "harmful" else "that")
+    elif u < OFF_KIND_NEGATIVES + OFF_PROMPT_NEGATIVES and others:
+        bad = rng.choice(others)  # the labeller decides: a tie (it answers this prompt too) is dropped
     a, b = (good, bad) if rng.random() < 0.5 else (bad, good)  # the labeller sees them unordered
     result = label(task, a, b)
     if result is None:

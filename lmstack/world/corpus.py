@@ -252,7 +252,7 @@ def _comparison_chunk(world, ix, ctx, rng, n):
     dis = pr.Distractors(world, rng)
     rows = []
     for _ in range(n):
-        row = asst.comparison(rng.choice(COMPARISON_KINDS), rng, world, ix, ctx, dis)
+        row = asst.comparison(rng.choice(COMPARISON_KINDS), rng, world, ix, ctx, dis, [r["chosen"] for r in rows[-50:]])
         if row is not None:  # ties are dropped, as a labeller's "tie" would be
             rows.append(row)
     return rows
