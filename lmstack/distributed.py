@@ -55,10 +55,16 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def launched_world_size() -> int:
+    """The number of ranks torchrun launched (its WORLD_SIZE; 1 without torchrun), readable
+    before `init` (a stage sizes its batches or its memory check by it)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def init(device: str = "auto") -> DistInfo:
     """Read the torchrun env, pick the device, start the process group when WORLD_SIZE > 1."""
     global _info
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = launched_world_size()
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device)
     if world > 1 and not is_distributed():

@@ -15,7 +15,6 @@ are built).
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import torch
@@ -184,7 +183,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
     stage.json {"stage", "base", "chat": true, prompts, reward, held-out reward before/after}."""
     base = Path(model)
     net, tok = load_model_and_tokenizer(base, kind="chat")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = distributed.launched_world_size()
     cfg = rl_config(preset or kind, overrides, net.cfg, world_size)
     rl, tc = cfg.rl, cfg.train
     out_dir, resume = checkpoint.output_folder(out, resume)

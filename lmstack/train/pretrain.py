@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
     with torch.device("meta"):  # the shape alone: how much memory training it takes, before allocating any
         n_params = GPT(cfg.model).num_params()
     # FSDP keeps 1/world of the weights, gradients and AdamW state on each device.
-    shards = int(os.environ.get("WORLD_SIZE", 1)) if cfg.train.parallel == "fsdp" else 1
+    shards = distributed.launched_world_size() if cfg.train.parallel == "fsdp" else 1
     check_fits(16 * n_params // shards, pick_device(cfg.train.device),
                f"training a {n_params:,}-parameter model (fp32 weights, gradients and AdamW's two moments"
                + (f", sharded over {shards} ranks)" if shards > 1 else ")"))
