@@ -36,6 +36,22 @@ def emit(result: dict, json_path: str | None) -> None:
 
 # --- a live server -------------------------------------------------------------------------------
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds used machine-wide: all but idle and iowait (steal counts: it is lost to us)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return float("nan")
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process has used (user + system)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -66,7 +66,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from common import emit, load, running_server  # bench/common.py (this script's folder is on sys.path)
+from common import busy_cpu_seconds, emit, load, own_cpu_seconds, running_server  # bench/common.py
 
 CHAT_PROMPTS = [
     "Which city was Chaisor Tochinros born in?",
@@ -120,21 +120,6 @@ def messages(endpoint: str, prompt: str) -> list[dict]:
 
 # --- machine and process state -----------------------------------------------------------------
 
-def _busy() -> float:
-    """CPU seconds used machine-wide: all but idle and iowait (steal counts: it is lost to us)."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return float("nan")
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def proc_cpu(pid: int) -> float:
     """CPU seconds (user + system, every thread) of process `pid`; NaN without /proc."""
     try:
@@ -150,14 +135,14 @@ class Meter:
 
     def __init__(self, server_pid: int | None):
         self.pid = server_pid
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy(), _own()
+        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
         self.srv0 = proc_cpu(server_pid) if server_pid else 0.0
 
     def stop(self) -> dict:
         wall = time.perf_counter() - self.t0
-        own = _own() - self.own0
+        own = own_cpu_seconds() - self.own0
         srv = (proc_cpu(self.pid) - self.srv0) if self.pid else 0.0
-        other = max(0.0, (_busy() - self.busy0) - own - srv) / wall
+        other = max(0.0, (busy_cpu_seconds() - self.busy0) - own - srv) / wall
         return dict(wall=wall, client_cpu=own, server_cpu=srv, other_cores=other)
 
 

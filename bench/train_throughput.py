@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from common import emit, load  # bench/common.py (scripts run from bench/)
+from common import busy_cpu_seconds, emit, load, own_cpu_seconds  # bench/common.py (scripts run from bench/)
 from lmstack.config import load_config
 from lmstack.model import GPT
 from lmstack.device import autocast_dtype, peak_flops, pick_device
@@ -63,26 +63,11 @@ class OtherLoad:
     load average counts this benchmark's own threads too). NaN where there is no /proc/stat."""
 
     def __init__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy(), _own()
+        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
 
     def cores(self) -> float:
-        used = (_busy() - self.busy0) - (_own() - self.own0)
+        used = (busy_cpu_seconds() - self.busy0) - (own_cpu_seconds() - self.own0)
         return max(0.0, used) / (time.perf_counter() - self.t0)
-
-
-def _busy() -> float:
-    """CPU seconds used machine-wide: all but idle and iowait (steal counts: it is lost to us)."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return float("nan")
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def _faults() -> int:
