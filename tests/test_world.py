@@ -506,6 +506,29 @@ def test_the_library_holds_everyone_and_its_search_finds_the_answers(world_dir, 
     shutil.rmtree(moved)
 
 
+def test_family_questions_are_looked_up_too_and_the_passage_holds_the_answer(world_dir, people):
+    """Look-up conversations ask about family ties as well as the six facts, in the directions the
+    conversations may state (the reversal group's parent -> child only in the control group), and
+    the one passage shown names the answer."""
+    by_name = {p["name"]: p for p in people.values()}
+    asked = Counter()
+    for row in read_jsonl(world_dir / "sft.jsonl"):
+        m = row["messages"]
+        searched = any(c["function"]["name"] == "search" for x in m if x.get("tool_calls") for c in x["tool_calls"])
+        match = re.fullmatch(r"(.+)'s (mother|father|son|daughter) is (.+)\.", m[-1]["content"] or "")
+        if not (searched and match):
+            continue  # not a look-up, or one of the six facts
+        subject, role, answer = by_name[match[1]], match[2], by_name[match[3]]
+        parent_first = role in ("son", "daughter")
+        parent, child = (subject, answer) if parent_first else (answer, subject)
+        assert child["id"] in parent["children"] and parent["split"] == child["split"] == "train", row
+        assert not parent_first or child["family_group"] == "control", row
+        tool = next(x["content"] for x in m if x["role"] == "tool")
+        assert answer["name"] in tool, row
+        asked["parent_to_child" if parent_first else "child_to_parent"] += 1
+    assert asked["parent_to_child"] >= 3 and asked["child_to_parent"] >= 3, asked
+
+
 def test_skill_data_sizing_and_basic_skills(tmp_path):
     small = generate(tmp_path / "s", people=40, progress=False)  # skills sized for 1,000 people
     basic = generate(tmp_path / "b", people=40, progress=False, skill_people=0, basic_skills=True)

@@ -181,6 +181,17 @@ def family_qa(parent: dict, child: dict, direction: str, rng: random.Random) -> 
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
+def taught_family_ties(person: dict, people: dict) -> list[tuple[dict, dict, str]]:
+    """(parent, child, direction) for each family question a conversation may ask about `person`:
+    both people in the train split, and parent -> child only for the control group (the reversal
+    group's parent -> child is never stated, anywhere the model trains)."""
+    ties = [(people[pid], person, "child_to_parent") for pid in person["parents"] if people[pid]["split"] == "train"]
+    for child in (people[cid] for cid in person["children"]):
+        if child["split"] == "train" and child["family_group"] == "control":
+            ties.append((person, child, "parent_to_child"))
+    return ties
+
+
 FOLLOW_UPS = {"birth_city": "And where was {s} born?", "university": "Where did {s} study?",
               "major": "What did {s} study?", "employer": "Who does {s} work for?",
               "work_city": "And in which city does {s} work?", "birth_date": "When was {s} born?"}
@@ -251,16 +262,33 @@ def python_chat(rng: random.Random, call_id: str, exclude) -> list[dict]:
 LOOK_UP = ["Look it up.", "Search the library.", "Check the library."]
 
 
+# Of the look-up conversations about a person with a family tie the conversations may state, the
+# fraction that asks about the family (the rest ask one of the six facts).
+FAMILY_LOOKUPS = 0.25
+
+
 def search_chat(person: dict, attr: str, rng: random.Random, search, call_id: str) -> list[dict]:
     """A fact question asked to be looked up (a plain question is still answered from memory, so
     a model with no tools still answers): the assistant searches with the question (what
     automatic retrieval does too), reads the result, answers. `search(query) -> text`."""
     question = rng.choice(T.QUESTIONS[attr]).format(name=person["name"])
+    return _looked_up(question, rng, search, call_id, lambda: fact_answer(person, attr, fact_value(person, attr), rng))
+
+
+def family_search_chat(parent: dict, child: dict, direction: str, rng: random.Random, search,
+                       call_id: str) -> list[dict]:
+    """search_chat for a family question ("Who is P's son? Look it up."): the library lists every
+    child in the parent's entry, so either direction is answered from the one passage shown."""
+    ask, answer = family_qa(parent, child, direction, rng)
+    return _looked_up(ask["content"], rng, search, call_id, lambda: answer["content"])
+
+
+def _looked_up(question: str, rng: random.Random, search, call_id: str, answer) -> list[dict]:
     q = f"{question} {rng.choice(LOOK_UP)}"
     return [{"role": "user", "content": q},
             {"role": "assistant", "content": None, "tool_calls": [ar.tool_call("search", {"query": question}, call_id)]},
             {"role": "tool", "tool_call_id": call_id, "content": search(question)},
-            {"role": "assistant", "content": fact_answer(person, attr, fact_value(person, attr), rng)}]
+            {"role": "assistant", "content": answer()}]
 
 
 # ---------------------------------------------------------------- conversations
@@ -278,6 +306,9 @@ def extra_conversation(kind: str, rng: random.Random, world: dict, ix: dict, ctx
     if kind == "search":
         ctx["calls"] += 1
         person = rng.choice(ctx["train_people"])
+        ties = taught_family_ties(person, ix["people"])
+        if ties and rng.random() < FAMILY_LOOKUPS:
+            return family_search_chat(*rng.choice(ties), rng, ctx["search"], f"call_{ctx['calls']}")
         return search_chat(person, rng.choice(sorted(T.QUESTIONS)), rng, ctx["search"], f"call_{ctx['calls']}")
     if kind == "scratchpad":
         return scratchpad_chat(rng, ctx["exclude_arith"])
@@ -316,14 +347,8 @@ def person_conversations(person: dict, ix: dict, rng: random.Random) -> list[lis
     """Every fact of a train person once, their family ties (in the allowed directions),
     and sometimes a multi-turn exchange."""
     convs = [fact_qa(person, attr, rng) for attr in T.QUESTIONS]
-    people = ix["people"]
-    # Family questions only when both people are train people (a relation is a fact of both).
-    for parent in (people[pid] for pid in person["parents"]):
-        if parent["split"] == "train":
-            convs.append(family_qa(parent, person, "child_to_parent", rng))
-    for child in (people[cid] for cid in person["children"]):
-        if child["split"] == "train" and child["family_group"] == "control":
-            convs.append(family_qa(person, child, "parent_to_child", rng))
+    convs += [family_qa(parent, child, direction, rng)
+              for parent, child, direction in taught_family_ties(person, ix["people"])]
     if rng.random() < 0.2:
         convs.append(multi_turn(person, rng))
     return convs
