@@ -403,6 +403,17 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(data_dir, 
 
 
 def test_an_unfinished_start_of_any_stage_is_not_a_dead_end(tmp_path):
+    first = tmp_path / "sweep_run"
+    first.mkdir()
+    (first / f".run.json.{os.getpid()}.x1y2.tmp").write_text("{")  # killed while writing its first file
+    with pytest.raises(UserError, match="--resume starts it again"):
+        output_folder(first, resume=False)
+    assert output_folder(first, resume=True) == (first, False)
+    with pytest.raises(UserError, match="nothing to resume"):  # a new, empty folder is not a killed run
+        output_folder(tmp_path / "new", resume=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="nothing to resume"):
+        output_folder(tmp_path / "empty", resume=True)
     out = tmp_path / "dpo"
     out.mkdir()
     (out / "stage.json").write_text("{}")  # killed between the stage's record and its run files

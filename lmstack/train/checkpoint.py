@@ -79,13 +79,16 @@ def output_folder(out: str | os.PathLike, resume: bool) -> tuple[Path, bool]:
 def _unfinished_start(out_dir: Path) -> bool:
     """What a run writes before its first checkpoint, and nothing else: its description (run.json,
     config.json, tokenizer.json, sft.json / stage.json), metrics, a state/ holding no checkpoint (at
-    most the temporary of a first one that was being written when the run was killed), temporaries."""
+    most the temporary of a first one that was being written when the run was killed), temporaries
+    (alone, when it was killed while writing its first file)."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return False  # nothing there: a new folder, not a killed run
     start = {"run.json", CONFIG, "tokenizer.json", FORMAT_FILE, "metrics.jsonl", SFT, STAGE, STATE}
-    entries = [p for p in out_dir.iterdir() if not p.name.startswith(".")] if out_dir.is_dir() else []
+    entries = [p for p in out_dir.iterdir() if not p.name.startswith(".")]
     state = out_dir / STATE
     kept = [p for p in state.rglob("*")
             if p.is_file() and not any(x.startswith(".") for x in p.relative_to(state).parts)]
-    return bool(entries) and all(p.name in start for p in entries) and not checkpoints(out_dir) and not kept
+    return all(p.name in start for p in entries) and not checkpoints(out_dir) and not kept
 
 
 def check_resume(out_dir: Path, run: str, model_config: dict, record_file: str | None = None,
