@@ -34,7 +34,7 @@ def emit(result: dict, json_path: str | None) -> None:
             f.write(line + "\n")
 
 
-# --- a live server -------------------------------------------------------------------------------
+# --- machine and process state ------------------------------------------------------------------
 
 def busy_cpu_seconds() -> float:
     """CPU seconds used machine-wide: all but idle and iowait (steal counts: it is lost to us)."""
@@ -51,6 +51,8 @@ def own_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
 
+
+# --- a live server -------------------------------------------------------------------------------
 
 def free_port() -> int:
     with socket.socket() as s:
