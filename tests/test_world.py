@@ -19,6 +19,7 @@ from lmstack.utils import UserError
 from lmstack.world import generate, load_world
 from lmstack.world import templates as T
 from lmstack.world.assistant import HARMFUL
+from lmstack.world.documents import CHILD_ROLE, ROLE
 from lmstack.world.entities import date_aliases, format_date
 from lmstack.world.library import search_result
 from lmstack.world.labeller import arithmetic_truth, final_number, is_idk, is_refusal, is_rude, label, task_of
@@ -511,15 +512,16 @@ def test_family_questions_are_looked_up_too_and_the_passage_holds_the_answer(wor
     conversations may state (the reversal group's parent -> child only in the control group), and
     the one passage shown names the answer."""
     by_name = {p["name"]: p for p in people.values()}
+    roles = "|".join([*ROLE.values(), *CHILD_ROLE.values()])
     asked = Counter()
     for row in read_jsonl(world_dir / "sft.jsonl"):
         m = row["messages"]
         searched = any(c["function"]["name"] == "search" for x in m if x.get("tool_calls") for c in x["tool_calls"])
-        match = re.fullmatch(r"(.+)'s (mother|father|son|daughter) is (.+)\.", m[-1]["content"] or "")
+        match = re.fullmatch(rf"(.+)'s ({roles}) is (.+)\.", m[-1]["content"] or "")
         if not (searched and match):
             continue  # not a look-up, or one of the six facts
         subject, role, answer = by_name[match[1]], match[2], by_name[match[3]]
-        parent_first = role in ("son", "daughter")
+        parent_first = role in CHILD_ROLE.values()  # "P's son is C"
         parent, child = (subject, answer) if parent_first else (answer, subject)
         assert child["id"] in parent["children"] and parent["split"] == child["split"] == "train", row
         assert not parent_first or child["family_group"] == "control", row

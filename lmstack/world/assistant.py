@@ -272,7 +272,8 @@ def search_chat(person: dict, attr: str, rng: random.Random, search, call_id: st
     a model with no tools still answers): the assistant searches with the question (what
     automatic retrieval does too), reads the result, answers. `search(query) -> text`."""
     question = rng.choice(T.QUESTIONS[attr]).format(name=person["name"])
-    return _looked_up(question, rng, search, call_id, lambda: fact_answer(person, attr, fact_value(person, attr), rng))
+    return _look_up(question, rng, search, call_id) + [
+        {"role": "assistant", "content": fact_answer(person, attr, fact_value(person, attr), rng)}]
 
 
 def family_search_chat(parent: dict, child: dict, direction: str, rng: random.Random, search,
@@ -280,15 +281,14 @@ def family_search_chat(parent: dict, child: dict, direction: str, rng: random.Ra
     """search_chat for a family question ("Who is P's son? Look it up."): the library lists every
     child in the parent's entry, so either direction is answered from the one passage shown."""
     ask, answer = family_qa(parent, child, direction, rng)
-    return _looked_up(ask["content"], rng, search, call_id, lambda: answer["content"])
+    return _look_up(ask["content"], rng, search, call_id) + [answer]
 
 
-def _looked_up(question: str, rng: random.Random, search, call_id: str, answer) -> list[dict]:
-    q = f"{question} {rng.choice(LOOK_UP)}"
-    return [{"role": "user", "content": q},
+def _look_up(question: str, rng: random.Random, search, call_id: str) -> list[dict]:
+    """The user's question asked to be looked up, the search call and its result."""
+    return [{"role": "user", "content": f"{question} {rng.choice(LOOK_UP)}"},
             {"role": "assistant", "content": None, "tool_calls": [ar.tool_call("search", {"query": question}, call_id)]},
-            {"role": "tool", "tool_call_id": call_id, "content": search(question)},
-            {"role": "assistant", "content": answer()}]
+            {"role": "tool", "tool_call_id": call_id, "content": search(question)}]
 
 
 # ---------------------------------------------------------------- conversations
