@@ -40,6 +40,10 @@ class ModelConfig:
     tie_embeddings: bool = True  # share the input embedding with the output head (saves V*d params)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     init_std: float = 0.02  # std of the normal init; residual projections get std/sqrt(2*n_layer)
+    # Smeared keys (Olsson et al. 2022): each key head mixes in the previous position's key, so one
+    # layer can look up "the token after the last occurrence of this one" (an induction head).
+    # Not a Llama: such a model exports to lmstack's own formats only.
+    smear_keys: bool = False
 
     def resolve(self) -> None:
         if self.n_kv_head == 0:

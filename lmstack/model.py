@@ -1,7 +1,8 @@
 """The transformer: a Llama-shaped GPT in one file, read top to bottom.
 
 RMSNorm (pre-norm), rotate-half RoPE, grouped-query attention through
-F.scaled_dot_product_attention, SwiGLU MLP, no biases, optional tied embeddings.
+F.scaled_dot_product_attention, SwiGLU MLP, no biases, optional tied embeddings; optionally
+smeared keys (`model.smear_keys`, `Attention.smeared`), the one part with no Llama equivalent.
 
 Weight names are Hugging Face Llama's minus the leading `model.`:
 `embed_tokens.weight`, `layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
@@ -99,6 +100,47 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
         self.qkv_proj = None  # q/k/v in one matrix once `fuse()` ran (inference)
         self.cache_k = self.cache_v = None  # [B, n_kv_head, max_len, head_dim] once setup_cache ran
+        # Smeared keys: one mixing logit per key head (see `smeared`), and a cache of the keys as
+        # projected (before the mix and RoPE), which the next position's mix reads.
+        self.smear = nn.Parameter(torch.zeros(self.n_kv_head)) if cfg.smear_keys else None
+        self.cache_raw_k = None
+
+    def caches(self) -> list:
+        """The cache tensors of this layer, each [B, n_kv_head, max_len, head_dim]: what a row of
+        the cache is, for code that saves and restores rows (prefix caching, GCG's prefix)."""
+        return [t for t in (self.cache_k, self.cache_v, self.cache_raw_k) if t is not None]
+
+    def smeared(self, k, start_pos, attn_mask, slot: int):
+        """Smeared keys (Olsson et al. 2022, "In-context learning and induction heads"):
+        k_t <- (1 - g) k_t + g k_{t-1} per key head, g = sigmoid(self.smear), before RoPE. A head
+        with g near 1 keys each position by the token before it, so one layer matches the current
+        token against "the previous token" and attends to what followed (an induction head),
+        which a plain transformer needs two layers and a long plateau of training to build.
+        k_{t-1} is zero at position 0 and where the mask hides position t-1 from t (another packed
+        document, left padding). With a cache, the raw keys are kept (`cache_raw_k`): a chunk or a
+        decoded token reads its predecessor's from there."""
+        if self.smear is None:
+            return k
+        B, _, T, _ = k.shape
+        if start_pos is None:
+            prev = F.pad(k[:, :, :-1], (0, 0, 1, 0))
+            pos = torch.arange(T, device=k.device).expand(B, T)
+        else:
+            raw = self.cache_raw_k[slot:slot + B]
+            if isinstance(start_pos, torch.Tensor):  # one token per row, each at its own position
+                pos = start_pos[:, None]
+                raw[torch.arange(B, device=k.device), :, start_pos] = k[:, :, 0]
+            else:
+                pos = torch.arange(start_pos, start_pos + T, device=k.device).expand(B, T)
+                raw[:, :, start_pos:start_pos + T] = k
+            before = (pos - 1).clamp(min=0)[:, None, :, None]  # [B, 1, T, 1]
+            prev = raw.gather(2, before.expand(B, k.shape[1], T, k.shape[3]))
+        seen = pos > 0
+        if attn_mask is not None:  # [B or 1, 1, T, keys]: may query t see key t-1?
+            m = attn_mask[:, 0].expand(B, T, attn_mask.shape[-1])
+            seen = seen & m.gather(2, (pos - 1).clamp(min=0)[:, :, None])[:, :, 0]
+        g = torch.sigmoid(self.smear).to(k.dtype)[None, :, None, None]
+        return (1 - g) * k + g * (prev.to(k.dtype) * seen[:, None, :, None].to(k.dtype))
 
     def fuse(self) -> None:
         """Inference only: q/k/v as one Linear (one matrix-vector product instead of three; the
@@ -117,7 +159,12 @@ class Attention(nn.Module):
             q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
             k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
             v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            k = self.smeared(k, start_pos, attn_mask, slot)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
+        elif self.smear is not None:  # one product; the keys mixed before RoPE
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
+            q, v = qkv[:, :H], qkv[:, H + Hkv:]
+            q, k = rope(q, cos, sin), rope(self.smeared(qkv[:, H:H + Hkv], start_pos, attn_mask, slot), cos, sin)
         else:  # one product, and RoPE on q and k at once
             qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)
             qk = rope(qkv[:, :, :H + Hkv].transpose(1, 2), cos, sin)
@@ -249,7 +296,13 @@ class GPT(nn.Module):
         does not grow with depth (GPT-2's scaled init). RMSNorm weights start at 1."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith("smear"):
+                # Spread over the heads, from keys of this token (g = 0.02) to keys of the previous
+                # one (0.98): a head starts near either end, and the gates move slowly (one logit
+                # for each head, steps of about the learning rate).
+                with torch.no_grad():
+                    p.copy_(torch.linspace(-4.0, 4.0, p.numel()) if p.numel() > 1 else torch.zeros(1))
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
@@ -322,16 +375,19 @@ class GPT(nn.Module):
             attn = layer.self_attn
             attn.cache_k = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
             attn.cache_v = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
+            if attn.smear is not None:
+                attn.cache_raw_k = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
 
     def move_cache_row(self, src: int, dst: int) -> None:
         """Copy KV cache row `src` into row `dst` (continuous batching keeps its live rows first)."""
         for layer in self.layers:
             a = layer.self_attn
-            a.cache_k[dst], a.cache_v[dst] = a.cache_k[src], a.cache_v[src]
+            for t in a.caches():
+                t[dst] = t[src]
 
     def clear_cache(self) -> None:
         for layer in self.layers:
-            layer.self_attn.cache_k = layer.self_attn.cache_v = None
+            layer.self_attn.cache_k = layer.self_attn.cache_v = layer.self_attn.cache_raw_k = None
 
     # --- accounting -----------------------------------------------------------------------
 

@@ -182,14 +182,16 @@ def test_bf16_weights_and_cache():
     assert len(generate(m, [1, 2, 3], max_tokens=8, temperature=0)) == 8
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_packed_linears_give_the_same_tokens(dtype):
+@pytest.mark.parametrize("dtype,smear", [("fp32", False), ("bf16", False), ("fp32", True)])
+def test_packed_linears_give_the_same_tokens(dtype, smear):
+    """Also: a batch of prompts (left-padded) gives each prompt's own tokens; with smeared keys
+    too, whose first real token must not read a padding key."""
     if not PackedLinear.supported("cpu", {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]):
         pytest.skip("no oneDNN (or no native bf16) on this CPU")
     torch.manual_seed(0)
-    plain = for_inference(GPT(tiny()), dtype, pack=False, fuse=False)
+    plain = for_inference(GPT(tiny(smear_keys=smear)), dtype, pack=False, fuse=False)
     torch.manual_seed(0)
-    packed = for_inference(GPT(tiny()), dtype)  # packed and fused (q/k/v and gate/up in one matrix each)
+    packed = for_inference(GPT(tiny(smear_keys=smear)), dtype)  # packed and fused (q/k/v and gate/up in one matrix each)
     assert isinstance(packed.layers[0].mlp.gate_up_proj, PackedLinear) and isinstance(packed.lm_head, PackedLinear)
     assert isinstance(packed.layers[0].self_attn.qkv_proj, PackedLinear)
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
@@ -211,14 +213,14 @@ def test_rope_roll_is_rotate_half_bit_for_bit():
     assert torch.equal(apply_rope(x, cos, sin), rope(x, cos, signed_sin(sin)))
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_fused_model_computes_the_same_logits(dtype):
+@pytest.mark.parametrize("dtype,smear", [("fp32", False), ("bf16", False), ("fp32", True)])
+def test_fused_model_computes_the_same_logits(dtype, smear):
     """q/k/v and gate/up fused (for_inference's default): the same logits in every path: training
     (no cache), prefill + decode at an int position, per-row positions in cache slots 1..2."""
     torch.manual_seed(0)
-    plain = for_inference(GPT(tiny()), dtype, pack=False, fuse=False)
+    plain = for_inference(GPT(tiny(smear_keys=smear)), dtype, pack=False, fuse=False)
     torch.manual_seed(0)
-    fused = for_inference(GPT(tiny()), dtype, pack=False)
+    fused = for_inference(GPT(tiny(smear_keys=smear)), dtype, pack=False)
     assert fused.layers[0].self_attn.qkv_proj is not None and not hasattr(fused.layers[0].mlp, "up_proj")
     tol = dict(atol=0.05, rtol=0.02) if dtype == "bf16" else dict(atol=1e-5, rtol=1e-5)
     x = torch.randint(0, 97, (3, 10))

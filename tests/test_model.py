@@ -60,10 +60,10 @@ def test_scaled_residual_init():
     assert abs(std_q - 0.02) < 0.002 and abs(std_o - 0.02 / 4) < 0.001
 
 
-@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_kv_cache_matches_full_forward(n_kv_head):
+@pytest.mark.parametrize("n_kv_head,smear", [(4, False), (2, False), (1, False), (2, True), (1, True)])
+def test_kv_cache_matches_full_forward(n_kv_head, smear):
     torch.manual_seed(0)
-    model = GPT(tiny(n_kv_head=n_kv_head)).eval()
+    model = GPT(tiny(n_kv_head=n_kv_head, smear_keys=smear)).eval()
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         full = model(idx)
@@ -77,13 +77,13 @@ def test_kv_cache_matches_full_forward(n_kv_head):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_kv_head", [4, 2])
-def test_per_row_positions_and_slots_match_full_forward(n_kv_head):
+@pytest.mark.parametrize("n_kv_head,smear", [(4, False), (2, False), (2, True)])
+def test_per_row_positions_and_slots_match_full_forward(n_kv_head, smear):
     """Continuous batching: rows prefilled alone into their own cache slots at different times,
     then decoded together each at its own position, give each sequence's full-forward logits;
     moving a row to another slot keeps it intact."""
     torch.manual_seed(0)
-    model = GPT(tiny(n_kv_head=n_kv_head)).eval()
+    model = GPT(tiny(n_kv_head=n_kv_head, smear_keys=smear)).eval()
     seqs = [torch.randint(0, 97, (1, n)) for n in (12, 5, 9)]
     with torch.no_grad():
         full = [model(s)[0] for s in seqs]

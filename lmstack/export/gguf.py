@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from lmstack.chatformat import chat_format
+from lmstack.export import require_llama
 from lmstack.modelio import IMPORTED, load_model_and_tokenizer
 from lmstack.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
 from lmstack.utils import UserError, atomic_file, check_output_file, read_json
@@ -264,6 +265,7 @@ def export_gguf(model_dir, out, dtype: str = "f32", force: bool = False) -> Path
     if out.exists() and not force:
         raise UserError(f"{out} exists (use --force to replace it)")
     model, tok = load_model_and_tokenizer(model_dir)  # UserError on a missing or broken folder
+    require_llama(model.cfg, "GGUF's llama architecture")
     v = (own_vocab if tok.own is not None else lmstack_vocab)(model, tok, model_dir)
     cfg = model.cfg
     head_dim = cfg.d_model // cfg.n_head

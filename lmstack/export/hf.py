@@ -30,6 +30,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lmstack.chatformat import ChatFormatError, chat_format
 from lmstack.config import ModelConfig
+from lmstack.export import require_llama
 from lmstack.modelio import (
     imported_model,
     lineage,
@@ -132,6 +133,7 @@ def export_hf(model_dir, out, force: bool = False, max_shard_bytes: int = MAX_SH
     check_output_dir(out, force)
     model, tok = load_model_and_tokenizer(model_dir)
     cfg = model.cfg
+    require_llama(cfg, "a Hugging Face Llama")
     tok_json, tok_config = _hf_tokenizer_files(tok, cfg.max_seq_len)
     with atomic_output_dir(out, force) as tmp:
         atomic_write_json(tmp / "config.json", _hf_config(cfg, tok))

@@ -425,7 +425,7 @@ class Model:
             self.embed, self.norm = t["embed_tokens.weight"], t["norm.weight"]
             # A tied head is the embedding itself (the file then stores it once).
             self.head = self.embed if cfg["tie_embeddings"] else t["lm_head.weight"]
-            self.layers = []
+            self.layers, self.smear = [], []
             for i in range(cfg["n_layer"]):
                 p = f"layers.{i}."
                 w = lambda name: t[p + name + ".weight"]  # noqa: E731
@@ -434,6 +434,9 @@ class Model:
                 gate_up = np.concatenate([w("mlp.gate_proj"), w("mlp.up_proj")])
                 self.layers.append((w("input_layernorm"), qkv, w("self_attn.o_proj"),
                                     w("post_attention_layernorm"), gate_up, w("mlp.down_proj")))
+                # Smeared keys (model.smear_keys): each key head's mix of the previous key, sigmoid(logit).
+                self.smear.append(1 / (1 + np.exp(-t[p + "self_attn.smear"][:, None, None]))
+                                  if cfg.get("smear_keys") else None)
         except KeyError as e:
             raise Fail(f"the weights file has no tensor {e.args[0]}") from None
         # RoPE table as lmstack builds it: angles in float64, cos/sin rounded to float32.
@@ -444,6 +447,7 @@ class Model:
         # The KV cache, preallocated for the whole context: [layer, kv_head, position, head_dim].
         shape = (cfg["n_layer"], self.n_kv_head, self.ctx, self.head_dim)
         self.cache_k, self.cache_v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.cache_raw_k = np.zeros(shape, np.float32)  # keys before the smear and RoPE (smeared keys only)
         self.cached: list[int] = []  # the tokens whose keys/values are in the cache, in order
 
     def rope(self, x: np.ndarray, pos: int) -> np.ndarray:
@@ -464,6 +468,12 @@ class Model:
             h = rms_norm(x, n1, self.eps) @ qkv.T  # [T, (H + 2 KV) D]
             q = h[:, :H * D].reshape(T, H, D).transpose(1, 0, 2)
             k = h[:, H * D:(H + KV) * D].reshape(T, KV, D).transpose(1, 0, 2)
+            if self.smear[li] is not None:  # k_t <- (1 - g) k_t + g k_{t-1}; no k_{-1}
+                self.cache_raw_k[li, :, pos:end] = k
+                prev = self.cache_raw_k[li, :, max(pos - 1, 0):end - 1]
+                if pos == 0:
+                    prev = np.concatenate([np.zeros_like(k[:, :1]), prev], axis=1)
+                k = (1 - self.smear[li]) * k + self.smear[li] * prev
             self.cache_k[li, :, pos:end] = self.rope(k, pos)
             self.cache_v[li, :, pos:end] = h[:, (H + KV) * D:].reshape(T, KV, D).transpose(1, 0, 2)
             # Grouped-query attention: query heads g*G..g*G+G-1 share key/value head g.

@@ -141,7 +141,7 @@ class Slot:
             with torch.no_grad():
                 model.setup_cache(1, len(ids))
                 logits = model(torch.tensor([ids], device=dev), start_pos=0)
-                kv = [(layer.self_attn.cache_k.clone(), layer.self_attn.cache_v.clone()) for layer in model.layers]
+                kv = [[t.clone() for t in layer.self_attn.caches()] for layer in model.layers]
                 model.clear_cache()
             self._kv[which] = (kv, logits[0, -1])
         return self._kv[which]
@@ -161,9 +161,9 @@ def _forward_after(model, slot: Slot, rest: torch.Tensor, which: str, cache: boo
     model.setup_cache(B, P + rest.shape[1])
     # The cache lives in the attention modules (lmstack/model.py); the prefix rows are written
     # straight into it, then the model continues every row from position P.
-    for layer, (k, v) in zip(model.layers, kv):
-        layer.self_attn.cache_k[:, :, :P] = k
-        layer.self_attn.cache_v[:, :, :P] = v
+    for layer, saved in zip(model.layers, kv):
+        for t, rows in zip(layer.self_attn.caches(), saved):
+            t[:, :, :P] = rows
     try:
         return model(rest, start_pos=P)
     finally:

@@ -4,8 +4,8 @@ of being prefilled again (an assistant's system prompt and knowledge, a chat tem
 A prompt is cut into blocks of `block` tokens (vLLM's scheme); block i is named by a hash of
 its tokens and of block i-1's name, so a name stands for the whole prefix up to it, at
 positions 0.. (a prefix's keys/values do not depend on what follows it: attention is causal).
-Each block's keys and values, all layers, are one tensor [n_layer, 2, n_kv_head, block,
-head_dim]. The store is bounded in bytes and evicts the least recently used block; a hit
+Each block's keys and values, all layers, are one tensor [n_layer, 2, n_kv_head, block, head_dim]
+(3, not 2, with smeared keys: their raw keys too, `Attention.caches`). The store is bounded in bytes and evicts the least recently used block; a hit
 touches its blocks from the last to the first, and a new prompt's blocks go in from the last to
 the first, so the head of a prefix is always fresher than its tail and a tail goes first (a
 block whose parent is gone could never be reached again).
@@ -67,8 +67,8 @@ class PrefixCache:
         kv = torch.cat([self.blocks[n] for n in found], dim=3)
         n = kv.shape[3]
         for i, a in enumerate(_attn(model)):
-            a.cache_k[slot, :, :n] = kv[i, 0]
-            a.cache_v[slot, :, :n] = kv[i, 1]
+            for t, block in zip(a.caches(), kv[i]):
+                t[slot, :, :n] = block
         self.stats["hits"] += 1
         self.stats["hit_tokens"] += n
         return n
@@ -80,8 +80,7 @@ class PrefixCache:
         if not new:
             return
         start, end = new[0] * self.block, len(names) * self.block
-        kv = torch.stack([torch.stack([a.cache_k[slot, :, start:end], a.cache_v[slot, :, start:end]])
-                          for a in _attn(model)])
+        kv = torch.stack([torch.stack([t[slot, :, start:end] for t in a.caches()]) for a in _attn(model)])
         for i in reversed(new):  # the tail first: the head ends freshest
             block = kv[:, :, :, (i - new[0]) * self.block:(i - new[0] + 1) * self.block].clone()
             size = block.numel() * block.element_size()
