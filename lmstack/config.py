@@ -129,9 +129,13 @@ class DataConfig:
     # Pretraining only: this fraction of the training rows is the copying task instead of text (a
     # fresh random token sequence, repeated; loss on the repeats), which teaches in-context copying.
     copy_fraction: float = 0.0
+    # Of those copy rows, this share repeats a window of the training text instead of random tokens
+    # (copying random tokens and copying the text's own tokens transfer little to each other; README).
+    copy_text_share: float = 0.0
 
     def validate(self) -> None:
         _in_range(self, "data", "copy_fraction", 0.0, 1.0, hi_open=True)
+        _in_range(self, "data", "copy_text_share", 0.0, 1.0)
 
 
 @dataclass

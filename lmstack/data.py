@@ -235,7 +235,7 @@ class TokenBatches:
 
     def __init__(self, data_dir, split: str = "train", batch_size: int = 8, seq_len: int = 256,
                  seed: int = 0, rank: int = 0, world_size: int = 1, copy_fraction: float = 0.0,
-                 copy_ids: np.ndarray | None = None):
+                 copy_ids: np.ndarray | None = None, copy_text_share: float = 0.0):
         assert 0 <= rank < world_size and batch_size > 0 and seq_len > 0
         assert copy_fraction == 0 or (0 < copy_fraction < 1 and copy_ids is not None and len(copy_ids) > 1)
         self.data = open_split(data_dir, split)
@@ -244,7 +244,7 @@ class TokenBatches:
                             f"seq_len + 1 = {seq_len + 1}; use more data or a shorter sequence")
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
-        self.copy_fraction, self.copy_ids = copy_fraction, copy_ids
+        self.copy_fraction, self.copy_ids, self.copy_text_share = copy_fraction, copy_ids, copy_text_share
         self.step = 0
 
     def next(self) -> tuple[torch.Tensor, ...]:
@@ -257,10 +257,14 @@ class TokenBatches:
         if not self.copy_fraction:
             return x, y
         mask = torch.ones_like(y, dtype=torch.bool)
-        f = self.copy_fraction
+        f, share = self.copy_fraction, self.copy_text_share
         for i, k in enumerate(range(self.rank * B, (self.rank + 1) * B)):  # k: the row in the global batch
             if int((k + 1) * f) > int(k * f):  # exactly a fraction f of the rows, evenly spread
-                x[i], y[i], mask[i] = _copy_row(np.random.default_rng([self.seed, self.step, k]), self.copy_ids, T)
+                rng = np.random.default_rng([self.seed, self.step, k])
+                j = int(k * f)  # this copy row's number among the batch's copy rows
+                # A share of the copy rows, evenly spread, repeats the start of its own text window.
+                ids = x[i].numpy() if int((j + 1) * share) > int(j * share) else None
+                x[i], y[i], mask[i] = _copy_row(rng, self.copy_ids, T, text=ids)
         return x, y, mask
 
     __next__ = next
@@ -275,14 +279,16 @@ class TokenBatches:
         self.step = int(state["step"])
 
 
-def _copy_row(rng: np.random.Generator, ids: np.ndarray, seq_len: int):
+def _copy_row(rng: np.random.Generator, ids: np.ndarray, seq_len: int, text: np.ndarray | None = None):
     """One row of the copying task (what induction heads do; TokenBatches' copy_fraction): a fresh
     random sequence of 8 .. seq_len/2 distinct tokens from `ids`, repeated to fill the row, counted
     in the loss only where looking back predicts it: from the repeat's second token on (the first
     occurrence, fresh in every row, can be neither predicted nor memorised; nor can the token that
-    starts a repeat, which follows a token seen nowhere earlier). Returns (x, y, mask)."""
+    starts a repeat, which follows a token seen nowhere earlier). With `text` (a window of training
+    tokens; copy_text_share), the sequence is that window's first tokens instead: the text's own
+    tokens, copied. Returns (x, y, mask)."""
     n = int(rng.integers(8, max(9, seq_len // 2 + 1)))
-    seq = rng.choice(ids, n, replace=len(ids) < n)
+    seq = rng.choice(ids, n, replace=len(ids) < n) if text is None else text[:n]
     row = torch.from_numpy(np.tile(seq, -(-(seq_len + 1) // n))[:seq_len + 1].astype(np.int64))
     mask = torch.arange(seq_len) >= n  # x[j] = row[j] occurred at j - n, followed by y[j] = row[j + 1]
     return row[:-1], row[1:], mask

@@ -278,6 +278,40 @@ def test_token_batches_copy_rows(data_dir):
         assert torch.equal(a, b) and torch.equal(a, torch.cat(c))
 
 
+def test_copy_rows_of_the_texts_own_tokens(data_dir):
+    """copy_text_share: that share of the copy rows (evenly spread) repeats the start of the text
+    window the row would have been, not random tokens; the same rows are copy rows, the same
+    lengths drawn, the rest of the batch untouched; 2 ranks see what 1 rank of twice the batch sees."""
+    ids = np.arange(20, 120)
+    plain = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5)
+    rand = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.5, copy_ids=ids)
+    half = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.5, copy_ids=ids,
+                        copy_text_share=0.5)
+    for _ in range(3):
+        (px, _), (rx, _, rmask), (x, y, mask) = plain.next(), rand.next(), half.next()
+        assert torch.equal(mask, rmask)  # the same copy rows, with the same sequence lengths
+        texts = []
+        for i in range(8):
+            row = torch.cat([x[i], y[i][-1:]]).tolist()
+            n = int((~mask[i]).sum())
+            if mask[i].all():
+                assert torch.equal(x[i], px[i])
+                continue
+            assert row == (row[:n] * 10)[:33]
+            texts.append(row[:n] == px[i][:n].tolist())
+            assert texts[-1] or row[:n] == torch.cat([rx[i], rx[i][:1]]).tolist()[:n]
+        assert texts == [False, True, False, True]  # copy rows j = 0..3: j odd repeat their text
+    ranks = [TokenBatches(data_dir, batch_size=4, seq_len=32, seed=5, rank=r, world_size=2, copy_fraction=0.5,
+                          copy_ids=ids, copy_text_share=0.5) for r in range(2)]
+    again = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.5, copy_ids=ids,
+                         copy_text_share=0.5)
+    for t in (*ranks, again):
+        t.load_state_dict({"step": 2})
+    parts = [r.next() for r in ranks]
+    for a, b in zip(again.next(), zip(*parts)):
+        assert torch.equal(a, torch.cat(b))
+
+
 def test_token_batches_too_short(data_dir):
     n = len(open_split(data_dir, "val"))
     TokenBatches(data_dir, split="val", batch_size=1, seq_len=n - 1).next()  # exactly T+1 tokens

@@ -188,6 +188,8 @@ def test_presets_load_and_overrides():
     (["optim.lr=-1"], "optim.lr must be > 0"),
     (["train.batch_tokens=1000"], "train.batch_tokens"),
     (["model.n_layer"], "KEY=VALUE"),
+    (["data.copy_text_share=1.5"], "data.copy_text_share"),
+    (["model.smear_keys=sometimes"], "model.smear_keys must be bool"),
 ])
 def test_config_errors_name_the_key(overrides, needle):
     with pytest.raises(UserError, match=needle.replace(".", r"\.")):
