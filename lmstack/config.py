@@ -136,6 +136,8 @@ class DataConfig:
     def validate(self) -> None:
         _in_range(self, "data", "copy_fraction", 0.0, 1.0, hi_open=True)
         _in_range(self, "data", "copy_text_share", 0.0, 1.0)
+        if self.copy_text_share and not self.copy_fraction:
+            raise UserError("data.copy_text_share is a share of the copy rows: set data.copy_fraction too")
 
 
 @dataclass

@@ -189,6 +189,7 @@ def test_presets_load_and_overrides():
     (["train.batch_tokens=1000"], "train.batch_tokens"),
     (["model.n_layer"], "KEY=VALUE"),
     (["data.copy_text_share=1.5"], "data.copy_text_share"),
+    (["data.copy_text_share=0.5"], "set data.copy_fraction too"),
     (["model.smear_keys=sometimes"], "model.smear_keys must be bool"),
 ])
 def test_config_errors_name_the_key(overrides, needle):
