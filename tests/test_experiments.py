@@ -51,7 +51,7 @@ def run(tmp_path, name, **kw):
 
 
 def test_builtin_recipes_parse_and_fit_every_scale():
-    assert {"reversal", "knowledge", "icl", "arithmetic"} <= set(builtin_names())
+    assert {"reversal", "knowledge", "icl", "arithmetic", "reading"} <= set(builtin_names())
     for name in builtin_names():
         r = load_recipe(name)
         assert r.description and r.variants and r.headline, name
