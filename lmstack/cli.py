@@ -33,7 +33,7 @@ def _cmd_world(a):
         a.out, people=a.people, seed=a.seed, bios_per_person=a.bios,
         arithmetic=a.arithmetic, stories=a.stories, heldout_fraction=a.heldout, qa_docs=a.qa_docs,
         copy_docs=a.copy_docs, permute=not a.no_permute, full_names=a.full_names, skill_people=a.skill_people,
-        basic_skills=a.basic_skills,
+        basic_skills=a.basic_skills, reading_docs=a.reading_docs,
         force=a.force, progress=not a.quiet,
     )
 
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the thinking, python and search conversations (for very small models)")
     w.add_argument("--copy-docs", type=int, default=0,
                    help="documents that reward in-context copying: a random sequence, then again (default 0)")
+    w.add_argument("--reading-docs", type=int, default=0,
+                   help="documents that reward reading: the biography of a person found nowhere else in the "
+                        "world, then questions about them answered from it (default 0)")
     w.add_argument("--no-permute", action="store_true", help="biography sentences in a fixed order")
     w.add_argument("--full-names", action="store_true", help="biographies name the person in every sentence")
     w.add_argument("--out", help="output folder")

@@ -83,8 +83,8 @@ WINRATE_N = {"tiny": 40}  # world prompts per win rate (default: win_rate's own,
 EVAL_LIMIT = {"tiny": 20}  # rows per task (default: each task's own limit, lmstack/eval/world.toml)
 VAL_FRACTION = 0.02  # of the world's documents held out as pretraining's validation split
 # The world's text knobs (lmstack.world.generate's arguments) --set world.KEY=VALUE may change.
-WORLD_KEYS = {"bios_per_person": int, "qa_docs": int, "copy_docs": int, "permute": bool, "full_names": bool,
-              "skill_people": int, "basic_skills": bool,
+WORLD_KEYS = {"bios_per_person": int, "qa_docs": int, "copy_docs": int, "reading_docs": int, "permute": bool,
+              "full_names": bool, "skill_people": int, "basic_skills": bool,
               "arithmetic": int, "stories": int, "heldout_fraction": float}
 SHARED = ("train.dtype", "train.device", "train.compile", "train.seed")  # --set keys every stage inherits
 MODELS = ("base", "chat", "dpo", "ppo", "grpo")  # the model folders `lmstack eval` scores

@@ -372,6 +372,41 @@ def test_text_knobs_qa_docs_copy_docs_fixed_order_and_full_names(tmp_path):
         assert any(words[i:i + 8] == words[j:j + 8] for i in range(len(words)) for j in range(i + 8, len(words)))
 
 
+def test_reading_docs_are_about_people_found_nowhere_else(tmp_path):
+    """--reading-docs: a stranger's biography, then questions answered from it. The stranger is in
+    no other document, conversation, probe or library entry of the world, so only reading predicts
+    the answers; a world without the knob does not record it."""
+    from lmstack.world.corpus import READING_QUESTIONS, strangers
+
+    out = generate(tmp_path / "r", people=60, seed=5, reading_docs=50, full_names=True, progress=False)
+    w = load_world(out)
+    assert w["config"]["reading_docs"] == 50
+    rows = read_jsonl(out / "pretrain.jsonl")
+    reading = [r["text"] for r in rows if r["kind"] == "reading"]
+    assert len(reading) == 50
+    cast, _ = strangers(w, 5, 50)
+    assert {p["name"] for p in cast}.isdisjoint(p["name"] for p in w["people"])
+    others = "\n".join([r["text"] for r in rows if r["kind"] != "reading"] +
+                       [(out / f).read_text() for f in ("sft.jsonl", "comparisons.jsonl", "library/people.jsonl")] +
+                       [f.read_text() for f in (out / "probes").glob("*.jsonl")])
+    checked = 0
+    for doc in reading:
+        bio, _, qa = doc.partition("\nQ: ")
+        person = next(p for p in cast if p["name"] in qa.split("\n")[0])
+        assert person["name"] in bio and person["name"] not in others
+        answers = [line for line in ("Q: " + qa).split("\n") if line.startswith("A: ")]
+        assert len(answers) == READING_QUESTIONS
+        for line in answers:  # what an answer names, the biography says
+            for attr in ("employer", "university", "major", "birth_city", "work_city"):
+                if person[attr] in line:
+                    assert person[attr] in bio, (line, bio)
+                    checked += 1
+    assert checked >= 50
+    plain = generate(tmp_path / "p", people=60, seed=5, progress=False)
+    assert "reading_docs" not in load_world(plain)["config"]
+    assert not any(r["kind"] == "reading" for r in read_jsonl(plain / "pretrain.jsonl"))
+
+
 def test_cli_bad_arguments_give_one_line_errors(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -383,6 +418,7 @@ def test_cli_bad_arguments_give_one_line_errors(tmp_path):
                  ["--bios", "0", "--out", str(tmp_path / "a")],
                  ["--qa-docs", "-1", "--out", str(tmp_path / "a")],
                  ["--copy-docs", "-2", "--out", str(tmp_path / "a")],
+                 ["--reading-docs", "-1", "--out", str(tmp_path / "a")],
                  ["--people", "50", "--out", str(a_file)],
                  ["--people", "50", "--out", str(full)],
                  ["--people", "50"]):

@@ -45,7 +45,7 @@ MODELS = {"base": "pretrain", "chat": "sft"}  # the model folder -> the stage th
 # World knobs a recipe may set, with their types: the world's size, and the text knobs the speedrun's
 # --set world.KEY=VALUE takes (lmstack.world.generate's keywords).
 WORLD_KNOBS = {"people": int, **WORLD_KEYS}
-COUNTS = {"arithmetic", "stories", "copy_docs"}  # may be "K per person"
+COUNTS = {"arithmetic", "stories", "copy_docs", "reading_docs"}  # may be "K per person"
 TOP_KEYS = {"description", "stages", "headline", "eval", "world", "pretrain", "sft", "variants"}
 VARIANT_KEYS = {"world", "pretrain", "sft"}
 

@@ -33,6 +33,7 @@ from lmstack.world import assistant as asst
 from lmstack.world import documents as docs
 from lmstack.world import probes as pr
 from lmstack.world import security as sec
+from lmstack.world import templates as T
 from lmstack.world.entities import build_world, in_reversal_pair, index
 from lmstack.world.labeller import GUIDE
 from lmstack.world.library import search_result, write_library
@@ -63,12 +64,14 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
              heldout_fraction: float = 0.3, force: bool = False, progress: bool = True,
              probe_people: int = 300, probe_arith_per_cell: int = 30, probe_behaviour: int = 15,
              qa_docs: int = 0, copy_docs: int = 0, permute: bool = True, full_names: bool = False,
-             skill_people: int = SKILL_PEOPLE, basic_skills: bool = False) -> Path:
+             skill_people: int = SKILL_PEOPLE, basic_skills: bool = False, reading_docs: int = 0) -> Path:
     """Write a world of `people` people to `out` (the module doc lists the files). The knobs of
     the text: `bios_per_person` biographies each, sentence order permuted (`permute`), later
     sentences naming the person 30% of the time (always with `full_names`); `qa_docs` documents
     per *train* person holding their question-answer pairs as plain text (mixed training); and
-    `copy_docs` documents that reward in-context copying (a random sequence, then again). The skill
+    `copy_docs` documents that reward in-context copying (a random sequence, then again); and
+    `reading_docs` documents that reward reading (reading_document: a stranger's biography, then
+    questions about them answered from it). The skill
     conversations and the comparisons are sized for max(people, `skill_people`); `basic_skills`
     leaves out the thinking, python and search conversations (BASIC_ONLY)."""
     if people < 20:
@@ -79,10 +82,11 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
         raise UserError(f"--heldout must be in [0, 1) (got {heldout_fraction})")
     arithmetic = 2 * people if arithmetic is None else arithmetic
     stories = people // 2 if stories is None else stories
-    if min(arithmetic, stories, qa_docs, copy_docs, skill_people) < 0:
-        raise UserError("--arithmetic, --stories, --qa-docs, --copy-docs and --skill-people must not be negative")
+    if min(arithmetic, stories, qa_docs, copy_docs, skill_people, reading_docs) < 0:
+        raise UserError("--arithmetic, --stories, --qa-docs, --copy-docs, --reading-docs and --skill-people "
+                        "must not be negative")
     check_output_dir(out, force)  # fail before any work
-    _check_room(Path(out), people, bios_per_person + qa_docs, arithmetic + copy_docs, stories)
+    _check_room(Path(out), people, bios_per_person + qa_docs, arithmetic + copy_docs + 2 * reading_docs, stories)
 
     t0 = time.time()
     if progress and people >= 100_000:
@@ -93,6 +97,8 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
     text = dict(bios_per_person=bios_per_person, permute=permute, full_names=full_names, qa_docs=qa_docs)
     world["config"].update(seed=seed, arithmetic=arithmetic, stories=stories, copy_docs=copy_docs,
                            skill_people=skill_people, basic_skills=basic_skills, **text)
+    if reading_docs:  # recorded only when used: a world without them is byte-identical to one made before
+        world["config"]["reading_docs"] = reading_docs
     ix = index(world)
     rng = random.Random(f"lmstack-probes:{seed}")
     dis = pr.Distractors(world, rng)
@@ -117,6 +123,7 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
                     _dump(f, {"id": f"{name}-{i:05d}", **row})
 
         ctx = _context(world, exclude_arith)
+        ctx["strangers"] = strangers(world, seed, reading_docs)
         n_chunks = math.ceil(people / CHUNK_PEOPLE)
         related = _related(world)
         sized = max(people, skill_people)
@@ -130,7 +137,8 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
                 crng = random.Random(f"lmstack-world:{seed}:chunk:{i}")
                 share = lambda total: _share(total, i, n_chunks)  # noqa: E731
                 for row in _pretrain_chunk(chunk, world, ix, related, ctx, crng, i, n_chunks, text,
-                                           share(stories), share(arithmetic), share(copy_docs)):
+                                           share(stories), share(arithmetic), share(copy_docs),
+                                           share(reading_docs)):
                     _dump(fp, row)
                 for msgs in _sft_chunk(chunk, world, ix, ctx, crng, share):
                     _dump(fs, {"messages": msgs})
@@ -195,7 +203,7 @@ def _related(world: dict) -> dict:
     return rel
 
 
-def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_stories, n_arith, n_copy):
+def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_stories, n_arith, n_copy, n_reading):
     rows = []
     for person in chunk:
         rows += [{"text": docs.biography(person, ix, rng, text["permute"], text["full_names"]), "kind": "bio"}
@@ -220,8 +228,34 @@ def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_st
     rows += [{"text": ar.document(rng, ctx["names"], ctx["exclude_arith"]), "kind": "arithmetic"}
              for _ in range(n_arith)]
     rows += [{"text": docs.copy_document(rng, ctx["names"]), "kind": "copy"} for _ in range(n_copy)]
+    if n_reading:  # no draw from rng without them: the other documents stay as they were
+        cast, cast_ix = ctx["strangers"]
+        rows += [{"text": reading_document(cast[(i + k * n_chunks) % len(cast)], cast_ix, rng, text), "kind": "reading"}
+                 for k in range(n_reading)]
     rng.shuffle(rows)
     return rows
+
+
+READING_QUESTIONS = 3  # questions after a reading document's biography
+
+
+def strangers(world: dict, seed: int, n: int) -> tuple[list[dict], dict]:
+    """The people of the reading documents and their index: a world of its own seed, less anyone
+    who shares a name with the world's people, so what a reading document says about a person is
+    said nowhere else: only reading it predicts the answers."""
+    if not n:
+        return [], {}
+    cast = build_world(max(20, n), f"{seed}:reading", heldout_fraction=0.0)
+    taken = {p["name"] for p in world["people"]}
+    return [p for p in cast["people"] if p["name"] not in taken], index(cast)
+
+
+def reading_document(person: dict, ix: dict, rng: random.Random, text: dict) -> str:
+    """A biography, then questions about the person answered from it (Q: ... A: ...): a document
+    that rewards reading the context, since the person is in no other document."""
+    bio = docs.biography(person, ix, rng, text["permute"], text["full_names"])
+    qa = [asst.fact_qa(person, attr, rng) for attr in rng.sample(sorted(T.QUESTIONS), READING_QUESTIONS)]
+    return bio + "\n" + docs.qa_document(qa)
 
 
 # How many of each non-person conversation per person in the world (or in skill_people).
