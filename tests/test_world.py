@@ -375,7 +375,7 @@ def test_text_knobs_qa_docs_copy_docs_fixed_order_and_full_names(tmp_path):
 def test_reading_docs_are_about_people_found_nowhere_else(tmp_path):
     """--reading-docs: a stranger's biography, then questions answered from it. The stranger is in
     no other document, conversation, probe or library entry of the world, so only reading predicts
-    the answers; a world without the knob does not record it."""
+    the answers; the knob adds them and changes nothing else."""
     from lmstack.world.corpus import READING_QUESTIONS, strangers
 
     out = generate(tmp_path / "r", people=60, seed=5, reading_docs=50, full_names=True, progress=False)
@@ -384,7 +384,7 @@ def test_reading_docs_are_about_people_found_nowhere_else(tmp_path):
     rows = read_jsonl(out / "pretrain.jsonl")
     reading = [r["text"] for r in rows if r["kind"] == "reading"]
     assert len(reading) == 50
-    cast, _ = strangers(w, 5, 50)
+    cast, _, _ = strangers(w, 5, 50)
     assert {p["name"] for p in cast}.isdisjoint(p["name"] for p in w["people"])
     others = "\n".join([r["text"] for r in rows if r["kind"] != "reading"] +
                        [(out / f).read_text() for f in ("sft.jsonl", "comparisons.jsonl", "library/people.jsonl")] +
@@ -402,9 +402,12 @@ def test_reading_docs_are_about_people_found_nowhere_else(tmp_path):
                     assert person[attr] in bio, (line, bio)
                     checked += 1
     assert checked >= 50
-    plain = generate(tmp_path / "p", people=60, seed=5, progress=False)
+    # Without the knob: not recorded, no reading documents, and every other file and document as it was
+    plain = generate(tmp_path / "p", people=60, seed=5, full_names=True, progress=False)
     assert "reading_docs" not in load_world(plain)["config"]
-    assert not any(r["kind"] == "reading" for r in read_jsonl(plain / "pretrain.jsonl"))
+    assert [r for r in rows if r["kind"] != "reading"] == read_jsonl(plain / "pretrain.jsonl")
+    for f in ("sft.jsonl", "comparisons.jsonl", "library/people.jsonl", "probes/facts.jsonl"):
+        assert (out / f).read_bytes() == (plain / f).read_bytes(), f
 
 
 def test_cli_bad_arguments_give_one_line_errors(tmp_path):

@@ -228,26 +228,28 @@ def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_st
     rows += [{"text": ar.document(rng, ctx["names"], ctx["exclude_arith"]), "kind": "arithmetic"}
              for _ in range(n_arith)]
     rows += [{"text": docs.copy_document(rng, ctx["names"]), "kind": "copy"} for _ in range(n_copy)]
-    if n_reading:  # no draw from rng without them: the other documents stay as they were
-        cast, cast_ix = ctx["strangers"]
-        rows += [{"text": reading_document(cast[(i + k * n_chunks) % len(cast)], cast_ix, rng, text), "kind": "reading"}
-                 for k in range(n_reading)]
     rng.shuffle(rows)
+    if n_reading:  # their own random stream, put among the others: every other document and conversation stays as it was
+        cast, cast_ix, seed = ctx["strangers"]
+        rrng = random.Random(f"lmstack-reading:{seed}:chunk:{i}")
+        for k in range(n_reading):
+            doc = reading_document(cast[(i + k * n_chunks) % len(cast)], cast_ix, rrng, text)
+            rows.insert(rrng.randrange(len(rows) + 1), {"text": doc, "kind": "reading"})
     return rows
 
 
 READING_QUESTIONS = 3  # questions after a reading document's biography
 
 
-def strangers(world: dict, seed: int, n: int) -> tuple[list[dict], dict]:
-    """The people of the reading documents and their index: a world of its own seed, less anyone
-    who shares a name with the world's people, so what a reading document says about a person is
-    said nowhere else: only reading it predicts the answers."""
+def strangers(world: dict, seed: int, n: int) -> tuple[list[dict], dict, int]:
+    """The people of the reading documents, their index and the world's seed: a world of its own
+    seed, less anyone who shares a name with the world's people, so what a reading document says
+    about a person is said nowhere else: only reading it predicts the answers."""
     if not n:
-        return [], {}
+        return [], {}, seed
     cast = build_world(max(20, n), f"{seed}:reading", heldout_fraction=0.0)
     taken = {p["name"] for p in world["people"]}
-    return [p for p in cast["people"] if p["name"] not in taken], index(cast)
+    return [p for p in cast["people"] if p["name"] not in taken], index(cast), seed
 
 
 def reading_document(person: dict, ix: dict, rng: random.Random, text: dict) -> str:
