@@ -384,8 +384,9 @@ def test_reading_docs_are_about_people_found_nowhere_else(tmp_path):
     rows = read_jsonl(out / "pretrain.jsonl")
     reading = [r["text"] for r in rows if r["kind"] == "reading"]
     assert len(reading) == 50
-    cast, _, _ = strangers(w, 5, 50)
-    assert {p["name"] for p in cast}.isdisjoint(p["name"] for p in w["people"])
+    cast, _ = strangers(w, 5, 50)
+    fake = [p["name"] for group in w["nonexistent_people"].values() for p in group]
+    assert {p["name"] for p in cast}.isdisjoint([p["name"] for p in w["people"]] + fake)
     others = "\n".join([r["text"] for r in rows if r["kind"] != "reading"] +
                        [(out / f).read_text() for f in ("sft.jsonl", "comparisons.jsonl", "library/people.jsonl")] +
                        [f.read_text() for f in (out / "probes").glob("*.jsonl")])

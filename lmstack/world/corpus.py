@@ -123,7 +123,7 @@ def generate(out, people: int = 1000, seed: int = 0, bios_per_person: int = 5,
                     _dump(f, {"id": f"{name}-{i:05d}", **row})
 
         ctx = _context(world, exclude_arith)
-        ctx["strangers"] = strangers(world, seed, reading_docs)
+        ctx.update(strangers=strangers(world, seed, reading_docs), seed=seed)
         n_chunks = math.ceil(people / CHUNK_PEOPLE)
         related = _related(world)
         sized = max(people, skill_people)
@@ -229,9 +229,9 @@ def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_st
              for _ in range(n_arith)]
     rows += [{"text": docs.copy_document(rng, ctx["names"]), "kind": "copy"} for _ in range(n_copy)]
     rng.shuffle(rows)
-    if n_reading:  # their own random stream, put among the others: every other document and conversation stays as it was
-        cast, cast_ix, seed = ctx["strangers"]
-        rrng = random.Random(f"lmstack-reading:{seed}:chunk:{i}")
+    if n_reading:  # their own random stream, put among the others: no other document or conversation changes
+        cast, cast_ix = ctx["strangers"]
+        rrng = random.Random(f"lmstack-reading:{ctx['seed']}:chunk:{i}")
         for k in range(n_reading):
             doc = reading_document(cast[(i + k * n_chunks) % len(cast)], cast_ix, rrng, text)
             rows.insert(rrng.randrange(len(rows) + 1), {"text": doc, "kind": "reading"})
@@ -241,15 +241,16 @@ def _pretrain_chunk(chunk, world, ix, related, ctx, rng, i, n_chunks, text, n_st
 READING_QUESTIONS = 3  # questions after a reading document's biography
 
 
-def strangers(world: dict, seed: int, n: int) -> tuple[list[dict], dict, int]:
-    """The people of the reading documents, their index and the world's seed: a world of its own
-    seed, less anyone who shares a name with the world's people, so what a reading document says
-    about a person is said nowhere else: only reading it predicts the answers."""
+def strangers(world: dict, seed: int, n: int) -> tuple[list[dict], dict]:
+    """The people of the reading documents and their index: a world of its own seed, less anyone
+    who shares a name with the world's people or its people who do not exist, so what a reading
+    document says about a person is said nowhere else: only reading it predicts the answers."""
     if not n:
-        return [], {}, seed
+        return [], {}
     cast = build_world(max(20, n), f"{seed}:reading", heldout_fraction=0.0)
     taken = {p["name"] for p in world["people"]}
-    return [p for p in cast["people"] if p["name"] not in taken], index(cast), seed
+    taken |= {p["name"] for group in world["nonexistent_people"].values() for p in group}
+    return [p for p in cast["people"] if p["name"] not in taken], index(cast)
 
 
 def reading_document(person: dict, ix: dict, rng: random.Random, text: dict) -> str:
