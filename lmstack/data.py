@@ -259,11 +259,10 @@ class TokenBatches:
         mask = torch.ones_like(y, dtype=torch.bool)
         f, share = self.copy_fraction, self.copy_text_share
         for i, k in enumerate(range(self.rank * B, (self.rank + 1) * B)):  # k: the row in the global batch
-            if int((k + 1) * f) > int(k * f):  # exactly a fraction f of the rows, evenly spread
+            if _evenly(k, f):  # exactly a fraction f of the rows
                 rng = np.random.default_rng([self.seed, self.step, k])
-                j = int(k * f)  # this copy row's number among the batch's copy rows
-                # A share of the copy rows, evenly spread, repeats the start of its own text window.
-                ids = x[i].numpy() if int((j + 1) * share) > int(j * share) else None
+                # A share of the copy rows (j: this one's number among them) repeats the start of its own text window.
+                ids = x[i].numpy() if _evenly(int(k * f), share) else None
                 x[i], y[i], mask[i] = _copy_row(rng, self.copy_ids, T, text=ids)
         return x, y, mask
 
@@ -277,6 +276,11 @@ class TokenBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+
+
+def _evenly(k: int, fraction: float) -> bool:
+    """Whether item k is picked when exactly `fraction` of the items are, evenly spread."""
+    return int((k + 1) * fraction) > int(k * fraction)
 
 
 def _copy_row(rng: np.random.Generator, ids: np.ndarray, seq_len: int, text: np.ndarray | None = None):
