@@ -146,6 +146,30 @@ def test_oracle_scores_one(tmp_path, tok):
     assert run_task(wrong, choice)["answer_logprob"] == run_task(wrong, gen)["answer_logprob"] == -5.0
 
 
+def test_confusable_counts_what_the_wrong_replies_stated_instead(tmp_path, tok, capsys):
+    """A reply that misses is told apart: it states another of the row's answers (by name) or not."""
+    rows = [{"question": f"q{i}", "answer": f"a{i}", "kind": "even" if i % 2 == 0 else "odd",
+             "others": {"city": f"c{i}", "date": [f"d{i}", f"{i} May"]}} for i in range(12)]
+    rows.append({"question": "q12", "answer": "a12", "kind": "even"})  # a row from before the field: not counted
+    said = {f"q{i}": [f"a{i}", f"c{i}", f"{i} May", "nothing", f"c{i} and d{i}", f"c{i + 1}"][i % 6] for i in range(12)}
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    spec = make_spec({"name": "g", "data": str(data), "format": "chat", "confusable": "others", "slices": ["kind"]},
+                     "test")
+    r = run_task(OracleLM(tok, {**said, "q12": "x"}), spec)
+    assert r["acc"] == 2 / 13 and r["wrong"] == 10  # rows 0 and 6 right; row 12 has no `others`
+    assert r["confusions"] == {"city": 4, "date": 4}  # rows 1, 4, 7, 10 and rows 2, 4, 8, 10
+    assert r["slices"]["kind=even"]["confusions"] == {"city": 2, "date": 4} and r["slices"]["kind=odd"]["wrong"] == 6
+    assert [it.get("confused") for it in r["items"][:6]] == [None, ["city"], ["date"], [], ["city", "date"], []]
+    from lmstack.eval.run import print_table
+    print_table({"tasks": {"g": r}})
+    assert "of 10 wrong, stating instead: city 4, date 4" in capsys.readouterr().out
+    write_jsonl(data, [{"question": "q1", "answer": "a1", "others": ["c1"]}])
+    with pytest.raises(UserError, match="'others' must be an object"):
+        run_task(OracleLM(tok, {"q1": "c1"}), spec)
+    with pytest.raises(UserError, match="confusable needs kind = 'generate'"):
+        make_spec({"name": "c", "data": str(data), "kind": "choice", "distractors": "d", "confusable": "others"}, "t")
+
+
 class UniformModel(torch.nn.Module):
     """Logits 0 on `allowed` ids and -inf elsewhere: a uniform distribution over len(allowed) symbols."""
 

@@ -133,6 +133,10 @@ def test_fact_and_inverse_probes_match_the_world(world_dir, people, world):
         assert r["answer"] not in r["distractors"] and len(r["distractors"]) == 9
         if r["relation"] == "birth_date":
             assert set(r["aliases"]) <= set(date_aliases(p["birth_date"]))
+        # The person's other five facts, in every form a reply may state them (eval's `confusable`).
+        assert len(r["others"]) == 5 and r["relation"] not in r["others"]
+        assert all(_value(p, rel) == ans[0] for rel, ans in r["others"].items())
+        assert r["others"].get("birth_date", date_aliases(p["birth_date"])) == date_aliases(p["birth_date"])
     born = {}
     for p in world["people"]:
         born.setdefault((p["birth_city"], format_date(p["birth_date"])), []).append(p["name"])

@@ -289,6 +289,9 @@ def print_table(results: dict) -> None:
             print(f"{'':18s} {'  with the subject swapped':40s} {w['n']:5d} {_pct(w['acc'])}  "
                   f"[{100 * w['ci'][0]:5.1f},{100 * w['ci'][1]:5.1f}]  {'':6s}  "
                   f"{'knows: above it' if s['above_swapped'] else 'not above it'}")
+        if s.get("confusions"):  # what the wrong replies stated instead (the row's other answers)
+            named = ", ".join(f"{k} {v}" for k, v in s["confusions"].items())
+            print(f"{'':18s}   of {s['wrong']} wrong, stating instead: {named}")
     if "format" in results:
         f = results["format"]
         print(f"{'chat format':18s} {'replies closed with <|end|>':40s} {f['n']:5d} {_pct(f['acc'])}  "

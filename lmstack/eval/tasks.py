@@ -72,6 +72,10 @@ class TaskSpec:
     #                    scored with it swapped for another row's subject: the answer's prior, which
     #                    "knows" must beat (results: "swapped", "above_swapped")
     check: str = "contains"  # generate: one of CHECKS
+    confusable: str = ""  # generate: field with {name: answer or [answers]}: what a wrong reply may give
+    #                       instead (the subject's other facts); results count the wrong greedy replies
+    #                       that contain one, by name ("confusions"; "wrong": all the misses; rows
+    #                       without the field are not counted)
     until: list = field(default_factory=lambda: ["\n"])  # text + generate: stop strings
     max_tokens: int = 32  # generate: tokens per reply (per tool round)
     samples: int = 0  # generate: k > 0 samples k replies per row at `temperature`; the score is pass@k
@@ -126,6 +130,8 @@ def make_spec(table: dict, where: str, base: Path | None = None, world: str | No
         _fail(w, "samples must be an integer >= 0")
     if spec.samples and spec.kind != "generate":
         _fail(w, "samples (pass@k) needs kind = 'generate'")
+    if spec.confusable and (spec.kind != "generate" or spec.samples):
+        _fail(w, "confusable needs kind = 'generate' and greedy replies (no samples)")
     if not isinstance(spec.temperature, (int, float)) or not 0 < spec.temperature <= 10:
         _fail(w, "temperature must be a number in (0, 10]")
     if not isinstance(spec.limit, int) or spec.limit < 0:
@@ -387,6 +393,9 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
                 item.update(samples=[text for text, _, _ in mine], sample_hits=hits)
             else:
                 item["reply"] = mine[0][0]
+                confused = _confused(spec, row, line, mine[0][0]) if spec.confusable and not item["hit"] else None
+                if confused is not None:
+                    item["confused"] = confused
             if mine[0][1] is not None and not spec.samples:  # format compliance: greedy replies only
                 item["closed"] = int(mine[0][1])
             if spec.tools:
@@ -395,7 +404,7 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
         chance = _majority(spec, rows) if isinstance(spec.chance, str) else spec.chance
     result = {"kind": spec.kind, "format": spec.format, "metric": metric_name(spec), "better": spec.better,
               "data": spec.data, "description": spec.description,
-              **summarize([it["hit"] for it in items], chance), **continuous(items)}
+              **summarize([it["hit"] for it in items], chance), **continuous(items), **confusions(items)}
     if spec.kind == "choice":
         result["mean_rank"] = sum(it["rank"] for it in items) / len(items)
         _add_swapped(result, items, chance)
@@ -413,7 +422,8 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
     result["slices"] = {}
     for key in sorted(by):
         its = by[key]
-        s = {**summarize([it["hit"] for it in its], _slice_chance(spec, rows, items, its, chance)), **continuous(its)}
+        s = {**summarize([it["hit"] for it in its], _slice_chance(spec, rows, items, its, chance)), **continuous(its),
+             **confusions(its)}
         if spec.kind == "choice":
             s["mean_rank"] = sum(it["rank"] for it in its) / len(its)
             _add_swapped(s, its, s.get("chance"))
@@ -472,6 +482,28 @@ def continuous(items) -> dict:
         if values:
             out[name] = sum(values) / len(values)
     return out
+
+
+def _confused(spec: TaskSpec, row: dict, line: int, reply: str) -> list[str] | None:
+    """The names of the row's `confusable` answers a (wrong) reply contains; None for a row
+    without the field (a world written before probes had it)."""
+    table = row.get(spec.confusable)
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise UserError(f"task {spec.name}: row {line + 1} of {spec.data}: {spec.confusable!r} must be an "
+                        f"object {{name: answer or [answers]}}")
+    return [name for name, ans in table.items()
+            if check(spec.check, reply, [str(a) for a in (ans if isinstance(ans, list) else [ans])])]
+
+
+def confusions(items) -> dict:
+    """What the wrong replies gave instead, over items scored with `confusable`: {"wrong": misses,
+    "confusions": {name: misses containing that name's answer}} (a reply may count under two)."""
+    wrong = [it for it in items if "confused" in it]
+    if not wrong:
+        return {}
+    return {"wrong": len(wrong), "confusions": dict(Counter(n for it in wrong for n in it["confused"]).most_common())}
 
 
 def _swapped_subjects(rows, spec: TaskSpec) -> dict:

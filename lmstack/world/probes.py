@@ -60,7 +60,14 @@ def _sample_people(world, split, k, rng):
     return rng.sample(people, min(k, len(people)))
 
 
+def _accepted(p: dict, attr: str) -> list[str]:
+    """Every way a reply may state `p`'s `attr` (a date in any of its formats)."""
+    return date_aliases(p["birth_date"]) if attr == "birth_date" else [p[attr]]
+
+
 def fact_probes(world, rng, dis: Distractors, per_split: int) -> list[dict]:
+    """A probe per person and fact; `others` holds the same person's other facts, so a wrong
+    reply that states one of them is told apart from a wrong value (the eval's `confusable`)."""
     rows = []
     for split in ("train", "heldout"):
         for p in _sample_people(world, split, per_split, rng):
@@ -70,8 +77,9 @@ def fact_probes(world, rng, dis: Distractors, per_split: int) -> list[dict]:
                     "question": T.QUESTIONS[attr][0].format(name=p["name"]),
                     "cloze": T.CLOZE[attr].format(name=p["name"]),
                     "answer": answer,
-                    "aliases": date_aliases(p["birth_date"])[1:] if attr == "birth_date" else [],
+                    "aliases": _accepted(p, attr)[1:],
                     "distractors": dis(attr, p),
+                    "others": {a: _accepted(p, a) for a in T.QUESTIONS if a != attr},
                     "person": p["id"], "name": p["name"], "relation": attr,
                     "split": split, "direction": "forward",
                 })
