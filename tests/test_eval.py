@@ -168,6 +168,8 @@ def test_confusable_counts_what_the_wrong_replies_stated_instead(tmp_path, tok, 
         run_task(OracleLM(tok, {"q1": "c1"}), spec)
     with pytest.raises(UserError, match="confusable needs kind = 'generate'"):
         make_spec({"name": "c", "data": str(data), "kind": "choice", "distractors": "d", "confusable": "others"}, "t")
+    with pytest.raises(UserError, match="a check against answers"):
+        make_spec({"name": "r", "data": str(data), "check": "refusal", "confusable": "others"}, "t")
 
 
 class UniformModel(torch.nn.Module):

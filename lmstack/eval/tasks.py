@@ -51,6 +51,7 @@ from lmstack.utils import UserError
 from lmstack.world import labeller
 
 CHECKS = ("contains", "exact", "number", "regex", "refusal", "idk", "hallucination")
+ANSWER_CHECKS = CHECKS[:4]  # the checks that compare a reply with answers (the rest detect a behaviour)
 
 
 @dataclass
@@ -130,8 +131,9 @@ def make_spec(table: dict, where: str, base: Path | None = None, world: str | No
         _fail(w, "samples must be an integer >= 0")
     if spec.samples and spec.kind != "generate":
         _fail(w, "samples (pass@k) needs kind = 'generate'")
-    if spec.confusable and (spec.kind != "generate" or spec.samples):
-        _fail(w, "confusable needs kind = 'generate' and greedy replies (no samples)")
+    if spec.confusable and (spec.kind != "generate" or spec.samples or spec.check not in ANSWER_CHECKS):
+        _fail(w, f"confusable needs kind = 'generate', greedy replies (no samples) and a check against "
+                 f"answers ({', '.join(ANSWER_CHECKS)})")
     if not isinstance(spec.temperature, (int, float)) or not 0 < spec.temperature <= 10:
         _fail(w, "temperature must be a number in (0, 10]")
     if not isinstance(spec.limit, int) or spec.limit < 0:
@@ -346,7 +348,7 @@ def run_task(lm, spec: TaskSpec, limit: int | None = None, tools=None) -> dict:
     else:
         answers = []
         for line, row in rows:
-            ans = [] if spec.check in ("refusal", "idk", "hallucination") else [str(_field(row, spec.answer, spec, line))]
+            ans = [] if spec.check not in ANSWER_CHECKS else [str(_field(row, spec.answer, spec, line))]
             if spec.aliases:
                 extra = row.get(spec.aliases) or []
                 ans += [str(a) for a in (extra if isinstance(extra, list) else [extra])]
