@@ -8,7 +8,9 @@ import torch
 
 from lmstack.cli import main
 from lmstack.experiments import run as xrun
+from lmstack.experiments.run import PRACTICE_PEOPLE
 from lmstack.experiments.recipe import (
+    READER_SET,
     builtin_names,
     check_scale,
     load_recipe,
@@ -183,6 +185,31 @@ def error(capsys, *args) -> str:
     return err
 
 
+def test_the_reader_stage_learns_look_ups_of_people_it_never_saw(tmp_path):
+    """stages up to "reader": the chat model fine-tuned on look-ups (the world's and a practice
+    world's, none about a person of the world by name), scored as `reader`."""
+    text = (MINI.replace('description = "a test"', 'description = "a test"\nstages = ["world", "tokenizer", "data", '
+                         '"pretrain", "sft", "reader"]')
+            .replace('"base copy"]', '"reader facts_qa split=heldout"]')
+            .replace('chat = ["facts_qa"]', 'chat = ["facts_qa"]\nreader = ["facts_qa"]'))
+    added = run(tmp_path, recipe(tmp_path, text, "rd"))
+    assert [r["stage"] for r in added] == ["base", "chat", "reader"]
+    folder = tmp_path / "runs" / "tiny" / "a" / "seed0"
+    settings = json.loads((folder / "experiment.json").read_text())["settings"]
+    assert settings["reader"] == [*READER_SET["tiny"], "train.seed=0"] and "reader" not in run_settings(
+        load_recipe(recipe(tmp_path)).variants[0], "tiny", 0)  # other recipes' runs keep their settings
+    rows = [json.loads(line) for line in (folder / "lookups.jsonl").read_text().splitlines()]
+    names = {p["name"] for p in json.loads((folder / "world" / "world.json").read_text())["people"]}
+    assert len(rows) == PRACTICE_PEOPLE["tiny"] and all(xrun._looks_up(r) for r in rows)  # tiny's world has none
+    assert not any(n in xrun._text(r) for r in rows for n in names)
+    lineage = json.loads((folder / "reader" / "sft.json").read_text())
+    assert lineage["base"] == str(folder / "chat") and lineage["data"][0] == str(folder / "lookups.jsonl")
+    assert xrun._looks_up({"messages": [{"role": "assistant", "tool_calls": [
+        {"function": {"name": "search", "arguments": "{}"}}]}]})
+    assert not xrun._looks_up({"messages": [{"role": "assistant", "tool_calls": [
+        {"function": {"name": "calculator", "arguments": "{}"}}]}, {"role": "user", "content": "search"}]})
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     ok = recipe(tmp_path)
     (tmp_path / "file").write_text("x")
@@ -201,6 +228,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         (["run", recipe(tmp_path, MINI.replace('"train.max_steps=3"', '"train.max_stepz=3"'), "set")],
          "unknown config key 'train.max_stepz'"),
         (["run", recipe(tmp_path, 'stages = ["world", "pretrain"]\n' + MINI, "stages")], "stages must be"),
+        (["run", recipe(tmp_path, MINI.replace('chat = ["facts_qa"]', 'reader = ["facts_qa"]'), "noreader")],
+         "the reader stage does not run"),
         (["run", ok, "--scale", "huge"], "--scale huge: unknown preset"),
         (["run", ok, "--scale", "tiny", "--seeds", "0"], "--seeds must be at least 1"),
         (["run", ok, "--scale", "tiny", "--variants", "b"], "variants are a"),

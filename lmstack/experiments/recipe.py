@@ -1,7 +1,7 @@
 """An experiment's recipe: a TOML file of data, read and checked before any work.
 
     description = "one line for `lmstack experiment list`"
-    stages = ["world", "tokenizer", "data", "pretrain", "sft"]   # or stop after "pretrain"
+    stages = ["world", "tokenizer", "data", "pretrain", "sft"]   # or stop after "pretrain", or go on to "reader"
     headline = ["base reversal_rank group+direction=reversal/parent_to_child", "chat arithmetic digits=*"]
     world = { people = 40 }            # world knobs for every variant (default: the scale's world)
     pretrain = ["train.max_steps=10"]  # --set overrides for every variant's pretraining
@@ -14,6 +14,9 @@
     [variants.single]                  # at least one; the same three keys, added to the shared ones
     world = { bios_per_person = 1, permute = false }
 
+The "reader" stage fine-tunes the chat model further on look-up conversations (a search call, its
+result, the answer), the world's and as many about the people of a practice world it never saw
+(run.py: READER_SET, PRACTICE_PEOPLE): the README's "reader", which `[eval] reader` scores.
 A headline is "MODEL TASK [SLICE]": SLICE is one of the task's slices as eval names them
 ("split=heldout", "group+direction=reversal/parent_to_child"), or "FIELD=*" for each value of it.
 A count knob may be written "K per person" (K x the world's people). Tasks are the world's
@@ -40,12 +43,18 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 BUILTIN_DIR = Path(__file__).parent
-STAGES = ["world", "tokenizer", "data", "pretrain", "sft"]
-MODELS = {"base": "pretrain", "chat": "sft"}  # the model folder -> the stage that makes it
+STAGES = ["world", "tokenizer", "data", "pretrain", "sft", "reader"]
+DEFAULT_STAGES = STAGES[:5]
+MODELS = {"base": "pretrain", "chat": "sft", "reader": "reader"}  # the model folder -> the stage that makes it
 # World knobs a recipe may set, with their types: the world's size, and the text knobs the speedrun's
 # --set world.KEY=VALUE takes (lmstack.world.generate's keywords).
 WORLD_KNOBS = {"people": int, **WORLD_KEYS}
 COUNTS = {"arithmetic", "stories", "copy_docs", "reading_docs"}  # may be "K per person"
+# The reader stage's SFT settings per scale (`lmstack sft --set`): 200 steps at half the chat
+# stage's learning rate on the small model, the README's reader; tiny checks the plumbing.
+READER_SET = {"tiny": ["train.max_steps=4", "train.batch_tokens=2048", "train.eval_every=0", "train.save_every=0",
+                       "optim.lr=1e-3"],
+              "small": ["train.max_steps=200", "optim.lr=5e-4", "train.eval_every=100"]}
 TOP_KEYS = {"description", "stages", "headline", "eval", "world", "pretrain", "sft", "variants"}
 VARIANT_KEYS = {"world", "pretrain", "sft"}
 
@@ -60,7 +69,7 @@ class Variant:
 
 @dataclass
 class Headline:
-    model: str  # "base" | "chat"
+    model: str  # "base" | "chat" | "reader"
     task: str
     slice: str | None = None  # a slice key, or "FIELD=*"
 
@@ -120,9 +129,9 @@ def load_recipe(name: str) -> Recipe:
         raise UserError(f"experiment {path}: not readable TOML: {e}") from None
     where = f"experiment {path}"
     _known_keys(doc, TOP_KEYS, where)
-    stages = doc.get("stages", STAGES)
-    if stages not in (STAGES, STAGES[:-1]):
-        raise UserError(f"{where}: stages must be {STAGES} or {STAGES[:-1]} (got {stages!r})")
+    stages = doc.get("stages", DEFAULT_STAGES)
+    if stages not in (STAGES[:4], STAGES[:5], STAGES):
+        raise UserError(f"{where}: stages must be {STAGES[:4]}, {STAGES[:5]} or {STAGES} (got {stages!r})")
     evals = _eval_table(doc.get("eval"), stages, where)
     tasks = _tasks()
     for model, names in evals.items():
@@ -241,6 +250,11 @@ def run_settings(variant: Variant, scale: str, seed: int) -> dict:
             "pretrain": sets["pretrain"], "sft": sets["sft"]}
 
 
+def reader_settings(scale: str, seed: int) -> list[str]:
+    """The reader stage's --set overrides at a scale (the same for every variant), with the seed."""
+    return [*READER_SET.get(Path(scale).stem, READER_SET["small"]), f"train.seed={seed}"]
+
+
 def check_scale(recipe: Recipe, scale: str) -> None:
     """Build every variant's pretraining and SFT config at this scale (a bad --scale or --set
     fails now, in one line, not after the first variant trained)."""
@@ -252,7 +266,9 @@ def check_scale(recipe: Recipe, scale: str) -> None:
         try:
             sets = run_settings(v, scale, 0)
             cfg = load_config(scale, sets["pretrain"], vocab_size=VOCAB.get(Path(scale).stem, 4096))
-            if "sft" in recipe.stages:
-                sft_config(SFT_PRESET, sets["sft"], model_config_from_dict(cfg.to_dict()["model"]))
+            sfts = {"sft": sets["sft"], "reader": reader_settings(scale, 0)}
+            for stage in ("sft", "reader"):
+                if stage in recipe.stages:
+                    sft_config(SFT_PRESET, sfts[stage], model_config_from_dict(cfg.to_dict()["model"]))
         except UserError as e:
             raise UserError(f"experiment {recipe.name}, variant {v.name}: {e}") from None

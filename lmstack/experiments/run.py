@@ -5,7 +5,7 @@
     lmstack experiment show reversal                            # mean over seeds of the headline metrics
 
 A run is one (variant, scale, seed): the speedrun's stages (world -> tokenizer -> data -> pretrain
-[-> sft]) with the recipe's knobs, the speedrun's settings for that scale (world size, vocabulary,
+[-> sft [-> reader]]) with the recipe's knobs, the speedrun's settings for that scale (world size, vocabulary,
 SFT settings, rows per task), seed k for the world and for training; then `lmstack eval`'s tasks
 on the models the recipe names, one line per model in the store (store.py). Its folder,
 OUT/SCALE/VARIANT/seedK, holds every stage's output and experiment.json (the run's settings and
@@ -17,6 +17,8 @@ folder is written again.
 
 from __future__ import annotations
 
+import json
+import random
 import shlex
 import statistics
 import time
@@ -31,6 +33,7 @@ from lmstack.experiments.recipe import (
     builtin_names,
     check_scale,
     load_recipe,
+    reader_settings,
     run_settings,
 )
 from lmstack.experiments.store import (
@@ -47,12 +50,17 @@ from lmstack.speedrun import EVAL_LIMIT, VAL_FRACTION, VOCAB, sft_mix
 from lmstack.tokenizer import train_tokenizer
 from lmstack.train.pretrain import pretrain
 from lmstack.train.sft import sft
-from lmstack.utils import UserError, atomic_write_json, commit, read_json, read_jsonl
+from lmstack.utils import UserError, atomic_write_json, atomic_write_text, commit, read_json, read_jsonl
 from lmstack.world import generate
 
 MARKER = "experiment.json"  # in a run folder: its settings and the stages done
 RUNS = Path("runs/experiments")  # default --out: RUNS/NAME
 RESULTS = "runs/results"  # default --results
+# The reader stage's practice world (people whose look-ups it also learns from: pretraining never saw
+# them, so only the passage answers) and its share of pretraining windows mixed into SFT, per scale.
+PRACTICE_PEOPLE = {"tiny": 40, "small": 1000}
+PRACTICE_SEED = 10_000  # + the run's seed: a world of other people
+READER_MIX = {"small": 0.2}
 
 
 # --------------------------------------------------------------------------- one run
@@ -71,9 +79,34 @@ def _final(record: dict, model_dir: Path) -> dict:
     return logged[-1] if logged else {}
 
 
+def _looks_up(row: dict) -> bool:
+    """Is a conversation a look-up (the assistant calls `search`)?"""
+    return any(c["function"]["name"] == "search" for m in row["messages"] for c in m.get("tool_calls") or [])
+
+
+def _text(row: dict) -> str:
+    return " ".join(m.get("content") or "" for m in row["messages"])
+
+
+def _lookups(run: Path, scale: str, seed: int) -> Path:
+    """The reader stage's look-ups: the world's own, and those of a practice world of other people
+    (any whose name is one of the world's is left out), shuffled; written to run/lookups.jsonl."""
+    n = PRACTICE_PEOPLE.get(Path(scale).stem, PRACTICE_PEOPLE["small"])
+    practice = generate(run / "practice", people=n, seed=PRACTICE_SEED + seed, skill_people=n, force=True,
+                        progress=False)
+    names = {p["name"] for p in read_json(run / "world" / "world.json")["people"]}
+    rows = [row for _, row in read_jsonl(run / "world" / "sft.jsonl", "conversations") if _looks_up(row)]
+    rows += [row for _, row in read_jsonl(practice / "sft.jsonl", "conversations")
+             if _looks_up(row) and not any(name in _text(row) for name in names)]
+    random.Random(seed).shuffle(rows)
+    atomic_write_text(run / "lookups.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return run / "lookups.jsonl"
+
+
 def _stages(run: Path, scale: str, sets: dict) -> dict:
     """Stage name -> what does it (returning the final metrics of a training stage)."""
-    world, base, chat = run / "world", run / "base", run / "chat"
+    world, base, chat, reader = run / "world", run / "base", run / "chat", run / "reader"
+    mix = READER_MIX.get(Path(scale).stem, 0.0)
     vocab = VOCAB.get(Path(scale).stem, 4096)
     return {
         "world": lambda: generate(world, **sets["world"], force=True, progress=False),
@@ -84,12 +117,17 @@ def _stages(run: Path, scale: str, sets: dict) -> dict:
         "pretrain": lambda: _final(pretrain(scale, run / "data", base, sets["pretrain"], resume=_started(base)), base),
         "sft": lambda: _final(sft(base, [world / "sft.jsonl"], chat, sets["sft"], resume=_started(chat),
                                   **sft_mix(Path(scale).stem, run / "data")), chat),
+        "reader": lambda: _final(sft(chat, [_lookups(run, scale, sets["world"]["seed"]), world / "sft.jsonl"], reader,
+                                     sets.get("reader", []), resume=_started(reader),
+                                     **({"mix_data": run / "data", "mix_fraction": mix} if mix else {})), reader),
     }
 
 
 def run_one(recipe: Recipe, variant, scale: str, seed: int, run: Path, models: list[str], about: dict) -> list[dict]:
     """Train what is not yet done in the run folder, score the models; returns their store records."""
     sets = run_settings(variant, scale, seed)
+    if "reader" in recipe.stages:
+        sets["reader"] = reader_settings(scale, seed)
     settings = {"experiment": recipe.name, "variant": variant.name, "scale": scale, "seed": seed, **sets,
                 "stages": recipe.stages}
     state = read_json(run / MARKER) or {"settings": settings, "done": {}}
