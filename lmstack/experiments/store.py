@@ -6,7 +6,7 @@ of a finished run, plain text a person can read and diff (and `lmstack capabilit
                                              "slices": {KEY: {"acc", "ci", "n", "chance", "baseline", ...}}}},
      "command"}
 
-"stage" is the model scored ("base" or "chat"); N (non-embedding parameters), N_total, D (pretraining
+"stage" is the model scored ("base", "chat" or "reader"); N (non-embedding parameters), N_total, D (pretraining
 tokens), flops (GPT.flops_per_token x D) and val_loss (pretraining's final validation loss) describe
 the pretraining both models rest on. "baseline" is the task's score with the prompt's subject
 swapped for another row's (the answer's prior; null where a task has none). A run's lines are
