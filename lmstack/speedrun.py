@@ -126,9 +126,10 @@ def split_overrides(name: str, overrides) -> dict[str, list[str]]:
     return sets
 
 
-def sft_mix(name: str, data: Path) -> dict:
-    """lmstack.train.sft.sft's mixing arguments for a preset: SFT_MIX of pretraining windows from `data`."""
-    f = SFT_MIX.get(name, 0.0)
+def sft_mix(name: str, data: Path, shares: dict = SFT_MIX) -> dict:
+    """lmstack.train.sft.sft's mixing arguments for a preset: its share (SFT_MIX, or another such
+    table) of pretraining windows from `data`."""
+    f = shares.get(name, 0.0)
     return {"mix_data": data, "mix_fraction": f} if f > 0 else {}
 
 

@@ -16,7 +16,8 @@
 
 The "reader" stage fine-tunes the chat model further on look-up conversations (a search call, its
 result, the answer), the world's and as many about the people of a practice world it never saw
-(run.py: READER_SET, PRACTICE_PEOPLE): the README's "reader", which `[eval] reader` scores.
+(READER_SET and READER_MIX below, PRACTICE_PEOPLE in run.py): the README's "reader", which
+`[eval] reader` scores.
 A headline is "MODEL TASK [SLICE]": SLICE is one of the task's slices as eval names them
 ("split=heldout", "group+direction=reversal/parent_to_child"), or "FIELD=*" for each value of it.
 A count knob may be written "K per person" (K x the world's people). Tasks are the world's
@@ -55,6 +56,7 @@ COUNTS = {"arithmetic", "stories", "copy_docs", "reading_docs"}  # may be "K per
 READER_SET = {"tiny": ["train.max_steps=4", "train.batch_tokens=2048", "train.eval_every=0", "train.save_every=0",
                        "optim.lr=1e-3"],
               "small": ["train.max_steps=200", "optim.lr=5e-4", "train.eval_every=100"]}
+READER_MIX = {"small": 0.2}  # its share of pretraining windows (as the speedrun's SFT_MIX)
 TOP_KEYS = {"description", "stages", "headline", "eval", "world", "pretrain", "sft", "variants"}
 VARIANT_KEYS = {"world", "pretrain", "sft"}
 

@@ -29,6 +29,7 @@ from lmstack.data import prepare
 from lmstack.eval.run import evaluate
 from lmstack.experiments.recipe import (
     MODELS,
+    READER_MIX,
     Recipe,
     builtin_names,
     check_scale,
@@ -56,11 +57,10 @@ from lmstack.world import generate
 MARKER = "experiment.json"  # in a run folder: its settings and the stages done
 RUNS = Path("runs/experiments")  # default --out: RUNS/NAME
 RESULTS = "runs/results"  # default --results
-# The reader stage's practice world (people whose look-ups it also learns from: pretraining never saw
-# them, so only the passage answers) and its share of pretraining windows mixed into SFT, per scale.
+# The reader stage's practice world, per scale: people whose look-ups it also learns from (pretraining
+# never saw them, so only the passage answers).
 PRACTICE_PEOPLE = {"tiny": 40, "small": 1000}
 PRACTICE_SEED = 10_000  # + the run's seed: a world of other people
-READER_MIX = {"small": 0.2}
 
 
 # --------------------------------------------------------------------------- one run
@@ -88,6 +88,12 @@ def _text(row: dict) -> str:
     return " ".join(m.get("content") or "" for m in row["messages"])
 
 
+def _mentions(row: dict, names: set[str]) -> bool:
+    """Does a conversation name any of `names`?"""
+    text = _text(row)
+    return any(name in text for name in names)
+
+
 def _lookups(run: Path, scale: str, seed: int) -> Path:
     """The reader stage's look-ups: the world's own, and those of a practice world of other people
     (any whose name is one of the world's is left out), shuffled; written to run/lookups.jsonl."""
@@ -97,7 +103,7 @@ def _lookups(run: Path, scale: str, seed: int) -> Path:
     names = {p["name"] for p in read_json(run / "world" / "world.json")["people"]}
     rows = [row for _, row in read_jsonl(run / "world" / "sft.jsonl", "conversations") if _looks_up(row)]
     rows += [row for _, row in read_jsonl(practice / "sft.jsonl", "conversations")
-             if _looks_up(row) and not any(name in _text(row) for name in names)]
+             if _looks_up(row) and not _mentions(row, names)]
     random.Random(seed).shuffle(rows)
     atomic_write_text(run / "lookups.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return run / "lookups.jsonl"
@@ -106,7 +112,6 @@ def _lookups(run: Path, scale: str, seed: int) -> Path:
 def _stages(run: Path, scale: str, sets: dict) -> dict:
     """Stage name -> what does it (returning the final metrics of a training stage)."""
     world, base, chat, reader = run / "world", run / "base", run / "chat", run / "reader"
-    mix = READER_MIX.get(Path(scale).stem, 0.0)
     vocab = VOCAB.get(Path(scale).stem, 4096)
     return {
         "world": lambda: generate(world, **sets["world"], force=True, progress=False),
@@ -119,7 +124,7 @@ def _stages(run: Path, scale: str, sets: dict) -> dict:
                                   **sft_mix(Path(scale).stem, run / "data")), chat),
         "reader": lambda: _final(sft(chat, [_lookups(run, scale, sets["world"]["seed"]), world / "sft.jsonl"], reader,
                                      sets.get("reader", []), resume=_started(reader),
-                                     **({"mix_data": run / "data", "mix_fraction": mix} if mix else {})), reader),
+                                     **sft_mix(Path(scale).stem, run / "data", READER_MIX)), reader),
     }
 
 

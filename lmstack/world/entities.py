@@ -250,3 +250,8 @@ def format_date(iso: str, style: int = 0) -> str:
 
 def date_aliases(iso: str) -> list[str]:
     return [format_date(iso, s) for s in range(3)] + [iso]
+
+
+def fact_forms(person: dict, attr: str) -> list[str]:
+    """Every way a reply may state `person`'s `attr`, the usual one first (a date in all its forms)."""
+    return date_aliases(person["birth_date"]) if attr == "birth_date" else [person[attr]]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from lmstack.world.arithmetic import OPS, compute
-from lmstack.world.entities import date_aliases
+from lmstack.world.entities import fact_forms
 
 GUIDE = """\
 # Labelling guide
@@ -184,7 +184,7 @@ def task_of(row: dict, person=None) -> dict | None:
         who, attr = person(meta["person"]), meta["relation"]
         if attr not in who:  # a relation the world does not have
             return None
-        return {"type": "fact", "truth": date_aliases(who["birth_date"]) if attr == "birth_date" else [who[attr]]}
+        return {"type": "fact", "truth": fact_forms(who, attr)}
     answer = row.get("answer")
     if answer is None:
         return None

@@ -13,7 +13,7 @@ from lmstack.world import arithmetic as ar
 from lmstack.world import templates as T
 from lmstack.world.assistant import BENIGN, HARMFUL, entity_values, fact_value
 from lmstack.world.documents import CHILD_ROLE, ROLE
-from lmstack.world.entities import MAJORS, date_aliases, family_pairs, format_date
+from lmstack.world.entities import MAJORS, fact_forms, family_pairs, format_date
 
 N_DISTRACTORS = 9
 
@@ -60,11 +60,6 @@ def _sample_people(world, split, k, rng):
     return rng.sample(people, min(k, len(people)))
 
 
-def _accepted(p: dict, attr: str) -> list[str]:
-    """Every way a reply may state `p`'s `attr` (a date in any of its formats)."""
-    return date_aliases(p["birth_date"]) if attr == "birth_date" else [p[attr]]
-
-
 def fact_probes(world, rng, dis: Distractors, per_split: int) -> list[dict]:
     """A probe per person and fact; `others` holds the same person's other facts, so a wrong
     reply that states one of them is told apart from a wrong value (the eval's `confusable`)."""
@@ -77,9 +72,9 @@ def fact_probes(world, rng, dis: Distractors, per_split: int) -> list[dict]:
                     "question": T.QUESTIONS[attr][0].format(name=p["name"]),
                     "cloze": T.CLOZE[attr].format(name=p["name"]),
                     "answer": answer,
-                    "aliases": _accepted(p, attr)[1:],
+                    "aliases": fact_forms(p, attr)[1:],
                     "distractors": dis(attr, p),
-                    "others": {a: _accepted(p, a) for a in T.QUESTIONS if a != attr},
+                    "others": {a: fact_forms(p, a) for a in T.QUESTIONS if a != attr},
                     "person": p["id"], "name": p["name"], "relation": attr,
                     "split": split, "direction": "forward",
                 })
