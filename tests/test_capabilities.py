@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_eval import Copier
+from test_eval_lm import Copier
 from tiny import fit_windows, random_gpt, save_model_dir, tokenizer_on
 
 from lmstack.cli import main

@@ -1,13 +1,10 @@
 """Evaluation: the metrics on constructed cases (an oracle scores 1.0, a uniform model scores
-chance, a uniform model over 2^k symbols has exactly k bits per byte, intervals on known
-counts), task specs and their errors, batched scoring against a plain forward pass, tool
-rounds in batched chat, comparisons, and `lmstack eval` through the command line."""
+chance, intervals on known counts), task specs and their errors, tool rounds in batched chat,
+comparisons, and `lmstack eval` through the command line. The language-modelling measures
+(bits per byte, batched scoring, copy, icl) are in test_eval_lm.py."""
 
 import dataclasses
 import json
-import math
-import random
-import string
 from collections import Counter
 from types import SimpleNamespace
 
@@ -17,7 +14,7 @@ import torch
 from lmstack.config import ModelConfig
 from lmstack.eval.lm import ModelLM, Reply
 from lmstack.stats import binom_two_sided, paired_compare, summarize, wilson
-from lmstack.eval.run import compare, copy_eval, icl_eval, lm_eval_data, lm_eval_text, resolve_tasks
+from lmstack.eval.run import compare, resolve_tasks
 from lmstack.eval.tasks import check, load_specs, make_spec, run_task
 from lmstack.eval.winrate import win_rate, world_prompts
 from lmstack.model import GPT
@@ -172,20 +169,6 @@ def test_confusable_counts_what_the_wrong_replies_stated_instead(tmp_path, tok, 
         make_spec({"name": "r", "data": str(data), "check": "refusal", "confusable": "others"}, "t")
 
 
-class UniformModel(torch.nn.Module):
-    """Logits 0 on `allowed` ids and -inf elsewhere: a uniform distribution over len(allowed) symbols."""
-
-    def __init__(self, vocab_size, allowed, max_seq_len=64):
-        super().__init__()
-        self.cfg = SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_seq_len)
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.bias = torch.full((vocab_size,), float("-inf"))
-        self.bias[list(allowed)] = 0.0
-
-    def forward(self, idx, start_pos=None, attn_mask=None):
-        return self.bias.expand(*idx.shape, -1).clone()
-
-
 def test_uniform_model_scores_chance(tmp_path, tok):
     """A model with no preference (a real GPT whose output layer is zero) ranks 4 one-token
     options at chance: ties are broken at random, not always towards the first option."""
@@ -205,72 +188,6 @@ def test_uniform_model_scores_chance(tmp_path, tok):
     r = run_task(lm, spec)
     assert r["chance"] == 0.25 and r["ci"][0] <= 0.25 <= r["ci"][1] and not r["above_chance"]
     assert r["mean_rank"] == 1.0  # every option ties for first
-
-
-@pytest.mark.parametrize("k", [8, 4])
-def test_uniform_model_over_2_to_the_k_symbols_has_k_bits_per_byte(tmp_path, byte_tok, k):
-    alphabet = [chr(c) for c in range(ord("a"), ord("a") + 2 ** k)] if k < 8 else None
-    if k == 8:
-        allowed = range(16, 272)  # every byte
-        texts = ["héllo wörld — ünïcode ✓\n" * 3, "plain ascii text " * 9]
-    else:
-        allowed = [byte_tok.encode(ch)[0] for ch in alphabet]
-        texts = ["".join(alphabet[(i * 7) % len(alphabet)] for i in range(150)), "abcabc" * 20]
-    assert all(len(byte_tok.encode(t)) == len(t.encode()) for t in texts)  # one byte per token
-    lm = ModelLM(UniformModel(byte_tok.vocab_size, allowed, max_seq_len=40), byte_tok, batch_size=8)
-    files = [write_jsonl(tmp_path / f"d{k}.jsonl", [{"text": t} for t in texts])]
-    r = lm_eval_text(lm, files)
-    assert r["bpb"] == pytest.approx(k, rel=1e-6)
-    assert r["tokens"] == r["bytes"] == sum(len(t.encode()) for t in texts)
-    assert r["loss"] == pytest.approx(k * math.log(2), rel=1e-6)
-
-
-# --- batched scoring against a plain forward pass --------------------------------------------
-
-def test_loglikelihood_batched_equals_one_forward(model_dir, tok):
-    lm = ModelLM.load(model_dir, dtype="fp32", device="cpu", batch_size=3)
-    pairs = [("Ana was born in", " Paris."), ("Bo works at", " Acme in Rome"), ("", "What is 23 + 58?"),
-             ("What is 23 + 58? " * 4, "81."), ("x", " y")]
-    got = lm.loglikelihood(pairs)
-    for (ctx, cont), (lp, greedy) in zip(pairs, got):
-        c, x = lm.split_pair(ctx, cont)
-        seq = (c + x)[-(lm.ctx + 1):]
-        with torch.no_grad():
-            logp = torch.log_softmax(lm.model(torch.tensor([seq[:-1]])).float(), -1)[0]
-        want = sum(float(logp[len(seq) - 1 - len(x) + i, t]) for i, t in enumerate(x))
-        assert lp == pytest.approx(want, abs=1e-4)
-        assert greedy == all(int(logp[len(seq) - 1 - len(x) + i].argmax()) == t for i, t in enumerate(x))
-    # The model's own greedy continuation is greedy.
-    ids = [tok.bos_id] + tok.encode("Ana was born")
-    cont = lm.generate([ids], max_tokens=4)[0].ids
-    assert lm.loglikelihood_ids([(ids, cont)])[0][1] is True
-    # Rolling over a text longer than the context: every token once, and the same total as
-    # scoring each window by hand.
-    doc = [tok.bos_id] + tok.encode("Ana was born in Paris. Bo works at Acme in Rome. " * 4)
-    assert len(doc) > 2 * lm.ctx
-    total, n = lm.rolling_ids([doc])[0]
-    assert n == len(doc) - 1
-    manual, done = 0.0, 1
-    while done < len(doc):
-        end = min(done + lm.ctx, len(doc))
-        manual += lm.loglikelihood_ids([(doc[max(0, end - lm.ctx - 1):done], doc[done:end])])[0][0]
-        done = end
-    assert total == pytest.approx(manual, abs=1e-4)
-
-
-def test_lm_on_prepared_data_matches_the_training_loop(tmp_path, model_dir, tok):
-    from lmstack.data import iter_eval_windows, prepare
-    from lmstack.train.loop import evaluate as loop_evaluate
-    from lmstack.train.objectives import next_token_loss
-
-    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"Ana was born in Paris in year {i}. " * 3} for i in range(60)])
-    prepare([docs], tokenizer=model_dir, out=tmp_path / "data", val_fraction=0.3, progress=False)
-    lm = ModelLM.load(model_dir, dtype="fp32", device="cpu", batch_size=4)
-    r = lm_eval_data(lm, tmp_path / "data")
-    want = loop_evaluate(lm.model, lambda: iter_eval_windows(tmp_path / "data", "val", 4, lm.ctx), next_token_loss,
-                         torch.device("cpu"), None, torch.tensor(tok.token_bytes()))
-    assert r["loss"] == pytest.approx(want["val_loss"], rel=1e-5)
-    assert r["bpb"] == pytest.approx(want["val_bpb"], rel=1e-5)
 
 
 def test_batched_chat_runs_tool_rounds_per_row(tok):
@@ -449,61 +366,6 @@ def test_task_data_nested_past_the_json_parser_is_one_clear_line(tmp_path, tok):
     spec = make_spec({"name": "x", "data": "d.jsonl"}, "spec.toml", tmp_path)
     with pytest.raises(UserError, match=r"d\.jsonl line 2 is not valid JSON \(nested too deeply\)"):
         run_task(OracleLM(tok, {}), spec)
-
-
-class Copier(torch.nn.Module):
-    """An induction head written by hand: at each position, the token that followed the last
-    earlier occurrence of the current token, with near certainty; uniform where there is none."""
-
-    def __init__(self, vocab_size: int, ctx: int = 256):
-        super().__init__()
-        self.cfg = ModelConfig(vocab_size=vocab_size, max_seq_len=ctx)
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, idx):
-        out = torch.zeros(*idx.shape, self.cfg.vocab_size)
-        for b, row in enumerate(idx.tolist()):
-            last = {}
-            for t, tok in enumerate(row):
-                if tok in last and last[tok] + 1 < len(row):
-                    out[b, t, row[last[tok] + 1]] = 20.0
-                last[tok] = t
-        return out
-
-
-def test_copy_measures_in_context_copying(tok):
-    copier = copy_eval(ModelLM(Copier(tok.vocab_size), tok), sequences=16, length=32)
-    assert copier["ratio"] < 0.2 and copier["ci"][1] < 0.3  # it copies: the second occurrence is nearly free
-    assert copier["first"] == pytest.approx(math.log(tok.vocab_size), rel=0.1)
-    torch.manual_seed(0)
-    plain = copy_eval(ModelLM(GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, d_model=32, n_head=2)), tok),
-                      sequences=16, length=32)
-    assert 0.9 < plain["ratio"] < 1.1 and plain["ci"][0] < 1 < plain["ci"][1]  # a random model does not
-    assert resolve_tasks("copy,lm", None, True) == ([], {"copy", "lm"})
-
-
-def test_icl_score_is_loss_late_in_a_context_minus_early(tmp_path, byte_tok):
-    """Documents of 32 distinct characters, then the same again (one token a byte): the hand-written
-    induction head finds the late tokens free (the score about -ln V); a random model is no better
-    late than early (about 0)."""
-    from lmstack.data import prepare
-
-    rng = random.Random(0)
-    chars = string.ascii_letters + string.digits
-    docs = [{"text": seq + seq} for seq in ("".join(rng.sample(chars, 32)) for _ in range(80))]
-    byte_tok.save(tmp_path / "tok")
-    prepare([write_jsonl(tmp_path / "docs.jsonl", docs)], tokenizer=tmp_path / "tok", out=tmp_path / "data",
-            val_fraction=0.5, progress=False)
-    copier = icl_eval(ModelLM(Copier(byte_tok.vocab_size, ctx=64), byte_tok), tmp_path / "data", windows=16)
-    assert copier["windows"] == 16 and copier["ctx"] == 64
-    assert copier["early"] == pytest.approx(math.log(byte_tok.vocab_size), rel=0.05)
-    assert copier["score"] < -5 and copier["ci"][1] < -5, copier
-    torch.manual_seed(0)
-    plain = icl_eval(ModelLM(GPT(ModelConfig(vocab_size=byte_tok.vocab_size, n_layer=1, d_model=32, n_head=2,
-                                             max_seq_len=64)), byte_tok), tmp_path / "data", windows=16)
-    assert abs(plain["score"]) < 0.1, plain
-    assert resolve_tasks("icl", None, True) == ([], {"icl"})
-    assert icl_eval(ModelLM(Copier(byte_tok.vocab_size, ctx=4096), byte_tok), tmp_path / "data") is None
 
 
 class TextScorer:
