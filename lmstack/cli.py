@@ -54,7 +54,7 @@ def _cmd_tokenizer_train(a):
     from lmstack.tokenizer import train_tokenizer
 
     train_tokenizer(a.input, vocab_size=a.vocab_size, out=a.out, text_field=a.text_field, force=a.force,
-                    digits_per_token=a.digits_per_token)
+                    digits_per_token=a.digits_per_token, conversations=a.conversations)
 
 
 def _cmd_data_prepare(a):
@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--input", nargs="+", required=True, help="files, folders or globs")
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.add_argument("--text-field", default="text", help="jsonl field holding the text")
+    tt.add_argument("--conversations", nargs="+", default=[], metavar="JSONL",
+                    help="conversation files (lmstack sft's data, {\"messages\": [...]} rows) whose text the "
+                         "merges should also fit, e.g. a world's sft.jsonl")
     tt.add_argument("--digits-per-token", type=int, default=3, help="numbers split into groups of at most "
                     "this many digits (default 3, GPT-4's; 1: every digit its own token, as Llama 2 and Gemma)")
     tt.add_argument("--out", required=True)

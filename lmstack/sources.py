@@ -4,6 +4,9 @@ tokenizes them (lmstack/data.py).
 
     .txt / .md    a file is one document
     .jsonl        one document per line: its `text_field` string
+    conversations .jsonl of {"messages": [...]} rows (lmstack sft's data): one document each, its
+                  messages' contents a line each (iter_conversation_texts: what a tokenizer should
+                  also see when the model will be fine-tuned on them)
     .parquet      one document per row of the `text_field` column (needs pyarrow)
     owner/name    a Hugging Face dataset's train split, streamed (needs datasets and a network)
 
@@ -119,8 +122,33 @@ def _read_text(path, field, skipped):
     yield text
 
 
-def _read_jsonl(path, field, skipped):
-    """One JSON object per line; the document is its `field` string."""
+def iter_conversation_texts(inputs, skipped: list | None = None):
+    """Each conversation's text, in a fixed order: the contents of its messages, one per line (the
+    words fine-tuning will show the model; the chat format's special tokens are not text). Inputs
+    are .jsonl files (or folders, globs) of {"messages": [...]} rows; a row without a list of
+    messages is counted and its file reported in `skipped`, as for documents."""
+    sources = resolve_inputs(inputs)
+    for kind, path in sources:
+        if kind != "jsonl":
+            raise UserError(f"{path}: conversations are read from .jsonl files of {{\"messages\": [...]}} rows")
+    skipped = [] if skipped is None else skipped
+
+    def gen():
+        for _, path in sources:
+            yield from _read_jsonl(path, "messages", skipped, text_of=_conversation_text)
+
+    return gen()
+
+
+def _conversation_text(messages) -> str | None:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None
+    return "\n".join(m["content"] for m in messages if isinstance(m.get("content"), str) and m["content"])
+
+
+def _read_jsonl(path, field, skipped, text_of=None):
+    """One JSON object per line; the document is its `field` string (or `text_of` the field's value,
+    None where it has none)."""
     good = bad = missing = 0
     try:
         with open(path, "rb") as f:
@@ -133,6 +161,8 @@ def _read_jsonl(path, field, skipped):
                     bad += 1
                     continue
                 text = row.get(field) if isinstance(row, dict) else None
+                if text_of is not None:
+                    text = text_of(text)
                 if not isinstance(text, str):
                     missing += 1
                 elif text:
@@ -140,8 +170,9 @@ def _read_jsonl(path, field, skipped):
                     yield text
     except OSError as e:
         return _skip(skipped, path, f"unreadable after {good} documents ({e.strerror or e})")
+    lacking = f"a list of '{field}'" if text_of else f"a string '{field}' field"
     problems = ([f"{bad} bad JSON line(s)"] if bad else []) + \
-               ([f"{missing} line(s) without a string '{field}' field"] if missing else [])
+               ([f"{missing} line(s) without {lacking}"] if missing else [])
     if problems:
         _skip(skipped, path, ("no usable lines: " if not good else "partly skipped: ") + ", ".join(problems))
     elif not good:

@@ -14,7 +14,9 @@ comparisons' prompts, GRPO on arithmetic problems that are not among the held-ou
 `--set KEY=VALUE` configures pretraining (train.dtype/device/compile/seed apply to every
 stage); `--set STAGE.KEY=VALUE` one later stage only, STAGE one of sft, rm, dpo, ppo, grpo
 (e.g. sft.train.max_steps=50, dpo.pref.beta=0.2, grpo.rl.group_size=4); `--set world.KEY=VALUE`
-the world's text (WORLD_KEYS, e.g. world.qa_docs=0). Every --set is checked before any work starts.
+the world's text (WORLD_KEYS, e.g. world.qa_docs=0); `--set tokenizer.conversations=true` fits the
+tokenizer to the world's conversations too (TOKENIZER_KEYS). Every --set is checked before any work
+starts.
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ VAL_FRACTION = 0.02  # of the world's documents held out as pretraining's valida
 WORLD_KEYS = {"bios_per_person": int, "qa_docs": int, "copy_docs": int, "reading_docs": int, "permute": bool,
               "full_names": bool, "skill_people": int, "basic_skills": bool,
               "arithmetic": int, "stories": int, "heldout_fraction": float}
+# The tokenizer's knobs (--set tokenizer.KEY=VALUE): conversations=true trains its merges on the world's
+# conversations (sft.jsonl) as well as its pretraining text (README: "Reading a passage is not copying").
+TOKENIZER_KEYS = {"conversations": bool}
+KNOBS = {"world": WORLD_KEYS, "tokenizer": TOKENIZER_KEYS}  # the stages whose --set items are knobs, not config
 SHARED = ("train.dtype", "train.device", "train.compile", "train.seed")  # --set keys every stage inherits
 MODELS = ("base", "chat", "dpo", "ppo", "grpo")  # the model folders `lmstack eval` scores
 MARKER = "speedrun.json"
@@ -104,11 +110,11 @@ def _prepare_run_folder(out: Path, force: bool) -> None:
 
 
 def split_overrides(name: str, overrides) -> dict[str, list[str]]:
-    """--set items -> {"pretrain", "world", "sft", "rm", "dpo", "ppo", "grpo": its overrides}: `STAGE.KEY=V`
-    goes to that stage only, anything else to pretraining, the SHARED keys to every training stage. The
-    speedrun's own settings for the preset come first, so a --set wins over them."""
+    """--set items -> {"pretrain", "world", "tokenizer", "sft", "rm", "dpo", "ppo", "grpo": its overrides}:
+    `STAGE.KEY=V` goes to that stage only, anything else to pretraining, the SHARED keys to every
+    training stage. The speedrun's own settings for the preset come first, so a --set wins over them."""
     sets = {"pretrain": list(PRETRAIN_SET.get(name, [])),
-            "world": [f"{k}={v}" for k, v in WORLD_SET.get(name, {}).items()],
+            "world": [f"{k}={v}" for k, v in WORLD_SET.get(name, {}).items()], "tokenizer": [],
             "sft": list(SFT_SET.get(name, [])),
             **{s: list(ALIGN_SET.get(name, {}).get(s, [])) for s in ALIGN}}
     sets["grpo"].append(f"rl.tools={GRPO_TOOLS}")
@@ -121,7 +127,7 @@ def split_overrides(name: str, overrides) -> dict[str, list[str]]:
             sets["pretrain"].append(item)
             if key in SHARED:
                 for s in sets:
-                    if s not in ("pretrain", "world"):
+                    if s != "pretrain" and s not in KNOBS:
                         sets[s].append(item)
     return sets
 
@@ -133,14 +139,15 @@ def sft_mix(name: str, data: Path, shares: dict = SFT_MIX) -> dict:
     return {"mix_data": data, "mix_fraction": f} if f > 0 else {}
 
 
-def world_settings(items: list[str]) -> dict:
-    """world.KEY=VALUE items (without the prefix) -> lmstack.world.generate's keyword arguments."""
-    out = {}
+def knob_settings(stage: str, items: list[str]) -> dict:
+    """STAGE.KEY=VALUE items (without the prefix) of a knob stage (KNOBS) -> {KEY: typed value}: for
+    "world", lmstack.world.generate's keyword arguments; for "tokenizer", world_tokenizer's."""
+    keys, out = KNOBS[stage], {}
     for item in items:
         key, eq, value = (x.strip() for x in item.partition("="))
-        if key not in WORLD_KEYS or not eq:
-            raise UserError(f"--set world.{item}: the world's keys are {', '.join(WORLD_KEYS)} (world.KEY=VALUE)")
-        kind = WORLD_KEYS[key]
+        if key not in keys or not eq:
+            raise UserError(f"--set {stage}.{item}: the {stage}'s keys are {', '.join(keys)} ({stage}.KEY=VALUE)")
+        kind = keys[key]
         try:
             if kind is bool:
                 if value.lower() not in ("true", "false", "1", "0"):
@@ -149,8 +156,15 @@ def world_settings(items: list[str]) -> dict:
             else:
                 out[key] = kind(value)
         except ValueError:
-            raise UserError(f"--set world.{item}: {key} takes {'true or false' if kind is bool else kind.__name__}")
+            raise UserError(f"--set {stage}.{item}: {key} takes {'true or false' if kind is bool else kind.__name__}")
     return out
+
+
+def world_tokenizer(world: Path, out: Path, name: str, conversations: bool = False, force: bool = False):
+    """The tokenizer stage: a BPE of the preset's vocabulary (VOCAB) on the world's pretraining text,
+    and with `conversations` on the text of its conversations too (tokenizer.conversations)."""
+    return train_tokenizer([world / "pretrain.jsonl"], vocab_size=VOCAB.get(name, 4096), out=out, force=force,
+                           conversations=[world / "sft.jsonl"] if conversations else [])
 
 
 def check_settings(model_cfg, sets: dict, align: bool) -> None:
@@ -183,19 +197,18 @@ def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), for
     # Bad preset or --set: fail now, before any work.
     cfg = load_config(preset, sets["pretrain"], vocab_size=VOCAB.get(name, 4096))
     check_settings(model_config_from_dict(cfg.to_dict()["model"]), sets, align)
-    world_kw = world_settings(sets["world"])
+    world_kw, tokenizer_kw = knob_settings("world", sets["world"]), knob_settings("tokenizer", sets["tokenizer"])
     out = Path(out)
     _prepare_run_folder(out, force)
     people = people or PEOPLE.get(name, PEOPLE["small"])
-    summary = {"preset": preset, "people": people, "world": world_kw, "overrides": overrides, "align": align,
-               "stages": {}}
+    summary = {"preset": preset, "people": people, "world": world_kw, "tokenizer": tokenizer_kw,
+               "overrides": overrides, "align": align, "stages": {}}
     atomic_write_json(out / MARKER, summary)
     world, chat = out / "world", out / "chat"
     comparisons = world / "comparisons.jsonl"
     stages = [
         ("world", lambda: generate(world, people=people, seed=0, **world_kw)),
-        ("tokenizer", lambda: train_tokenizer([world / "pretrain.jsonl"],
-                                              vocab_size=VOCAB.get(name, 4096), out=out / "tokenizer")),
+        ("tokenizer", lambda: world_tokenizer(world, out / "tokenizer", name, **tokenizer_kw)),
         ("data", lambda: prepare([world / "pretrain.jsonl"], tokenizer=out / "tokenizer",
                                  out=out / "data", val_fraction=VAL_FRACTION)),
         ("pretrain", lambda: pretrain(preset, out / "data", out / "base", overrides=sets["pretrain"])),

@@ -28,7 +28,7 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmstack.sources import as_list, iter_documents, skip_summary
+from lmstack.sources import as_list, iter_conversation_texts, iter_documents, skip_summary
 from lmstack.utils import UserError, atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir
 
 
@@ -263,14 +263,16 @@ class Tokenizer:
 
 def train_tokenizer(inputs, vocab_size: int, out, text_field: str = "text", force: bool = False,
                     holdout_every: int = 50, progress: bool = True,
-                    digits_per_token: int = MAX_DIGITS_PER_TOKEN) -> Tokenizer:
+                    digits_per_token: int = MAX_DIGITS_PER_TOKEN, conversations=()) -> Tokenizer:
     """Train a byte-level BPE on files/folders/globs and write OUT/tokenizer.json.
 
     Documents stream from disk into the trainer (the corpus is never held in memory);
     every `holdout_every`-th document is kept out of training to measure compression.
     Numbers split into groups of at most `digits_per_token` digits (split_pattern).
+    `conversations` (.jsonl files of {"messages": [...]}, fine-tuning's data) are documents too:
+    their words get merges of their own ("When" one token rather than "W" + "hen").
     """
-    inputs = as_list(inputs)
+    inputs, conversations = as_list(inputs), as_list(conversations)
     split_pattern(digits_per_token)  # a bad value fails before anything is read
     check_output_dir(out, force)  # fail before the (possibly long) training, not after
     n_min = 256 + len(SPECIAL_TOKENS)
@@ -278,10 +280,11 @@ def train_tokenizer(inputs, vocab_size: int, out, text_field: str = "text", forc
         raise UserError(f"--vocab-size {vocab_size} is too small: need at least {n_min} "
                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     skipped: list[dict] = []
-    docs = iter_documents(inputs, text_field=text_field, skipped=skipped)
+    docs = itertools.chain(iter_documents(inputs, text_field=text_field, skipped=skipped),
+                           iter_conversation_texts(conversations, skipped=skipped))
     first = next(docs, None)
     if first is None:
-        raise UserError(f"no usable text in {' '.join(map(str, inputs))}" + skip_summary(skipped))
+        raise UserError(f"no usable text in {' '.join(map(str, inputs + conversations))}" + skip_summary(skipped))
 
     held_out, sample, stats = [], [], {"docs": 0, "bytes": 0, "held_bytes": 0}
     max_eval_bytes = 2_000_000  # enough to measure compression; later held-out docs train too

@@ -19,7 +19,8 @@ from lmstack.experiments.recipe import (
 from lmstack.experiments.store import append_records, read_records
 from lmstack.model import GPT
 from lmstack.modelio import read_config
-from lmstack.speedrun import PEOPLE, SFT_SET
+from lmstack.speedrun import PEOPLE, SFT_SET, world_tokenizer
+from lmstack.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,6 +71,9 @@ def test_builtin_recipes_parse_and_fit_every_scale():
     sets = run_settings(load_recipe("icl").variants[1], "tiny", 3)
     assert sets["world"]["people"] == sets["world"]["copy_docs"] == PEOPLE["tiny"] and sets["world"]["seed"] == 3
     assert sets["pretrain"] == ["train.seed=3"] and sets["sft"] == [*SFT_SET["tiny"], "train.seed=3"]
+    reading = {v.name: run_settings(v, "small", 0) for v in load_recipe("reading").variants}
+    assert reading["tokenizer_conversations"]["tokenizer"] == {"conversations": True} and "tokenizer" not in reading[
+        "plain"]
 
 
 def test_run_records_skips_and_shows(tmp_path, capsys):
@@ -157,7 +161,7 @@ def test_a_stopped_run_goes_on(tmp_path, monkeypatch, capsys):
         raise AssertionError("a finished stage ran again")
 
     monkeypatch.undo()
-    for stage in ("pretrain", "sft", "generate", "train_tokenizer", "prepare"):
+    for stage in ("pretrain", "sft", "generate", "world_tokenizer", "prepare"):
         monkeypatch.setattr(xrun, stage, no_training)
     records = run(tmp_path, name)
     assert [r["stage"] for r in records] == ["base", "chat"]
@@ -210,6 +214,39 @@ def test_the_reader_stage_learns_look_ups_of_people_it_never_saw(tmp_path):
         {"function": {"name": "calculator", "arguments": "{}"}}]}, {"role": "user", "content": "search"}]})
 
 
+def test_a_tokenizer_knob_fits_the_conversations_too(tmp_path):
+    """tokenizer = { conversations = true }: the run's tokenizer is trained on its world's pretraining
+    text and conversations (the speedrun's --set tokenizer.conversations=true); the settings say so."""
+    text = """
+description = "tokenizers"
+stages = ["world", "tokenizer", "data", "pretrain"]
+headline = ["base copy"]
+world = { people = 40 }
+pretrain = ["train.max_steps=1"]
+
+[eval]
+base = ["copy"]
+
+[variants.plain]
+
+[variants.conversations]
+tokenizer = { conversations = true }
+"""
+    run(tmp_path, recipe(tmp_path, text, "tk"))
+    folders = {v: tmp_path / "runs" / "tiny" / v / "seed0" for v in ("plain", "conversations")}
+    settings = {v: json.loads((f / "experiment.json").read_text())["settings"] for v, f in folders.items()}
+    assert settings["conversations"]["tokenizer"] == {"conversations": True} and "tokenizer" not in settings["plain"]
+    world = folders["conversations"] / "world"
+    assert (world / "sft.jsonl").read_bytes() == (folders["plain"] / "world" / "sft.jsonl").read_bytes()
+    world_tokenizer(world, tmp_path / "with", "tiny", conversations=True)
+    tokens = {v: (f / "tokenizer" / "tokenizer.json").read_bytes() for v, f in folders.items()}
+    assert tokens["conversations"] == (tmp_path / "with" / "tokenizer.json").read_bytes() != tokens["plain"]
+    chats = [" ".join(m["content"] or "" for m in json.loads(line)["messages"])
+             for line in (world / "sft.jsonl").read_text().splitlines()]
+    count = {v: sum(len(Tokenizer.load(f / "tokenizer").encode(c)) for c in chats) for v, f in folders.items()}
+    assert count["conversations"] < count["plain"]  # the conversations take fewer tokens
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     ok = recipe(tmp_path)
     (tmp_path / "file").write_text("x")
@@ -224,6 +261,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         (["run", recipe(tmp_path, MINI.replace("split=heldout", "colour=red"), "slice")], "facts_qa's slices"),
         (["run", recipe(tmp_path, MINI.replace("people = 40", "people = 4.5"), "type")], "must be int"),
         (["run", recipe(tmp_path, MINI.replace("people = 40", "people = 40, permute = 1"), "bool")], "must be bool"),
+        (["run", recipe(tmp_path, MINI + "tokenizer = { vocab = 9 }\n", "tk1")], "unknown tokenizer knob "
+         "variants.a.tokenizer.vocab"),
+        (["run", recipe(tmp_path, MINI + "tokenizer = { conversations = 1 }\n", "tk2")], "must be bool"),
+        (["run", recipe(tmp_path, MINI + "tokenizer = 1\n", "tk3")], "must be a table of tokenizer knobs"),
         (["run", recipe(tmp_path, MINI.replace("[variants.a]", ""), "none")], "at least one variant"),
         (["run", recipe(tmp_path, MINI.replace('"train.max_steps=3"', '"train.max_stepz=3"'), "set")],
          "unknown config key 'train.max_stepz'"),

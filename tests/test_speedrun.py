@@ -6,7 +6,8 @@ import math
 import pytest
 
 from lmstack.config import load_config
-from lmstack.speedrun import ALIGN_SET, GRPO_TOOLS, PRETRAIN_SET, WORLD_SET, split_overrides, world_settings
+from lmstack.speedrun import ALIGN_SET, GRPO_TOOLS, PRETRAIN_SET, WORLD_SET, knob_settings, split_overrides
+from lmstack.utils import UserError
 from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ALIGNED = ("dpo", "ppo", "grpo")  # the aligned chat models (rm/ is the reward model)
@@ -112,6 +113,7 @@ def test_speedrun_bad_preset_or_key_fails_before_any_work(tmp_path):
                  ["--set", "sft.model.n_layer=3"], ["--set", "dpo.train.nope=1"], ["--set", "rm.model.n_layer=3"],
                  ["--set", "grpo.rl.max_new_tokens=200"],  # longer than the tiny model's 128-token context
                  ["--set", "world.nope=1"], ["--set", "world.qa_docs=many"], ["--set", "world.permute=maybe"],
+                 ["--set", "tokenizer.vocab=3"], ["--set", "tokenizer.conversations=maybe"],
                  ["--no-align", "--set", "ppo.train.max_steps=5"]):  # a stage that will not run
         proc = run_cli("speedrun", "--preset", "tiny", "--out", str(tmp_path / "r"), *args)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
@@ -127,8 +129,10 @@ def test_split_overrides_routes_each_stage_its_keys():
     assert sets["pretrain"] == ["train.lr=1", "train.seed=3"]
     # the world's text (tiny's own settings first): no training keys
     assert sets["world"] == ["skill_people=0", "basic_skills=True", "qa_docs=2", "permute=false"]
-    assert world_settings(sets["world"]) == {"skill_people": 0, "basic_skills": True, "qa_docs": 2, "permute": False}
-    assert all("train.seed=3" in v for k, v in sets.items() if k != "world")  # a shared key reaches every stage
+    assert knob_settings("world", sets["world"]) == {"skill_people": 0, "basic_skills": True, "qa_docs": 2,
+                                                     "permute": False}
+    # a shared key reaches every training stage, not the knobs
+    assert all("train.seed=3" in v for k, v in sets.items() if k not in ("world", "tokenizer"))
     assert sets["dpo"][-2:] == ["train.seed=3", "pref.beta=0.5"] and "pref.beta=0.5" not in sets["rm"]
     assert sets["grpo"][-1] == "rl.group_size=2" and f"rl.tools={GRPO_TOOLS}" in sets["grpo"]
     tiny_rm = ALIGN_SET["tiny"]["rm"]
@@ -137,5 +141,13 @@ def test_split_overrides_routes_each_stage_its_keys():
     # small's own pretraining and world settings come first (a --set wins over them) and are valid
     small = split_overrides("small", ["optim.lr=5e-4", "world.qa_docs=0"])
     assert small["pretrain"] == [*PRETRAIN_SET["small"], "optim.lr=5e-4"]
-    assert world_settings(small["world"]) == {**WORLD_SET["small"], "qa_docs": 0}
+    assert knob_settings("world", small["world"]) == {**WORLD_SET["small"], "qa_docs": 0}
+    # the tokenizer's knobs: none by default, typed, and only its own
+    assert small["tokenizer"] == [] and split_overrides("small", ["tokenizer.conversations=true"])["tokenizer"] == [
+        "conversations=true"]
+    assert knob_settings("tokenizer", ["conversations=true"]) == {"conversations": True}
+    for bad, message in (("conversations=maybe", "conversations takes true or false"),
+                         ("vocab=3", "the tokenizer's keys are conversations")):
+        with pytest.raises(UserError, match=message):
+            knob_settings("tokenizer", [bad])
     assert load_config("small", small["pretrain"]).optim.lr == 5e-4

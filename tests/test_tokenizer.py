@@ -138,6 +138,41 @@ def test_train_errors(tmp_path):
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["tokenizer.json"]
 
 
+def _conversations(path, rows=30):
+    chat = {"messages": [{"role": "system", "content": "Answer briefly."},
+                         {"role": "user", "content": "Whereabouts of Quixotelandia?"},
+                         {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "search"}}]},
+                         {"role": "assistant", "content": "Quixotelandia is far."}]}
+    path.write_text("".join(json.dumps(chat) + "\n" for _ in range(rows))
+                    + json.dumps({"messages": "not a list"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    return path
+
+
+def test_train_with_conversations(tmp_path, capsys):
+    """--conversations: the merges fit fine-tuning's words too (a conversation's messages' contents
+    are one document); rows without a list of messages are skipped and said."""
+    corpus, chats = make_corpus(tmp_path / "c", n_docs=60), _conversations(tmp_path / "sft.jsonl")
+    plain = train_tokenizer([corpus], vocab_size=400, out=tmp_path / "a", progress=False)
+    capsys.readouterr()
+    both = train_tokenizer([corpus], vocab_size=400, out=tmp_path / "b", progress=False, conversations=[chats])
+    said = capsys.readouterr().out
+    assert f"skipped {chats}: partly skipped: 2 line(s) without a list of 'messages'" in said
+    word = " Quixotelandia"
+    assert len(both.encode(word)) == 1 < len(plain.encode(word))
+    only = train_tokenizer([], vocab_size=400, out=tmp_path / "o", progress=False, conversations=[chats])
+    assert len(only.encode(word)) == 1  # conversations alone are a corpus too
+    with pytest.raises(UserError, match="conversations are read from .jsonl files"):
+        train_tokenizer([corpus], vocab_size=400, out=tmp_path / "t1", progress=False, conversations=[corpus])
+    with pytest.raises(UserError, match="not found"):
+        train_tokenizer([corpus], vocab_size=400, out=tmp_path / "t2", progress=False,
+                        conversations=[tmp_path / "missing.jsonl"])
+    (tmp_path / "none.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(UserError, match="no usable text in .*none.jsonl: no usable lines: 1 line"):
+        train_tokenizer([], vocab_size=300, out=tmp_path / "t3", progress=False,
+                        conversations=[tmp_path / "none.jsonl"])
+    assert not any((tmp_path / t).exists() for t in ["t1", "t2", "t3"])
+
+
 def _numbers_corpus(folder):
     rng = random.Random(1)
     folder.mkdir(parents=True, exist_ok=True)
@@ -192,6 +227,10 @@ def test_cli_tokenizer_train(tmp_path):
     assert bad.returncode != 0
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     assert not (tmp_path / "t2").exists()
+    chats = subprocess.run(cmd + ["--input", str(corpus), "--conversations", str(_conversations(tmp_path / "s.jsonl")),
+                                  "--vocab-size", "400", "--out", str(tmp_path / "tc")], capture_output=True, text=True)
+    assert chats.returncode == 0, chats.stderr
+    assert len(Tokenizer.load(tmp_path / "tc").encode(" Quixotelandia")) == 1
     one = subprocess.run(cmd + ["--input", str(corpus), "--out", str(tmp_path / "t1"), "--digits-per-token", "1"],
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr

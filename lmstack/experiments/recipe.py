@@ -4,6 +4,7 @@
     stages = ["world", "tokenizer", "data", "pretrain", "sft"]   # or stop after "pretrain", or go on to "reader"
     headline = ["base reversal_rank group+direction=reversal/parent_to_child", "chat arithmetic digits=*"]
     world = { people = 40 }            # world knobs for every variant (default: the scale's world)
+    tokenizer = { conversations = true }  # tokenizer knobs (the speedrun's --set tokenizer.KEY)
     pretrain = ["train.max_steps=10"]  # --set overrides for every variant's pretraining
     sft = []                           # ... and its SFT
 
@@ -33,7 +34,7 @@ from lmstack.config import load_config, model_config_from_dict, read_preset
 from lmstack.eval.run import WORLD_SPEC
 from lmstack.eval.tasks import load_specs
 from lmstack.experiments.store import MEASURES
-from lmstack.speedrun import PEOPLE, VOCAB, WORLD_KEYS, split_overrides, world_settings
+from lmstack.speedrun import PEOPLE, TOKENIZER_KEYS, VOCAB, WORLD_KEYS, knob_settings, split_overrides
 from lmstack.train.sft import PRESET as SFT_PRESET
 from lmstack.train.sft import sft_config
 from lmstack.utils import UserError
@@ -57,8 +58,8 @@ READER_SET = {"tiny": ["train.max_steps=4", "train.batch_tokens=2048", "train.ev
                        "optim.lr=1e-3"],
               "small": ["train.max_steps=200", "optim.lr=5e-4", "train.eval_every=100"]}
 READER_MIX = {"small": 0.2}  # its share of pretraining windows (as the speedrun's SFT_MIX)
-TOP_KEYS = {"description", "stages", "headline", "eval", "world", "pretrain", "sft", "variants"}
-VARIANT_KEYS = {"world", "pretrain", "sft"}
+TOP_KEYS = {"description", "stages", "headline", "eval", "world", "tokenizer", "pretrain", "sft", "variants"}
+VARIANT_KEYS = {"world", "tokenizer", "pretrain", "sft"}
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Variant:
     world: dict  # world knobs (the shared ones, then this variant's)
     pretrain: list[str]  # --set overrides of pretraining
     sft: list[str]  # --set overrides of SFT
+    tokenizer: dict = field(default_factory=dict)  # tokenizer knobs (TOKENIZER_KEYS)
 
 
 @dataclass
@@ -152,7 +154,8 @@ def load_recipe(name: str) -> Recipe:
             raise UserError(f"{where}: variants.{vname} is not a table")
         _known_keys(table, VARIANT_KEYS, f"{where}: variants.{vname}")
         own = _settings(table, f"variants.{vname}.", where)
-        variants.append(Variant(vname, {**shared[0], **own[0]}, shared[1] + own[1], shared[2] + own[2]))
+        variants.append(Variant(vname, {**shared[0], **own[0]}, shared[1] + own[1], shared[2] + own[2],
+                                {**shared[3], **own[3]}))
     return Recipe(path.stem, path, str(doc.get("description", "")), stages, evals, headline, variants)
 
 
@@ -200,23 +203,29 @@ def _headline(text: str, evals: dict, tasks: dict, where: str) -> Headline:
     return h
 
 
-def _settings(table: dict, prefix: str, where: str) -> tuple[dict, list[str], list[str]]:
-    """(world knobs, pretrain --set, sft --set) of a recipe's top level or a variant."""
-    world = table.get("world", {})
-    if not isinstance(world, dict):
-        raise UserError(f"{where}: {prefix}world must be a table of world knobs")
-    for k, v in world.items():
-        if k not in WORLD_KNOBS:
-            raise UserError(f"{where}: unknown world knob {prefix}world.{k} (knobs: {', '.join(WORLD_KNOBS)})")
-        if not _knob_ok(k, v):
-            raise UserError(f"{where}: {prefix}world.{k} must be {WORLD_KNOBS[k].__name__}"
+def _settings(table: dict, prefix: str, where: str) -> tuple[dict, list[str], list[str], dict]:
+    """(world knobs, pretrain --set, sft --set, tokenizer knobs) of a recipe's top level or a variant."""
+    return (_knobs(table, "world", WORLD_KNOBS, prefix, where),
+            _list(table.get("pretrain", []), f"{prefix}pretrain", where),
+            _list(table.get("sft", []), f"{prefix}sft", where),
+            _knobs(table, "tokenizer", TOKENIZER_KEYS, prefix, where))
+
+
+def _knobs(table: dict, key: str, knobs: dict, prefix: str, where: str) -> dict:
+    """The table `key` of knobs (name -> type), checked."""
+    values = table.get(key, {})
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: {prefix}{key} must be a table of {key} knobs")
+    for k, v in values.items():
+        if k not in knobs:
+            raise UserError(f"{where}: unknown {key} knob {prefix}{key}.{k} (knobs: {', '.join(knobs)})")
+        if not _knob_ok(knobs[k], k, v):
+            raise UserError(f"{where}: {prefix}{key}.{k} must be {knobs[k].__name__}"
                             + (" or 'K per person'" if k in COUNTS else "") + f" (got {v!r})")
-    return (world, _list(table.get("pretrain", []), f"{prefix}pretrain", where),
-            _list(table.get("sft", []), f"{prefix}sft", where))
+    return values
 
 
-def _knob_ok(knob: str, v) -> bool:
-    typ = WORLD_KNOBS[knob]
+def _knob_ok(typ: type, knob: str, v) -> bool:
     if isinstance(v, bool):  # (a bool is an int to Python, not to a recipe)
         return typ is bool
     if typ is float:
@@ -236,9 +245,10 @@ def _per_person(v) -> float | None:
 
 def run_settings(variant: Variant, scale: str, seed: int) -> dict:
     """One run's settings: {"world": lmstack.world.generate's keywords, "pretrain", "sft": --set
-    overrides}. What the speedrun does at this scale comes first (its world size, its world and SFT
-    settings for the preset), then the variant's (a count "K per person" counted), then the seed (the
-    world's, and train.seed, which like the speedrun's shared keys reaches both training stages)."""
+    overrides, and "tokenizer": its knobs where a recipe sets any}. What the speedrun does at this
+    scale comes first (its world size, its world and SFT settings for the preset), then the variant's
+    (a count "K per person" counted), then the seed (the world's, and train.seed, which like the
+    speedrun's shared keys reaches both training stages)."""
     people = variant.world.get("people", PEOPLE.get(Path(scale).stem, PEOPLE["small"]))
 
     def text(v) -> str:  # a knob as the speedrun's --set world.KEY=VALUE reads it
@@ -246,10 +256,13 @@ def run_settings(variant: Variant, scale: str, seed: int) -> dict:
         return str(v).lower() if isinstance(v, bool) else str(v if k is None else round(k * people))
 
     items = [*(f"world.{k}={text(v)}" for k, v in variant.world.items() if k != "people"), *variant.pretrain,
-             *(f"sft.{s}" for s in variant.sft), f"train.seed={seed}"]
+             *(f"sft.{s}" for s in variant.sft), *(f"tokenizer.{k}={text(v)}" for k, v in variant.tokenizer.items()),
+             f"train.seed={seed}"]
     sets = split_overrides(Path(scale).stem, items)
-    return {"world": {"people": people, "seed": seed, **world_settings(sets["world"])},
-            "pretrain": sets["pretrain"], "sft": sets["sft"]}
+    tokenizer = knob_settings("tokenizer", sets["tokenizer"])
+    return {"world": {"people": people, "seed": seed, **knob_settings("world", sets["world"])},
+            "pretrain": sets["pretrain"], "sft": sets["sft"],
+            **({"tokenizer": tokenizer} if tokenizer else {})}  # (a run of before, without the key, still matches)
 
 
 def reader_settings(scale: str, seed: int) -> list[str]:

@@ -47,8 +47,7 @@ from lmstack.experiments.store import (
     run_key,
     store_path,
 )
-from lmstack.speedrun import EVAL_LIMIT, VAL_FRACTION, VOCAB, sft_mix
-from lmstack.tokenizer import train_tokenizer
+from lmstack.speedrun import EVAL_LIMIT, VAL_FRACTION, sft_mix, world_tokenizer
 from lmstack.train.pretrain import pretrain
 from lmstack.train.sft import sft
 from lmstack.utils import UserError, atomic_write_json, atomic_write_text, commit, read_json, read_jsonl
@@ -112,11 +111,10 @@ def _lookups(run: Path, scale: str, seed: int) -> Path:
 def _stages(run: Path, scale: str, sets: dict) -> dict:
     """Stage name -> what does it (returning the final metrics of a training stage)."""
     world, base, chat, reader = run / "world", run / "base", run / "chat", run / "reader"
-    vocab = VOCAB.get(Path(scale).stem, 4096)
     return {
         "world": lambda: generate(world, **sets["world"], force=True, progress=False),
-        "tokenizer": lambda: train_tokenizer([world / "pretrain.jsonl"], vocab_size=vocab, out=run / "tokenizer",
-                                             force=True),
+        "tokenizer": lambda: world_tokenizer(world, run / "tokenizer", Path(scale).stem, force=True,
+                                             **sets.get("tokenizer", {})),
         "data": lambda: prepare([world / "pretrain.jsonl"], tokenizer=run / "tokenizer", out=run / "data",
                                 val_fraction=VAL_FRACTION, force=True),
         "pretrain": lambda: _final(pretrain(scale, run / "data", base, sets["pretrain"], resume=_started(base)), base),
