@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lmstack"
 LAYERS = [
     ["lmstack.__main__"],
     ["lmstack.cli"],
-    ["lmstack.cli_research", "lmstack.cli_security"],
+    ["lmstack.cli_align", "lmstack.cli_research", "lmstack.cli_security"],
     ["lmstack.security"],
     ["lmstack.experiments"],
     ["lmstack.speedrun"],
