@@ -140,10 +140,15 @@ def iter_conversation_texts(inputs, skipped: list | None = None):
     return gen()
 
 
+def message_contents(messages: list) -> list[str]:
+    """The string contents of a conversation's messages, in order (a tool call's message has none)."""
+    return [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+
+
 def _conversation_text(messages) -> str | None:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return None
-    return "\n".join(m["content"] for m in messages if isinstance(m.get("content"), str) and m["content"])
+    return "\n".join(filter(None, message_contents(messages)))
 
 
 def _read_jsonl(path, field, skipped, text_of=None):

@@ -47,6 +47,7 @@ from lmstack.experiments.store import (
     run_key,
     store_path,
 )
+from lmstack.sources import message_contents
 from lmstack.speedrun import EVAL_LIMIT, VAL_FRACTION, sft_mix, world_tokenizer
 from lmstack.train.pretrain import pretrain
 from lmstack.train.sft import sft
@@ -84,7 +85,7 @@ def _looks_up(row: dict) -> bool:
 
 
 def _text(row: dict) -> str:
-    return " ".join(m.get("content") or "" for m in row["messages"])
+    return " ".join(message_contents(row["messages"]))
 
 
 def _mentions(row: dict, names: set[str]) -> bool:

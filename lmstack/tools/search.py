@@ -54,7 +54,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lmstack.sources import skip_summary
+from lmstack.sources import message_contents, skip_summary
 from lmstack.tools.registry import Tool
 from lmstack.utils import UserError
 
@@ -183,7 +183,7 @@ def row_text(row) -> str | None:
     if isinstance(row.get("text"), str):
         return row["text"]
     if isinstance(row.get("messages"), list):
-        parts = [m["content"] for m in row["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        parts = message_contents(row["messages"])
     else:
         parts = [v for v in row.values() if isinstance(v, str)]
     return "\n\n".join(parts) if parts else None
