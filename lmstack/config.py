@@ -132,12 +132,18 @@ class DataConfig:
     # Of those copy rows, this share repeats a window of the training text instead of random tokens
     # (copying random tokens and copying the text's own tokens transfer little to each other; README).
     copy_text_share: float = 0.0
+    # The copy rows only in the first this many steps (0: throughout): a warm-up that forms the
+    # induction head, after which every row is text again.
+    copy_steps: int = 0
 
     def validate(self) -> None:
         _in_range(self, "data", "copy_fraction", 0.0, 1.0, hi_open=True)
         _in_range(self, "data", "copy_text_share", 0.0, 1.0)
-        if self.copy_text_share and not self.copy_fraction:
-            raise UserError("data.copy_text_share is a share of the copy rows: set data.copy_fraction too")
+        for key in ("copy_text_share", "copy_steps"):
+            if getattr(self, key) and not self.copy_fraction:
+                raise UserError(f"data.{key} is about the copy rows: set data.copy_fraction too")
+        if self.copy_steps < 0:
+            raise UserError(f"data.copy_steps must be >= 0 (0: copy rows throughout), got {self.copy_steps}")
 
 
 @dataclass

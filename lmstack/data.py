@@ -235,7 +235,7 @@ class TokenBatches:
 
     def __init__(self, data_dir, split: str = "train", batch_size: int = 8, seq_len: int = 256,
                  seed: int = 0, rank: int = 0, world_size: int = 1, copy_fraction: float = 0.0,
-                 copy_ids: np.ndarray | None = None, copy_text_share: float = 0.0):
+                 copy_ids: np.ndarray | None = None, copy_text_share: float = 0.0, copy_steps: int = 0):
         assert 0 <= rank < world_size and batch_size > 0 and seq_len > 0
         assert copy_fraction == 0 or (0 < copy_fraction < 1 and copy_ids is not None and len(copy_ids) > 1)
         self.data = open_split(data_dir, split)
@@ -245,10 +245,12 @@ class TokenBatches:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
         self.copy_fraction, self.copy_ids, self.copy_text_share = copy_fraction, copy_ids, copy_text_share
+        self.copy_steps = copy_steps  # copy rows only in steps < copy_steps (0: every step)
         self.step = 0
 
     def next(self) -> tuple[torch.Tensor, ...]:
-        """(x, y), or (x, y, mask) when some rows are the copying task (copy_fraction > 0)."""
+        """(x, y), or (x, y, mask) when some rows are the copying task (copy_fraction > 0; the mask
+        is all True in the steps after copy_steps, so that every batch has the same form)."""
         B, T = self.batch_size, self.seq_len
         rng = np.random.default_rng([self.seed, self.step])
         offsets = rng.integers(0, len(self.data) - T, size=self.world_size * B)  # last start: N-T-1
@@ -257,6 +259,8 @@ class TokenBatches:
         if not self.copy_fraction:
             return x, y
         mask = torch.ones_like(y, dtype=torch.bool)
+        if self.copy_steps and self.step > self.copy_steps:
+            return x, y, mask
         f, share = self.copy_fraction, self.copy_text_share
         for i, k in enumerate(range(self.rank * B, (self.rank + 1) * B)):  # k: the row in the global batch
             if _evenly(k, f):  # exactly a fraction f of the rows

@@ -278,6 +278,25 @@ def test_token_batches_copy_rows(data_dir):
         assert torch.equal(a, b) and torch.equal(a, torch.cat(c))
 
 
+def test_copy_rows_only_in_the_first_steps(data_dir):
+    """copy_steps: the copy rows of the first copy_steps steps are those of copy rows throughout;
+    after them every row is the text window it would have been, with a mask that counts it all;
+    a resumed stream knows which side of copy_steps it is on."""
+    ids = np.arange(20, 120)
+    plain = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5)
+    always = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.5, copy_ids=ids)
+    early = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.5, copy_ids=ids, copy_steps=2)
+    for step in range(4):
+        (px, py), (ax, ay, amask), (x, y, mask) = plain.next(), always.next(), early.next()
+        if step < 2:
+            assert torch.equal(x, ax) and torch.equal(y, ay) and torch.equal(mask, amask) and not mask.all()
+        else:
+            assert torch.equal(x, px) and torch.equal(y, py) and mask.all()
+    resumed = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.5, copy_ids=ids, copy_steps=2)
+    resumed.load_state_dict({"step": 1})
+    assert not resumed.next()[2].all() and resumed.next()[2].all()
+
+
 def test_copy_rows_of_the_texts_own_tokens(data_dir):
     """copy_text_share: that share of the copy rows (evenly spread) repeats the start of the text
     window the row would have been, not random tokens; the same rows are copy rows, the same

@@ -190,6 +190,8 @@ def test_presets_load_and_overrides():
     (["model.n_layer"], "KEY=VALUE"),
     (["data.copy_text_share=1.5"], "data.copy_text_share"),
     (["data.copy_text_share=0.5"], "set data.copy_fraction too"),
+    (["data.copy_steps=100"], "set data.copy_fraction too"),
+    (["data.copy_fraction=0.5", "data.copy_steps=-1"], "data.copy_steps must be >= 0"),
     (["model.smear_keys=sometimes"], "model.smear_keys must be bool"),
 ])
 def test_config_errors_name_the_key(overrides, needle):
