@@ -346,19 +346,31 @@ def ordinary_ids(tok: Tokenizer) -> np.ndarray:
     return np.array([i for i in range(tok.vocab_size) if i not in tok.control_ids])
 
 
-def copy_probe(tok: Tokenizer, ctx: int, sequences: int = 64, length: int = 64, seed: int = 0) -> torch.Tensor:
+def copy_probe(tok: Tokenizer, ctx: int, sequences: int = 64, length: int = 64, seed: int = 0,
+               pool: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
     """The in-context copying probe (what induction heads do): `sequences` rows, each the scoring
     head (BOS, or EOS), `length` random distinct ordinary tokens (fewer when a row would not fit
     a context of `ctx`), then the same tokens again. Distinct, so that in the second copy every
-    token has one continuation to look up."""
+    token has one continuation to look up. With `pool` (ids and their counts: text_pool), the
+    tokens are drawn as often as the text uses them, instead of uniformly from the vocabulary."""
     length = min(length, (ctx - len(tok.scoring_head)) // 2)
     rng = np.random.default_rng(seed)
-    normal = ordinary_ids(tok)
+    ids, p = (ordinary_ids(tok), None) if pool is None else (pool[0], pool[1] / pool[1].sum())
+    if pool is not None:
+        length = min(length, len(ids))
     rows = []
     for _ in range(sequences):
-        seq = rng.choice(normal, length, replace=len(normal) < length).tolist()
+        seq = rng.choice(ids, length, replace=pool is None and len(ids) < length, p=p).tolist()
         rows.append(tok.scoring_head + seq + seq)
     return torch.tensor(rows, dtype=torch.long)
+
+
+def text_pool(data_dir, split: str, tok: Tokenizer) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ordinary ids of a split's first ICL_SCAN tokens and how often each occurs (copy_probe's
+    pool: the text's own tokens); None when the split has none."""
+    ids, counts = np.unique(open_split(data_dir, split)[:ICL_SCAN], return_counts=True)
+    keep = ~np.isin(ids, list(tok.control_ids))
+    return (ids[keep].astype(np.int64), counts[keep]) if keep.any() else None
 
 
 @torch.no_grad()

@@ -336,6 +336,7 @@ def test_eval_command_line(tmp_path, model_dir):
     # User mistakes: one line, exit 2, no traceback.
     for args in (["--model", str(tmp_path / "nope")], ["--model", str(model_dir), "--tasks", "factz"],
                  ["--model", str(model_dir), "--tasks", "facts_qa"], ["--model", str(model_dir), "--limit", "-1"],
+                 ["--model", str(model_dir), "--tasks", "copy_text"],  # no text to draw from
                  ["--compare", str(out), str(tmp_path / "t.txt")], []):
         proc = run_cli("eval", *args)
         assert proc.returncode == 2, (args, proc.stderr)

@@ -151,3 +151,33 @@ def test_icl_score_is_loss_late_in_a_context_minus_early(tmp_path, byte_tok):
     assert abs(plain["score"]) < 0.1, plain
     assert resolve_tasks("icl", None, True) == ([], {"icl"})
     assert icl_eval(ModelLM(Copier(byte_tok.vocab_size, ctx=4096), byte_tok), tmp_path / "data") is None
+
+
+def test_copy_text_draws_the_texts_own_tokens(tmp_path, byte_tok):
+    """copy_text: the copying test with tokens drawn as the validation text uses them (text_pool:
+    its ordinary ids and counts; never a control token): every probe token is one of the text's,
+    the frequent ones in most rows, each row's tokens distinct; the hand-written induction head
+    copies them, a random model does not."""
+    from lmstack.data import copy_probe, prepare, text_pool
+
+    docs = [{"text": "ab" * 40 + "xyzqrs"}] * 40
+    byte_tok.save(tmp_path / "tok")
+    prepare([write_jsonl(tmp_path / "docs.jsonl", docs)], tokenizer=tmp_path / "tok", out=tmp_path / "data",
+            val_fraction=0.5, progress=False)
+    ids, counts = text_pool(tmp_path / "data", "val", byte_tok)
+    assert set(ids.tolist()) == {byte_tok.encode(c)[0] for c in "abxyzqrs"}
+    assert not set(ids.tolist()) & set(byte_tok.control_ids)
+    probe = copy_probe(byte_tok, 64, sequences=32, length=4, pool=(ids, counts))
+    head = len(byte_tok.scoring_head)
+    rows = probe[:, head:].tolist()
+    assert all(r[:4] == r[4:] and len(set(r[:4])) == 4 and set(r) <= set(ids.tolist()) for r in rows)
+    a = byte_tok.encode("a")[0]
+    assert sum(a in r for r in rows) > 24  # "a" is a third of the text; "x", "q" ... a hundredth each
+    lm = ModelLM(Copier(byte_tok.vocab_size, ctx=64), byte_tok)
+    assert copy_eval(lm, sequences=8, pool=(ids, counts))["length"] == 8  # no more than the text's 8 tokens
+    assert copy_eval(lm, sequences=8, pool=(ids, counts))["ratio"] < 0.2
+    torch.manual_seed(0)
+    plain = ModelLM(GPT(ModelConfig(vocab_size=byte_tok.vocab_size, n_layer=1, d_model=32, n_head=2, max_seq_len=64)),
+                    byte_tok)
+    assert 0.8 < copy_eval(plain, sequences=16, pool=(ids, counts))["ratio"] < 1.2
+    assert resolve_tasks("copy_text", None, True) == ([], {"copy_text"})

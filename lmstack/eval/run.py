@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import lmstack
-from lmstack.data import copy_losses, copy_probe, icl_losses, icl_probe, iter_eval_windows, target_bytes
+from lmstack.data import copy_losses, copy_probe, icl_losses, icl_probe, iter_eval_windows, target_bytes, text_pool
 from lmstack.eval.lm import ModelLM
 from lmstack.eval.tasks import TaskSpec, load_specs, run_task
 from lmstack.modelio import lineage
@@ -34,8 +34,9 @@ from lmstack.utils import UserError, atomic_write_json, read_json
 WORLD_SPEC = Path(__file__).with_name("world.toml")
 LM_TASK = "lm"  # the name of the language-modelling measurement in --tasks and in results
 COPY_TASK = "copy"  # in-context copying (the induction test), in --tasks and in results
+COPY_TEXT_TASK = "copy_text"  # the same with the validation text's own tokens (reading needs this kind)
 ICL_TASK = "icl"  # Olsson et al.'s in-context learning score on held-out text, in --tasks and in results
-BUILTIN = (LM_TASK, COPY_TASK, ICL_TASK)
+BUILTIN = (LM_TASK, COPY_TASK, COPY_TEXT_TASK, ICL_TASK)
 MEMORY_TASK = "memory"  # a first-turn fact after a conversation 3x the context (eval/memory.py); only when named
 
 
@@ -80,13 +81,14 @@ def lm_eval_text(lm: ModelLM, inputs, text_field: str = "text", max_docs: int | 
 
 # --- in-context copying -------------------------------------------------------------------------
 
-def copy_eval(lm: ModelLM, sequences: int = 64, length: int = 64, seed: int = 0) -> dict:
+def copy_eval(lm: ModelLM, sequences: int = 64, length: int = 64, seed: int = 0, pool=None) -> dict:
     """Does the model copy from its context (what induction heads do, Olsson et al. 2022)? Random
     sequences of `length` distinct ordinary tokens, each followed by itself: the loss per token on the
     second copy relative to the first. About 1: it does not look back; near 0: it copies (every
     later use of context, retrieval, tool results and long conversations, needs this). The ratio
-    of the means, with a 95% bootstrap interval over the sequences."""
-    probe = copy_probe(lm.tok, lm.ctx, sequences, length, seed)
+    of the means, with a 95% bootstrap interval over the sequences. With `pool` (data.text_pool),
+    the tokens are drawn as the text uses them (copy_text: a passage's tokens, not the vocabulary's)."""
+    probe = copy_probe(lm.tok, lm.ctx, sequences, length, seed, pool=pool)
     length = (probe.shape[1] - 1) // 2
     a, b = _paired_losses(lm, copy_losses, probe)
     return {"sequences": sequences, "length": length, "first": float(a.mean()), "second": float(b.mean()),
@@ -213,6 +215,18 @@ def evaluate(model, tasks=None, world=None, data=None, text=None, out=None, limi
             print(f"in-context copying: loss on a random sequence's second occurrence / its first = {r['ratio']:.3f} "
                   f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] ({r['first']:.3f} -> {r['second']:.3f} nats/token, "
                   f"{r['sequences']} x {r['length']} tokens)", flush=True)
+    pool = None
+    if COPY_TEXT_TASK in builtin and (data is not None or info["data"] is not None):
+        pool = text_pool(data or info["data"], "val", lm.tok)
+    if pool is not None:
+        results[COPY_TEXT_TASK] = r = copy_eval(lm, pool=pool)
+        if not quiet:
+            print(f"in-context copying of the text's own tokens: second occurrence / first = {r['ratio']:.3f} "
+                  f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] ({r['first']:.3f} -> {r['second']:.3f} nats/token, "
+                  f"{r['sequences']} x {r['length']} tokens)", flush=True)
+    elif COPY_TEXT_TASK in builtin and tasks is not None:
+        raise UserError("task 'copy_text' needs --data DIR (prepared token shards with a val split; the model "
+                        "folder records none that still exists)")
     if ICL_TASK in builtin and (data is not None or info["data"] is not None):
         results[ICL_TASK] = r = icl_eval(lm, data or info["data"])
         if r is None:
@@ -299,6 +313,10 @@ def print_table(results: dict) -> None:
     if COPY_TASK in results:
         r = results[COPY_TASK]
         print(f"{'copy':18s} {'2nd / 1st occurrence loss (1: none)':40s} {r['sequences']:5d} {r['ratio']:6.3f}  "
+              f"[{r['ci'][0]:5.3f},{r['ci'][1]:5.3f}]")
+    if COPY_TEXT_TASK in results:
+        r = results[COPY_TEXT_TASK]
+        print(f"{'copy_text':18s} {'the same, the validation text tokens':40s} {r['sequences']:5d} {r['ratio']:6.3f}  "
               f"[{r['ci'][0]:5.3f},{r['ci'][1]:5.3f}]")
     if ICL_TASK in results:
         r = results[ICL_TASK]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lmstack.eval.run import COPY_TASK, ICL_TASK
+from lmstack.eval.run import COPY_TASK, COPY_TEXT_TASK, ICL_TASK
 from lmstack.model import GPT
 from lmstack.modelio import read_config
 from lmstack.utils import UserError, read_json, read_jsonl
@@ -37,8 +37,10 @@ def _measure(value: str, n: str, none: float):
 
 # `lmstack eval`'s built-in measures a recipe may name (beside the world's tasks): the name in --tasks
 # and in eval's results -> its stored metric. In-context copying: the loss on a random sequence's second
-# occurrence over its first (1: none); Olsson et al.'s score: loss late in a context minus early (0: none).
-MEASURES = {COPY_TASK: _measure("ratio", "sequences", 1.0), ICL_TASK: _measure("score", "windows", 0.0)}
+# occurrence over its first (1: none), of the vocabulary's tokens (copy) or the text's (copy_text);
+# Olsson et al.'s score: loss late in a context minus early (0: none).
+MEASURES = {COPY_TASK: _measure("ratio", "sequences", 1.0), COPY_TEXT_TASK: _measure("ratio", "sequences", 1.0),
+            ICL_TASK: _measure("score", "windows", 0.0)}
 # Continuous scores eval reports beside exact match (kept where a task or slice has them).
 CONTINUOUS = ("mean_rank", "answer_logprob", "digit_acc")
 
