@@ -132,13 +132,17 @@ class DataConfig:
     # Of those copy rows, this share repeats a window of the training text instead of random tokens
     # (copying random tokens and copying the text's own tokens transfer little to each other; README).
     copy_text_share: float = 0.0
-    # The copy rows only in the first this many steps (0: throughout): a warm-up that forms the
-    # induction head, after which every row is text again.
+    # The copy rows at copy_fraction only in the first this many steps (0: throughout): a warm-up that
+    # forms the induction head; from then on copy_fraction_after of the rows (0: all text again).
     copy_steps: int = 0
+    copy_fraction_after: float = 0.0
 
     def validate(self) -> None:
         _in_range(self, "data", "copy_fraction", 0.0, 1.0, hi_open=True)
         _in_range(self, "data", "copy_text_share", 0.0, 1.0)
+        _in_range(self, "data", "copy_fraction_after", 0.0, 1.0, hi_open=True)
+        if self.copy_fraction_after and not self.copy_steps:
+            raise UserError("data.copy_fraction_after is the copy rows' fraction after data.copy_steps: set that too")
         for key in ("copy_text_share", "copy_steps"):
             if getattr(self, key) and not self.copy_fraction:
                 raise UserError(f"data.{key} is about the copy rows: set data.copy_fraction too")

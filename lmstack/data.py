@@ -235,7 +235,8 @@ class TokenBatches:
 
     def __init__(self, data_dir, split: str = "train", batch_size: int = 8, seq_len: int = 256,
                  seed: int = 0, rank: int = 0, world_size: int = 1, copy_fraction: float = 0.0,
-                 copy_ids: np.ndarray | None = None, copy_text_share: float = 0.0, copy_steps: int = 0):
+                 copy_ids: np.ndarray | None = None, copy_text_share: float = 0.0, copy_steps: int = 0,
+                 copy_fraction_after: float = 0.0):
         assert 0 <= rank < world_size and batch_size > 0 and seq_len > 0
         assert copy_fraction == 0 or (0 < copy_fraction < 1 and copy_ids is not None and len(copy_ids) > 1)
         self.data = open_split(data_dir, split)
@@ -245,7 +246,8 @@ class TokenBatches:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
         self.copy_fraction, self.copy_ids, self.copy_text_share = copy_fraction, copy_ids, copy_text_share
-        self.copy_steps = copy_steps  # copy rows only in steps < copy_steps (0: every step)
+        # copy_fraction of the rows in steps < copy_steps (0: in every step), copy_fraction_after from then on
+        self.copy_steps, self.copy_fraction_after = copy_steps, copy_fraction_after
         self.step = 0
 
     def next(self) -> tuple[torch.Tensor, ...]:
@@ -259,9 +261,11 @@ class TokenBatches:
         if not self.copy_fraction:
             return x, y
         mask = torch.ones_like(y, dtype=torch.bool)
-        if self.copy_steps and self.step > self.copy_steps:
-            return x, y, mask
         f, share = self.copy_fraction, self.copy_text_share
+        if self.copy_steps and self.step > self.copy_steps:
+            f = self.copy_fraction_after
+            if not f:
+                return x, y, mask
         for i, k in enumerate(range(self.rank * B, (self.rank + 1) * B)):  # k: the row in the global batch
             if _evenly(k, f):  # exactly a fraction f of the rows
                 rng = np.random.default_rng([self.seed, self.step, k])

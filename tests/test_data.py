@@ -280,8 +280,9 @@ def test_token_batches_copy_rows(data_dir):
 
 def test_copy_rows_only_in_the_first_steps(data_dir):
     """copy_steps: the copy rows of the first copy_steps steps are those of copy rows throughout;
-    after them every row is the text window it would have been, with a mask that counts it all;
-    a resumed stream knows which side of copy_steps it is on."""
+    after them every row is the text window it would have been, with a mask that counts it all
+    (or copy_fraction_after of them are copy rows); a resumed stream knows which side of copy_steps
+    it is on."""
     ids = np.arange(20, 120)
     plain = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5)
     always = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.5, copy_ids=ids)
@@ -295,6 +296,11 @@ def test_copy_rows_only_in_the_first_steps(data_dir):
     resumed = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.5, copy_ids=ids, copy_steps=2)
     resumed.load_state_dict({"step": 1})
     assert not resumed.next()[2].all() and resumed.next()[2].all()
+    # copy_fraction_after: from copy_steps on, that fraction of the rows (here a quarter: rows 3 and 7).
+    later = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.5, copy_ids=ids, copy_steps=2,
+                         copy_fraction_after=0.25)
+    masks = [later.next()[2] for _ in range(4)]
+    assert [[i for i in range(8) if not m[i].all()] for m in masks] == [[1, 3, 5, 7], [1, 3, 5, 7], [3, 7], [3, 7]]
 
 
 def test_copy_rows_of_the_texts_own_tokens(data_dir):

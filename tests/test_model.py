@@ -192,6 +192,8 @@ def test_presets_load_and_overrides():
     (["data.copy_text_share=0.5"], "set data.copy_fraction too"),
     (["data.copy_steps=100"], "set data.copy_fraction too"),
     (["data.copy_fraction=0.5", "data.copy_steps=-1"], "data.copy_steps must be >= 0"),
+    (["data.copy_fraction=0.5", "data.copy_fraction_after=0.1"], "set that too"),
+    (["data.copy_fraction=0.5", "data.copy_steps=9", "data.copy_fraction_after=1"], "data.copy_fraction_after"),
     (["model.smear_keys=sometimes"], "model.smear_keys must be bool"),
 ])
 def test_config_errors_name_the_key(overrides, needle):

@@ -57,7 +57,8 @@ def pretrain(preset: str, data: str, out: str, overrides: list[str] = (), resume
         batches = TokenBatches(data, cfg.data.train_split, batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                seed=tc.seed, rank=info.rank, world_size=info.world_size,
                                copy_fraction=cfg.data.copy_fraction, copy_ids=ordinary_ids(tok),
-                               copy_text_share=cfg.data.copy_text_share, copy_steps=cfg.data.copy_steps)
+                               copy_text_share=cfg.data.copy_text_share, copy_steps=cfg.data.copy_steps,
+                               copy_fraction_after=cfg.data.copy_fraction_after)
         eval_batches = None
         if manifest["tokens"].get(cfg.data.val_split, 0) > tc.seq_len * info.world_size:
             def eval_batches():
