@@ -209,26 +209,26 @@ def evaluate(model, tasks=None, world=None, data=None, text=None, out=None, limi
             r = results["lm"]
             print(f"language modelling on {r['source']}: loss {r['loss']:.4f}, {r['bpb']:.4f} bits per byte "
                   f"({r['tokens']:,} tokens)", flush=True)
-    if COPY_TASK in builtin:
-        results[COPY_TASK] = r = copy_eval(lm)
+    text_data = data if data is not None else info["data"]  # prepared shards, for the measures on text
+    for name in (COPY_TASK, COPY_TEXT_TASK):
+        if name not in builtin:
+            continue
+        pool = None
+        if name == COPY_TEXT_TASK:  # the same test, drawn from the validation text's tokens
+            if text_data is None and tasks is not None:
+                raise UserError("task 'copy_text' needs --data DIR (prepared token shards with a val split; the "
+                                "model folder records none that still exists)")
+            pool = text_data and text_pool(text_data, "val", lm.tok)
+            if not pool:
+                continue
+        results[name] = r = copy_eval(lm, pool=pool)
         if not quiet:
-            print(f"in-context copying: loss on a random sequence's second occurrence / its first = {r['ratio']:.3f} "
+            what = "in-context copying of the text's tokens" if pool else "in-context copying"
+            print(f"{what}: loss on a random sequence's second occurrence / its first = {r['ratio']:.3f} "
                   f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] ({r['first']:.3f} -> {r['second']:.3f} nats/token, "
                   f"{r['sequences']} x {r['length']} tokens)", flush=True)
-    pool = None
-    if COPY_TEXT_TASK in builtin and (data is not None or info["data"] is not None):
-        pool = text_pool(data or info["data"], "val", lm.tok)
-    if pool is not None:
-        results[COPY_TEXT_TASK] = r = copy_eval(lm, pool=pool)
-        if not quiet:
-            print(f"in-context copying of the text's own tokens: second occurrence / first = {r['ratio']:.3f} "
-                  f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] ({r['first']:.3f} -> {r['second']:.3f} nats/token, "
-                  f"{r['sequences']} x {r['length']} tokens)", flush=True)
-    elif COPY_TEXT_TASK in builtin and tasks is not None:
-        raise UserError("task 'copy_text' needs --data DIR (prepared token shards with a val split; the model "
-                        "folder records none that still exists)")
-    if ICL_TASK in builtin and (data is not None or info["data"] is not None):
-        results[ICL_TASK] = r = icl_eval(lm, data or info["data"])
+    if ICL_TASK in builtin and text_data is not None:
+        results[ICL_TASK] = r = icl_eval(lm, text_data)
         if r is None:
             del results[ICL_TASK]
         elif not quiet:
