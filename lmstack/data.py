@@ -266,11 +266,13 @@ class TokenBatches:
             f = self.copy_fraction_after
             if not f:
                 return x, y, mask
-        for i, k in enumerate(range(self.rank * B, (self.rank + 1) * B)):  # k: the row in the global batch
-            if _evenly(k, f):  # exactly a fraction f of the rows
+        first = (self.step - 1) * self.world_size * B  # rows counted over the steps, so that a fraction
+        for i, k in enumerate(range(self.rank * B, (self.rank + 1) * B)):  # below 1/rows is kept too
+            g = first + k  # this row's number in the stream of global batches (k: in this one)
+            if _evenly(g, f):  # exactly a fraction f of the rows, evenly spread
                 rng = np.random.default_rng([self.seed, self.step, k])
-                # A share of the copy rows (j: this one's number among them) repeats the start of its own text window.
-                ids = x[i].numpy() if _evenly(int(k * f), share) else None
+                # A share of the copy rows (int(g * f): this one's number among them) repeats the start of its own text window.
+                ids = x[i].numpy() if _evenly(int(g * f), share) else None
                 x[i], y[i], mask[i] = _copy_row(rng, self.copy_ids, T, text=ids)
         return x, y, mask
 

@@ -243,7 +243,7 @@ def test_token_batches_resume(data_dir):
 
 
 def test_token_batches_copy_rows(data_dir):
-    """copy_fraction: exactly that fraction of the global batch's rows, evenly spread, is the copying
+    """copy_fraction: exactly that fraction of the global batches' rows, evenly spread, is the copying
     task (a fresh sequence of distinct allowed tokens, repeated), counted only where a look back
     predicts the token; the other rows are the text windows they would have been; resumable, and
     2 ranks see what 1 rank of twice the batch sees."""
@@ -276,6 +276,10 @@ def test_token_batches_copy_rows(data_dir):
     parts = [r.next() for r in ranks]
     for a, b, c in zip((x, y, mask), again.next(), zip(*parts)):
         assert torch.equal(a, b) and torch.equal(a, torch.cat(c))
+    # A fraction below one row a batch is counted over the steps: 0.1 of 8-row batches is 8 rows in 10 steps.
+    tenth = TokenBatches(data_dir, batch_size=8, seq_len=32, seed=5, copy_fraction=0.1, copy_ids=ids)
+    per_step = [int((~tenth.next()[2]).any(1).sum()) for _ in range(10)]
+    assert sum(per_step) == 8 and max(per_step) == 1
 
 
 def test_copy_rows_only_in_the_first_steps(data_dir):
