@@ -334,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a model: world tasks, your tasks, bits per byte; compare two")
     ev.add_argument("--model", help="model folder")
-    ev.add_argument("--tasks", help="comma-separated: world task names, 'world' (all), 'lm', or .toml "
-                                    "spec files (default: the world's tasks + lm)")
+    ev.add_argument("--tasks", help="comma-separated: world task names, 'world' (all), 'lm', 'copy', 'copy_text', "
+                                    "'icl', 'memory', or .toml spec files (default: the world's tasks + lm, copy, "
+                                    "copy_text, icl)")
     ev.add_argument("--world", help="the synthetic world folder (default: found from the model's training data)")
     ev.add_argument("--data", help="prepared token shards to score (default: the model's own validation split)")
     ev.add_argument("--text", nargs="+", help="text/jsonl/parquet files or folders to score instead")
