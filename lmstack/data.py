@@ -251,8 +251,8 @@ class TokenBatches:
         self.step = 0
 
     def next(self) -> tuple[torch.Tensor, ...]:
-        """(x, y), or (x, y, mask) when some rows are the copying task (copy_fraction > 0; the mask
-        is all True in the steps after copy_steps, so that every batch has the same form)."""
+        """(x, y), or (x, y, mask) when some rows are the copying task (copy_fraction > 0; after
+        copy_steps with no copy_fraction_after, the mask is all True, so every batch has one form)."""
         B, T = self.batch_size, self.seq_len
         rng = np.random.default_rng([self.seed, self.step])
         offsets = rng.integers(0, len(self.data) - T, size=self.world_size * B)  # last start: N-T-1
