@@ -218,8 +218,8 @@ def evaluate(model, tasks=None, world=None, data=None, text=None, out=None, limi
             if text_data is None and tasks is not None:
                 raise UserError("task 'copy_text' needs --data DIR (prepared token shards with a val split; the "
                                 "model folder records none that still exists)")
-            pool = text_data and text_pool(text_data, "val", lm.tok)
-            if not pool:
+            pool = text_pool(text_data, "val", lm.tok) if text_data is not None else None
+            if pool is None:
                 continue
         results[name] = r = copy_eval(lm, pool=pool)
         if not quiet:

@@ -39,7 +39,7 @@ def _measure(value: str, n: str, none: float):
 # and in eval's results -> its stored metric. In-context copying: the loss on a random sequence's second
 # occurrence over its first (1: none), of the vocabulary's tokens (copy) or the text's (copy_text);
 # Olsson et al.'s score: loss late in a context minus early (0: none).
-MEASURES = {COPY_TASK: _measure("ratio", "sequences", 1.0), COPY_TEXT_TASK: _measure("ratio", "sequences", 1.0),
+MEASURES = {**dict.fromkeys((COPY_TASK, COPY_TEXT_TASK), _measure("ratio", "sequences", 1.0)),
             ICL_TASK: _measure("score", "windows", 0.0)}
 # Continuous scores eval reports beside exact match (kept where a task or slice has them).
 CONTINUOUS = ("mean_rank", "answer_logprob", "digit_acc")
