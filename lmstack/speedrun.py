@@ -52,7 +52,8 @@ from lmstack.world.rl_prompts import arithmetic_prompts
 # (the README's "The default model learns its world" has the measurements behind each choice):
 # 300 people, each named in every sentence of their biographies, the train people's Q/A pairs
 # mixed into pretraining; 1,120 steps of 2,048 tokens at lr 1e-3 (4x the optimizer steps of the
-# preset's 280 x 8,192, the same tokens), warmup-stable-decay rather than cosine; a short SFT at lr 1e-3 with 30% pretraining windows mixed in.
+# preset's 280 x 8,192, the same tokens), warmup-stable-decay rather than cosine; a short SFT at
+# lr 1e-3 with 30% pretraining windows mixed in.
 # tiny's world keeps the old skill data (sized by its 200 people, no thinking/python/search
 # conversations): a plumbing check whose 20-step chat model must still learn to end its turn.
 PEOPLE = {"tiny": 200, "small": 300, "gpt2": 50_000}
