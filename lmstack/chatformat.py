@@ -1,8 +1,8 @@
 """Conversations as a model reads and writes them: the chat format, once.
 
-    <|bos|><|system|>You are helpful.<|end|><|user|>What is 2 + 3?<|end|>
+    <|bos|><|system|> You are helpful.<|end|><|user|> What is 2 + 3?<|end|>
     <|assistant|><|tool_call|>{"name": "calculator", "arguments": {"expression": "2 + 3"}}<|/tool_call|><|end|>
-    <|tool|>5<|end|><|assistant|>2 + 3 = 5.<|end|>
+    <|tool|> 5<|end|><|assistant|> 2 + 3 = 5.<|end|>
 
 Everything that turns messages into token ids or a reply back into messages goes through here:
 SFT's loss mask, the engine's callers (chat, eval, serve, RL rollouts), the exports.
@@ -16,7 +16,11 @@ SFT's loss mask, the engine's callers (chat, eval, serve, RL rollouts), the expo
   {question}) as a conversation.
 
 Roles and boundaries are special ids inserted here by id; message text goes through `encode`,
-so a user typing "<|end|>" gets plain text. Messages render independently, so appending a
+so a user typing "<|end|>" gets plain text. Message text is encoded after a space (`LEAD`), so
+that its first word is the token it is in running text: pretraining reads "Q: When was ..." as
+" When", and a message "When was ..." encoded bare would start with "W" + "hen", tokens the base
+barely saw (the README's "One token for a word" measures what that cost). A reply's text loses
+that one space when it is parsed. Messages render independently, so appending a
 message never changes how the earlier ones render (a prefix stays a prefix).
 
 An imported model keeps its own format (`TemplateFormat`, from its folder's chat_format.json):
@@ -39,7 +43,10 @@ ROLES = ("system", "user", "assistant", "tool")
 # A reply ends at <|end|>, or at any token that can only begin something else.
 TURN_ENDS = ("<|end|>", "<|eos|>", "<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
 
-# `ChatFormat.render` in Jinja: `<|bos|>`, then `<|role|>content<|end|>` per message (an
+# A message's text follows its role's token after one space (see the module's docstring).
+LEAD = " "
+
+# `ChatFormat.render` in Jinja: `<|bos|>`, then `<|role|> content<|end|>` per message (an
 # assistant's tool calls as <|tool_call|>{"name": ..., "arguments": ...}<|/tool_call|> after its
 # content), then `<|assistant|>` for the generation prompt. llama.cpp and llama-cpp-python, and
 # transformers' apply_chat_template tokenize the rendered text with special tokens recognised (so
@@ -49,7 +56,7 @@ CHAT_TEMPLATE_JINJA = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>' }}"
-    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% if message['content'] %}{{ ' ' + message['content'] }}{% endif %}"
     "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
     "{% for call in message['tool_calls'] %}"
     "{% set fn = call['function'] if call['function'] is defined else call %}"
@@ -114,6 +121,12 @@ def check_messages(messages) -> None:
 class _Replies:
     """What both formats do the same way with a reply: parse it (its text and tool calls)."""
 
+    lead = ""  # what a message's text follows (ChatFormat: LEAD); a reply's text loses it
+
+    def text_ids(self, text: str) -> list[int]:
+        """A message's text as the format encodes it (an imported template's: as written)."""
+        return self.tok.encode(self.lead + text)
+
     def parser(self, call_id: Callable[[int], str] = lambda k: f"call_{k}") -> "ReplyParser":
         return ReplyParser(self, call_id)
 
@@ -122,7 +135,7 @@ class _Replies:
         p = ReplyParser(self, call_id)
         for t in ids:
             p.push(t)
-        p.text = self.tok.decode(p.visible, skip_special=True)
+        p.text = self.tok.decode(p.visible, skip_special=True).removeprefix(self.lead)
         return p
 
 
@@ -132,6 +145,7 @@ class ChatFormat(_Replies):
     model may carry a format of its own."""
 
     jinja = CHAT_TEMPLATE_JINJA
+    lead = LEAD
     tools = True  # it has a tool-call format: <|tool_call|>{"name", "arguments"}<|/tool_call|>
 
     def __init__(self, tok):
@@ -153,7 +167,7 @@ class ChatFormat(_Replies):
         ids, mask = [self.bos_id], [0]
         for i, m in enumerate(messages):
             role, content, calls = _checked(i, m)
-            body = encode(content) if content else []
+            body = self.text_ids(content) if content else []
             for call in calls:
                 body += [self.call_open] + encode(call) + [self.call_close]
             body.append(self.end_id)
@@ -406,7 +420,8 @@ class ReplyParser:
     `push(token, text)` takes one generated id (None when the reply stopped on a stop id, which
     is not part of it) with the text the engine decoded for it, and returns the part of that
     text a reader sees: text between <|tool_call|> and <|/tool_call|> is not shown (the text
-    that arrives with the opening marker came before it). Each closed call is parsed into
+    that arrives with the opening marker came before it), and the format's `lead` before the
+    first text is not shown either. Each closed call is parsed into
     `calls` (an OpenAI tool call, id from `call_id(k)`) or, when its JSON is not a call, `bad`.
     A call still open when the reply ends is neither; `opened` counts every call begun."""
 
@@ -419,6 +434,7 @@ class ReplyParser:
         self.bad: list[str] = []  # the text of closed calls that did not parse
         self.opened = 0
         self._call: list[int] | None = None  # the ids of the call being written
+        self._lead = fmt.lead  # still to drop from the start of the text
 
     def push(self, token: int | None, text: str = "") -> str:
         fmt = self.fmt
@@ -440,6 +456,8 @@ class ReplyParser:
             return ""
         elif token is not None:
             self.visible.append(token)
+        if text and self._lead:
+            text, self._lead = text.removeprefix(self._lead), ""
         self.text += text
         return text
 

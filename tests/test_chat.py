@@ -93,8 +93,8 @@ def test_tool_call_end_to_end(tok):
     # the whole exchange renders back through THE chat template, with the call as special tokens
     ids, _ = render_chat(tok, messages + done["messages"])
     sid = tok.special_ids
-    assert ids[-len(tok.encode("23 + 58 = 81.")) - 2:] == (
-        [sid["<|assistant|>"]] + tok.encode("23 + 58 = 81.") + [sid["<|end|>"]])
+    assert ids[-len(tok.encode(" 23 + 58 = 81.")) - 2:] == (  # message text follows one space
+        [sid["<|assistant|>"]] + tok.encode(" 23 + 58 = 81.") + [sid["<|end|>"]])
     assert sid["<|tool_call|>"] in ids and tok.encode(CALL)[0] in ids
     # chat_completion: the same, collected
     out = chat_completion(m, tok, messages, tools=default_registry(), temperature=0.7, seed=1)

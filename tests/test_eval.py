@@ -107,7 +107,7 @@ class OracleLM:
 
     def __init__(self, tok, answers: dict):
         self.tok, self.answers = tok, answers  # question -> answer
-        self.fmt = SimpleNamespace(prompt=lambda messages: messages[-1]["content"])
+        self.fmt = SimpleNamespace(prompt=lambda messages: messages[-1]["content"], lead="")
 
     def split_pair(self, context, continuation, head=None):
         return ((head or "") + context, continuation)
@@ -434,7 +434,7 @@ class ReaderLM:
 
     def __init__(self, tok):
         self.tok, self.seen = tok, []
-        self.fmt = SimpleNamespace(prompt=lambda messages: messages[-1]["content"])
+        self.fmt = SimpleNamespace(prompt=lambda messages: messages[-1]["content"], lead="")
 
     def split_pair(self, context, continuation, head=None):
         return ((head or "") + context, continuation)

@@ -60,9 +60,12 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean_chat(world):
     """The base fine-tuned for a few seconds on the clean colour questions (the filters read a model
-    that knows the clean data: an untrained one's representations carry no signal)."""
+    that knows the clean data: an untrained one's representations carry no signal). The spectral
+    filter's recall here depends on the steps (measured 2026-12-06: 1.0 at 25 and 30, 0.625 at 15
+    and 20, 0.25 and 0.125 at 40 and 60, where the poison lies along the second singular vector);
+    clustering's is 1.0 at every one of them."""
     data = write_rows(world / "qa120.jsonl", qa_rows(120))
-    sft(world / "base", [data], world / "clean_chat", overrides=[*FAST, "train.max_steps=20"])
+    sft(world / "base", [data], world / "clean_chat", overrides=[*FAST, "train.max_steps=30"])
     return world / "clean_chat"
 
 

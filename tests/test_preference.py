@@ -17,7 +17,7 @@ from lmstack.align.dpo import dpo
 from lmstack.align.judge import judge
 from lmstack.align.pairs import PairBatches, load_comparisons, load_pairs, pair_tensors, render_answers, split_pairs
 from lmstack.align.reward import reward_score, reward_train
-from lmstack.chatformat import render_chat
+from lmstack.chatformat import chat_format, render_chat
 from lmstack.cli import main
 from lmstack.config import ModelConfig
 from lmstack.model import GPT
@@ -111,7 +111,7 @@ def test_pairs_render_with_the_chat_template_and_skip_or_cut(tmp_path, tok):
     # only the final answer and its <|end|> are answer tokens (not the earlier assistant turn)
     n = len(render_chat(tok, prompt)[0])
     assert c_mask == [0] * n + full_mask[n:] and sum(full_mask) > sum(c_mask)
-    assert tok.decode([t for t, m in zip(c_ids, c_mask) if m]) == "Box 2 is blue, kindly.<|end|>"
+    assert tok.decode([t for t, m in zip(c_ids, c_mask) if m]) == " Box 2 is blue, kindly.<|end|>"
     assert c_ids[:n] == r_ids[:n]
 
     # a long prompt loses tokens from the left (after BOS), the same for both answers
@@ -304,7 +304,7 @@ def test_judge_writes_comparisons_the_trainers_read(root, sft_dir, tok, tmp_path
     lm.ctx = 120  # (only the length budget matters here)
     ids, cut = judging_prompt(lm, "Be kind.", "Box 1?", "Box 1 is red, kindly. " * 20, "Box 1 is blue.")
     text = tok.decode(ids)
-    assert cut and len(ids) <= lm.ctx - 2 and "<|system|>Be kind.<|end|>" in text
+    assert cut and len(ids) <= lm.ctx - 2 and "<|system|> Be kind.<|end|>" in text
     assert "Answer A: Box 1 is red" in text and "...\n\nAnswer B: Box 1 is blue." in text
     assert judging_prompt(lm, "Be kind.", "Box 1?", "Red.", "Blue.")[1] is False
     assert world_task({"prompt": "q"}) is None
@@ -319,12 +319,13 @@ def test_judge_writes_comparisons_the_trainers_read(root, sft_dir, tok, tmp_path
 
 
 class ScriptedJudge(torch.nn.Module):
-    """A judge whose logits, at every position, put all the mass on the token `pick(text so far)`
-    names: its log-likelihoods of replying "A" and "B" are known exactly (0 and -60)."""
+    """A judge whose logits, at every position, put all the mass on the next token of the reply
+    `pick(text so far)` names, as the chat format encodes a reply (" A" may be two tokens): its
+    log-likelihood of replying with the picked answer is 0, of the other -60 a token."""
 
     def __init__(self, tok, pick):
         super().__init__()
-        self.tok, self.pick = tok, pick
+        self.tok, self.pick, self.fmt = tok, pick, chat_format(tok)
         self.cfg = dataclasses.replace(ModelConfig(vocab_size=tok.vocab_size), max_seq_len=256)
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # device / dtype, like a real model
 
@@ -332,7 +333,11 @@ class ScriptedJudge(torch.nn.Module):
         logits = torch.full((*idx.shape, self.cfg.vocab_size), -30.0)
         for b, row in enumerate(idx.tolist()):
             for t in range(len(row)):
-                logits[b, t, self.tok.encode(self.pick(self.tok.decode(row[:t + 1])))[0]] = 30.0
+                reply = self.fmt.text_ids(self.pick(self.tok.decode(row[:t + 1])))
+                start = max((k + 1 for k in range(t + 1) if row[k] == self.fmt.assistant_id), default=t + 1)
+                said = row[start:t + 1]
+                nxt = reply[len(said)] if said == reply[:len(said)] and len(said) < len(reply) else reply[0]
+                logits[b, t, nxt] = 30.0
         return logits
 
 

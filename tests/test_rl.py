@@ -59,8 +59,10 @@ def render_prompt(tok, text):
 
 def render_prompt_tool(tok, result):
     """The tokens a tool result adds to a rollout: <|tool|> result <|end|> <|assistant|>."""
+    from lmstack.chatformat import chat_format
+
     sid = tok.special_ids
-    return [sid["<|tool|>"]] + tok.encode(result) + [sid["<|end|>"], sid["<|assistant|>"]]
+    return [sid["<|tool|>"]] + chat_format(tok).text_ids(result) + [sid["<|end|>"], sid["<|assistant|>"]]
 
 
 def read_metrics(out):

@@ -71,8 +71,8 @@ def scripted(tok) -> SlotScript:
     def call(text):
         return [sid["<|tool_call|>"]] + tok.encode(text) + [sid["<|/tool_call|>"], end]
 
-    def between(ctx, start):
-        return tok.decode(ctx[start + 1:ctx.index(end, start)])
+    def between(ctx, start):  # a message's text (the format encodes it after a space)
+        return tok.decode(ctx[start + 1:ctx.index(end, start)]).removeprefix(" ")
 
     def next_token(ctx):
         a = len(ctx) - 1 - ctx[::-1].index(sid["<|assistant|>"])

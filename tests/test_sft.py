@@ -14,7 +14,7 @@ import torch
 from lmstack.config import load_config, stage_config
 from lmstack.data import prepare
 from lmstack.model import GPT
-from lmstack.chatformat import ChatFormatError, render_chat
+from lmstack.chatformat import ChatFormatError, chat_format, render_chat
 from lmstack.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from lmstack import modelio
 from lmstack.train import checkpoint
@@ -108,11 +108,11 @@ def test_masked_text_is_the_assistant_replies(tok):
     ids, mask = render_chat(tok, TOOL_CHAT)
     learned = tok.decode([i for i, m in zip(ids, mask) if m])
     call = '<|tool_call|>{"name": "calculator", "arguments": {"expression": "12 + 30"}}<|/tool_call|>'
-    assert learned == f"{call}<|end|>12 + 30 = 42.<|end|>Any time!<|end|>"
+    assert learned == f"{call}<|end|> 12 + 30 = 42.<|end|> Any time!<|end|>"
     # the tool result and the user's text are context, never targets
     roles = spans(tok, ids)
     tool_part = [i for i, r in zip(ids, roles) if r == "tool"]
-    assert tok.decode(tool_part) == "42<|end|>" and all(m == 0 for m, r in zip(mask, roles) if r != "assistant")
+    assert tok.decode(tool_part) == " 42<|end|>" and all(m == 0 for m, r in zip(mask, roles) if r != "assistant")
 
 
 def test_user_text_never_encodes_to_special_ids(tok):
@@ -120,7 +120,21 @@ def test_user_text_never_encodes_to_special_ids(tok):
         ids, mask = render_chat(tok, [{"role": "user", "content": text}, {"role": "assistant", "content": text}])
         bodies = [i for i, r in zip(ids, spans(tok, ids)) if r is not None][:-1]  # all but the final <|end|>
         assert sum(i < len(SPECIAL_TOKENS) for i in bodies) == 1  # only the user's closing <|end|>
-        assert tok.decode(ids) == f"<|bos|><|user|>{text}<|end|><|assistant|>{text}<|end|>"
+        assert tok.decode(ids) == f"<|bos|><|user|> {text}<|end|><|assistant|> {text}<|end|>"
+
+
+def test_message_text_is_encoded_as_in_running_text_and_a_reply_loses_the_space(tok):
+    # Pretraining reads "Q: When was ..." with the token " When"; a message's first word must be
+    # that token too, not "W" + "hen" (what encoding the bare text gives).
+    ids, _ = render_chat(tok, [{"role": "user", "content": "When was Ada born?"}])
+    assert ids[2:-1] == tok.encode(" When was Ada born?") != tok.encode("When was Ada born?")
+    fmt = chat_format(tok)
+    for text in ["Her birthday is 3 May 1950.", " a space of its own", "x"]:
+        ids, mask = fmt.render([{"role": "assistant", "content": text}])
+        reply = [i for i, m in zip(ids, mask) if m][:-1]  # the reply's text, without its <|end|>
+        assert fmt.parse(reply).text == text  # parsed whole
+        parser = fmt.parser()
+        assert "".join(parser.push(i, tok.decode([i])) for i in reply) == text == parser.text  # streamed
 
 
 @pytest.mark.parametrize("messages, needle", [
@@ -169,7 +183,7 @@ def test_row_kinds_and_skip_reasons(tok, tmp_path):
     # prompt/completion may also be lists of messages
     ids, mask = render_row(tok, {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
                                  "completion": [{"role": "assistant", "content": "A"}]})
-    assert tok.decode(ids) == "<|bos|><|system|>S<|end|><|user|>Q<|end|><|assistant|>A<|end|>"
+    assert tok.decode(ids) == "<|bos|><|system|> S<|end|><|user|> Q<|end|><|assistant|> A<|end|>"
 
 
 def test_split_val_is_an_even_fraction():

@@ -226,7 +226,8 @@ class StepLM:
     def __init__(self, problems, p):
         self.p, self.by_prompt = p, {}
         self.tok = SimpleNamespace(encode=lambda text: [ord(c) for c in text])
-        self.fmt = SimpleNamespace(prompt=lambda conv: [ord(c) for c in conv[-1]["content"]] + [0], stop_ids=[1])
+        self.fmt = SimpleNamespace(prompt=lambda conv: [ord(c) for c in conv[-1]["content"]] + [0], stop_ids=[1],
+                                   text_ids=self.tok.encode, lead="")
         for pr in problems:
             self.by_prompt[pr["question"]] = ar.worked(pr["a"], pr["op"], pr["b"]).split("\n")
 

@@ -123,7 +123,7 @@ def judge_pairs(lm, constitution: str, prompts: list, pairs: list[tuple[str, str
             head, shortened = judging_prompt(lm, constitution, p, first, second)
             cut.append(shortened)
             for reply in ("A", "B"):
-                queries.append(lm.split_pair("", reply, head=head))
+                queries.append(lm.split_pair(lm.fmt.lead, reply, head=head))
     lls = [ll for ll, _ in lm.loglikelihood_ids(queries)] if queries else []
     out = []
     for i in range(len(pairs)):

@@ -452,6 +452,8 @@ def _answer_pairs(lm, spec: TaskSpec, row: dict, line: int, prompt: str, answers
     else:
         head, context = None, prompt
     sep = spec.choice_prefix if spec.choice_prefix is not None else (" " if context else "")
+    if spec.format == "chat":  # the reply's text as the format encodes it
+        context = lm.fmt.lead + context
     return [lm.split_pair(context, sep + a, head) for a in answers]
 
 

@@ -273,10 +273,12 @@ class Tokenizer:
 
 
 # --- the chat template (lmstack's) and its one tool, the calculator ------------------------------
-#   <|bos|><|system|>Be brief.<|end|><|user|>What is 2 + 3?<|end|>
+#   <|bos|><|system|> Be brief.<|end|><|user|> What is 2 + 3?<|end|>
 #   <|assistant|><|tool_call|>{"name": "calculator", "arguments": {"expression": "2 + 3"}}<|/tool_call|><|end|>
-#   <|tool|>5<|end|><|assistant|>2 + 3 = 5.<|end|>        (then <|assistant|> for the model to reply)
-# Roles and boundaries are special ids put in by number; message text goes through encode.
+#   <|tool|> 5<|end|><|assistant|> 2 + 3 = 5.<|end|>        (then <|assistant|> for the model to reply)
+# Roles and boundaries are special ids put in by number; message text goes through encode after
+# one space (LEAD), so that its first word is the token it is in running text; a reply loses it.
+LEAD = " "
 TURN_ENDS = ("<|end|>", "<|eos|>", "<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
 
 
@@ -284,7 +286,7 @@ def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: boo
     """messages: {"role", "content"}, an assistant's also "tool_calls": [JSON {"name", "arguments"}]."""
     sp, ids = tok.special, [tok.bos]
     for m in messages:
-        body = tok.encode(m["content"])
+        body = tok.encode(LEAD + m["content"]) if m["content"] else []
         for call in m.get("tool_calls", ()):
             body += [sp["<|tool_call|>"]] + tok.encode(call) + [sp["<|/tool_call|>"]]
         ids += [sp[f"<|{m['role']}|>"]] + body + [sp["<|end|>"]]
@@ -559,13 +561,17 @@ def load(path: str) -> tuple[Model, Tokenizer]:
 
 # --- the command line -----------------------------------------------------------------------------
 
-def stream_text(tok: Tokenizer, tokens) -> list[int]:
-    """Print tokens as they come (specials hidden); UTF-8 characters split across tokens wait."""
+def stream_text(tok: Tokenizer, tokens, lead: str = "") -> list[int]:
+    """Print tokens as they come (specials hidden, and `lead` where the text starts with it);
+    UTF-8 characters split across tokens wait."""
     ids, utf8 = [], codecs.getincrementaldecoder("utf-8")(errors="replace")
     for t in tokens:
         ids.append(t)
         if t not in tok.special_ids:
-            print(utf8.decode(tok.token_bytes[t]), end="", flush=True)
+            text = utf8.decode(tok.token_bytes[t])
+            if lead and text:
+                text, lead = text.removeprefix(lead), ""
+            print(text, end="", flush=True)
     print(utf8.decode(b"", final=True), end="")
     return ids
 
@@ -623,7 +629,7 @@ def assistant_turn(model: Model, tok: Tokenizer, history: list[dict], a, rng, te
                 else:
                     yield t
 
-        text = tok.decode(stream_text(tok, text_ids()), skip_special=True)
+        text = tok.decode(stream_text(tok, text_ids(), LEAD), skip_special=True).removeprefix(LEAD)
         print("" if not text or text.endswith("\n") else "\n", end="")
         new.append({"role": "assistant", "content": text})
         if None in calls:

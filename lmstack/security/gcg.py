@@ -117,7 +117,7 @@ class Slot:
         else:
             raise UserError("the suffix does not tokenize on its own after this case's user message "
                             f"({with_suffix(case.messages, '')[-1]['content'][-30:]!r}); try another --init")
-        self.target = tok.encode(case.target)
+        self.target = self.fmt.text_ids(case.target)  # the reply's start, as the format encodes it
         user = next(m for m in reversed(case.messages) if m.get("role") == "user")
         self.content = user.get("content") or ""
         self.head = head_ids(tok, "chat")

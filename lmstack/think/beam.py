@@ -34,7 +34,7 @@ def beam_search(lm, prm, problems: list[dict], prompt: str = PROMPT, beam: int =
         todo = [(i, text) for i, b in enumerate(beams) for text, _, done in b if not done]
         if not todo:
             break
-        prompts = [heads[i] + (lm.tok.encode(text + "\n") if text else []) for i, text in todo for _ in range(expand)]
+        prompts = [heads[i] + (lm.fmt.text_ids(text + "\n") if text else []) for i, text in todo for _ in range(expand)]
         outs = lm.generate(prompts, step_tokens, until=["\n"], stop_ids=lm.fmt.stop_ids, temperature=temperature,
                            seed=seed + 1009 * step)
         cands = defaultdict(dict)  # problem -> text -> finished
@@ -46,6 +46,7 @@ def beam_search(lm, prm, problems: list[dict], prompt: str = PROMPT, beam: int =
             for c in outs[n * expand:(n + 1) * expand]:
                 tokens += len(c.ids)
                 line = c.text.strip("\n")
+                line = line if text else line.removeprefix(lm.fmt.lead)  # the reply's text starts after it
                 new = f"{text}\n{line}" if text else line
                 cands[i][new] = c.stop != "\n" or line.startswith("Answer:")
         # an empty candidate (the model ended its turn at once) is no message to render: it scores lowest
