@@ -56,7 +56,7 @@ CHAT_TEMPLATE_JINJA = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>' }}"
-    "{% if message['content'] %}{{ ' ' + message['content'] }}{% endif %}"
+    "{% if message['content'] %}{{ '" + LEAD + "' + message['content'] }}{% endif %}"
     "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
     "{% for call in message['tool_calls'] %}"
     "{% set fn = call['function'] if call['function'] is defined else call %}"

@@ -12,6 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from lmstack import assistant as A
+from lmstack.chatformat import LEAD
 from lmstack.serve.generation import MAX_TOOL_ROUNDS
 from lmstack.serve.server import app_for, build, make_server
 from lmstack.tools.python import isolation
@@ -71,8 +72,8 @@ def scripted(tok) -> SlotScript:
     def call(text):
         return [sid["<|tool_call|>"]] + tok.encode(text) + [sid["<|/tool_call|>"], end]
 
-    def between(ctx, start):  # a message's text (the format encodes it after a space)
-        return tok.decode(ctx[start + 1:ctx.index(end, start)]).removeprefix(" ")
+    def between(ctx, start):  # a message's text (the format encodes it after its lead)
+        return tok.decode(ctx[start + 1:ctx.index(end, start)]).removeprefix(LEAD)
 
     def next_token(ctx):
         a = len(ctx) - 1 - ctx[::-1].index(sid["<|assistant|>"])

@@ -447,14 +447,13 @@ def _answer_pairs(lm, spec: TaskSpec, row: dict, line: int, prompt: str, answers
     """The (context ids, continuation ids) pairs that score each of `answers` after `prompt`: in
     the chat format, as the start of the assistant's reply (after `reply_prefix`); in text, as
     the prompt's continuation (joined by `choice_prefix`, default a space)."""
-    if spec.format == "chat":
-        head, context = lm.fmt.prompt(_messages(spec, row, line, prompt)), _fill(spec.reply_prefix, row, spec, line)
+    if spec.format == "chat":  # the reply's text follows the format's lead, as the format encodes it
+        head, lead = lm.fmt.prompt(_messages(spec, row, line, prompt)), lm.fmt.lead
+        context = _fill(spec.reply_prefix, row, spec, line)
     else:
-        head, context = None, prompt
+        head, lead, context = None, "", prompt
     sep = spec.choice_prefix if spec.choice_prefix is not None else (" " if context else "")
-    if spec.format == "chat":  # the reply's text as the format encodes it
-        context = lm.fmt.lead + context
-    return [lm.split_pair(context, sep + a, head) for a in answers]
+    return [lm.split_pair(lead + context, sep + a, head) for a in answers]
 
 
 def _teacher_forced(lm, spec: TaskSpec, rows, answers) -> list[float]:
