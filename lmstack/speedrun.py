@@ -14,8 +14,8 @@ comparisons' prompts, GRPO on arithmetic problems that are not among the held-ou
 `--set KEY=VALUE` configures pretraining (train.dtype/device/compile/seed apply to every
 stage); `--set STAGE.KEY=VALUE` one later stage only, STAGE one of sft, rm, dpo, ppo, grpo
 (e.g. sft.train.max_steps=50, dpo.pref.beta=0.2, grpo.rl.group_size=4); `--set world.KEY=VALUE`
-the world's text (WORLD_KEYS, e.g. world.qa_docs=0); `--set tokenizer.conversations=true` fits the
-tokenizer to the world's conversations too (TOKENIZER_KEYS). Every --set is checked before any work
+the world's text (WORLD_KEYS, e.g. world.qa_docs=0); `--set tokenizer.conversations=false` fits the
+tokenizer to the world's pretraining text alone, not its conversations too (TOKENIZER_KEYS). Every --set is checked before any work
 starts.
 """
 
@@ -90,8 +90,8 @@ VAL_FRACTION = 0.02  # of the world's documents held out as pretraining's valida
 WORLD_KEYS = {"bios_per_person": int, "qa_docs": int, "copy_docs": int, "reading_docs": int, "permute": bool,
               "full_names": bool, "skill_people": int, "basic_skills": bool,
               "arithmetic": int, "stories": int, "heldout_fraction": float}
-# The tokenizer's knobs (--set tokenizer.KEY=VALUE): conversations=true trains its merges on the world's
-# conversations (sft.jsonl) as well as its pretraining text (README: "Reading a passage is not copying").
+# The tokenizer's knobs (--set tokenizer.KEY=VALUE): conversations=false trains its merges on the world's
+# pretraining text alone, not on its conversations (sft.jsonl) as well (README: "The assistant's words").
 TOKENIZER_KEYS = {"conversations": bool}
 KNOBS = {"world": WORLD_KEYS, "tokenizer": TOKENIZER_KEYS}  # the stages whose --set items are knobs, not config
 SHARED = ("train.dtype", "train.device", "train.compile", "train.seed")  # --set keys every stage inherits
@@ -162,9 +162,11 @@ def knob_settings(stage: str, items: list[str]) -> dict:
     return out
 
 
-def world_tokenizer(world: Path, out: Path, name: str, conversations: bool = False, force: bool = False):
-    """The tokenizer stage: a BPE of the preset's vocabulary (VOCAB) on the world's pretraining text,
-    and with `conversations` on the text of its conversations too (tokenizer.conversations)."""
+def world_tokenizer(world: Path, out: Path, name: str, conversations: bool = True, force: bool = False):
+    """The tokenizer stage: a BPE of the preset's vocabulary (VOCAB) on the world's pretraining text
+    and, with `conversations` (tokenizer.conversations, the default), on the text of its
+    conversations too: the assistant's own words ("sorry", "language") are then tokens, not letters
+    the model must learn to spell (README: "The assistant's words")."""
     return train_tokenizer([world / "pretrain.jsonl"], vocab_size=VOCAB.get(name, 4096), out=out, force=force,
                            conversations=[world / "sft.jsonl"] if conversations else [])
 
@@ -338,6 +340,8 @@ def evaluate_stages(out: Path, limit: int | None) -> dict:
             summary[stage]["val_bpb"] = round(r["lm"]["bpb"], 4)
         if "format" in r:
             summary[stage]["format"] = round(r["format"]["acc"], 4)
+        if "spelling" in r:  # chat replies whose words are all the world's (eval/spelling.py)
+            summary[stage]["spelling"] = round(r["spelling"]["all"]["acc"], 4)
         facts = r["tasks"].get("facts_qa")
         if facts:  # exact match on people seen in SFT, and its most-common-answer baseline
             summary[stage]["facts_qa_train"] = facts["slices"]["split=train"]["acc"]

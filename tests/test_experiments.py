@@ -72,7 +72,7 @@ def test_builtin_recipes_parse_and_fit_every_scale():
     assert sets["world"]["people"] == sets["world"]["copy_docs"] == PEOPLE["tiny"] and sets["world"]["seed"] == 3
     assert sets["pretrain"] == ["train.seed=3"] and sets["sft"] == [*SFT_SET["tiny"], "train.seed=3"]
     reading = {v.name: run_settings(v, "small", 0) for v in load_recipe("reading").variants}
-    assert reading["tokenizer_conversations"]["tokenizer"] == {"conversations": True} and "tokenizer" not in reading[
+    assert reading["tokenizer_text_only"]["tokenizer"] == {"conversations": False} and "tokenizer" not in reading[
         "plain"]
 
 
@@ -214,9 +214,10 @@ def test_the_reader_stage_learns_look_ups_of_people_it_never_saw(tmp_path):
         {"function": {"name": "calculator", "arguments": "{}"}}]}, {"role": "user", "content": "search"}]})
 
 
-def test_a_tokenizer_knob_fits_the_conversations_too(tmp_path):
-    """tokenizer = { conversations = true }: the run's tokenizer is trained on its world's pretraining
-    text and conversations (the speedrun's --set tokenizer.conversations=true); the settings say so."""
+def test_the_tokenizer_fits_the_conversations_too_unless_a_knob_says_not(tmp_path):
+    """By default a run's tokenizer is trained on its world's pretraining text and conversations;
+    tokenizer = { conversations = false } (the speedrun's --set tokenizer.conversations=false) on
+    the text alone, and the settings say so."""
     text = """
 description = "tokenizers"
 stages = ["world", "tokenizer", "data", "pretrain"]
@@ -229,22 +230,24 @@ base = ["copy"]
 
 [variants.plain]
 
-[variants.conversations]
-tokenizer = { conversations = true }
+[variants.text_only]
+tokenizer = { conversations = false }
 """
     run(tmp_path, recipe(tmp_path, text, "tk"))
-    folders = {v: tmp_path / "runs" / "tiny" / v / "seed0" for v in ("plain", "conversations")}
+    folders = {v: tmp_path / "runs" / "tiny" / v / "seed0" for v in ("plain", "text_only")}
     settings = {v: json.loads((f / "experiment.json").read_text())["settings"] for v, f in folders.items()}
-    assert settings["conversations"]["tokenizer"] == {"conversations": True} and "tokenizer" not in settings["plain"]
-    world = folders["conversations"] / "world"
-    assert (world / "sft.jsonl").read_bytes() == (folders["plain"] / "world" / "sft.jsonl").read_bytes()
+    assert settings["text_only"]["tokenizer"] == {"conversations": False} and "tokenizer" not in settings["plain"]
+    world = folders["plain"] / "world"
+    assert (world / "sft.jsonl").read_bytes() == (folders["text_only"] / "world" / "sft.jsonl").read_bytes()
     world_tokenizer(world, tmp_path / "with", "tiny", conversations=True)
+    world_tokenizer(world, tmp_path / "without", "tiny", conversations=False)
     tokens = {v: (f / "tokenizer" / "tokenizer.json").read_bytes() for v, f in folders.items()}
-    assert tokens["conversations"] == (tmp_path / "with" / "tokenizer.json").read_bytes() != tokens["plain"]
+    assert tokens["plain"] == (tmp_path / "with" / "tokenizer.json").read_bytes() != tokens["text_only"]
+    assert tokens["text_only"] == (tmp_path / "without" / "tokenizer.json").read_bytes()
     chats = [" ".join(m["content"] or "" for m in json.loads(line)["messages"])
              for line in (world / "sft.jsonl").read_text().splitlines()]
     count = {v: sum(len(Tokenizer.load(f / "tokenizer").encode(c)) for c in chats) for v, f in folders.items()}
-    assert count["conversations"] < count["plain"]  # the conversations take fewer tokens
+    assert count["plain"] < count["text_only"]  # the conversations take fewer tokens
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):

@@ -35,6 +35,7 @@ def _results(tasks, bpb=None, fmt=None, time="2026-11-22T07:15:00+00:00"):
         r["lm"] = {"source": "data (val)", "tokens": 1000, "bytes": 4000, "loss": 1.5, "bpb": bpb}
     if fmt is not None:
         r["format"] = _summary(fmt)
+        r["spelling"] = {"all": _summary(0.95), "facts_rank": _summary(1.0), "hallucination": _summary(0.3)}
     return r
 
 
@@ -106,6 +107,10 @@ def test_report_of_a_run(run):
     assert bpb[2:] == ["0.4868", "0.5100"] and "bits per byte" in bpb[0]
     fmt = next(v for k, v in rows.items() if k.startswith("**chat format**"))
     assert fmt[2] == "—" and fmt[3].startswith("98.0%")
+    spell = next(v for k, v in rows.items() if k.startswith("**spelling**"))
+    assert spell[2] == "—" and spell[3].startswith("95.0%")
+    # Under it, the tasks whose replies some stage garbles (under 90% well spelled), and only those.
+    assert rows["&nbsp;&nbsp;↳ hallucination"][3].startswith("30.0%") and "&nbsp;&nbsp;↳ facts_rank" not in rows
     assert "stale_task" not in md  # only the newest results count
     # Costs: steps, tokens and the FLOPs of the tiny model.
     assert "| base | 20.0 s | 30 | 61.4 k |" in md and "| chat | 10.0 s | 30 |" in md

@@ -51,6 +51,11 @@ def test_speedrun_tiny_end_to_end(tmp_path):
         closed = [it["closed"] for name, task in results["tasks"].items() if not name.startswith("arithmetic")
                   for it in task["items"] if "closed" in it]
         assert len(closed) >= 100 and sum(closed) / len(closed) >= 0.5, (stage, sum(closed) / len(closed))
+        # Spelling is scored on every greedy chat reply (eval/spelling.py).
+        replies = sum("reply" in it for task in results["tasks"].values() if task["format"] == "chat"
+                      for it in task["items"])
+        assert results["spelling"]["all"]["n"] == replies and ev[stage]["spelling"] == round(
+            results["spelling"]["all"]["acc"], 4)
     st = summary["stages"]
     assert st["rl_prompts"]["rows"] > 0 and st["dpo"]["final"]["step"] == 4  # dpo.KEY reached the DPO stage only
     assert st["ppo"]["final"]["step"] > 0 and st["grpo"]["final"]["step"] > 0

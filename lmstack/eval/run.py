@@ -25,6 +25,7 @@ import torch
 import lmstack
 from lmstack.data import copy_losses, copy_probe, icl_losses, icl_probe, iter_eval_windows, target_bytes, text_pool
 from lmstack.eval.lm import ModelLM
+from lmstack.eval.spelling import spelling_by_task, world_lexicon
 from lmstack.eval.tasks import TaskSpec, load_specs, run_task
 from lmstack.modelio import lineage
 from lmstack.sources import iter_documents
@@ -259,6 +260,8 @@ def evaluate(model, tasks=None, world=None, data=None, text=None, out=None, limi
     chat_items = [it["closed"] for r in results["tasks"].values() for it in r["items"] if "closed" in it]
     if chat_items:
         results["format"] = summarize(chat_items)  # chat-format compliance over every chat reply
+        if world is not None:  # are the replies' words the world's words (eval/spelling.py)
+            results["spelling"] = spelling_by_task(results["tasks"], world_lexicon(world))
     results["seconds"] = round(time.time() - t0, 1)
     if out is None and model_dir.is_dir():
         out = model_dir / "eval" / (datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + ".json")
@@ -310,6 +313,14 @@ def print_table(results: dict) -> None:
         f = results["format"]
         print(f"{'chat format':18s} {'replies closed with <|end|>':40s} {f['n']:5d} {_pct(f['acc'])}  "
               f"[{100 * f['ci'][0]:5.1f},{100 * f['ci'][1]:5.1f}]")
+    if "spelling" in results:
+        for name, f in results["spelling"].items():
+            what = "replies whose words are all the world's" if name == "all" else f"  {name}"
+            if name == "all" or f["acc"] < 0.9:  # the tasks where garbling shows
+                print(f"{'spelling' if name == 'all' else '':18s} {what:40s} {f['n']:5d} {_pct(f['acc'])}  "
+                      f"[{100 * f['ci'][0]:5.1f},{100 * f['ci'][1]:5.1f}]  "
+                      f"non-words {100 * f['nonword_share']:.1f}% of {f['words']} words"
+                      + (f" ({', '.join(w for w, _ in f['common'][:5])})" if f["common"] else ""))
     if COPY_TASK in results:
         r = results[COPY_TASK]
         print(f"{'copy':18s} {'2nd / 1st occurrence loss (1: none)':40s} {r['sequences']:5d} {r['ratio']:6.3f}  "
