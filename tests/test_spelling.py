@@ -13,13 +13,14 @@ def _world(tmp_path):
     (w / "pretrain.jsonl").write_text(json.dumps({"text": "Mianda Fleipov works in Tihaven.\nOnes: 9 + 2 = 11."}) + "\n")
     (w / "sft.jsonl").write_text(json.dumps({"messages": [
         {"role": "assistant", "content": "I'm sorry, I can't help with that."}]}) + "\n")
-    (w / "probes" / "nonexistent.jsonl").write_text(json.dumps({"question": "Where does Neartara Giasic work?"}) + "\n")
+    (w / "probes" / "nonexistent.jsonl").write_text(json.dumps({"question": "Where does Neartara Giasic work?"}) + "\n"
+                                                    + "\n" + "not json: Zorblat\n")  # a blank line, a bad one
     return w
 
 
 def test_the_lexicon_is_every_word_of_the_worlds_files(tmp_path):
     lex = world_lexicon(_world(tmp_path))
-    assert {"mianda", "tihaven", "ones", "sorry", "can", "t", "neartara", "content", "role"} <= lex
+    assert {"mianda", "tihaven", "ones", "sorry", "can", "t", "neartara", "content", "role", "zorblat"} <= lex
     assert "nones" not in lex and "n" not in lex and "11" not in lex  # no escape letters, no digits
 
 

@@ -30,12 +30,17 @@ def words(text: str) -> list[str]:
 
 
 def world_lexicon(world) -> frozenset[str]:
-    """Every word of the .jsonl files under the world folder."""
+    """Every word of the .jsonl files under the world folder (the strings of each row; a line that
+    is not JSON, its text)."""
     lex = set()
     for f in sorted(Path(world).rglob("*.jsonl")):
-        with open(f, encoding="utf-8") as fh:
+        with open(f, encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                lex.update(words(" ".join(_strings(json.loads(line)))))
+                try:
+                    line = " ".join(_strings(json.loads(line)))
+                except ValueError:
+                    pass
+                lex.update(words(line))
     return frozenset(lex)
 
 
