@@ -15,8 +15,8 @@ comparisons' prompts, GRPO on arithmetic problems that are not among the held-ou
 stage); `--set STAGE.KEY=VALUE` one later stage only, STAGE one of sft, rm, dpo, ppo, grpo
 (e.g. sft.train.max_steps=50, dpo.pref.beta=0.2, grpo.rl.group_size=4); `--set world.KEY=VALUE`
 the world's text (WORLD_KEYS, e.g. world.qa_docs=0); `--set tokenizer.conversations=false` fits the
-tokenizer to the world's pretraining text alone, not its conversations too (TOKENIZER_KEYS). Every --set is checked before any work
-starts.
+tokenizer to the world's pretraining text alone, not its conversations too (TOKENIZER_KEYS). Every
+--set is checked before any work starts.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import torch
 
 from lmstack.config import model_config_from_dict
 from lmstack.eval.run import environment, rows
+from lmstack.eval.spelling import rows_to_show
 from lmstack.model import GPT
 from lmstack.utils import UserError, atomic_file, atomic_write_text, read_json
 
@@ -167,16 +168,11 @@ def task_rows(stages: list[dict]) -> list[list[str]]:
     if any("format" in r for r in res):
         out.append(["**chat format** (replies closed with <\\|end\\|>)", DASH,
                     *[_cell(r.get("format")) for r in res]])
-    if any("spelling" in r for r in res):  # all the chat replies, then the tasks where some stage garbles
-        names = {}
-        for r in res:
-            names.update(dict.fromkeys(r.get("spelling", {})))
-        for name in names:
-            got = [(r.get("spelling") or {}).get(name) for r in res]
-            if name == "all" or any(c and c["acc"] < 0.9 for c in got):
-                label = "**spelling** (replies whose every word is a word of the world)" if name == "all" \
-                    else f"&nbsp;&nbsp;↳ {name}"
-                out.append([label, DASH, *[_cell(c) for c in got]])
+    spelled = [r.get("spelling") or {} for r in res]
+    for name in rows_to_show(spelled):  # all the chat replies, then the tasks where some stage garbles
+        label = "**spelling** (replies whose every word is a word of the world)" if name == "all" \
+            else f"&nbsp;&nbsp;↳ {name}"
+        out.append([label, DASH, *[_cell(s.get(name)) for s in spelled]])
     if any("lm" in r for r in res):
         out.append(["**language modelling** (bits per byte, lower is better)", DASH,
                     *[f"{r['lm']['bpb']:.4f}" if "lm" in r else DASH for r in res]])

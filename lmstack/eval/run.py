@@ -25,7 +25,7 @@ import torch
 import lmstack
 from lmstack.data import copy_losses, copy_probe, icl_losses, icl_probe, iter_eval_windows, target_bytes, text_pool
 from lmstack.eval.lm import ModelLM
-from lmstack.eval.spelling import spelling_by_task, world_lexicon
+from lmstack.eval.spelling import rows_to_show, spelling_by_task, world_lexicon
 from lmstack.eval.tasks import TaskSpec, load_specs, run_task
 from lmstack.modelio import lineage
 from lmstack.sources import iter_documents
@@ -313,14 +313,13 @@ def print_table(results: dict) -> None:
         f = results["format"]
         print(f"{'chat format':18s} {'replies closed with <|end|>':40s} {f['n']:5d} {_pct(f['acc'])}  "
               f"[{100 * f['ci'][0]:5.1f},{100 * f['ci'][1]:5.1f}]")
-    if "spelling" in results:
-        for name, f in results["spelling"].items():
-            what = "replies whose words are all the world's" if name == "all" else f"  {name}"
-            if name == "all" or f["acc"] < 0.9:  # the tasks where garbling shows
-                print(f"{'spelling' if name == 'all' else '':18s} {what:40s} {f['n']:5d} {_pct(f['acc'])}  "
-                      f"[{100 * f['ci'][0]:5.1f},{100 * f['ci'][1]:5.1f}]  "
-                      f"non-words {100 * f['nonword_share']:.1f}% of {f['words']} words"
-                      + (f" ({', '.join(w for w, _ in f['common'][:5])})" if f["common"] else ""))
+    for name in rows_to_show([results.get("spelling", {})]):  # all the chat replies, then the garbled tasks
+        f = results["spelling"][name]
+        what = "replies whose words are all the world's" if name == "all" else f"  {name}"
+        print(f"{'spelling' if name == 'all' else '':18s} {what:40s} {f['n']:5d} {_pct(f['acc'])}  "
+              f"[{100 * f['ci'][0]:5.1f},{100 * f['ci'][1]:5.1f}]  "
+              f"non-words {100 * f['nonword_share']:.1f}% of {f['words']} words"
+              + (f" ({', '.join(w for w, _ in f['common'][:5])})" if f["common"] else ""))
     if COPY_TASK in results:
         r = results[COPY_TASK]
         print(f"{'copy':18s} {'2nd / 1st occurrence loss (1: none)':40s} {r['sequences']:5d} {r['ratio']:6.3f}  "

@@ -23,6 +23,7 @@ from pathlib import Path
 from lmstack.stats import summarize
 
 WORD = re.compile(r"[^\W\d_]+")  # letters only: digits, punctuation and "_" separate words
+SHOWN_BELOW = 0.9  # tables show a task's own spelling row when some model spells fewer replies than this
 
 
 def words(text: str) -> list[str]:
@@ -79,3 +80,10 @@ def spelling_by_task(tasks: dict, lexicon: frozenset[str]) -> dict:
     replies = {name: rs for name, rs in replies.items() if rs}
     return {"all": spelling([x for rs in replies.values() for x in rs], lexicon),
             **{name: spelling(rs, lexicon) for name, rs in replies.items()}}
+
+
+def rows_to_show(by_model: list[dict]) -> list[str]:
+    """The spelling rows a table shows for these models' `spelling_by_task` results: "all", then
+    every task that some model spells worse than SHOWN_BELOW."""
+    names = dict.fromkeys(name for s in by_model for name in s)
+    return [n for n in names if n == "all" or any(n in s and s[n]["acc"] < SHOWN_BELOW for s in by_model)]
