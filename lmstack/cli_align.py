@@ -100,7 +100,8 @@ def add_parsers(sub, parser_class) -> None:
 
     pp = sub.add_parser("ppo", help="RLHF with PPO against a reward model (KL to the frozen SFT model)")
     pp.add_argument("--policy", required=True, help="the SFT model folder")
-    pp.add_argument("--reward", required=True, help="the reward model folder")
+    pp.add_argument("--reward", required=True, nargs="+",
+                    help="the reward model folder, or several: an ensemble (rl.ensemble=min | mean)")
     pp.add_argument("--prompts", required=True, help="jsonl of {prompt} or {messages}")
     pp.add_argument("--out", required=True)
     pp.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. rl.kl_coef=0.05")

@@ -181,6 +181,7 @@ class RLConfig:
     method: str = "grpo"  # grpo | rloo (group advantages)
     tools: str = ""  # GRPO: comma-separated tools the rollouts may call (e.g. "calculator"); "" = none
     tool_rounds: int = 2  # GRPO with tools: tool results per rollout at most (then the reply must answer)
+    ensemble: str = "min"  # PPO with several reward models: min | mean of their standardised scores
 
     def validate(self) -> None:
         _positive(self, "rl", ["prompts_per_step", "group_size", "max_new_tokens", "epochs", "clip", "tool_rounds"])
@@ -189,6 +190,7 @@ class RLConfig:
         _in_range(self, "rl", "gamma", 0.0, 1.0)
         _in_range(self, "rl", "lam", 0.0, 1.0)
         _choice(self, "rl", "method", ["grpo", "rloo"])
+        _choice(self, "rl", "ensemble", ["min", "mean"])
 
 
 @dataclass

@@ -347,6 +347,82 @@ def test_ppo_end_to_end_with_a_stand_in_reward(world, tmp_path):
     assert stage["stage"] == "ppo" and len(stage["reward_norm"]) == 2 and stage["reward_norm"][1] > 0
 
 
+class FakeMember:
+    """A stand-in reward model: a fixed function of the reply's text."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def to(self, device):
+        return self
+
+    def __call__(self, prompts, replies):
+        return [self.fn(r.text) for r in replies]
+
+
+def test_an_ensemble_standardises_each_member_then_combines(tok):
+    # member a counts a's, member b rewards x's on a 100x larger scale: raw, b would decide alone
+    a, b = FakeMember(lambda t: t.count("a")), FakeMember(lambda t: 100.0 * t.count("x"))
+    replies = [Reply([], t, 0, "stop") for t in ("aa", "x", "ax", "")]
+    prompts = [None] * len(replies)
+    ens = rollout_mod.EnsembleScorer([a, b], "min")
+    assert ens(prompts, replies) == [0.0, 0.0, 1.0, 0.0]  # not yet calibrated: the raw minimum
+    norms = ens.calibrate(prompts, replies)  # a: mean 0.75, std 0.829; b: mean 50, std 50
+    assert norms[1] == [50.0, 50.0] and norms[0][0] == 0.75
+    za = [(n - 0.75) / norms[0][1] for n in (2, 0, 1, 0)]
+    zb = [-1.0, 1.0, 1.0, -1.0]
+    assert ens(prompts, replies) == pytest.approx([min(x, y) for x, y in zip(za, zb)])
+    ens.how = "mean"
+    assert ens(prompts, replies) == pytest.approx([(x + y) / 2 for x, y in zip(za, zb)])
+    # a member that scores everything alike keeps a unit scale (no division by zero)
+    flat = rollout_mod.EnsembleScorer([a, FakeMember(lambda t: 3.0)])
+    assert flat.calibrate(prompts, replies)[1] == [3.0, 1.0]
+
+
+def fake_reward_model(d, chat_dir, seed):
+    """A reward model folder: the chat model's weights and a random score head (what
+    `lmstack reward train` writes, untrained)."""
+    from lmstack.model import RewardModel
+
+    net, tok = modelio.load_model_and_tokenizer(chat_dir, kind="chat")
+    rm = RewardModel.from_gpt(net)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(rm.score_head.weight, std=1.0)
+    d.mkdir()
+    tok.save(d)
+    modelio.save_weights(rm, d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps(dataclasses.asdict(rm.cfg)))
+    (d / "stage.json").write_text(json.dumps({"stage": "reward", "base": str(chat_dir)}))
+    return d
+
+
+def test_ppo_against_an_ensemble_of_reward_models(world, tmp_path, capsys):
+    rms = [str(fake_reward_model(tmp_path / f"rm{i}", world / "chat", i)) for i in range(2)]
+    out = tmp_path / "ppo"
+    over = FAST + ["train.max_steps=4", "rl.group_size=1", "rl.prompts_per_step=8", "train.save_every=2"]
+    ppo(str(world / "chat"), rms, str(world / "prompts.jsonl"), str(out), overrides=over)
+    stage = json.loads((out / "stage.json").read_text())
+    assert stage["reward"] == ",".join(rms) and len(stage["reward_members"]) == 2
+    assert all(s > 0 for _, s in stage["reward_members"]) and stage["reward_members"][0] != stage["reward_members"][1]
+    assert stage["heldout"]["after"]["n"] > 0 and math.isfinite(read_metrics(out)[-1]["reward"])
+    # resumed, the members keep the scales they were calibrated with
+    ppo(str(world / "chat"), rms, str(world / "prompts.jsonl"), str(out), overrides=over + ["train.max_steps=6"],
+        resume=True)
+    again = json.loads((out / "stage.json").read_text())
+    assert again["reward_members"] == stage["reward_members"] and again["reward_norm"] == stage["reward_norm"]
+    # the command line takes several folders; GRPO and plain files are refused in one line
+    rc = cli_main(["ppo", "--policy", str(world / "chat"), "--reward", rms[0], "vowels", "--prompts",
+                   str(world / "prompts.jsonl"), "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "ensemble is of reward model folders" in err
+    with pytest.raises(UserError, match="ensemble of reward models is for PPO"):
+        grpo(str(world / "chat"), str(world / "prompts.jsonl"), rms, str(tmp_path / "never"))
+    with pytest.raises(UserError, match="rl.ensemble"):
+        ppo(str(world / "chat"), rms, str(world / "prompts.jsonl"), str(tmp_path / "never"),
+            overrides=["rl.ensemble=max"])
+    assert not (tmp_path / "never").exists()
+
+
 def test_exact_resume_inside_a_phase(world, tmp_path, monkeypatch):
     # 16 rollouts per phase, 2 micro-batches per step, 2 epochs: 2 steps (4 micro-batches) per phase.
     over = FAST + ["train.save_every=3", "train.max_steps=6"]

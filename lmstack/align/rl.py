@@ -22,8 +22,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from lmstack import distributed
-from lmstack.align.rollout import (RolloutBatches, evaluate_prompts, load_prompts, make_scorer, reward_stats,
-                                   split_heldout, tempered_logprobs, tool_registry)
+from lmstack.align.rollout import (EnsembleScorer, RolloutBatches, evaluate_prompts, load_prompts, make_scorer,
+                                   reward_stats, split_heldout, tempered_logprobs, tool_registry)
 from lmstack.config import RunConfig, stage_config
 from lmstack.model import GPT
 from lmstack.modelio import STAGE, WEIGHTS, load_model_and_tokenizer
@@ -187,7 +187,9 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
     cfg = rl_config(preset or kind, overrides, net.cfg, world_size)
     rl, tc = cfg.rl, cfg.train
     out_dir, resume = checkpoint.output_folder(out, resume)
-    scorer = make_scorer(reward, tok, prompts_file)
+    if isinstance(reward, (list, tuple)) and len(reward) > 1 and kind != "ppo":
+        raise UserError("an ensemble of reward models is for PPO (GRPO's rewards are checked, not modelled)")
+    scorer = make_scorer(reward, tok, prompts_file, rl.ensemble)
     tools = tool_registry(rl.tools)
     if tools is not None and kind != "grpo":
         raise UserError("rl.tools is for GRPO only (PPO's GAE over replies with tool results is not written)")
@@ -197,7 +199,10 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
         why = describe_counts(stats["skipped"]) or "empty"
         raise UserError(f"no usable prompts in {prompts_file} ({why})")
     train_prompts, heldout = split_heldout(prompts)
-    reward_name = reward if isinstance(reward, (str, Path)) else getattr(reward, "__name__", type(reward).__name__)
+    if isinstance(reward, (list, tuple)):
+        reward_name = ",".join(map(str, reward))
+    else:
+        reward_name = reward if isinstance(reward, (str, Path)) else getattr(reward, "__name__", type(reward).__name__)
     info = {"stage": kind, "base": str(base), "chat": True, "prompts": str(prompts_file), "reward": str(reward_name),
             **stats, "train_prompts": len(train_prompts), "heldout_prompts": len(heldout),
             "steps_per_phase": steps_per_phase(cfg), "tools": rl.tools}
@@ -208,6 +213,8 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
         info["heldout"] = old.get("heldout", {})
         if kind == "ppo":
             info["reward_norm"] = old.get("reward_norm")
+            if isinstance(scorer, EnsembleScorer):  # the members' scales as they were calibrated
+                scorer.norms = info["reward_members"] = old.get("reward_members")
 
     dist = distributed.init(tc.device)
     try:
@@ -218,6 +225,8 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
         policy.to(dist.device).train()
         if kind == "ppo" and not info.get("reward_norm"):
             info["reward_norm"] = reward_stats(ref, tok, train_prompts, scorer, cfg)
+            if isinstance(scorer, EnsembleScorer):
+                info["reward_members"] = scorer.norms
         if main:
             skipped = describe_counts(stats["skipped"])
             print(f"{kind} prompts: {len(prompts):,} of {stats['rows']:,} rows ({len(train_prompts):,} train, "
@@ -262,5 +271,6 @@ def grpo(model, prompts, reward, out, overrides=(), resume: bool = False, preset
 
 def ppo(policy, reward, prompts, out, overrides=(), resume: bool = False, preset: str = "ppo") -> dict:
     """`lmstack ppo`: PPO-RLHF of the chat model `policy` against the reward model folder
-    `reward` (or, as a stand-in, any reward spec / callable `grpo` takes)."""
+    `reward`, or a list of them (an ensemble: each member standardised, then their minimum, or
+    mean with rl.ensemble=mean), or, as a stand-in, any reward spec / callable `grpo` takes."""
     return run_rl("ppo", policy, prompts, reward, out, overrides, resume, preset)

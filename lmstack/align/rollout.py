@@ -165,9 +165,52 @@ class RewardModelScorer:
         return [float("nan") if s is None else float(s) for s in scores]
 
 
-def make_scorer(reward, tok: Tokenizer, prompts_file=None) -> Scorer:
-    """A scorer from: a reward model folder, arithmetic | world | python:MODULE:FUNCTION, or a
-    Python callable (row, answer) -> float."""
+class EnsembleScorer:
+    """Several reward models as one cautious scorer, so that PPO cannot climb the blind spot of a
+    single one (Coste et al. 2024, "Reward Model Ensembles Help Mitigate Overoptimization").
+    Each member's score is first standardised by its own mean and std on the reference's replies
+    (`calibrate`, once, before PPO's first phase), so members on different scales count alike;
+    the reward is then their minimum (how="min", worst-case optimisation: a reply scores high
+    only when every member agrees) or their mean (how="mean")."""
+
+    def __init__(self, members: list[RewardModelScorer], how: str = "min"):
+        assert members and how in ("min", "mean"), (len(members), how)
+        self.members, self.how = members, how
+        self.norms: list[list[float]] | None = None  # [mean, std] per member
+
+    def to(self, device):
+        for m in self.members:
+            m.to(device)
+        return self
+
+    def member_scores(self, prompts: list[Prompt], replies: list[Reply]) -> np.ndarray:
+        """Raw scores [members, replies]."""
+        return np.array([m(prompts, replies) for m in self.members], dtype=np.float64)
+
+    def calibrate(self, prompts: list[Prompt], replies: list[Reply]) -> list[list[float]]:
+        raw = self.member_scores(prompts, replies)
+        std = np.nanstd(raw, axis=1)
+        self.norms = [[float(m), float(s) if s > 1e-6 else 1.0] for m, s in zip(np.nanmean(raw, axis=1), std)]
+        return self.norms
+
+    def __call__(self, prompts: list[Prompt], replies: list[Reply]) -> list[float]:
+        z = self.member_scores(prompts, replies)
+        if self.norms is not None:
+            norms = np.array(self.norms)
+            z = (z - norms[:, :1]) / norms[:, 1:]
+        return (z.min(axis=0) if self.how == "min" else z.mean(axis=0)).tolist()
+
+
+def make_scorer(reward, tok: Tokenizer, prompts_file=None, ensemble: str = "min") -> Scorer:
+    """A scorer from: a reward model folder, arithmetic | world | python:MODULE:FUNCTION, a
+    Python callable (row, answer) -> float, or a list of reward model folders (an
+    `EnsembleScorer` combining them by `ensemble`: min | mean)."""
+    if isinstance(reward, (list, tuple)):
+        if len(reward) == 1:
+            return make_scorer(reward[0], tok, prompts_file)
+        if not reward or not all(isinstance(r, (str, Path)) and Path(r).is_dir() for r in reward):
+            raise UserError(f"--reward: an ensemble is of reward model folders, not {', '.join(map(str, reward))}")
+        return EnsembleScorer([RewardModelScorer(r, tok) for r in reward], ensemble)
     if callable(reward) and not isinstance(reward, (str, Path)):
         return RowRewardScorer(reward)
     spec = str(reward)
@@ -466,8 +509,10 @@ def reward_stats(ref, tok: Tokenizer, prompts: list[Prompt], scorer: Scorer, cfg
     Ziegler et al. 2019), so returns, values and the KL penalty are on a known scale."""
     rl, seed = cfg.rl, cfg.train.seed
     pick = np.random.default_rng([seed, 37]).permutation(len(prompts))[:2 * rl.prompts_per_step]
-    ev = evaluate_prompts(ref, tok, [prompts[i] for i in pick], scorer, rl.max_new_tokens,
-                          temperature=rl.temperature, seed=seed)
-    scores = np.array([r[0] for r in ev["rewards"]], dtype=np.float64)
+    picked = [prompts[i] for i in pick]
+    replies = [rs[0] for rs in sample_replies(ref, tok, picked, 1, rl.temperature, rl.max_new_tokens, seed)]
+    if isinstance(scorer, EnsembleScorer) and scorer.norms is None:
+        scorer.calibrate(picked, replies)  # each member standardised on the same replies
+    scores = np.array(scorer(picked, replies), dtype=np.float64)
     std = float(np.nanstd(scores))
     return [float(np.nanmean(scores)), std if std > 1e-6 else 1.0]
