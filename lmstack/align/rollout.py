@@ -506,7 +506,9 @@ def evaluate_prompts(model, tok: Tokenizer, prompts: list[Prompt], scorer: Score
 def reward_stats(ref, tok: Tokenizer, prompts: list[Prompt], scorer: Scorer, cfg: RunConfig) -> list[float]:
     """[mean, std] of the scores of the reference's sampled replies to 2 x rl.prompts_per_step
     prompts: PPO standardises the reward model's score with them (a fixed gain and bias, as in
-    Ziegler et al. 2019), so returns, values and the KL penalty are on a known scale."""
+    Ziegler et al. 2019), so returns, values and the KL penalty are on a known scale. An
+    `EnsembleScorer` not yet calibrated is calibrated on these same replies first (its members'
+    scales; the caller saves `scorer.norms` for a resume)."""
     rl, seed = cfg.rl, cfg.train.seed
     pick = np.random.default_rng([seed, 37]).permutation(len(prompts))[:2 * rl.prompts_per_step]
     picked = [prompts[i] for i in pick]
