@@ -182,10 +182,12 @@ class RLConfig:
     tools: str = ""  # GRPO: comma-separated tools the rollouts may call (e.g. "calculator"); "" = none
     tool_rounds: int = 2  # GRPO with tools: tool results per rollout at most (then the reply must answer)
     ensemble: str = "min"  # PPO with several reward models: min | mean of their standardised scores
+    ptx_coef: float = 0.0  # weight of the next-token loss on SFT conversations in each micro-batch (0 = off; "PPO-ptx")
+    ptx_data: str = ""  # those conversations: comma-separated jsonl files; "" = the policy's own SFT data
 
     def validate(self) -> None:
         _positive(self, "rl", ["prompts_per_step", "group_size", "max_new_tokens", "epochs", "clip", "tool_rounds"])
-        _non_negative(self, "rl", ["temperature", "kl_coef", "vf_coef"])
+        _non_negative(self, "rl", ["temperature", "kl_coef", "vf_coef", "ptx_coef"])
         _in_range(self, "rl", "top_p", 0.0, 1.0)
         _in_range(self, "rl", "gamma", 0.0, 1.0)
         _in_range(self, "rl", "lam", 0.0, 1.0)

@@ -423,9 +423,80 @@ def test_ppo_against_an_ensemble_of_reward_models(world, tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
-def test_exact_resume_inside_a_phase(world, tmp_path, monkeypatch):
+def sft_val_loss(model_dir, tok, docs):
+    """The mean next-token loss of a model folder on packed SFT conversations (assistant tokens)."""
+    from lmstack.train.sft import iter_val_batches, packed_loss
+
+    net = modelio.load_model(model_dir).eval()
+    with torch.no_grad():
+        sums = [packed_loss(net, b) for b in iter_val_batches(docs, 8, 64, tok.pad_id, 100)]
+    return float(sum(s for s, _ in sums) / sum(n for _, n in sums))
+
+
+def test_ppo_ptx_mixes_the_sft_loss_into_each_micro_batch(world, tok, tmp_path, capsys):
+    from lmstack.train.sft import load_docs, packed_loss
+
+    # the policy records its SFT data (sft.json), as a folder `lmstack sft` wrote does
+    policy = tmp_path / "chat"
+    import shutil
+    shutil.copytree(world / "chat", policy)
+    sft_file = world / "world" / "sft.jsonl"
+    (policy / "sft.json").write_text(json.dumps({"base": None, "data": [str(sft_file)]}))
+    over = FAST + ["train.max_steps=12", "rl.group_size=1", "rl.prompts_per_step=16", "train.seq_len=64"]
+    docs, _ = load_docs([sft_file], tok, 65)
+    assert len(docs) > 50
+    runs = {}
+    for coef in (0, 2):
+        out = tmp_path / f"ppo{coef}"
+        ppo(str(policy), vowels, str(world / "prompts.jsonl"), str(out), overrides=over + [f"rl.ptx_coef={coef}"])
+        runs[coef] = sft_val_loss(out, tok, docs)
+    stage = json.loads((tmp_path / "ppo2" / "stage.json").read_text())
+    assert stage["ptx_data"] == [str(sft_file)] and stage["ptx_coef"] == 2
+    assert "ptx_data" not in json.loads((tmp_path / "ppo0" / "stage.json").read_text())
+    metrics = read_metrics(tmp_path / "ppo2")
+    assert all(math.isfinite(r["ptx_loss"]) for r in metrics) and metrics[-1]["ptx_loss"] < metrics[0]["ptx_loss"]
+    assert "ptx_loss" not in read_metrics(tmp_path / "ppo0")[-1]
+    # the SFT loss keeps the policy on its conversations: lower than where it started, and than PPO alone
+    start = sft_val_loss(policy, tok, docs)
+    assert runs[2] < start - 0.5 and runs[2] < runs[0] - 0.5, (start, runs)
+    assert "ptx: " in capsys.readouterr().out
+
+    # the term itself: the objective's sum + coef x the mean SFT loss x this micro-batch's reply tokens
+    cfg, pv, _, batches = _batches(world, tok, "ppo", ["rl.ptx_coef=0.5", "train.seq_len=64"])
+    from lmstack.align.rl import PPOObjective, ptx_batches
+    batches.ptx = ptx_batches(cfg, docs, tok.pad_id, 0, 1)
+    batch = batches.next()
+    assert len(batch) == 12
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plain, n, _ = PPOObjective(cfg.rl)(pv, batch[:8])
+        mixed, n2, extras = PPOObjective(cfg.rl)(pv, batch)
+        s, c = packed_loss(pv, batch[8:])
+    assert n == n2 and torch.allclose(mixed, plain + 0.5 * s / c * n, rtol=1e-5)
+    assert torch.allclose(extras["ptx_loss"], s / c * n)
+
+    # errors, one line each, before any work
+    for over_bad, folder, match in [
+            (["rl.ptx_coef=1"], world / "chat", "records no SFT data"),
+            (["rl.ptx_coef=1", "rl.ptx_data=nope.jsonl"], policy, "nope.jsonl not found"),
+            (["rl.ptx_coef=-1"], policy, "rl.ptx_coef")]:
+        with pytest.raises(UserError, match=match):
+            ppo(str(folder), vowels, str(world / "prompts.jsonl"), str(tmp_path / "never"), overrides=FAST + over_bad)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"messages": [{"role": "user", "content": "Tell me everything."},
+                                             {"role": "assistant", "content": " ".join(["word"] * 100)}]}) + "\n")
+    with pytest.raises(UserError, match="no usable conversations of at most 33 tokens"):
+        ppo(str(policy), vowels, str(world / "prompts.jsonl"), str(tmp_path / "never"),
+            overrides=FAST + ["rl.ptx_coef=1", f"rl.ptx_data={long}"])
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("ptx", [False, True], ids=["plain", "ptx"])
+def test_exact_resume_inside_a_phase(world, tmp_path, monkeypatch, ptx):
     # 16 rollouts per phase, 2 micro-batches per step, 2 epochs: 2 steps (4 micro-batches) per phase.
     over = FAST + ["train.save_every=3", "train.max_steps=6"]
+    if ptx:  # the SFT windows mixed in resume where they were, too
+        over += ["rl.ptx_coef=0.5", f"rl.ptx_data={world / 'world' / 'sft.jsonl'}", "train.seq_len=64"]
     args = (str(world / "chat"), str(world / "prompts.jsonl"), vowels)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     grpo(*args, str(straight), overrides=over)
@@ -440,7 +511,8 @@ def test_exact_resume_inside_a_phase(world, tmp_path, monkeypatch):
     import shutil
     shutil.rmtree(checkpoint.checkpoints(resumed)[1])
     grpo(*args, str(resumed), overrides=over, resume=True)
-    keys = ["step", "loss", "lr", "grad_norm", "reward", "kl", "clip_frac", "entropy", "rollout_kl", "phase"]
+    keys = ["step", "loss", "lr", "grad_norm", "reward", "kl", "clip_frac", "entropy", "rollout_kl", "phase",
+            "ptx_loss"]
     a, b = read_metrics(straight), read_metrics(resumed)
     assert len(a) == 6 and [{k: r.get(k) for k in keys} for r in a] == [{k: r.get(k) for k in keys} for r in b]
     with pytest.raises(UserError, match="other prompts or reward"):

@@ -26,10 +26,12 @@ from lmstack.align.rollout import (EnsembleScorer, RolloutBatches, evaluate_prom
                                    reward_stats, split_heldout, tempered_logprobs, tool_registry)
 from lmstack.config import RunConfig, stage_config
 from lmstack.model import GPT
-from lmstack.modelio import STAGE, WEIGHTS, load_model_and_tokenizer
+from lmstack.modelio import STAGE, WEIGHTS, lineage, load_model_and_tokenizer
+from lmstack.tokenizer import Tokenizer
 from lmstack.train import checkpoint
 from lmstack.train.loop import frozen_copy, seed_everything, train
 from lmstack.train.objectives import kl_estimates, ppo_clip_loss, value_loss
+from lmstack.train.sft import PackedBatches, load_docs, packed_loss
 from lmstack.utils import UserError, atomic_file, atomic_write_json, describe_counts
 
 VALUE_HEAD = "value_head.safetensors"
@@ -66,14 +68,28 @@ class PolicyValue(GPT):
 
 # --------------------------------------------------------------------------- objectives
 
+def with_ptx(rl, model, ptx: tuple, loss_sum: torch.Tensor, n: torch.Tensor, extras: dict):
+    """"PPO-ptx" (Ouyang et al. 2022, with SFT conversations where they mixed in pretraining text):
+    + rl.ptx_coef x the mean next-token loss on the micro-batch's packed SFT windows `ptx`
+    (x, y, mask, doc_ids), added as that mean times this micro-batch's reply-token count `n`,
+    so that the loop's division by the tokens leaves rl.ptx_coef x the SFT loss. Nothing to do
+    when the batch carries no SFT windows."""
+    if not ptx:
+        return loss_sum, n, extras
+    s, c = packed_loss(model, ptx)
+    ce = s / c.clamp(min=1)
+    return loss_sum + rl.ptx_coef * ce * n, n, {**extras, "ptx_loss": ce.detach() * n}
+
+
 class GRPOObjective:
-    """Clipped surrogate with the group advantage + kl_coef * k3 KL to the reference, per reply token."""
+    """Clipped surrogate with the group advantage + kl_coef * k3 KL to the reference, per reply
+    token (+ rl.ptx_coef x the SFT loss, `with_ptx`)."""
 
     def __init__(self, rl):
         self.rl = rl
 
     def __call__(self, model, batch):
-        x, y, mask, old_logp, ref_logp, adv = batch
+        (x, y, mask, old_logp, ref_logp, adv), ptx = batch[:6], batch[6:]
         logp, logp_all = tempered_logprobs(model(x), y, self.rl.temperature)
         m = mask.to(logp.dtype)
         logp = torch.where(mask > 0, logp, old_logp)  # padding: ratio 1, KL 0 (never inf * 0)
@@ -83,17 +99,18 @@ class GRPOObjective:
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         extras = {"kl": (kl * m).sum().detach(), "clip_frac": (clipped * m).sum().detach(),
                   "entropy": (entropy * m).sum().detach(), "pg_loss": (pg * m).sum().detach()}
-        return (loss * m).sum(), m.sum(), extras
+        return with_ptx(self.rl, model, ptx, (loss * m).sum(), m.sum(), extras)
 
 
 class PPOObjective:
-    """Clipped surrogate with the GAE advantage + vf_coef * clipped value loss, per reply token."""
+    """Clipped surrogate with the GAE advantage + vf_coef * clipped value loss, per reply token
+    (+ rl.ptx_coef x the SFT loss, `with_ptx`)."""
 
     def __init__(self, rl):
         self.rl = rl
 
     def __call__(self, model, batch):
-        x, y, mask, old_logp, ref_logp, adv, returns, old_values = batch
+        (x, y, mask, old_logp, ref_logp, adv, returns, old_values), ptx = batch[:8], batch[8:]
         logits, values = model(x, values=True)
         logp, logp_all = tempered_logprobs(logits, y, self.rl.temperature)
         m = mask.to(logp.dtype)
@@ -106,7 +123,7 @@ class PPOObjective:
         extras = {"kl": (kl * m).sum().detach(), "clip_frac": (clipped * m).sum().detach(),
                   "entropy": (entropy * m).sum().detach(), "pg_loss": (pg * m).sum().detach(),
                   "vf_loss": (vl * m).sum().detach()}
-        return (loss * m).sum(), m.sum(), extras
+        return with_ptx(self.rl, model, ptx, (loss * m).sum(), m.sum(), extras)
 
 
 # --------------------------------------------------------------------------- config
@@ -147,6 +164,42 @@ def rl_config(preset: str, overrides, base_model, world_size: int = 1) -> RunCon
     if rl.method == "rloo" and rl.group_size < 2:
         raise UserError("rl.method=rloo needs rl.group_size >= 2")
     return cfg
+
+
+def ptx_docs(cfg: RunConfig, base: Path, tok: Tokenizer) -> tuple[list[str], list]:
+    """The SFT conversations of "PPO-ptx" (none when rl.ptx_coef is 0): rl.ptx_data, or else the
+    data of the SFT stage that made the policy (its lineage); (files, rendered docs of at most
+    train.seq_len + 1 tokens: longer conversations are skipped)."""
+    rl, tc = cfg.rl, cfg.train
+    if rl.ptx_coef == 0:
+        return [], []
+    files = [f.strip() for f in rl.ptx_data.split(",") if f.strip()]
+    if not files:
+        files = next((s["data"] for s in lineage(base)["steps"] if s["stage"] == "sft" and s["data"]), [])
+    if not files:
+        raise UserError(f"rl.ptx_coef needs SFT conversations and {base} records no SFT data: "
+                        "set rl.ptx_data=FILE.jsonl[,FILE2.jsonl]")
+    files = [str(f) for f in files]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise UserError(f"rl.ptx_coef: SFT data {', '.join(missing)} not found (set rl.ptx_data=FILE.jsonl)")
+    docs, stats = load_docs(files, tok, tc.seq_len + 1)
+    skipped = describe_counts(stats["skipped"])
+    if not docs:
+        raise UserError(f"rl.ptx_data: no usable conversations of at most {tc.seq_len + 1} tokens in "
+                        f"{', '.join(files)} ({skipped or 'empty'})")
+    if distributed.is_main():
+        print(f"ptx: {len(docs):,} SFT conversations from {', '.join(files)}, rl.ptx_coef={rl.ptx_coef}"
+              + (f"; skipped {skipped}" if skipped else ""), flush=True)
+    return files, docs
+
+
+def ptx_batches(cfg: RunConfig, docs: list, pad_id: int, rank: int, world_size: int) -> PackedBatches | None:
+    """The packed SFT windows appended to each micro-batch (sft.py's PackedBatches at the
+    policy's micro-batch size and train.seq_len); None without ptx."""
+    tc = cfg.train
+    return PackedBatches(docs, tc.micro_batch_size, tc.seq_len, pad_id, seed=tc.seed, rank=rank,
+                         world_size=world_size) if docs else None
 
 
 def steps_per_phase(cfg: RunConfig) -> int:
@@ -206,9 +259,12 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
     info = {"stage": kind, "base": str(base), "chat": True, "prompts": str(prompts_file), "reward": str(reward_name),
             **stats, "train_prompts": len(train_prompts), "heldout_prompts": len(heldout),
             "steps_per_phase": steps_per_phase(cfg), "tools": rl.tools}
+    ptx_data, ptx = ptx_docs(cfg, base, tok)
+    if ptx:
+        info.update(ptx_data=ptx_data, ptx_coef=rl.ptx_coef)
     if resume:
         old = checkpoint.check_resume(out_dir, kind, dataclasses.asdict(cfg.model), STAGE, info,
-                                      ("prompts", "reward", "rows", "usable", "skipped", "train_prompts"),
+                                      ("prompts", "reward", "rows", "usable", "skipped", "train_prompts", "ptx_data"),
                                       what="prompts or reward")
         info["heldout"] = old.get("heldout", {})
         if kind == "ppo":
@@ -242,7 +298,8 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
                     print(f"held out, greedy, {base}: mean reward {ev['mean']:.4f}", flush=True)
             atomic_write_json(out_dir / STAGE, info)
         batches = RolloutBatches(kind, policy, ref, tok, train_prompts, scorer, cfg, dist.rank, dist.world_size,
-                                 reward_norm=tuple(info["reward_norm"]) if kind == "ppo" else (0.0, 1.0), tools=tools)
+                                 reward_norm=tuple(info["reward_norm"]) if kind == "ppo" else (0.0, 1.0), tools=tools,
+                                 ptx=ptx_batches(cfg, ptx, tok.pad_id, dist.rank, dist.world_size))
         objective = GRPOObjective(rl) if kind == "grpo" else PPOObjective(rl)
         try:
             record = train(cfg, policy, batches, objective, out_dir, tokenizer_file=base / "tokenizer.json",

@@ -265,7 +265,8 @@ class RolloutBatches:
          the reply's last token, whitened over the batch;
       5. rl.epochs passes, reshuffled, as micro-batches of train.micro_batch_size rollouts.
     Micro-batches: GRPO (x, y, mask, old_logp, ref_logp, adv); PPO (x, y, mask, old_logp,
-    ref_logp, adv, returns, old_values); all [B, T], mask 1 on reply tokens of y.
+    ref_logp, adv, returns, old_values); all [B, T], mask 1 on reply tokens of y; with `ptx`,
+    followed by its next packed SFT batch (x, y, mask, doc_ids) ("PPO-ptx", rl.py).
     `metrics()`: the phase's reward (mean, std), pass rate and groups with signal (GRPO), reply
     length, truncated and tool-call fractions, KL of the rollout policy to the reference.
     `tools`: the registry the rollouts may call (rl.tools through `tool_registry`: run_rl builds
@@ -274,7 +275,7 @@ class RolloutBatches:
 
     def __init__(self, kind: str, policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[Prompt],
                  scorer: Scorer, cfg: RunConfig, rank: int = 0, world_size: int = 1,
-                 reward_norm: tuple[float, float] = (0.0, 1.0), tools=None):
+                 reward_norm: tuple[float, float] = (0.0, 1.0), tools=None, ptx=None):
         assert kind in ("grpo", "ppo") and prompts
         self.kind, self.policy, self.ref, self.tok, self.prompts, self.scorer = kind, policy, ref, tok, prompts, scorer
         self.rl, self.tc, self.rank, self.world = cfg.rl, cfg.train, rank, world_size
@@ -289,6 +290,7 @@ class RolloutBatches:
         self._perm_cache: dict[int, np.ndarray] = {}
         self.reward_norm = reward_norm  # PPO: (mean, std) of the reference's scores; rewards are standardised
         self.tools = tools
+        self.ptx = ptx  # "PPO-ptx": a source of packed SFT windows, one batch appended to each micro-batch
 
     # --- prompts of a phase
     def _prompt_at(self, k: int) -> int:
@@ -432,7 +434,8 @@ class RolloutBatches:
         names = ["x", "y", "mask", "old_logp", "ref_logp", "adv"]
         if self.kind == "ppo":
             names += ["returns", "old_values"]
-        return tuple(self.tensors[k][rows, :T] for k in names)
+        batch = tuple(self.tensors[k][rows, :T] for k in names)
+        return batch + self.ptx.next() if self.ptx is not None else batch
 
     def metrics(self) -> dict:
         return dict(self._metrics)
@@ -443,10 +446,14 @@ class RolloutBatches:
             state["rollout"] = self.rollout.to_state()
         else:
             state["pos"] = 0
+        if self.ptx is not None:
+            state["ptx"] = self.ptx.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.next_phase, self.pos = int(state["phase"]), int(state.get("pos", 0))
+        if self.ptx is not None and "ptx" in state:
+            self.ptx.load_state_dict(state["ptx"])
         self.rollout = None
         if state.get("rollout") is not None:
             self._prepare(Rollout.from_state(state["rollout"]))
