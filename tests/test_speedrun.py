@@ -61,6 +61,9 @@ def test_speedrun_tiny_end_to_end(tmp_path):
     assert st["ppo"]["final"]["step"] > 0 and st["grpo"]["final"]["step"] > 0
     assert st["reward"]["held_out"]["n"] > 0 and st["reward"]["held_out"]["accuracy"] > 0.5  # above chance
     assert set(st["ppo"]["held_out_reward"]) == {"before", "after"}
+    # PPO-ptx by default: the SFT loss on the conversations chat/ was fine-tuned on (its lineage)
+    assert json.loads((out / "ppo" / "stage.json").read_text())["ptx_data"] == [str(out / "world" / "sft.jsonl")]
+    assert "ptx_loss" in json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
     assert json.loads((out / "grpo" / "run.json").read_text())["rl"]["tools"] == GRPO_TOOLS
     for m in ("dpo", "ppo"):  # ground-truth win rate against the SFT model
         w = st["winrate"][m]

@@ -178,7 +178,7 @@ def ptx_docs(cfg: RunConfig, base: Path, tok: Tokenizer) -> tuple[list[str], lis
         files = next((s["data"] for s in lineage(base)["steps"] if s["stage"] == "sft" and s["data"]), [])
     if not files:
         raise UserError(f"rl.ptx_coef needs SFT conversations and {base} records no SFT data: "
-                        "set rl.ptx_data=FILE.jsonl[,FILE2.jsonl]")
+                        "set rl.ptx_data=FILE.jsonl[,FILE2.jsonl] (or rl.ptx_coef=0 for plain PPO)")
     files = [str(f) for f in files]
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
