@@ -5,8 +5,9 @@
 
 Both are THE training loop with a batch source that has a rollout phase (rollout.py); the math
 (clipped surrogate, value loss, k3 KL, GAE, group advantages) is train/objectives.py. Here: the
-policy with a value head, the two objectives the loop calls, the stage's config (one optimizer
-step is one whole rollout batch unless train.batch_tokens says otherwise) and the entry points.
+policy with a value head, the two objectives the loop calls (each + rl.ptx_coef x the SFT loss on
+packed SFT conversations when set, "PPO-ptx"), the stage's config (one optimizer step is one
+whole rollout batch unless train.batch_tokens says otherwise) and the entry points.
 The output is a plain chat model folder (PPO's value head goes beside it, value_head.safetensors);
 every 20th prompt is held out and scored before and after (README: Alignment, how the stages
 are built).
