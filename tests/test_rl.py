@@ -515,5 +515,8 @@ def test_exact_resume_inside_a_phase(world, tmp_path, monkeypatch, ptx):
             "ptx_loss"]
     a, b = read_metrics(straight), read_metrics(resumed)
     assert len(a) == 6 and [{k: r.get(k) for k in keys} for r in a] == [{k: r.get(k) for k in keys} for r in b]
-    with pytest.raises(UserError, match="other prompts or reward"):
+    with pytest.raises(UserError, match="other prompts, reward"):
         grpo(str(world / "chat"), str(world / "prompts.jsonl"), arithmetic, str(resumed), overrides=over, resume=True)
+    if ptx:  # nor without the SFT data it started with
+        with pytest.raises(UserError, match=r"ptx_data differ"):
+            grpo(*args, str(resumed), overrides=over + ["rl.ptx_coef=0"], resume=True)

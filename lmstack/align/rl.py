@@ -70,8 +70,8 @@ class PolicyValue(GPT):
 # --------------------------------------------------------------------------- objectives
 
 def with_ptx(rl, model, ptx: tuple, loss_sum: torch.Tensor, n: torch.Tensor, extras: dict):
-    """"PPO-ptx" (Ouyang et al. 2022, with SFT conversations where they mixed in pretraining text):
-    + rl.ptx_coef x the mean next-token loss on the micro-batch's packed SFT windows `ptx`
+    """InstructGPT's "PPO-ptx" (Ouyang et al. 2022), with SFT conversations where they mixed in
+    pretraining text: + rl.ptx_coef x the mean next-token loss on the micro-batch's packed SFT windows `ptx`
     (x, y, mask, doc_ids), added as that mean times this micro-batch's reply-token count `n`,
     so that the loop's division by the tokens leaves rl.ptx_coef x the SFT loss. Nothing to do
     when the batch carries no SFT windows."""
@@ -266,7 +266,7 @@ def run_rl(kind: str, model, prompts_file, reward, out, overrides=(), resume: bo
     if resume:
         old = checkpoint.check_resume(out_dir, kind, dataclasses.asdict(cfg.model), STAGE, info,
                                       ("prompts", "reward", "rows", "usable", "skipped", "train_prompts", "ptx_data"),
-                                      what="prompts or reward")
+                                      what="prompts, reward or SFT data (rl.ptx_data)")
         info["heldout"] = old.get("heldout", {})
         if kind == "ppo":
             info["reward_norm"] = old.get("reward_norm")
