@@ -181,10 +181,10 @@ def ptx_docs(cfg: RunConfig, base: Path, tok: Tokenizer) -> tuple[list[str], lis
         raise UserError(f"rl.ptx_coef needs SFT conversations and {base} records no SFT data: "
                         "set rl.ptx_data=FILE.jsonl[,FILE2.jsonl] (or rl.ptx_coef=0 for plain PPO)")
     files = [str(f) for f in files]
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise UserError(f"rl.ptx_coef: SFT data {', '.join(missing)} not found (set rl.ptx_data=FILE.jsonl)")
-    docs, stats = load_docs(files, tok, tc.seq_len + 1)
+    try:
+        docs, stats = load_docs(files, tok, tc.seq_len + 1)
+    except UserError as e:  # a missing file, perhaps one the lineage named
+        raise UserError(f"rl.ptx_coef: {e} (set rl.ptx_data=FILE.jsonl)") from None
     skipped = describe_counts(stats["skipped"])
     if not docs:
         raise UserError(f"rl.ptx_data: no usable conversations of at most {tc.seq_len + 1} tokens in "
