@@ -27,7 +27,7 @@ def _cmd_judge(a):
     from lmstack.align.judge import judge
 
     judge(a.model, a.prompts, a.out, judge_model=a.judge, constitution=a.constitution, seed=a.seed,
-          limit=a.limit)
+          limit=a.limit, use_labeller=a.labeller)
 
 
 def _cmd_ppo(a):
@@ -88,12 +88,16 @@ def add_parsers(sub, parser_class) -> None:
     dp.add_argument("--resume", action="store_true")
     dp.set_defaults(func=_cmd_dpo)
 
-    jd = sub.add_parser("judge", help="RLAIF: sample two answers per prompt and let a model judge them")
+    jd = sub.add_parser("judge", help="RLAIF: sample two answers per prompt and let a model judge them "
+                                      "(or the world's labeller: --labeller)")
     jd.add_argument("--model", required=True, help="the model whose answers are compared")
     jd.add_argument("--prompts", required=True, help="jsonl of {prompt} or {messages}")
     jd.add_argument("--out", required=True, help="comparisons.jsonl to write")
     jd.add_argument("--judge", help="the judging model (default: --model)")
     jd.add_argument("--constitution", help="a text file of principles (default: lmstack's)")
+    jd.add_argument("--labeller", action="store_true",
+                    help="the world's simulated labeller judges with the ground truth (world probes or "
+                         "comparisons as prompts): people's feedback on the model's own answers")
     jd.add_argument("--seed", type=int, default=0)
     jd.add_argument("--limit", type=int, default=0, help="at most N prompts (0 = all)")
     jd.set_defaults(func=_cmd_judge)

@@ -315,6 +315,63 @@ def test_judge_writes_comparisons_the_trainers_read(root, sft_dir, tok, tmp_path
     assert world_task({"prompt": "q", "meta": {"type": "fact", "person": "p1", "relation": "major"}}) is None
 
 
+def test_judge_labeller_labels_the_models_own_samples_with_the_ground_truth(sft_dir, tmp_path, monkeypatch, capsys):
+    """--labeller: RLHF's data collection (people compare the policy's samples). The world's
+    labeller picks the better sample of each pair (a fact row's truth from the world.json above
+    the prompts), drops its ties and the rows it cannot check, and keeps each row's meta."""
+    from lmstack.align import judge as judge_mod
+
+    world = tmp_path / "w"
+    world.mkdir()
+    (world / "world.json").write_text(json.dumps({"people": [{"id": "p1", "name": "Ada Vell", "birth_city": "Lorn"}]}))
+    prompts = write_jsonl(world / "comparisons.jsonl", [
+        {"prompt": "Where was Ada Vell born?", "meta": {"type": "fact", "person": "p1", "relation": "birth_city"}},
+        {"prompt": "How do I poison the well?", "meta": {"type": "harmful", "category": "poison"}},
+        {"prompt": "What is 5 * 4?", "meta": {"type": "arithmetic", "a": 5, "op": "*", "b": 4}},
+        {"prompt": "Who is Zed Quor?", "meta": {"type": "unknown_person", "name": "Zed Quor"}},
+        {"prompt": "Where was Bo Gann born?", "meta": {"type": "fact", "person": "p9", "relation": "birth_city"}},
+        {"prompt": "Tell me a joke."}])
+    scripted = {"Where was Ada Vell born?": ("She was born in Krel.", "She was born in Lorn."),
+                "How do I poison the well?": ("I'm sorry, but I can't help with that.", "Add the poison at night."),
+                "What is 5 * 4?": ("5 * 4 = 21.", "5 * 4 = 22."),  # both wrong: a tie
+                "Who is Zed Quor?": ("I'm't know anyone named Zed Quor.", "I don't know anyone named Zed Quor.")}
+    seen = []
+
+    def fake_sample_pairs(lm, prompts, seed, max_tokens=48):
+        seen.extend(judge_mod.prompt_text(p) for p in prompts)
+        return [scripted[judge_mod.prompt_text(p)] for p in prompts]
+
+    monkeypatch.setattr(judge_mod, "sample_pairs", fake_sample_pairs)
+    out = tmp_path / "labelled.jsonl"
+    stats = judge(sft_dir, prompts, out, use_labeller=True)
+    assert seen == list(scripted)  # only the rows the labeller can check are sampled
+    rows = {r["prompt"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"Where was Ada Vell born?", "How do I poison the well?", "Who is Zed Quor?"}
+    assert (rows["Where was Ada Vell born?"]["chosen"], rows["Where was Ada Vell born?"]["rejected"]) == \
+        ("She was born in Lorn.", "She was born in Krel.")
+    assert rows["How do I poison the well?"]["chosen"].startswith("I'm sorry")
+    assert rows["Who is Zed Quor?"]["rejected"] == "I'm't know anyone named Zed Quor."  # a garbled "I don't know"
+    meta = rows["Where was Ada Vell born?"]["meta"]
+    assert meta == {"type": "fact", "person": "p1", "relation": "birth_city", "source": "labeller",
+                    "model": str(sft_dir)}
+    assert rows["How do I poison the well?"]["reason"] == "refusal beats compliance on a harmful request"
+    assert stats["pairs"] == 3 and stats["prompts"] == 6 and stats["judge"] == "labeller"
+    assert stats["skipped"] == {"no ground truth for the labeller": 2, "a tie for the labeller": 1}
+    assert stats["pairs_by_type"] == {"fact": 1, "harmful": 1, "unknown_person": 1}
+    assert "labelled by the world's labeller: 1 fact, 1 harmful, 1 unknown_person" in capsys.readouterr().out
+    assert load_comparisons([out])  # the reward model and DPO read it
+
+    monkeypatch.undo()  # the real sampler, end to end: every checkable row is either a pair or skipped
+    stats = judge(sft_dir, prompts, tmp_path / "real.jsonl", use_labeller=True, max_tokens=8, quiet=True)
+    assert stats["pairs"] + sum(stats["skipped"].values()) == 6
+    with pytest.raises(UserError, match="takes no --judge or --constitution"):
+        judge(sft_dir, prompts, tmp_path / "x.jsonl", judge_model=sft_dir, use_labeller=True)
+    with pytest.raises(UserError, match="no row of .* says what a good answer is"):
+        judge(sft_dir, write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Hi"}]), tmp_path / "x.jsonl",
+              use_labeller=True)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 # --------------------------------------------------------------------------- CLI errors
 
 

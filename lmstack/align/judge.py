@@ -1,7 +1,10 @@
-"""RLAIF: `lmstack judge` labels comparisons with an AI judge instead of people.
+"""RLAIF: `lmstack judge` labels comparisons with an AI judge instead of people; or, with
+--labeller, the world's simulated labeller labels the model's own samples (RLHF's data collection:
+people compare the policy's answers).
 
     lmstack judge --model runs/small/chat --prompts prompts.jsonl --out judged.jsonl [--judge J]
                   [--constitution principles.txt] [--seed 0] [--limit 100]
+    lmstack judge --model runs/small/chat --prompts WORLD/comparisons.jsonl --out labelled.jsonl --labeller
 
 For each prompt, --model samples two answers (temperature 1.0, top_p 1, each row its own
 seed: the result does not depend on batching), and the judge (--judge, default the same
@@ -19,9 +22,16 @@ say what a good answer is (a world probe, or an explicit {"task": {"type": ..., 
 are also labelled by the world's simulated labeller, and the judge's agreement with it is
 reported (the ground truth a real RLAIF run does not have).
 
+With --labeller no model judges: the labelling guide's rules (lmstack/world/labeller.py) pick the
+better sample with the world's ground truth, pairs it calls a tie are dropped, and rows it cannot
+check (no task, or a fact whose person is not in the world.json at or above the prompts file) are
+skipped; each row keeps its prompt row's meta (so a fact row still names its person).
+
 Output: comparisons jsonl, the format `lmstack reward train` and `lmstack dpo` read:
     {"prompt", "chosen", "rejected", "reason": "judged by JUDGE against the constitution",
      "meta": {"source": "judge", "judge", "p_a", "p_b", "position_consistent", "type"?}}
+    (--labeller: "reason" is the guide's rule, "meta": the prompt row's meta + {"source": "labeller",
+     "model", "type"})
 p_a / p_b: the judge's probability that the first / second sample (seeds s, s+1) is better;
 position_consistent: the judge preferred the same answer in both orders.
 """
@@ -33,9 +43,11 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from lmstack.align.rewards import WorldReward
 from lmstack.chatformat import ChatFormatError, prompt_messages, row_prompt
 from lmstack.engine import generate_batch
 from lmstack.eval.lm import ModelLM
+from lmstack.modelio import world_above
 from lmstack.stats import wilson
 from lmstack.utils import UserError, atomic_write_text, check_output_file, describe_counts, read_jsonl
 from lmstack.world import labeller
@@ -52,14 +64,22 @@ MAX_TOKENS = 48  # per sampled answer: two answers and the constitution must fit
 
 
 def read_prompts(path) -> list[dict]:
-    """Prompt rows -> [{"prompt": messages, "task": labeller task | None, "where"}]."""
+    """Prompt rows -> [{"prompt": messages, "task": labeller task | None, "meta", "where"}]. A fact
+    row (a person and relation in its meta) gets its task from the world.json at or above `path`."""
+    world = world_above(path)
+    people = WorldReward(world) if world else None
     out = []
     for n, row in read_jsonl(path, "prompts file"):
         try:
             prompt = row_prompt(row)
         except ChatFormatError as e:
             raise UserError(f"{path}:{n}: {e}") from None
-        out.append({"prompt": prompt, "task": labeller.task_of(row), "where": f"{path}:{n}"})
+        try:
+            task = labeller.task_of(row, people.person if people else None)
+        except UserError:  # a person this world does not have: the row cannot be checked
+            task = None
+        meta = row.get("meta") if isinstance(row, dict) and isinstance(row.get("meta"), dict) else {}
+        out.append({"prompt": prompt, "task": task, "meta": meta, "where": f"{path}:{n}"})
     if not out:
         raise UserError(f"prompts file {path} has no rows")
     return out
@@ -145,30 +165,31 @@ def _sigmoid(x: float) -> float:
 
 
 def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 0, limit: int = 0,
-          max_tokens: int = MAX_TOKENS, batch_size: int = 32, quiet: bool = False) -> dict:
-    """`lmstack judge`: write comparisons judged by an AI to `out`; returns the stats (pairs
-    written, skipped, position consistency, agreement with the world's labeller when known)."""
+          max_tokens: int = MAX_TOKENS, batch_size: int = 32, quiet: bool = False,
+          use_labeller: bool = False) -> dict:
+    """`lmstack judge`: write comparisons of `model`'s own samples to `out`, judged by an AI against
+    a constitution, or (use_labeller) by the world's simulated labeller; returns the stats (pairs
+    written, skipped, and for an AI judge its position consistency and its agreement with the
+    world's labeller where that is known)."""
     if limit < 0:
         raise UserError("--limit must be >= 0 (0 = every prompt)")
+    if use_labeller and (judge_model is not None or constitution is not None):
+        raise UserError("--labeller judges by the labelling guide: it takes no --judge or --constitution")
     check_output_file(out, what="comparisons .jsonl file")
-    if constitution is not None:
-        path = Path(constitution)
-        if not path.is_file():
-            raise UserError(f"--constitution {path} not found")
-        text = path.read_text(encoding="utf-8").strip()
-        if not text:
-            raise UserError(f"--constitution {path} is empty")
-    else:
-        text = DEFAULT_CONSTITUTION
+    text = None if use_labeller else read_constitution(constitution)
     rows = read_prompts(prompts)
     if limit:
         rows = rows[:limit]
+    if use_labeller and not any(r["task"] for r in rows):
+        raise UserError(f"--labeller: no row of {prompts} says what a good answer is (a world probe or "
+                        f"comparison, with its world.json at or above the file, or a {{\"task\": ...}} row)")
     lm = ModelLM.load(model, batch_size=batch_size)
-    same = judge_model is None or Path(judge_model) == Path(model)
-    jm = lm if same else ModelLM.load(judge_model, batch_size=batch_size)
-    judge_name = str(judge_model if judge_model is not None else model)
+    skipped = Counter()
+    if use_labeller:  # sample only what the labeller can check
+        skipped["no ground truth for the labeller"] = sum(r["task"] is None for r in rows)
+        rows = [r for r in rows if r["task"] is not None]
     samples = sample_pairs(lm, [r["prompt"] for r in rows], seed, max_tokens)
-    keep, skipped = [], Counter()
+    keep = []
     for r, (a, b) in zip(rows, samples):
         if not a or not b:
             skipped["an empty answer"] += 1
@@ -176,6 +197,26 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
             skipped["identical answers"] += 1
         else:
             keep.append((r, a, b))
+    if use_labeller:
+        lines = []
+        for r, a, b in keep:
+            verdict = labeller.label(r["task"], a, b)
+            if verdict is None:
+                skipped["a tie for the labeller"] += 1
+                continue
+            chosen, rejected, reason = verdict
+            meta = {**r["meta"], "source": "labeller", "model": str(model), "type": r["task"]["type"]}
+            lines.append(_row(r["prompt"], chosen, rejected, reason, meta))
+        stats = {"prompts": len(rows) + skipped["no ground truth for the labeller"], "pairs": len(lines),
+                 "skipped": {k: v for k, v in skipped.items() if v}, "judge": "labeller",
+                 "pairs_by_type": dict(Counter(json.loads(line)["meta"]["type"] for line in lines))}
+        atomic_write_text(out, "".join(lines))
+        if not quiet:
+            _print_stats(stats, out)
+        return stats
+    same = judge_model is None or Path(judge_model) == Path(model)
+    jm = lm if same else ModelLM.load(judge_model, batch_size=batch_size)
+    judge_name = str(judge_model if judge_model is not None else model)
     verdicts = judge_pairs(jm, text, [r["prompt"] for r, _, _ in keep], [(a, b) for _, a, b in keep])
     lines, agree = [], {}
     n_consistent = n_cut = ties = 0
@@ -195,11 +236,9 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
                 ties += 1
         n_consistent += v["position_consistent"]
         n_cut += v["cut"]
-        lines.append(json.dumps({"prompt": _compact(r["prompt"]), "chosen": chosen, "rejected": rejected,
-                                 "reason": f"judged by {judge_name} against the constitution", "meta": meta},
-                                ensure_ascii=False) + "\n")
+        lines.append(_row(r["prompt"], chosen, rejected, f"judged by {judge_name} against the constitution", meta))
     atomic_write_text(out, "".join(lines))
-    stats = {"prompts": len(rows), "pairs": len(lines), "skipped": dict(skipped),
+    stats = {"prompts": len(rows), "pairs": len(lines), "skipped": dict(skipped), "judge": judge_name,
              "position_consistent": n_consistent / len(lines) if lines else None,
              "judging_prompts_cut": n_cut, "labeller_ties": ties,
              "agreement": {k: {"n": len(v), "agree": sum(v), "rate": sum(v) / len(v),
@@ -209,14 +248,34 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
     return stats
 
 
+def read_constitution(path) -> str:
+    """The judge's principles: the text of `path`, or DEFAULT_CONSTITUTION when it is None."""
+    if path is None:
+        return DEFAULT_CONSTITUTION
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--constitution {path} not found")
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise UserError(f"--constitution {path} is empty")
+    return text
+
+
+def _row(prompt, chosen: str, rejected: str, reason: str, meta: dict) -> str:
+    return json.dumps({"prompt": _compact(prompt), "chosen": chosen, "rejected": rejected, "reason": reason,
+                       "meta": meta}, ensure_ascii=False) + "\n"
+
+
 def _print_stats(s: dict, out) -> None:
     skipped = describe_counts(s["skipped"])
-    pc = s["position_consistent"]
+    pc = s.get("position_consistent")
     print(f"judged {s['pairs']} pairs of {s['prompts']} prompts -> {out}" + (f" (skipped {skipped})" if skipped else "")
           + (f"; position-consistent {100 * pc:.0f}%" if pc is not None else "")
           + (f"; answers shortened to fit the judge's context in {s['judging_prompts_cut']} pairs"
-             if s["judging_prompts_cut"] else ""))
-    if s["agreement"]:
+             if s.get("judging_prompts_cut") else ""))
+    if s.get("pairs_by_type"):
+        print("labelled by the world's labeller: " + describe_counts(s["pairs_by_type"]))
+    if s.get("agreement"):
         print(f"agreement with the world's labeller ({s['labeller_ties']} pairs it calls a tie left out; chance 50%):")
         for k, a in s["agreement"].items():
             lo, hi = a["ci"]
