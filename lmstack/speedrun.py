@@ -1,15 +1,17 @@
 """`lmstack speedrun`: the whole pipeline on the synthetic world, one stage after another.
 
     world -> tokenizer -> token shards -> pretrain -> SFT
-          -> RL prompts -> reward model -> DPO -> PPO -> GRPO      (skipped with --no-align)
+          -> RL prompts -> labels -> reward model -> DPO -> PPO -> GRPO      (skipped with --no-align)
           -> eval (every model) -> win rates -> report card
 
 Each stage writes its own folder under the run folder (world/, tokenizer/, data/, base/,
-chat/, rl_prompts/, rm/, dpo/, ppo/, grpo/), each model's evaluation goes to MODEL/eval/, the
+chat/, rl_prompts/, labels/, rm/, dpo/, ppo/, grpo/), each model's evaluation goes to MODEL/eval/, the
 ground-truth win rate of DPO and PPO against the SFT model to MODEL/winrate/vs_chat.json, the
 report card to report.md, and `speedrun.json` (rewritten after every stage) records what ran,
 how long it took and the headline numbers. The alignment stages all start from chat/: the
-reward model and DPO on the world's comparisons, PPO against the reward model on the
+labeller compares pairs of chat/'s own samples on the comparisons' prompts (labels/chat.jsonl),
+the reward model learns from those and the world's comparisons, DPO from the world's
+comparisons, PPO against the reward model on the
 comparisons' prompts, GRPO on arithmetic problems that are not among the held-out probes.
 `--set KEY=VALUE` configures pretraining (train.dtype/device/compile/seed apply to every
 stage); `--set STAGE.KEY=VALUE` one later stage only, STAGE one of sft, rm, dpo, ppo, grpo
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 from lmstack.align.dpo import dpo
+from lmstack.align.judge import judge
 from lmstack.align.pairs import pref_config
 from lmstack.align.reward import reward_train
 from lmstack.align.rl import grpo, ppo, rl_config
@@ -83,6 +86,7 @@ ALIGN_SET = {"tiny": {
              "rl.epochs=1", "rl.max_new_tokens=16", *_TINY_STEPS]}}
 GRPO_DIGITS = (1, 2, 3)  # operand sizes of GRPO's arithmetic prompts (lmstack.world.rl_prompts)
 GRPO_TOOLS = "calculator"  # rl.tools of the GRPO stage ("" = none): it learns to use the calculator
+LABEL_LIMIT = {"tiny": 200}  # comparisons' prompts whose pairs of chat/'s samples are labelled (default: all)
 WINRATE_N = {"tiny": 40}  # world prompts per win rate (default: win_rate's own, 200)
 EVAL_LIMIT = {"tiny": 20}  # rows per task (default: each task's own limit, lmstack/eval/world.toml)
 VAL_FRACTION = 0.02  # of the world's documents held out as pretraining's validation split
@@ -221,9 +225,12 @@ def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), for
     ]
     if align:
         rl_prompts = out / "rl_prompts" / "arithmetic.jsonl"
+        labels = out / "labels" / "chat.jsonl"
         stages += [
             ("rl_prompts", lambda: arithmetic_prompts(world, rl_prompts, digits=GRPO_DIGITS)),
-            ("reward", lambda: reward_train(chat, comparisons, out / "rm", overrides=sets["rm"])),
+            ("labels", lambda: judge(chat, comparisons, labels, seed=0, limit=LABEL_LIMIT.get(name, 0),
+                                           use_labeller=True)),
+            ("reward", lambda: reward_train(chat, [comparisons, labels], out / "rm", overrides=sets["rm"])),
             ("dpo", lambda: dpo(chat, comparisons, out / "dpo", overrides=sets["dpo"])),
             ("ppo", lambda: ppo(chat, out / "rm", comparisons, out / "ppo", overrides=sets["ppo"])),
             ("grpo", lambda: grpo(chat, rl_prompts, "arithmetic", out / "grpo", overrides=sets["grpo"])),
@@ -245,7 +252,7 @@ def speedrun(out="runs/speedrun", preset="small", people=None, overrides=(), for
         elif stage in ("ppo", "grpo"):
             entry["final"] = {k: v for k, v in result.items() if k != "heldout"}
             entry["held_out_reward"] = {k: (v or {}).get("mean") for k, v in (result.get("heldout") or {}).items()}
-        elif stage in ("rl_prompts", "eval", "winrate"):
+        elif stage in ("rl_prompts", "labels", "eval", "winrate"):
             entry.update(result)
         elif stage == "report":
             entry["path"] = str(result)
@@ -282,8 +289,11 @@ def print_summary(out: Path, summary: dict) -> None:
     if "reward" in st:
         h = st["reward"]["held_out"]
         ci = f" [{_pct(h['ci'][0])}-{_pct(h['ci'][1])}]" if h.get("ci") else ""
+        labelled = st.get("labels", {}).get("pairs")
         lines.append(f"  reward model: held-out pairwise accuracy {_pct(h.get('accuracy'))}{ci} of "
-                     f"{h.get('n') or 0} pairs (chance 50%)  ({out / 'rm'})")
+                     f"{h.get('n') or 0} pairs (chance 50%)"
+                     + (f"; it also learnt from {labelled:,} labelled pairs of chat's own samples" if labelled else "")
+                     + f"  ({out / 'rm'})")
     for m, label in (("dpo", "DPO"), ("ppo", "PPO")):
         w = st.get("winrate", {}).get(m)
         if w:

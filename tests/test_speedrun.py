@@ -21,12 +21,12 @@ def test_speedrun_tiny_end_to_end(tmp_path):
     for stage in ["world/world.json", "tokenizer/tokenizer.json", "data/manifest.json",
                   "base/model.safetensors", "base/config.json", "base/tokenizer.json", "base/run.json",
                   "chat/model.safetensors", "chat/config.json", "chat/tokenizer.json", "chat/sft.json",
-                  "rl_prompts/arithmetic.jsonl", "rm/reward_eval.json",
+                  "rl_prompts/arithmetic.jsonl", "labels/chat.jsonl", "rm/reward_eval.json",
                   *[f"{m}/{f}" for m in ALIGNED for f in ("model.safetensors", "stage.json", "run.json")]]:
         assert (out / stage).is_file(), stage
     summary = json.loads((out / "speedrun.json").read_text())
-    assert list(summary["stages"]) == ["world", "tokenizer", "data", "pretrain", "sft", "rl_prompts", "reward",
-                                       "dpo", "ppo", "grpo", "eval", "winrate", "report"]
+    assert list(summary["stages"]) == ["world", "tokenizer", "data", "pretrain", "sft", "rl_prompts", "labels",
+                                       "reward", "dpo", "ppo", "grpo", "eval", "winrate", "report"]
     final = summary["stages"]["pretrain"]["final"]
     assert final["val_loss"] < 0.8 * math.log(1024)  # well below a uniform guess over the vocabulary
     assert summary["stages"]["sft"]["final"]["step"] > 0
@@ -61,6 +61,13 @@ def test_speedrun_tiny_end_to_end(tmp_path):
     assert st["ppo"]["final"]["step"] > 0 and st["grpo"]["final"]["step"] > 0
     assert st["reward"]["held_out"]["n"] > 0 and st["reward"]["held_out"]["accuracy"] > 0.5  # above chance
     assert set(st["ppo"]["held_out_reward"]) == {"before", "after"}
+    # the labeller compared pairs of chat/'s own samples; the reward model learnt from them too
+    labelled = (out / "labels" / "chat.jsonl").read_text().splitlines()
+    assert st["labels"]["judge"] == "labeller" and st["labels"]["pairs"] == len(labelled)
+    assert st["labels"]["pairs"] + sum(st["labels"]["skipped"].values()) == st["labels"]["prompts"] == 200
+    assert all(json.loads(r)["meta"]["source"] == "labeller" for r in labelled)
+    assert json.loads((out / "rm" / "stage.json").read_text())["data"] == [
+        str(out / "world" / "comparisons.jsonl"), str(out / "labels" / "chat.jsonl")]
     # PPO-ptx by default: the SFT loss on the conversations chat/ was fine-tuned on (its lineage)
     assert json.loads((out / "ppo" / "stage.json").read_text())["ptx_data"] == [str(out / "world" / "sft.jsonl")]
     assert "ptx_loss" in json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -99,7 +106,7 @@ def test_speedrun_tiny_end_to_end(tmp_path):
     assert stages["pretrain"]["final"]["step"] == 4 and stages["sft"]["final"]["step"] == 3
     assert list(stages) == ["world", "tokenizer", "data", "pretrain", "sft", "eval", "report"]
     assert set(stages["eval"]) == {"seconds", "base", "chat"}
-    assert not any((out / d).exists() for d in ("rl_prompts", "rm", *ALIGNED))
+    assert not any((out / d).exists() for d in ("rl_prompts", "labels", "rm", *ALIGNED))
     assert "| task | chance | base | chat |\n" in (out / "report.md").read_text()
     assert "win rate" not in forced.stdout and f"lmstack chat --model {out / 'chat'}" in forced.stdout
 
