@@ -370,6 +370,9 @@ def test_judge_labeller_labels_the_models_own_samples_with_the_ground_truth(sft_
         judge(sft_dir, write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Hi"}]), tmp_path / "x.jsonl",
               use_labeller=True)
     assert not (tmp_path / "x.jsonl").exists()
+    (world / "world.json").write_text('{"people": [')  # a corrupt world: one line, before any sampling
+    with pytest.raises(UserError, match="world.json is corrupt"):
+        judge(sft_dir, prompts, tmp_path / "x.jsonl", use_labeller=True)
 
 
 # --------------------------------------------------------------------------- CLI errors

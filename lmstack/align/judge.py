@@ -43,14 +43,13 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from lmstack.align.rewards import WorldReward
 from lmstack.chatformat import ChatFormatError, prompt_messages, row_prompt
 from lmstack.engine import generate_batch
 from lmstack.eval.lm import ModelLM
 from lmstack.modelio import world_above
 from lmstack.stats import wilson
 from lmstack.utils import UserError, atomic_write_text, check_output_file, describe_counts, read_jsonl
-from lmstack.world import labeller
+from lmstack.world import labeller, load_world
 
 DEFAULT_CONSTITUTION = """\
 Judge which answer is better by these principles, in order:
@@ -67,17 +66,15 @@ def read_prompts(path) -> list[dict]:
     """Prompt rows -> [{"prompt": messages, "task": labeller task | None, "meta", "where"}]. A fact
     row (a person and relation in its meta) gets its task from the world.json at or above `path`."""
     world = world_above(path)
-    people = WorldReward(world) if world else None
+    people = {p["id"]: p for p in load_world(world)["people"]} if world else None  # (a corrupt one: UserError)
+    person = (lambda pid: people.get(pid, {})) if people is not None else None  # {}: a person it lacks, no task
     out = []
     for n, row in read_jsonl(path, "prompts file"):
         try:
             prompt = row_prompt(row)
         except ChatFormatError as e:
             raise UserError(f"{path}:{n}: {e}") from None
-        try:
-            task = labeller.task_of(row, people.person if people else None)
-        except UserError:  # a person this world does not have: the row cannot be checked
-            task = None
+        task = labeller.task_of(row, person)
         meta = row.get("meta") if isinstance(row, dict) and isinstance(row.get("meta"), dict) else {}
         out.append({"prompt": prompt, "task": task, "meta": meta, "where": f"{path}:{n}"})
     if not out:

@@ -59,8 +59,7 @@ class WorldReward:
         self.world_dir = Path(world_dir) if world_dir else None
         self._people: dict | None = None
 
-    def person(self, pid: str) -> dict:
-        """The world's person with id `pid` (world.json is read once; UserError when it is not there)."""
+    def _person(self, pid: str) -> dict:
         if self._people is None:
             if self.world_dir is None:
                 raise UserError("world reward: a fact row names a person, but no world.json was found "
@@ -72,7 +71,7 @@ class WorldReward:
 
     def task(self, row: dict) -> dict:
         """The labeller's task for a prompts row (UserError when the row cannot be checked)."""
-        task = labeller.task_of(row, self.person)
+        task = labeller.task_of(row, self._person)
         if task is None:
             raise UserError(f"world reward cannot check this row (no task, meta.type, expected or answer): "
                             f"{json.dumps(row)[:120]}")
