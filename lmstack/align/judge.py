@@ -65,16 +65,20 @@ MAX_TOKENS = 48  # per sampled answer: two answers and the constitution must fit
 def read_prompts(path) -> list[dict]:
     """Prompt rows -> [{"prompt": messages, "task": labeller task | None, "meta", "where"}]. A fact
     row (a person and relation in its meta) gets its task from the world.json at or above `path`."""
-    world = world_above(path)
-    people = {p["id"]: p for p in load_world(world)["people"]} if world else None  # (a corrupt one: UserError)
-    person = (lambda pid: people.get(pid, {})) if people is not None else None  # {}: a person it lacks, no task
+    world, people = world_above(path), {}
+
+    def person(pid: str) -> dict:  # world.json is read at the first fact row ({}: a person it lacks, no task)
+        if not people:
+            people.update({p["id"]: p for p in load_world(world)["people"]})  # a corrupt one: UserError
+        return people.get(pid, {})
+
     out = []
     for n, row in read_jsonl(path, "prompts file"):
         try:
             prompt = row_prompt(row)
         except ChatFormatError as e:
             raise UserError(f"{path}:{n}: {e}") from None
-        task = labeller.task_of(row, person)
+        task = labeller.task_of(row, person if world else None)
         meta = row.get("meta") if isinstance(row, dict) and isinstance(row.get("meta"), dict) else {}
         out.append({"prompt": prompt, "task": task, "meta": meta, "where": f"{path}:{n}"})
     if not out:
@@ -181,7 +185,7 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
         raise UserError(f"--labeller: no row of {prompts} says what a good answer is (a world probe or "
                         f"comparison, with its world.json at or above the file, or a {{\"task\": ...}} row)")
     lm = ModelLM.load(model, batch_size=batch_size)
-    skipped = Counter()
+    n_prompts, skipped = len(rows), Counter()
     if use_labeller:  # sample only what the labeller can check
         skipped["no ground truth for the labeller"] = sum(r["task"] is None for r in rows)
         rows = [r for r in rows if r["task"] is not None]
@@ -195,26 +199,33 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
         else:
             keep.append((r, a, b))
     if use_labeller:
-        lines = []
+        lines, by_type = [], Counter()
         for r, a, b in keep:
             verdict = labeller.label(r["task"], a, b)
             if verdict is None:
                 skipped["a tie for the labeller"] += 1
                 continue
-            chosen, rejected, reason = verdict
+            by_type[r["task"]["type"]] += 1
             meta = {**r["meta"], "source": "labeller", "model": str(model), "type": r["task"]["type"]}
-            lines.append(_row(r["prompt"], chosen, rejected, reason, meta))
-        stats = {"prompts": len(rows) + skipped["no ground truth for the labeller"], "pairs": len(lines),
-                 "skipped": {k: v for k, v in skipped.items() if v}, "judge": "labeller",
-                 "pairs_by_type": dict(Counter(json.loads(line)["meta"]["type"] for line in lines))}
-        atomic_write_text(out, "".join(lines))
-        if not quiet:
-            _print_stats(stats, out)
-        return stats
+            lines.append(_row(r["prompt"], *verdict, meta))
+        stats = {"prompts": n_prompts, "pairs": len(lines), "skipped": {k: v for k, v in skipped.items() if v},
+                 "judge": "labeller", "pairs_by_type": dict(by_type)}
+    else:
+        lines, stats = _judged(lm, model, judge_model, text, keep, batch_size)
+        stats = {"prompts": n_prompts, "pairs": len(lines), "skipped": dict(skipped), **stats}
+    atomic_write_text(out, "".join(lines))
+    if not quiet:
+        _print_stats(stats, out)
+    return stats
+
+
+def _judged(lm, model, judge_model, constitution: str, keep: list, batch_size: int) -> tuple[list[str], dict]:
+    """The AI judge's comparisons of the kept (row, a, b) pairs, and its stats: position consistency,
+    answers cut to fit, and agreement with the world's labeller where a row says what is right."""
     same = judge_model is None or Path(judge_model) == Path(model)
     jm = lm if same else ModelLM.load(judge_model, batch_size=batch_size)
     judge_name = str(judge_model if judge_model is not None else model)
-    verdicts = judge_pairs(jm, text, [r["prompt"] for r, _, _ in keep], [(a, b) for _, a, b in keep])
+    verdicts = judge_pairs(jm, constitution, [r["prompt"] for r, _, _ in keep], [(a, b) for _, a, b in keep])
     lines, agree = [], {}
     n_consistent = n_cut = ties = 0
     for (r, a, b), v in zip(keep, verdicts):
@@ -234,15 +245,10 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
         n_consistent += v["position_consistent"]
         n_cut += v["cut"]
         lines.append(_row(r["prompt"], chosen, rejected, f"judged by {judge_name} against the constitution", meta))
-    atomic_write_text(out, "".join(lines))
-    stats = {"prompts": len(rows), "pairs": len(lines), "skipped": dict(skipped), "judge": judge_name,
-             "position_consistent": n_consistent / len(lines) if lines else None,
-             "judging_prompts_cut": n_cut, "labeller_ties": ties,
-             "agreement": {k: {"n": len(v), "agree": sum(v), "rate": sum(v) / len(v),
-                               "ci": list(wilson(sum(v), len(v)))} for k, v in sorted(agree.items())}}
-    if not quiet:
-        _print_stats(stats, out)
-    return stats
+    return lines, {"judge": judge_name, "position_consistent": n_consistent / len(lines) if lines else None,
+                   "judging_prompts_cut": n_cut, "labeller_ties": ties,
+                   "agreement": {k: {"n": len(v), "agree": sum(v), "rate": sum(v) / len(v),
+                                     "ci": list(wilson(sum(v), len(v)))} for k, v in sorted(agree.items())}}
 
 
 def read_constitution(path) -> str:
