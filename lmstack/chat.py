@@ -106,10 +106,16 @@ def fit(fmt, history: list[dict], ctx: int, reserve: int, memory=None) -> tuple[
 
 def recall(history: list[dict], memory, knowledge=None) -> list[dict]:
     """Before a reply to the last (user) message: its lookup in the conversation's paged-out
-    memory, then in the assistant's knowledge, each as a `search` call and result when it finds
-    something (lmstack.assistant.retrieved)."""
+    memory, whose best page comes back in as the turn it was, just before that message (where a
+    small model reads it: at the start of the context it is ignored, and as a search result it
+    is read worse; README: "Memory"), unless its messages are in the context already; then its
+    lookup in the assistant's knowledge, as a `search` call and result when it finds something
+    (lmstack.assistant.retrieved)."""
     if memory is not None and memory.pages:
-        history = retrieved(history, memory.tool(), f"recall_{len(history)}")
+        page = memory.page_in(history[-1]["content"])
+        here = {(m["role"], " ".join((m.get("content") or "").split())) for m in history}
+        if page and not all((m["role"], m["content"]) in here for m in page):
+            history = history[:-1] + page + history[-1:]
     if knowledge is not None:
         history = retrieved(history, knowledge, f"knowledge_{len(history)}")
     return history
@@ -218,9 +224,11 @@ def _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, see
         before = len(history)
         history.append({"role": "user", "content": line})
         history = recall(history, memory, knowledge)
-        for m in history[before + 1:]:
-            if m["role"] == "tool":
-                note(f"[{'recalled' if m['tool_call_id'].startswith('recall') else 'knowledge'}] {m['content'][:200]}")
+        for m in history[before:]:
+            if m.get("recalled"):
+                note(f"[recalled] {m['role']}: {m['content'][:200]}")
+            elif m["role"] == "tool":
+                note(f"[knowledge] {m['content'][:200]}")
         try:
             dropped, n = fit(fmt, history, ctx, min(max_tokens, ctx // 2), memory)
         except ChatFormatError as e:  # a model's own template can refuse a conversation (roles must alternate)
@@ -268,8 +276,11 @@ def _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, see
 
 
 def _before_last_user(history: list[dict]) -> list[dict]:
-    """The conversation before its last user message (and what retrieval added after it)."""
+    """The conversation before its last user message (and the page recalled for it, and what
+    retrieval added after it)."""
     last = max((i for i, m in enumerate(history) if m["role"] == "user"), default=len(history))
+    while last and history[last - 1].get("recalled"):
+        last -= 1
     return history[:last]
 
 

@@ -75,11 +75,35 @@ def test_fit_pages_out_what_it_drops_and_recall_brings_it_back(chat_model):
         dropped, n = fit(fmt, kept, 128, 16, memory)
         assert dropped and memory.pages == dropped // 2 and kept[0] == history[0]
         assert all("Ada" not in (m["content"] or "") for m in kept[1:-1])  # the first turn left the context
-        back = recall(kept, memory)
-        assert [m["role"] for m in back[-3:]] == ["user", "assistant", "tool"]
-        assert back[-2]["tool_calls"][0]["function"]["name"] == "search"
-        assert "assistant: Oslo." in back[-1]["content"]
+        back = recall(kept, memory)  # the first turn is paged back in, just before the question
+        assert back[:-3] == kept[:-1] and back[-1] == kept[-1]
+        assert back[-3:-1] == [{"role": "user", "content": "Where was Ada Lind born?", "recalled": True},
+                               {"role": "assistant", "content": "Oslo.", "recalled": True}]
+        assert recall(back, memory) == back  # already in the context: not paged in twice
         assert recall(kept, None) == kept  # no memory: nothing added
+        pages = memory.pages
+        fit(fmt, back[:-1] + history[3:], 128, 16, memory)  # more turns after the recalled one
+        assert memory.pages > pages  # the fillers are paged out ...
+        assert sum("Ada" in p.read_text() for p in (memory.folder / "pages").iterdir()) == 1  # ... a recalled turn not
+        assert fmt.prompt(back)  # the model's format renders it
+
+
+def test_chat_pages_a_turn_out_and_back_in_across_sessions(chat_model, tmp_path):
+    lines = ["Where was Ada Lind born?"] + [f"hello {i} " * 6 for i in range(8)] + ["Where was Ada Lind born?"]
+
+    def chat(*text):
+        p = subprocess.run([sys.executable, "-m", "lmstack", "chat", "--model", str(chat_model), "--max-tokens", "4",
+                            "--seed", "0", "--memory", str(tmp_path / "mem")], cwd=ROOT, input="\n".join(text) + "\n",
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+        return p.stdout
+
+    out = chat(*lines)
+    assert "[paged out the 2 oldest messages to fit the context]" in out
+    assert out.count("[recalled] user: Where was Ada Lind born?") == 1, out  # once, for the question asked again
+    assert "[recalled] user: Where was Ada Lind born?" in out.split("\n> ")[len(lines)]  # at the last line
+    later = chat("Where was Ada Lind born?")  # a new session with the same memory folder remembers
+    assert "[recalled] user: Where was Ada Lind born?" in later
 
 
 def test_create_an_assistant_and_what_it_shows_the_model(chat_model, knowledge, tmp_path):
@@ -149,8 +173,8 @@ def test_chat_runs_an_assistant_with_its_knowledge(chat_model, knowledge, tmp_pa
 
 
 class ReadingLM:
-    """Answers with the last tool result if there is one, else with the first assistant message it
-    can see (it reads its context and nothing else)."""
+    """Answers with what the assistant said when the same question was asked earlier in what it
+    can see, else with the last tool result (it reads its context and nothing else)."""
 
     def __init__(self, fmt, ctx):
         self.fmt, self.ctx = fmt, ctx
@@ -158,9 +182,10 @@ class ReadingLM:
     def chat(self, convs, max_tokens, tools=None):
         out = []
         for c in convs:
+            said = [b["content"] for a, b in zip(c[:-2], c[1:-1])
+                    if a["role"] == "user" and a["content"] == c[-1]["content"] and b["role"] == "assistant"]
             tool = [m["content"] for m in c if m["role"] == "tool"]
-            said = [m["content"] for m in c if m["role"] == "assistant" and m["content"]]
-            out.append(Reply(tool[-1] if tool else (said[0] if said else "no idea"), True))
+            out.append(Reply(said[-1] if said else (tool[-1] if tool else "no idea"), True))
         return out
 
 

@@ -10,7 +10,7 @@ way `lmstack chat` fits it (lmstack.chat.fit: the oldest turns go), three ways:
   in_context  no filler at all: the answer is two turns up (can the model repeat from context?)
   forgotten   the old turns are dropped: only the weights can answer
   paged       the old turns are paged out to the conversation's memory (lmstack/tools/memory.py)
-              and the last question recalls the best page (lmstack.chat.recall)
+              and the last question pages the best one back in, just before it (lmstack.chat.recall)
 
 Scored like facts_qa (the answer or an alias in the greedy reply), with Wilson intervals and the
 paired test of paged against forgotten.

@@ -248,7 +248,8 @@ def evaluate(model, tasks=None, world=None, data=None, text=None, out=None, limi
         if not quiet:
             print(f"memory (a first-turn fact after {r['mean_tokens']:.0f} tokens, context {r['context']}): "
                   + ", ".join(f"{k} {_pct(r[k]['acc'])}" for k in ("in_context", "forgotten", "paged"))
-                  + f" of {r['conversations']}", flush=True)
+                  + f" of {r['conversations']}; paged - forgotten {100 * r['paged_vs_forgotten']['diff']:+.0f} points, "
+                  f"p = {r['paged_vs_forgotten']['p_value']:.2g}", flush=True)
     if not specs and "lm" not in results and COPY_TASK not in results and MEMORY_TASK not in results:
         raise UserError(f"nothing to evaluate for {model_dir}: no world found (pass --world DIR), no data "
                         "(pass --data DIR or --text FILES) and no --tasks")
