@@ -15,10 +15,10 @@ conversation itself starts with, a client's or the web app's, is added after the
 message: the caller's words extend the instructions, never replace them, and a chat template
 that takes one system message takes it); with knowledge and `retrieve` (the default), every user
 message is looked up in the knowledge before the model replies, and the best passage is put in
-the conversation as a `search` call of the message and its result (`retrieved`: the shape in
-which the world's assistant learned to read search results); the `search` tool is also there for
-the model to call. A small model that cannot write a query (copy a name) still gets its
-knowledge this way.
+the conversation as a `search` call of the message and its result, just before the message
+(`retrieved`: a tool result, the least trusted role, and the question last, where a small model
+reads it); the `search` tool is also there for the model to call. A small model that cannot write
+a query (copy a name) still gets its knowledge this way.
 """
 
 from __future__ import annotations
@@ -82,14 +82,17 @@ class Assistant:
 
 def retrieved(conv: list[dict], finder, call_id: str) -> list[dict]:
     """`conv` with retrieval done for the model: a `search` call of the last (user) message and its
-    result, then the model's turn. Nothing is added when the search finds nothing."""
+    result, put just before that message, so that the question is the last thing the model reads
+    before it answers (after it, as when the model calls search itself, the speedrun's assistant
+    answered held-out people's facts 12% of the time, below its 26% from memory; before it, 55%:
+    README, "Retrieval before the question"). Nothing is added when the search finds nothing."""
     query = conv[-1]["content"]
     result = finder.fn(query=query)
     if result.startswith("no matching passages"):
         return conv
     call = {"id": call_id, "type": "function", "function": {"name": "search", "arguments": json.dumps({"query": query})}}
-    return conv + [{"role": "assistant", "content": None, "tool_calls": [call]},
-                   {"role": "tool", "tool_call_id": call_id, "content": result}]
+    return conv[:-1] + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": call_id, "content": result}] + conv[-1:]
 
 
 def create(model, out, name: str | None = None, instructions=None, knowledge=None, tools=("calculator", "search"),

@@ -224,6 +224,8 @@ def _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, see
         before = len(history)
         history.append({"role": "user", "content": line})
         history = recall(history, memory, knowledge)
+        for m in history[before:-1]:  # what recall put before the message goes with it if the turn is abandoned
+            m["lookup"] = True
         for m in history[before:]:
             if m.get("recalled"):
                 note(f"[recalled] {m['role']}: {m['content'][:200]}")
@@ -276,10 +278,9 @@ def _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, see
 
 
 def _before_last_user(history: list[dict]) -> list[dict]:
-    """The conversation before its last user message (and the page recalled for it, and what
-    retrieval added after it)."""
+    """The conversation before its last user message and what recall put before it for it."""
     last = max((i for i, m in enumerate(history) if m["role"] == "user"), default=len(history))
-    while last and history[last - 1].get("recalled"):
+    while last and history[last - 1].get("lookup"):
         last -= 1
     return history[:last]
 

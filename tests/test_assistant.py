@@ -106,6 +106,15 @@ def test_chat_pages_a_turn_out_and_back_in_across_sessions(chat_model, tmp_path)
     assert "[recalled] user: Where was Ada Lind born?" in later
 
 
+def test_an_abandoned_turn_takes_what_recall_put_before_it():
+    from lmstack.chat import _before_last_user
+    said = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    lookup = [{"role": "user", "content": "Ada?", "recalled": True, "lookup": True},
+              {"role": "assistant", "content": "Oslo.", "recalled": True, "lookup": True}]
+    assert _before_last_user(said + lookup + [{"role": "user", "content": "Ada?"}]) == said
+    assert _before_last_user(said + [{"role": "user", "content": "Ada?"}]) == said
+
+
 def test_create_an_assistant_and_what_it_shows_the_model(chat_model, knowledge, tmp_path):
     rules = tmp_path / "rules.md"
     rules.write_text("You answer in one sentence.\n")
@@ -116,8 +125,12 @@ def test_create_an_assistant_and_what_it_shows_the_model(chat_model, knowledge, 
     assert sorted(a.registry().names()) == ["calculator", "python", "search"]
     conv = a.prepare([{"role": "user", "content": "Where was Ada Lind born?"}])
     assert conv[0] == {"role": "system", "content": "You answer in one sentence."}
-    assert conv[-1]["role"] == "tool" and "Ada Lind was born in Oslo." in conv[-1]["content"]
-    assert "people.md:1" in conv[-1]["content"]
+    assert [m["role"] for m in conv] == ["system", "assistant", "tool", "user"]  # the lookup, then the question
+    assert conv[1]["tool_calls"][0]["function"]["name"] == "search" and conv[-1]["content"] == "Where was Ada Lind born?"
+    assert "Ada Lind was born in Oslo." in conv[2]["content"] and "people.md:1" in conv[2]["content"]
+    later = a.prepare([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                       {"role": "user", "content": "Where was Ada Lind born?"}])
+    assert [m["role"] for m in later] == ["system", "user", "assistant", "assistant", "tool", "user"]
     assert A.knowledge_stats(a)["files"] == 2
     nothing = a.prepare([{"role": "user", "content": "zzz qqq"}])  # nothing found: nothing added
     assert [m["role"] for m in nothing] == ["system", "user"]

@@ -453,7 +453,7 @@ class ReaderLM:
         return out
 
 
-def test_retrieval_puts_the_search_result_before_the_answer(tmp_path, tok):
+def test_retrieval_puts_the_search_result_before_the_question(tmp_path, tok):
     from lmstack.tools.search import SearchIndex
 
     (tmp_path / "lib").mkdir()
@@ -470,10 +470,10 @@ def test_retrieval_puts_the_search_result_before_the_answer(tmp_path, tok):
     opened = run_task(lm, spec)
     assert opened["acc"] == 1.0
     conv = lm.seen[-1]
-    assert [m["role"] for m in conv] == ["user", "assistant", "tool"]
-    call = conv[1]["tool_calls"][0]["function"]
+    assert [m["role"] for m in conv] == ["assistant", "tool", "user"]  # the lookup, then the question
+    call = conv[0]["tool_calls"][0]["function"]
     assert call["name"] == "search" and json.loads(call["arguments"]) == {"query": "Where does Di Eng live?"}
-    assert "people.jsonl:4" in conv[2]["content"] and "Di Eng lives in Lima." in conv[2]["content"]
+    assert "people.jsonl:4" in conv[1]["content"] and "Di Eng lives in Lima." in conv[1]["content"]
     # {world} in `search`, and the checks
     w = make_spec({"name": "w", "data": "{world}/q.jsonl", "format": "chat", "search": "{world}/lib.sqlite",
                    "retrieve": True}, "test", world=str(tmp_path))

@@ -65,7 +65,7 @@ def scripted(tok) -> SlotScript:
     """A model that says what it sees: asked "23 + 58" it calls the calculator and then answers
     "sum: RESULT."; asked for "python" it calls python, then "python says RESULT."; asked to call
     "forever" it calls the calculator every round; anything else gets "system=S; tool=T." with S
-    its system message and T the last tool result after the question ("none" for either)."""
+    its system message and T the last tool result since its last reply ("none" for either)."""
     sid = tok.special_ids
     end = sid["<|end|>"]
 
@@ -79,7 +79,10 @@ def scripted(tok) -> SlotScript:
         a = len(ctx) - 1 - ctx[::-1].index(sid["<|assistant|>"])
         u = len(ctx) - 1 - ctx[::-1].index(sid["<|user|>"])
         user = between(ctx, u)
-        tools = [i for i in range(u, a) if ctx[i] == sid["<|tool|>"]]
+        # the tool results since its last reply in words (the knowledge lookup comes before the question)
+        said = max((i for i in range(u) if ctx[i] == sid["<|assistant|>"] and ctx[i + 1] != sid["<|tool_call|>"]),
+                   default=0)
+        tools = [i for i in range(said, a) if ctx[i] == sid["<|tool|>"]]
         result = between(ctx, tools[-1]) if tools else None
         if "forever" in user:
             reply = call(CALC)

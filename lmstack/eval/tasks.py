@@ -85,8 +85,8 @@ class TaskSpec:
     search: str = ""  # an index file (lmstack search index; "{world}/library.sqlite") the `search` tool reads
     search_k: int = 1  # passages per search (the world's assistant data shows one)
     search_chars: int = 700  # the search result's most characters (the world's)
-    retrieve: bool = False  # chat: retrieval done for the model: the conversation starts with a `search`
-    #                         call of the prompt and its result, and the model answers from there
+    retrieve: bool = False  # chat: retrieval done for the model: a `search` call of the prompt and its
+    #                         result come before the prompt (lmstack.assistant.retrieved), then the model answers
     slices: list = field(default_factory=list)  # fields to break the score down by ("a+b": crossed)
     where: dict = field(default_factory=dict)  # keep only rows whose field equals (one of) the value(s)
     limit: int = 0  # score at most this many rows (a fixed random sample); 0 = all

@@ -312,8 +312,8 @@ class AssistantTurns:
             raise APIError(400, str(e), param="messages") from None
         s.check_text_length(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)))
         conv = await run_in_threadpool(a.assistant.prepare, messages, a.finder)
-        if messages[-1]["role"] == "user" and conv[-1]["role"] == "tool":
-            self.lookup = conv[-2:]
+        # the lookup: the search call and result `prepare` put before the last user message
+        self.lookup = [m for m in conv if m["role"] != "system" and not any(m is x for x in messages)]
         self.loop = ToolLoop(s.fmt, [conv] * self.n, a.tools, MAX_TOOL_ROUNDS, self.asked or s.limits.max_tokens,
                              guard=s.guard)
         self.first = await run_in_threadpool(s.chat_prompt, conv, self.loop.specs)
