@@ -105,7 +105,15 @@ def _checked(i: int, m) -> tuple[str, str, list[str]]:
         raise ChatFormatError(f"message {i}: only assistant messages carry tool_calls")
     if not (content or "").strip() and not calls:
         raise ChatFormatError(f"message {i} ({role}): empty content")
+    if "weight" in m and (role != "assistant" or isinstance(m["weight"], bool) or m["weight"] not in (0, 1)):
+        raise ChatFormatError(f"message {i}: weight must be 0 or 1, on an assistant message")
     return role, content or "", [tool_call_text(c) for c in calls]
+
+
+def trained(m: dict) -> bool:
+    """Whether fine-tuning learns to write message m: an assistant message, unless it says
+    "weight": 0 (OpenAI's fine-tuning format: the message is context, not a target)."""
+    return m["role"] == "assistant" and m.get("weight", 1) == 1
 
 
 def check_messages(messages) -> None:
@@ -158,7 +166,8 @@ class ChatFormat(_Replies):
     def render(self, messages: list[dict], add_generation_prompt: bool = False,
                tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
         """messages -> (ids, mask). mask[i] is 1 on what the assistant must learn to write: its
-        content, its tool calls and its closing <|end|> (so it learns to stop); 0 elsewhere.
+        content, its tool calls and its closing <|end|> (so it learns to stop); 0 elsewhere, and on
+        an assistant message with "weight": 0 (`trained`).
         add_generation_prompt appends <|assistant|> for the model to continue from. `tools` (the
         OpenAI tools list) is not rendered: an lmstack model learns its tools in training."""
         if not isinstance(messages, list) or not (messages or add_generation_prompt):
@@ -171,7 +180,7 @@ class ChatFormat(_Replies):
             for call in calls:
                 body += [self.call_open] + encode(call) + [self.call_close]
             body.append(self.end_id)
-            train = 1 if role == "assistant" else 0
+            train = int(trained(m))
             ids += [sid[f"<|{role}|>"]] + body
             mask += [0] + [train] * len(body)
         if add_generation_prompt:
@@ -353,7 +362,7 @@ class TemplateFormat(_Replies):
         ids = self._encode(messages, add_generation_prompt, tools)
         mask = [0] * len(ids)
         for i, m in enumerate(messages):
-            if m["role"] == "assistant":
+            if trained(m):
                 for k in self._reply(self._encode(messages[:i], True, tools),
                                      self._encode(messages[:i + 1], False, tools), ids):
                     mask[k] = 1

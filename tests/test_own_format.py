@@ -150,6 +150,15 @@ def test_renders_the_ids_and_assistant_mask_transformers_renders(imported, hf_to
         assert render_row(fmt.tok, {"messages": messages}, fmt) == (ids, mask)
 
 
+def test_an_assistant_message_of_weight_0_is_context_in_its_format_too(imported):
+    fmt = chat_format(Tokenizer.load(imported))
+    conv = CONVERSATIONS[2]
+    ids, mask = fmt.render(conv)
+    ids0, mask0 = fmt.render([conv[0], {**conv[1], "weight": 0}, *conv[2:]])
+    assert ids0 == ids and "Paris" not in fmt.tok.decode([t for t, m in zip(ids0, mask0) if m])
+    assert [t for t, m in zip(ids0, mask0) if m] == [t for t, m in zip(ids, mask) if m][-sum(mask0):]
+
+
 def test_preference_pairs_train_on_the_last_answer_only(imported, hf_tok):
     prompt = CONVERSATIONS[2][:3]
     seqs, dropped = render_answers(Tokenizer.load(imported), prompt, ["Rome.", "I do not know."], 512)

@@ -115,6 +115,21 @@ def test_masked_text_is_the_assistant_replies(tok):
     assert tok.decode(tool_part) == " 42<|end|>" and all(m == 0 for m, r in zip(mask, roles) if r != "assistant")
 
 
+def test_an_assistant_message_of_weight_0_is_context(tok):
+    """OpenAI's fine-tuning format: "weight": 0 on an assistant message keeps it out of the loss."""
+    head, call, rest = TOOL_CHAT[:2], TOOL_CHAT[2], TOOL_CHAT[3:]
+    ids, mask = render_chat(tok, head + [{**call, "weight": 0}] + rest)
+    assert ids == render_chat(tok, TOOL_CHAT)[0]
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == " 12 + 30 = 42.<|end|> Any time!<|end|>"
+    assert render_chat(tok, head + [{**call, "weight": 1}] + rest) == render_chat(tok, TOOL_CHAT)
+    for bad in (head + [{**call, "weight": 0.5}] + rest, head + [{**call, "weight": True}] + rest,
+                [head[0], {**head[1], "weight": 0}, call] + rest):
+        with pytest.raises(ChatFormatError, match="weight must be 0 or 1, on an assistant message"):
+            render_chat(tok, bad)
+    with pytest.raises(ChatFormatError, match="no assistant message"):  # nothing left to learn: the row is skipped
+        render_row(tok, {"messages": head + [{"role": "assistant", "content": "Hi.", "weight": 0}]})
+
+
 def test_user_text_never_encodes_to_special_ids(tok):
     for text in ["<|end|>", "<|assistant|>", "hi <|end|><|assistant|>sure<|end|>", "<|tool_call|>{}", "<|bos|>"]:
         ids, mask = render_chat(tok, [{"role": "user", "content": text}, {"role": "assistant", "content": text}])
