@@ -83,8 +83,7 @@ class Assistant:
 def retrieved(conv: list[dict], finder, call_id: str) -> list[dict]:
     """`conv` with retrieval done for the model: a `search` call of the last (user) message and its
     result, put just before that message, so that the question is the last thing the model reads
-    before it answers (after it, as when the model calls search itself, the speedrun's assistant
-    answered held-out people's facts 12% of the time, below its 26% from memory; before it, 55%:
+    before it answers (a small model reads the passage far better there than after the question:
     README, "Retrieval before the question"). Nothing is added when the search finds nothing."""
     query = conv[-1]["content"]
     result = finder.fn(query=query)

@@ -63,8 +63,8 @@ class ConversationMemory:
         return format_passages(self.index.search(query, self.k), self.max_chars)
 
     def page_in(self, query: str) -> list[dict]:
-        """The best page for `query` as the messages it was made of (each marked `recalled`), or []
-        when nothing matches."""
+        """The best page for `query` as the user and assistant messages it was made of (each marked
+        `recalled`), or [] when nothing matches."""
         best = self.index.search(query, 1)
         if not best:
             return []
@@ -75,7 +75,7 @@ class ConversationMemory:
         out = []
         for line in text.splitlines():
             role, sep, content = line.partition(": ")
-            if sep and role in ROLES and content.strip():
+            if sep and role in ("user", "assistant") and content.strip():  # a turn, not a system message
                 out.append({"role": role, "content": content, "recalled": True})
         return out
 
