@@ -21,6 +21,7 @@ from lmstack.model import GPT
 from lmstack.modelio import read_config
 from lmstack.speedrun import PEOPLE, SFT_SET, world_tokenizer
 from lmstack.tokenizer import Tokenizer
+from lmstack.world.assistant import as_retrieved
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,9 +196,10 @@ def test_the_reader_stage_learns_look_ups_of_people_it_never_saw(tmp_path):
     text = (MINI.replace('description = "a test"', 'description = "a test"\nstages = ["world", "tokenizer", "data", '
                          '"pretrain", "sft", "reader"]')
             .replace('"base copy"]', '"reader facts_qa split=heldout"]')
-            .replace('chat = ["facts_qa"]', 'chat = ["facts_qa"]\nreader = ["facts_qa"]'))
+            .replace('chat = ["facts_qa"]', 'chat = ["facts_qa"]\nreader = ["facts_qa"]')
+            + '\n[variants.r]\nreader = { lookups = "retrieved" }\n')
     added = run(tmp_path, recipe(tmp_path, text, "rd"))
-    assert [r["stage"] for r in added] == ["base", "chat", "reader"]
+    assert [r["stage"] for r in added] == ["base", "chat", "reader"] * 2
     folder = tmp_path / "runs" / "tiny" / "a" / "seed0"
     settings = json.loads((folder / "experiment.json").read_text())["settings"]
     assert settings["reader"] == [*READER_SET["tiny"], "train.seed=0"] and "reader" not in run_settings(
@@ -208,6 +210,18 @@ def test_the_reader_stage_learns_look_ups_of_people_it_never_saw(tmp_path):
     assert not any(n in xrun._text(r) for r in rows for n in names)
     lineage = json.loads((folder / "reader" / "sft.json").read_text())
     assert lineage["base"] == str(folder / "chat") and lineage["data"][0] == str(folder / "lookups.jsonl")
+    # reader = { lookups = "retrieved" }: the same look-ups, the passage before the question
+    other = tmp_path / "runs" / "tiny" / "r" / "seed0"
+    assert json.loads((other / "experiment.json").read_text())["settings"]["reader_lookups"] == "retrieved"
+    assert "reader_lookups" not in settings
+    shown = [json.loads(line) for line in (other / "lookups.jsonl").read_text().splitlines()]
+    assert len(shown) == len(rows) and all(as_retrieved(r["messages"]) == s["messages"] for r, s in zip(rows, shown))
+    for r in shown:
+        msgs = [m for m in r["messages"] if m["role"] != "system"]
+        assert [m["role"] for m in msgs] == ["assistant", "tool", "user", "assistant"] and msgs[0]["weight"] == 0
+        assert msgs[2]["content"] in msgs[0]["tool_calls"][0]["function"]["arguments"]  # the question, asked plainly
+    plain = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    assert as_retrieved(plain) == plain  # not a look-up: as it is
     assert xrun._looks_up({"messages": [{"role": "assistant", "tool_calls": [
         {"function": {"name": "search", "arguments": "{}"}}]}]})
     assert not xrun._looks_up({"messages": [{"role": "assistant", "tool_calls": [
@@ -268,6 +282,11 @@ def test_bad_input_is_one_line(tmp_path, capsys):
          "variants.a.tokenizer.vocab"),
         (["run", recipe(tmp_path, MINI + "tokenizer = { conversations = 1 }\n", "tk2")], "must be bool"),
         (["run", recipe(tmp_path, MINI + "tokenizer = 1\n", "tk3")], "must be a table of tokenizer knobs"),
+        (["run", recipe(tmp_path, MINI + 'reader = { lookups = "retrieved" }\n', "rd1")],
+         "reader knobs need the reader stage"),
+        (["run", recipe(tmp_path, 'stages = ["world", "tokenizer", "data", "pretrain", "sft", "reader"]\n' + MINI
+                        + 'reader = { lookups = "after" }\n', "rd2")], "reader.lookups must be one of called, retrieved"),
+        (["run", recipe(tmp_path, MINI + 'reader = { shape = "x" }\n', "rd3")], "unknown reader knob"),
         (["run", recipe(tmp_path, MINI.replace("[variants.a]", ""), "none")], "at least one variant"),
         (["run", recipe(tmp_path, MINI.replace('"train.max_steps=3"', '"train.max_stepz=3"'), "set")],
          "unknown config key 'train.max_stepz'"),

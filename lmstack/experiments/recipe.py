@@ -7,12 +7,13 @@
     tokenizer = { conversations = true }  # tokenizer knobs (the speedrun's --set tokenizer.KEY)
     pretrain = ["train.max_steps=10"]  # --set overrides for every variant's pretraining
     sft = []                           # ... and its SFT
+    reader = { lookups = "retrieved" } # the reader stage's look-ups: "called" (default) or "retrieved"
 
     [eval]                             # the model -> the tasks it is scored on
     base = ["reversal_rank"]
     chat = ["reversal_rank", "reversal_qa"]
 
-    [variants.single]                  # at least one; the same three keys, added to the shared ones
+    [variants.single]                  # at least one; the same keys, added to the shared ones
     world = { bios_per_person = 1, permute = false }
 
 The "reader" stage fine-tunes the chat model further on look-up conversations (a search call, its
@@ -59,8 +60,14 @@ READER_SET = {"tiny": ["train.max_steps=4", "train.batch_tokens=2048", "train.ev
                        "optim.lr=1e-3"],
               "small": ["train.max_steps=600", "optim.lr=5e-4", "train.eval_every=200"]}
 READER_MIX = {"small": 0.2}  # its share of pretraining windows (as the speedrun's SFT_MIX)
-TOP_KEYS = {"description", "stages", "headline", "eval", "world", "tokenizer", "pretrain", "sft", "variants"}
-VARIANT_KEYS = {"world", "tokenizer", "pretrain", "sft"}
+# The reader stage's knobs: `lookups`, the shape its look-ups are learnt in: "called" (the model calls
+# search, the result after the question: the world's conversations as they are) or "retrieved" (the
+# result before the question, as retrieval done for the model shows it: README, "Retrieval before
+# the question").
+READER_KNOBS = {"lookups": str}
+LOOKUP_SHAPES = ("called", "retrieved")
+TOP_KEYS = {"description", "stages", "headline", "eval", "world", "tokenizer", "pretrain", "sft", "reader", "variants"}
+VARIANT_KEYS = {"world", "tokenizer", "pretrain", "sft", "reader"}
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Variant:
     pretrain: list[str]  # --set overrides of pretraining
     sft: list[str]  # --set overrides of SFT
     tokenizer: dict = field(default_factory=dict)  # tokenizer knobs (TOKENIZER_KEYS)
+    reader: dict = field(default_factory=dict)  # the reader stage's knobs (READER_KNOBS)
 
 
 @dataclass
@@ -156,7 +164,9 @@ def load_recipe(name: str) -> Recipe:
         _known_keys(table, VARIANT_KEYS, f"{where}: variants.{vname}")
         own = _settings(table, f"variants.{vname}.", where)
         variants.append(Variant(vname, {**shared[0], **own[0]}, shared[1] + own[1], shared[2] + own[2],
-                                {**shared[3], **own[3]}))
+                                {**shared[3], **own[3]}, {**shared[4], **own[4]}))
+    if "reader" not in stages and any(v.reader for v in variants):
+        raise UserError(f"{where}: reader knobs need the reader stage (stages = {STAGES})")
     return Recipe(path.stem, path, str(doc.get("description", "")), stages, evals, headline, variants)
 
 
@@ -204,12 +214,17 @@ def _headline(text: str, evals: dict, tasks: dict, where: str) -> Headline:
     return h
 
 
-def _settings(table: dict, prefix: str, where: str) -> tuple[dict, list[str], list[str], dict]:
-    """(world knobs, pretrain --set, sft --set, tokenizer knobs) of a recipe's top level or a variant."""
+def _settings(table: dict, prefix: str, where: str) -> tuple[dict, list[str], list[str], dict, dict]:
+    """(world knobs, pretrain --set, sft --set, tokenizer knobs, reader knobs) of a recipe's top
+    level or a variant."""
+    reader = _knobs(table, "reader", READER_KNOBS, prefix, where)
+    if reader.get("lookups", LOOKUP_SHAPES[0]) not in LOOKUP_SHAPES:
+        raise UserError(f"{where}: {prefix}reader.lookups must be one of {', '.join(LOOKUP_SHAPES)} "
+                        f"(got {reader['lookups']!r})")
     return (_knobs(table, "world", WORLD_KNOBS, prefix, where),
             _list(table.get("pretrain", []), f"{prefix}pretrain", where),
             _list(table.get("sft", []), f"{prefix}sft", where),
-            _knobs(table, "tokenizer", TOKENIZER_KEYS, prefix, where))
+            _knobs(table, "tokenizer", TOKENIZER_KEYS, prefix, where), reader)
 
 
 def _knobs(table: dict, key: str, knobs: dict, prefix: str, where: str) -> dict:

@@ -53,6 +53,7 @@ from lmstack.train.pretrain import pretrain
 from lmstack.train.sft import sft
 from lmstack.utils import UserError, atomic_write_json, atomic_write_text, commit, read_json, read_jsonl
 from lmstack.world import generate
+from lmstack.world.assistant import as_retrieved
 
 MARKER = "experiment.json"  # in a run folder: its settings and the stages done
 RUNS = Path("runs/experiments")  # default --out: RUNS/NAME
@@ -94,9 +95,11 @@ def _mentions(row: dict, names: set[str]) -> bool:
     return any(name in text for name in names)
 
 
-def _lookups(run: Path, scale: str, seed: int) -> Path:
+def _lookups(run: Path, scale: str, seed: int, shape: str = "called") -> Path:
     """The reader stage's look-ups: the world's own, and those of a practice world of other people
-    (any whose name is one of the world's is left out), shuffled; written to run/lookups.jsonl."""
+    (any whose name is one of the world's is left out), shuffled, in `shape` ("retrieved": each
+    turned into retrieval done for the model, lmstack.world.assistant.as_retrieved); written to
+    run/lookups.jsonl."""
     n = PRACTICE_PEOPLE.get(Path(scale).stem, PRACTICE_PEOPLE["small"])
     practice = generate(run / "practice", people=n, seed=PRACTICE_SEED + seed, skill_people=n, force=True,
                         progress=False)
@@ -105,6 +108,8 @@ def _lookups(run: Path, scale: str, seed: int) -> Path:
     rows += [row for _, row in read_jsonl(practice / "sft.jsonl", "conversations")
              if _looks_up(row) and not _mentions(row, names)]
     random.Random(seed).shuffle(rows)
+    if shape == "retrieved":
+        rows = [{**row, "messages": as_retrieved(row["messages"])} for row in rows]
     atomic_write_text(run / "lookups.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return run / "lookups.jsonl"
 
@@ -121,7 +126,8 @@ def _stages(run: Path, scale: str, sets: dict) -> dict:
         "pretrain": lambda: _final(pretrain(scale, run / "data", base, sets["pretrain"], resume=_started(base)), base),
         "sft": lambda: _final(sft(base, [world / "sft.jsonl"], chat, sets["sft"], resume=_started(chat),
                                   **sft_mix(Path(scale).stem, run / "data")), chat),
-        "reader": lambda: _final(sft(chat, [_lookups(run, scale, sets["world"]["seed"]), world / "sft.jsonl"], reader,
+        "reader": lambda: _final(sft(chat, [_lookups(run, scale, sets["world"]["seed"],
+                                                     sets.get("reader_lookups", "called")), world / "sft.jsonl"], reader,
                                      sets.get("reader", []), resume=_started(reader),
                                      **sft_mix(Path(scale).stem, run / "data", READER_MIX)), reader),
     }
@@ -132,6 +138,8 @@ def run_one(recipe: Recipe, variant, scale: str, seed: int, run: Path, models: l
     sets = run_settings(variant, scale, seed)
     if "reader" in recipe.stages:
         sets["reader"] = reader_settings(scale, seed)
+        if variant.reader.get("lookups", "called") != "called":  # (a run of before, without the key, still matches)
+            sets["reader_lookups"] = variant.reader["lookups"]
     settings = {"experiment": recipe.name, "variant": variant.name, "scale": scale, "seed": seed, **sets,
                 "stages": recipe.stages}
     state = read_json(run / MARKER) or {"settings": settings, "done": {}}

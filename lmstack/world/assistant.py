@@ -291,6 +291,20 @@ def _look_up(question: str, rng: random.Random, search, call_id: str) -> list[di
             {"role": "tool", "tool_call_id": call_id, "content": search(question)}]
 
 
+def as_retrieved(msgs: list[dict]) -> list[dict]:
+    """A look-up conversation (the user asks to look it up, the search call, its result, the
+    answer) as retrieval done for the model (lmstack.assistant.retrieved's shape): the call, kept
+    out of the loss ("weight": 0), and its result first, then the question without the look-up
+    phrase, then the answer. Anything else is returned as it is."""
+    i = next((k for k, m in enumerate(msgs) if m["role"] == "user"), None)
+    if i is None or len(msgs) < i + 4 or not msgs[i + 1].get("tool_calls") or msgs[i + 2]["role"] != "tool":
+        return msgs
+    question = msgs[i]["content"]
+    for phrase in LOOK_UP:
+        question = question.removesuffix(f" {phrase}")
+    return msgs[:i] + [{**msgs[i + 1], "weight": 0}, msgs[i + 2], {"role": "user", "content": question}] + msgs[i + 3:]
+
+
 # ---------------------------------------------------------------- conversations
 def _reply(rng, pair) -> list[dict]:
     questions, answers = pair
