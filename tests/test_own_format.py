@@ -352,6 +352,23 @@ def test_hermes_tool_calls_render_parse_and_loop_as_the_template_says(hermes):
                     "<|im_end|>81.<|im_end|>")  # the call and the answer, each with its end of turn
 
 
+def test_retrieval_before_the_question_renders_as_transformers_renders_it(hermes):
+    """An assistant's knowledge lookup (lmstack.assistant.retrieved: the search call and its result
+    before the question) in a model's own template, Qwen 2.5's here."""
+    from lmstack.assistant import retrieved
+    from lmstack.tools.registry import Tool
+
+    d, hf_tok = hermes
+    fmt = chat_format(Tokenizer.load(d / "imported"))
+    finder = Tool(name="search", fn=lambda query: "[1] notes.md:1\nAna was born in Paris.", description="",
+                  parameters={})
+    for head in ([], [{"role": "system", "content": "Be brief."}],
+                 [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]):
+        conv = retrieved(head + [{"role": "user", "content": "Where was Ana born?"}], finder, "k1")
+        assert [m["role"] for m in conv[len(head):]] == ["assistant", "tool", "user"]
+        assert fmt.prompt(conv) == list(hf_ids(hf_tok, conv, add_generation_prompt=True)["input_ids"])
+
+
 def test_a_template_with_no_tool_format_has_tools_off(imported):
     fmt = chat_format(Tokenizer.load(imported))
     assert fmt.tools is False
