@@ -107,18 +107,25 @@ def fit(fmt, history: list[dict], ctx: int, reserve: int, memory=None) -> tuple[
 def recall(history: list[dict], memory, knowledge=None) -> list[dict]:
     """Before a reply to the last (user) message: its lookup in the conversation's paged-out
     memory, whose best page comes back in as the turn it was, just before that message (where a
-    small model reads it: at the start of the context it is ignored, and as a search result it
-    is read worse; README: "Memory"), unless its messages are in the context already; then its
-    lookup in the assistant's knowledge, as a `search` call and result when it finds something
+    small model reads it: further up the context it is ignored, and as a search result it is read
+    worse; README: "Memory"); a copy of it paged in before and still in the context moves there,
+    and a page the conversation still holds itself is not brought back; then its lookup in the
+    assistant's knowledge, as a `search` call and result when it finds something
     (lmstack.assistant.retrieved)."""
     if memory is not None and memory.pages:
         page = memory.page_in(history[-1]["content"])
-        here = {(m["role"], " ".join((m.get("content") or "").split())) for m in history}
-        if page and not all((m["role"], m["content"]) in here for m in page):
-            history = history[:-1] + page + history[-1:]
+        lines = {_line(m) for m in page}
+        held = {_line(m) for m in history[:-1] if not m.get("recalled")}
+        if page and not lines <= held:
+            history = [m for m in history[:-1] if not (m.get("recalled") and _line(m) in lines)] + page + history[-1:]
     if knowledge is not None:
         history = retrieved(history, knowledge, f"knowledge_{len(history)}")
     return history
+
+
+def _line(m: dict) -> tuple[str, str]:
+    """A message as a memory page keeps it: its role and its text, whitespace collapsed."""
+    return m["role"], " ".join((m.get("content") or "").split())
 
 
 def chat(model: str, system: str | None = None, temperature: float = 0.7, top_p: float | None = 0.95,
@@ -221,12 +228,13 @@ def _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, see
                 print(dim(f"unknown command {cmd}; {HELP}"))
             continue
 
-        before = len(history)
         history.append({"role": "user", "content": line})
-        history = recall(history, memory, knowledge)
-        for m in history[before:-1]:  # what recall put before the message goes with it if the turn is abandoned
-            m["lookup"] = True
-        for m in history[before:]:
+        prior = history
+        history = recall(prior, memory, knowledge)
+        for m in history:
+            if any(m is p for p in prior):
+                continue
+            m["lookup"] = True  # what recall put before the message goes with it if the turn is abandoned
             if m.get("recalled"):
                 note(f"[recalled] {m['role']}: {m['content'][:200]}")
             elif m["role"] == "tool":

@@ -79,7 +79,12 @@ def test_fit_pages_out_what_it_drops_and_recall_brings_it_back(chat_model):
         assert back[:-3] == kept[:-1] and back[-1] == kept[-1]
         assert back[-3:-1] == [{"role": "user", "content": "Where was Ada Lind born?", "recalled": True},
                                {"role": "assistant", "content": "Oslo.", "recalled": True}]
-        assert recall(back, memory) == back  # already in the context: not paged in twice
+        assert recall(back, memory) == back  # already just before the question: not paged in twice
+        later = back[:-1] + history[3:7] + [history[-1]]  # two more turns since it came back, then the question
+        moved = recall(later, memory)  # the copy further up moves down to the question
+        assert moved == later[:-7] + later[-5:-1] + back[-3:-1] + [history[-1]]
+        own = [history[0], history[1], history[2], *history[3:7], history[-1]]
+        assert recall(own, memory) == own  # the conversation still holds that turn itself: nothing comes back
         assert recall(kept, None) == kept  # no memory: nothing added
         pages = memory.pages
         fit(fmt, back[:-1] + history[3:], 128, 16, memory)  # more turns after the recalled one
