@@ -131,7 +131,8 @@ def test_create_an_assistant_and_what_it_shows_the_model(chat_model, knowledge, 
     conv = a.prepare([{"role": "user", "content": "Where was Ada Lind born?"}])
     assert conv[0] == {"role": "system", "content": "You answer in one sentence."}
     assert [m["role"] for m in conv] == ["system", "assistant", "tool", "user"]  # the lookup, then the question
-    assert conv[1]["tool_calls"][0]["function"]["name"] == "search" and conv[-1]["content"] == "Where was Ada Lind born?"
+    assert conv[1]["tool_calls"][0]["function"]["name"] == "search"
+    assert conv[-1]["content"] == "Where was Ada Lind born?"
     assert "Ada Lind was born in Oslo." in conv[2]["content"] and "people.md:1" in conv[2]["content"]
     later = a.prepare([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                        {"role": "user", "content": "Where was Ada Lind born?"}])

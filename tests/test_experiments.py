@@ -285,7 +285,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         (["run", recipe(tmp_path, MINI + 'reader = { lookups = "retrieved" }\n', "rd1")],
          "reader knobs need the reader stage"),
         (["run", recipe(tmp_path, 'stages = ["world", "tokenizer", "data", "pretrain", "sft", "reader"]\n' + MINI
-                        + 'reader = { lookups = "after" }\n', "rd2")], "reader.lookups must be one of called, retrieved"),
+                        + 'reader = { lookups = "after" }\n', "rd2")],
+         "reader.lookups must be one of called, retrieved"),
         (["run", recipe(tmp_path, MINI + 'reader = { shape = "x" }\n', "rd3")], "unknown reader knob"),
         (["run", recipe(tmp_path, MINI.replace("[variants.a]", ""), "none")], "at least one variant"),
         (["run", recipe(tmp_path, MINI.replace('"train.max_steps=3"', '"train.max_stepz=3"'), "set")],

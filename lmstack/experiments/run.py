@@ -28,6 +28,7 @@ from pathlib import Path
 from lmstack.data import prepare
 from lmstack.eval.run import evaluate
 from lmstack.experiments.recipe import (
+    LOOKUP_SHAPES,
     MODELS,
     READER_MIX,
     Recipe,
@@ -95,7 +96,7 @@ def _mentions(row: dict, names: set[str]) -> bool:
     return any(name in text for name in names)
 
 
-def _lookups(run: Path, scale: str, seed: int, shape: str = "called") -> Path:
+def _lookups(run: Path, scale: str, seed: int, shape: str = LOOKUP_SHAPES[0]) -> Path:
     """The reader stage's look-ups: the world's own, and those of a practice world of other people
     (any whose name is one of the world's is left out), shuffled, in `shape` ("retrieved": each
     turned into retrieval done for the model, lmstack.world.assistant.as_retrieved); written to
@@ -127,7 +128,8 @@ def _stages(run: Path, scale: str, sets: dict) -> dict:
         "sft": lambda: _final(sft(base, [world / "sft.jsonl"], chat, sets["sft"], resume=_started(chat),
                                   **sft_mix(Path(scale).stem, run / "data")), chat),
         "reader": lambda: _final(sft(chat, [_lookups(run, scale, sets["world"]["seed"],
-                                                     sets.get("reader_lookups", "called")), world / "sft.jsonl"], reader,
+                                                     sets.get("reader_lookups", LOOKUP_SHAPES[0])),
+                                            world / "sft.jsonl"], reader,
                                      sets.get("reader", []), resume=_started(reader),
                                      **sft_mix(Path(scale).stem, run / "data", READER_MIX)), reader),
     }
@@ -138,7 +140,7 @@ def run_one(recipe: Recipe, variant, scale: str, seed: int, run: Path, models: l
     sets = run_settings(variant, scale, seed)
     if "reader" in recipe.stages:
         sets["reader"] = reader_settings(scale, seed)
-        if variant.reader.get("lookups", "called") != "called":  # (a run of before, without the key, still matches)
+        if variant.reader.get("lookups", LOOKUP_SHAPES[0]) != LOOKUP_SHAPES[0]:  # (runs of before still match)
             sets["reader_lookups"] = variant.reader["lookups"]
     settings = {"experiment": recipe.name, "variant": variant.name, "scale": scale, "seed": seed, **sets,
                 "stages": recipe.stages}
