@@ -43,13 +43,14 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from lmstack.align.rewards import WorldReward
 from lmstack.chatformat import ChatFormatError, prompt_messages, row_prompt
 from lmstack.engine import generate_batch
 from lmstack.eval.lm import ModelLM
 from lmstack.modelio import world_above
 from lmstack.stats import wilson
 from lmstack.utils import UserError, atomic_write_text, check_output_file, describe_counts, read_jsonl
-from lmstack.world import labeller, load_world
+from lmstack.world import labeller
 
 DEFAULT_CONSTITUTION = """\
 Judge which answer is better by these principles, in order:
@@ -65,12 +66,11 @@ MAX_TOKENS = 48  # per sampled answer: two answers and the constitution must fit
 def read_prompts(path) -> list[dict]:
     """Prompt rows -> [{"prompt": messages, "task": labeller task | None, "meta", "where"}]. A fact
     row (a person and relation in its meta) gets its task from the world.json at or above `path`."""
-    world, people = world_above(path), {}
+    world = world_above(path)
+    reward = WorldReward(world) if world else None  # world.json is read at the first fact row
 
-    def person(pid: str) -> dict:  # world.json is read at the first fact row ({}: a person it lacks, no task)
-        if not people:
-            people.update({p["id"]: p for p in load_world(world)["people"]})  # a corrupt one: UserError
-        return people.get(pid, {})
+    def person(pid: str) -> dict:  # {}: a person the world lacks (the row has no task)
+        return reward.people().get(pid, {})
 
     out = []
     for n, row in read_jsonl(path, "prompts file"):
@@ -78,7 +78,7 @@ def read_prompts(path) -> list[dict]:
             prompt = row_prompt(row)
         except ChatFormatError as e:
             raise UserError(f"{path}:{n}: {e}") from None
-        task = labeller.task_of(row, person if world else None)
+        task = labeller.task_of(row, person if reward else None)
         meta = row.get("meta") if isinstance(row, dict) and isinstance(row.get("meta"), dict) else {}
         out.append({"prompt": prompt, "task": task, "meta": meta, "where": f"{path}:{n}"})
     if not out:

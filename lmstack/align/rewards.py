@@ -59,13 +59,17 @@ class WorldReward:
         self.world_dir = Path(world_dir) if world_dir else None
         self._people: dict | None = None
 
-    def _person(self, pid: str) -> dict:
+    def people(self) -> dict:
+        """world.json's people by id, read at the first call (UserError: no world.json, or a corrupt one)."""
         if self._people is None:
             if self.world_dir is None:
                 raise UserError("world reward: a fact row names a person, but no world.json was found "
                                 "at or above the prompts file")
             self._people = {p["id"]: p for p in load_world(self.world_dir)["people"]}
-        if pid not in self._people:
+        return self._people
+
+    def _person(self, pid: str) -> dict:
+        if pid not in self.people():
             raise UserError(f"world reward: person {pid!r} is not in {self.world_dir / 'world.json'}")
         return self._people[pid]
 
