@@ -94,6 +94,13 @@ def retrieved(conv: list[dict], finder, call_id: str) -> list[dict]:
                         {"role": "tool", "tool_call_id": call_id, "content": result}] + conv[-1:]
 
 
+def added(after: list[dict], before: list[dict]) -> list[dict]:
+    """The messages of `after` (a conversation `prepare` or `lmstack.chat.recall` returned) that are
+    not the same objects as any in `before` (the one they were given): what they put in."""
+    had = {id(m) for m in before}
+    return [m for m in after if id(m) not in had]
+
+
 def create(model, out, name: str | None = None, instructions=None, knowledge=None, tools=("calculator", "search"),
            retrieve: bool = True, force: bool = False) -> Assistant:
     """Write an assistant folder (module doc); `instructions` a file, `knowledge` a folder."""

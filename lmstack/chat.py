@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Iterator
 
-from lmstack.assistant import retrieved
+from lmstack.assistant import added, retrieved
 from lmstack.chatformat import ChatFormatError, chat_format
 from lmstack.device import pick_device
 from lmstack.engine import ContextLengthError, for_inference, generate, stream
@@ -231,9 +231,7 @@ def _chat_loop(net, tok, fmt, model, system, temperature, top_p, max_tokens, see
         history.append({"role": "user", "content": line})
         prior = history
         history = recall(prior, memory, knowledge)
-        for m in history:
-            if any(m is p for p in prior):
-                continue
+        for m in added(history, prior):
             m["lookup"] = True  # what recall put before the message goes with it if the turn is abandoned
             if m.get("recalled"):
                 note(f"[recalled] {m['role']}: {m['content'][:200]}")

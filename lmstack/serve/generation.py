@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from lmstack.assistant import Assistant
+from lmstack.assistant import Assistant, added
 from lmstack.chatformat import ChatFormatError, chat_format, check_messages
 from lmstack.serve.batcher import Batcher, GenRequest, QueueFull
 from lmstack.serve.db import RequestLog
@@ -313,7 +313,7 @@ class AssistantTurns:
         s.check_text_length(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)))
         conv = await run_in_threadpool(a.assistant.prepare, messages, a.finder)
         # the lookup: the search call and result `prepare` put before the last user message
-        self.lookup = [m for m in conv if m["role"] != "system" and not any(m is x for x in messages)]
+        self.lookup = [m for m in added(conv, messages) if m["role"] != "system"]
         self.loop = ToolLoop(s.fmt, [conv] * self.n, a.tools, MAX_TOOL_ROUNDS, self.asked or s.limits.max_tokens,
                              guard=s.guard)
         self.first = await run_in_threadpool(s.chat_prompt, conv, self.loop.specs)
