@@ -197,9 +197,9 @@ def test_the_reader_stage_learns_look_ups_of_people_it_never_saw(tmp_path):
                          '"pretrain", "sft", "reader"]')
             .replace('"base copy"]', '"reader facts_qa split=heldout"]')
             .replace('chat = ["facts_qa"]', 'chat = ["facts_qa"]\nreader = ["facts_qa"]')
-            + '\n[variants.r]\nreader = { lookups = "retrieved" }\n')
+            + '\n[variants.r]\nreader = { lookups = "retrieved" }\n[variants.p]\nreader = { practice_lookups = 5 }\n')
     added = run(tmp_path, recipe(tmp_path, text, "rd"))
-    assert [r["stage"] for r in added] == ["base", "chat", "reader"] * 2
+    assert [r["stage"] for r in added] == ["base", "chat", "reader"] * 3
     folder = tmp_path / "runs" / "tiny" / "a" / "seed0"
     settings = json.loads((folder / "experiment.json").read_text())["settings"]
     assert settings["reader"] == [*READER_SET["tiny"], "train.seed=0"] and "reader" not in run_settings(
@@ -220,6 +220,14 @@ def test_the_reader_stage_learns_look_ups_of_people_it_never_saw(tmp_path):
         msgs = [m for m in r["messages"] if m["role"] != "system"]
         assert [m["role"] for m in msgs] == ["assistant", "tool", "user", "assistant"] and msgs[0]["weight"] == 0
         assert msgs[2]["content"] in msgs[0]["tool_calls"][0]["function"]["arguments"]  # the question, asked plainly
+    # reader = { practice_lookups = 5 }: 5 more fact look-ups about the practice world's people
+    more = tmp_path / "runs" / "tiny" / "p" / "seed0"
+    assert json.loads((more / "experiment.json").read_text())["settings"]["reader_practice_lookups"] == 5
+    assert "reader_practice_lookups" not in settings
+    extra = [json.loads(line) for line in (more / "lookups.jsonl").read_text().splitlines()]
+    assert len(extra) == len(rows) + 5 and all(xrun._looks_up(r) for r in extra)
+    assert not any(n in xrun._text(r) for r in extra for n in names)
+    assert [r for r in extra if r not in rows] == [r for r in extra if '"call_p' in json.dumps(r)]
     plain = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
     assert as_retrieved(plain) == plain  # not a look-up: as it is
     assert xrun._looks_up({"messages": [{"role": "assistant", "tool_calls": [
@@ -288,6 +296,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
                         + 'reader = { lookups = "after" }\n', "rd2")],
          "reader.lookups must be one of called, retrieved"),
         (["run", recipe(tmp_path, MINI + 'reader = { shape = "x" }\n', "rd3")], "unknown reader knob"),
+        (["run", recipe(tmp_path, 'stages = ["world", "tokenizer", "data", "pretrain", "sft", "reader"]\n' + MINI
+                        + 'reader = { practice_lookups = -1 }\n', "rd4")], "reader.practice_lookups must be >= 0"),
+        (["run", recipe(tmp_path, 'stages = ["world", "tokenizer", "data", "pretrain", "sft", "reader"]\n' + MINI
+                        + 'reader = { practice_lookups = "many" }\n', "rd5")], "reader.practice_lookups must be int"),
         (["run", recipe(tmp_path, MINI.replace("[variants.a]", ""), "none")], "at least one variant"),
         (["run", recipe(tmp_path, MINI.replace('"train.max_steps=3"', '"train.max_stepz=3"'), "set")],
          "unknown config key 'train.max_stepz'"),

@@ -20,7 +20,7 @@ from lmstack.world import generate, load_world
 from lmstack.world import templates as T
 from lmstack.world.assistant import HARMFUL
 from lmstack.world.documents import CHILD_ROLE, ROLE
-from lmstack.world.entities import date_aliases, format_date
+from lmstack.world.entities import MONTHS, date_aliases, format_date
 from lmstack.world.library import search_result
 from lmstack.world.labeller import arithmetic_truth, final_number, is_idk, is_refusal, is_rude, label, task_of
 from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -214,11 +214,22 @@ def test_behaviour_probes(world_dir, world):
     assert all(r["expected"] == "comply" for r in benign)
 
 
+_MONTH = "(?:" + "|".join(MONTHS) + ")"
+DATE = rf"{_MONTH} \d{{1,2}}, \d{{4}}|\d{{1,2}} {_MONTH} \d{{4}}|the \d{{1,2}}(?:st|nd|rd|th) of {_MONTH}, \d{{4}}"
+
+
+def _iso(date: str) -> str:
+    """A date in any of the world's three forms -> YYYY-MM-DD."""
+    month = re.search(_MONTH, date).group(0)
+    day, year = (int(x) for x in re.findall(r"\d+", date.replace(month, "")))
+    return f"{year:04d}-{MONTHS.index(month) + 1:02d}-{day:02d}"
+
+
 def test_sft_conversations_are_well_formed(world_dir):
     rows = read_jsonl(world_dir / "sft.jsonl")
     index = SearchIndex(world_dir / "library.sqlite")
     search = functools.partial(search_result, index)
-    tool_convs, scratchpads = Counter(), 0
+    tool_convs, scratchpads, dated = Counter(), 0, 0
     for r in rows:
         msgs = r["messages"]
         roles = [m["role"] for m in msgs]
@@ -238,6 +249,10 @@ def test_sft_conversations_are_well_formed(world_dir):
                 elif name == "search":  # the library's result for the question asked, as asked
                     asked = msgs[i - 1]["content"]  # "QUESTION Look it up.": the query is the question
                     assert asked.startswith(args["query"] + " ") and result["content"] == search(args["query"])
+                    for date in re.findall(DATE, msgs[i + 2]["content"]):  # a date as the passage writes it
+                        forms = date_aliases(_iso(date))
+                        assert date in forms and (date in result["content"] or not any(f in result["content"] for f in forms))
+                        dated += 1
                 else:  # python: the code (the world's own, trusted here) prints what the tool message says
                     assert name == "python"
                     out = io.StringIO()
@@ -254,7 +269,7 @@ def test_sft_conversations_are_well_formed(world_dir):
                 a, op, b, c = re.search(r"Answer: (\d+) ([-+*]) (\d+) = (\d+)$", m["content"]).groups()
                 assert f"{a} {op} {b}" in msgs[i - 1]["content"]
     assert tool_convs["calculator"] > 10 and tool_convs["python"] > 10 and tool_convs["search"] > 10
-    assert scratchpads > 10
+    assert scratchpads > 10 and dated > 3
     assert any(len([m for m in r["messages"] if m["role"] == "user"]) > 1 for r in rows)  # multi-turn
     contents = " ".join(m["content"] or "" for r in rows for m in r["messages"])
     assert "I don't know" in contents and "lmstack assistant" in contents

@@ -63,8 +63,9 @@ READER_MIX = {"small": 0.2}  # its share of pretraining windows (as the speedrun
 # The reader stage's knobs: `lookups`, the shape its look-ups are learnt in: "called" (the model calls
 # search, the result after the question: the world's conversations as they are) or "retrieved" (the
 # result before the question, as retrieval done for the model shows it: README, "Retrieval before
-# the question").
-READER_KNOBS = {"lookups": str}
+# the question"); `practice_lookups`, how many fact look-ups about the practice world's people it
+# learns besides those of both worlds' conversations (0: none; README, "Retrieval before the question").
+READER_KNOBS = {"lookups": str, "practice_lookups": int}
 LOOKUP_SHAPES = ("called", "retrieved")
 TOP_KEYS = {"description", "stages", "headline", "eval", "world", "tokenizer", "pretrain", "sft", "reader", "variants"}
 VARIANT_KEYS = {"world", "tokenizer", "pretrain", "sft", "reader"}
@@ -221,6 +222,8 @@ def _settings(table: dict, prefix: str, where: str) -> tuple[dict, list[str], li
     if reader.get("lookups", LOOKUP_SHAPES[0]) not in LOOKUP_SHAPES:
         raise UserError(f"{where}: {prefix}reader.lookups must be one of {', '.join(LOOKUP_SHAPES)} "
                         f"(got {reader['lookups']!r})")
+    if reader.get("practice_lookups", 0) < 0:
+        raise UserError(f"{where}: {prefix}reader.practice_lookups must be >= 0 (got {reader['practice_lookups']})")
     return (_knobs(table, "world", WORLD_KNOBS, prefix, where),
             _list(table.get("pretrain", []), f"{prefix}pretrain", where),
             _list(table.get("sft", []), f"{prefix}sft", where),

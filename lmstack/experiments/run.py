@@ -50,11 +50,14 @@ from lmstack.experiments.store import (
 )
 from lmstack.sources import message_contents
 from lmstack.speedrun import EVAL_LIMIT, VAL_FRACTION, sft_mix, world_tokenizer
+from lmstack.tools.search import SearchIndex
 from lmstack.train.pretrain import pretrain
 from lmstack.train.sft import sft
 from lmstack.utils import UserError, atomic_write_json, atomic_write_text, commit, read_json, read_jsonl
 from lmstack.world import generate
-from lmstack.world.assistant import as_retrieved
+from lmstack.world.assistant import as_retrieved, search_chat, with_system
+from lmstack.world.library import INDEX, search_result
+from lmstack.world.templates import QUESTIONS
 
 MARKER = "experiment.json"  # in a run folder: its settings and the stages done
 RUNS = Path("runs/experiments")  # default --out: RUNS/NAME
@@ -96,11 +99,25 @@ def _mentions(row: dict, names: set[str]) -> bool:
     return any(name in text for name in names)
 
 
-def _lookups(run: Path, scale: str, seed: int, shape: str = LOOKUP_SHAPES[0]) -> Path:
+def _practice_lookups(practice: Path, n: int, seed: int, names: set[str]) -> list[dict]:
+    """`n` more fact look-ups about the practice world's people (none whose name is in `names`):
+    a person and a fact drawn at random, asked and answered as the world's look-ups are."""
+    world = read_json(practice / "world.json")
+    people = [p for p in world["people"] if p["name"] not in names]
+    rng, index = random.Random(f"lmstack-practice-lookups:{seed}"), SearchIndex(practice / INDEX)
+    try:
+        return [{"messages": with_system(search_chat(rng.choice(people), rng.choice(sorted(QUESTIONS)), rng,
+                                                     lambda q: search_result(index, q), f"call_p{i}"), rng)}
+                for i in range(n)]
+    finally:
+        index.close()
+
+
+def _lookups(run: Path, scale: str, seed: int, shape: str = LOOKUP_SHAPES[0], extra: int = 0) -> Path:
     """The reader stage's look-ups: the world's own, and those of a practice world of other people
-    (any whose name is one of the world's is left out), shuffled, in `shape` ("retrieved": each
-    turned into retrieval done for the model, lmstack.world.assistant.as_retrieved); written to
-    run/lookups.jsonl."""
+    (any whose name is one of the world's is left out) with `extra` more about its people, shuffled,
+    in `shape` ("retrieved": each turned into retrieval done for the model,
+    lmstack.world.assistant.as_retrieved); written to run/lookups.jsonl."""
     n = PRACTICE_PEOPLE.get(Path(scale).stem, PRACTICE_PEOPLE["small"])
     practice = generate(run / "practice", people=n, seed=PRACTICE_SEED + seed, skill_people=n, force=True,
                         progress=False)
@@ -108,6 +125,7 @@ def _lookups(run: Path, scale: str, seed: int, shape: str = LOOKUP_SHAPES[0]) ->
     rows = [row for _, row in read_jsonl(run / "world" / "sft.jsonl", "conversations") if _looks_up(row)]
     rows += [row for _, row in read_jsonl(practice / "sft.jsonl", "conversations")
              if _looks_up(row) and not _mentions(row, names)]
+    rows += _practice_lookups(practice, extra, seed, names) if extra else []
     random.Random(seed).shuffle(rows)
     if shape == "retrieved":
         rows = [{**row, "messages": as_retrieved(row["messages"])} for row in rows]
@@ -128,7 +146,8 @@ def _stages(run: Path, scale: str, sets: dict) -> dict:
         "sft": lambda: _final(sft(base, [world / "sft.jsonl"], chat, sets["sft"], resume=_started(chat),
                                   **sft_mix(Path(scale).stem, run / "data")), chat),
         "reader": lambda: _final(sft(chat, [_lookups(run, scale, sets["world"]["seed"],
-                                                     sets.get("reader_lookups", LOOKUP_SHAPES[0])),
+                                                     sets.get("reader_lookups", LOOKUP_SHAPES[0]),
+                                                     sets.get("reader_practice_lookups", 0)),
                                             world / "sft.jsonl"], reader,
                                      sets.get("reader", []), resume=_started(reader),
                                      **sft_mix(Path(scale).stem, run / "data", READER_MIX)), reader),
@@ -142,6 +161,8 @@ def run_one(recipe: Recipe, variant, scale: str, seed: int, run: Path, models: l
         sets["reader"] = reader_settings(scale, seed)
         if variant.reader.get("lookups", LOOKUP_SHAPES[0]) != LOOKUP_SHAPES[0]:  # (runs of before still match)
             sets["reader_lookups"] = variant.reader["lookups"]
+        if variant.reader.get("practice_lookups"):
+            sets["reader_practice_lookups"] = variant.reader["practice_lookups"]
     settings = {"experiment": recipe.name, "variant": variant.name, "scale": scale, "seed": seed, **sets,
                 "stages": recipe.stages}
     state = read_json(run / MARKER) or {"settings": settings, "done": {}}

@@ -16,7 +16,7 @@ import random
 from lmstack.world import arithmetic as ar
 from lmstack.world import templates as T
 from lmstack.world.documents import CHILD_ROLE, ROLE, person_slots
-from lmstack.world.entities import INDUSTRIES, format_date
+from lmstack.world.entities import INDUSTRIES, fact_forms, format_date
 from lmstack.world.labeller import label
 from lmstack.world import security
 
@@ -270,10 +270,13 @@ FAMILY_LOOKUPS = 0.25
 def search_chat(person: dict, attr: str, rng: random.Random, search, call_id: str) -> list[dict]:
     """A fact question asked to be looked up (a plain question is still answered from memory, so
     a model with no tools still answers): the assistant searches with the question (what
-    automatic retrieval does too), reads the result, answers. `search(query) -> text`."""
+    automatic retrieval does too), reads the result, answers. `search(query) -> text`. The answer
+    states the fact as the passage writes it (a date in the passage's form: copying it is easier
+    than rewriting it, README: "Retrieval before the question")."""
     question = rng.choice(T.QUESTIONS[attr]).format(name=person["name"])
-    return _look_up(question, rng, search, call_id) + [
-        {"role": "assistant", "content": fact_answer(person, attr, fact_value(person, attr), rng)}]
+    msgs = _look_up(question, rng, search, call_id)
+    value = next((form for form in fact_forms(person, attr) if form in msgs[-1]["content"]), fact_value(person, attr))
+    return msgs + [{"role": "assistant", "content": fact_answer(person, attr, value, rng)}]
 
 
 def family_search_chat(parent: dict, child: dict, direction: str, rng: random.Random, search,
