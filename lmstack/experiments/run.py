@@ -100,17 +100,22 @@ def _mentions(row: dict, names: set[str]) -> bool:
 
 
 def _practice_lookups(practice: Path, n: int, seed: int, names: set[str]) -> list[dict]:
-    """`n` more fact look-ups about the practice world's people (none whose name is in `names`):
-    a person and a fact drawn at random, asked and answered as the world's look-ups are."""
-    world = read_json(practice / "world.json")
-    people = [p for p in world["people"] if p["name"] not in names]
-    rng, index = random.Random(f"lmstack-practice-lookups:{seed}"), SearchIndex(practice / INDEX)
+    """`n` more fact look-ups about the practice world's people: a person and a fact drawn at
+    random, asked and answered as the world's look-ups are (one that names any of `names`, the
+    world's people, is drawn again)."""
+    people = [p for p in read_json(practice / "world.json")["people"] if p["name"] not in names]
+    rng, index, rows = random.Random(f"lmstack-practice-lookups:{seed}"), SearchIndex(practice / INDEX), []
     try:
-        return [{"messages": with_system(search_chat(rng.choice(people), rng.choice(sorted(QUESTIONS)), rng,
-                                                     lambda q: search_result(index, q), f"call_p{i}"), rng)}
-                for i in range(n)]
+        for i in range(100 * n):
+            if len(rows) == n:
+                break
+            row = {"messages": with_system(search_chat(rng.choice(people), rng.choice(sorted(QUESTIONS)), rng,
+                                                       lambda q: search_result(index, q), f"call_p{i}"), rng)}
+            if not _mentions(row, names):
+                rows.append(row)
     finally:
         index.close()
+    return rows
 
 
 def _lookups(run: Path, scale: str, seed: int, shape: str = LOOKUP_SHAPES[0], extra: int = 0) -> Path:
