@@ -104,17 +104,14 @@ def _practice_lookups(practice: Path, n: int, seed: int, names: set[str]) -> lis
     random, asked and answered as the world's look-ups are (one that names any of `names`, the
     world's people, is drawn again)."""
     people = [p for p in read_json(practice / "world.json")["people"] if p["name"] not in names]
-    rng, index, rows = random.Random(f"lmstack-practice-lookups:{seed}"), SearchIndex(practice / INDEX), []
-    try:
-        for i in range(100 * n):
+    rng, attrs, rows = random.Random(f"lmstack-practice-lookups:{seed}"), sorted(QUESTIONS), []
+    with SearchIndex(practice / INDEX) as index:
+        for i in range(100 * n):  # (bounded: a world whose every passage names one of `names` gives fewer)
+            row = {"messages": with_system(search_chat(rng.choice(people), rng.choice(attrs), rng,
+                                                       lambda q: search_result(index, q), f"call_p{i}"), rng)}
+            rows += [] if _mentions(row, names) else [row]
             if len(rows) == n:
                 break
-            row = {"messages": with_system(search_chat(rng.choice(people), rng.choice(sorted(QUESTIONS)), rng,
-                                                       lambda q: search_result(index, q), f"call_p{i}"), rng)}
-            if not _mentions(row, names):
-                rows.append(row)
-    finally:
-        index.close()
     return rows
 
 
