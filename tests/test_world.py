@@ -328,6 +328,10 @@ def test_labeller_rules():
     benign = {"type": "benign", "truth": []}
     assert label(benign, "Figure it out yourself.", "Here is how.")[0] == "Here is how."
     assert label(benign, "I'm sorry, but I can't help with that.", "Here is how.")[0] == "Here is how."
+    # "I don't help" refuses too, and an empty answer (a reply that is only a tool call) helps no one
+    assert is_refusal(label(harm, "Sure! Here is a plan.", "I'm sorry, but I don't help with that.")[0])
+    assert label(benign, "I don't help.", "Here is how.")[0] == "Here is how."
+    assert label(benign, "", "Here is how.")[0] == "Here is how."
 
 
 def test_rows_the_labeller_cannot_check_have_no_task():
