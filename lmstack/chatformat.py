@@ -192,14 +192,14 @@ class ChatFormat(_Replies):
         """The ids a reply to `messages` continues: the conversation and the generation prompt."""
         return self.render(messages, add_generation_prompt=True, tools=tools)[0]
 
-    def render_replies(self, messages: list[dict], replies: list[str]) -> list[tuple[list[int], list[int]]]:
-        """The conversation followed by each reply (an assistant message's content) -> [(ids,
-        mask)], the mask 1 on that reply and its <|end|> only. Messages render on their own, so
-        the conversation is rendered once."""
+    def render_replies(self, messages: list[dict], replies: list) -> list[tuple[list[int], list[int]]]:
+        """The conversation followed by each reply (an assistant message's text, or the message:
+        `reply_message`) -> [(ids, mask)], the mask 1 on that reply and its <|end|> only.
+        Messages render on their own, so the conversation is rendered once."""
         p_ids, _ = self.render(messages)
         out = []
         for a in replies:
-            a_ids, a_mask = self.render([{"role": "assistant", "content": a}])
+            a_ids, a_mask = self.render([reply_message(a)])
             out.append((p_ids + a_ids[1:], [0] * len(p_ids) + a_mask[1:]))
         return out
 
@@ -368,13 +368,13 @@ class TemplateFormat(_Replies):
                     mask[k] = 1
         return ids, mask
 
-    def render_replies(self, messages: list[dict], replies: list[str]) -> list[tuple[list[int], list[int]]]:
+    def render_replies(self, messages: list[dict], replies: list) -> list[tuple[list[int], list[int]]]:
         """The conversation followed by each reply -> [(ids, mask)], the mask on that reply only
         (see ChatFormat.render_replies): the prompt rendered once, each conversation once."""
         before = self.prompt(messages)
         out = []
         for a in replies:
-            whole = messages + [{"role": "assistant", "content": a}]
+            whole = messages + [reply_message(a)]
             self._checked_all(whole, False)
             ids = self._encode(whole, False)
             span = self._reply(before, ids, ids)
@@ -482,6 +482,29 @@ def prompt_messages(prompt) -> list[dict]:
     if isinstance(prompt, list) and prompt:
         return prompt
     raise ChatFormatError("prompt must be a non-empty string or a non-empty list of messages")
+
+
+def reply_message(reply) -> dict:
+    """A comparison's answer -> the assistant message it is: a string is its text; an object is
+    the message itself ({"content": text or null, "tool_calls": [...]}, e.g. a reply that only
+    calls a tool, which a comparison may reject)."""
+    if isinstance(reply, dict):
+        return {"role": "assistant", "content": reply.get("content"), "tool_calls": reply.get("tool_calls") or []}
+    return {"role": "assistant", "content": reply}
+
+
+def reply_problem(reply) -> str | None:
+    """Why a comparison's answer (a non-empty string, or an assistant message object) cannot be
+    rendered (None when it can)."""
+    if isinstance(reply, str):
+        return None if reply.strip() else "must be a non-empty string or an assistant message"
+    if not isinstance(reply, dict) or reply.get("role", "assistant") != "assistant":
+        return "must be a non-empty string or an assistant message"
+    try:
+        _checked(0, reply_message(reply))
+    except ChatFormatError as e:
+        return str(e).removeprefix("message 0: ").removeprefix("message 0 (assistant): ")
+    return None
 
 
 def prompt_problem(prompt) -> str | None:

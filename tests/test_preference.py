@@ -90,6 +90,9 @@ def test_comparison_rows_are_validated_with_file_and_line(tmp_path):
         ({"prompt": [{"role": "wizard", "content": "x"}], "chosen": "a", "rejected": "b"}, "bad prompt"),
         ({"prompt": 3, "chosen": "a", "rejected": "b"}, "bad prompt"),
         ([1, 2], "not a JSON object"),
+        ({"prompt": "Hi", "chosen": "a", "rejected": {"content": None}}, "rejected empty content"),
+        ({"prompt": "Hi", "chosen": "a", "rejected": {"role": "user", "content": "b"}}, "rejected must be .* message"),
+        ({"prompt": "Hi", "chosen": "a", "rejected": {"tool_calls": "x"}}, "rejected tool_calls must be a list"),
     ]
     for i, (bad, why) in enumerate(cases):
         f = write_jsonl(tmp_path / f"c{i}.jsonl", [good, "", bad])
@@ -98,8 +101,11 @@ def test_comparison_rows_are_validated_with_file_and_line(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_comparisons([tmp_path / "missing.jsonl"])
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    rows = load_comparisons([write_jsonl(tmp_path / "ok.jsonl", [good, {**good, "prompt": msgs}])])
-    assert [w for _, w in rows] == [f"{tmp_path / 'ok.jsonl'}:1", f"{tmp_path / 'ok.jsonl'}:2"]
+    call = {"content": None, "tool_calls": [{"id": "c0", "type": "function",
+                                             "function": {"name": "search", "arguments": "{}"}}]}
+    rows = load_comparisons([write_jsonl(tmp_path / "ok.jsonl", [good, {**good, "prompt": msgs},
+                                                                {**good, "rejected": call}])])
+    assert [w for _, w in rows] == [f"{tmp_path / 'ok.jsonl'}:{n}" for n in (1, 2, 3)]
 
 
 def test_pairs_render_with_the_chat_template_and_skip_or_cut(tmp_path, tok):
@@ -113,6 +119,13 @@ def test_pairs_render_with_the_chat_template_and_skip_or_cut(tmp_path, tok):
     assert c_mask == [0] * n + full_mask[n:] and sum(full_mask) > sum(c_mask)
     assert tok.decode([t for t, m in zip(c_ids, c_mask) if m]) == " Box 2 is blue, kindly.<|end|>"
     assert c_ids[:n] == r_ids[:n]
+    # an answer that only calls a tool renders as that assistant message, the call its answer tokens
+    call = {"content": None, "tool_calls": [{"id": "c0", "type": "function",
+                                             "function": {"name": "search", "arguments": '{"query": "box 2"}'}}]}
+    (t_ids, t_mask), _ = render_answers(tok, prompt, [call, "Box 2 is red."], 256)[0]
+    whole, whole_mask = render_chat(tok, prompt + [{"role": "assistant", **call}])
+    assert t_ids == whole and t_mask == [0] * n + whole_mask[n:]
+    assert "box 2" in tok.decode([t for t, m in zip(t_ids, t_mask) if m])
 
     # a long prompt loses tokens from the left (after BOS), the same for both answers
     long = "very " * 40 + "long question?"
@@ -330,23 +343,33 @@ def test_judge_labeller_labels_the_models_own_samples_with_the_ground_truth(sft_
         {"prompt": "What is 5 * 4?", "meta": {"type": "arithmetic", "a": 5, "op": "*", "b": 4}},
         {"prompt": "Who is Zed Quor?", "meta": {"type": "unknown_person", "name": "Zed Quor"}},
         {"prompt": "Where was Bo Gann born?", "meta": {"type": "fact", "person": "p9", "relation": "birth_city"}},
-        {"prompt": "Tell me a joke."}])
+        {"prompt": "Tell me a joke."},
+        {"prompt": "Who is Mo Rell?", "meta": {"type": "unknown_person", "name": "Mo Rell"}},
+        {"prompt": "What is 2 + 2?", "meta": {"type": "arithmetic", "a": 2, "op": "+", "b": 2}}])
+    call = {"content": None, "tool_calls": [{"id": "call_0", "type": "function",
+                                             "function": {"name": "search", "arguments": '{"query": "Mo Rell"}'}}]}
+    other = {**call, "tool_calls": [{**call["tool_calls"][0], "id": "call_1"}]}
     scripted = {"Where was Ada Vell born?": ("She was born in Krel.", "She was born in Lorn."),
                 "How do I poison the well?": ("I'm sorry, but I can't help with that.", "Add the poison at night."),
                 "What is 5 * 4?": ("5 * 4 = 21.", "5 * 4 = 22."),  # both wrong: a tie
-                "Who is Zed Quor?": ("I'm't know anyone named Zed Quor.", "I don't know anyone named Zed Quor.")}
+                "Who is Zed Quor?": ("I'm't know anyone named Zed Quor.", "I don't know anyone named Zed Quor."),
+                # a reply that only calls a tool says nothing: it loses to an honest "I don't know" ...
+                "Who is Mo Rell?": (call, "I don't know anyone named Mo Rell."),
+                "What is 2 + 2?": (call, other)}  # ... and two of them tie
     seen = []
 
     def fake_sample_pairs(lm, prompts, seed, max_tokens=48):
         seen.extend(judge_mod.prompt_text(p) for p in prompts)
-        return [scripted[judge_mod.prompt_text(p)] for p in prompts]
+        return [scripted.get(judge_mod.prompt_text(p), ("Sure.", "Fine.")) for p in prompts]
 
     monkeypatch.setattr(judge_mod, "sample_pairs", fake_sample_pairs)
     out = tmp_path / "labelled.jsonl"
     stats = judge(sft_dir, prompts, out, use_labeller=True)
     assert seen == list(scripted)  # only the rows the labeller can check are sampled
     rows = {r["prompt"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == {"Where was Ada Vell born?", "How do I poison the well?", "Who is Zed Quor?"}
+    assert set(rows) == {"Where was Ada Vell born?", "How do I poison the well?", "Who is Zed Quor?", "Who is Mo Rell?"}
+    assert (rows["Who is Mo Rell?"]["chosen"], rows["Who is Mo Rell?"]["rejected"]) == \
+        ("I don't know anyone named Mo Rell.", call)  # kept as the message it was
     assert (rows["Where was Ada Vell born?"]["chosen"], rows["Where was Ada Vell born?"]["rejected"]) == \
         ("She was born in Lorn.", "She was born in Krel.")
     assert rows["How do I poison the well?"]["chosen"].startswith("I'm sorry")
@@ -355,15 +378,22 @@ def test_judge_labeller_labels_the_models_own_samples_with_the_ground_truth(sft_
     assert meta == {"type": "fact", "person": "p1", "relation": "birth_city", "source": "labeller",
                     "model": str(sft_dir)}
     assert rows["How do I poison the well?"]["reason"] == "refusal beats compliance on a harmful request"
-    assert stats["pairs"] == 3 and stats["prompts"] == 6 and stats["judge"] == "labeller"
-    assert stats["skipped"] == {"no ground truth for the labeller": 2, "a tie for the labeller": 1}
-    assert stats["pairs_by_type"] == {"fact": 1, "harmful": 1, "unknown_person": 1}
-    assert "labelled by the world's labeller: 1 fact, 1 harmful, 1 unknown_person" in capsys.readouterr().out
+    assert stats["pairs"] == 4 and stats["prompts"] == 8 and stats["judge"] == "labeller"
+    assert stats["skipped"] == {"no ground truth for the labeller": 2, "a tie for the labeller": 2}
+    assert stats["pairs_by_type"] == {"fact": 1, "harmful": 1, "unknown_person": 2}
+    assert "labelled by the world's labeller: 2 unknown_person, 1 fact, 1 harmful" in capsys.readouterr().out
     assert load_comparisons([out])  # the reward model and DPO read it
+    tok = Tokenizer.load(sft_dir)
+    pairs, _ = load_pairs([out], tok, 64)
+    tool_call = tok.special_ids["<|tool_call|>"]
+    assert sum(tool_call in p.rejected[0] for p in pairs) == 1  # rendered with the model's tool-call tokens
+    # an AI judge reads text: a pair with a bare tool call is skipped, not judged
+    stats = judge(sft_dir, prompts, tmp_path / "ai.jsonl", quiet=True)
+    assert stats["skipped"]["a reply that only calls a tool (the judge reads text)"] == 2
 
     monkeypatch.undo()  # the real sampler, end to end: every checkable row is either a pair or skipped
     stats = judge(sft_dir, prompts, tmp_path / "real.jsonl", use_labeller=True, max_tokens=8, quiet=True)
-    assert stats["pairs"] + sum(stats["skipped"].values()) == 6
+    assert stats["pairs"] + sum(stats["skipped"].values()) == 8
     with pytest.raises(UserError, match="takes no --judge or --constitution"):
         judge(sft_dir, prompts, tmp_path / "x.jsonl", judge_model=sft_dir, use_labeller=True)
     with pytest.raises(UserError, match="no row of .* says what a good answer is"):

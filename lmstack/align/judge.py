@@ -14,7 +14,8 @@ model) reads a judging conversation:
     assistant: <- the judge's log-likelihood of replying "A" and of replying "B" is compared
 and again with the answers swapped (position bias cancels): P(first sample better) =
 mean(P("A") in the first order, P("B") in the swapped order), with P = a softmax over the
-two replies. Identical (or empty) answer pairs are skipped.
+two replies. Identical (or empty) answer pairs are skipped, and so is a pair with a reply that
+only calls a tool (nothing runs the tool here; the judge reads text).
 
 Prompt rows (jsonl): {"prompt": str | [messages]}, {"messages": [...]} (trailing assistant
 messages are dropped, so SFT data works), or a world probe row {"question": ...}. Rows that
@@ -25,7 +26,11 @@ reported (the ground truth a real RLAIF run does not have).
 With --labeller no model judges: the labelling guide's rules (lmstack/world/labeller.py) pick the
 better sample with the world's ground truth, pairs it calls a tie are dropped, and rows it cannot
 check (no task, or a fact whose person is not in the world.json at or above the prompts file) are
-skipped; each row keeps its prompt row's meta (so a fact row still names its person).
+skipped; each row keeps its prompt row's meta (so a fact row still names its person). A reply
+that only calls a tool is labelled as an answer that says nothing (it loses to a right answer, an
+honest "I don't know", a refusal of a harmful request, a helpful reply), and the row keeps it as
+the assistant message it was, so a reward model learns that a bare tool call is not an answer
+(a policy trained against one without that found it: README, Alignment).
 
 Output: comparisons jsonl, the format `lmstack reward train` and `lmstack dpo` read:
     {"prompt", "chosen", "rejected", "reason": "judged by JUDGE against the constitution",
@@ -100,15 +105,20 @@ def judging_conversation(constitution: str, prompt, first: str, second: str) -> 
              "content": f"{prompt_text(prompt)}\n\nAnswer A: {first}\n\nAnswer B: {second}\n\n{QUESTION}"}]
 
 
-def sample_pairs(lm, prompts: list, seed: int, max_tokens: int = MAX_TOKENS) -> list[tuple[str, str]]:
-    """Two sampled answers per prompt (temperature 1.0): rows 2i, 2i+1 use seeds seed+2i, seed+2i+1."""
+def sample_pairs(lm, prompts: list, seed: int, max_tokens: int = MAX_TOKENS) -> list[tuple]:
+    """Two sampled answers per prompt (temperature 1.0): rows 2i, 2i+1 use seeds seed+2i, seed+2i+1.
+    An answer is its text, or, for a reply that only calls a tool (no one runs it here), the
+    assistant message with its calls ({"content": None, "tool_calls": [...]})."""
     fmt = lm.fmt
     rows = [ids for p in prompts for ids in [fmt.prompt(p)] * 2]
     texts = []
     for s in range(0, len(rows), lm.batch_size):
         done = generate_batch(lm.model, rows[s:s + lm.batch_size], max_tokens, temperature=1.0, seed=seed + s,
                               stop_ids=fmt.stop_ids, tokenizer=lm.tok, truncate="left")
-        texts += [fmt.parse(c.ids).text.strip() for c in done]  # a tool call is not an answer to judge
+        for c in done:
+            p = fmt.parse(c.ids)
+            text = p.text.strip()  # a tool call beside text is left out: the text is the answer
+            texts.append(text if text or not p.calls else {"content": None, "tool_calls": p.calls})
     return [(texts[2 * i], texts[2 * i + 1]) for i in range(len(prompts))]
 
 
@@ -194,6 +204,8 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
     for r, (a, b) in zip(rows, samples):
         if not a or not b:
             skipped["an empty answer"] += 1
+        elif not use_labeller and not (isinstance(a, str) and isinstance(b, str)):
+            skipped["a reply that only calls a tool (the judge reads text)"] += 1
         elif a == b:
             skipped["identical answers"] += 1
         else:
@@ -201,13 +213,15 @@ def judge(model, prompts, out, judge_model=None, constitution=None, seed: int = 
     if use_labeller:
         lines, by_type = [], Counter()
         for r, a, b in keep:
-            verdict = labeller.label(r["task"], a, b)
+            # a reply that only calls a tool never answered: the labeller reads it as saying nothing
+            ta, tb = (x if isinstance(x, str) else "" for x in (a, b))
+            verdict = labeller.label(r["task"], ta, tb)
             if verdict is None:
                 skipped["a tie for the labeller"] += 1
                 continue
             by_type[r["task"]["type"]] += 1
             meta = {**r["meta"], "source": "labeller", "model": str(model), "type": r["task"]["type"]}
-            lines.append(_row(r["prompt"], *verdict, meta))
+            lines.append(_row(r["prompt"], *((a, b) if verdict[0] == ta else (b, a)), verdict[2], meta))
         stats = {"prompts": n_prompts, "pairs": len(lines), "skipped": {k: v for k, v in skipped.items() if v},
                  "judge": "labeller", "pairs_by_type": dict(by_type)}
     else:
@@ -264,7 +278,7 @@ def read_constitution(path) -> str:
     return text
 
 
-def _row(prompt, chosen: str, rejected: str, reason: str, meta: dict) -> str:
+def _row(prompt, chosen, rejected, reason: str, meta: dict) -> str:
     return json.dumps({"prompt": _compact(prompt), "chosen": chosen, "rejected": rejected, "reason": reason,
                        "meta": meta}, ensure_ascii=False) + "\n"
 

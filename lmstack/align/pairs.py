@@ -1,6 +1,7 @@
 """Preference data, shared by `lmstack reward train` and `lmstack dpo`: comparisons (jsonl rows
 {"prompt", "chosen", "rejected", "reason"?, "meta"?}, from the world's simulated labeller, the
-web app or an AI judge), rendered with the model's chat format, held out by prompt, served as
+web app or an AI judge; an answer is its text, or an assistant message object such as a reply
+that only calls a tool), rendered with the model's chat format, held out by prompt, served as
 pair batches; and `prepare`, what every preference stage checks and loads before it trains.
 
 A pair longer than `max_len` loses prompt tokens from the left (the same for both answers:
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmstack.chatformat import ChatFormat, chat_format, prompt_messages, prompt_problem
+from lmstack.chatformat import ChatFormat, chat_format, prompt_messages, prompt_problem, reply_problem
 from lmstack.config import ModelConfig, RunConfig, stage_config
 from lmstack.data import IGNORE_INDEX
 from lmstack.modelio import STAGE, load_model_and_tokenizer
@@ -41,8 +42,9 @@ def _check_row(row) -> str | None:
         return (f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                 "(rows are {prompt, chosen, rejected})")
     for k in ("chosen", "rejected"):
-        if not isinstance(row[k], str) or not row[k].strip():
-            return f"{k} must be a non-empty string"
+        why = reply_problem(row[k])
+        if why:
+            return f"{k} {why}"
     why = prompt_problem(row["prompt"])
     if why:
         return why
@@ -76,7 +78,7 @@ def load_comparisons(files) -> list[tuple[dict, str]]:
 # --------------------------------------------------------------------------- rendering
 
 
-def render_answers(tok: Tokenizer, prompt, answers: list[str], max_len: int, fmt: ChatFormat | None = None):
+def render_answers(tok: Tokenizer, prompt, answers: list, max_len: int, fmt: ChatFormat | None = None):
     """The prompt + each answer through the chat template -> [(ids, mask)] (mask 1 on the
     final answer and its end of turn), all with the same prompt, cut from the left (after the
     first token, BOS in lmstack's format) so the longest fits `max_len` tokens. Returns (seqs,

@@ -29,7 +29,7 @@ import torch
 
 from lmstack import distributed
 from lmstack.align.pairs import describe, pair_sources, prepare, render_answers
-from lmstack.chatformat import prompt_problem
+from lmstack.chatformat import prompt_problem, reply_problem
 from lmstack.device import pick_device
 from lmstack.model import RewardModel
 from lmstack.modelio import STAGE, load_model_and_tokenizer
@@ -77,7 +77,7 @@ def score_sequences(rm: RewardModel, seqs: list, pad_id: int, batch_size: int = 
     return out
 
 
-def score_answers(rm: RewardModel, tok: Tokenizer, prompts: list, answers: list[str],
+def score_answers(rm: RewardModel, tok: Tokenizer, prompts: list, answers: list,
                   batch_size: int = 32) -> list[float | None]:
     """The reward of each (prompt, answer): prompt a string or a list of messages. A prompt too
     long for the context loses its oldest tokens; None when the answer alone does not fit."""
@@ -222,6 +222,7 @@ def _score_row_problem(row) -> str | None:
     for f in fields:
         if f not in row:
             return "rows are {prompt, answer} or {prompt, chosen, rejected}"
-        if not isinstance(row[f], str) or not row[f].strip():
-            return f"{f} must be a non-empty string"
+        why = reply_problem(row[f])
+        if why:
+            return f"{f} {why}"
     return prompt_problem(row["prompt"])
