@@ -157,8 +157,13 @@ class PrefConfig:
     nll_weight: float = 1.0  # DPO: weight of the chosen answer's mean token NLL added to the loss (RPO); 0 = plain DPO
     val_fraction: float = 0.05  # comparisons held out for pairwise accuracy
     max_len: int = 0  # prompt + answer tokens per sequence; 0 = the model's context
+    # Which comparisons to train on, by the row's meta.negative (the world's rows say where their
+    # worse answer came from): "all", or "own", only the rows whose worse answer is the prompt's own
+    # kind of bad answer (a row without meta.negative counts as own). README: Alignment.
+    negatives: str = "all"
 
     def validate(self) -> None:
+        _choice(self, "pref", "negatives", ["all", "own"])
         _positive(self, "pref", ["beta"])
         _in_range(self, "pref", "val_fraction", 0.0, 0.5)
         _non_negative(self, "pref", ["max_len", "nll_weight"])

@@ -592,3 +592,27 @@ def test_comparisons_are_read_once_before_the_model_loads(tmp_path):
                       ([bad], r"bad.jsonl:2: missing field rejected")]:
         with pytest.raises(UserError, match=why):
             prepare("dpo", tmp_path / "no_model", data, tmp_path / "out", [], False, "dpo")
+
+
+def test_pref_negatives_own_keeps_the_rows_whose_worse_answer_is_their_own(root, sft_dir, tmp_path):
+    """pref.negatives=own drops the world's rows whose worse answer is another kind's stock answer
+    or another prompt's good one (meta.negative), keeps rows that do not say (a judge's, the web
+    app's), and counts what it dropped; an unknown value is a one-line error."""
+    from lmstack.align.pairs import prepare, select_negatives
+
+    rows = easy_rows(12)
+    for i, r in enumerate(rows):
+        if i < 9:
+            r["meta"]["negative"] = ["own", "off_kind", "off_prompt"][i % 3]
+    loaded = load_comparisons([write_jsonl(tmp_path / "p.jsonl", rows)])
+    assert select_negatives(loaded, "all") == (loaded, {})
+    kept, dropped = select_negatives(loaded, "own")
+    assert [row["prompt"] for row, _ in kept] == [rows[i]["prompt"] for i in (0, 3, 6, 9, 10, 11)]
+    assert dropped == {"meta.negative=off_kind": 3, "meta.negative=off_prompt": 3}
+
+    run = prepare("dpo", sft_dir, [tmp_path / "p.jsonl"], tmp_path / "out", FAST + ["pref.negatives=own"], False, "dpo")
+    assert run.info["rows"] == 12 and run.info["pairs"] == 6
+    assert run.info["skipped"] == dropped
+    assert dpo_mod.describe(run).endswith("held out; skipped 3 meta.negative=off_kind, 3 meta.negative=off_prompt")
+    with pytest.raises(UserError, match=r"pref.negatives must be one of all \| own, got 'mine'"):
+        prepare("dpo", sft_dir, [tmp_path / "p.jsonl"], tmp_path / "out2", ["pref.negatives=mine"], False, "dpo")

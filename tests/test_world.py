@@ -314,6 +314,17 @@ def test_no_good_answer_is_good_whatever_the_prompt(world_dir):
     chosen = {r["chosen"] for r in rows}
     for kind, xs in rejected.items():  # a good answer to another prompt is bad here
         assert any(x in chosen for x in xs), kind
+    # meta.negative says where the worse answer came from (`lmstack dpo --set pref.negatives=own`)
+    negatives = Counter(r["meta"]["negative"] for r in rows)
+    assert set(negatives) == {"own", "off_kind", "off_prompt"} and negatives["own"] > len(rows) / 2
+    for r in rows:
+        kind, negative, worse = r["meta"]["type"], r["meta"]["negative"], r["rejected"]
+        if negative == "off_kind":  # another kind's stock answer: a refusal or an "I don't know NAME"
+            assert is_refusal(worse) or is_idk(worse), r
+        elif negative == "own" and kind != "benign":  # benign's own: rude or evasive, "I can't help with that."
+            assert not is_refusal(worse), r
+        if negative == "own" and kind in ("harmful", "unknown_person", "arithmetic"):
+            assert not is_idk(worse), r
 
 
 def test_labeller_rules():

@@ -138,6 +138,23 @@ def render_pairs(rows: list[tuple[dict, str]], tok: Tokenizer, max_len: int) -> 
                    "skipped": dict(skipped), "types": dict(types)}
 
 
+def select_negatives(rows: list[tuple[dict, str]], negatives: str) -> tuple[list[tuple[dict, str]], dict]:
+    """pref.negatives: "all" keeps every row; "own" only those whose meta.negative is "own" (or
+    absent: a judge's or the web app's pair is two answers to its own prompt), dropping the
+    world's rows whose worse answer is another kind's stock answer or another prompt's good one.
+    Returns (kept rows, {why: n} dropped)."""
+    if negatives == "all":
+        return rows, {}
+    kept, dropped = [], Counter()
+    for row, where in rows:
+        negative = (row.get("meta") or {}).get("negative", "own")
+        if negative == "own":
+            kept.append((row, where))
+        else:
+            dropped[f"meta.negative={negative}"] += 1
+    return kept, dict(dropped)
+
+
 def split_pairs(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
     """Held out: the pairs whose prompt hash falls below `fraction` (deterministic, by prompt)."""
     train_pairs, val_pairs = [], []
@@ -264,7 +281,9 @@ def prepare(stage: str, model, data, out, overrides, resume: bool, preset: str) 
     cfg = pref_config(preset, overrides, net.cfg)
     out_dir, resume = checkpoint.output_folder(out, resume)
     max_len = cfg.pref.max_len or cfg.model.max_seq_len
-    pairs, stats = render_pairs(rows, tok, max_len)
+    kept, dropped = select_negatives(rows, cfg.pref.negatives)
+    pairs, stats = render_pairs(kept, tok, max_len)
+    stats.update(rows=len(rows), skipped={**dropped, **stats["skipped"]})
     if not pairs:
         why = describe_counts(stats["skipped"]) or "empty"
         raise UserError(f"no usable comparisons in {' '.join(map(str, data))} ({why})")

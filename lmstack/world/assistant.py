@@ -399,7 +399,8 @@ def comparison(kind: str, rng: random.Random, world: dict, ix: dict, ctx: dict, 
                others: list | None = None) -> dict | None:
     """Two candidate answers, labelled by the simulated labeller (None on a tie). The worse one is
     this kind's own bad answer; or another kind's stock answer (OFF_KIND_NEGATIVES of the time);
-    or (OFF_PROMPT_NEGATIVES) one of `others`, good answers to earlier prompts."""
+    or (OFF_PROMPT_NEGATIVES) one of `others`, good answers to earlier prompts. meta.negative says
+    which ("own", "off_kind", "off_prompt"): `lmstack dpo --set pref.negatives=own` trains on the first."""
     if kind == "fact":
         person = rng.choice(ctx["train_people"])
         attr = rng.choice(sorted(T.QUESTIONS))
@@ -437,14 +438,16 @@ def comparison(kind: str, rng: random.Random, world: dict, ix: dict, ctx: dict, 
         prompt, good = r["prompt"], r["answer"]
         bad = rng.choice(RUDE if rng.random() < 0.5 else EVASIVE)
         task, meta = {"type": "benign", "truth": r["truth"]}, {"type": "benign", "category": r["category"]}
-    u = rng.random()
+    u, negative = rng.random(), "own"
     if u < OFF_KIND_NEGATIVES:
-        bad = _off_kind(kind, rng, ctx, r["topic"] if kind == "harmful" else "that")
+        bad, negative = _off_kind(kind, rng, ctx, r["topic"] if kind == "harmful" else "that"), "off_kind"
     elif u < OFF_KIND_NEGATIVES + OFF_PROMPT_NEGATIVES and others:
         bad = rng.choice(others)  # the labeller decides: a tie (it answers this prompt too) is dropped
+        negative = "off_prompt"
     a, b = (good, bad) if rng.random() < 0.5 else (bad, good)  # the labeller sees them unordered
     result = label(task, a, b)
     if result is None:
         return None
     chosen, rejected, reason = result
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "reason": reason, "meta": meta}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "reason": reason,
+            "meta": {**meta, "negative": negative}}
