@@ -154,7 +154,7 @@ class DataConfig:
 class PrefConfig:
     """Preference training (`lmstack reward train`, `lmstack dpo`): pairs of answers to one prompt."""
     beta: float = 0.1  # DPO: strength of the implicit KL to the reference (higher = stay closer)
-    nll_weight: float = 1.0  # DPO: weight of the chosen answer's mean token NLL added to the loss (RPO); 0 = plain DPO
+    nll_weight: float = 10.0  # DPO: weight of the chosen answer's mean token NLL added to the loss (RPO); 0 = plain DPO
     val_fraction: float = 0.05  # comparisons held out for pairwise accuracy
     max_len: int = 0  # prompt + answer tokens per sequence; 0 = the model's context
     # Which comparisons to train on, by the row's meta.negative (the world's rows say where their

@@ -10,8 +10,8 @@ token log-probs); the loss is -log sigmoid(beta * [(log pi - log ref)(chosen) - 
 log ref)(rejected)]) (objectives.dpo_loss), summed over pairs, through THE training loop.
 beta (pref.beta) is the strength of the implicit KL penalty: higher keeps the policy closer
 to the reference. By default each pair's loss also has the chosen answer's mean token NLL
-(pref.nll_weight = 1; RPO, Pang et al. 2024; see DPOObjective; 0 is plain DPO; the README
-has what each did on the small world).
+(pref.nll_weight, 10 by default: RPO, Pang et al. 2024, whose weight is 1; see DPOObjective;
+0 is plain DPO; the README has what each weight did on the speedrun's world).
 Logged per step (and as val_* on held-out pairs): chosen_reward and rejected_reward
 (beta * log pi/ref of each answer), margin (their difference), accuracy (margin > 0) and
 chosen_nll (the NLL term, nats per token).
