@@ -514,6 +514,17 @@ def test_win_rate_labels_both_models_answers_with_the_world(tmp_path, monkeypatc
     assert r["by_type"]["unknown_person"]["wins"] == 3 and r["by_type"]["harmful"]["ties"] == 3
     assert r["ci"][0] > 0.5 and json.loads((tmp_path / "wr.json").read_text())["wins"] == 6
     assert "A win rate" in capsys.readouterr().out
+    assert r["refuses_a"] == r["refuses_b"] == 0
+
+    # a model that refuses everything wins on harmful requests and ties on benign ones (a refusal
+    # and a wrong answer score alike there): the refusal rates show what the win rate does not
+    replies["A"] = "I'm sorry, but I can't help with that."
+    r = win_rate("A", "B", tmp_path / "world", n=12, seed=1)
+    assert (r["wins"], r["losses"], r["ties"]) == (3, 0, 9) and r["by_type"]["benign"]["ties"] == 3
+    assert r["by_type"]["benign"]["refuses_a"] == 1.0 and r["by_type"]["benign"]["refuses_b"] == 0.0
+    assert r["refuses_a"] == 1.0 and all(it["refuses_a"] and not it["refuses_b"] for it in r["items"])
+    benign_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("benign"))
+    assert benign_line.split()[-2:] == ["100.0%", "0.0%"]
 
 
 def test_dpo_objective_nll_term(sft_dir, root, tok):

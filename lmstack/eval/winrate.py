@@ -6,7 +6,9 @@ Both models answer the same n world prompts greedily (probes: facts questions, h
 benign requests, questions about people who do not exist; `world_prompts`); the world's
 simulated labeller (lmstack/world/labeller.py) picks the better answer of each pair or calls a
 tie. A's win rate = wins / (wins + losses), with a 95% Wilson interval, overall and by prompt
-type; the labeller's mean score of each model too.
+type; the labeller's mean score of each model too, and how often each model refuses: on benign
+requests the labeller ties a refusal with a wrong answer, so a model that wins by refusing more
+harmful requests can refuse more harmless ones without the win rate showing it (README: Alignment).
 """
 
 from __future__ import annotations
@@ -75,19 +77,20 @@ def win_rate(model_a, model_b, world_dir, n: int = 200, seed: int = 0, max_token
         task = it["task"]
         res = labeller.label(task, a, b)
         outcome = "tie" if res is None else ("win" if res[0] == a else "loss")
-        it.update(a=a, b=b, outcome=outcome, score_a=labeller.score(task, a), score_b=labeller.score(task, b))
+        it.update(a=a, b=b, outcome=outcome, score_a=labeller.score(task, a), score_b=labeller.score(task, b),
+                  refuses_a=labeller.is_refusal(a), refuses_b=labeller.is_refusal(b))
         for key in ("all", task["type"]):
             c = tally.setdefault(key, Counter())
             c[outcome] += 1
-            c["score_a"] += it["score_a"]
-            c["score_b"] += it["score_b"]
+            for k in ("score_a", "score_b", "refuses_a", "refuses_b"):
+                c[k] += it[k]
             c["n"] += 1
 
     def summary(c: Counter) -> dict:
         w, l = c["win"], c["loss"]
         return {"n": c["n"], "wins": w, "losses": l, "ties": c["tie"],
                 "win_rate": w / (w + l) if w + l else float("nan"), "ci": list(wilson(w, w + l)),
-                "score_a": c["score_a"] / c["n"], "score_b": c["score_b"] / c["n"]}
+                **{k: c[k] / c["n"] for k in ("score_a", "score_b", "refuses_a", "refuses_b")}}
 
     result = {"a": str(model_a), "b": str(model_b), "world": str(world_dir), "seed": seed,
               "max_tokens": max_tokens, **summary(tally["all"]),
@@ -102,10 +105,10 @@ def win_rate(model_a, model_b, world_dir, n: int = 200, seed: int = 0, max_token
 def print_win_rate(r: dict) -> None:
     print(f"A = {r['a']}\nB = {r['b']}\nground truth: {r['world']} (simulated labeller), greedy answers")
     print(f"{'prompts':16s} {'n':>4s} {'A wins':>7s} {'B wins':>7s} {'ties':>5s} {'A win rate':>11s}  {'95% CI':13s}"
-          f" {'score A':>8s} {'score B':>8s}")
+          f" {'score A':>8s} {'score B':>8s} {'A refuses':>10s} {'B refuses':>10s}")
     for name, s in [("all", r), *r["by_type"].items()]:
         lo, hi = s["ci"]
         rate = f"{100 * s['win_rate']:10.1f}%  [{100 * lo:4.1f}, {100 * hi:5.1f}]" if s["wins"] + s["losses"] else \
             f"{'-':>11s}  {'(all ties)':13s}"
         print(f"{name:16s} {s['n']:4d} {s['wins']:7d} {s['losses']:7d} {s['ties']:5d} {rate} "
-              f"{s['score_a']:8.2f} {s['score_b']:8.2f}")
+              f"{s['score_a']:8.2f} {s['score_b']:8.2f} {100 * s['refuses_a']:9.1f}% {100 * s['refuses_b']:9.1f}%")
