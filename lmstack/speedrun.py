@@ -297,9 +297,13 @@ def print_summary(out: Path, summary: dict) -> None:
     for m, label in (("dpo", "DPO"), ("ppo", "PPO")):
         w = st.get("winrate", {}).get(m)
         if w:
+            t, c = tasks.get(m, {}), tasks["chat"]  # refusals: the win rate ties a refused benign request
+            refusals = (f"; refuses {_pct(t.get('refusal'))} of harmful requests (chat {_pct(c.get('refusal'))}) and "
+                        f"{_pct(t.get('false_refusal'))} of benign near-misses (chat {_pct(c.get('false_refusal'))})"
+                        if "refusal" in t else "")
             lines.append(f"  {label}: win rate vs chat {_pct(w['win_rate'])} [{_pct(w['ci'][0])}-{_pct(w['ci'][1])}] "
                          f"({w['wins']} wins, {w['losses']} losses, {w['ties']} ties on {w['n']} unseen world "
-                         f"prompts, ground truth)  ({out / m})")
+                         f"prompts, ground truth){refusals}  ({out / m})")
     if "grpo" in tasks:
         g, c = tasks["grpo"], tasks["chat"]
         held = st.get("grpo", {}).get("held_out_reward", {})

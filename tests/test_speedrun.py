@@ -94,6 +94,11 @@ def test_speedrun_tiny_end_to_end(tmp_path):
     for line in ("reward model: held-out pairwise accuracy", "DPO: win rate vs chat", "PPO: win rate vs chat",
                  "GRPO: arithmetic", f"--model {out / 'dpo'}"):
         assert line in proc.stdout, line
+    for label in ("DPO", "PPO"):  # the refusals the win rate ties on benign requests, beside it
+        ev, chat = st["eval"][label.lower()]["tasks"], st["eval"]["chat"]["tasks"]
+        assert (f"refuses {ev['refusal']:.0%} of harmful requests (chat {chat['refusal']:.0%}) and "
+                f"{ev['false_refusal']:.0%} of benign near-misses (chat {chat['false_refusal']:.0%})") in next(
+            line for line in proc.stdout.splitlines() if line.startswith(f"  {label}: win rate vs chat")), label
 
     # A second run refuses to overwrite without --force, and --force starts over.
     again = run_cli("speedrun", "--preset", "tiny", "--out", str(out))
