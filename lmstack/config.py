@@ -65,7 +65,11 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # peak learning rate (AdamW)
+    # "adamw", or "muon": Muon (torch.optim.Muon, its update's RMS matched to AdamW's, so `lr` and
+    # `weight_decay` mean the same) on the blocks' matrices, AdamW on the rest (embeddings, head, norms)
+    optimizer: str = "adamw"
+    muon_lr_scale: float = 1.0  # muon only: Muon's learning rate as a multiple of lr (AdamW's stays lr)
+    lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
     beta1: float = 0.9  # AdamW beta1 (momentum)
     beta2: float = 0.95  # AdamW beta2; 0.95 rather than 0.999 is the usual choice for LLMs (more stable)
@@ -77,13 +81,14 @@ class OptimConfig:
     decay_fraction: float = 0.2  # wsd only: the last fraction of steps that decays linearly to min_lr
 
     def validate(self) -> None:
-        _positive(self, "optim", ["lr", "eps"])
+        _positive(self, "optim", ["lr", "eps", "muon_lr_scale"])
         _in_range(self, "optim", "min_lr_ratio", 0.0, 1.0)
         _in_range(self, "optim", "beta1", 0.0, 1.0, hi_open=True)
         _in_range(self, "optim", "beta2", 0.0, 1.0, hi_open=True)
         _in_range(self, "optim", "decay_fraction", 0.0, 1.0)
         _non_negative(self, "optim", ["weight_decay", "grad_clip", "warmup_steps"])
         _choice(self, "optim", "schedule", ["cosine", "wsd"])
+        _choice(self, "optim", "optimizer", ["adamw", "muon"])
 
 
 @dataclass

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lmstack.config import OptimConfig, load_config
 from lmstack.data import TokenBatches, prepare
 from lmstack.device import pick_device
-from lmstack.model import GPT
+from lmstack.model import GPT, RewardModel
 from lmstack.tokenizer import train_tokenizer
 from lmstack import modelio
 from lmstack.train import checkpoint
@@ -122,6 +122,56 @@ def test_exact_resume_after_interrupt(data_dir, tmp_path, monkeypatch, capsys):
     # a finished run resumed again has nothing to do
     pretrain("tiny", str(data_dir), str(resumed), overrides=FAST, resume=True)
     assert len(read_metrics(resumed)) == 12
+
+
+def test_muon_takes_the_blocks_matrices_learns_and_resumes_exactly(data_dir, tmp_path, monkeypatch, capsys):
+    import lmstack.train.pretrain as pt
+    from lmstack.train.loop import build_optimizer
+
+    for tie, kind in ((True, GPT), (False, GPT), (True, RewardModel)):
+        cfg = load_config("tiny", ["optim.optimizer=muon", f"model.tie_embeddings={str(tie).lower()}"], vocab_size=400)
+        model = kind(cfg.model)
+        opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+        muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+        adamw = [id(p) for g in opt.adamw.param_groups for p in g["params"]]
+        names = {id(p): n for n, p in model.named_parameters()}
+        # every parameter in exactly one optimizer; Muon has the blocks' matrices and nothing else
+        assert len(muon) + len(adamw) == len(names) and muon | set(adamw) == set(names)
+        assert {names[i] for i in muon} == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2}
+        # the schedule's learning rate reaches both, Muon's times optim.muon_lr_scale
+        assert len(opt.param_groups) == len(opt.muon.param_groups) + len(opt.adamw.param_groups)
+    cfg = load_config("tiny", ["optim.optimizer=muon", "optim.muon_lr_scale=4", "train.max_steps=2",
+                               "train.batch_tokens=1024", "train.eval_every=0", "optim.warmup_steps=0"], vocab_size=400)
+    model = GPT(cfg.model)
+    train(cfg, model, Chunks(data_dir, 16), next_token_loss, tmp_path / "scaled")
+    opt = torch.load(tmp_path / "scaled/state/step_00000002/optimizer.pt", weights_only=True)
+    assert [g["lr"] for g in opt["muon"]["param_groups"]] == pytest.approx([4 * lr_at(1, cfg.optim, 2)])
+    assert [g["lr"] for g in opt["adamw"]["param_groups"]] == pytest.approx([lr_at(1, cfg.optim, 2)] * 2)
+
+    fast = FAST + ["optim.optimizer=muon"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain("tiny", str(data_dir), str(straight), overrides=fast)
+    m = read_metrics(straight)
+    assert m[-1]["loss"] < 0.8 * m[0]["loss"]
+    with monkeypatch.context() as mp:
+        mp.setattr(pt, "TokenBatches", Interrupt(pt.TokenBatches, at=15))
+        with pytest.raises(KeyboardInterrupt):
+            pretrain("tiny", str(data_dir), str(resumed), overrides=fast)
+    pretrain("tiny", str(data_dir), str(resumed), overrides=fast, resume=True)
+    wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # Muon changes the run: the same steps with AdamW end elsewhere
+    pretrain("tiny", str(data_dir), str(tmp_path / "adamw"), overrides=FAST)
+    assert not torch.equal(load_file(tmp_path / "adamw" / "model.safetensors")["layers.0.mlp.up_proj.weight"],
+                           wa["layers.0.mlp.up_proj.weight"])
+    # resuming with the other optimizer, either way, is one clear error
+    with pytest.raises(UserError, match="written with optim.optimizer=muon"):
+        pretrain("tiny", str(data_dir), str(resumed), overrides=FAST + ["train.max_steps=14"], resume=True)
+    with pytest.raises(UserError, match="written with optim.optimizer=adamw"):
+        pretrain("tiny", str(data_dir), str(tmp_path / "adamw"), overrides=fast + ["train.max_steps=14"], resume=True)
+    # Muon needs whole matrices: FSDP's shards are refused before any step
+    with pytest.raises(UserError, match="optim.optimizer=muon needs whole matrices"):
+        pretrain("tiny", str(data_dir), str(tmp_path / "fsdp"), overrides=fast + ["train.parallel=fsdp"])
 
 
 class Chunks:
@@ -277,6 +327,7 @@ def test_objective_sums_and_masks():
     (["--set", "train.max_step=5"], "unknown config key 'train.max_step'"),
     (["--set", "train.max_steps=five"], "train.max_steps must be int"),
     (["--set", "optim.schedule=linear"], "optim.schedule must be one of"),
+    (["--set", "optim.optimizer=sgd"], "optim.optimizer must be one of adamw | muon"),
     (["--resume"], "nothing to resume"),
 ])
 @pytest.mark.slow

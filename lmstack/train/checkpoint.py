@@ -206,7 +206,11 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
         else:
             load_weights(model, path / WEIGHTS)
         if optimizer is not None and not sharded:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+            state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+            muon = isinstance(state, dict) and "muon" in state  # MuonAdamW's state holds both
+            if muon != hasattr(optimizer, "muon"):
+                raise ValueError(f"it was written with optim.optimizer={'muon' if muon else 'adamw'}")
+            optimizer.load_state_dict(state)
         rng = torch.load(path / "rng.pt", weights_only=True)
         trainer_state = json.loads((path / "trainer.json").read_text())
     except Exception as e:  # missing/truncated files, unpickling refusals, shape mismatches

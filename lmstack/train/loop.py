@@ -83,21 +83,66 @@ def lr_at(step: int, oc: OptimConfig, max_steps: int) -> float:
     return oc.lr + (min_lr - oc.lr) * min(1.0, (step + 1 - decay_start) / decay_steps)
 
 
-def build_optimizer(model: torch.nn.Module, oc: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, oc: OptimConfig, device: torch.device):
     """AdamW with two groups: weight decay on matmul weights only. Norm gains (1-D) and
     embedding tables are exempt: decaying a norm gain fights the normalisation, and decaying
     embeddings shrinks the vectors of rare tokens that get few gradient updates.
-    (A tied output head is the embedding, so it is exempt too.)"""
+    (A tied output head is the embedding, so it is exempt too.)
+    With `optim.optimizer = "muon"` the blocks' matrices go to Muon instead (MuonAdamW)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    muon, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or id(p) in embeddings:
+            no_decay.append(p)
+        elif oc.optimizer == "muon" and name.startswith("layers."):
+            # Muon orthogonalises a hidden layer's update; the output head (a classifier over the
+            # vocabulary, or a reward model's score) stays with AdamW, as in Keller Jordan's and
+            # Moonlight's recipes.
+            muon.append(p)
+        else:
+            decay.append(p)
     groups = [{"params": decay, "weight_decay": oc.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # One kernel for all params instead of a loop over tensors (faster on CPU; bench/README.md).
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
-    return torch.optim.AdamW(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, **fused)
+    adamw = torch.optim.AdamW(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, **fused)
+    if not muon:  # optim.optimizer=adamw, or nothing in the blocks trains
+        return adamw
+    # The loop sets each group's lr to the schedule's x its lr_scale.
+    return MuonAdamW(torch.optim.Muon([{"params": muon, "lr_scale": oc.muon_lr_scale}], lr=oc.lr * oc.muon_lr_scale,
+                                      weight_decay=oc.weight_decay, adjust_lr_fn="match_rms_adamw"), adamw)
+
+
+class MuonAdamW:
+    """Muon on the hidden matrices and AdamW on the rest, stepped as one optimizer. The loop sets
+    the learning rate on `param_groups` (both optimizers' groups, the same dicts), and a checkpoint
+    holds both states. Muon's update is scaled to AdamW's RMS (0.2 x sqrt(max(rows, cols)),
+    Moonlight's rule), so the schedule's learning rate means the same for both; Muon's group
+    carries `lr_scale` (optim.muon_lr_scale), by which the loop multiplies it."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 # The cost estimate: measured over the steps after the first (which warms up: allocations,
@@ -203,6 +248,8 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
                                                      tc.compile, bf16=amp == torch.bfloat16)
     # FSDP runs save sharded checkpoints (every rank writes its shards; a collective).
     sharded = tc.parallel == "fsdp"
+    if oc.optimizer == "muon" and sharded:
+        raise UserError("optim.optimizer=muon needs whole matrices: use train.parallel=ddp, not fsdp")
     optimizer = build_optimizer(model, oc, device)
     step, tokens_seen = 0, 0
     if ckpt is not None:
@@ -257,7 +304,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
             t0 = time.perf_counter()
             lr = lr_at(step, oc, tc.max_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             n_tokens = torch.zeros((), dtype=torch.float64, device=device)
             extra_sums: dict[str, torch.Tensor] = {}
