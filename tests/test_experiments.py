@@ -72,6 +72,11 @@ def test_builtin_recipes_parse_and_fit_every_scale():
     sets = run_settings(load_recipe("icl").variants[1], "tiny", 3)
     assert sets["world"]["people"] == sets["world"]["copy_docs"] == PEOPLE["tiny"] and sets["world"]["seed"] == 3
     assert sets["pretrain"] == ["train.seed=3"] and sets["sft"] == [*SFT_SET["tiny"], "train.seed=3"]
+    # the optimizer experiment: Muon pretrains and fine-tunes its variant, AdamW the other
+    opt = {v.name: run_settings(v, "small", 0) for v in load_recipe("optimizer").variants}
+    assert "optim.optimizer=muon" in opt["muon"]["pretrain"] and opt["muon"]["sft"][-2:] == ["optim.optimizer=muon",
+                                                                                            "train.seed=0"]
+    assert "optim.optimizer=adamw" in opt["adamw"]["pretrain"] and not any("muon" in s for s in opt["adamw"]["sft"])
     reading = {v.name: run_settings(v, "small", 0) for v in load_recipe("reading").variants}
     assert reading["tokenizer_text_only"]["tokenizer"] == {"conversations": False} and "tokenizer" not in reading[
         "plain"]
