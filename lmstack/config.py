@@ -221,6 +221,8 @@ class RunConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise UserError(f"train.seq_len ({self.train.seq_len}) must be <= model.max_seq_len "
                             f"({self.model.max_seq_len})")
+        if self.optim.optimizer == "muon" and self.train.parallel == "fsdp":
+            raise UserError("optim.optimizer=muon needs whole matrices: use train.parallel=ddp, not fsdp")
         if self.pref.max_len > self.model.max_seq_len:
             raise UserError(f"pref.max_len ({self.pref.max_len}) is longer than the model's context "
                             f"({self.model.max_seq_len})")

@@ -248,8 +248,6 @@ def train(cfg: RunConfig, model: torch.nn.Module, batches, objective, out, *, ev
                                                      tc.compile, bf16=amp == torch.bfloat16)
     # FSDP runs save sharded checkpoints (every rank writes its shards; a collective).
     sharded = tc.parallel == "fsdp"
-    if oc.optimizer == "muon" and sharded:
-        raise UserError("optim.optimizer=muon needs whole matrices: use train.parallel=ddp, not fsdp")
     optimizer = build_optimizer(model, oc, device)
     step, tokens_seen = 0, 0
     if ckpt is not None:
