@@ -69,6 +69,9 @@ class OptimConfig:
     # `weight_decay` mean the same) on the blocks' matrices, AdamW on the rest (embeddings, head, norms)
     optimizer: str = "adamw"
     muon_lr_scale: float = 1.0  # muon only: Muon's learning rate as a multiple of lr (AdamW's stays lr)
+    # muon only: Newton-Schulz iterations that orthogonalise each update (its cost is per step, not per
+    # token: on a CPU, at the speedrun's small batches, it is a large share of a step; README, "Muon")
+    muon_ns_steps: int = 5
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
     beta1: float = 0.9  # AdamW beta1 (momentum)
@@ -82,6 +85,7 @@ class OptimConfig:
 
     def validate(self) -> None:
         _positive(self, "optim", ["lr", "eps", "muon_lr_scale"])
+        _in_range(self, "optim", "muon_ns_steps", 1, 99)  # (torch's Muon refuses 100 or more)
         _in_range(self, "optim", "min_lr_ratio", 0.0, 1.0)
         _in_range(self, "optim", "beta1", 0.0, 1.0, hi_open=True)
         _in_range(self, "optim", "beta2", 0.0, 1.0, hi_open=True)

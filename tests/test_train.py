@@ -140,6 +140,10 @@ def test_muon_takes_the_blocks_matrices_learns_and_resumes_exactly(data_dir, tmp
         assert {names[i] for i in muon} == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2}
         # the schedule's learning rate reaches both, Muon's times optim.muon_lr_scale
         assert len(opt.param_groups) == len(opt.muon.param_groups) + len(opt.adamw.param_groups)
+        assert [g["ns_steps"] for g in opt.muon.param_groups] == [5]
+    # optim.muon_ns_steps: fewer Newton-Schulz iterations, a different (less orthogonal) update
+    cfg3 = load_config("tiny", ["optim.optimizer=muon", "optim.muon_ns_steps=3"], vocab_size=400)
+    assert [g["ns_steps"] for g in build_optimizer(GPT(cfg3.model), cfg3.optim, torch.device("cpu")).muon.param_groups] == [3]
     cfg = load_config("tiny", ["optim.optimizer=muon", "optim.muon_lr_scale=4", "train.max_steps=2",
                                "train.batch_tokens=1024", "train.eval_every=0", "optim.warmup_steps=0"], vocab_size=400)
     model = GPT(cfg.model)
@@ -164,6 +168,11 @@ def test_muon_takes_the_blocks_matrices_learns_and_resumes_exactly(data_dir, tmp
     pretrain("tiny", str(data_dir), str(tmp_path / "adamw"), overrides=FAST)
     assert not torch.equal(load_file(tmp_path / "adamw" / "model.safetensors")["layers.0.mlp.up_proj.weight"],
                            wa["layers.0.mlp.up_proj.weight"])
+    # a setting given on resume wins over the one saved with the moments (here Muon's ns_steps)
+    pretrain("tiny", str(data_dir), str(resumed), overrides=fast + ["train.max_steps=16", "optim.muon_ns_steps=3"],
+             resume=True)
+    saved = torch.load(resumed / "state/step_00000016/optimizer.pt", weights_only=True)
+    assert [g["ns_steps"] for g in saved["muon"]["param_groups"]] == [3]
     # resuming with the other optimizer, either way, is one clear error
     with pytest.raises(UserError, match="written with optim.optimizer=muon"):
         pretrain("tiny", str(data_dir), str(resumed), overrides=FAST + ["train.max_steps=14"], resume=True)
@@ -328,6 +337,7 @@ def test_objective_sums_and_masks():
     (["--set", "train.max_steps=five"], "train.max_steps must be int"),
     (["--set", "optim.schedule=linear"], "optim.schedule must be one of"),
     (["--set", "optim.optimizer=sgd"], "optim.optimizer must be one of adamw | muon"),
+    (["--set", "optim.muon_ns_steps=0"], "optim.muon_ns_steps must be in [1, 99]"),
     (["--resume"], "nothing to resume"),
 ])
 @pytest.mark.slow

@@ -210,7 +210,12 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
             muon = isinstance(state, dict) and "muon" in state  # MuonAdamW's state holds both
             if muon != hasattr(optimizer, "muon"):
                 raise ValueError(f"it was written with optim.optimizer={'muon' if muon else 'adamw'}")
+            # The checkpoint holds the moments; this run's settings (weight decay, betas, Muon's
+            # ns_steps and lr_scale: a --set on resume) win over the hyperparameters saved with them.
+            configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             optimizer.load_state_dict(state)
+            for group, settings in zip(optimizer.param_groups, configured):
+                group.update(settings)
         rng = torch.load(path / "rng.pt", weights_only=True)
         trainer_state = json.loads((path / "trainer.json").read_text())
     except Exception as e:  # missing/truncated files, unpickling refusals, shape mismatches

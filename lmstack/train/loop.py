@@ -112,7 +112,8 @@ def build_optimizer(model: torch.nn.Module, oc: OptimConfig, device: torch.devic
         return adamw
     # The loop sets each group's lr to the schedule's x its lr_scale.
     return MuonAdamW(torch.optim.Muon([{"params": muon, "lr_scale": oc.muon_lr_scale}], lr=oc.lr * oc.muon_lr_scale,
-                                      weight_decay=oc.weight_decay, adjust_lr_fn="match_rms_adamw"), adamw)
+                                      weight_decay=oc.weight_decay, adjust_lr_fn="match_rms_adamw",
+                                      ns_steps=oc.muon_ns_steps), adamw)
 
 
 class MuonAdamW:
