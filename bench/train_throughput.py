@@ -1,7 +1,8 @@
 """Training throughput: our GPT against Hugging Face LlamaForCausalLM of the identical shape.
 
     .venv/bin/python bench/train_throughput.py [--shape small|gpt2|both] [--dtype fp32|bf16|both]
-        [--steps N] [--threads N] [--compile] [--device auto|cpu|cuda] [--clock wall|cpu] [--json FILE]
+        [--steps N] [--threads N] [--batch N] [--compile] [--muon] [--device auto|cpu|cuda] [--clock wall|cpu]
+        [--json FILE]
 
 Both models get the same weights (ours copied into HF by a pure rename, logits checked equal
 in fp32), the same batch, the same AdamW (lmstack's build_optimizer: same groups, same
@@ -15,6 +16,9 @@ train.compile does with FSDP or activation checkpointing). Where there is a GPU 
 finds it) both run there (SDPA's flash kernels, fused AdamW; steps timed between CUDA
 synchronisations) and MFU is given against the GPU's datasheet bf16 peak
 (lmstack.device.peak_flops) as well as against its measured matmul peak.
+--muon adds ours with optim.optimizer=muon (Muon on the blocks' matrices, AdamW on the rest; a copy
+of the model), its rate against ours with AdamW: Muon's Newton-Schulz steps cost the same whatever
+the batch, so --batch (rows of seq_len tokens; default the shape's) sets what they are spread over.
 --clock cpu times every step and the matmul peak in CPU seconds of this process instead of wall
 seconds (with --threads 1 on a busy CPU: what the work costs, whoever else runs; MFU is then
 against the CPU-time peak).
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import platform
 import resource
@@ -159,9 +164,10 @@ def hf_step(model, opt, batch, amp, grad_clip):
     return loss.item()
 
 
-def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dict, compile: bool) -> list[dict]:
+def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dict, compile: bool,
+              muon: bool = False, batch: int = 0) -> list[dict]:
     cfg, ours, hf = build_pair(shape)
-    s = SHAPES[shape]
+    s = {**SHAPES[shape], **({"batch": batch} if batch else {})}
     tokens = torch.randint(0, s["vocab_size"], (s["batch"], s["seq_len"] + 1),
                            generator=torch.Generator().manual_seed(1))
     batch = (tokens[:, :-1].contiguous().to(DEVICE), tokens[:, 1:].contiguous().to(DEVICE))
@@ -190,6 +196,10 @@ def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dic
             for block in blocks.layers:
                 block.compile(dynamic=False)
             runs["ours+compile-blocks"] = (our_step, blocks, build_optimizer(blocks, cfg.optim, DEVICE))
+        if muon:
+            with_muon = copy.deepcopy(ours)
+            runs["ours+muon"] = (our_step, with_muon, build_optimizer(
+                with_muon, dataclasses.replace(cfg.optim, optimizer="muon"), DEVICE))
         times, faults = {name: [] for name in runs}, {name: [] for name in runs}
         for i in range(warmup + steps):
             if i == warmup:
@@ -218,6 +228,9 @@ def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dic
             line += (f" | compiled: ours {tok_s['ours+compile']:7.0f}  HF {tok_s['HF+compile']:7.0f}  "
                      f"ours/HF {row['ratio_compiled']:.2f}x  MFU ours {row['mfu']['ours+compile']:.1%}"
                      f" | ours, blocks compiled {tok_s['ours+compile-blocks']:7.0f}")
+        if muon:
+            row["ratio_muon"] = round(tok_s["ours+muon"] / tok_s["ours"], 3)
+            line += f" | ours with Muon {tok_s['ours+muon']:7.0f} tok/s, {row['ratio_muon']:.2f}x AdamW's"
         pf = row["page_faults_per_step"]
         if sheet:
             row["mfu_datasheet"] = {k: round(flops_tok * v / (sheet * 1e9), 4) for k, v in tok_s.items()}
@@ -236,6 +249,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens there)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    ap.add_argument("--muon", action="store_true", help="also time ours with optim.optimizer=muon")
+    ap.add_argument("--batch", type=int, default=0, help="rows per step (0 = the shape's own)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto: the GPU when there is one (MFU against its datasheet peak too), else the CPU")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -265,7 +280,7 @@ def main():
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     rows = []
     for shape in shapes:
-        rows += run_shape(shape, dtypes, args.steps, args.warmup, peaks, args.compile)
+        rows += run_shape(shape, dtypes, args.steps, args.warmup, peaks, args.compile, args.muon, args.batch)
     result = dict(torch=torch.__version__, transformers=transformers.__version__,
                   threads=torch.get_num_threads(), device=str(DEVICE), clock=args.clock,
                   gpu=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
