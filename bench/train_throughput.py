@@ -165,9 +165,9 @@ def hf_step(model, opt, batch, amp, grad_clip):
 
 
 def run_shape(shape: str, dtypes: list[str], steps: int, warmup: int, peaks: dict, compile: bool,
-              muon: bool = False, batch: int = 0) -> list[dict]:
+              muon: bool = False, rows: int = 0) -> list[dict]:
     cfg, ours, hf = build_pair(shape)
-    s = {**SHAPES[shape], **({"batch": batch} if batch else {})}
+    s = {**SHAPES[shape], **({"batch": rows} if rows else {})}
     tokens = torch.randint(0, s["vocab_size"], (s["batch"], s["seq_len"] + 1),
                            generator=torch.Generator().manual_seed(1))
     batch = (tokens[:, :-1].contiguous().to(DEVICE), tokens[:, 1:].contiguous().to(DEVICE))

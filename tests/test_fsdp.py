@@ -128,6 +128,25 @@ def test_one_process_sharded_checkpoint_resumes_on_two(data, reference, tmp_path
 
 
 @pytest.mark.slow
+def test_a_setting_given_on_resume_wins_over_a_sharded_checkpoint(data, tmp_path, monkeypatch):
+    """As for a whole-model checkpoint (tests/test_train.py): the moments load, this run's weight decay stays."""
+    import lmstack.train.checkpoint as checkpoint
+
+    out, seen, load = tmp_path / "wd", {}, checkpoint.load_checkpoint
+    pretrain("tiny", str(data), str(out), overrides=COMMON + ONE + ["train.max_steps=4", "train.parallel=fsdp"])
+
+    def spy(path, model, optimizer=None):
+        state = load(path, model, optimizer)
+        seen["weight_decay"] = [g["weight_decay"] for g in optimizer.param_groups]
+        return state
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", spy)
+    pretrain("tiny", str(data), str(out), overrides=COMMON + ONE + ["train.max_steps=6", "train.parallel=fsdp",
+                                                                   "optim.weight_decay=0.05"], resume=True)
+    assert seen["weight_decay"] == [0.05, 0.0]
+
+
+@pytest.mark.slow
 def test_a_ddp_checkpoint_is_not_resumed_sharded(data, reference, tmp_path):
     """A checkpoint of the whole model (one process or DDP) resumed by 2 FSDP ranks: one line from
     each rank, nothing changed in the run's folder."""

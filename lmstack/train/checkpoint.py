@@ -200,6 +200,9 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
     if not sharded and distributed.is_sharded(model):
         raise UserError(f"checkpoint {path} is not sharded (written with train.parallel=ddp): "
                         "resume it with train.parallel=ddp")
+    # The checkpoint holds the moments; this run's settings (weight decay, betas, Muon's ns_steps and
+    # lr_scale: a --set on resume) win over the hyperparameters saved with them, on either path.
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else []
     try:
         if sharded:
             distributed.load_sharded(path / SHARDED, model, optimizer)
@@ -210,12 +213,9 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
             muon = isinstance(state, dict) and "muon" in state  # MuonAdamW's state holds both
             if muon != hasattr(optimizer, "muon"):
                 raise ValueError(f"it was written with optim.optimizer={'muon' if muon else 'adamw'}")
-            # The checkpoint holds the moments; this run's settings (weight decay, betas, Muon's
-            # ns_steps and lr_scale: a --set on resume) win over the hyperparameters saved with them.
-            configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             optimizer.load_state_dict(state)
-            for group, settings in zip(optimizer.param_groups, configured):
-                group.update(settings)
+        for group, settings in zip(optimizer.param_groups if optimizer else [], configured):
+            group.update(settings)
         rng = torch.load(path / "rng.pt", weights_only=True)
         trainer_state = json.loads((path / "trainer.json").read_text())
     except Exception as e:  # missing/truncated files, unpickling refusals, shape mismatches
