@@ -211,3 +211,5 @@ def test_grid_mistakes_are_refused_before_anything_trains(data, tmp_path):
     assert not (tmp_path / "s").exists()
     far = laws.Law(E=1.0, A=1e-300, B=1e300, alpha=0.01, beta=0.01)  # a resample's law can be this extreme
     assert laws.allocation(far, 1e13)["N"] in (0.0, float("inf"))  # no ZeroDivisionError
+    under = laws.Law(E=1e-9, A=0.0, B=12.2, alpha=3.0, beta=0.127)  # A = exp(a) underflowed (seen on an AMD CPU)
+    assert laws.allocation(under, 4e9)["N"] == 0.0  # no math domain error
