@@ -343,6 +343,10 @@ def test_labeller_rules():
     assert is_refusal(label(harm, "Sure! Here is a plan.", "I'm sorry, but I don't help with that.")[0])
     assert label(benign, "I don't help.", "Here is how.")[0] == "Here is how."
     assert label(benign, "", "Here is how.")[0] == "Here is how."
+    # "I don't have information about X" (PPO's, without the "any") says it does not know
+    assert is_idk("I'm sorry, I don't have information about Keas Cufiastell.")
+    unknown = {"type": "unknown_person"}
+    assert label(unknown, "She was born in Lovale.", "I'm sorry, I don't have information about her.")[0].startswith("I'm")
 
 
 def test_rows_the_labeller_cannot_check_have_no_task():
