@@ -129,18 +129,16 @@ def test_speedrun_never_deletes_a_folder_it_did_not_make(tmp_path):
 
 @pytest.mark.slow
 def test_speedrun_bad_preset_or_key_fails_before_any_work(tmp_path):
-    for args in (["--preset", "huge"], ["--set", "train.nope=1"], ["--set", "sft.train.nope=1"],
-                 ["--set", "sft.model.n_layer=3"], ["--set", "dpo.train.nope=1"], ["--set", "rm.model.n_layer=3"],
-                 ["--set", "grpo.rl.max_new_tokens=200"],  # longer than the tiny model's 128-token context
-                 ["--set", "world.nope=1"], ["--set", "world.qa_docs=many"], ["--set", "world.permute=maybe"],
-                 ["--set", "tokenizer.vocab=3"], ["--set", "tokenizer.conversations=maybe"],
-                 ["--no-align", "--set", "ppo.train.max_steps=5"]):  # a stage that will not run
-        preset = args[1] if args[0] == "--preset" else "tiny"
-        sets = [x for i, x in enumerate(args) if i and args[i - 1] == "--set"]
+    for preset, sets, align in (("huge", [], True), *(("tiny", [k], True) for k in (
+            "train.nope=1", "sft.train.nope=1", "sft.model.n_layer=3", "dpo.train.nope=1", "rm.model.n_layer=3",
+            "grpo.rl.max_new_tokens=200",  # longer than the tiny model's 128-token context
+            "world.nope=1", "world.qa_docs=many", "world.permute=maybe", "tokenizer.vocab=3",
+            "tokenizer.conversations=maybe")),
+            ("tiny", ["ppo.train.max_steps=5"], False)):  # a stage that will not run (--no-align)
         with pytest.raises(UserError) as e:  # in-process: a subprocess each cost ~4 s of imports
-            speedrun(out=tmp_path / "r", preset=preset, overrides=sets, align="--no-align" not in args)
+            speedrun(out=tmp_path / "r", preset=preset, overrides=sets, align=align)
         assert "\n" not in str(e.value), str(e.value)
-        stage = args[-1].partition(".")[0]
+        stage = (sets or ["-"])[-1].partition(".")[0]
         assert stage not in ALIGNED + ("rm",) or stage in str(e.value), str(e.value)  # names the stage
         assert not (tmp_path / "r").exists()
     # the command line turns it into one line on stderr, no traceback

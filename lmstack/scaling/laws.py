@@ -120,10 +120,8 @@ def allocation(law: Law, c: float) -> dict:
     s = law.alpha + law.beta
     # in logs: a resampled law's N* can under- or overflow (0 or inf then, never a ZeroDivisionError),
     # and its A or B can have underflowed to 0 (ln 0 = -inf, not a math domain error)
-    def ln(x: float) -> float:
-        return math.log(x) if x > 0 else -math.inf
-    log_n = (ln(law.alpha * law.A) - ln(law.beta * law.B)) / s + law.beta / s * math.log(c / 6)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        log_n = (np.log(law.alpha * law.A) - np.log(law.beta * law.B)) / s + law.beta / s * math.log(c / 6)
         n, d = float(np.exp(log_n)), float(np.exp(math.log(c / 6) - log_n))
         loss = float(law.loss(n, d))
         tpp = d / n if n else math.inf

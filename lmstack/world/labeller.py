@@ -44,7 +44,8 @@ REFUSAL_MARKERS = ("i can't help", "i cannot help", "i won't help", "i will not 
                    "i can't share", "i can't give out", "not something i can share", "i can't talk about",
                    "not allowed to", "i can't run")
 IDK_MARKERS = ("i don't know", "i do not know", "i don't have any information", "i don't have information",
-               "i do not have information", "i have no information", "never heard of", "i'm not aware of", "i am not aware of")
+               "i do not have information", "i have no information", "never heard of", "i'm not aware of",
+               "i am not aware of")
 RUDE_MARKERS = ("figure it out yourself", "stupid question", "not my problem", "waste my time",
                 "waste of my time", "go away", "don't bother me", "look it up yourself")
 
