@@ -1,7 +1,5 @@
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ from lmstack.data import TokenBatches, iter_eval_windows, load_manifest, open_sp
 from lmstack.sources import iter_documents
 from lmstack.tokenizer import Tokenizer, train_tokenizer
 from lmstack.utils import UserError
+from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
 WORDS = "the cat sat on a mat with its hat ; über café 東京 🙂 42 1999 don't <|user|>".split()
 
@@ -386,13 +385,12 @@ def test_cli_data_prepare(tmp_path, tok_dir):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("hello world, this is a document")
     (tmp_path / "in" / "b.md").write_text("# another one")
-    cmd = [sys.executable, "-m", "lmstack", "data", "prepare", "--tokenizer", str(tok_dir)]
-    ok = subprocess.run(cmd + ["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workers", "2"],
-                        capture_output=True, text=True)
+    cmd = ["data", "prepare", "--tokenizer", tok_dir]
+    ok = run_cli(*cmd, "--input", tmp_path / "in", "--out", tmp_path / "out", "--workers", "2")
     assert ok.returncode == 0, ok.stderr
     assert load_manifest(tmp_path / "out")["documents"] == {"train": 1, "val": 1}
     for bad_args in [["--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o2")],
                      ["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out")]]:  # not empty
-        bad = subprocess.run(cmd + bad_args, capture_output=True, text=True)
+        bad = run_cli(*cmd, *bad_args)
         assert bad.returncode != 0
         assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

@@ -8,8 +8,6 @@ import dataclasses
 import json
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from lmstack.chatformat import render_chat  # noqa: E402
 from lmstack.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from lmstack.modelio import lineage, load_model, save_weights  # noqa: E402
 from lmstack.utils import UserError, atomic_write_json  # noqa: E402
+from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TEXT = ("Ana was born in Paris on 3 May 1990. Bo works at Acme in Rome; he's 41. "
         "Zoë lives in Łódź — naïve café! 12345 + 678 = 13023.\n\n  indented\tline\r\n") * 20
@@ -207,11 +206,11 @@ def test_import_of_a_foreign_tokenizer_adds_lmstack_specials(tmp_path):
     rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Where was Ana born? {i}"},
                                                      {"role": "assistant", "content": "Paris."}]}) + "\n"
                             for i in range(40)))
-    proc = subprocess.run([sys.executable, "-m", "lmstack", "sft", "--model", str(tmp_path / "imported"), "--data",
+    proc = run_cli("sft", "--model", str(tmp_path / "imported"), "--data",
                            str(rows), "--out", str(tmp_path / "sft"), "--set", "train.max_steps=2",
                            "--set", "train.batch_tokens=256", "--set", "train.micro_batch_size=4",
-                           "--set", "train.seq_len=32", "--set", "train.eval_every=0", "--set", "train.dtype=fp32"],
-                          capture_output=True, text=True, timeout=300)
+                           "--set", "train.seq_len=32", "--set", "train.eval_every=0", "--set", "train.dtype=fp32",
+                   timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "sft" / "model.safetensors").is_file()
 
@@ -242,5 +241,5 @@ def test_what_cannot_be_imported_is_named(tmp_path, tok):
         import_hf(d, tmp_path / "outp")
     for args in (["import", "hf", "--from", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
                  ["export", "hf", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]):
-        proc = subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True)
+        proc = run_cli(*args)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

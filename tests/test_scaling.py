@@ -178,7 +178,7 @@ def test_fit_predict_and_plot_on_a_small_sweep(data, tmp_path):
     out = tmp_path / "sweep"
     sets = ["train.batch_tokens=512", "train.micro_batch_size=8"]
     sweep(data, out, [1, 2, 3], [2e9, 4e9], preset="tiny", overrides=sets)
-    fit = fit_sweep(out, samples=20, quiet=True)
+    fit = fit_sweep(out, samples=5, quiet=True)
     assert set(fit["fits"]) == {"N", "N_ne"} and fit["runs"] == 6
     assert (out / "fit.json").is_file() and fit["fits"]["N"]["starts_agreeing"] >= 1
     res = predict(out, 1.2e10, seeds=2, quiet=True)

@@ -18,7 +18,7 @@ from lmstack.serve.protocol import Limits
 from lmstack.serve.server import build
 from lmstack.chatformat import chat_format, render_chat
 from lmstack.tokenizer import Tokenizer, train_tokenizer
-from tiny import LiveServer, fit_sequences, random_gpt, save_model_dir, tokenizer_on  # noqa: E402  (tests/ is on sys.path)
+from tiny import LiveServer, fit_sequences, random_gpt, run_cli, save_model_dir, tokenizer_on  # noqa: E402  (tests/ is on sys.path)
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-key"
@@ -368,12 +368,9 @@ def test_feedback_db_schema_rate_label_export(tmp_path):
 
 @pytest.mark.slow
 def test_serve_and_feedback_command_line_errors(tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True, timeout=120)
-
     for args in (["serve", "--model", str(tmp_path / "nope")],
                  ["feedback", "export", "--db", str(tmp_path / "x.db"), "--out", str(tmp_path / "o")]):
-        proc = run(*args)
+        proc = run_cli(*args, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 

@@ -4,8 +4,6 @@ end to end on a tiny world (loss falls, exact resume, clear errors)."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ from lmstack.train.sft import (PackedBatches, iter_val_batches, load_docs, pack,
                                render_row, sft, split_val, window_tensors)
 from lmstack.utils import UserError, describe_counts
 from lmstack.world import generate
-from tiny import Interrupt  # noqa: E402  (tests/ is on sys.path under pytest)
+from tiny import Interrupt, run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.usefixtures("two_threads")
 
@@ -407,7 +405,6 @@ def test_cli_errors_are_one_line(world, base, tmp_path):
     for args, needle in [(["--data", str(tmp_path / "nope.jsonl")], "not found"),
                          (["--data", str(world / "world" / "sft.jsonl"), "--set", "model.d_model=32"],
                           "model.d_model")]:
-        r = subprocess.run([sys.executable, "-m", "lmstack", "sft", "--model", str(base), "--out",
-                            str(tmp_path / "o"), *args], capture_output=True, text=True, timeout=120)
+        r = run_cli("sft", "--model", base, "--out", tmp_path / "o", *args, timeout=120)
         assert r.returncode != 0 and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr

@@ -10,7 +10,7 @@ import torch
 from lmstack.export.gguf import export_gguf
 from lmstack.export.hf import export_hf
 from lmstack.export.twofile import RUN_PY, export_twofile
-from lmstack.model import GPT, doc_causal_mask
+from lmstack.model import doc_causal_mask
 from lmstack.serve.prefix_cache import PrefixCache
 from lmstack.utils import UserError
 from tiny import random_gpt, save_model_dir, tokenizer_on

@@ -1,12 +1,11 @@
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 
 from lmstack.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, split_pattern, train_tokenizer
 from lmstack.utils import UserError
+from tiny import run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
 
 WORDS = ("the cat sat on a mat with its hat ; über café naïve 東京 🙂 42 1999 don't "
          "print(x) <|user|> <| |> \t  \n").split(" ")
@@ -217,25 +216,21 @@ def test_digits_per_token_default_is_unchanged(tmp_path):
 @pytest.mark.slow
 def test_cli_tokenizer_train(tmp_path):
     corpus = make_corpus(tmp_path / "c", n_docs=20)
-    cmd = [sys.executable, "-m", "lmstack", "tokenizer", "train", "--vocab-size", "300"]
-    ok = subprocess.run(cmd + ["--input", str(corpus), "--out", str(tmp_path / "t")],
-                        capture_output=True, text=True)
+    cmd = ["tokenizer", "train", "--vocab-size", "300"]
+    ok = run_cli(*cmd, "--input", str(corpus), "--out", str(tmp_path / "t"))
     assert ok.returncode == 0, ok.stderr
     assert "bytes/token" in ok.stdout and (tmp_path / "t" / "tokenizer.json").is_file()
-    bad = subprocess.run(cmd + ["--input", str(tmp_path / "nothing_here"), "--out", str(tmp_path / "t2")],
-                         capture_output=True, text=True)
+    bad = run_cli(*cmd, "--input", str(tmp_path / "nothing_here"), "--out", str(tmp_path / "t2"))
     assert bad.returncode != 0
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     assert not (tmp_path / "t2").exists()
-    chats = subprocess.run(cmd + ["--input", str(corpus), "--conversations", str(_conversations(tmp_path / "s.jsonl")),
-                                  "--vocab-size", "400", "--out", str(tmp_path / "tc")], capture_output=True, text=True)
+    chats = run_cli(*cmd, "--input", str(corpus), "--conversations", str(_conversations(tmp_path / "s.jsonl")),
+                                  "--vocab-size", "400", "--out", str(tmp_path / "tc"))
     assert chats.returncode == 0, chats.stderr
     assert len(Tokenizer.load(tmp_path / "tc").encode(" Quixotelandia")) == 1
-    one = subprocess.run(cmd + ["--input", str(corpus), "--out", str(tmp_path / "t1"), "--digits-per-token", "1"],
-                         capture_output=True, text=True)
+    one = run_cli(*cmd, "--input", str(corpus), "--out", str(tmp_path / "t1"), "--digits-per-token", "1")
     assert one.returncode == 0, one.stderr
     assert [len(Tokenizer.load(tmp_path / "t1").encode(n)) for n in ("42", "1999")] == [2, 4]
-    bad = subprocess.run(cmd + ["--input", str(corpus), "--out", str(tmp_path / "t5"), "--digits-per-token", "5"],
-                         capture_output=True, text=True)
+    bad = run_cli(*cmd, "--input", str(corpus), "--out", str(tmp_path / "t5"), "--digits-per-token", "5")
     assert bad.returncode != 0 and bad.stderr.strip().endswith("--digits-per-token must be 1 to 3 (got 5)")
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "t5").exists()

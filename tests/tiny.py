@@ -4,10 +4,16 @@ A random model mostly repeats one token or ends its turn at once, which makes we
 stop strings, greedy decoding, tool calls and accuracy; a second of training fixes that.
 """
 
+import contextlib
 import dataclasses
+import faulthandler
+import io
+import os
+import signal
 import socket
 import subprocess
 import sys
+import traceback
 
 import torch
 
@@ -65,10 +71,49 @@ def save_model_dir(d, model, tok):
     return d
 
 
-def run_cli(*args, cwd=None, timeout=None) -> subprocess.CompletedProcess:
-    """`python -m lmstack ARGS` in a fresh process (arguments passed through str), its output captured as text."""
-    return subprocess.run([sys.executable, "-m", "lmstack", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+def run_cli(*args, cwd=None, timeout=None, fresh=False) -> subprocess.CompletedProcess:
+    """`lmstack ARGS` (arguments passed through str): its exit code, stdout and stderr as text.
+
+    It runs in this process, as `python -m lmstack` runs it: the same `cli.main`, an uncaught
+    exception printed as a traceback with exit code 1, SystemExit's code kept; the working
+    directory, torch's thread count and the signal handlers are put back after. A fresh
+    interpreter costs about 4 s of imports per call (torch, lm_eval), which was a quarter of
+    the suite. A timeout is a watchdog: past it the test process dumps its stacks and exits,
+    so a hang fails the suite instead of stalling it. `fresh=True` runs a real
+    `python -m lmstack` subprocess, for what only a new process shows."""
+    argv = [str(a) for a in args]
+    if fresh:
+        return subprocess.run([sys.executable, "-m", "lmstack", *argv], capture_output=True, text=True,
+                              cwd=cwd, timeout=timeout)
+    from lmstack.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here, threads = os.getcwd(), torch.get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if timeout:
+        faulthandler.dump_traceback_later(timeout, exit=True, file=sys.__stderr__)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as e:
+                rc = 0 if e.code is None else e.code
+                if not isinstance(rc, int):  # sys.exit("message")
+                    print(rc, file=sys.stderr)
+                    rc = 1
+            except BaseException:  # noqa: BLE001 - what the interpreter would print at exit
+                traceback.print_exc()
+                rc = 1
+    finally:
+        if timeout:
+            faulthandler.cancel_dump_traceback_later()
+        os.chdir(here)
+        torch.set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(["lmstack", *argv], rc, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:

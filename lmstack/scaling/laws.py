@@ -75,20 +75,18 @@ def _check_runs(n, d, loss, need: int = 5) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _objective(p, log_n, log_d, log_l, delta):
-    """Huber(LSE(a - alpha log N, b - beta log D, e) - log L), summed, and its gradient."""
+    """Huber(LSE(a - alpha log N, b - beta log D, e) - log L), summed, and its gradient.
+    Written term by term (no stacked arrays): the fit calls it a few hundred thousand times."""
     a, b, e, alpha, beta = p
-    x = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-    m = x.max(0)
-    s = np.exp(x - m)
-    z = s.sum(0)
-    pred = m + np.log(z)
-    w = s / z  # d pred / d x_k
-    r = pred - log_l
-    huber = np.where(np.abs(r) <= delta, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
-    h = np.clip(r, -delta, delta)  # d huber / d r
-    grad = np.array([(h * w[0]).sum(), (h * w[1]).sum(), (h * w[2]).sum(),
-                     -(h * w[0] * log_n).sum(), -(h * w[1] * log_d).sum()])
-    return huber.sum(), grad
+    x0, x1 = a - alpha * log_n, b - beta * log_d
+    m = np.maximum(np.maximum(x0, x1), e)
+    s0, s1, s2 = np.exp(x0 - m), np.exp(x1 - m), np.exp(e - m)
+    z = s0 + s1 + s2
+    r = m + np.log(z) - log_l
+    ar = np.abs(r)
+    huber = np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta)).sum()
+    h = np.clip(r, -delta, delta) / z  # d huber / d r, times 1/z of d pred / d x_k = s_k / z
+    return huber, np.array([h @ s0, h @ s1, h @ s2, -(h * s0) @ log_n, -(h * s1) @ log_d])
 
 
 def _minimise(start, args):
