@@ -270,14 +270,15 @@ def main():
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} "
           f"threads, {args.clock} clock, {platform.machine()}, {os.cpu_count()} CPUs, load {load()}", flush=True)
     other = OtherLoad()
-    peaks = {"fp32": matmul_peak(torch.float32), "fp32_medium": matmul_peak(torch.float32, "medium"),
-             "bf16": matmul_peak(torch.bfloat16)}
+    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    peaks = {"fp32": matmul_peak(torch.float32), "fp32_medium": matmul_peak(torch.float32, "medium")}
+    if "bf16" in dtypes:  # only when asked: a CPU without bf16 instructions takes minutes for this product
+        peaks["bf16"] = matmul_peak(torch.bfloat16)
     if DEVICE.type == "cuda" and peak_flops(DEVICE, bf16=True):  # the dense bf16 peak, GFLOP/s as above
         peaks["datasheet_bf16"] = peak_flops(DEVICE, bf16=True) / 1e9
     print("matmul peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
           + f" | load {load()}, other {other.cores():.2f} cores", flush=True)
     shapes = ["small", "gpt2"] if args.shape == "both" else [args.shape]
-    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     rows = []
     for shape in shapes:
         rows += run_shape(shape, dtypes, args.steps, args.warmup, peaks, args.compile, args.muon, args.batch)
