@@ -3,8 +3,6 @@ in the chat's fit, and the memory probe (lmstack/eval/memory.py)."""
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -97,9 +95,8 @@ def test_chat_pages_a_turn_out_and_back_in_across_sessions(chat_model, tmp_path)
     lines = ["Where was Ada Lind born?"] + [f"hello {i} " * 6 for i in range(8)] + ["Where was Ada Lind born?"]
 
     def chat(*text):
-        p = subprocess.run([sys.executable, "-m", "lmstack", "chat", "--model", str(chat_model), "--max-tokens", "4",
-                            "--seed", "0", "--memory", str(tmp_path / "mem")], cwd=ROOT, input="\n".join(text) + "\n",
-                           capture_output=True, text=True, timeout=120)
+        p = run_cli("chat", "--model", chat_model, "--max-tokens", "4", "--seed", "0", "--memory", tmp_path / "mem",
+                    cwd=ROOT, input="\n".join(text) + "\n", timeout=120)
         assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
         return p.stdout
 
@@ -184,9 +181,8 @@ def test_chat_runs_an_assistant_with_its_knowledge(chat_model, knowledge, tmp_pa
     assert r.returncode == 0 and "looked up before every reply" in r.stdout
     shown = json.loads(run_cli("assistant", "show", str(tmp_path / "helper")).stdout)
     assert shown["name"] == "helper" and shown["knowledge"]["passages"] >= 2
-    p = subprocess.run([sys.executable, "-m", "lmstack", "chat", "--model", str(tmp_path / "helper"), "--max-tokens",
-                        "4", "--seed", "0"], cwd=ROOT, input="Where was Ada Lind born?\n", capture_output=True,
-                       text=True, timeout=120)
+    p = run_cli("chat", "--model", tmp_path / "helper", "--max-tokens", "4", "--seed", "0", cwd=ROOT,
+                input="Where was Ada Lind born?\n", timeout=120)
     assert p.returncode == 0 and "Traceback" not in p.stderr
     assert "[knowledge] [1] people.md:1" in p.stdout and "Ada Lind was born in Oslo." in p.stdout, p.stdout
 

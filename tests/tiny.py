@@ -71,7 +71,7 @@ def save_model_dir(d, model, tok):
     return d
 
 
-def run_cli(*args, cwd=None, timeout=None, fresh=False) -> subprocess.CompletedProcess:
+def run_cli(*args, cwd=None, timeout=None, input=None, fresh=False) -> subprocess.CompletedProcess:
     """`lmstack ARGS` (arguments passed through str): its exit code, stdout and stderr as text.
 
     It runs in this process, as `python -m lmstack` runs it: the same `cli.main`, an uncaught
@@ -80,21 +80,23 @@ def run_cli(*args, cwd=None, timeout=None, fresh=False) -> subprocess.CompletedP
     interpreter costs about 4 s of imports per call (torch, lm_eval), which was a quarter of
     the suite. A timeout is a watchdog: past it the test process dumps its stacks and exits,
     so a hang fails the suite instead of stalling it. `fresh=True` runs a real
-    `python -m lmstack` subprocess, for what only a new process shows."""
+    `python -m lmstack` subprocess, for what only a new process shows. `input` is the text on
+    stdin (an empty one when None)."""
     argv = [str(a) for a in args]
     if fresh:
         return subprocess.run([sys.executable, "-m", "lmstack", *argv], capture_output=True, text=True,
-                              cwd=cwd, timeout=timeout)
+                              cwd=cwd, timeout=timeout, input=input or "")
     from lmstack.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    here, threads = os.getcwd(), torch.get_num_threads()
+    here, threads, stdin = os.getcwd(), torch.get_num_threads(), sys.stdin
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     if timeout:
         faulthandler.dump_traceback_later(timeout, exit=True, file=sys.__stderr__)
     try:
         if cwd is not None:
             os.chdir(cwd)
+        sys.stdin = io.StringIO(input or "")
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 rc = main(argv)
@@ -110,6 +112,7 @@ def run_cli(*args, cwd=None, timeout=None, fresh=False) -> subprocess.CompletedP
         if timeout:
             faulthandler.cancel_dump_traceback_later()
         os.chdir(here)
+        sys.stdin = stdin
         torch.set_num_threads(threads)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
