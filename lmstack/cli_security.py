@@ -134,7 +134,7 @@ def _cmd_gcg(a):
 
 def _gcg_parser(sub, parser_class) -> None:
     """`lmstack gcg`: adversarial suffixes (GCG), the soft prompt, the perplexity filter."""
-    from lmstack.security.gcg import TARGET
+    from lmstack.security import GCG_TARGET as TARGET
 
     p = sub.add_parser("gcg", help="adversarial suffixes (GCG, Zou et al. 2023): attack, transfer, soft prompt, "
                                    "perplexity filter and the adaptive attack")
@@ -181,7 +181,7 @@ def _cmd_redteam(a):
 
 
 def _redteam_parser(sub, parser_class) -> None:
-    from lmstack.security.redteam import DEFENCES, SUITES
+    from lmstack.security import DEFENCES, SUITES
 
     p = sub.add_parser("redteam", help="attack a model (jailbreaks, prompt injection, ...) and report success rates")
     p.add_argument("--model", required=True, help="the model folder to attack (lmstack's or imported)")

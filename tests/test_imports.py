@@ -176,3 +176,15 @@ def test_the_readme_map_names_every_module():
     gone = named - tree
     assert not missing, f"in lmstack/ but not in the README's map: {sorted(missing)}"
     assert not gone, f"in the README's map but not in lmstack/: {sorted(gone)}"
+
+
+def test_the_command_line_parser_imports_no_torch():
+    """`lmstack --help`, `lmstack world` and other commands that run no model start without torch
+    (about 2 s of imports): the parser's choices and defaults come from torch-free modules."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom lmstack.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('torch', 'lm_eval', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -33,11 +33,10 @@ from lmstack import stats
 from lmstack.eval.lm import ModelLM
 from lmstack.experiments.store import append_records, model_size, rounded, store_path
 from lmstack.modelio import lineage
-from lmstack.security import behaviours, jailbreak
+from lmstack.security import DEFENCES, SUITES, behaviours, jailbreak
 from lmstack.tools import default_registry
 from lmstack.utils import UserError, atomic_output_dir, commit
 
-SUITES = ("jailbreak", "injection", "suffix", "backdoor")
 MAX_TOKENS = 48
 
 
@@ -70,8 +69,6 @@ def _defence(name: str, lm: ModelLM, spec: dict, world):
         return hierarchy.defence(name, world=world)
     raise UserError(f"unknown defence {name!r} (choose from {', '.join(DEFENCES)})")
 
-
-DEFENCES = ("perplexity", "windowed-perplexity", "datamark", "delimit", "classifier")
 
 
 def suite_attempts(suite: str, base: list[dict], spec: dict, world, seed: int, model=None,
