@@ -81,7 +81,8 @@ def test_an_infinite_loop_hits_the_cpu_limit_and_a_sleeper_the_wall_clock():
 
 
 def test_a_memory_bomb_hits_the_memory_limit():
-    r = run("a = []\nwhile True:\n    a.append(bytearray(10**6))")
+    # cpu=5: filling 256 MB takes 0.3-0.4 CPU-s, and once in a full suite run more than FAST's 1 s
+    r = run("a = []\nwhile True:\n    a.append(bytearray(10**6))", cpu=5, wall=10)
     assert r.startswith("error: memory limit (256 MB of address space) reached") and r.endswith("MemoryError"), r
 
 
