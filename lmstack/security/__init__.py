@@ -22,7 +22,7 @@ the one training loop, and writes the experiment store; nothing below it imports
 """
 
 # What the command line offers, here so that building its parser imports no torch (`lmstack
-# --help` in 0.1 s, not 4): the scanner's suites and defences (redteam.py) and GCG's default target
+# --help` in 0.2 s, not 4): the scanner's suites and defences (redteam.py) and GCG's default target
 # (gcg.py; the world's compliance opener, lmstack/world/assistant.py COMPLIANCE).
 SUITES = ("jailbreak", "injection", "suffix", "backdoor")
 DEFENCES = ("perplexity", "windowed-perplexity", "datamark", "delimit", "classifier")

@@ -70,7 +70,6 @@ def _defence(name: str, lm: ModelLM, spec: dict, world):
     raise UserError(f"unknown defence {name!r} (choose from {', '.join(DEFENCES)})")
 
 
-
 def suite_attempts(suite: str, base: list[dict], spec: dict, world, seed: int, model=None,
                    suffix_steps: int = 50, trigger: str | None = None) -> list[dict]:
     if suite == "jailbreak":
