@@ -41,13 +41,12 @@ import torch.nn.functional as F
 
 from lmstack.chatformat import chat_format
 from lmstack.engine import generate_batch
-from lmstack.security import GCG_TARGET
+from lmstack.security import GCG_TARGET as TARGET  # the world's compliance opener
 from lmstack.security.perplexity import head_ids, windowed_scores
 from lmstack.stats import wilson
 from lmstack.utils import UserError, read_jsonl
 
 INIT = " !"  # Zou et al.'s "! ! ! ...": repeated and cut to k tokens
-TARGET = GCG_TARGET  # the world's compliance opener (lmstack/world/assistant.py COMPLIANCE)
 
 
 @dataclass
