@@ -19,7 +19,7 @@ from lmstack.experiments.recipe import (
 from lmstack.experiments.store import append_records, read_records
 from lmstack.model import GPT
 from lmstack.modelio import read_config
-from lmstack.speedrun import PEOPLE, SFT_SET, world_tokenizer
+from lmstack.speedrun import PEOPLE, PRETRAIN_SET, SFT_SET, world_tokenizer
 from lmstack.tokenizer import Tokenizer
 from lmstack.world.assistant import as_retrieved
 
@@ -80,6 +80,11 @@ def test_builtin_recipes_parse_and_fit_every_scale():
     reading = {v.name: run_settings(v, "small", 0) for v in load_recipe("reading").variants}
     assert reading["tokenizer_text_only"]["tokenizer"] == {"conversations": False} and "tokenizer" not in reading[
         "plain"]
+    # copy rows throughout keep the scale's own text rows: (1 - copy_fraction) x their steps = the speedrun's steps
+    for name in ("smeared_keys_copy_third", "smeared_keys_copy_text_third"):
+        sets = dict(item.split("=") for item in reading[name]["pretrain"])  # later items win, as --set's do
+        text_steps = int(sets["train.max_steps"]) * (1 - float(sets["data.copy_fraction"]))
+        assert round(text_steps) == int(dict(i.split("=") for i in PRETRAIN_SET["small"])["train.max_steps"]), name
 
 
 def test_run_records_skips_and_shows(tmp_path, capsys):
