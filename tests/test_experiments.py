@@ -80,7 +80,7 @@ def test_builtin_recipes_parse_and_fit_every_scale():
     reading = {v.name: run_settings(v, "small", 0) for v in load_recipe("reading").variants}
     assert reading["tokenizer_text_only"]["tokenizer"] == {"conversations": False} and "tokenizer" not in reading[
         "plain"]
-    # copy rows throughout keep the scale's own text rows: (1 - copy_fraction) x their steps = the speedrun's steps
+    # copy rows throughout keep as many text rows as the scale has: (1 - copy_fraction) x their steps = the speedrun's steps
     for name in ("smeared_keys_copy_third", "smeared_keys_copy_text_third"):
         sets = dict(item.split("=") for item in reading[name]["pretrain"])  # later items win, as --set's do
         text_steps = int(sets["train.max_steps"]) * (1 - float(sets["data.copy_fraction"]))

@@ -87,7 +87,8 @@ def test_a_memory_bomb_hits_the_memory_limit():
 
 
 def test_a_huge_output_is_stopped_at_the_output_limit():
-    r = run("print('x' * 100_000_000)")
+    # cpu=5: building and writing 100 MB takes 0.2 CPU-s alone, and once in a full suite run more than FAST's 1 s
+    r = run("print('x' * 100_000_000)", cpu=5, wall=10)
     assert r.startswith("error: output limit: the program wrote more than 4096 bytes and was stopped"), r[:200]
     assert len(r) < 1200
     r = run("while True:\n    print('spam' * 100)", output=10_000)
