@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmstack.cli import main
+from lmstack.config import load_config
 from lmstack.experiments import run as xrun
 from lmstack.experiments.run import PRACTICE_PEOPLE
 from lmstack.experiments.recipe import (
@@ -81,10 +82,10 @@ def test_builtin_recipes_parse_and_fit_every_scale():
     assert reading["tokenizer_text_only"]["tokenizer"] == {"conversations": False} and "tokenizer" not in reading[
         "plain"]
     # copy rows throughout keep as many text rows as the scale has: (1 - copy_fraction) x their steps = the speedrun's steps
+    speedrun = load_config("small", PRETRAIN_SET["small"]).train.max_steps
     for name in ("smeared_keys_copy_third", "smeared_keys_copy_text_third"):
-        sets = dict(item.split("=") for item in reading[name]["pretrain"])  # later items win, as --set's do
-        text_steps = int(sets["train.max_steps"]) * (1 - float(sets["data.copy_fraction"]))
-        assert round(text_steps) == int(dict(i.split("=") for i in PRETRAIN_SET["small"])["train.max_steps"]), name
+        cfg = load_config("small", reading[name]["pretrain"])
+        assert round(cfg.train.max_steps * (1 - cfg.data.copy_fraction)) == speedrun, name
 
 
 def test_run_records_skips_and_shows(tmp_path, capsys):
